@@ -1,0 +1,166 @@
+//! Who a key belongs to.
+//!
+//! The store key is the pair (scope, key), so a key sent by one tenant can never replay
+//! another tenant's response. The default scope is a SHA-256 digest of the `Authorization`
+//! header (the credential itself is never stored). Requests without that header share one
+//! unscoped namespace: put an authentication layer in front and scope by the identity it
+//! establishes ([`Scope::from_fn`]) when anonymous callers must be kept apart too.
+
+use std::{fmt, sync::Arc};
+
+use http::{HeaderName, header::AUTHORIZATION, request::Parts};
+use sha2::{Digest, Sha256};
+
+/// A scope: a 32-byte SHA-256 digest of whatever identifies the caller.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeId([u8; 32]);
+
+impl ScopeId {
+    /// The scope of `identity` (a tenant id, an API key, a user id...): its SHA-256 digest.
+    pub fn digest(identity: impl AsRef<[u8]>) -> Self {
+        Self(Sha256::digest(identity.as_ref()).into())
+    }
+
+    /// A scope from a digest computed elsewhere (for example read back from a store).
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The digest's bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ScopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ScopeId(")?;
+        for b in &self.0[..6] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…)")
+    }
+}
+
+/// Computes the scope of a request from its head. Implemented for closures
+/// `Fn(&http::request::Parts) -> Option<ScopeId>`.
+///
+/// `None` puts the request in the unscoped namespace shared by every request without a scope.
+pub trait ScopeFn: Send + Sync + 'static {
+    /// The scope of the request whose head is `head`.
+    fn scope(&self, head: &Parts) -> Option<ScopeId>;
+}
+
+impl<F> ScopeFn for F
+where
+    F: Fn(&Parts) -> Option<ScopeId> + Send + Sync + 'static,
+{
+    fn scope(&self, head: &Parts) -> Option<ScopeId> {
+        self(head)
+    }
+}
+
+/// How the layer scopes keys. Default: [`Scope::authorization`].
+#[derive(Clone)]
+pub struct Scope(Kind);
+
+#[derive(Clone)]
+enum Kind {
+    None,
+    Header(HeaderName),
+    Custom(Arc<dyn ScopeFn>),
+}
+
+impl Scope {
+    /// The default: the SHA-256 digest of the `Authorization` header, when present.
+    pub fn authorization() -> Self {
+        Self::header(AUTHORIZATION)
+    }
+
+    /// The SHA-256 digest of the named header's value(s), when present.
+    pub fn header(name: HeaderName) -> Self {
+        Self(Kind::Header(name))
+    }
+
+    /// No scope: every caller shares one namespace of keys. Only for services with a single
+    /// trusted caller; otherwise one caller can replay another's response.
+    pub fn none() -> Self {
+        Self(Kind::None)
+    }
+
+    /// A scope computed by `f` from the request head: a header, or an extension set by an
+    /// authentication layer that runs before this one.
+    ///
+    /// ```
+    /// use tower_idempotency::{Scope, ScopeId};
+    ///
+    /// #[derive(Clone)]
+    /// struct TenantId(u64);
+    ///
+    /// let scope = Scope::from_fn(|head: &http::request::Parts| {
+    ///     head.extensions.get::<TenantId>().map(|t| ScopeId::digest(t.0.to_be_bytes()))
+    /// });
+    /// # let _ = scope;
+    /// ```
+    pub fn from_fn(f: impl ScopeFn) -> Self {
+        Self(Kind::Custom(Arc::new(f)))
+    }
+
+    pub(crate) fn resolve(&self, head: &Parts) -> Option<ScopeId> {
+        match &self.0 {
+            Kind::None => None,
+            Kind::Header(name) => {
+                let mut values = head.headers.get_all(name).iter();
+                let first = values.next()?;
+                let mut hasher = Sha256::new();
+                hasher.update(first.as_bytes());
+                for more in values {
+                    // A separator no header value can contain keeps the encoding unambiguous.
+                    hasher.update(b"\n");
+                    hasher.update(more.as_bytes());
+                }
+                Some(ScopeId(hasher.finalize().into()))
+            }
+            Kind::Custom(f) => f.scope(head),
+        }
+    }
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Self::authorization()
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Kind::None => f.write_str("Scope::none()"),
+            Kind::Header(name) => write!(f, "Scope::header({name})"),
+            Kind::Custom(_) => f.write_str("Scope::from_fn(..)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(auth: Option<&str>) -> Parts {
+        let mut builder = http::Request::builder();
+        if let Some(a) = auth {
+            builder = builder.header(AUTHORIZATION, a);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn default_scope_is_the_authorization_digest() {
+        let scope = Scope::default();
+        assert_eq!(scope.resolve(&head(None)), None);
+        let a = scope.resolve(&head(Some("Bearer a"))).unwrap();
+        assert_eq!(a, ScopeId::digest("Bearer a"));
+        assert_ne!(Some(a), scope.resolve(&head(Some("Bearer b"))));
+        assert_eq!(Scope::none().resolve(&head(Some("Bearer a"))), None);
+    }
+}
