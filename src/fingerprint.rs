@@ -54,7 +54,6 @@ impl Fingerprint {
     }
 }
 
-
 impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Fingerprint(")?;

@@ -339,7 +339,13 @@ impl IdempotencyStore for MemoryStore {
         self.inner.begin(key, fingerprint, lease)
     }
 
-    async fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> Result<bool, StoreError> {
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         Ok(self.inner.complete(key, lock, record, ttl))
     }
 

@@ -33,7 +33,7 @@ mod redis;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::RedisStore;
+// pub use self::redis::RedisStore;
 
 /// A backend for locks and recorded responses.
 ///

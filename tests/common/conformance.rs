@@ -1,0 +1,283 @@
+//! The store conformance suite: every [`IdempotencyStore`] must pass it unchanged.
+//!
+//! Each check is a generic async fn over any store; `store_conformance!` turns them into one
+//! test each for a given store. Time is advanced through the `advance` function the caller
+//! passes: `tokio::time::advance` on paused time for `MemoryStore`, a real sleep for stores
+//! whose clock is a server's (leases and TTLs here are short, so that stays quick).
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tower_idempotency::{
+    Begin, Fingerprint, IdempotencyKey, IdempotencyStore, LockToken, Record, ScopeId, StoreKey, StoredResponse,
+};
+
+/// Lease used by the suite: short enough for real-time stores.
+pub const LEASE: Duration = Duration::from_millis(400);
+/// TTL used by the suite.
+pub const TTL: Duration = Duration::from_millis(800);
+
+/// A key no other test (or parallel run) uses.
+pub fn fresh_key(scope: Option<ScopeId>) -> StoreKey {
+    let key = IdempotencyKey::parse(uuid::Uuid::new_v4().to_string().as_bytes()).unwrap();
+    StoreKey::new(scope, key)
+}
+
+pub fn fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+pub fn response(body: &'static [u8]) -> StoredResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.append("x-multi", HeaderValue::from_static("one"));
+    headers.append("x-multi", HeaderValue::from_static("two"));
+    StoredResponse { status: StatusCode::CREATED, headers, body: Bytes::from_static(body), trailers: None }
+}
+
+pub fn record(body: &'static [u8]) -> Record {
+    Record::Response(Arc::new(response(body)))
+}
+
+pub async fn lock<S: IdempotencyStore>(store: &S, key: &StoreKey, fingerprint: Fingerprint) -> LockToken {
+    match store.begin(key, &fingerprint, LEASE).await.unwrap() {
+        Begin::Execute(token) => token,
+        other => panic!("expected the key to be free, got {other:?}"),
+    }
+}
+
+pub async fn begin<S: IdempotencyStore>(store: &S, key: &StoreKey, fingerprint: Fingerprint) -> Begin {
+    store.begin(key, &fingerprint, LEASE).await.unwrap()
+}
+
+pub async fn free_key_is_locked_then_in_flight<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    assert_eq!(token.fingerprint(), &fp(1));
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
+}
+
+pub async fn completed_record_is_returned_intact<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    let mut stored = response(b"\x00\xffbinary \"body\"\n");
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    stored.trailers = Some(trailers);
+    assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
+    match begin(&store, &key, fp(1)).await {
+        Begin::Completed(Record::Response(got)) => assert_eq!(*got, stored),
+        other => panic!("expected the record, got {other:?}"),
+    }
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
+}
+
+pub async fn empty_body_round_trips<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    let stored = StoredResponse {
+        status: StatusCode::NO_CONTENT,
+        headers: HeaderMap::new(),
+        body: Bytes::new(),
+        trailers: None,
+    };
+    assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
+    match begin(&store, &key, fp(1)).await {
+        Begin::Completed(Record::Response(got)) => assert_eq!(*got, stored),
+        other => panic!("expected the record, got {other:?}"),
+    }
+}
+
+pub async fn tombstone_is_kept<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    assert!(store.complete(&key, &token, Record::NotRetained, TTL).await.unwrap());
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Completed(Record::NotRetained)));
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
+}
+
+pub async fn release_frees_the_key<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let first = lock(&store, &key, fp(1)).await;
+    assert!(store.release(&key, &first).await.unwrap());
+    // Released: the next request executes, even one with another payload.
+    let second = lock(&store, &key, fp(2)).await;
+    assert_ne!(first, second);
+    // Releasing twice, or with the old token, changes nothing.
+    assert!(!store.release(&key, &first).await.unwrap());
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::InFlight));
+}
+
+pub async fn only_the_owner_writes<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let other_key = fresh_key(None);
+    let owner = lock(&store, &key, fp(1)).await;
+    let stranger = lock(&store, &other_key, fp(1)).await;
+    assert!(!store.complete(&key, &stranger, record(b"forged"), TTL).await.unwrap());
+    assert!(!store.renew(&key, &stranger, LEASE).await.unwrap());
+    assert!(!store.release(&key, &stranger).await.unwrap());
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(store.complete(&key, &owner, record(b"real"), TTL).await.unwrap());
+    // Once completed, no token can rewrite or remove the record.
+    assert!(!store.complete(&key, &owner, record(b"again"), TTL).await.unwrap());
+    assert!(!store.release(&key, &owner).await.unwrap());
+    assert!(!store.renew(&key, &owner, LEASE).await.unwrap());
+    match begin(&store, &key, fp(1)).await {
+        Begin::Completed(Record::Response(got)) => assert_eq!(got.body, Bytes::from_static(b"real")),
+        other => panic!("expected the owner's record, got {other:?}"),
+    }
+}
+
+pub async fn scopes_are_separate<S: IdempotencyStore>(store: S) {
+    let unscoped = fresh_key(None);
+    let tenant_a = StoreKey::new(Some(ScopeId::digest("tenant-a")), unscoped.key().clone());
+    let tenant_b = StoreKey::new(Some(ScopeId::digest("tenant-b")), unscoped.key().clone());
+    let token = lock(&store, &tenant_a, fp(1)).await;
+    assert!(store.complete(&tenant_a, &token, record(b"a"), TTL).await.unwrap());
+    // The same key in another scope (or none) is a different key.
+    lock(&store, &tenant_b, fp(1)).await;
+    lock(&store, &unscoped, fp(1)).await;
+}
+
+pub async fn abandoned_lock_is_free_after_one_lease<F, Fut, S>(store: S, advance: F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let key = fresh_key(None);
+    let stale = lock(&store, &key, fp(1)).await;
+    advance(LEASE / 2).await;
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    advance(LEASE).await;
+    // The owner vanished without renewing: the key is free again.
+    let fresh = lock(&store, &key, fp(1)).await;
+    assert_ne!(stale, fresh);
+    // The stale owner's late writes change nothing.
+    assert!(!store.renew(&key, &stale, LEASE).await.unwrap());
+    assert!(!store.complete(&key, &stale, record(b"stale"), TTL).await.unwrap());
+    assert!(!store.release(&key, &stale).await.unwrap());
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(store.complete(&key, &fresh, record(b"fresh"), TTL).await.unwrap());
+    match begin(&store, &key, fp(1)).await {
+        Begin::Completed(Record::Response(got)) => assert_eq!(got.body, Bytes::from_static(b"fresh")),
+        other => panic!("expected the new owner's record, got {other:?}"),
+    }
+}
+
+pub async fn renewal_keeps_the_lock<F, Fut, S>(store: S, advance: F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    for _ in 0..4 {
+        advance(LEASE * 2 / 3).await;
+        assert!(store.renew(&key, &token, LEASE).await.unwrap());
+    }
+    // Four lease-thirds past the original lease, still held.
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(store.complete(&key, &token, record(b"slow"), TTL).await.unwrap());
+}
+
+pub async fn record_expires_after_ttl<F, Fut, S>(store: S, advance: F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    assert!(store.complete(&key, &token, record(b"x"), TTL).await.unwrap());
+    advance(TTL / 2).await;
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Completed(_)));
+    advance(TTL).await;
+    // Expired: the key is free, for any payload.
+    lock(&store, &key, fp(2)).await;
+}
+
+/// Many tasks begin the same key at once: exactly one executes, the rest see it in flight.
+pub async fn concurrent_begins_lock_once<S: IdempotencyStore>(store: S) {
+    let store = Arc::new(store);
+    for _round in 0..20 {
+        let key = fresh_key(None);
+        let barrier = Arc::new(tokio::sync::Barrier::new(64));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.begin(&key, &fp(1), LEASE * 10).await.unwrap()
+                })
+            })
+            .collect();
+        let mut executed = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Begin::Execute(_) => executed += 1,
+                Begin::InFlight => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(executed, 1);
+    }
+}
+
+/// Generates one test per conformance check for a store.
+///
+/// `store_conformance!(make: EXPR, advance: PATH, attr: #[ATTR])`: `make` is evaluated inside
+/// each (async) test to build a fresh store; `advance` is an async fn moving the store's clock;
+/// `attr` the test attribute for the time-based checks.
+#[macro_export]
+macro_rules! store_conformance {
+    (make: $make:expr, advance: $advance:path, timed: #[$timed:meta], race: #[$race:meta]) => {
+        #[$timed]
+        async fn free_key_is_locked_then_in_flight() {
+            $crate::common::conformance::free_key_is_locked_then_in_flight($make).await;
+        }
+        #[$timed]
+        async fn completed_record_is_returned_intact() {
+            $crate::common::conformance::completed_record_is_returned_intact($make).await;
+        }
+        #[$timed]
+        async fn empty_body_round_trips() {
+            $crate::common::conformance::empty_body_round_trips($make).await;
+        }
+        #[$timed]
+        async fn tombstone_is_kept() {
+            $crate::common::conformance::tombstone_is_kept($make).await;
+        }
+        #[$timed]
+        async fn release_frees_the_key() {
+            $crate::common::conformance::release_frees_the_key($make).await;
+        }
+        #[$timed]
+        async fn only_the_owner_writes() {
+            $crate::common::conformance::only_the_owner_writes($make).await;
+        }
+        #[$timed]
+        async fn scopes_are_separate() {
+            $crate::common::conformance::scopes_are_separate($make).await;
+        }
+        #[$timed]
+        async fn abandoned_lock_is_free_after_one_lease() {
+            $crate::common::conformance::abandoned_lock_is_free_after_one_lease($make, $advance).await;
+        }
+        #[$timed]
+        async fn renewal_keeps_the_lock() {
+            $crate::common::conformance::renewal_keeps_the_lock($make, $advance).await;
+        }
+        #[$timed]
+        async fn record_expires_after_ttl() {
+            $crate::common::conformance::record_expires_after_ttl($make, $advance).await;
+        }
+        #[$race]
+        async fn concurrent_begins_lock_once() {
+            $crate::common::conformance::concurrent_begins_lock_once($make).await;
+        }
+    };
+}
