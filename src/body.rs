@@ -130,7 +130,6 @@ where
     Ok(more.map_or(first, BytesMut::freeze))
 }
 
-
 pin_project! {
     /// The response body the layer returns: the handler's body (streamed as it is produced,
     /// and recorded when the response is recordable), or a body the layer made (a replay or a

@@ -144,4 +144,3 @@ where
         let _ = future.await;
     })
 }
-

@@ -250,14 +250,8 @@ where
             return Ok(Response::from_parts(head, ResponseBody::inner(body)));
         }
         let headers = stored_headers(&head.headers, &self.config.unstored_headers);
-        let recording = Recording::new(
-            body,
-            guard,
-            head.status,
-            headers,
-            self.config.max_record,
-            self.config.detached.clone(),
-        );
+        let recording =
+            Recording::new(body, guard, head.status, headers, self.config.max_record, self.config.detached.clone());
         Ok(Response::from_parts(head, ResponseBody::recording(recording)))
     }
 }
