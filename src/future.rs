@@ -54,9 +54,8 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    B: Body + Send + 'static,
+    B: Body,
     B::Data: bytes::Buf,
-    E: 'static,
 {
     type Output = Result<Response<ResponseBody<B>>, E>;
 
