@@ -104,10 +104,9 @@ impl<B, E> Detachable<B, E> {
             panic!("ResponseFuture polled after completion");
         };
         self.polling = true;
-        let result = ready!(future.as_mut().poll(cx).map(|r| {
-            self.polling = false;
-            r
-        }));
+        let polled = future.as_mut().poll(cx);
+        self.polling = false;
+        let result = ready!(polled);
         self.future = None;
         Poll::Ready(result)
     }
