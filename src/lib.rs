@@ -5,6 +5,7 @@ mod fingerprint;
 mod key;
 mod record;
 mod scope;
+pub mod client;
 pub mod store;
 
 pub use fingerprint::Fingerprint;
