@@ -479,12 +479,12 @@ async fn a_body_that_cannot_be_copied_is_sent_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_custom_classifier_decides_what_is_transient() {
-    use tower_idempotency::client::{Classification, Classify, DefaultClassifier, Outcome};
+    use tower_idempotency::client::{Attempt, Classification, Classify, DefaultClassifier};
 
     // Also retry 404 (say, a replica that has not seen the resource yet); never retry 503.
-    let classify = |outcome: Outcome<'_, io::Error>| match outcome {
-        Outcome::Response { status: StatusCode::NOT_FOUND, .. } => Classification::Retry,
-        Outcome::Response { status: StatusCode::SERVICE_UNAVAILABLE, .. } => Classification::Done,
+    let classify = |attempt: Attempt<'_, io::Error>| match attempt {
+        Attempt::Response { status: StatusCode::NOT_FOUND, .. } => Classification::Retry,
+        Attempt::Response { status: StatusCode::SERVICE_UNAVAILABLE, .. } => Classification::Done,
         other => DefaultClassifier.classify(other),
     };
     let policy = policy().with_classifier(classify);

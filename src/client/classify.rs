@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header::RETRY_AFTER};
 /// Only the status and headers are shown, never the body, so a classifier works with every
 /// body type and never needs to read (and so consume) a response.
 #[derive(Debug)]
-pub enum Outcome<'a, E> {
+pub enum Attempt<'a, E> {
     /// The server answered.
     Response {
         /// The response's status.
@@ -24,16 +24,16 @@ pub enum Outcome<'a, E> {
 }
 
 // Manual impls: `derive` would require `E: Clone`, but only a reference to `E` is held.
-impl<E> Clone for Outcome<'_, E> {
+impl<E> Clone for Attempt<'_, E> {
     fn clone(&self) -> Self {
         *self
     }
 }
 
-impl<E> Copy for Outcome<'_, E> {}
+impl<E> Copy for Attempt<'_, E> {}
 
-impl<'a, E> Outcome<'a, E> {
-    /// The outcome of `result`.
+impl<'a, E> Attempt<'a, E> {
+    /// The attempt that produced `result`.
     pub fn of<B>(result: &'a Result<http::Response<B>, E>) -> Self {
         match result {
             Ok(response) => Self::Response { status: response.status(), headers: response.headers() },
@@ -51,38 +51,38 @@ pub enum Classification {
     Done,
 }
 
-/// Classifies an attempt's [`Outcome`] as worth retrying or not.
+/// Classifies an [`Attempt`] as worth retrying or not.
 ///
 /// Implemented by [`DefaultClassifier`] and by every closure
-/// `Fn(Outcome<'_, E>) -> Classification`. A closure can add cases and fall back on the
+/// `Fn(Attempt<'_, E>) -> Classification`. A closure can add cases and fall back on the
 /// default for the rest:
 ///
 /// ```
 /// use http::StatusCode;
-/// use tower_idempotency::client::{Classification, Classify, DefaultClassifier, Outcome, RetryPolicy};
+/// use tower_idempotency::client::{Classification, Classify, DefaultClassifier, Attempt, RetryPolicy};
 ///
 /// // Also retry this API's "402 wallet busy", whatever the default thinks.
-/// let classify = |outcome: Outcome<'_, std::io::Error>| match outcome {
-///     Outcome::Response { status: StatusCode::PAYMENT_REQUIRED, .. } => Classification::Retry,
+/// let classify = |attempt: Attempt<'_, std::io::Error>| match attempt {
+///     Attempt::Response { status: StatusCode::PAYMENT_REQUIRED, .. } => Classification::Retry,
 ///     other => DefaultClassifier.classify(other),
 /// };
 /// let policy = RetryPolicy::new().with_classifier(classify);
 /// # let _ = policy;
 /// ```
 ///
-/// A classifier is a pure function of the outcome: the policy, not the classifier, applies
+/// A classifier is a pure function of the attempt: the policy, not the classifier, applies
 /// the attempt and time bounds, the backoff and `Retry-After`.
 pub trait Classify<E> {
     /// Retry, or hand the result to the caller.
-    fn classify(&self, outcome: Outcome<'_, E>) -> Classification;
+    fn classify(&self, attempt: Attempt<'_, E>) -> Classification;
 }
 
 impl<E, F> Classify<E> for F
 where
-    F: Fn(Outcome<'_, E>) -> Classification,
+    F: Fn(Attempt<'_, E>) -> Classification,
 {
-    fn classify(&self, outcome: Outcome<'_, E>) -> Classification {
-        self(outcome)
+    fn classify(&self, attempt: Attempt<'_, E>) -> Classification {
+        self(attempt)
     }
 }
 
@@ -103,10 +103,10 @@ where
 pub struct DefaultClassifier;
 
 impl<E> Classify<E> for DefaultClassifier {
-    fn classify(&self, outcome: Outcome<'_, E>) -> Classification {
-        let (status, headers) = match outcome {
-            Outcome::Error(_) => return Classification::Retry,
-            Outcome::Response { status, headers } => (status, headers),
+    fn classify(&self, attempt: Attempt<'_, E>) -> Classification {
+        let (status, headers) = match attempt {
+            Attempt::Error(_) => return Classification::Retry,
+            Attempt::Response { status, headers } => (status, headers),
         };
         let transient = match status {
             StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS => true,
@@ -156,12 +156,12 @@ mod tests {
             headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
         }
         let status = StatusCode::from_u16(status).unwrap();
-        Classify::<Error>::classify(&DefaultClassifier, Outcome::Response { status, headers: &headers })
+        Classify::<Error>::classify(&DefaultClassifier, Attempt::Response { status, headers: &headers })
     }
 
     #[test]
     fn errors_are_retried() {
-        assert_eq!(DefaultClassifier.classify(Outcome::Error(&"connection reset")), Classification::Retry);
+        assert_eq!(DefaultClassifier.classify(Attempt::Error(&"connection reset")), Classification::Retry);
     }
 
     #[test]
@@ -191,29 +191,29 @@ mod tests {
 
     #[test]
     fn closures_are_classifiers() {
-        let only_errors = |outcome: Outcome<'_, Error>| match outcome {
-            Outcome::Error(_) => Classification::Retry,
-            Outcome::Response { .. } => Classification::Done,
+        let only_errors = |attempt: Attempt<'_, Error>| match attempt {
+            Attempt::Error(_) => Classification::Retry,
+            Attempt::Response { .. } => Classification::Done,
         };
         let headers = HeaderMap::new();
-        let unavailable = Outcome::Response { status: StatusCode::SERVICE_UNAVAILABLE, headers: &headers };
+        let unavailable = Attempt::Response { status: StatusCode::SERVICE_UNAVAILABLE, headers: &headers };
         assert_eq!(only_errors.classify(unavailable), Classification::Done);
-        assert_eq!(only_errors.classify(Outcome::Error(&"reset")), Classification::Retry);
+        assert_eq!(only_errors.classify(Attempt::Error(&"reset")), Classification::Retry);
     }
 
     #[test]
-    fn outcome_of_a_result() {
+    fn attempt_of_a_result() {
         let ok: Result<http::Response<()>, Error> =
             Ok(http::Response::builder().status(503).header(RETRY_AFTER, "2").body(()).unwrap());
-        match Outcome::of(&ok) {
-            Outcome::Response { status, headers } => {
+        match Attempt::of(&ok) {
+            Attempt::Response { status, headers } => {
                 assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
                 assert_eq!(headers[RETRY_AFTER], "2");
             }
-            Outcome::Error(_) => panic!("a response"),
+            Attempt::Error(_) => panic!("a response"),
         }
         let err: Result<http::Response<()>, Error> = Err("reset");
-        assert!(matches!(Outcome::of(&err), Outcome::Error(&"reset")));
+        assert!(matches!(Attempt::of(&err), Attempt::Error(&"reset")));
     }
 
     fn headers(values: &[&str]) -> HeaderMap {

@@ -124,10 +124,7 @@ mod retry;
 mod stamp;
 
 pub use backoff::{Delays, ExponentialBackoff};
-pub use classify::{Classification, Classify, DefaultClassifier, Outcome, retry_after};
+pub use classify::{Attempt, Classification, Classify, DefaultClassifier, retry_after};
 pub use keys::KeyDeriver;
 pub use retry::{RetryDelay, RetryPolicy, TryCloneBody};
 pub use stamp::{IdempotencyKeyLayer, KeyGenerator, RandomKey, ResponseFuture, SetIdempotencyKey};
-
-/// The default header name: `Idempotency-Key`.
-const DEFAULT_HEADER: http::HeaderName = http::HeaderName::from_static("idempotency-key");

@@ -13,10 +13,11 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::retry::Policy;
 
+use crate::IDEMPOTENCY_KEY;
+
 use super::{
-    DEFAULT_HEADER,
     backoff::{Delays, ExponentialBackoff, SplitMix64, fresh_seed},
-    classify::{Classification, Classify, DefaultClassifier, Outcome, retry_after},
+    classify::{Attempt, Classification, Classify, DefaultClassifier, retry_after},
 };
 
 /// A [`tower::retry::Policy`] that retries transient failures of HTTP requests, sending
@@ -101,7 +102,7 @@ impl RetryPolicy {
             backoff: ExponentialBackoff::default(),
             max_attempts: 5,
             max_elapsed: Duration::from_secs(30),
-            header: DEFAULT_HEADER,
+            header: IDEMPOTENCY_KEY,
             seeds: Seeds::Fresh,
             current: None,
         }
@@ -230,7 +231,7 @@ where
     type Future = RetryDelay;
 
     fn retry(&mut self, _request: &mut Request<B>, result: &mut Result<Response<ResB>, E>) -> Option<RetryDelay> {
-        if self.classifier.classify(Outcome::of(result)) == Classification::Done {
+        if self.classifier.classify(Attempt::of(result)) == Classification::Done {
             return None;
         }
         let delay = self.next_delay(result)?;

@@ -12,8 +12,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, request::Parts};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::DEFAULT_HEADER;
-use crate::IdempotencyKey;
+use crate::{IDEMPOTENCY_KEY, IdempotencyKey};
 
 /// Makes the key for a request that has none.
 ///
@@ -101,7 +100,7 @@ impl IdempotencyKeyLayer {
     #[must_use]
     pub fn new() -> Self {
         Self {
-            config: Arc::new(Config { header: DEFAULT_HEADER, methods: vec![Method::POST, Method::PATCH] }),
+            config: Arc::new(Config { header: IDEMPOTENCY_KEY, methods: vec![Method::POST, Method::PATCH] }),
             generator: RandomKey,
         }
     }

@@ -21,7 +21,13 @@
 //! locked by the caller's token: once a lease expired and another caller took the key over,
 //! the old owner's calls return `Ok(false)` and change nothing.
 
-use std::{fmt, future::Future, sync::OnceLock, sync::atomic::AtomicU64, sync::atomic::Ordering, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    sync::OnceLock,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use crate::{Fingerprint, IdempotencyKey, Record, ScopeId};
 
@@ -31,9 +37,6 @@ mod memory;
 mod redis;
 
 pub use memory::{MemoryStore, MemoryStoreBuilder};
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-// pub use self::redis::RedisStore;
 
 /// A backend for locks and recorded responses.
 ///
