@@ -165,7 +165,7 @@ impl<B> ResponseBody<B> {
 
 impl<B> Body for ResponseBody<B>
 where
-    B: Body + Send + 'static,
+    B: Body,
     B::Data: Buf,
 {
     type Data = Bytes;
@@ -240,7 +240,7 @@ struct RecordingState<B> {
     detached: bool,
     /// Spawns the drain of this state (made where the bounds it needs are known; `Drop` cannot
     /// ask for them).
-    spawn_drain: fn(Box<RecordingState<B>>, OwnedSemaphorePermit, &tokio::runtime::Handle),
+    spawn_drain: fn(Box<RecordingState<B>>, OwnedSemaphorePermit, tokio::runtime::Handle),
 }
 
 impl<B> Recording<B>
@@ -275,7 +275,13 @@ where
             })),
         }
     }
+}
 
+impl<B> Recording<B>
+where
+    B: Body,
+    B::Data: Buf,
+{
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let Some(state) = self.state.as_mut() else { return Poll::Ready(None) };
         if let Some(completing) = &mut state.completing {
@@ -391,11 +397,11 @@ impl<B> Drop for Recording<B> {
             return;
         };
         state.detached = true;
-        (state.spawn_drain)(state, permit, &runtime);
+        (state.spawn_drain)(state, permit, runtime);
     }
 }
 
-fn spawn_drain<B>(state: Box<RecordingState<B>>, permit: OwnedSemaphorePermit, runtime: &tokio::runtime::Handle)
+fn spawn_drain<B>(state: Box<RecordingState<B>>, permit: OwnedSemaphorePermit, runtime: tokio::runtime::Handle)
 where
     B: Body + Send + 'static,
     B::Data: Buf,
@@ -414,7 +420,7 @@ struct Drain<B> {
 
 impl<B> std::future::Future for Drain<B>
 where
-    B: Body + Send + 'static,
+    B: Body,
     B::Data: Buf,
 {
     type Output = ();

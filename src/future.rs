@@ -54,9 +54,8 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
-    B: Body + Send + 'static,
+    B: Body,
     B::Data: bytes::Buf,
-    E: 'static,
 {
     type Output = Result<Response<ResponseBody<B>>, E>;
 
@@ -105,10 +104,9 @@ impl<B, E> Detachable<B, E> {
             panic!("ResponseFuture polled after completion");
         };
         self.polling = true;
-        let result = ready!(future.as_mut().poll(cx).map(|r| {
-            self.polling = false;
-            r
-        }));
+        let polled = future.as_mut().poll(cx);
+        self.polling = false;
+        let result = ready!(polled);
         self.future = None;
         Poll::Ready(result)
     }

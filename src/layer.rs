@@ -191,9 +191,10 @@ impl Default for IdempotencyLayer<MemoryStore> {
 }
 
 impl<St: IdempotencyStore> IdempotencyLayer<St> {
-    /// A layer with the defaults over `store`. Pass clones of one store (or one `Arc`) to
-    /// several layers, for example per-route layers with different settings, to share keys.
-    pub fn with_store(store: impl Into<Arc<St>>) -> Self {
+    /// A layer with the defaults over `store`. To share keys between several layers (per-route
+    /// layers with different settings, say), clone the layer and change the clone's settings:
+    /// clones share the store.
+    pub fn with_store(store: St) -> Self {
         let config = Config {
             methods: vec![Method::POST, Method::PATCH],
             header: IDEMPOTENCY_KEY,
@@ -210,7 +211,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             unstored_headers: vec![http::header::SET_COOKIE],
             detached: Arc::new(Semaphore::new(DEFAULT_MAX_DETACHED)),
         };
-        Self { store: store.into(), config: Arc::new(config) }
+        Self { store: Arc::new(store), config: Arc::new(config) }
     }
 
     /// The store this layer uses.
