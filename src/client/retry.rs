@@ -58,6 +58,11 @@ use super::{
 /// The budget bounds when attempts *start*; bound each attempt with a timeout layer placed
 /// inside the retry layer.
 ///
+/// A `409` in flight counts as an attempt like any other. For a handler that runs longer than
+/// the defaults cover (5 attempts, 30 s; the server's in-flight `Retry-After` is 1 s by
+/// default), raise both bounds, or configure the server to hold a duplicate until the first
+/// request finishes (`InFlight::Wait`) so a retry gets the replay directly.
+///
 /// # State
 ///
 /// [`tower::retry::Retry`] clones the policy for every request, so attempts and the start time
@@ -246,9 +251,13 @@ where
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
         if !self.may_repeat(request) {
+            tracing::debug!(method = %request.method(), "not retryable: a non-idempotent method without a key");
             return None;
         }
-        let body = request.body().try_clone_body()?;
+        let Some(body) = request.body().try_clone_body() else {
+            tracing::debug!("not retryable: the body cannot be copied");
+            return None;
+        };
         // `Retry::call` calls this on its own policy just before cloning that policy for the new
         // request, and the clone then calls it before each retry. A count of zero therefore
         // marks the start of a new logical request.
