@@ -6,7 +6,7 @@
 //! timeout that meets the server's `409` in flight.
 
 #[path = "../examples/server.rs"]
-#[allow(dead_code, unreachable_pub)]
+#[allow(dead_code, unreachable_pub, missing_docs, clippy::result_large_err)]
 mod server;
 
 use std::{
