@@ -41,7 +41,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         Self { kind: Kind::Bypass { future } }
     }
 
-    pub(crate) fn guarded(future: BoxFuture<Result<Response<ResponseBody<B>>, E>>, detach: Arc<Semaphore>) -> Self
+    pub(crate) fn guarded(future: Guarded<B, E>, detach: Arc<Semaphore>) -> Self
     where
         B: Send + 'static,
         E: Send + 'static,
@@ -86,12 +86,15 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
     }
 }
 
+/// The boxed guarded request.
+type Guarded<B, E> = BoxFuture<Result<Response<ResponseBody<B>>, E>>;
+
 /// A boxed guarded request that finishes on the runtime if dropped before it is done.
 struct Detachable<B, E> {
-    future: Option<BoxFuture<Result<Response<ResponseBody<B>>, E>>>,
+    future: Option<Guarded<B, E>>,
     /// Turns the future into one the runtime can run on its own (made where the bounds that
     /// needs are known; `Drop` cannot ask for them).
-    finish: fn(BoxFuture<Result<Response<ResponseBody<B>>, E>>) -> BoxFuture<()>,
+    finish: fn(Guarded<B, E>) -> BoxFuture<()>,
     detach: Arc<Semaphore>,
     /// Set while the future is being polled: if a panic unwinds out of `poll`, the future is
     /// poisoned and must not be detached (polling it again would panic once more).
@@ -133,7 +136,7 @@ impl<B, E> Drop for Detachable<B, E> {
 }
 
 /// Awaits the response; dropping it unread then drains and records its body on the runtime.
-fn finish<B, E>(future: BoxFuture<Result<Response<ResponseBody<B>>, E>>) -> BoxFuture<()>
+fn finish<B, E>(future: Guarded<B, E>) -> BoxFuture<()>
 where
     B: Send + 'static,
     E: Send + 'static,
