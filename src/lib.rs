@@ -133,6 +133,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+pub mod client;
 mod fingerprint;
 mod future;
 mod key;
