@@ -27,7 +27,10 @@ use tower_idempotency::{
     Begin, IdempotencyStore, Record, ScopeId, StoreError, StoreKey,
     store::{
         RedisStore,
-        redis::{self, AsyncCommands, IntoConnectionInfo},
+        redis::{
+            self, AsyncCommands, IntoConnectionInfo,
+            aio::{ConnectionManager, ConnectionManagerConfig},
+        },
     },
 };
 
@@ -324,51 +327,88 @@ async fn a_silent_redis_times_out_at_the_command_timeout() {
         }
     });
     let timeout = Duration::from_millis(300);
-    let store =
-        RedisStore::builder().command_timeout(timeout).connect_lazy(format!("redis://{addr}").as_str()).unwrap();
+    let url = format!("redis://{addr}");
+    let ours = RedisStore::builder().command_timeout(timeout).connect_lazy(url.as_str()).unwrap();
+    // A manager of the caller's that would wait forever: the command timeout still holds.
+    let patient = ConnectionManagerConfig::new().set_connection_timeout(None).set_response_timeout(None);
+    let manager = ConnectionManager::new_lazy_with_config(redis::Client::open(url).unwrap(), patient).unwrap();
+    let theirs = RedisStore::builder().command_timeout(timeout).build_with_manager(manager);
     let key = fresh_key(None);
-    for _ in 0..2 {
-        let started = Instant::now();
-        let error = store.begin(&key, &fp(1), LEASE).await.unwrap_err();
-        let took = started.elapsed();
-        assert!(error.is_timeout(), "{error:?}");
-        assert!(took >= timeout && took < timeout * 3, "took {took:?}");
+    for store in [ours, theirs] {
+        for _ in 0..2 {
+            let started = Instant::now();
+            let error = store.begin(&key, &fp(1), LEASE).await.unwrap_err();
+            let took = started.elapsed();
+            assert!(error.is_timeout(), "{error:?}");
+            assert!(took >= timeout && took < timeout * 3, "took {took:?}");
+        }
     }
     silent.abort();
 }
 
 /// A TCP proxy in front of the real Redis that can be taken down (port closed, connections
-/// cut) and brought back on the same port: Redis going away and coming back.
+/// cut) and brought back on the same port, or frozen (Redis runs the commands, its answers
+/// are held back): Redis going away, coming back, or turning slow.
 struct Proxy {
     addr: SocketAddr,
     upstream: SocketAddr,
     task: Option<tokio::task::JoinHandle<()>>,
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
     async fn down(upstream: SocketAddr) -> Self {
-        Self { addr: closed_port().await, upstream, task: None }
+        Self { addr: closed_port().await, upstream, task: None, frozen: tokio::sync::watch::channel(false).0 }
     }
 
     async fn up(&mut self) {
         let listener = TcpListener::bind(self.addr).await.unwrap();
-        let upstream = self.upstream;
+        let (upstream, frozen) = (self.upstream, self.frozen.clone());
         self.task = Some(tokio::spawn(async move {
             // Connections live in this set, so aborting the task cuts them all.
             let mut connections = JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                connections.spawn(async move {
-                    let mut server = TcpStream::connect(upstream).await.unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect(upstream).await.unwrap();
+                let ((client_read, client_write), (server_read, server_write)) =
+                    (client.into_split(), server.into_split());
+                connections.spawn(pump(client_read, server_write, None));
+                connections.spawn(pump(server_read, client_write, Some(frozen.subscribe())));
             }
         }));
+    }
+
+    fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
     }
 
     async fn take_down(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
             let _ = task.await;
+        }
+    }
+}
+
+/// Copies bytes from `from` to `to`, holding them back while `frozen`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(frozen) = &mut frozen {
+            if frozen.wait_for(|frozen| !frozen).await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
         }
     }
 }
@@ -398,6 +438,8 @@ async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
         let error = store.begin(&key, &fp(1), LEASE).await.unwrap_err();
         assert!(error.is_unavailable(), "{error:?}");
     }
+    // Time passes while Redis is down (background reconnect attempts fail meanwhile).
+    advance(Duration::from_millis(50)).await;
     proxy.up().await;
     // The first request after Redis is back works: each request tries a fresh connection.
     let token = lock(&store, &key, fp(1)).await;
@@ -409,10 +451,46 @@ async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
         assert!(is_store_failure(&store.begin(&key, &fp(1), LEASE).await.unwrap_err()));
     }
 
+    advance(Duration::from_millis(50)).await;
     proxy.up().await;
+    // Again the first request after Redis is back works.
     assert!(matches!(store.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
     assert!(store.complete(&key, &token, record(b"back"), TTL).await.unwrap());
     assert!(matches!(store.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::Completed(_)));
+    proxy.take_down().await;
+}
+
+#[tokio::test]
+async fn a_slow_answer_times_out_and_later_replies_stay_in_order() {
+    let url = redis_or_skip!();
+    let mut proxy = Proxy::down(tcp_addr(&url)).await;
+    proxy.up().await;
+    let through_proxy = url
+        .as_str()
+        .into_connection_info()
+        .unwrap()
+        .set_addr(redis::ConnectionAddr::Tcp("127.0.0.1".into(), proxy.addr.port()));
+    let timeout = Duration::from_millis(300);
+    let store =
+        RedisStore::builder().prefix(run_prefix()).command_timeout(timeout).connect(through_proxy).await.unwrap();
+    let (done, slow, next) = (fresh_key(None), fresh_key(None), fresh_key(None));
+    let token = lock(&store, &done, fp(1)).await;
+
+    // Redis runs the begin, but its answer comes too late.
+    proxy.freeze(true);
+    let started = Instant::now();
+    let error = store.begin(&slow, &fp(1), LEASE).await.unwrap_err();
+    assert!(error.is_timeout(), "{error:?}");
+    assert!(started.elapsed() < timeout * 3, "took {:?}", started.elapsed());
+    proxy.freeze(false);
+
+    // The late answer is not taken for the answer to a later command.
+    assert!(matches!(store.begin(&next, &fp(2), LEASE).await.unwrap(), Begin::Execute(_)));
+    assert!(store.complete(&done, &token, record(b"done"), TTL).await.unwrap());
+    assert!(matches!(store.begin(&done, &fp(1), LEASE).await.unwrap(), Begin::Completed(_)));
+    // The timed-out begin did lock its key: a retry sees it in flight until the lease ends,
+    // never a second execution.
+    assert!(matches!(store.begin(&slow, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
     proxy.take_down().await;
 }
 

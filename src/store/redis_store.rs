@@ -123,6 +123,11 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
 /// mode (by default `503` with `Retry-After`). While Redis is down each operation makes one
 /// fresh connection attempt, so the first request after Redis is back succeeds.
 ///
+/// A timed-out operation may still have run in Redis. A `begin` that locked the key leaves it
+/// in flight until its lease ends (retries get `409`, the handler never runs twice); a
+/// `complete` that wrote the record makes retries replay it. A late answer is discarded,
+/// never taken for the answer to a later command.
+///
 /// # Key layout
 ///
 /// ```text
