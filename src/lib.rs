@@ -1,16 +1,162 @@
-//! tower-idempotency (crate docs written with the layer).
+//! Make HTTP `POST` and `PATCH` safe to retry.
+//!
+//! A client sends `Idempotency-Key: <key>` with a request; [`IdempotencyLayer`] runs the
+//! handler once, records its response, and replays that response to every retry of the same
+//! key, so a network timeout never charges a card, places an order or bills an LLM generation
+//! twice. It follows the IETF `Idempotency-Key` draft and Stripe's semantics.
+//!
+//! # Quick start (axum)
+//!
+//! ```
+//! use axum::{Router, routing::post, http::StatusCode};
+//! use tower_idempotency::IdempotencyLayer;
+//!
+//! async fn create_order(body: String) -> (StatusCode, String) {
+//!     (StatusCode::CREATED, format!("order for {body}"))
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/orders", post(create_order))
+//!     .layer(IdempotencyLayer::new());
+//! # let _ = app;
+//! ```
+//!
+//! The same request twice, with one key: the handler runs once, the second response is a
+//! replay.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+//! use axum::{Router, body::Body, routing::post, http::{Request, StatusCode}};
+//! use tower::ServiceExt;
+//! use tower_idempotency::IdempotencyLayer;
+//!
+//! let runs = Arc::new(AtomicUsize::new(0));
+//! let counter = runs.clone();
+//! let app = Router::new()
+//!     .route("/orders", post(move || async move {
+//!         counter.fetch_add(1, Ordering::SeqCst);
+//!         (StatusCode::CREATED, "ord_1")
+//!     }))
+//!     .layer(IdempotencyLayer::new());
+//!
+//! let request = || Request::post("/orders").header("idempotency-key", "k-1").body(Body::from("{}")).unwrap();
+//! let first = app.clone().oneshot(request()).await.unwrap();
+//! let retry = app.clone().oneshot(request()).await.unwrap();
+//! assert_eq!(first.status(), StatusCode::CREATED);
+//! assert_eq!(retry.status(), StatusCode::CREATED);
+//! assert!(first.headers().get("idempotent-replayed").is_none());
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//! assert_eq!(runs.load(Ordering::SeqCst), 1);
+//! # }
+//! ```
+//!
+//! # Quick start (hyper)
+//!
+//! The layer wraps any `tower::Service<http::Request<_>>`; serve it with hyper-util's
+//! `TowerToHyperService`:
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::convert::Infallible;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use bytes::Bytes;
+//! use hyper_util::{rt::{TokioExecutor, TokioIo}, server::conn::auto, service::TowerToHyperService};
+//! use tower::ServiceBuilder;
+//! use tower_idempotency::{IdempotencyLayer, RequestBody};
+//!
+//! let service = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new())
+//!     .service_fn(|_req: Request<RequestBody<hyper::body::Incoming>>| async {
+//!         Ok::<_, Infallible>(Response::builder().status(StatusCode::CREATED).body(Full::new(Bytes::from("created"))).unwrap())
+//!     });
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! loop {
+//!     let (stream, _) = listener.accept().await?;
+//!     let service = TowerToHyperService::new(service.clone());
+//!     tokio::spawn(async move {
+//!         let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+//!     });
+//! }
+//! # }
+//! ```
+//!
+//! # What happens to a request
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | method not covered (default: anything but `POST`, `PATCH`) | passed through untouched |
+//! | no key, key optional (default) | passed through untouched |
+//! | no key, key required ([`KeyPolicy::Required`]) | `400` `missing-key` |
+//! | invalid key (empty, > 255 bytes, not visible ASCII, bad quoting, sent twice) | `400` `invalid-key` |
+//! | body over the limit (default 2 MiB) | `413` `request-body-too-large` |
+//! | first time | handler runs; a `2xx` whose body ends normally is recorded |
+//! | same key, same request, completed | replay: same status, headers, body, plus `Idempotent-Replayed: true` |
+//! | same key, same request, still running | `409` `in-flight` with `Retry-After` (or wait, [`InFlight::Wait`]) |
+//! | same key, response was over the record limit (default 1 MiB) | `409` `response-not-retained`, no `Retry-After` |
+//! | same key, different request (method, path, query, body) | `422` `key-reused` |
+//! | store unreachable | `503` `store-unavailable` with `Retry-After` (or run unprotected, [`StoreFailure::FailOpen`]) |
+//! | handler answers non-`2xx`, errors, panics, or its body fails | key released: a retry runs again |
+//!
+//! Errors the layer makes are RFC 9457 `application/problem+json`; see [`problem`] for each
+//! `type`. What the layer did is in the response extensions as an [`Outcome`].
+//!
+//! # Semantics worth knowing
+//!
+//! - **Scope.** The stored key is (scope, key); by default the scope is the SHA-256 digest of
+//!   the `Authorization` header, so one tenant can never replay another's response. Requests
+//!   without `Authorization` share one namespace. See [`Scope`].
+//! - **Fingerprint.** SHA-256 over method, path, query and body (plus configured headers). The
+//!   body is buffered (up to the limit) to compute it, then handed to the handler.
+//! - **Streaming.** The handler's response streams to the client as produced while it is
+//!   recorded; the record replaces the lock just before the body's end is reported.
+//! - **Client gone.** A guarded request whose client went away is not cancelled: it runs to the
+//!   end on the runtime (their number bounded) and is recorded, so the retry replays it.
+//! - **Leases.** The lock is renewed every third of its lease (default 30 s) while the handler
+//!   runs; a crashed process frees its keys within one lease.
+//! - **TTL.** A record lives for the TTL (default 24 h) from completion; replays never extend it.
+//! - **Not replayed:** hop-by-hop headers, `Content-Length` (recomputed), `Date`, and by default
+//!   `Set-Cookie`. Trailers are recorded and replayed.
+//! - **Keys are quoted or bare.** `"abc"` (Structured Field string, as the IETF draft writes
+//!   it) and `abc` (as Stripe writes it) are the same key. Parameters after a quoted key are not
+//!   accepted.
+//!
+//! # Stores
+//!
+//! [`MemoryStore`] (default) for one process; `RedisStore` (feature `redis`) for many
+//! replicas. Both implement [`IdempotencyStore`] and pass the same conformance suite.
+//!
+//! # Feature flags
+//!
+//! - `redis`: the Redis store.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod body;
 mod fingerprint;
+mod future;
 mod key;
+mod layer;
+mod lock;
+mod outcome;
+pub mod problem;
 mod record;
 mod scope;
+mod service;
 pub mod store;
 
+pub use body::{RequestBody, ResponseBody};
 pub use fingerprint::Fingerprint;
+pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
+pub use layer::{
+    CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_TTL, IDEMPOTENCY_KEY, IdempotencyLayer, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
+};
+pub use outcome::Outcome;
 pub use record::{Record, StoredResponse};
 pub use scope::{Scope, ScopeFn, ScopeId};
+pub use service::Idempotency;
 pub use store::{Begin, IdempotencyStore, LockToken, MemoryStore, StoreError, StoreKey};
 
 /// The header a replayed response carries: `Idempotent-Replayed: true`.

@@ -16,3 +16,120 @@ store_conformance!(
     timed: #[tokio::test(start_paused = true)],
     race: #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 );
+
+mod bounds {
+    use std::{sync::Arc, time::Duration};
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use tower_idempotency::{Begin, IdempotencyStore, MemoryStore, Record, StoredResponse};
+
+    use crate::common::{
+        Runs,
+        conformance::{LEASE, begin, fp, fresh_key, lock},
+        post, send, service,
+    };
+
+    fn record_of(len: usize) -> Record {
+        Record::Response(Arc::new(StoredResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![0u8; len]),
+            trailers: None,
+        }))
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_reclaimed_without_a_request() {
+        let store = MemoryStore::builder().sweep_interval(Duration::from_secs(1)).build();
+        for _ in 0..100 {
+            let key = fresh_key(None);
+            let token = lock(&store, &key, fp(1)).await;
+            assert!(store.complete(&key, &token, record_of(100), TTL).await.unwrap());
+        }
+        // An abandoned lock is reclaimed too, once its lease is over.
+        lock(&store, &fresh_key(None), fp(1)).await;
+        assert_eq!(store.len(), 101);
+        assert_eq!(store.bytes(), 100 * 100);
+        tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+        assert_eq!(store.len(), 0, "the background sweep freed every expired entry");
+        assert_eq!(store.bytes(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_are_bounded_by_evicting_the_oldest_records() {
+        let store = MemoryStore::builder().max_entries(10).build();
+        let mut keys = Vec::new();
+        for _ in 0..25 {
+            let key = fresh_key(None);
+            let token = lock(&store, &key, fp(1)).await;
+            assert!(store.complete(&key, &token, record_of(10), TTL).await.unwrap());
+            assert!(store.len() <= 10, "the bound holds at every point");
+            keys.push(key);
+        }
+        assert_eq!(store.len(), 10);
+        // The newest ten are kept; the oldest were evicted.
+        for key in &keys[15..] {
+            assert!(matches!(begin(&store, key, fp(1)).await, Begin::Completed(_)));
+        }
+        assert!(matches!(begin(&store, &keys[0], fp(1)).await, Begin::Execute(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locks_are_never_evicted_and_a_full_store_refuses_new_keys() {
+        let store = MemoryStore::builder().max_entries(5).build();
+        let done = fresh_key(None);
+        let token = lock(&store, &done, fp(1)).await;
+        store.complete(&done, &token, record_of(1), TTL).await.unwrap();
+        let locked: Vec<_> = (0..4).map(|_| fresh_key(None)).collect();
+        for key in &locked {
+            lock(&store, key, fp(1)).await;
+        }
+        // Full: the new key evicts the completed record, never a lock.
+        let newest = fresh_key(None);
+        lock(&store, &newest, fp(1)).await;
+        assert_eq!(store.len(), 5);
+        // Only locks remain: a new key is refused (the evicted record's key is new again),
+        // and nothing is overwritten.
+        for key in [fresh_key(None), done] {
+            let refused = store.begin(&key, &fp(1), LEASE).await.unwrap_err();
+            assert!(refused.is_capacity());
+        }
+        for key in locked.iter().chain([&newest]) {
+            assert!(matches!(begin(&store, key, fp(1)).await, Begin::InFlight));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_full_of_locks_answers_503_through_the_layer() {
+        let store = MemoryStore::builder().max_entries(1).build();
+        lock(&store, &fresh_key(None), fp(1)).await;
+        let runs = Runs::default();
+        let svc = service(tower_idempotency::IdempotencyLayer::with_store(store), runs.clone());
+        send(&svc, post("/orders", "k", "{}")).await.assert_problem(503, "store-unavailable");
+        assert_eq!(runs.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_are_bounded_and_an_oversized_record_becomes_a_tombstone() {
+        let store = MemoryStore::builder().max_bytes(1000).build();
+        let mut keys = Vec::new();
+        for _ in 0..10 {
+            let key = fresh_key(None);
+            let token = lock(&store, &key, fp(1)).await;
+            store.complete(&key, &token, record_of(300), TTL).await.unwrap();
+            assert!(store.bytes() <= 1000, "{} bytes", store.bytes());
+            keys.push(key);
+        }
+        assert_eq!(store.bytes(), 900);
+        assert!(matches!(begin(&store, &keys[9], fp(1)).await, Begin::Completed(Record::Response(_))));
+        assert!(matches!(begin(&store, &keys[0], fp(1)).await, Begin::Execute(_)));
+        // One record over the whole budget is kept as a tombstone: the key is never run twice.
+        let huge = fresh_key(None);
+        let token = lock(&store, &huge, fp(1)).await;
+        assert!(store.complete(&huge, &token, record_of(5000), TTL).await.unwrap());
+        assert!(matches!(begin(&store, &huge, fp(1)).await, Begin::Completed(Record::NotRetained)));
+    }
+}

@@ -22,7 +22,13 @@
 //! locked by the caller's token: once a lease expired and another caller took the key over,
 //! the old owner's calls return `Ok(false)` and change nothing.
 
-use std::{fmt, future::Future, sync::OnceLock, sync::atomic::AtomicU64, sync::atomic::Ordering, time::Duration};
+use std::{
+    fmt,
+    future::Future,
+    sync::OnceLock,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use crate::{Fingerprint, IdempotencyKey, Record, ScopeId};
 
@@ -31,12 +37,12 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;
 
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 /// The `redis` client crate [`RedisStore`] is built on, re-exported so that the `Client` or
 /// `ConnectionManager` you hand it comes from the same version.
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use ::redis;
-pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_store::{RedisStore, RedisStoreBuilder};

@@ -1,0 +1,242 @@
+//! The orders API of the SPEC appendix: every behaviour of the layer, over real HTTP.
+//!
+//! Run with: `cargo run --example server`
+//! (or `REDIS_URL=redis://127.0.0.1:6379 cargo run --example server --features redis` to share
+//! keys between several processes).
+//!
+//! Environment: `ADDR` (default `127.0.0.1:3000`, port `0` picks a free one),
+//! `IDEMPOTENCY_TTL_MS` (default: the library's 24 h). Prints `listening on http://HOST:PORT`.
+//!
+//! ```text
+//! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'
+//! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'   # replay
+//! curl -s localhost:3000/stats
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, patch, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, InFlight, KeyPolicy};
+
+/// The routes whose executions `GET /stats` counts.
+pub const ROUTES: [&str; 7] = ["orders", "payments", "jobs", "patch", "put", "stream", "large"];
+
+/// Executions per route since start, and the id sequences.
+#[derive(Debug, Default)]
+pub struct Stats {
+    executions: [AtomicU64; 7],
+    next_id: AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, route: &str) {
+        let i = ROUTES.iter().position(|r| *r == route).expect("known route");
+        self.executions[i].fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Executions of `route` so far.
+    pub fn executions(&self, route: &str) -> u64 {
+        let i = ROUTES.iter().position(|r| *r == route).expect("known route");
+        self.executions[i].load(Ordering::SeqCst)
+    }
+
+    fn to_json(&self) -> Value {
+        let counts: BTreeMap<&str, u64> = ROUTES.iter().map(|r| (*r, self.executions(r))).collect();
+        json!(counts)
+    }
+}
+
+/// The app over any store: `layer` carries the store and the shared settings (TTL); each
+/// route gets it with its own key policy and in-flight behaviour.
+pub fn app<St: IdempotencyStore>(layer: IdempotencyLayer<St>, stats: Arc<Stats>) -> Router {
+    let required = layer.clone().with_key_policy(KeyPolicy::Required);
+    let waiting = layer.clone().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
+    Router::new()
+        .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
+        .route("/payments", post(create::<PAYMENTS>).layer(required))
+        .route("/jobs", post(create::<JOBS>).layer(waiting))
+        .route("/orders/{id}", patch(patch_order).put(put_order).layer(layer.clone()))
+        .route("/stream", post(stream).layer(layer.clone()))
+        .route("/large", post(large).layer(layer))
+        .route("/stats", get(|State(stats): State<Arc<Stats>>| async move { axum::Json(stats.to_json()) }))
+        .with_state(stats)
+        // Outside the idempotency layer: a panic releases the key, then becomes a 500 here.
+        .layer(CatchPanicLayer::new())
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct Knobs {
+    delay_ms: Option<u64>,
+    chunks: Option<u64>,
+    chunk_delay_ms: Option<u64>,
+    bytes: Option<usize>,
+}
+
+/// What every handler does after counting itself: the `delay_ms`, `X-Fail-Status` and
+/// `X-Panic` knobs.
+async fn knobs(knobs: &Knobs, headers: &HeaderMap) -> Option<Response> {
+    if let Some(ms) = knobs.delay_ms {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if headers.get("x-panic").is_some_and(|v| v == "1") {
+        panic!("X-Panic: 1 asked this handler to panic");
+    }
+    let status = headers.get("x-fail-status")?.to_str().ok()?.parse::<u16>().ok()?;
+    let status = StatusCode::from_u16(status).ok()?;
+    let body = json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Failure"),
+        "status": status.as_u16(),
+        "detail": "X-Fail-Status asked for this failure",
+    });
+    Some((status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response())
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|_| {
+        let problem =
+            json!({"type": "about:blank", "title": "Bad Request", "status": 400, "detail": "body is not JSON"});
+        (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/problem+json")], problem.to_string())
+            .into_response()
+    })
+}
+
+const ORDERS: usize = 0;
+const PAYMENTS: usize = 1;
+const JOBS: usize = 2;
+
+/// `POST /orders`, `/payments`, `/jobs`: `ROUTE` indexes [`ROUTES`].
+async fn create<const ROUTE: usize>(
+    State(stats): State<Arc<Stats>>,
+    Query(q): Query<Knobs>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let route = ROUTES[ROUTE];
+    stats.count(route);
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    let order = match parse_json(&body) {
+        Ok(order) => order,
+        Err(response) => return response,
+    };
+    let prefix = ["ord", "pay", "job"][ROUTE];
+    let id = format!("{prefix}_{}", stats.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+    let location = format!("/{route}/{id}");
+    (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(json!({"id": id, "order": order}))).into_response()
+}
+
+async fn patch_order(
+    State(stats): State<Arc<Stats>>,
+    Path(id): Path<String>,
+    Query(q): Query<Knobs>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    stats.count("patch");
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    match parse_json(&body) {
+        Ok(patch) => axum::Json(json!({"id": id, "patch": patch})).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn put_order(
+    State(stats): State<Arc<Stats>>,
+    Path(id): Path<String>,
+    Query(q): Query<Knobs>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    stats.count("put");
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    match parse_json(&body) {
+        Ok(put) => axum::Json(json!({"id": id, "put": put})).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn stream(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers: HeaderMap) -> Response {
+    stats.count("stream");
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    let chunks = q.chunks.unwrap_or(5);
+    let every = Duration::from_millis(q.chunk_delay_ms.unwrap_or(10));
+    let events = futures_util::stream::unfold(0, move |i| async move {
+        if i >= chunks {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(every).await;
+        }
+        Some((Ok::<_, Infallible>(Bytes::from(format!("data: {i}\n\n"))), i + 1))
+    });
+    ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(events)).into_response()
+}
+
+async fn large(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers: HeaderMap) -> Response {
+    stats.count("large");
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    let bytes = q.bytes.unwrap_or(0);
+    ([(header::CONTENT_TYPE, "application/octet-stream")], vec![b'x'; bytes]).into_response()
+}
+
+/// The layer the environment asks for: the Redis store when built with `--features redis` and
+/// `REDIS_URL` is set, the in-memory store otherwise.
+fn ttl_from_env() -> Option<Duration> {
+    let ms = std::env::var("IDEMPOTENCY_TTL_MS").ok()?;
+    match ms.parse() {
+        Ok(ms) => Some(Duration::from_millis(ms)),
+        Err(_) => {
+            eprintln!("IDEMPOTENCY_TTL_MS must be a whole number of milliseconds, got {ms:?}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn with_ttl<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> IdempotencyLayer<St> {
+    match ttl_from_env() {
+        Some(ttl) => layer.with_ttl(ttl),
+        None => layer,
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let stats = Arc::new(Stats::default());
+    let app = app(with_ttl(IdempotencyLayer::new()), stats);
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await
+}

@@ -1,0 +1,144 @@
+//! [`ResponseFuture`]: the future the service returns.
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use http::Response;
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::sync::Semaphore;
+
+use crate::{Outcome, body::ResponseBody, lock::BoxFuture};
+
+pin_project! {
+    /// The response future of [`Idempotency`](crate::Idempotency).
+    ///
+    /// Dropped before it finishes (the client went away, or a timeout outside the layer fired),
+    /// a guarded request is not cancelled: it is detached onto the runtime, runs to the end and
+    /// is recorded, so the retry replays what already happened. The number of detached
+    /// requests is bounded ([`with_max_detached`](crate::IdempotencyLayer::with_max_detached)).
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Bypass { #[pin] future: F },
+        Guarded { guarded: Detachable<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn bypass(future: F) -> Self {
+        Self { kind: Kind::Bypass { future } }
+    }
+
+    pub(crate) fn guarded(future: BoxFuture<Result<Response<ResponseBody<B>>, E>>, detach: Arc<Semaphore>) -> Self
+    where
+        B: Send + 'static,
+        E: Send + 'static,
+    {
+        let guarded = Detachable { future: Some(future), finish: finish::<B, E>, detach, polling: false };
+        Self { kind: Kind::Guarded { guarded } }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+    B::Data: bytes::Buf,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Bypass { future } => {
+                let result = ready!(future.poll(cx));
+                Poll::Ready(result.map(|response| response.map(ResponseBody::inner)))
+            }
+            KindProj::Guarded { guarded } => {
+                let result = ready!(guarded.poll(cx));
+                if let Ok(response) = &result {
+                    let outcome = Outcome::of(response);
+                    tracing::debug!(outcome = outcome.as_str(), status = response.status().as_u16(), "idempotency");
+                }
+                Poll::Ready(result)
+            }
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match &self.kind {
+            Kind::Bypass { .. } => "ResponseFuture::Bypass",
+            Kind::Guarded { .. } => "ResponseFuture::Guarded",
+        })
+    }
+}
+
+/// A boxed guarded request that finishes on the runtime if dropped before it is done.
+struct Detachable<B, E> {
+    future: Option<BoxFuture<Result<Response<ResponseBody<B>>, E>>>,
+    /// Turns the future into one the runtime can run on its own (made where the bounds that
+    /// needs are known; `Drop` cannot ask for them).
+    finish: fn(BoxFuture<Result<Response<ResponseBody<B>>, E>>) -> BoxFuture<()>,
+    detach: Arc<Semaphore>,
+    /// Set while the future is being polled: if a panic unwinds out of `poll`, the future is
+    /// poisoned and must not be detached (polling it again would panic once more).
+    polling: bool,
+}
+
+impl<B, E> Detachable<B, E> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
+        let Some(future) = self.future.as_mut() else {
+            panic!("ResponseFuture polled after completion");
+        };
+        self.polling = true;
+        let polled = future.as_mut().poll(cx);
+        self.polling = false;
+        let result = ready!(polled);
+        self.future = None;
+        Poll::Ready(result)
+    }
+}
+
+impl<B, E> Drop for Detachable<B, E> {
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else { return };
+        if self.polling {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(permit) = self.detach.clone().try_acquire_owned() else {
+            tracing::warn!("too many detached handlers; request cancelled and its key released");
+            return;
+        };
+        tracing::debug!("client went away; finishing the request in the background");
+        let finish = (self.finish)(future);
+        runtime.spawn(async move {
+            let _permit = permit;
+            finish.await;
+        });
+    }
+}
+
+/// Awaits the response; dropping it unread then drains and records its body on the runtime.
+fn finish<B, E>(future: BoxFuture<Result<Response<ResponseBody<B>>, E>>) -> BoxFuture<()>
+where
+    B: Send + 'static,
+    E: Send + 'static,
+{
+    Box::pin(async move {
+        let _ = future.await;
+    })
+}

@@ -1,0 +1,76 @@
+//! What the layer did with a request, for logs and metrics.
+
+use std::fmt;
+
+/// What the layer did with a request.
+///
+/// Every response the layer guarded or answered itself carries its `Outcome` in its
+/// extensions; read it with [`Outcome::of`]. Requests the layer let through untouched (an
+/// uncovered method, or no key where one is optional) carry none, so the bypass path allocates
+/// nothing: `Outcome::of` reports them as [`Outcome::Bypassed`].
+///
+/// ```
+/// # use tower_idempotency::Outcome;
+/// let response = http::Response::new(());
+/// assert_eq!(Outcome::of(&response), Outcome::Bypassed);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Not covered (method), or no key where one is optional: passed through untouched.
+    Bypassed,
+    /// First request with this key: the handler ran (its response is recorded if the cache
+    /// predicate accepts it and its body ends normally).
+    Executed,
+    /// A recorded response was replayed; the handler did not run.
+    Replayed,
+    /// `409`: the same request is still in flight.
+    InFlight,
+    /// `409`: the request ran, but its response was too large to keep.
+    NotRetained,
+    /// `422`: the key was used for a different request.
+    KeyReused,
+    /// `400`: the key is invalid.
+    InvalidKey,
+    /// `400`: the key is required and missing.
+    MissingKey,
+    /// `400`: the request body failed while being read.
+    BodyUnreadable,
+    /// `413`: the request body is over the limit.
+    BodyTooLarge,
+    /// `503`: the store failed and the layer fails closed.
+    StoreUnavailable,
+    /// The store failed and the layer fails open: the handler ran without protection.
+    Unprotected,
+}
+
+impl Outcome {
+    /// The outcome recorded on `response`; [`Outcome::Bypassed`] when there is none.
+    pub fn of<B>(response: &http::Response<B>) -> Self {
+        response.extensions().get::<Self>().copied().unwrap_or(Self::Bypassed)
+    }
+
+    /// A short, stable name for metrics labels (`"executed"`, `"replayed"`, ...).
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Self::Bypassed => "bypassed",
+            Self::Executed => "executed",
+            Self::Replayed => "replayed",
+            Self::InFlight => "in_flight",
+            Self::NotRetained => "not_retained",
+            Self::KeyReused => "key_reused",
+            Self::InvalidKey => "invalid_key",
+            Self::MissingKey => "missing_key",
+            Self::BodyUnreadable => "body_unreadable",
+            Self::BodyTooLarge => "body_too_large",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::Unprotected => "unprotected",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

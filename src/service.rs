@@ -1,0 +1,322 @@
+//! [`Idempotency`]: the service, with its bypass and guarded paths.
+
+use std::{
+    fmt,
+    future::Future,
+    marker::PhantomData,
+    panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderMap, HeaderName, Request, Response, header, request};
+use http_body::Body;
+use tokio::time::Instant;
+use tower::Service;
+use tracing::Instrument;
+
+use crate::{
+    IdempotencyKey, Outcome, Record, StoredResponse,
+    body::{BufferError, Recording, RequestBody, ResponseBody, buffer},
+    fingerprint::Fingerprint,
+    future::ResponseFuture,
+    layer::{Config, InFlight, KeyPolicy, StoreFailure},
+    lock::LockGuard,
+    problem::Problem,
+    store::{Begin, IdempotencyStore, StoreKey},
+};
+
+/// The idempotency middleware around an inner service `S`, over store `St`.
+///
+/// Built by [`IdempotencyLayer`](crate::IdempotencyLayer). The inner service receives a
+/// [`RequestBody`] (the original body, or the bytes the layer buffered) and the response body
+/// is a [`ResponseBody`]. Errors are the inner service's own: everything the layer decides
+/// itself is a response.
+pub struct Idempotency<S, St> {
+    inner: S,
+    store: Arc<St>,
+    config: Arc<Config>,
+}
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>) -> Self {
+        Self { inner, store, config }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), store: self.store.clone(), config: self.config.clone() }
+    }
+}
+
+impl<S: fmt::Debug, St> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency").field("inner", &self.inner).field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Buf + Send,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Buf,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let config = &self.config;
+        if !config.covers(request.method()) {
+            tracing::trace!(outcome = "bypassed", "idempotency: method not covered");
+            return ResponseFuture::bypass(self.inner.call(request.map(RequestBody::streaming)));
+        }
+        let key = match IdempotencyKey::from_headers(request.headers(), &config.header) {
+            Ok(Some(key)) => key,
+            Ok(None) if config.key_policy == KeyPolicy::Optional => {
+                tracing::trace!(outcome = "bypassed", "idempotency: no key");
+                return ResponseFuture::bypass(self.inner.call(request.map(RequestBody::streaming)));
+            }
+            Ok(None) => return problem_future(Problem::MISSING_KEY, None, config),
+            Err(invalid) => {
+                tracing::debug!(reason = %invalid, "idempotency: invalid key");
+                return problem_future(Problem::INVALID_KEY, None, config);
+            }
+        };
+        // `poll_ready` readied `self.inner`; take that instance for this request and leave a
+        // fresh clone behind, which the next `poll_ready` will drive.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let span = tracing::debug_span!("idempotency", method = %request.method(), path = request.uri().path());
+        let guarded = Guarded { inner, store: self.store.clone(), config: self.config.clone(), _bodies: PhantomData };
+        ResponseFuture::guarded(Box::pin(guarded.run(request, key).instrument(span)), self.config.detached.clone())
+    }
+}
+
+fn problem_future<F, B, E>(problem: Problem, retry_after: Option<Duration>, config: &Config) -> ResponseFuture<F, B, E>
+where
+    B: Send + 'static,
+    E: Send + 'static,
+{
+    let response = problem_response(problem, retry_after);
+    ResponseFuture::guarded(Box::pin(std::future::ready(Ok(response))), config.detached.clone())
+}
+
+fn problem_response<B>(problem: Problem, retry_after: Option<Duration>) -> Response<ResponseBody<B>> {
+    let (head, body) = problem.into_parts(retry_after);
+    Response::from_parts(head, ResponseBody::full(body, None))
+}
+
+fn replay<B>(record: &StoredResponse) -> Response<ResponseBody<B>> {
+    let (mut head, body, trailers) = record.replay();
+    head.extensions.insert(Outcome::Replayed);
+    Response::from_parts(head, ResponseBody::full(body, trailers))
+}
+
+/// One guarded request: everything after the key was found valid.
+struct Guarded<S, St, ReqBody, ResBody> {
+    inner: S,
+    store: Arc<St>,
+    config: Arc<Config>,
+    _bodies: PhantomData<fn(ReqBody) -> ResBody>,
+}
+
+impl<S, St, ReqBody, ResBody> Guarded<S, St, ReqBody, ResBody>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: IdempotencyStore,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Buf + Send,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Buf,
+{
+    async fn run(
+        self,
+        request: Request<ReqBody>,
+        key: IdempotencyKey,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        let config = &*self.config;
+        let (head, body) = request.into_parts();
+        let body = match buffer(body, config.max_request_body).await {
+            Ok(body) => body,
+            Err(BufferError::TooLarge) => return Ok(problem_response(Problem::REQUEST_BODY_TOO_LARGE, None)),
+            Err(BufferError::Unreadable) => return Ok(problem_response(Problem::REQUEST_BODY_UNREADABLE, None)),
+        };
+        let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body);
+        let key = StoreKey::new(config.scope.resolve(&head), key);
+
+        let wait_until = match config.in_flight {
+            InFlight::Wait { timeout } => Some(Instant::now() + timeout),
+            InFlight::Reject { .. } => None,
+        };
+        let mut wait_step = Duration::from_millis(5);
+        loop {
+            let begin = match self.store.begin(&key, &fingerprint, config.lease).await {
+                Ok(begin) => begin,
+                Err(error) => return self.store_failed(error, head, body).await,
+            };
+            return Ok(match begin {
+                Begin::Execute(token) => {
+                    let guard = LockGuard::new(self.store.clone(), key, token, config.lease, config.ttl);
+                    return self.execute(guard, head, body).await;
+                }
+                Begin::Completed(Record::Response(record)) => replay(&record),
+                Begin::Completed(Record::NotRetained) => problem_response(Problem::RESPONSE_NOT_RETAINED, None),
+                Begin::Mismatch => problem_response(Problem::KEY_REUSED, None),
+                Begin::InFlight => match (config.in_flight, wait_until) {
+                    (InFlight::Reject { retry_after }, _) => problem_response(Problem::IN_FLIGHT, Some(retry_after)),
+                    (InFlight::Wait { .. }, Some(until)) if Instant::now() < until => {
+                        // Poll the store with a growing step; a store-agnostic wait that works
+                        // the same for a local map and a remote store.
+                        tokio::time::sleep(wait_step.min(until - Instant::now())).await;
+                        wait_step = (wait_step * 2).min(Duration::from_millis(100));
+                        continue;
+                    }
+                    _ => problem_response(Problem::IN_FLIGHT, Some(Duration::from_secs(1))),
+                },
+            });
+        }
+    }
+
+    async fn store_failed(
+        self,
+        error: crate::StoreError,
+        head: request::Parts,
+        body: Bytes,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        match self.config.store_failure {
+            StoreFailure::FailClosed { retry_after } => {
+                tracing::warn!(%error, "idempotency store failed; failing closed with 503");
+                Ok(problem_response(Problem::STORE_UNAVAILABLE, Some(retry_after)))
+            }
+            StoreFailure::FailOpen => {
+                tracing::warn!(%error, "idempotency store failed; failing open: running the request unprotected");
+                let mut inner = self.inner;
+                let response = inner.call(Request::from_parts(head, RequestBody::buffered(body))).await?;
+                let (mut head, body) = response.into_parts();
+                head.extensions.insert(Outcome::Unprotected);
+                Ok(Response::from_parts(head, ResponseBody::inner(body)))
+            }
+        }
+    }
+
+    async fn execute(
+        self,
+        mut guard: LockGuard,
+        head: request::Parts,
+        body: Bytes,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        let mut inner = self.inner;
+        let request = Request::from_parts(head, RequestBody::buffered(body));
+        let handled = match catch_unwind(AssertUnwindSafe(|| inner.call(request))) {
+            Ok(future) => KeepLease { future, guard: &mut guard }.await,
+            Err(panic) => Err(panic),
+        };
+        let response = match handled {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                release(&mut guard).await;
+                return Err(error);
+            }
+            Err(panic) => {
+                release(&mut guard).await;
+                resume_unwind(panic)
+            }
+        };
+        let (mut head, body) = response.into_parts();
+        head.extensions.insert(Outcome::Executed);
+        if !self.config.predicate.should_record(&head) {
+            release(&mut guard).await;
+            return Ok(Response::from_parts(head, ResponseBody::inner(body)));
+        }
+        let headers = stored_headers(&head.headers, &self.config.unstored_headers);
+        let recording =
+            Recording::new(body, guard, head.status, headers, self.config.max_record, self.config.detached.clone());
+        Ok(Response::from_parts(head, ResponseBody::recording(recording)))
+    }
+}
+
+async fn release(guard: &mut LockGuard) {
+    if let Some(release) = guard.release() {
+        release.await;
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future, renewing the lease while it is pending and turning a panic into a
+    /// value so the lock can be released before the panic goes on.
+    struct KeepLease<'a, F> {
+        #[pin]
+        future: F,
+        guard: &'a mut LockGuard,
+    }
+}
+
+impl<F: Future> Future for KeepLease<'_, F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let future = this.future;
+        match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => {
+                this.guard.poll_renew(cx);
+                Poll::Pending
+            }
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// Headers kept in a record: the end-to-end ones, less `Content-Length` (recomputed on
+/// replay), `Date` (regenerated) and the configured list (`Set-Cookie` by default).
+fn stored_headers(headers: &HeaderMap, unstored: &[HeaderName]) -> HeaderMap {
+    const HOP_BY_HOP: [HeaderName; 8] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ];
+    let named_by_connection = |name: &HeaderName| {
+        headers.get_all(header::CONNECTION).iter().any(|value| {
+            value.to_str().is_ok_and(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case(name.as_str())))
+        })
+    };
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let dropped = HOP_BY_HOP.contains(name)
+            || name == header::CONTENT_LENGTH
+            || name == header::DATE
+            || unstored.contains(name)
+            || named_by_connection(name);
+        if !dropped {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
+}
