@@ -10,9 +10,13 @@ use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::IdempotencyLayer;
 
 fn handler<B: Send + 'static>()
--> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send + 'static> + Clone + Send + 'static
-{
-    tower::service_fn(|_req: Request<B>| async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) })
+-> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send + 'static>
++ Clone
++ Send
++ 'static {
+    tower::service_fn(|_req: Request<B>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    })
 }
 
 /// Allocations made by sending `request` through `service`, after one warm-up call.

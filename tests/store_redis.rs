@@ -9,7 +9,6 @@
 mod common;
 
 use std::{
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,12 +16,9 @@ use std::{
 use bytes::Bytes;
 use common::{
     conformance::{LEASE, TTL, fp, fresh_key, lock, record, response},
-    redis::{exists, pttl, raw, raw_get, raw_key, redis_url, run_prefix, store},
+    redis::{Proxy, closed_port, exists, pttl, raw, raw_get, raw_key, redis_url, run_prefix, store, tcp_addr},
 };
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
-};
+use tokio::{net::TcpListener, task::JoinSet};
 use tower_idempotency::{
     Begin, IdempotencyStore, Record, ScopeId, StoreError, StoreKey,
     store::{
@@ -285,11 +281,6 @@ fn is_store_failure(error: &StoreError) -> bool {
     error.is_unavailable() || error.is_timeout()
 }
 
-/// A port on 127.0.0.1 with nothing listening.
-async fn closed_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
-}
-
 #[tokio::test]
 async fn unreachable_redis_fails_fast() {
     // Needs no Redis: nothing listens there.
@@ -346,87 +337,11 @@ async fn a_silent_redis_times_out_at_the_command_timeout() {
     silent.abort();
 }
 
-/// A TCP proxy in front of the real Redis that can be taken down (port closed, connections
-/// cut) and brought back on the same port, or frozen (Redis runs the commands, its answers
-/// are held back): Redis going away, coming back, or turning slow.
-struct Proxy {
-    addr: SocketAddr,
-    upstream: SocketAddr,
-    task: Option<tokio::task::JoinHandle<()>>,
-    frozen: tokio::sync::watch::Sender<bool>,
-}
-
-impl Proxy {
-    async fn down(upstream: SocketAddr) -> Self {
-        Self { addr: closed_port().await, upstream, task: None, frozen: tokio::sync::watch::channel(false).0 }
-    }
-
-    async fn up(&mut self) {
-        let listener = TcpListener::bind(self.addr).await.unwrap();
-        let (upstream, frozen) = (self.upstream, self.frozen.clone());
-        self.task = Some(tokio::spawn(async move {
-            // Connections live in this set, so aborting the task cuts them all.
-            let mut connections = JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let server = TcpStream::connect(upstream).await.unwrap();
-                let ((client_read, client_write), (server_read, server_write)) =
-                    (client.into_split(), server.into_split());
-                connections.spawn(pump(client_read, server_write, None));
-                connections.spawn(pump(server_read, client_write, Some(frozen.subscribe())));
-            }
-        }));
-    }
-
-    fn freeze(&self, frozen: bool) {
-        self.frozen.send_replace(frozen);
-    }
-
-    async fn take_down(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-}
-
-/// Copies bytes from `from` to `to`, holding them back while `frozen`.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: Option<tokio::sync::watch::Receiver<bool>>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if let Some(frozen) = &mut frozen {
-            if frozen.wait_for(|frozen| !frozen).await.is_err() {
-                return;
-            }
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
-fn tcp_addr(url: &str) -> SocketAddr {
-    use std::net::ToSocketAddrs;
-    match url.into_connection_info().unwrap().addr() {
-        redis::ConnectionAddr::Tcp(host, port) => (host.as_str(), *port).to_socket_addrs().unwrap().next().unwrap(),
-        other => panic!("this test needs a plain TCP REDIS_URL, not {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
     let url = redis_or_skip!();
     let mut proxy = Proxy::down(tcp_addr(&url)).await;
-    let info = url.as_str().into_connection_info().unwrap();
-    let through_proxy = info.set_addr(redis::ConnectionAddr::Tcp("127.0.0.1".into(), proxy.addr.port()));
+    let through_proxy = proxy.url(&url);
     // Built while Redis is down: no error, no connection yet.
     let store = RedisStore::builder()
         .prefix(run_prefix())
@@ -465,11 +380,7 @@ async fn a_slow_answer_times_out_and_later_replies_stay_in_order() {
     let url = redis_or_skip!();
     let mut proxy = Proxy::down(tcp_addr(&url)).await;
     proxy.up().await;
-    let through_proxy = url
-        .as_str()
-        .into_connection_info()
-        .unwrap()
-        .set_addr(redis::ConnectionAddr::Tcp("127.0.0.1".into(), proxy.addr.port()));
+    let through_proxy = proxy.url(&url);
     let timeout = Duration::from_millis(300);
     let store =
         RedisStore::builder().prefix(run_prefix()).command_timeout(timeout).connect(through_proxy).await.unwrap();

@@ -37,12 +37,12 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis_store;
 
-pub use memory::{MemoryStore, MemoryStoreBuilder};
 /// The `redis` client crate [`RedisStore`] is built on, re-exported so that the `Client` or
 /// `ConnectionManager` you hand it comes from the same version.
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use ::redis;
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_store::{RedisStore, RedisStoreBuilder};

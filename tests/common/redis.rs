@@ -4,13 +4,18 @@
 //! answers and otherwise say once that they are skipped and pass; with `REDIS_URL` set, a
 //! Redis that does not answer fails the test.
 
-use std::{io::Write, sync::OnceLock, time::Duration};
+use std::{io::Write, net::SocketAddr, sync::OnceLock, time::Duration};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
 
 use tower_idempotency::{
     StoreKey,
     store::{
         RedisStore,
-        redis::{self, AsyncCommands, aio::MultiplexedConnection},
+        redis::{self, AsyncCommands, IntoConnectionInfo, aio::MultiplexedConnection},
     },
 };
 
@@ -94,4 +99,94 @@ pub async fn pttl(connection: &mut MultiplexedConnection, key: &StoreKey) -> i64
 /// Whether `key` exists, asked of Redis directly.
 pub async fn exists(connection: &mut MultiplexedConnection, key: &StoreKey) -> bool {
     connection.exists(raw_key(key)).await.unwrap()
+}
+
+/// A port on 127.0.0.1 with nothing listening.
+pub async fn closed_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+}
+
+/// A TCP proxy in front of the real Redis that can be taken down (port closed, connections
+/// cut) and brought back on the same port, or frozen (Redis runs the commands, its answers
+/// are held back): Redis going away, coming back, or turning slow.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    upstream: SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    /// A proxy for `upstream`, not yet listening.
+    pub async fn down(upstream: SocketAddr) -> Self {
+        Self { addr: closed_port().await, upstream, task: None, frozen: tokio::sync::watch::channel(false).0 }
+    }
+
+    /// Opens the port (again).
+    pub async fn up(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        let (upstream, frozen) = (self.upstream, self.frozen.clone());
+        self.task = Some(tokio::spawn(async move {
+            // Connections live in this set, so aborting the task cuts them all.
+            let mut connections = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect(upstream).await.unwrap();
+                let ((client_read, client_write), (server_read, server_write)) =
+                    (client.into_split(), server.into_split());
+                connections.spawn(pump(client_read, server_write, None));
+                connections.spawn(pump(server_read, client_write, Some(frozen.subscribe())));
+            }
+        }));
+    }
+
+    /// The connection settings of `url`, pointed at this proxy.
+    pub fn url(&self, url: &str) -> redis::ConnectionInfo {
+        url.into_connection_info().unwrap().set_addr(redis::ConnectionAddr::Tcp("127.0.0.1".into(), self.addr.port()))
+    }
+
+    /// Holds Redis's answers back (`true`) or lets them through again.
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+
+    /// Closes the port and cuts every connection.
+    pub async fn take_down(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Copies bytes from `from` to `to`, holding them back while `frozen`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(frozen) = &mut frozen {
+            if frozen.wait_for(|frozen| !frozen).await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The address of the Redis at `url`.
+pub fn tcp_addr(url: &str) -> SocketAddr {
+    use std::net::ToSocketAddrs;
+    match url.into_connection_info().unwrap().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => (host.as_str(), *port).to_socket_addrs().unwrap().next().unwrap(),
+        other => panic!("this test needs a plain TCP REDIS_URL, not {other:?}"),
+    }
 }
