@@ -277,6 +277,36 @@ async fn unreadable_values_are_reported_and_left_alone() {
     assert!(std::error::Error::source(&error).is_some_and(|s| s.to_string().contains("WRONGTYPE")), "{error:?}");
 }
 
+#[tokio::test]
+async fn scripts_lost_by_redis_are_loaded_again() {
+    let url = redis_or_skip!();
+    let store = store(&url).await;
+    let mut conn = raw(&url).await;
+    let (released, completed) = (fresh_key(None), fresh_key(None));
+    let flush = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            // What a Redis restart or failover does to the script cache. (Other stores
+            // sharing this Redis reload them the same way.)
+            let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.unwrap();
+        }
+    };
+    flush(&mut conn).await;
+    let token = lock(&store, &released, fp(1)).await;
+    flush(&mut conn).await;
+    assert!(store.renew(&released, &token, LEASE).await.unwrap());
+    flush(&mut conn).await;
+    assert!(store.release(&released, &token).await.unwrap());
+    let token = lock(&store, &completed, fp(1)).await;
+    flush(&mut conn).await;
+    assert!(store.complete(&completed, &token, record(b"after a flush"), TTL).await.unwrap());
+    flush(&mut conn).await;
+    match store.begin(&completed, &fp(1), LEASE).await.unwrap() {
+        Begin::Completed(Record::Response(got)) => assert_eq!(got.body, Bytes::from_static(b"after a flush")),
+        other => panic!("expected the record, got {other:?}"),
+    }
+}
+
 fn is_store_failure(error: &StoreError) -> bool {
     error.is_unavailable() || error.is_timeout()
 }
