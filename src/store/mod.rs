@@ -3,8 +3,8 @@
 //! Every store implements [`IdempotencyStore`]: four operations, each one atomic in the store,
 //! and every state change after [`begin`](IdempotencyStore::begin) fenced by the lock's
 //! [`LockToken`]. The crate ships [`MemoryStore`] (one process) and, with the `redis` feature,
-//! `RedisStore` (many replicas, a single Redis node or Redis Cluster). Both pass the same
-//! conformance suite.
+//! `RedisStore` (many replicas; a single Redis node, or Redis Cluster with the `redis-cluster`
+//! feature). Both pass the same conformance suite.
 //!
 //! # The state of one key
 //!

@@ -8,11 +8,13 @@ use std::{
 
 use ::redis::{
     Client, IntoConnectionInfo, Pipeline, RedisError, RedisResult, Script, ScriptInvocation, ServerErrorKind, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
 };
 
 use super::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey};
 use crate::{Fingerprint, Record};
+#[cfg(feature = "redis-cluster")]
+use ::redis::{cluster::ClusterClient, cluster_async::ClusterConnection};
 
 mod codec;
 
@@ -115,6 +117,16 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
 /// request of the process, reconnected by itself after a failure. Use the
 /// [re-exported `redis` crate](crate::store::redis) to build a [`Client`] or a manager of your
 /// own (TLS, ACL users, RESP3), so the versions match.
+///
+/// # Redis Cluster
+///
+/// With the `redis-cluster` feature (which turns on the `redis` crate's `cluster-async`; a
+/// separate feature so that single-node users do not build the cluster client), build the
+/// store with [`connect_cluster`](RedisStoreBuilder::connect_cluster) from one or more node
+/// URLs, [`build_cluster`](RedisStoreBuilder::build_cluster) (connects on first use) or
+/// [`build_with_cluster_connection`](RedisStoreBuilder::build_with_cluster_connection). The
+/// keys, values and scripts are the same: each operation touches one key, so it goes to the
+/// node that owns the key's slot, keys spread over all slots, and no hash tag is needed.
 ///
 /// # Failure
 ///
@@ -240,6 +252,28 @@ enum Connection {
     /// A manager made on first use, so that building the store needs neither Redis nor a
     /// tokio runtime.
     Deferred(Box<Deferred>),
+    /// A Redis Cluster connection given by the caller or made by
+    /// [`RedisStoreBuilder::connect_cluster`].
+    #[cfg(feature = "redis-cluster")]
+    GivenCluster(ClusterConnection),
+    /// A Redis Cluster connection made on first use.
+    #[cfg(feature = "redis-cluster")]
+    DeferredCluster(Box<DeferredCluster>),
+}
+
+/// Connects on first use; a failed attempt leaves the cell empty, so the next operation
+/// tries again.
+#[cfg(feature = "redis-cluster")]
+struct DeferredCluster {
+    client: ClusterClient,
+    connection: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+/// The connection one operation goes out on.
+enum Handle {
+    Single(ConnectionManager),
+    #[cfg(feature = "redis-cluster")]
+    Cluster(ClusterConnection),
 }
 
 struct Deferred {
@@ -316,6 +350,40 @@ impl RedisStoreBuilder {
         self.finish(Connection::Given(manager))
     }
 
+    /// Connects to the Redis Cluster that `nodes` belong to (one or more of its nodes'
+    /// URLs) and builds the store. Each connection attempt and each answer is bounded by the
+    /// command timeout. Fails when no node answers.
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub async fn connect_cluster<T: IntoConnectionInfo>(
+        self,
+        nodes: impl IntoIterator<Item = T>,
+    ) -> Result<RedisStore, RedisError> {
+        let client = ClusterClient::builder(nodes)
+            .connection_timeout(self.command_timeout)
+            .response_timeout(self.command_timeout)
+            .build()?;
+        let connection = client.get_async_connection().await?;
+        Ok(self.build_with_cluster_connection(connection))
+    }
+
+    /// Builds the store on a Redis Cluster client without connecting: the first operation
+    /// connects, and while that fails each operation tries again (failing as
+    /// [`StoreError::is_unavailable`] or [`StoreError::is_timeout`] meanwhile).
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn build_cluster(self, client: ClusterClient) -> RedisStore {
+        let cluster = DeferredCluster { client, connection: tokio::sync::OnceCell::new() };
+        self.finish(Connection::DeferredCluster(Box::new(cluster)))
+    }
+
+    /// Builds the store on a Redis Cluster connection of your own.
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn build_with_cluster_connection(self, connection: ClusterConnection) -> RedisStore {
+        self.finish(Connection::GivenCluster(connection))
+    }
+
     /// The settings of the managers this builder makes: one attempt per connection (the
     /// store makes a fresh one per operation while Redis is down, so a request fails fast
     /// instead of waiting out a backoff) bounded by the command timeout.
@@ -390,12 +458,10 @@ impl RedisStore {
     /// Sends `command` within the command timeout.
     async fn run(&self, command: Command<'_>) -> Result<Value, StoreError> {
         let attempt = async {
-            let mut connection = self.inner.connection()?;
-            let reply = match command.send(&mut connection).await {
-                // A refused connection sent nothing, and the manager has started a fresh
-                // attempt: wait for that one, so the first request after Redis is back works.
-                Err(error) if error.is_connection_refusal() => command.send(&mut connection).await,
-                reply => reply,
+            let reply = match self.inner.handle().await? {
+                Handle::Single(mut connection) => command.send_retrying(&mut connection).await,
+                #[cfg(feature = "redis-cluster")]
+                Handle::Cluster(mut connection) => command.send_retrying(&mut connection).await,
             };
             reply.map_err(store_error)
         };
@@ -413,9 +479,19 @@ enum Command<'a> {
 }
 
 impl Command<'_> {
+    /// Sends the command, and once more after a refused connection: that sent nothing, and a
+    /// `ConnectionManager` has started a fresh attempt meanwhile, so the first request after
+    /// Redis is back works.
+    async fn send_retrying<C: ConnectionLike + Send>(self, connection: &mut C) -> RedisResult<Value> {
+        match self.send(connection).await {
+            Err(error) if error.is_connection_refusal() => self.send(connection).await,
+            reply => reply,
+        }
+    }
+
     /// Sends the command; when Redis lacks the script (first use, restart, `SCRIPT FLUSH`),
     /// loads it and sends the command again.
-    async fn send(self, connection: &mut ConnectionManager) -> RedisResult<Value> {
+    async fn send<C: ConnectionLike + Send>(self, connection: &mut C) -> RedisResult<Value> {
         match self {
             // `invoke_async` sends `EVALSHA`, and on `NOSCRIPT` loads the script and retries.
             Self::Script(invocation) => invocation.invoke_async(connection).await,
@@ -435,19 +511,26 @@ impl Command<'_> {
 }
 
 impl Inner {
-    fn connection(&self) -> Result<ConnectionManager, StoreError> {
+    async fn handle(&self) -> Result<Handle, StoreError> {
         let deferred = match &self.connection {
-            Connection::Given(manager) => return Ok(manager.clone()),
+            Connection::Given(manager) => return Ok(Handle::Single(manager.clone())),
             Connection::Deferred(deferred) => deferred,
+            #[cfg(feature = "redis-cluster")]
+            Connection::GivenCluster(connection) => return Ok(Handle::Cluster(connection.clone())),
+            #[cfg(feature = "redis-cluster")]
+            Connection::DeferredCluster(cluster) => {
+                let connecting = cluster.connection.get_or_try_init(|| cluster.client.get_async_connection());
+                return Ok(Handle::Cluster(connecting.await.map_err(store_error)?.clone()));
+            }
         };
         if let Some(manager) = deferred.manager.get() {
-            return Ok(manager.clone());
+            return Ok(Handle::Single(manager.clone()));
         }
         let made = ConnectionManager::new_lazy_with_config(deferred.client.clone(), deferred.config.clone())
             .map_err(StoreError::unavailable)?;
         // Two first calls may race: both make a manager (lazy: not yet connected) and the
         // first one stored wins.
-        Ok(deferred.manager.get_or_init(|| made).clone())
+        Ok(Handle::Single(deferred.manager.get_or_init(|| made).clone()))
     }
 }
 
@@ -525,6 +608,12 @@ impl fmt::Debug for RedisStore {
             Connection::Given(_) => "connection manager",
             Connection::Deferred(deferred) if deferred.manager.get().is_some() => "connection manager",
             Connection::Deferred(_) => "not yet connected",
+            #[cfg(feature = "redis-cluster")]
+            Connection::GivenCluster(_) => "cluster connection",
+            #[cfg(feature = "redis-cluster")]
+            Connection::DeferredCluster(cluster) if cluster.connection.initialized() => "cluster connection",
+            #[cfg(feature = "redis-cluster")]
+            Connection::DeferredCluster(_) => "cluster, not yet connected",
         };
         f.debug_struct("RedisStore")
             .field("prefix", &String::from_utf8_lossy(&self.inner.prefix))
