@@ -110,12 +110,15 @@ async fn knobs(knobs: &Knobs, headers: &HeaderMap) -> Option<Response> {
     Some((status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response())
 }
 
-fn parse_json(body: &Bytes) -> Result<Value, Response> {
+/// The body as JSON, or the `400` problem for a body that is not JSON.
+fn parse_json(body: &Bytes) -> Result<Value, Box<Response>> {
     serde_json::from_slice(body).map_err(|_| {
         let problem =
             json!({"type": "about:blank", "title": "Bad Request", "status": 400, "detail": "body is not JSON"});
-        (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/problem+json")], problem.to_string())
-            .into_response()
+        Box::new(
+            (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, "application/problem+json")], problem.to_string())
+                .into_response(),
+        )
     })
 }
 
@@ -137,7 +140,7 @@ async fn create<const ROUTE: usize>(
     }
     let order = match parse_json(&body) {
         Ok(order) => order,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let prefix = ["ord", "pay", "job"][ROUTE];
     let id = format!("{prefix}_{}", stats.next_id.fetch_add(1, Ordering::SeqCst) + 1);
@@ -158,7 +161,7 @@ async fn patch_order(
     }
     match parse_json(&body) {
         Ok(patch) => axum::Json(json!({"id": id, "patch": patch})).into_response(),
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
@@ -175,7 +178,7 @@ async fn put_order(
     }
     match parse_json(&body) {
         Ok(put) => axum::Json(json!({"id": id, "put": put})).into_response(),
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 

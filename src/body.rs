@@ -1,6 +1,7 @@
 //! Request and response bodies, and the recording of a streamed response.
 
 use std::{
+    collections::VecDeque,
     fmt,
     panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
     pin::Pin,
@@ -134,7 +135,10 @@ pin_project! {
     /// The response body the layer returns: the handler's body (streamed as it is produced,
     /// and recorded when the response is recordable), or a body the layer made (a replay or a
     /// problem).
-    pub struct ResponseBody<B> {
+    pub struct ResponseBody<B>
+    where
+        B: Body,
+    {
         #[pin]
         kind: ResponseKind<B>,
     }
@@ -142,14 +146,17 @@ pin_project! {
 
 pin_project! {
     #[project = ResponseKindProj]
-    enum ResponseKind<B> {
+    enum ResponseKind<B>
+    where
+        B: Body,
+    {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
         Recording { recording: Recording<B> },
     }
 }
 
-impl<B> ResponseBody<B> {
+impl<B: Body> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self { kind: ResponseKind::Inner { body } }
     }
@@ -204,7 +211,7 @@ where
     }
 }
 
-impl<B> fmt::Debug for ResponseBody<B> {
+impl<B: Body> fmt::Debug for ResponseBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match &self.kind {
             ResponseKind::Inner { .. } => "ResponseBody::Inner",
@@ -220,11 +227,11 @@ impl<B> fmt::Debug for ResponseBody<B> {
 /// lock before the end is reported, so a client that read the whole response and retries gets
 /// the replay. A body error or panic releases the lock. If the client goes away first, the
 /// rest of the body is drained on the runtime (bounded by the detach permits) and recorded.
-pub(crate) struct Recording<B> {
+pub(crate) struct Recording<B: Body> {
     state: Option<Box<RecordingState<B>>>,
 }
 
-struct RecordingState<B> {
+struct RecordingState<B: Body> {
     body: Pin<Box<B>>,
     guard: LockGuard,
     status: StatusCode,
@@ -235,6 +242,12 @@ struct RecordingState<B> {
     retain: bool,
     max_record: usize,
     trailers: Option<HeaderMap>,
+    /// Frames read ahead by [`Recording::read_ready`], not yet passed on.
+    read_ahead: VecDeque<Frame<Bytes>>,
+    /// A body error read ahead, passed on after `read_ahead`.
+    failure: Option<B::Error>,
+    /// The body's end was read ahead: do not poll it again.
+    ended: bool,
     completing: Option<BoxFuture<()>>,
     detach: Arc<Semaphore>,
     detached: bool,
@@ -247,6 +260,7 @@ impl<B> Recording<B>
 where
     B: Body + Send + 'static,
     B::Data: Buf,
+    B::Error: Send,
 {
     pub(crate) fn new(
         body: B,
@@ -268,6 +282,9 @@ where
                 retain,
                 max_record,
                 trailers: None,
+                read_ahead: VecDeque::new(),
+                failure: None,
+                ended: false,
                 completing: None,
                 detach,
                 detached: false,
@@ -282,37 +299,60 @@ where
     B: Body,
     B::Data: Buf,
 {
+    /// Reads the frames the body has ready now, without waiting and up to the record limit.
+    ///
+    /// When that reaches the end (a body already in memory, the common case), returns the
+    /// record with the completion that stores it, and the response body, sharing its bytes.
+    /// Otherwise the frames read stay queued for the client and the rest streams as usual.
+    pub(crate) fn read_ready(&mut self, cx: &mut Context<'_>) -> Option<(BoxFuture<()>, ResponseBody<B>)> {
+        let state = self.state.as_mut()?;
+        loop {
+            if state.size > state.max_record || state.failure.is_some() {
+                return None;
+            }
+            match state.poll_body(cx) {
+                Poll::Pending => return None,
+                Poll::Ready(Some(Ok(frame))) => state.read_ahead.push_back(frame),
+                Poll::Ready(Some(Err(error))) => state.failure = Some(error),
+                Poll::Ready(None) => {
+                    state.ended = true;
+                    break;
+                }
+            }
+        }
+        if !state.retain {
+            return None; // a tombstone: the queued frames go out through `poll_frame`
+        }
+        let record = state.finish();
+        let Record::Response(stored) = &record else { return None };
+        let body = ResponseBody::full(stored.body.clone(), stored.trailers.clone());
+        let completing = state.guard.complete(record)?;
+        self.state = None;
+        Some((completing, body))
+    }
+
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let Some(state) = self.state.as_mut() else { return Poll::Ready(None) };
+        if let Some(frame) = state.read_ahead.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(error) = state.failure.take() {
+            self.state = None;
+            return Poll::Ready(Some(Err(error)));
+        }
         if let Some(completing) = &mut state.completing {
             ready!(completing.as_mut().poll(cx));
             self.state = None;
             return Poll::Ready(None);
         }
-        let polled = catch_unwind(AssertUnwindSafe(|| state.body.as_mut().poll_frame(cx)));
-        match polled {
-            Err(panic) => {
-                if let Some(release) = self.state.take().and_then(|mut s| s.guard.release()) {
-                    run_soon(release);
-                }
-                resume_unwind(panic)
-            }
-            Ok(Poll::Pending) => {
-                state.guard.poll_renew(cx);
-                Poll::Pending
-            }
-            Ok(Poll::Ready(Some(Ok(frame)))) => {
-                let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
-                state.record(&frame);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Ok(Poll::Ready(Some(Err(error)))) => {
-                if let Some(release) = self.state.take().and_then(|mut s| s.guard.release()) {
-                    run_soon(release);
-                }
+        let next = if state.ended { None } else { ready!(state.poll_body(cx)) };
+        match next {
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            Some(Err(error)) => {
+                self.state = None;
                 Poll::Ready(Some(Err(error)))
             }
-            Ok(Poll::Ready(None)) => {
+            None => {
                 let record = state.finish();
                 match state.guard.complete(record) {
                     Some(completing) => {
@@ -334,13 +374,60 @@ where
 
     fn size_hint(&self) -> SizeHint {
         match &self.state {
-            Some(state) if state.completing.is_none() => state.body.size_hint(),
+            Some(state) if state.completing.is_none() => {
+                let queued: u64 = state.read_ahead.iter().filter_map(Frame::data_ref).map(|d| d.len() as u64).sum();
+                let rest = state.body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + queued);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + queued);
+                }
+                hint
+            }
             _ => SizeHint::with_exact(0),
         }
     }
 }
 
-impl<B> RecordingState<B> {
+impl<B> RecordingState<B>
+where
+    B: Body,
+    B::Data: Buf,
+{
+    /// Polls the handler's body once: records a frame, releases the lock on an error or a
+    /// panic (the panic then goes on), renews the lease while pending.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let body = &mut self.body;
+        match catch_unwind(AssertUnwindSafe(|| body.as_mut().poll_frame(cx))) {
+            Err(panic) => {
+                self.release();
+                resume_unwind(panic)
+            }
+            Ok(Poll::Pending) => {
+                self.guard.poll_renew(cx);
+                Poll::Pending
+            }
+            Ok(Poll::Ready(Some(Ok(frame)))) => {
+                let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
+                self.record(&frame);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Ok(Poll::Ready(Some(Err(error)))) => {
+                self.release();
+                Poll::Ready(Some(Err(error)))
+            }
+            Ok(Poll::Ready(None)) => Poll::Ready(None),
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(release) = self.guard.release() {
+            run_soon(release);
+        }
+    }
+}
+
+impl<B: Body> RecordingState<B> {
     fn record(&mut self, frame: &Frame<Bytes>) {
         if let Some(data) = frame.data_ref() {
             self.size += data.len();
@@ -379,7 +466,7 @@ impl<B> RecordingState<B> {
     }
 }
 
-impl<B> Drop for Recording<B> {
+impl<B: Body> Drop for Recording<B> {
     fn drop(&mut self) {
         let Some(mut state) = self.state.take() else { return };
         if let Some(completing) = state.completing.take() {
@@ -405,6 +492,7 @@ fn spawn_drain<B>(state: Box<RecordingState<B>>, permit: OwnedSemaphorePermit, r
 where
     B: Body + Send + 'static,
     B::Data: Buf,
+    B::Error: Send,
 {
     let drain = Drain { recording: Recording { state: Some(state) } };
     runtime.spawn(async move {
@@ -414,7 +502,7 @@ where
 }
 
 /// Reads a recording to its end, with no one listening: the client went away.
-struct Drain<B> {
+struct Drain<B: Body> {
     recording: Recording<B>,
 }
 

@@ -22,7 +22,10 @@ pin_project! {
     /// a guarded request is not cancelled: it is detached onto the runtime, runs to the end and
     /// is recorded, so the retry replays what already happened. The number of detached
     /// requests is bounded ([`with_max_detached`](crate::IdempotencyLayer::with_max_detached)).
-    pub struct ResponseFuture<F, B, E> {
+    pub struct ResponseFuture<F, B, E>
+    where
+        B: Body,
+    {
         #[pin]
         kind: Kind<F, B, E>,
     }
@@ -30,20 +33,24 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B, E> {
+    enum Kind<F, B, E>
+    where
+        B: Body,
+    {
         Bypass { #[pin] future: F },
         Guarded { guarded: Detachable<B, E> },
     }
 }
 
-impl<F, B, E> ResponseFuture<F, B, E> {
+impl<F, B: Body, E> ResponseFuture<F, B, E> {
     pub(crate) fn bypass(future: F) -> Self {
         Self { kind: Kind::Bypass { future } }
     }
 
-    pub(crate) fn guarded(future: BoxFuture<Result<Response<ResponseBody<B>>, E>>, detach: Arc<Semaphore>) -> Self
+    pub(crate) fn guarded(future: Guarded<B, E>, detach: Arc<Semaphore>) -> Self
     where
-        B: Send + 'static,
+        B: Body + Send + 'static,
+        B::Error: Send,
         E: Send + 'static,
     {
         let guarded = Detachable { future: Some(future), finish: finish::<B, E>, detach, polling: false };
@@ -77,7 +84,7 @@ where
     }
 }
 
-impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+impl<F, B: Body, E> fmt::Debug for ResponseFuture<F, B, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match &self.kind {
             Kind::Bypass { .. } => "ResponseFuture::Bypass",
@@ -86,19 +93,22 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
     }
 }
 
+/// The boxed guarded request.
+type Guarded<B, E> = BoxFuture<Result<Response<ResponseBody<B>>, E>>;
+
 /// A boxed guarded request that finishes on the runtime if dropped before it is done.
-struct Detachable<B, E> {
-    future: Option<BoxFuture<Result<Response<ResponseBody<B>>, E>>>,
+struct Detachable<B: Body, E> {
+    future: Option<Guarded<B, E>>,
     /// Turns the future into one the runtime can run on its own (made where the bounds that
     /// needs are known; `Drop` cannot ask for them).
-    finish: fn(BoxFuture<Result<Response<ResponseBody<B>>, E>>) -> BoxFuture<()>,
+    finish: fn(Guarded<B, E>) -> BoxFuture<()>,
     detach: Arc<Semaphore>,
     /// Set while the future is being polled: if a panic unwinds out of `poll`, the future is
     /// poisoned and must not be detached (polling it again would panic once more).
     polling: bool,
 }
 
-impl<B, E> Detachable<B, E> {
+impl<B: Body, E> Detachable<B, E> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
         let Some(future) = self.future.as_mut() else {
             panic!("ResponseFuture polled after completion");
@@ -112,7 +122,7 @@ impl<B, E> Detachable<B, E> {
     }
 }
 
-impl<B, E> Drop for Detachable<B, E> {
+impl<B: Body, E> Drop for Detachable<B, E> {
     fn drop(&mut self) {
         let Some(future) = self.future.take() else { return };
         if self.polling {
@@ -133,9 +143,10 @@ impl<B, E> Drop for Detachable<B, E> {
 }
 
 /// Awaits the response; dropping it unread then drains and records its body on the runtime.
-fn finish<B, E>(future: BoxFuture<Result<Response<ResponseBody<B>>, E>>) -> BoxFuture<()>
+fn finish<B, E>(future: Guarded<B, E>) -> BoxFuture<()>
 where
-    B: Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Send,
     E: Send + 'static,
 {
     Box::pin(async move {

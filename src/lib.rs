@@ -122,6 +122,12 @@
 //!   it) and `abc` (as Stripe writes it) are the same key. Parameters after a quoted key are not
 //!   accepted.
 //!
+//! # The client half
+//!
+//! [`client`] makes keys ([`IdempotencyKey::random`], [`client::KeyDeriver`]), stamps them on
+//! requests ([`client::IdempotencyKeyLayer`]) and retries with the same key
+//! ([`client::RetryPolicy`], a `tower::retry` policy). Stamp outside the retry layer.
+//!
 //! # Stores
 //!
 //! [`MemoryStore`] (default) for one process; `RedisStore` (feature `redis`) for many
@@ -133,6 +139,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+pub mod client;
 mod fingerprint;
 mod future;
 mod key;

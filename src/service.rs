@@ -74,6 +74,7 @@ where
     ReqBody::Data: Buf + Send,
     ResBody: Body + Send + 'static,
     ResBody::Data: Buf,
+    ResBody::Error: Send,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -113,19 +114,20 @@ where
 
 fn problem_future<F, B, E>(problem: Problem, retry_after: Option<Duration>, config: &Config) -> ResponseFuture<F, B, E>
 where
-    B: Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Send,
     E: Send + 'static,
 {
     let response = problem_response(problem, retry_after);
     ResponseFuture::guarded(Box::pin(std::future::ready(Ok(response))), config.detached.clone())
 }
 
-fn problem_response<B>(problem: Problem, retry_after: Option<Duration>) -> Response<ResponseBody<B>> {
+fn problem_response<B: Body>(problem: Problem, retry_after: Option<Duration>) -> Response<ResponseBody<B>> {
     let (head, body) = problem.into_parts(retry_after);
     Response::from_parts(head, ResponseBody::full(body, None))
 }
 
-fn replay<B>(record: &StoredResponse) -> Response<ResponseBody<B>> {
+fn replay<B: Body>(record: &StoredResponse) -> Response<ResponseBody<B>> {
     let (mut head, body, trailers) = record.replay();
     head.extensions.insert(Outcome::Replayed);
     Response::from_parts(head, ResponseBody::full(body, trailers))
@@ -149,6 +151,7 @@ where
     ReqBody::Data: Buf + Send,
     ResBody: Body + Send + 'static,
     ResBody::Data: Buf,
+    ResBody::Error: Send,
 {
     async fn run(
         self,
@@ -250,8 +253,14 @@ where
             return Ok(Response::from_parts(head, ResponseBody::inner(body)));
         }
         let headers = stored_headers(&head.headers, &self.config.unstored_headers);
-        let recording =
+        let mut recording =
             Recording::new(body, guard, head.status, headers, self.config.max_record, self.config.detached.clone());
+        // A body already in memory is recorded before the response leaves, and sent from the
+        // record's own bytes; a streaming body is recorded as it goes.
+        if let Some((completing, body)) = std::future::poll_fn(|cx| Poll::Ready(recording.read_ready(cx))).await {
+            completing.await;
+            return Ok(Response::from_parts(head, body));
+        }
         Ok(Response::from_parts(head, ResponseBody::recording(recording)))
     }
 }

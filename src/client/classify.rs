@@ -1,0 +1,257 @@
+//! Which outcomes are worth another attempt, in one place; and reading `Retry-After`.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderValue, StatusCode, header::RETRY_AFTER};
+
+/// What one attempt produced, as a [`Classify`] sees it: a response head, or the inner
+/// service's error.
+///
+/// Only the status and headers are shown, never the body, so a classifier works with every
+/// body type and never needs to read (and so consume) a response.
+#[derive(Debug)]
+pub enum Attempt<'a, E> {
+    /// The server answered.
+    Response {
+        /// The response's status.
+        status: StatusCode,
+        /// The response's headers.
+        headers: &'a HeaderMap,
+    },
+    /// No response: the client failed to send the request or to read the response head
+    /// (connection refused or reset, a timeout layer fired, ...).
+    Error(&'a E),
+}
+
+// Manual impls: `derive` would require `E: Clone`, but only a reference to `E` is held.
+impl<E> Clone for Attempt<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for Attempt<'_, E> {}
+
+impl<'a, E> Attempt<'a, E> {
+    /// The attempt that produced `result`.
+    pub fn of<B>(result: &'a Result<http::Response<B>, E>) -> Self {
+        match result {
+            Ok(response) => Self::Response { status: response.status(), headers: response.headers() },
+            Err(error) => Self::Error(error),
+        }
+    }
+}
+
+/// Whether an attempt's result should be retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Classification {
+    /// A transient failure: another attempt, with the same key, may succeed.
+    Retry,
+    /// Hand this result to the caller: a success, or a failure that repeating cannot fix.
+    Done,
+}
+
+/// Classifies an [`Attempt`] as worth retrying or not.
+///
+/// Implemented by [`DefaultClassifier`] and by every closure
+/// `Fn(Attempt<'_, E>) -> Classification`. A closure can add cases and fall back on the
+/// default for the rest:
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_idempotency::client::{Classification, Classify, DefaultClassifier, Attempt, RetryPolicy};
+///
+/// // Also retry this API's "402 wallet busy", whatever the default thinks.
+/// let classify = |attempt: Attempt<'_, std::io::Error>| match attempt {
+///     Attempt::Response { status: StatusCode::PAYMENT_REQUIRED, .. } => Classification::Retry,
+///     other => DefaultClassifier.classify(other),
+/// };
+/// let policy = RetryPolicy::new().with_classifier(classify);
+/// # let _ = policy;
+/// ```
+///
+/// A classifier is a pure function of the attempt: the policy, not the classifier, applies
+/// the attempt and time bounds, the backoff and `Retry-After`.
+pub trait Classify<E> {
+    /// Retry, or hand the result to the caller.
+    fn classify(&self, attempt: Attempt<'_, E>) -> Classification;
+}
+
+impl<E, F> Classify<E> for F
+where
+    F: Fn(Attempt<'_, E>) -> Classification,
+{
+    fn classify(&self, attempt: Attempt<'_, E>) -> Classification {
+        self(attempt)
+    }
+}
+
+/// The default classification: retry what a server running this crate's layer (or any server
+/// following the IETF `Idempotency-Key` draft) says is transient.
+///
+/// | outcome | retried | why |
+/// | --- | --- | --- |
+/// | an error (no response) | yes | the request may or may not have run; the key makes a retry safe either way |
+/// | `408 Request Timeout` | yes | the server gave up waiting for the request |
+/// | `409 Conflict` with `Retry-After` | yes | a request with this key is still in flight; its result will be replayed |
+/// | `409 Conflict` without `Retry-After` | no | the first response was not retained (too large): repeating gets the same `409` |
+/// | `425 Too Early` | yes | the server asks to repeat the request after the TLS handshake |
+/// | `429 Too Many Requests` | yes | rate limited; `Retry-After` says when to come back |
+/// | `5xx` | yes | a server-side failure, which the server layer never records, so a retry runs again |
+/// | any other status | no | a success, a redirect, or a client error (`400` invalid key, `422` key reused with another request, ...) that repeating cannot fix |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DefaultClassifier;
+
+impl<E> Classify<E> for DefaultClassifier {
+    fn classify(&self, attempt: Attempt<'_, E>) -> Classification {
+        let (status, headers) = match attempt {
+            Attempt::Error(_) => return Classification::Retry,
+            Attempt::Response { status, headers } => (status, headers),
+        };
+        let transient = match status {
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS => true,
+            StatusCode::CONFLICT => headers.contains_key(RETRY_AFTER),
+            status => status.is_server_error(),
+        };
+        if transient { Classification::Retry } else { Classification::Done }
+    }
+}
+
+/// How long a response's `Retry-After` asks the client to wait, measured from `now`.
+///
+/// Both forms of RFC 9110 section 10.2.3 are read: delta-seconds (`Retry-After: 120`) and an
+/// HTTP-date (`Retry-After: Wed, 21 Oct 2015 07:28:00 GMT`). A date is compared with `now`,
+/// which the policy takes from the system clock ([`SystemTime::now`]), since that is the clock
+/// the server's date refers to; a date in the past means "now" (zero). `None` when the header
+/// is absent, repeated with different values, or unreadable.
+#[must_use]
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let mut values = headers.get_all(RETRY_AFTER).iter();
+    let first = values.next()?;
+    if values.any(|other| other != first) {
+        return None;
+    }
+    parse_retry_after(first, now)
+}
+
+fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // Delta-seconds too large for a u64 is still "a very long time".
+        return Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)));
+    }
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Error = &'static str;
+
+    fn classify_status(status: u16, retry_after: Option<&str>) -> Classification {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        }
+        let status = StatusCode::from_u16(status).unwrap();
+        Classify::<Error>::classify(&DefaultClassifier, Attempt::Response { status, headers: &headers })
+    }
+
+    #[test]
+    fn errors_are_retried() {
+        assert_eq!(DefaultClassifier.classify(Attempt::Error(&"connection reset")), Classification::Retry);
+    }
+
+    #[test]
+    fn transient_statuses_are_retried() {
+        for status in [408, 425, 429, 500, 501, 502, 503, 504, 599] {
+            assert_eq!(classify_status(status, None), Classification::Retry, "{status}");
+            assert_eq!(classify_status(status, Some("1")), Classification::Retry, "{status}");
+        }
+    }
+
+    #[test]
+    fn conflict_is_retried_only_with_retry_after() {
+        assert_eq!(classify_status(409, Some("1")), Classification::Retry);
+        assert_eq!(classify_status(409, Some("Wed, 21 Oct 2015 07:28:00 GMT")), Classification::Retry);
+        // "response not retained": repeating would get the same 409.
+        assert_eq!(classify_status(409, None), Classification::Done);
+    }
+
+    #[test]
+    fn successes_redirects_and_other_client_errors_are_not_retried() {
+        for status in [200, 201, 202, 204, 301, 304, 400, 401, 403, 404, 405, 410, 413, 415, 422, 428, 451] {
+            assert_eq!(classify_status(status, None), Classification::Done, "{status}");
+            // A Retry-After does not make a permanent failure transient.
+            assert_eq!(classify_status(status, Some("1")), Classification::Done, "{status}");
+        }
+    }
+
+    #[test]
+    fn closures_are_classifiers() {
+        let only_errors = |attempt: Attempt<'_, Error>| match attempt {
+            Attempt::Error(_) => Classification::Retry,
+            Attempt::Response { .. } => Classification::Done,
+        };
+        let headers = HeaderMap::new();
+        let unavailable = Attempt::Response { status: StatusCode::SERVICE_UNAVAILABLE, headers: &headers };
+        assert_eq!(only_errors.classify(unavailable), Classification::Done);
+        assert_eq!(only_errors.classify(Attempt::Error(&"reset")), Classification::Retry);
+    }
+
+    #[test]
+    fn attempt_of_a_result() {
+        let ok: Result<http::Response<()>, Error> =
+            Ok(http::Response::builder().status(503).header(RETRY_AFTER, "2").body(()).unwrap());
+        match Attempt::of(&ok) {
+            Attempt::Response { status, headers } => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+                assert_eq!(headers[RETRY_AFTER], "2");
+            }
+            Attempt::Error(_) => panic!("a response"),
+        }
+        let err: Result<http::Response<()>, Error> = Err("reset");
+        assert!(matches!(Attempt::of(&err), Attempt::Error(&"reset")));
+    }
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn retry_after_delta_seconds() {
+        let now = SystemTime::now();
+        assert_eq!(retry_after(&headers(&["0"]), now), Some(Duration::ZERO));
+        assert_eq!(retry_after(&headers(&["7"]), now), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&headers(&[" 7 "]), now), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&headers(&["99999999999999999999999"]), now), Some(Duration::from_secs(u64::MAX)));
+        assert_eq!(retry_after(&headers(&["7", "7"]), now), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn retry_after_http_date() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(retry_after(&headers(&["Wed, 21 Oct 2015 07:28:30 GMT"]), now), Some(Duration::from_secs(30)));
+        // The obsolete forms RFC 9110 still asks recipients to accept.
+        assert_eq!(retry_after(&headers(&["Wednesday, 21-Oct-15 07:29:00 GMT"]), now), Some(Duration::from_secs(60)));
+        assert_eq!(retry_after(&headers(&["Wed Oct 21 07:28:05 2015"]), now), Some(Duration::from_secs(5)));
+        // A date in the past means now.
+        assert_eq!(retry_after(&headers(&["Wed, 21 Oct 2015 07:00:00 GMT"]), now), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn unreadable_retry_after_is_ignored() {
+        let now = SystemTime::now();
+        for bad in ["", "-1", "1.5", "soon", "0x10", "Wed, 32 Oct 2015 07:28:00 GMT"] {
+            assert_eq!(retry_after(&headers(&[bad]), now), None, "{bad:?}");
+        }
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+        assert_eq!(retry_after(&headers(&["1", "2"]), now), None);
+    }
+}
