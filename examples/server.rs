@@ -210,8 +210,7 @@ async fn large(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers:
     ([(header::CONTENT_TYPE, "application/octet-stream")], vec![b'x'; bytes]).into_response()
 }
 
-/// The layer the environment asks for: the Redis store when built with `--features redis` and
-/// `REDIS_URL` is set, the in-memory store otherwise.
+/// `IDEMPOTENCY_TTL_MS`, when set.
 fn ttl_from_env() -> Option<Duration> {
     let ms = std::env::var("IDEMPOTENCY_TTL_MS").ok()?;
     match ms.parse() {
@@ -230,6 +229,21 @@ fn with_ttl<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> IdempotencyLay
     }
 }
 
+/// The app over the store the environment asks for: the Redis store when built with
+/// `--features redis` and `REDIS_URL` is set, the in-memory store otherwise.
+fn app_from_env(stats: Arc<Stats>) -> Router {
+    #[cfg(feature = "redis")]
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        // Lazy: the server starts even while Redis is down, and answers `503` until it is up.
+        let store = tower_idempotency::store::RedisStore::connect_lazy(url.as_str()).unwrap_or_else(|error| {
+            eprintln!("REDIS_URL is not a valid Redis URL ({url:?}): {error}");
+            std::process::exit(2);
+        });
+        return app(with_ttl(IdempotencyLayer::with_store(store)), stats);
+    }
+    app(with_ttl(IdempotencyLayer::new()), stats)
+}
+
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
@@ -238,7 +252,7 @@ async fn main() -> std::io::Result<()> {
         .init();
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let stats = Arc::new(Stats::default());
-    let app = app(with_ttl(IdempotencyLayer::new()), stats);
+    let app = app_from_env(stats);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await

@@ -181,10 +181,10 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
 ///
 /// The scripts read only the first 33 bytes (`begin`: tag and fingerprint) or 49 bytes
 /// (`complete`, `renew`, `release`: the whole lock value, so only the owner's token matches)
-/// of a held value; they never parse a response. The client decodes a replayed response once, and its body is
-/// a slice of the reply buffer, not a copy. A value that does not decode is
-/// [`StoreError::is_corrupt`]. The tag doubles as a layout version: a later layout gets new
-/// tags.
+/// of a held value; they never parse a response. The client decodes a replayed response
+/// once, and its body is a slice of the reply buffer, not a copy. A value that does not
+/// decode, or that this crate did not write, is [`StoreError::is_corrupt`] (and is left as it
+/// is). The tag doubles as a layout version: a later layout gets new tags.
 ///
 /// # Memory per record
 ///
@@ -231,8 +231,9 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
 /// # Consistency
 ///
 /// Scripts and transactions run alone on a Redis node, so each operation is atomic: of
-/// concurrent `begin`s on a free key exactly one locks it, whichever replica sends it. Redis replication is asynchronous, so a
-/// failover can lose a lock or record written just before it (a retry may then run again).
+/// concurrent `begin`s on a free key exactly one locks it, whichever replica sends it. Redis
+/// replication is asynchronous, so a failover can lose a lock or record written just before
+/// it (a retry may then run again).
 ///
 /// Cloning is cheap; clones share the connection.
 #[derive(Clone)]
@@ -261,6 +262,13 @@ enum Connection {
     DeferredCluster(Box<DeferredCluster>),
 }
 
+/// A `ConnectionManager` made on first use (itself connecting lazily).
+struct Deferred {
+    client: Client,
+    config: ConnectionManagerConfig,
+    manager: OnceLock<ConnectionManager>,
+}
+
 /// Connects on first use; a failed attempt leaves the cell empty, so the next operation
 /// tries again.
 #[cfg(feature = "redis-cluster")]
@@ -274,12 +282,6 @@ enum Handle {
     Single(ConnectionManager),
     #[cfg(feature = "redis-cluster")]
     Cluster(ClusterConnection),
-}
-
-struct Deferred {
-    client: Client,
-    config: ConnectionManagerConfig,
-    manager: OnceLock<ConnectionManager>,
 }
 
 /// Builds a [`RedisStore`] with a non-default key prefix or command timeout.
@@ -497,14 +499,11 @@ impl Command<'_> {
             Self::Script(invocation) => invocation.invoke_async(connection).await,
             Self::Begin(transaction) => {
                 let replies: Value = transaction.query_async(connection).await?;
-                match &replies {
-                    Value::Array(replies) if matches!(replies.first(), Some(Value::ServerError(e)) if e.kind() == Some(ServerErrorKind::NoScript)) =>
-                    {
-                        BEGIN.load_async(connection).await?;
-                        transaction.query_async(connection).await
-                    }
-                    _ => Ok(replies),
+                if !lacks_script(&replies) {
+                    return Ok(replies);
                 }
+                BEGIN.load_async(connection).await?;
+                transaction.query_async(connection).await
             }
         }
     }
@@ -538,6 +537,12 @@ fn store_error(error: RedisError) -> StoreError {
     if error.is_timeout() { StoreError::timeout() } else { StoreError::unavailable(error) }
 }
 
+/// Whether the begin transaction's script failed with `NOSCRIPT`.
+fn lacks_script(replies: &Value) -> bool {
+    let Value::Array(replies) = replies else { return false };
+    matches!(replies.first(), Some(Value::ServerError(error)) if error.kind() == Some(ServerErrorKind::NoScript))
+}
+
 /// The answer of an owner-only script: 1 when it changed the key, 0 when the caller no longer
 /// holds the lock.
 fn written(reply: Value) -> Result<bool, StoreError> {
@@ -556,11 +561,12 @@ impl IdempotencyStore for RedisStore {
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         let token = LockToken::new(*fingerprint);
         let key = self.redis_key(key);
+        let lock = codec::lock_value(&token);
         let mut transaction = Pipeline::new();
         // Errors come back as values, so that `NOSCRIPT` can be told apart.
         transaction.atomic().ignore_errors();
-        transaction.cmd("EVALSHA").arg(BEGIN.get_hash()).arg(1).arg(&key).arg(&codec::lock_value(&token)[..]);
-        transaction.arg(millis(lease)).cmd("GET").arg(&key);
+        transaction.cmd("EVALSHA").arg(BEGIN.get_hash()).arg(1).arg(&key).arg(&lock[..]).arg(millis(lease));
+        transaction.cmd("GET").arg(&key);
         let replies = match self.run(Command::Begin(&transaction)).await? {
             Value::Array(replies) => replies,
             _ => return Err(StoreError::corrupt("unexpected reply to the begin transaction")),
