@@ -48,6 +48,11 @@ impl<S> Replica for S where
 {
 }
 
+/// The layer over `store`, with a TTL short enough that the tests leave no keys behind.
+fn layer(store: RedisStore) -> IdempotencyLayer<RedisStore> {
+    IdempotencyLayer::with_store(store).with_ttl(Duration::from_secs(30))
+}
+
 /// A key no other test or run uses.
 fn key() -> &'static str {
     uuid::Uuid::new_v4().to_string().leak()
@@ -59,8 +64,8 @@ async fn replicas(
     configure: impl Fn(IdempotencyLayer<RedisStore>) -> IdempotencyLayer<RedisStore>,
     runs: &Runs,
 ) -> [impl Replica; 2] {
-    let a = service(configure(IdempotencyLayer::with_store(store(url).await)), runs.clone());
-    let b = service(configure(IdempotencyLayer::with_store(store(url).await)), runs.clone());
+    let a = service(configure(layer(store(url).await)), runs.clone());
+    let b = service(configure(layer(store(url).await)), runs.clone());
     [a, b]
 }
 
@@ -217,7 +222,7 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
     let store = RedisStore::builder()
         .prefix(run_prefix())
         .build(tower_idempotency::store::redis::Client::open(proxy.url(&url)).unwrap());
-    let svc = service(IdempotencyLayer::with_store(store), runs.clone());
+    let svc = service(layer(store), runs.clone());
     let key = key();
     send(&svc, post("/orders", key, "{}")).await.assert_problem(503, "store-unavailable");
     tokio::time::sleep(Duration::from_millis(50)).await;
