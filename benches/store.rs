@@ -85,6 +85,7 @@ impl Op {
         }
     }
 
+    #[cfg(feature = "redis")]
     fn round_trips(self) -> &'static str {
         match self {
             Self::Miss => "2 round trips",
