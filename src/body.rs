@@ -59,8 +59,7 @@ where
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             RequestKindProj::Streaming { body } => {
-                let frame = ready!(body.poll_frame(cx));
-                Poll::Ready(frame.map(|f| f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))))
+                Poll::Ready(ready!(body.poll_frame(cx)).map(|frame| frame.map(into_bytes)))
             }
             RequestKindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
@@ -90,6 +89,11 @@ impl<B> fmt::Debug for RequestBody<B> {
             }
         }
     }
+}
+
+/// A frame with its data as `Bytes`: free for `Bytes` itself, one copy for other buffers.
+fn into_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
+    frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
 }
 
 /// Why a request body could not be buffered.
@@ -181,8 +185,7 @@ where
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             ResponseKindProj::Inner { body } => {
-                let frame = ready!(body.poll_frame(cx));
-                Poll::Ready(frame.map(|f| f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))))
+                Poll::Ready(ready!(body.poll_frame(cx)).map(|frame| frame.map(into_bytes)))
             }
             ResponseKindProj::Full { data, trailers } => {
                 if let Some(data) = data.take() {
@@ -408,7 +411,7 @@ where
                 Poll::Pending
             }
             Ok(Poll::Ready(Some(Ok(frame)))) => {
-                let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
+                let frame = into_bytes(frame);
                 self.record(&frame);
                 Poll::Ready(Some(Ok(frame)))
             }
