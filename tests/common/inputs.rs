@@ -1,0 +1,213 @@
+//! Checks on arbitrary input, shared by the property tests (`tests/inputs.rs`, run in CI) and
+//! the cargo-fuzz targets (`fuzz/`), which include this file by path.
+//!
+//! - [`check_key`]: `IdempotencyKey::parse` never panics; an accepted key is 1 to 255 visible
+//!   ASCII bytes; its quoted form parses to the same key, and so does its bare form when that
+//!   form is unambiguous (it does not start with `"`).
+//! - [`check_layer`]: the whole layer, fed an arbitrary request head and body, never panics,
+//!   answers every request, and every answer it makes itself is a static RFC 9457 problem.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{convert::Infallible, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MAX_KEY_LEN, MemoryStore, Outcome, RequestBody};
+
+/// Checks the key parser on one input.
+pub fn check_key(data: &[u8]) {
+    let Ok(key) = IdempotencyKey::parse(data) else { return };
+    let text = key.as_str();
+    assert!(!text.is_empty() && text.len() <= MAX_KEY_LEN, "accepted a key of {} bytes", text.len());
+    assert!(text.bytes().all(|b| (0x21..=0x7e).contains(&b)), "accepted a key with a byte that is not visible ASCII");
+    // The quoted form (an RFC 8941 sf-string) is the same key.
+    let mut quoted = String::with_capacity(text.len() + 2);
+    quoted.push('"');
+    for c in text.chars() {
+        if c == '"' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    assert_eq!(IdempotencyKey::parse(quoted.as_bytes()).as_ref(), Ok(&key), "quoted form differs");
+    // The bare form is the same key, unless it starts with `"` (then it reads as a quoted string).
+    if !text.starts_with('"') {
+        assert_eq!(IdempotencyKey::parse(text.as_bytes()).as_ref(), Ok(&key), "bare form differs");
+    }
+    // `Debug` never shows the key.
+    if text.len() >= 4 {
+        assert!(!format!("{key:?}").contains(text), "Debug shows the key");
+    }
+}
+
+/// One arbitrary request, as raw parts: invalid pieces are dropped when it is built.
+#[derive(Debug, Clone, Default)]
+pub struct RawRequest {
+    pub method: Vec<u8>,
+    pub path: Vec<u8>,
+    /// Headers as raw name and value bytes (each field on its own, repeats allowed).
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// `Idempotency-Key` values (zero, one, or several fields).
+    pub keys: Vec<Vec<u8>>,
+    pub authorization: Option<Vec<u8>>,
+    /// The body, sent in this many chunks (at least one).
+    pub body: Vec<u8>,
+    pub chunks: u8,
+    /// The response body size the handler answers with.
+    pub response_len: u16,
+}
+
+/// The request body limit the checked layer is configured with.
+pub const MAX_REQUEST_BODY: usize = 512;
+/// The record limit the checked layer is configured with.
+pub const MAX_RECORD: usize = 256;
+
+pub type Handler = tower::util::BoxCloneService<Request<RequestBody<ChunkedBody>>, Response<Full<Bytes>>, Infallible>;
+
+/// A request body in chunks.
+pub type ChunkedBody = http_body_util::StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
+>;
+
+/// The layer over the handler, boxed.
+pub type Layered = tower::util::BoxCloneService<
+    Request<ChunkedBody>,
+    Response<tower_idempotency::ResponseBody<Full<Bytes>>>,
+    Infallible,
+>;
+
+/// The layer under test (a small `MemoryStore`, small limits), over a handler that answers
+/// `x-len` bytes with the status in `x-status` (default `201`) and a cookie.
+pub fn layered() -> Layered {
+    let handler: Handler =
+        tower::util::BoxCloneService::new(tower::service_fn(|request: Request<RequestBody<ChunkedBody>>| async move {
+            let len = request
+                .headers()
+                .get("x-len")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            let status = request
+                .headers()
+                .get("x-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u16>().ok())
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::CREATED);
+            let _ = request.into_body().collect().await;
+            let mut response = Response::new(Full::new(Bytes::from(vec![b'r'; len])));
+            *response.status_mut() = status;
+            response.headers_mut().insert("set-cookie", HeaderValue::from_static("sid=secret"));
+            Ok::<_, Infallible>(response)
+        }));
+    let store = MemoryStore::builder().max_entries(64).build();
+    let layer = IdempotencyLayer::with_store(store)
+        .with_max_request_body(MAX_REQUEST_BODY)
+        .with_max_record(MAX_RECORD)
+        .with_lease(Duration::from_secs(5));
+    tower::util::BoxCloneService::new(tower::Layer::layer(&layer, handler))
+}
+
+/// Builds the request; `None` when `http` itself refuses the method or path.
+pub fn build(raw: &RawRequest) -> Option<Request<ChunkedBody>> {
+    let method = Method::from_bytes(&raw.method).ok()?;
+    let mut builder = Request::builder().method(method).uri(http::Uri::try_from(&raw.path[..]).ok()?);
+    let headers = builder.headers_mut()?;
+    for (name, value) in &raw.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            headers.append(name, value);
+        }
+    }
+    for key in &raw.keys {
+        if let Ok(value) = HeaderValue::from_bytes(key) {
+            headers.append("idempotency-key", value);
+        }
+    }
+    if let Some(auth) = raw.authorization.as_ref().and_then(|a| HeaderValue::from_bytes(a).ok()) {
+        headers.insert("authorization", auth);
+    }
+    headers.insert("x-len", HeaderValue::from(raw.response_len));
+    let chunks = usize::from(raw.chunks.max(1));
+    let size = raw.body.len().div_ceil(chunks).max(1);
+    let frames: Vec<_> = raw.body.chunks(size).map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c)))).collect();
+    builder.body(http_body_util::StreamBody::new(futures_util::stream::iter(frames))).ok()
+}
+
+/// Sends `raw` twice through `svc` (the second is a retry) and checks both answers.
+pub async fn check_layer(svc: &Layered, raw: &RawRequest) {
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let Some(request) = build(raw) else { return };
+        let response = svc.clone().oneshot(request).await.unwrap_or_else(|never| match never {});
+        answers.push(check_response(raw, response).await);
+    }
+    // A recorded first answer is replayed to the retry; one over the record limit leaves a
+    // tombstone.
+    if let [(Outcome::Executed, status, body), (second, status2, body2)] = &answers[..] {
+        if status.is_success() && body.len() <= MAX_RECORD {
+            assert_eq!(*second, Outcome::Replayed);
+            assert_eq!((status, body), (status2, body2), "the replay differs from the original");
+        } else if status.is_success() {
+            assert_eq!(*second, Outcome::NotRetained);
+        } else {
+            assert_eq!(*second, Outcome::Executed, "a {status} must release the key");
+        }
+    }
+}
+
+/// Checks one answer; returns what it was.
+async fn check_response(
+    raw: &RawRequest,
+    response: Response<tower_idempotency::ResponseBody<Full<Bytes>>>,
+) -> (Outcome, StatusCode, Bytes) {
+    let outcome = Outcome::of(&response);
+    let (head, body) = response.into_parts();
+    let body = body.collect().await.unwrap_or_else(|never| match never {}).to_bytes();
+    let status = head.status.as_u16();
+    assert!((100..=999).contains(&status), "status {status}");
+    match outcome {
+        Outcome::Bypassed | Outcome::Executed | Outcome::Unprotected => {
+            assert_eq!(body.len(), usize::from(raw.response_len), "the handler's own body");
+            assert!(head.headers.get("idempotent-replayed").is_none());
+        }
+        Outcome::Replayed => {
+            assert_eq!(head.headers["idempotent-replayed"], "true");
+            assert_eq!(head.headers["content-length"], body.len().to_string().as_str());
+            assert!(head.headers.get("set-cookie").is_none(), "a replay carries a cookie");
+        }
+        _ => {
+            assert_eq!(head.headers["content-type"], "application/problem+json", "{outcome:?}");
+            let json: serde_json::Value = serde_json::from_slice(&body).expect("a problem body is JSON");
+            assert_eq!(json["status"], status);
+            let kind = json["type"].as_str().expect("a type");
+            assert!(
+                kind.starts_with("https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#"),
+                "{kind}"
+            );
+            assert!(json["title"].is_string() && json["detail"].is_string());
+            assert_eq!(json.as_object().map(|o| o.len()), Some(4), "only type, title, status, detail");
+            // Nothing from the request is echoed: every problem body is one of the static texts.
+            for needle in raw.keys.iter().chain(raw.authorization.iter()).filter(|n| n.len() >= 12) {
+                assert!(!body.windows(needle.len()).any(|w| w == &needle[..]), "a problem echoes the request");
+            }
+            match outcome {
+                Outcome::InvalidKey | Outcome::MissingKey | Outcome::BodyUnreadable => assert_eq!(status, 400),
+                Outcome::InFlight => assert_eq!(status, 409),
+                Outcome::NotRetained => assert_eq!(status, 409),
+                Outcome::BodyTooLarge => {
+                    assert_eq!(status, 413);
+                    assert!(raw.body.len() > MAX_REQUEST_BODY);
+                }
+                Outcome::KeyReused => assert_eq!(status, 422),
+                Outcome::StoreUnavailable => assert_eq!(status, 503),
+                other => panic!("unexpected outcome {other:?}"),
+            }
+            let retry_after = head.headers.contains_key("retry-after");
+            assert_eq!(retry_after, matches!(outcome, Outcome::InFlight | Outcome::StoreUnavailable), "{outcome:?}");
+        }
+    }
+    (outcome, head.status, body)
+}
