@@ -208,8 +208,11 @@ enum Expect {
     Dropped,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Model {
+    /// The layer's TTL and the lease a crashed owner took.
+    ttl: Duration,
+    lease: Duration,
     slots: HashMap<Slot, State>,
     /// Handler executions so far, all keys.
     execs: usize,
@@ -220,6 +223,10 @@ struct Model {
 }
 
 impl Model {
+    fn new(ttl: Duration, lease: Duration) -> Self {
+        Self { ttl, lease, slots: HashMap::new(), execs: 0, runs: HashMap::new(), running: Vec::new() }
+    }
+
     /// The state of `slot` at `now`: an expired record or abandoned lock is free.
     fn state(&self, slot: Slot, now: Instant) -> State {
         match self.slots.get(&slot).cloned().unwrap_or(State::Free) {
@@ -274,7 +281,8 @@ impl Model {
         let slot = (r.scope, r.key);
         match self.state(slot, now) {
             State::Free => {
-                self.slots.insert(slot, State::InFlight { payload: r.payload, exec: None, until: Some(now + LEASE) });
+                self.slots
+                    .insert(slot, State::InFlight { payload: r.payload, exec: None, until: Some(now + self.lease) });
                 "execute"
             }
             State::Done { payload, .. } if payload == r.payload => "completed",
@@ -295,8 +303,10 @@ impl Model {
             assert_eq!(owner, exec, "model: a live lock was taken over");
             let body = response_body(exec, slot, payload, outcome);
             let next = match outcome {
-                Outcome::Created | Outcome::Streamed => State::Done { payload, body: Some(body), expires: at + TTL },
-                Outcome::Large => State::Done { payload, body: None, expires: at + TTL },
+                Outcome::Created | Outcome::Streamed => {
+                    State::Done { payload, body: Some(body), expires: at + self.ttl }
+                }
+                Outcome::Large => State::Done { payload, body: None, expires: at + self.ttl },
                 _ => State::Free,
             };
             self.slots.insert(slot, next);
@@ -321,6 +331,8 @@ fn response_body(exec: usize, (scope, key): Slot, payload: usize, outcome: Outco
 #[derive(Debug, Default)]
 struct Log {
     execs: AtomicUsize,
+    /// Handlers past their delay.
+    finished: AtomicUsize,
     runs: Mutex<HashMap<Slot, usize>>,
 }
 
@@ -350,6 +362,7 @@ fn handler(log: Arc<Log>) -> Handler {
             if let Some(ms) = header("x-delay-ms") {
                 tokio::time::sleep(Duration::from_millis(ms.parse()?)).await;
             }
+            log.finished.fetch_add(1, Ordering::SeqCst);
             let outcome = match header("x-outcome").as_deref() {
                 Some("Created") => Outcome::Created,
                 Some("Streamed") => Outcome::Streamed,
@@ -502,7 +515,7 @@ async fn run_program(program: &[Op]) -> Result<(), String> {
     let log = Arc::new(Log::default());
     let layer = IdempotencyLayer::with_store(store.clone()).with_lease(LEASE).with_ttl(TTL).with_max_record(MAX_RECORD);
     let app = app(layer, log.clone());
-    let mut model = Model::default();
+    let mut model = Model::new(TTL, LEASE);
     let mut pending = Vec::new();
     for (step, op) in program.iter().enumerate() {
         let now = Instant::now();
@@ -675,4 +688,179 @@ fn regression_a_tombstone_lives_for_the_ttl() {
         Op::Advance { secs: 25 },
         send(0, 2, 1, Outcome::Created, Delay::None, Client::Waits),
     ]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same property against `RedisStore`.
+//
+// Redis keeps its own clock, so time is real and the program is sequential: every request is
+// awaited, except that a slow request (longer than a lease, so renewal must keep it) can have
+// duplicates sent while it runs, and its client can drop it mid-handler. Before each step the
+// runner waits out any record or crashed lock that could expire during that step, so the model
+// never has to guess which side of an expiry a request falls on.
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use crate::common::redis::{redis_url, run_prefix};
+    use tower_idempotency::store::RedisStore;
+
+    const LEASE: Duration = Duration::from_millis(1_000);
+    const TTL: Duration = Duration::from_millis(3_000);
+    /// Longest step: a slow request ([`Delay::Short`], 1.5 s) and its duplicates.
+    const STEP: Duration = Duration::from_millis(2_000);
+    /// Slack on either side of an expiry for the round trips and Redis's own clock.
+    const SLACK: Duration = Duration::from_millis(300);
+
+    #[derive(Debug, Clone)]
+    enum RedisOp {
+        /// A request whose handler answers at once, awaited.
+        Send {
+            req: Req,
+            outcome: Outcome,
+        },
+        /// A slow request, duplicates of it (same and other payload) while it runs, then its end.
+        Slow {
+            req: Req,
+            outcome: Outcome,
+            client: Client,
+        },
+        Crash {
+            req: Req,
+        },
+        /// Waits past a crashed lock's lease, or past the TTL.
+        Wait {
+            past_ttl: bool,
+        },
+    }
+
+    fn redis_op() -> impl Strategy<Value = RedisOp> {
+        let quick = prop_oneof![
+            4 => Just(Outcome::Created),
+            1 => Just(Outcome::Large),
+            1 => Just(Outcome::ClientError),
+            1 => Just(Outcome::ServerError),
+            1 => Just(Outcome::Panic),
+            1 => Just(Outcome::Error),
+        ];
+        let slow = prop_oneof![3 => Just(Outcome::Created), 1 => Just(Outcome::Panic), 1 => Just(Outcome::ServerError)];
+        prop_oneof![
+            8 => (req(), quick).prop_map(|(req, outcome)| RedisOp::Send { req, outcome }),
+            2 => (req(), slow, client()).prop_map(|(req, outcome, client)| RedisOp::Slow { req, outcome, client }),
+            1 => req().prop_map(|req| RedisOp::Crash { req }),
+            1 => proptest::bool::weighted(0.3).prop_map(|past_ttl| RedisOp::Wait { past_ttl }),
+        ]
+    }
+
+    /// Sleeps until no record or crashed lock can expire within the next step.
+    async fn out_of_expiry_windows(model: &Model) {
+        loop {
+            let now = Instant::now();
+            let near = model
+                .slots
+                .values()
+                .filter_map(|state| match state {
+                    State::Done { expires, .. } => Some(*expires),
+                    State::InFlight { until: Some(until), .. } => Some(*until),
+                    _ => None,
+                })
+                .filter(|at| *at + SLACK > now && *at < now + STEP + SLACK)
+                .min();
+            match near {
+                Some(at) => tokio::time::sleep_until(at + SLACK).await,
+                None => return,
+            }
+        }
+    }
+
+    async fn send_now(app: &App, r: Req, outcome: Outcome, delay: Delay, client: Client) -> Got {
+        run_request(app.clone(), request(r, outcome, delay), client).await
+    }
+
+    async fn run_redis_program(program: &[RedisOp], url: &str, case: usize) -> Result<(), String> {
+        let store = RedisStore::builder()
+            .prefix(format!("{}model-{case}:", run_prefix()))
+            .connect(url)
+            .await
+            .map_err(|e| e.to_string())?;
+        let log = Arc::new(Log::default());
+        let layer =
+            IdempotencyLayer::with_store(store.clone()).with_lease(LEASE).with_ttl(TTL).with_max_record(MAX_RECORD);
+        let app = app(layer, log.clone());
+        let mut model = Model::new(TTL, LEASE);
+        for (step, op) in program.iter().enumerate() {
+            out_of_expiry_windows(&model).await;
+            let now = Instant::now();
+            model.advance_to(now);
+            match *op {
+                RedisOp::Send { req, outcome } => {
+                    let expect = model.send(req, outcome, Delay::None, Client::Waits, now);
+                    let got = send_now(&app, req, outcome, Delay::None, Client::Waits).await;
+                    check(step, &expect, &got)?;
+                }
+                RedisOp::Slow { req, outcome, client } => {
+                    let expect = model.send(req, outcome, Delay::Short, client, now);
+                    let (started, finished) = (log.execs.load(Ordering::SeqCst), log.finished.load(Ordering::SeqCst));
+                    let first = tokio::spawn(run_request(app.clone(), request(req, outcome, Delay::Short), client));
+                    if !matches!(expect, Expect::Replayed { .. } | Expect::Problem { .. }) {
+                        while log.execs.load(Ordering::SeqCst) == started {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                    for payload in [req.payload, 1 - req.payload] {
+                        let dup = Req { payload, ..req };
+                        let expect = model.send(dup, Outcome::Created, Delay::None, Client::Waits, now);
+                        check(step, &expect, &send_now(&app, dup, Outcome::Created, Delay::None, Client::Waits).await)?;
+                    }
+                    let got = first.await.map_err(|e| format!("step {step}: {e}"))?;
+                    if matches!(got, Got::Dropped) {
+                        // The handler goes on without its client: wait for it and its record.
+                        while log.finished.load(Ordering::SeqCst) == finished {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    check(step, &expect, &got)?;
+                    model.advance_to(now + Delay::Short.duration());
+                }
+                RedisOp::Crash { req } => {
+                    let (key, fingerprint) = store_key(req);
+                    let begin =
+                        store.begin(&key, &fingerprint, LEASE).await.map_err(|e| format!("step {step}: {e}"))?;
+                    let expected = model.crash(req, now);
+                    if begin_name(&begin) != expected {
+                        return Err(format!("step {step}: crash begin: expected {expected}, got {begin:?}"));
+                    }
+                }
+                RedisOp::Wait { past_ttl } => {
+                    tokio::time::sleep(if past_ttl { TTL } else { LEASE } + SLACK).await;
+                }
+            }
+        }
+        let runs = log.runs.lock().unwrap().clone();
+        let expected_runs: HashMap<_, _> = model.runs.iter().map(|(k, v)| (*k, *v)).collect();
+        if runs != expected_runs {
+            return Err(format!("handler executions per (scope, key): expected {expected_runs:?}, got {runs:?}"));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(config(6))]
+
+        #[test]
+        fn redis_store_behaves_like_the_model(program in proptest::collection::vec(redis_op(), 1..10)) {
+            quiet_deliberate_panics();
+            static CASE: AtomicUsize = AtomicUsize::new(0);
+            let case = CASE.fetch_add(1, Ordering::SeqCst);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let result = runtime.block_on(async {
+                match redis_url().await {
+                    Some(url) => run_redis_program(&program, &url, case).await,
+                    None => Ok(()), // skipped, and said so once by `redis_url`
+                }
+            });
+            prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+        }
+    }
 }
