@@ -25,10 +25,10 @@ for target in "${targets[@]}"; do
     result="FAILED: see $log and fuzz/artifacts/$target/"
     status=1
   fi
-  runs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}' | tail -1)
-  speed=$(grep -E '^stat::average_exec_per_sec' "$log" | awk '{print $2}' | tail -1)
-  cov=$(grep -E '#[0-9]+.*(DONE|pulse).*cov:' "$log" | tail -1 | sed -E 's/.*cov: ([0-9]+).*/\1/')
-  echo "   executions: ${runs:-?} (${speed:-?}/s), coverage: ${cov:-?} edges, ${result}"
+  runs=$( (grep -E '^stat::number_of_executed_units' "$log" || true) | awk '{print $2}' | tail -1)
+  cov=$( (grep -E '^#[0-9]+.*cov:' "$log" || true) | tail -1 | sed -E 's/.*cov: ([0-9]+).*/\1/')
+  corpus=$(find "corpus/$target" -type f 2>/dev/null | wc -l)
+  echo "   executions: ${runs:-?} in ${seconds}s, coverage: ${cov:-?} edges, corpus: ${corpus} inputs, ${result}"
   [ "$status" -eq 0 ] && rm -f "$log"
 done
 exit "$status"
