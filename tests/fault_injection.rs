@@ -371,7 +371,7 @@ async fn load(seed: u64, failure: StoreFailure) -> (Arc<FaultyStore>, Arc<Runs>,
 }
 
 fn seeds() -> u64 {
-    std::env::var("FAULT_SEEDS").ok().and_then(|n| n.parse().ok()).unwrap_or(6)
+    std::env::var("FAULT_SEEDS").ok().and_then(|n| n.parse().ok()).unwrap_or(20)
 }
 
 fn paused_runtime() -> tokio::runtime::Runtime {

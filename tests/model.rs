@@ -550,7 +550,7 @@ async fn run_program(program: &[Op]) -> Result<(), String> {
     if runs != expected_runs {
         return Err(format!("handler executions per (scope, key): expected {expected_runs:?}, got {runs:?}"));
     }
-    if store.len() != 0 || store.bytes() != 0 {
+    if !store.is_empty() || store.bytes() != 0 {
         return Err(format!("after every lease and TTL the store still holds {} entries", store.len()));
     }
     Ok(())
