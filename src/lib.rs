@@ -113,6 +113,9 @@
 //!   recorded; the record replaces the lock just before the body's end is reported.
 //! - **Client gone.** A guarded request whose client went away is not cancelled: it runs to the
 //!   end on the runtime (their number bounded) and is recorded, so the retry replays it.
+//! - **Timeouts** belong inside the layer (between it and the handler): a timed-out handler then
+//!   answers an error and releases its key. A timeout outside the layer drops the layer's
+//!   future, which the layer treats as a client gone: the handler finishes in the background.
 //! - **Leases.** The lock is renewed every third of its lease (default 30 s) while the handler
 //!   runs; a crashed process frees its keys within one lease.
 //! - **TTL.** A record lives for the TTL (default 24 h) from completion; replays never extend it.
