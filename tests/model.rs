@@ -846,10 +846,10 @@ mod redis {
     }
 
     proptest! {
-        #![proptest_config(config(6))]
+        #![proptest_config(config(4))]
 
         #[test]
-        fn redis_store_behaves_like_the_model(program in proptest::collection::vec(redis_op(), 1..10)) {
+        fn redis_store_behaves_like_the_model(program in proptest::collection::vec(redis_op(), 1..8)) {
             quiet_deliberate_panics();
             static CASE: AtomicUsize = AtomicUsize::new(0);
             let case = CASE.fetch_add(1, Ordering::SeqCst);
