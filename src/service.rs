@@ -127,7 +127,7 @@ fn problem_response<B: Body>(problem: Problem, retry_after: Option<Duration>) ->
     Response::from_parts(head, ResponseBody::full(body, None))
 }
 
-fn replay<B: Body>(record: &StoredResponse) -> Response<ResponseBody<B>> {
+fn replay<B: Body>(record: Arc<StoredResponse>) -> Response<ResponseBody<B>> {
     let (mut head, body, trailers) = record.replay();
     head.extensions.insert(Outcome::Replayed);
     Response::from_parts(head, ResponseBody::full(body, trailers))
@@ -183,7 +183,7 @@ where
                     let guard = LockGuard::new(self.store.clone(), key, token, config.lease, config.ttl);
                     return self.execute(guard, head, body).await;
                 }
-                Begin::Completed(Record::Response(record)) => replay(&record),
+                Begin::Completed(Record::Response(record)) => replay(record),
                 Begin::Completed(Record::NotRetained) => problem_response(Problem::RESPONSE_NOT_RETAINED, None),
                 Begin::Mismatch => problem_response(Problem::KEY_REUSED, None),
                 Begin::InFlight => match (config.in_flight, wait_until) {
