@@ -73,7 +73,7 @@ pub fn app<St: IdempotencyStore>(layer: IdempotencyLayer<St>, stats: Arc<Stats>)
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
         .route("/jobs", post(create::<JOBS>).layer(waiting))
-        .route("/orders/{id}", patch(patch_order).put(put_order).layer(layer.clone()))
+        .route("/orders/{id}", patch(update_order::<false>).put(update_order::<true>).layer(layer.clone()))
         .route("/stream", post(stream).layer(layer.clone()))
         .route("/large", post(large).layer(layer))
         .route("/stats", get(|State(stats): State<Arc<Stats>>| async move { axum::Json(stats.to_json()) }))
@@ -150,36 +150,22 @@ pub async fn create<const ROUTE: usize>(
     (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(json!({"id": id, "order": order}))).into_response()
 }
 
-async fn patch_order(
+/// `PATCH /orders/{id}` (covered) and `PUT /orders/{id}` (not covered); the method names both
+/// the route in `/stats` and the field the body is echoed under.
+async fn update_order<const PUT: bool>(
     State(stats): State<Arc<Stats>>,
     Path(id): Path<String>,
     Query(q): Query<Knobs>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    stats.count("patch");
+    let field = if PUT { "put" } else { "patch" };
+    stats.count(field);
     if let Some(response) = knobs(&q, &headers).await {
         return response;
     }
     match parse_json(&body) {
-        Ok(patch) => axum::Json(json!({"id": id, "patch": patch})).into_response(),
-        Err(response) => *response,
-    }
-}
-
-async fn put_order(
-    State(stats): State<Arc<Stats>>,
-    Path(id): Path<String>,
-    Query(q): Query<Knobs>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    stats.count("put");
-    if let Some(response) = knobs(&q, &headers).await {
-        return response;
-    }
-    match parse_json(&body) {
-        Ok(put) => axum::Json(json!({"id": id, "put": put})).into_response(),
+        Ok(update) => axum::Json(json!({"id": id, field: update})).into_response(),
         Err(response) => *response,
     }
 }
@@ -212,8 +198,7 @@ async fn large(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers:
     ([(header::CONTENT_TYPE, "application/octet-stream")], vec![b'x'; bytes]).into_response()
 }
 
-/// The layer the environment asks for: the Redis store when built with `--features redis` and
-/// `REDIS_URL` is set, the in-memory store otherwise.
+/// `IDEMPOTENCY_TTL_MS`, when set.
 fn ttl_from_env() -> Option<Duration> {
     let ms = std::env::var("IDEMPOTENCY_TTL_MS").ok()?;
     match ms.parse() {
@@ -232,6 +217,21 @@ fn with_ttl<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> IdempotencyLay
     }
 }
 
+/// The app over the store the environment asks for: the Redis store when built with
+/// `--features redis` and `REDIS_URL` is set, the in-memory store otherwise.
+fn app_from_env(stats: Arc<Stats>) -> Router {
+    #[cfg(feature = "redis")]
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        // Lazy: the server starts even while Redis is down, and answers `503` until it is up.
+        let store = tower_idempotency::store::RedisStore::connect_lazy(url.as_str()).unwrap_or_else(|error| {
+            eprintln!("REDIS_URL is not a valid Redis URL ({url:?}): {error}");
+            std::process::exit(2);
+        });
+        return app(with_ttl(IdempotencyLayer::with_store(store)), stats);
+    }
+    app(with_ttl(IdempotencyLayer::new()), stats)
+}
+
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
@@ -240,7 +240,7 @@ async fn main() -> std::io::Result<()> {
         .init();
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let stats = Arc::new(Stats::default());
-    let app = app(with_ttl(IdempotencyLayer::new()), stats);
+    let app = app_from_env(stats);
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await

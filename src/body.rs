@@ -59,8 +59,7 @@ where
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             RequestKindProj::Streaming { body } => {
-                let frame = ready!(body.poll_frame(cx));
-                Poll::Ready(frame.map(|f| f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))))
+                Poll::Ready(ready!(body.poll_frame(cx)).map(|frame| frame.map(into_bytes)))
             }
             RequestKindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
@@ -90,6 +89,11 @@ impl<B> fmt::Debug for RequestBody<B> {
             }
         }
     }
+}
+
+/// A frame with its data as `Bytes`: free for `Bytes` itself, one copy for other buffers.
+fn into_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
+    frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
 }
 
 /// Why a request body could not be buffered.
@@ -181,8 +185,7 @@ where
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             ResponseKindProj::Inner { body } => {
-                let frame = ready!(body.poll_frame(cx));
-                Poll::Ready(frame.map(|f| f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))))
+                Poll::Ready(ready!(body.poll_frame(cx)).map(|frame| frame.map(into_bytes)))
             }
             ResponseKindProj::Full { data, trailers } => {
                 if let Some(data) = data.take() {
@@ -249,6 +252,8 @@ struct RecordingState<B: Body> {
     /// The body's end was read ahead: do not poll it again.
     ended: bool,
     completing: Option<BoxFuture<()>>,
+    /// The body panicked: it must never be polled again.
+    poisoned: bool,
     detach: Arc<Semaphore>,
     detached: bool,
     /// Spawns the drain of this state (made where the bounds it needs are known; `Drop` cannot
@@ -286,6 +291,7 @@ where
                 failure: None,
                 ended: false,
                 completing: None,
+                poisoned: false,
                 detach,
                 detached: false,
                 spawn_drain: spawn_drain::<B>,
@@ -400,6 +406,7 @@ where
         let body = &mut self.body;
         match catch_unwind(AssertUnwindSafe(|| body.as_mut().poll_frame(cx))) {
             Err(panic) => {
+                self.poisoned = true;
                 self.release();
                 resume_unwind(panic)
             }
@@ -408,7 +415,7 @@ where
                 Poll::Pending
             }
             Ok(Poll::Ready(Some(Ok(frame)))) => {
-                let frame = frame.map_data(|mut d| d.copy_to_bytes(d.remaining()));
+                let frame = into_bytes(frame);
                 self.record(&frame);
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -466,25 +473,44 @@ impl<B: Body> RecordingState<B> {
     }
 }
 
+impl<B: Body> Recording<B> {
+    /// From now on the response streams: keep the lease alive from a task of its own, however
+    /// slowly the client reads.
+    pub(crate) fn renew_in_background(&mut self) {
+        if let Some(state) = &mut self.state {
+            state.guard.renew_in_background();
+        }
+    }
+}
+
 impl<B: Body> Drop for Recording<B> {
     fn drop(&mut self) {
         let Some(mut state) = self.state.take() else { return };
+        if state.poisoned {
+            return; // the lock was released when the body panicked
+        }
         if let Some(completing) = state.completing.take() {
             run_soon(completing);
             return;
         }
-        if state.detached {
-            // Already running detached and dropped again (runtime shutdown): the guard
-            // releases the lock on drop.
-            return;
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let permit = state.detach.clone().try_acquire_owned().ok();
+        match (runtime, permit) {
+            (Some(runtime), Some(permit)) if !state.detached => {
+                // The client went away mid-body: read the rest and record it.
+                state.detached = true;
+                (state.spawn_drain)(state, permit, runtime);
+            }
+            _ => {
+                // The rest cannot be read (no runtime, no detach permit, or the drain itself
+                // was dropped). The handler did run: keep a tombstone, never free the key for
+                // a second run.
+                tracing::warn!("response abandoned before its end; its key keeps a tombstone");
+                if let Some(completing) = state.guard.complete(Record::NotRetained) {
+                    run_soon(completing);
+                }
+            }
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let Ok(permit) = state.detach.clone().try_acquire_owned() else {
-            tracing::warn!("too many detached handlers; response abandoned and its key released");
-            return;
-        };
-        state.detached = true;
-        (state.spawn_drain)(state, permit, runtime);
     }
 }
 

@@ -39,6 +39,7 @@ pin_project! {
     {
         Bypass { #[pin] future: F },
         Guarded { guarded: Detachable<B, E> },
+        Ready { response: Option<Response<ResponseBody<B>>> },
     }
 }
 
@@ -47,9 +48,15 @@ impl<F, B: Body, E> ResponseFuture<F, B, E> {
         Self { kind: Kind::Bypass { future } }
     }
 
+    /// An answer the layer made without any work to finish (a problem response).
+    pub(crate) fn ready(response: Response<ResponseBody<B>>) -> Self {
+        Self { kind: Kind::Ready { response: Some(response) } }
+    }
+
     pub(crate) fn guarded(future: Guarded<B, E>, detach: Arc<Semaphore>) -> Self
     where
         B: Body + Send + 'static,
+        B::Data: bytes::Buf,
         B::Error: Send,
         E: Send + 'static,
     {
@@ -80,6 +87,11 @@ where
                 }
                 Poll::Ready(result)
             }
+            KindProj::Ready { response } => {
+                let response = response.take().expect("ResponseFuture polled after completion");
+                tracing::debug!(outcome = Outcome::of(&response).as_str(), "idempotency");
+                Poll::Ready(Ok(response))
+            }
         }
     }
 }
@@ -89,6 +101,7 @@ impl<F, B: Body, E> fmt::Debug for ResponseFuture<F, B, E> {
         f.write_str(match &self.kind {
             Kind::Bypass { .. } => "ResponseFuture::Bypass",
             Kind::Guarded { .. } => "ResponseFuture::Guarded",
+            Kind::Ready { .. } => "ResponseFuture::Ready",
         })
     }
 }
@@ -142,14 +155,22 @@ impl<B: Body, E> Drop for Detachable<B, E> {
     }
 }
 
-/// Awaits the response; dropping it unread then drains and records its body on the runtime.
+/// Awaits the response and reads its body to the end, recording it, all under the permit the
+/// detached task already holds (the body must not need a second one).
 fn finish<B, E>(future: Guarded<B, E>) -> BoxFuture<()>
 where
     B: Body + Send + 'static,
+    B::Data: bytes::Buf,
     B::Error: Send,
     E: Send + 'static,
 {
     Box::pin(async move {
-        let _ = future.await;
+        let Ok(response) = future.await else { return };
+        let mut body = std::pin::pin!(response.into_body());
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            if frame.is_err() {
+                return;
+            }
+        }
     })
 }

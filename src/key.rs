@@ -33,7 +33,6 @@ impl IdempotencyKey {
     }
 
     /// A key from a string the caller has already validated (client-side generators).
-    #[allow(dead_code)] // used by the client module
     pub(crate) fn from_valid(key: String) -> Self {
         debug_assert!(validate(key.as_bytes()).is_ok());
         Self(key.into_boxed_str())

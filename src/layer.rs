@@ -128,6 +128,7 @@ pub(crate) struct Config {
     pub(crate) store_failure: StoreFailure,
     pub(crate) unstored_headers: Vec<HeaderName>,
     pub(crate) detached: Arc<Semaphore>,
+    pub(crate) max_detached: usize,
 }
 
 impl Config {
@@ -151,7 +152,7 @@ impl fmt::Debug for Config {
             .field("in_flight", &self.in_flight)
             .field("store_failure", &self.store_failure)
             .field("unstored_headers", &self.unstored_headers)
-            .field("max_detached", &self.detached.available_permits())
+            .field("max_detached", &self.max_detached)
             .finish_non_exhaustive()
     }
 }
@@ -162,6 +163,9 @@ pub const DEFAULT_MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
 pub const DEFAULT_MAX_RECORD: usize = 1024 * 1024;
 /// Default time a completed record is kept, from completion: 24 h.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest TTL or lease kept: a century. Longer values (up to `Duration::MAX`, "forever")
+/// are lowered to it.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 /// Default lease of an in-flight lock: 30 s (renewed every third of it while the handler runs).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Default bound on handlers detached after their client went away: 1024.
@@ -210,6 +214,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             store_failure: StoreFailure::default(),
             unstored_headers: vec![http::header::SET_COOKIE],
             detached: Arc::new(Semaphore::new(DEFAULT_MAX_DETACHED)),
+            max_detached: DEFAULT_MAX_DETACHED,
         };
         Self { store: Arc::new(store), config: Arc::new(config) }
     }
@@ -282,16 +287,16 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// How long a record is kept, counted from completion; replays never extend it.
-    /// Default: 24 h.
+    /// Default: 24 h. At most a century (`Duration::MAX` is taken as that).
     pub fn with_ttl(self, ttl: Duration) -> Self {
-        self.config(|c| c.ttl = ttl.max(Duration::from_millis(1)))
+        self.config(|c| c.ttl = ttl.clamp(Duration::from_millis(1), MAX_DURATION))
     }
 
     /// The lease of an in-flight lock: renewed every third of it while the handler runs, so a
     /// crashed process frees its keys within one lease. Default: 30 s. Values under 3 ms are
     /// raised to 3 ms.
     pub fn with_lease(self, lease: Duration) -> Self {
-        self.config(|c| c.lease = lease.max(Duration::from_millis(3)))
+        self.config(|c| c.lease = lease.clamp(Duration::from_millis(3), MAX_DURATION))
     }
 
     /// What a duplicate of an in-flight request gets. Default: [`InFlight::Reject`] with a 1 s
@@ -314,11 +319,16 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.config(|c| c.unstored_headers = headers)
     }
 
-    /// The most handlers kept running after their client went away, so their result is
-    /// recorded. Past it, such a handler is cancelled and its key released. Default: 1024.
+    /// The most requests kept running after their client went away, so their result is
+    /// recorded. Past it, a handler that has not answered yet is cancelled and its key released;
+    /// one that already answered (its body was being sent) keeps a tombstone, so it never runs
+    /// twice. Default: 1024.
     pub fn with_max_detached(self, max: usize) -> Self {
         let detached = Arc::new(Semaphore::new(max));
-        self.config(|c| c.detached = detached)
+        self.config(|c| {
+            c.detached = detached;
+            c.max_detached = max;
+        })
     }
 }
 

@@ -113,6 +113,9 @@
 //!   recorded; the record replaces the lock just before the body's end is reported.
 //! - **Client gone.** A guarded request whose client went away is not cancelled: it runs to the
 //!   end on the runtime (their number bounded) and is recorded, so the retry replays it.
+//! - **Timeouts** belong inside the layer (between it and the handler): a timed-out handler then
+//!   answers an error and releases its key. A timeout outside the layer drops the layer's
+//!   future, which the layer treats as a client gone: the handler finishes in the background.
 //! - **Leases.** The lock is renewed every third of its lease (default 30 s) while the handler
 //!   runs; a crashed process frees its keys within one lease.
 //! - **TTL.** A record lives for the TTL (default 24 h) from completion; replays never extend it.
@@ -131,11 +134,27 @@
 //! # Stores
 //!
 //! [`MemoryStore`] (default) for one process; `RedisStore` (feature `redis`) for many
-//! replicas. Both implement [`IdempotencyStore`] and pass the same conformance suite.
+//! replicas: a retry that lands on another replica replays the same record. Both implement
+//! [`IdempotencyStore`] and pass the same conformance suite.
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Starts even while Redis is down; each request then answers per the store-failure mode.
+//! let store = tower_idempotency::RedisStore::connect_lazy("redis://127.0.0.1:6379")?;
+//! let layer = tower_idempotency::IdempotencyLayer::with_store(store);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "redis"))]
+//! # fn main() {}
+//! ```
 //!
 //! # Feature flags
 //!
-//! - `redis`: the Redis store.
+//! - `redis`: `RedisStore`, over redis-rs's multiplexed `ConnectionManager` (re-exported as
+//!   `tower_idempotency::redis`, so versions match).
+//! - `redis-cluster`: `RedisStore` over Redis Cluster as well (every operation touches one key).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
@@ -164,7 +183,10 @@ pub use outcome::Outcome;
 pub use record::{Record, StoredResponse};
 pub use scope::{Scope, ScopeFn, ScopeId};
 pub use service::Idempotency;
-pub use store::{Begin, IdempotencyStore, LockToken, MemoryStore, StoreError, StoreKey};
+pub use store::{Begin, IdempotencyStore, LockToken, MemoryStore, MemoryStoreBuilder, StoreError, StoreKey};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::{RedisStore, RedisStoreBuilder, redis};
 
 /// The header a replayed response carries: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: http::HeaderName = http::HeaderName::from_static("idempotent-replayed");

@@ -18,6 +18,11 @@ use crate::{
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// How often a failed completion is tried in all.
+const COMPLETE_ATTEMPTS: u32 = 4;
+/// The pause after the first failed completion; it doubles after each.
+const COMPLETE_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(100);
+
 /// A held lock, with its store type erased so bodies and futures need not name it.
 trait Held: Send + Sync + 'static {
     fn complete(self: Arc<Self>, record: Record) -> BoxFuture<()>;
@@ -36,17 +41,32 @@ struct StoreLock<St> {
 impl<St: IdempotencyStore> Held for StoreLock<St> {
     fn complete(self: Arc<Self>, record: Record) -> BoxFuture<()> {
         Box::pin(async move {
-            match self.store.complete(&self.key, &self.token, record, self.ttl).await {
-                Ok(true) => tracing::trace!(token = ?self.token, "idempotency record completed"),
-                Ok(false) => tracing::warn!(
-                    token = ?self.token,
-                    "idempotency lock was lost before completion (lease expired and taken over); response not recorded"
-                ),
-                Err(error) => tracing::error!(
-                    %error,
-                    token = ?self.token,
-                    "idempotency record could not be stored; the key frees when its lease expires"
-                ),
+            // A failed write is retried a few times within the lease (the lock still holds the
+            // key meanwhile): giving up frees the key once the lease expires, and a retry of the
+            // request would then run the handler again.
+            let mut pause = COMPLETE_RETRY_FIRST_PAUSE;
+            for attempt in 1.. {
+                let error = match self.store.complete(&self.key, &self.token, record.clone(), self.ttl).await {
+                    Ok(true) => return tracing::trace!(token = ?self.token, "idempotency record completed"),
+                    Ok(false) => {
+                        return tracing::warn!(
+                            token = ?self.token,
+                            "idempotency lock was lost before completion (lease expired and taken over); response not recorded"
+                        );
+                    }
+                    Err(error) => error,
+                };
+                if attempt == COMPLETE_ATTEMPTS || pause * 2 >= self.lease {
+                    return tracing::error!(
+                        %error,
+                        token = ?self.token,
+                        "idempotency record could not be stored; the key frees when its lease expires"
+                    );
+                }
+                tracing::warn!(%error, attempt, "idempotency record not stored yet; retrying");
+                let renewed = self.store.renew(&self.key, &self.token, self.lease);
+                let (_, ()) = tokio::join!(renewed, tokio::time::sleep(pause));
+                pause *= 2;
             }
         })
     }
@@ -86,6 +106,8 @@ pub(crate) struct LockGuard {
     renew_every: Duration,
     timer: Option<Pin<Box<Sleep>>>,
     renewing: Option<BoxFuture<()>>,
+    /// The task renewing the lease on its own, once the response is streaming.
+    background: Option<tokio::task::AbortHandle>,
 }
 
 impl LockGuard {
@@ -101,22 +123,55 @@ impl LockGuard {
             renew_every: lease / 3,
             timer: None,
             renewing: None,
+            background: None,
         }
+    }
+
+    /// Renews the lease from a task of its own until the lock is completed or released.
+    ///
+    /// While the handler runs, [`poll_renew`](Self::poll_renew) renews it from the request's
+    /// own task. Once the response streams, that task is only polled when the client reads, so
+    /// a slow or stalled reader would let the lease lapse: from then on a task keeps it.
+    pub(crate) fn renew_in_background(&mut self) {
+        let Some(held) = &self.held else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (held, every) = (held.clone(), self.renew_every);
+        let task = runtime.spawn(async move {
+            let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+            loop {
+                ticks.tick().await;
+                held.clone().renew().await;
+            }
+        });
+        self.background = Some(task.abort_handle());
+        self.timer = None;
+        self.renewing = None;
     }
 
     /// Replaces the lock by `record`. The returned future does the store write.
     pub(crate) fn complete(&mut self, record: Record) -> Option<BoxFuture<()>> {
+        self.stop_renewing();
         self.held.take().map(|held| held.complete(record))
     }
 
     /// Releases the lock. The returned future does the store write.
     pub(crate) fn release(&mut self) -> Option<BoxFuture<()>> {
+        self.stop_renewing();
         self.held.take().map(Held::release)
+    }
+
+    fn stop_renewing(&mut self) {
+        if let Some(task) = self.background.take() {
+            task.abort();
+        }
     }
 
     /// Drives lease renewal; call it whenever the guarded work is pending.
     pub(crate) fn poll_renew(&mut self, cx: &mut Context<'_>) {
         let Some(held) = &self.held else { return };
+        if self.background.is_some() {
+            return;
+        }
         loop {
             if let Some(renewing) = &mut self.renewing {
                 if renewing.as_mut().poll(cx).is_pending() {

@@ -96,10 +96,10 @@ where
                 tracing::trace!(outcome = "bypassed", "idempotency: no key");
                 return ResponseFuture::bypass(self.inner.call(request.map(RequestBody::streaming)));
             }
-            Ok(None) => return problem_future(Problem::MISSING_KEY, None, config),
+            Ok(None) => return problem_future(Problem::MISSING_KEY),
             Err(invalid) => {
                 tracing::debug!(reason = %invalid, "idempotency: invalid key");
-                return problem_future(Problem::INVALID_KEY, None, config);
+                return problem_future(Problem::INVALID_KEY);
             }
         };
         // `poll_ready` readied `self.inner`; take that instance for this request and leave a
@@ -112,14 +112,8 @@ where
     }
 }
 
-fn problem_future<F, B, E>(problem: Problem, retry_after: Option<Duration>, config: &Config) -> ResponseFuture<F, B, E>
-where
-    B: Body + Send + 'static,
-    B::Error: Send,
-    E: Send + 'static,
-{
-    let response = problem_response(problem, retry_after);
-    ResponseFuture::guarded(Box::pin(std::future::ready(Ok(response))), config.detached.clone())
+fn problem_future<F, B: Body, E>(problem: Problem) -> ResponseFuture<F, B, E> {
+    ResponseFuture::ready(problem_response(problem, None))
 }
 
 fn problem_response<B: Body>(problem: Problem, retry_after: Option<Duration>) -> Response<ResponseBody<B>> {
@@ -168,37 +162,38 @@ where
         let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body);
         let key = StoreKey::new(config.scope.resolve(&head), key);
 
-        let wait_until = match config.in_flight {
-            InFlight::Wait { timeout } => Some(Instant::now() + timeout),
-            InFlight::Reject { .. } => None,
-        };
+        // In wait mode, a duplicate polls the store with a growing step until the first
+        // request finishes or the timeout passes: a store-agnostic wait, the same for a local
+        // map and a remote store.
+        let started = Instant::now();
         let mut wait_step = Duration::from_millis(5);
-        loop {
+        let begin = loop {
             let begin = match self.store.begin(&key, &fingerprint, config.lease).await {
                 Ok(begin) => begin,
                 Err(error) => return self.store_failed(error, head, body).await,
             };
-            return Ok(match begin {
-                Begin::Execute(token) => {
-                    let guard = LockGuard::new(self.store.clone(), key, token, config.lease, config.ttl);
-                    return self.execute(guard, head, body).await;
-                }
-                Begin::Completed(Record::Response(record)) => replay(record),
-                Begin::Completed(Record::NotRetained) => problem_response(Problem::RESPONSE_NOT_RETAINED, None),
-                Begin::Mismatch => problem_response(Problem::KEY_REUSED, None),
-                Begin::InFlight => match (config.in_flight, wait_until) {
-                    (InFlight::Reject { retry_after }, _) => problem_response(Problem::IN_FLIGHT, Some(retry_after)),
-                    (InFlight::Wait { .. }, Some(until)) if Instant::now() < until => {
-                        // Poll the store with a growing step; a store-agnostic wait that works
-                        // the same for a local map and a remote store.
-                        tokio::time::sleep(wait_step.min(until - Instant::now())).await;
-                        wait_step = (wait_step * 2).min(Duration::from_millis(100));
-                        continue;
-                    }
-                    _ => problem_response(Problem::IN_FLIGHT, Some(Duration::from_secs(1))),
-                },
-            });
-        }
+            let InFlight::Wait { timeout } = config.in_flight else { break begin };
+            let waited = started.elapsed();
+            if !matches!(begin, Begin::InFlight) || waited >= timeout {
+                break begin;
+            }
+            tokio::time::sleep(wait_step.min(timeout - waited)).await;
+            wait_step = (wait_step * 2).min(Duration::from_millis(100));
+        };
+        let in_flight_retry_after = match config.in_flight {
+            InFlight::Reject { retry_after } => retry_after,
+            InFlight::Wait { .. } => Duration::from_secs(1),
+        };
+        Ok(match begin {
+            Begin::Execute(token) => {
+                let guard = LockGuard::new(self.store.clone(), key, token, config.lease, config.ttl);
+                return self.execute(guard, head, body).await;
+            }
+            Begin::Completed(Record::Response(record)) => replay(record),
+            Begin::Completed(Record::NotRetained) => problem_response(Problem::RESPONSE_NOT_RETAINED, None),
+            Begin::Mismatch => problem_response(Problem::KEY_REUSED, None),
+            Begin::InFlight => problem_response(Problem::IN_FLIGHT, Some(in_flight_retry_after)),
+        })
     }
 
     async fn store_failed(
@@ -261,6 +256,7 @@ where
             completing.await;
             return Ok(Response::from_parts(head, body));
         }
+        recording.renew_in_background();
         Ok(Response::from_parts(head, ResponseBody::recording(recording)))
     }
 }

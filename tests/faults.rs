@@ -155,3 +155,105 @@ async fn a_replay_shares_the_stored_body_bytes() {
     assert_eq!(frame, stored.body);
     assert_eq!(frame.as_ptr(), stored.body.as_ptr(), "the replay body is the stored buffer, not a copy");
 }
+
+fn streaming(key: &'static str, chunks: u32, delay_ms: u32) -> http::Request<http_body_util::Full<Bytes>> {
+    let mut request = post("/stream", key, "{}");
+    request.headers_mut().insert("x-chunks", chunks.into());
+    request.headers_mut().insert("x-chunk-delay-ms", delay_ms.into());
+    request
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detached_streaming_handler_needs_one_permit() {
+    // The client gives up before the head arrives; the handler then streams its body. One
+    // detach permit must be enough to finish and record it.
+    let runs = Runs::default();
+    let svc = service(IdempotencyLayer::new().with_max_detached(1), runs.clone());
+    let mut request = streaming("k", 3, 10);
+    request.headers_mut().insert("x-delay-ms", "20".parse().unwrap());
+    assert!(tokio::time::timeout(Duration::from_millis(5), svc.clone().oneshot(request)).await.is_err());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let retry = send(&svc, streaming("k", 3, 10)).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.text(), "chunk-0;chunk-1;chunk-2;");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_abandoned_without_a_detach_permit_keeps_a_tombstone() {
+    let runs = Runs::default();
+    let svc = service(IdempotencyLayer::new().with_max_detached(0), runs.clone());
+    let response = svc.clone().oneshot(streaming("k", 5, 1000)).await.unwrap();
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body); // gone midway, and nothing may finish the body in the background
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let retry = send(&svc, streaming("k", 5, 1000)).await;
+    retry.assert_problem(409, "response-not-retained");
+    assert_eq!(runs.get(), 1, "the handler answered: it must never run twice");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_reader_does_not_let_the_lease_lapse() {
+    let runs = Runs::default();
+    let svc = service(IdempotencyLayer::new().with_lease(Duration::from_secs(30)), runs.clone());
+    let response = svc.clone().oneshot(streaming("k", 3, 10)).await.unwrap();
+    let mut body = response.into_body();
+    body.frame().await.unwrap().unwrap();
+    // The client stops reading for several leases; nobody polls the body.
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    send(&svc, streaming("k", 3, 10)).await.assert_problem(409, "in-flight");
+    while body.frame().await.is_some() {}
+    assert!(send(&svc, streaming("k", 3, 10)).await.replayed());
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn durations_meaning_forever_do_not_panic() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new()
+        .with_ttl(Duration::MAX)
+        .with_lease(Duration::MAX)
+        .with_in_flight(tower_idempotency::InFlight::Wait { timeout: Duration::MAX });
+    let svc = service(layer, runs.clone());
+    send(&svc, post("/orders", "k", "{}")).await;
+    tokio::time::advance(Duration::from_secs(365 * 24 * 3600)).await;
+    assert!(send(&svc, post("/orders", "k", "{}")).await.replayed(), "still there a year later");
+    assert_eq!(runs.get(), 1);
+}
+
+/// A body that panics on its first poll, counting its polls.
+struct PanickingBody(Arc<std::sync::atomic::AtomicUsize>);
+
+impl http_body::Body for PanickingBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        panic!("the body panics");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicked_body_is_never_polled_again_and_its_key_is_released() {
+    let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = tower::service_fn({
+        let polls = polls.clone();
+        move |_req: http::Request<tower_idempotency::RequestBody<http_body_util::Full<Bytes>>>| {
+            let polls = polls.clone();
+            async move { Ok::<_, std::convert::Infallible>(http::Response::new(PanickingBody(polls))) }
+        }
+    });
+    let svc = tower::Layer::layer(&IdempotencyLayer::new(), handler);
+    let polled = tokio::spawn(svc.clone().oneshot(post("/p", "k", "")));
+    assert!(polled.await.unwrap_err().is_panic());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(polls.load(std::sync::atomic::Ordering::SeqCst), 1, "no background drain of a panicked body");
+    // Released: the retry runs the handler (and panics again, as the handler would).
+    let again = tokio::spawn(svc.clone().oneshot(post("/p", "k", "")));
+    assert!(again.await.unwrap_err().is_panic());
+    assert_eq!(polls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -132,6 +132,12 @@ impl Stored {
     }
 }
 
+/// `now + by`, saturating at a century from now: `Duration::MAX` means "forever", not a panic.
+fn later(now: Instant, by: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    now + by.min(CENTURY)
+}
+
 impl Slot {
     fn expired(&self, now: Instant) -> bool {
         match self {
@@ -295,7 +301,7 @@ impl Inner {
             }
             Entry::Vacant(vacant) => {
                 let token = LockToken::new(*fingerprint);
-                vacant.insert(Slot::Locked { token, lease_until: now + lease });
+                vacant.insert(Slot::Locked { token, lease_until: later(now, lease) });
                 Ok(Begin::Execute(token))
             }
         }
@@ -322,7 +328,7 @@ impl Inner {
         // Expired: take the key over in place. A stale queue element is skipped later.
         self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
         let token = LockToken::new(*fingerprint);
-        *slot = Slot::Locked { token, lease_until: now + lease };
+        *slot = Slot::Locked { token, lease_until: later(now, lease) };
         Ok(Begin::Execute(token))
     }
 
@@ -374,7 +380,7 @@ impl Inner {
                 return false;
             }
             let fingerprint = *lock.fingerprint();
-            *slot = Slot::Completed { fingerprint, record, expires_at: Instant::now() + ttl, seq, weight };
+            *slot = Slot::Completed { fingerprint, record, expires_at: later(Instant::now(), ttl), seq, weight };
             self.bytes.fetch_add(weight, Ordering::AcqRel);
         }
         self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((id, seq));
@@ -387,7 +393,7 @@ impl Inner {
     fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> bool {
         match self.map.get_mut(&self.id(key)).as_deref_mut() {
             Some(Slot::Locked { token, lease_until }) if token == lock => {
-                *lease_until = Instant::now() + lease;
+                *lease_until = later(Instant::now(), lease);
                 true
             }
             _ => false,

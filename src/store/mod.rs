@@ -3,7 +3,8 @@
 //! Every store implements [`IdempotencyStore`]: four operations, each one atomic in the store,
 //! and every state change after [`begin`](IdempotencyStore::begin) fenced by the lock's
 //! [`LockToken`]. The crate ships [`MemoryStore`] (one process) and, with the `redis` feature,
-//! `RedisStore` (many replicas). Both pass the same conformance suite.
+//! `RedisStore` (many replicas; a single Redis node, or Redis Cluster with the `redis-cluster`
+//! feature). Both pass the same conformance suite.
 //!
 //! # The state of one key
 //!
@@ -32,11 +33,19 @@ use std::{
 use crate::{Fingerprint, IdempotencyKey, Record, ScopeId};
 
 mod memory;
+// Not named `redis`: that name is the re-exported client crate below.
+#[cfg(feature = "redis")]
+mod redis_store;
+
+/// The `redis` client crate [`RedisStore`] is built on, re-exported so that the `Client` or
+/// `ConnectionManager` you hand it comes from the same version.
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-mod redis;
-
+pub use ::redis;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis_store::{RedisStore, RedisStoreBuilder};
 
 /// A backend for locks and recorded responses.
 ///

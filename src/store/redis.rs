@@ -1,1 +1,0 @@
-//! Placeholder: the Redis store lands with the Redis issue.

@@ -1,0 +1,289 @@
+//! The binary layout of one Redis value: a lock, a recorded response or a tombstone.
+//!
+//! ```text
+//! offset  bytes  field
+//! 0       1      tag: b'L' lock | b'R' response | b'T' tombstone
+//! 1       32     fingerprint of the request that locked or completed the key
+//! ---- lock: 49 bytes in all
+//! 33      16     lock token id, big-endian
+//! ---- tombstone: 33 bytes in all
+//! ---- response:
+//! 33      2      status, big-endian
+//! 35      2      header field count N, big-endian
+//!         N x    name length (u16 BE), name, value length (u32 BE), value
+//!         1      trailers: 0 none, 1 present, then a count and fields as for the headers
+//!         rest   the body, raw, up to the end of the value
+//! ```
+//!
+//! The scripts read only the first 33 (`begin`) or 49 (`complete`, `renew`, `release`) bytes;
+//! only this module parses a response. The tag doubles as the layout version: a later layout
+//! gets new tags, and a value with an unknown tag is reported as corrupt.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::{Fingerprint, LockToken, Record, StoreError, StoredResponse};
+
+/// Tag of an in-flight lock.
+pub(super) const LOCK: u8 = b'L';
+/// Tag of a recorded response.
+pub(super) const RESPONSE: u8 = b'R';
+/// Tag of a tombstone (the response was not retained).
+pub(super) const TOMBSTONE: u8 = b'T';
+
+/// Bytes before any tag-specific field: the tag and the fingerprint.
+const PREFIX_LEN: usize = 1 + 32;
+/// Length of a lock value.
+pub(super) const LOCK_LEN: usize = PREFIX_LEN + 16;
+
+/// The value of the lock `token` holds: what the owner-only scripts compare.
+pub(super) fn lock_value(token: &LockToken) -> [u8; LOCK_LEN] {
+    let mut value = [0; LOCK_LEN];
+    value[0] = LOCK;
+    value[1..PREFIX_LEN].copy_from_slice(token.fingerprint().as_bytes());
+    value[PREFIX_LEN..].copy_from_slice(&token.id().to_be_bytes());
+    value
+}
+
+/// Encodes a completed record for `fingerprint`.
+///
+/// A response with a field too large for the layout (a header map of more than 65 535 fields,
+/// a value over 4 GiB) cannot be kept, so it becomes a tombstone, like any response too large
+/// to retain.
+pub(super) fn encode_record(fingerprint: &Fingerprint, record: &Record) -> Vec<u8> {
+    let response = match record {
+        Record::Response(response) => response,
+        Record::NotRetained => return tombstone(fingerprint),
+    };
+    let trailers_len = response.trailers.as_ref().map_or(0, |t| 2 + fields_len(t));
+    let mut out =
+        Vec::with_capacity(PREFIX_LEN + 4 + fields_len(&response.headers) + 1 + trailers_len + response.body.len());
+    out.push(RESPONSE);
+    out.extend_from_slice(fingerprint.as_bytes());
+    out.extend_from_slice(&response.status.as_u16().to_be_bytes());
+    let fits = put_fields(&mut out, &response.headers)
+        && match &response.trailers {
+            None => {
+                out.push(0);
+                true
+            }
+            Some(trailers) => {
+                out.push(1);
+                put_fields(&mut out, trailers)
+            }
+        };
+    if !fits {
+        return tombstone(fingerprint);
+    }
+    out.extend_from_slice(&response.body);
+    out
+}
+
+fn tombstone(fingerprint: &Fingerprint) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PREFIX_LEN);
+    out.push(TOMBSTONE);
+    out.extend_from_slice(fingerprint.as_bytes());
+    out
+}
+
+/// Encoded size of a header map's fields, without the count.
+fn fields_len(map: &HeaderMap) -> usize {
+    map.iter().map(|(name, value)| 2 + name.as_str().len() + 4 + value.len()).sum()
+}
+
+/// Appends the field count and fields; `false` when a length does not fit its field.
+fn put_fields(out: &mut Vec<u8>, map: &HeaderMap) -> bool {
+    let Ok(count) = u16::try_from(map.len()) else { return false };
+    out.extend_from_slice(&count.to_be_bytes());
+    for (name, value) in map {
+        // `http` caps a header name at 65 535 bytes; a value has no cap of its own.
+        let (Ok(name_len), Ok(value_len)) = (u16::try_from(name.as_str().len()), u32::try_from(value.len())) else {
+            return false;
+        };
+        out.extend_from_slice(&name_len.to_be_bytes());
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(&value_len.to_be_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    true
+}
+
+/// Decodes a completed record (a response or a tombstone). The body is a slice of `value`,
+/// not a copy.
+pub(super) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
+    let mut reader = Reader { value: Bytes::from(value), at: 0 };
+    let tag = reader.u8()?;
+    reader.take(32)?; // The fingerprint, already compared by the script.
+    match tag {
+        TOMBSTONE if reader.at == reader.value.len() => Ok(Record::NotRetained),
+        RESPONSE => {
+            let status = StatusCode::from_u16(reader.u16()?).map_err(|_| corrupt("invalid status"))?;
+            let headers = reader.fields()?;
+            let trailers = match reader.u8()? {
+                0 => None,
+                1 => Some(reader.fields()?),
+                _ => return Err(corrupt("invalid trailer flag")),
+            };
+            let body = reader.value.slice(reader.at..);
+            Ok(Record::Response(Arc::new(StoredResponse { status, headers, body, trailers })))
+        }
+        TOMBSTONE => Err(corrupt("trailing bytes after a tombstone")),
+        LOCK => Err(corrupt("a lock where a record was expected")),
+        _ => Err(corrupt("unknown value tag")),
+    }
+}
+
+fn corrupt(what: &'static str) -> StoreError {
+    StoreError::corrupt(format!("Redis value: {what}"))
+}
+
+struct Reader {
+    value: Bytes,
+    at: usize,
+}
+
+impl Reader {
+    fn take(&mut self, n: usize) -> Result<&[u8], StoreError> {
+        let end = self.at.checked_add(n).filter(|&end| end <= self.value.len()).ok_or_else(|| corrupt("truncated"))?;
+        let bytes = &self.value[self.at..end];
+        self.at = end;
+        Ok(bytes)
+    }
+
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, StoreError> {
+        let bytes = self.take(2)?;
+        Ok(u16::from_be_bytes([bytes[0], bytes[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        let bytes = self.take(4)?;
+        Ok(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    fn fields(&mut self) -> Result<HeaderMap, StoreError> {
+        let count = usize::from(self.u16()?);
+        // Every field takes at least 6 bytes: do not trust a count the value cannot hold.
+        if count > (self.value.len() - self.at) / 6 {
+            return Err(corrupt("truncated"));
+        }
+        let mut map = HeaderMap::with_capacity(count);
+        for _ in 0..count {
+            let len = usize::from(self.u16()?);
+            let name = HeaderName::from_bytes(self.take(len)?).map_err(|_| corrupt("invalid header name"))?;
+            let len = self.u32()? as usize;
+            let value = HeaderValue::from_bytes(self.take(len)?).map_err(|_| corrupt("invalid header value"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp() -> Fingerprint {
+        Fingerprint::from_bytes([7; 32])
+    }
+
+    fn response() -> StoredResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("x-multi", HeaderValue::from_static("two"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        StoredResponse {
+            status: StatusCode::CREATED,
+            headers,
+            body: Bytes::from_static(b"\x00\xff{\"id\":1}\r\n"),
+            trailers: Some(trailers),
+        }
+    }
+
+    #[test]
+    fn lock_value_layout() {
+        let token = LockToken::from_parts(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10, fp());
+        let value = lock_value(&token);
+        assert_eq!(value[0], b'L');
+        assert_eq!(&value[1..33], &[7; 32]);
+        assert_eq!(&value[33..], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+    }
+
+    #[test]
+    fn response_round_trips_with_the_documented_layout() {
+        let stored = response();
+        let encoded = encode_record(&fp(), &Record::Response(Arc::new(stored.clone())));
+        let mut expected = vec![b'R'];
+        expected.extend_from_slice(&[7; 32]);
+        expected.extend_from_slice(&[0, 201, 0, 3]);
+        expected.extend_from_slice(b"\x00\x0ccontent-type\x00\x00\x00\x10application/json");
+        expected.extend_from_slice(b"\x00\x07x-multi\x00\x00\x00\x03one");
+        expected.extend_from_slice(b"\x00\x07x-multi\x00\x00\x00\x03two");
+        expected.extend_from_slice(b"\x01\x00\x01\x00\x0bgrpc-status\x00\x00\x00\x010");
+        expected.extend_from_slice(b"\x00\xff{\"id\":1}\r\n");
+        assert_eq!(encoded, expected);
+        match decode_record(encoded).unwrap() {
+            Record::Response(got) => assert_eq!(*got, stored),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_trailers_and_empty_body() {
+        let stored = StoredResponse {
+            status: StatusCode::NO_CONTENT,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            trailers: None,
+        };
+        let encoded = encode_record(&fp(), &Record::Response(Arc::new(stored.clone())));
+        assert_eq!(encoded.len(), 33 + 2 + 2 + 1);
+        match decode_record(encoded).unwrap() {
+            Record::Response(got) => assert_eq!(*got, stored),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tombstone_round_trips() {
+        let encoded = encode_record(&fp(), &Record::NotRetained);
+        assert_eq!(encoded.len(), 33);
+        assert_eq!(encoded[0], b'T');
+        assert_eq!(decode_record(encoded).unwrap(), Record::NotRetained);
+    }
+
+    #[test]
+    fn damaged_values_are_corrupt_never_a_panic() {
+        let encoded = encode_record(&fp(), &Record::Response(Arc::new(response())));
+        // Every truncation that cuts into the header section fails to decode.
+        let body_at = encoded.len() - response().body.len();
+        for len in 0..body_at {
+            let err = decode_record(encoded[..len].to_vec()).unwrap_err();
+            assert!(err.is_corrupt(), "length {len}: {err:?}");
+        }
+        let mut bad = encoded.clone();
+        bad[0] = b'X';
+        assert!(decode_record(bad).unwrap_err().is_corrupt());
+        let mut bad = encoded.clone();
+        bad[33..35].copy_from_slice(&1000u16.to_be_bytes());
+        assert!(decode_record(bad).unwrap_err().is_corrupt());
+        let mut bad = encoded.clone();
+        bad[35..37].copy_from_slice(&u16::MAX.to_be_bytes());
+        assert!(decode_record(bad).unwrap_err().is_corrupt());
+        let mut bad = encoded.clone();
+        bad[39] = b' '; // A space in a header name.
+        assert!(decode_record(bad).unwrap_err().is_corrupt());
+        let token = LockToken::from_parts(1, fp());
+        assert!(decode_record(lock_value(&token).to_vec()).unwrap_err().is_corrupt());
+        let mut tombstone = encode_record(&fp(), &Record::NotRetained);
+        tombstone.push(0);
+        assert!(decode_record(tombstone).unwrap_err().is_corrupt());
+    }
+}
