@@ -82,8 +82,9 @@ pub fn app<St: IdempotencyStore>(layer: IdempotencyLayer<St>, stats: Arc<Stats>)
         .layer(CatchPanicLayer::new())
 }
 
+/// The query parameters every handler understands.
 #[derive(Debug, Deserialize, Default)]
-struct Knobs {
+pub struct Knobs {
     delay_ms: Option<u64>,
     chunks: Option<u64>,
     chunk_delay_ms: Option<u64>,
@@ -122,12 +123,13 @@ fn parse_json(body: &Bytes) -> Result<Value, Box<Response>> {
     })
 }
 
-const ORDERS: usize = 0;
+/// Index of `orders` in [`ROUTES`].
+pub const ORDERS: usize = 0;
 const PAYMENTS: usize = 1;
 const JOBS: usize = 2;
 
 /// `POST /orders`, `/payments`, `/jobs`: `ROUTE` indexes [`ROUTES`].
-async fn create<const ROUTE: usize>(
+pub async fn create<const ROUTE: usize>(
     State(stats): State<Arc<Stats>>,
     Query(q): Query<Knobs>,
     headers: HeaderMap,

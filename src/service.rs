@@ -121,7 +121,7 @@ fn problem_response<B: Body>(problem: Problem, retry_after: Option<Duration>) ->
     Response::from_parts(head, ResponseBody::full(body, None))
 }
 
-fn replay<B: Body>(record: &StoredResponse) -> Response<ResponseBody<B>> {
+fn replay<B: Body>(record: Arc<StoredResponse>) -> Response<ResponseBody<B>> {
     let (mut head, body, trailers) = record.replay();
     head.extensions.insert(Outcome::Replayed);
     Response::from_parts(head, ResponseBody::full(body, trailers))
@@ -189,7 +189,7 @@ where
                 let guard = LockGuard::new(self.store.clone(), key, token, config.lease, config.ttl);
                 return self.execute(guard, head, body).await;
             }
-            Begin::Completed(Record::Response(record)) => replay(&record),
+            Begin::Completed(Record::Response(record)) => replay(record),
             Begin::Completed(Record::NotRetained) => problem_response(Problem::RESPONSE_NOT_RETAINED, None),
             Begin::Mismatch => problem_response(Problem::KEY_REUSED, None),
             Begin::InFlight => problem_response(Problem::IN_FLIGHT, Some(in_flight_retry_after)),
@@ -297,29 +297,32 @@ impl<F: Future> Future for KeepLease<'_, F> {
 /// Headers kept in a record: the end-to-end ones, less `Content-Length` (recomputed on
 /// replay), `Date` (regenerated) and the configured list (`Set-Cookie` by default).
 fn stored_headers(headers: &HeaderMap, unstored: &[HeaderName]) -> HeaderMap {
-    const HOP_BY_HOP: [HeaderName; 8] = [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ];
+    // Hop-by-hop: the fixed list of RFC 9110 section 7.6.1, and whatever `Connection` names.
+    let connection = headers.get_all(header::CONNECTION);
     let named_by_connection = |name: &HeaderName| {
-        headers.get_all(header::CONNECTION).iter().any(|value| {
+        connection.iter().any(|value| {
             value.to_str().is_ok_and(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case(name.as_str())))
         })
     };
+    let dropped = |name: &HeaderName| {
+        matches!(
+            *name,
+            header::CONNECTION
+                | header::PROXY_AUTHENTICATE
+                | header::PROXY_AUTHORIZATION
+                | header::TE
+                | header::TRAILER
+                | header::TRANSFER_ENCODING
+                | header::UPGRADE
+                | header::CONTENT_LENGTH
+                | header::DATE
+        ) || name.as_str() == "keep-alive"
+            || unstored.contains(name)
+            || named_by_connection(name)
+    };
     let mut kept = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        let dropped = HOP_BY_HOP.contains(name)
-            || name == header::CONTENT_LENGTH
-            || name == header::DATE
-            || unstored.contains(name)
-            || named_by_connection(name);
-        if !dropped {
+        if !dropped(name) {
             kept.append(name.clone(), value.clone());
         }
     }

@@ -3,6 +3,7 @@
 use std::{
     collections::VecDeque,
     fmt,
+    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -10,11 +11,12 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use dashmap::{DashMap, mapref::entry::Entry};
 use tokio::time::Instant;
 
 use super::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey};
-use crate::{Fingerprint, Record};
+use crate::{Fingerprint, Record, StoredResponse};
 
 /// Default bound on entries (locks and completed records).
 const DEFAULT_MAX_ENTRIES: usize = 100_000;
@@ -36,6 +38,12 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 ///   answers `503`), and nothing is overwritten. A single record larger than `max_bytes` is
 ///   kept as a tombstone.
 /// - **Time** is `tokio::time::Instant`, so tests can pause and advance it.
+/// - **Memory.** An entry is keyed by a 128-bit keyed hash of the store key (two SipHash-1-3
+///   digests under random per-store keys: no one outside the process can make two keys
+///   collide), not by the key itself, and a record is kept as one exact-size buffer
+///   ([`StoredResponse`] encoded, body included) that replays decode without copying. A
+///   record then costs its body and header bytes plus under 200 bytes (see
+///   `cargo bench --bench memory`).
 ///
 /// Cloning is cheap and clones share the same entries.
 #[derive(Clone)]
@@ -44,10 +52,12 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    map: DashMap<StoreKey, Slot>,
+    map: DashMap<KeyId, Slot, BuildHasherDefault<KeyIdHasher>>,
+    /// The keys of the two hashes that make a [`KeyId`].
+    ids: [RandomState; 2],
     /// Completed records, oldest first, for eviction. An element whose `seq` no longer matches
     /// the map is stale and skipped.
-    completed: Mutex<VecDeque<(StoreKey, u64)>>,
+    completed: Mutex<VecDeque<(KeyId, u64)>>,
     entries: AtomicUsize,
     bytes: AtomicUsize,
     seq: AtomicU64,
@@ -57,9 +67,69 @@ struct Inner {
     sweep_interval: Duration,
 }
 
+/// What the map holds for a store key: 128 bits of keyed hash. Two different keys share an id
+/// with probability 2^-128, and only the process knows the hash keys, so none can be made to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct KeyId([u64; 2]);
+
+impl std::hash::Hash for KeyId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: its first half is the map's hash.
+        state.write_u64(self.0[0]);
+    }
+}
+
+/// The map's hasher: passes a [`KeyId`]'s hash through.
+#[derive(Default)]
+struct KeyIdHasher(u64);
+
+impl Hasher for KeyIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached (a `KeyId` writes one `u64`); a plain fold for completeness.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 enum Slot {
     Locked { token: LockToken, lease_until: Instant },
-    Completed { fingerprint: Fingerprint, record: Record, expires_at: Instant, seq: u64, weight: usize },
+    Completed { fingerprint: Fingerprint, record: Stored, expires_at: Instant, seq: u64, weight: usize },
+}
+
+/// A completed record as the map keeps it.
+#[derive(Clone)]
+enum Stored {
+    /// [`StoredResponse::encode`]: status, headers, trailers and body in one allocation.
+    Response(Arc<[u8]>),
+    NotRetained,
+}
+
+impl Stored {
+    fn new(record: &Record) -> Self {
+        match record {
+            Record::Response(response) => Self::Response(Arc::from(response.encode())),
+            Record::NotRetained => Self::NotRetained,
+        }
+    }
+
+    /// The record back, its header values and body sharing this buffer.
+    fn to_record(&self) -> Result<Record, StoreError> {
+        match self {
+            Self::Response(encoded) => StoredResponse::decode(Bytes::from_owner(encoded.clone()))
+                .map(|response| Record::Response(Arc::new(response)))
+                .map_err(StoreError::corrupt),
+            Self::NotRetained => Ok(Record::NotRetained),
+        }
+    }
 }
 
 /// `now + by`, saturating at a century from now: `Duration::MAX` means "forever", not a panic.
@@ -117,7 +187,8 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
-                map: DashMap::new(),
+                map: DashMap::default(),
+                ids: [RandomState::new(), RandomState::new()],
                 completed: Mutex::new(VecDeque::new()),
                 entries: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
@@ -210,18 +281,23 @@ impl fmt::Debug for MemoryStore {
 }
 
 impl Inner {
+    fn id(&self, key: &StoreKey) -> KeyId {
+        KeyId([self.ids[0].hash_one(key), self.ids[1].hash_one(key)])
+    }
+
     fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         let now = Instant::now();
-        if let Some(mut slot) = self.map.get_mut(key) {
-            return Ok(self.begin_existing(&mut slot, fingerprint, lease, now));
+        let id = self.id(key);
+        if let Some(mut slot) = self.map.get_mut(&id) {
+            return self.begin_existing(&mut slot, fingerprint, lease, now);
         }
         // A new key: make room first, outside any shard lock (eviction touches other shards).
         self.reserve_entry()?;
-        match self.map.entry(key.clone()) {
+        match self.map.entry(id) {
             Entry::Occupied(mut slot) => {
                 // Another caller inserted the key meanwhile.
                 self.entries.fetch_sub(1, Ordering::AcqRel);
-                Ok(self.begin_existing(slot.get_mut(), fingerprint, lease, now))
+                self.begin_existing(slot.get_mut(), fingerprint, lease, now)
             }
             Entry::Vacant(vacant) => {
                 let token = LockToken::new(*fingerprint);
@@ -231,23 +307,29 @@ impl Inner {
         }
     }
 
-    fn begin_existing(&self, slot: &mut Slot, fingerprint: &Fingerprint, lease: Duration, now: Instant) -> Begin {
+    fn begin_existing(
+        &self,
+        slot: &mut Slot,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        now: Instant,
+    ) -> Result<Begin, StoreError> {
         if !slot.expired(now) {
             let (held_for, completed) = match slot {
                 Slot::Locked { token, .. } => (token.fingerprint(), None),
                 Slot::Completed { fingerprint, record, .. } => (&*fingerprint, Some(record)),
             };
             return match (held_for == fingerprint, completed) {
-                (false, _) => Begin::Mismatch,
-                (true, None) => Begin::InFlight,
-                (true, Some(record)) => Begin::Completed(record.clone()),
+                (false, _) => Ok(Begin::Mismatch),
+                (true, None) => Ok(Begin::InFlight),
+                (true, Some(record)) => record.to_record().map(Begin::Completed),
             };
         }
         // Expired: take the key over in place. A stale queue element is skipped later.
         self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
         let token = LockToken::new(*fingerprint);
         *slot = Slot::Locked { token, lease_until: later(now, lease) };
-        Begin::Execute(token)
+        Ok(Begin::Execute(token))
     }
 
     /// Counts one more entry, evicting the oldest completed records while over the bound.
@@ -273,7 +355,7 @@ impl Inner {
         }
     }
 
-    fn remove_completed(&self, key: &StoreKey, seq: u64) {
+    fn remove_completed(&self, key: &KeyId, seq: u64) {
         let removed = self.map.remove_if(key, |_, slot| matches!(slot, Slot::Completed { seq: s, .. } if *s == seq));
         if let Some((_, slot)) = removed {
             self.entries.fetch_sub(1, Ordering::AcqRel);
@@ -281,15 +363,19 @@ impl Inner {
         }
     }
 
-    fn complete(&self, key: &StoreKey, lock: &LockToken, mut record: Record, ttl: Duration) -> bool {
+    fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> bool {
         let mut weight = record.weight();
-        if weight > self.max_bytes {
-            record = Record::NotRetained;
+        let record = if weight > self.max_bytes {
             weight = 0;
-        }
+            Stored::NotRetained
+        } else {
+            // Encoded outside the shard lock.
+            Stored::new(&record)
+        };
+        let id = self.id(key);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         {
-            let Some(mut slot) = self.map.get_mut(key) else { return false };
+            let Some(mut slot) = self.map.get_mut(&id) else { return false };
             if !matches!(&*slot, Slot::Locked { token, .. } if token == lock) {
                 return false;
             }
@@ -297,7 +383,7 @@ impl Inner {
             *slot = Slot::Completed { fingerprint, record, expires_at: later(Instant::now(), ttl), seq, weight };
             self.bytes.fetch_add(weight, Ordering::AcqRel);
         }
-        self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((key.clone(), seq));
+        self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((id, seq));
         if self.bytes.load(Ordering::Acquire) > self.max_bytes {
             self.evict_while(|| self.bytes.load(Ordering::Acquire) > self.max_bytes);
         }
@@ -305,7 +391,7 @@ impl Inner {
     }
 
     fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> bool {
-        match self.map.get_mut(key).as_deref_mut() {
+        match self.map.get_mut(&self.id(key)).as_deref_mut() {
             Some(Slot::Locked { token, lease_until }) if token == lock => {
                 *lease_until = later(Instant::now(), lease);
                 true
@@ -315,7 +401,8 @@ impl Inner {
     }
 
     fn release(&self, key: &StoreKey, lock: &LockToken) -> bool {
-        let removed = self.map.remove_if(key, |_, slot| matches!(slot, Slot::Locked { token, .. } if token == lock));
+        let removed =
+            self.map.remove_if(&self.id(key), |_, slot| matches!(slot, Slot::Locked { token, .. } if token == lock));
         if removed.is_some() {
             self.entries.fetch_sub(1, Ordering::AcqRel);
         }

@@ -1,0 +1,224 @@
+//! What the layer costs, in process, against the same router without it.
+//!
+//! Run with: `cargo bench --bench layer` (about a minute and a half), or
+//! `scripts/bench-ratios.sh`, which runs it and prints each path's ratio to the bare router.
+//!
+//! Three groups:
+//!
+//! - `paths`: an axum 0.8 router with one `POST /orders` handler (parse a ~200-byte JSON body,
+//!   answer `201` with ~300 bytes), bare and behind `IdempotencyLayer::new()`, driven through
+//!   `tower::ServiceExt::oneshot` on a current-thread runtime, the response body read to its end.
+//!   Every path of the layer is in this one group, so the ratios come from one run.
+//! - `fingerprint`: `Fingerprint::compute` by body size against a raw SHA-256 of the same bytes.
+//! - `memory_store`: `MemoryStore` operations on one thread, and on several threads at once
+//!   with one hot key or distinct keys (throughput in operations per second).
+//!
+//! Requests are built outside the timed part (`iter_batched`). Every request carries an
+//! `Authorization` header, as an API's requests do, so the default scope hashes it.
+
+// `criterion_group!` makes an undocumented `pub fn`.
+#![allow(missing_docs)]
+
+use std::{
+    hint::black_box,
+    sync::{
+        Arc, Barrier,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+use axum::http::{HeaderValue, Request, StatusCode, header};
+use bytes::Bytes;
+use common::{AUTHORIZATION, Path, routers, runtime, send};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sha2::{Digest, Sha256};
+use tower_idempotency::{
+    Begin, Fingerprint, IdempotencyKey, IdempotencyStore, MemoryStore, Record, ScopeId, StoreKey, StoredResponse,
+};
+
+mod common;
+
+// --- group 1: the bare router against every path of the layer ---------------------------------
+
+fn paths(c: &mut Criterion) {
+    let rt = runtime();
+    let routers = routers(&rt, MemoryStore::new());
+    let mut group = c.benchmark_group("paths");
+    for path in Path::ALL {
+        let router = path.router(&routers);
+        group.bench_function(path.name(), |b| {
+            b.to_async(&rt).iter_batched(
+                || path.request(),
+                |request| async move { black_box(send(router, request).await) },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+// --- group 2: fingerprinting against raw SHA-256 -----------------------------------------------
+
+fn fingerprint(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fingerprint");
+    for size in [200, 64 * 1024, 1024 * 1024] {
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let (head, ()) = Request::post("/orders?source=bench").body(()).unwrap().into_parts();
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::new("sha256", size), &body, |b, body| {
+            b.iter(|| black_box(Sha256::digest(black_box(body))))
+        });
+        group.bench_with_input(BenchmarkId::new("fingerprint", size), &body, |b, body| {
+            b.iter(|| black_box(Fingerprint::compute(black_box(&head), &[], black_box(body))))
+        });
+    }
+    group.finish();
+}
+
+// --- group 3: MemoryStore ------------------------------------------------------------------------
+
+/// Polls a store future once: `MemoryStore` answers on the first poll.
+fn now<T>(future: impl Future<Output = T>) -> T {
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(value) => value,
+        Poll::Pending => unreachable!("MemoryStore never waits"),
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn store_key(n: u64) -> StoreKey {
+    let key: IdempotencyKey = format!("store-bench-{n:024}").parse().unwrap();
+    StoreKey::new(Some(ScopeId::digest(AUTHORIZATION)), key)
+}
+
+fn fingerprint_of(n: u64) -> Fingerprint {
+    Fingerprint::from_bytes(Sha256::digest(n.to_be_bytes()).into())
+}
+
+/// A ~300-byte response with two headers, shared by every record.
+fn record() -> Record {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::LOCATION, HeaderValue::from_static("/orders/ord_1"));
+    let body = Bytes::from(vec![b'x'; 300]);
+    Record::Response(Arc::new(StoredResponse { status: StatusCode::CREATED, headers, body, trailers: None }))
+}
+
+/// Locks `key` and completes it with `record`: the store's share of a miss.
+fn begin_complete(store: &MemoryStore, key: &StoreKey, fingerprint: &Fingerprint, record: &Record) {
+    let begin = now(store.begin(key, fingerprint, LEASE));
+    let Ok(Begin::Execute(token)) = begin else { panic!("key was not free: {begin:?}") };
+    assert!(now(store.complete(key, &token, record.clone(), TTL)).unwrap());
+}
+
+/// A store holding `n` completed records, keys `0..n`.
+fn filled_store(n: u64, record: &Record) -> MemoryStore {
+    let store = MemoryStore::new();
+    for i in 0..n {
+        begin_complete(&store, &store_key(i), &fingerprint_of(0), record);
+    }
+    store
+}
+
+/// Runs `op(thread, i)` for `i` in `0..iters` on each of `threads` threads at once; the wall
+/// time of the whole.
+fn on_threads(threads: usize, iters: u64, op: &(dyn Fn(usize, u64) + Sync)) -> Duration {
+    let start = Barrier::new(threads + 1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    for i in 0..iters {
+                        op(t, i);
+                    }
+                    Instant::now()
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        let ended = handles.into_iter().map(|h| h.join().unwrap()).max().unwrap();
+        ended - began
+    })
+}
+
+fn memory_store(c: &mut Criterion) {
+    let record = record();
+    let mut group = c.benchmark_group("memory_store");
+
+    // One thread. A miss: begin on a new key, then complete it. The store sits at its bound
+    // (100 000 entries) after the first samples, so each miss also evicts the oldest record.
+    let store = MemoryStore::new();
+    let next = AtomicU64::new(1 << 40);
+    group.bench_function("begin_complete_new_key", |b| {
+        b.iter_batched(
+            || store_key(next.fetch_add(1, Ordering::Relaxed)),
+            |key| begin_complete(&store, &key, &fingerprint_of(0), &record),
+            BatchSize::SmallInput,
+        )
+    });
+    let store = filled_store(1024, &record);
+    let hot = store_key(7);
+    group.bench_function("begin_completed_key", |b| {
+        b.iter(|| black_box(now(store.begin(&hot, &fingerprint_of(0), LEASE)).unwrap()))
+    });
+    let locked = store_key(1 << 50);
+    let Ok(Begin::Execute(_token)) = now(store.begin(&locked, &fingerprint_of(0), TTL)) else { unreachable!() };
+    group.bench_function("begin_in_flight_key", |b| {
+        b.iter(|| black_box(now(store.begin(&locked, &fingerprint_of(0), LEASE)).unwrap()))
+    });
+
+    // Several threads at once; throughput is in store operations per second over all threads.
+    for threads in [1, 2] {
+        group.throughput(Throughput::Elements(threads as u64));
+        // Every thread replays the same key.
+        let store = filled_store(1024, &record);
+        let hot = store_key(7);
+        group.bench_function(BenchmarkId::new("replay_one_hot_key", threads), |b| {
+            b.iter_custom(|iters| {
+                on_threads(threads, iters, &|_, _| {
+                    black_box(now(store.begin(&hot, &fingerprint_of(0), LEASE)).unwrap());
+                })
+            })
+        });
+        // Every thread replays its own keys, spread over the map.
+        let keys: Vec<StoreKey> = (0..1024).map(store_key).collect();
+        group.bench_function(BenchmarkId::new("replay_many_keys", threads), |b| {
+            b.iter_custom(|iters| {
+                on_threads(threads, iters, &|t, i| {
+                    let key = &keys[(i as usize * 7 + t * 512) % keys.len()];
+                    black_box(now(store.begin(key, &fingerprint_of(0), LEASE)).unwrap());
+                })
+            })
+        });
+        // Every thread locks and completes keys no other thread uses (below the store's bound:
+        // this measures the map, not eviction).
+        let store = MemoryStore::builder().max_entries(usize::MAX / 2).build();
+        let round = AtomicU64::new(0);
+        group.bench_function(BenchmarkId::new("begin_complete_distinct_keys", threads), |b| {
+            b.iter_custom(|iters| {
+                let base = round.fetch_add(1, Ordering::Relaxed) << 32;
+                let keys: Vec<Vec<StoreKey>> =
+                    (0..threads as u64).map(|t| (0..iters).map(|i| store_key(base | t << 28 | i)).collect()).collect();
+                on_threads(threads, iters, &|t, i| {
+                    begin_complete(&store, &keys[t][i as usize], &fingerprint_of(0), &record);
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! { name = benches; config = config(); targets = paths, fingerprint, memory_store }
+criterion_main!(benches);

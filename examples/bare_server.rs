@@ -1,0 +1,34 @@
+//! The example server's `POST /orders`, with no idempotency layer: the baseline of the loopback
+//! load benchmark (`scripts/load.sh`).
+//!
+//! Run with: `cargo run --release --example bare_server`
+//!
+//! Same handler, same catch-panic layer, same runtime and logging as `examples/server.rs`; only
+//! the idempotency layer is missing. Environment: `ADDR` (default `127.0.0.1:3001`, port `0`
+//! picks a free one). Prints `listening on http://HOST:PORT`.
+
+#[path = "server.rs"]
+#[allow(dead_code, unreachable_pub, missing_docs, clippy::result_large_err)]
+mod server;
+
+use std::sync::Arc;
+
+use axum::{Router, routing::post};
+use server::{ORDERS, Stats, create};
+use tower_http::catch_panic::CatchPanicLayer;
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3001".to_owned());
+    let app = Router::new()
+        .route("/orders", post(create::<ORDERS>))
+        .with_state(Arc::new(Stats::default()))
+        .layer(CatchPanicLayer::new());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await
+}
