@@ -133,3 +133,40 @@ mod bounds {
         assert!(matches!(begin(&store, &huge, fp(1)).await, Begin::Completed(Record::NotRetained)));
     }
 }
+
+/// At the entry bound, concurrent callers on distinct keys evict records for each other: none
+/// is refused while completed records remain to evict (a race once made `begin` fail with
+/// `capacity` when another caller's reservation landed between eviction and its check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_never_refuses_while_records_can_be_evicted() {
+    use tower_idempotency::{Begin, IdempotencyStore, Record};
+
+    let store = MemoryStore::builder().max_entries(500).build();
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..10_000 {
+                    let key = common::conformance::fresh_key(None);
+                    let fp = common::conformance::fp(1);
+                    match store.begin(&key, &fp, Duration::from_secs(30)).await {
+                        Ok(Begin::Execute(token)) => {
+                            assert!(
+                                store
+                                    .complete(&key, &token, Record::NotRetained, Duration::from_secs(60))
+                                    .await
+                                    .unwrap()
+                            );
+                        }
+                        other => panic!("a fresh key must execute, got {other:?}"),
+                    }
+                    assert!(store.len() <= 500 + 4, "the bound holds, give or take reservations in flight");
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(store.len(), 500);
+}

@@ -333,26 +333,31 @@ impl Inner {
     }
 
     /// Counts one more entry, evicting the oldest completed records while over the bound.
+    ///
+    /// Fails only when the eviction queue runs dry while still over the bound (only locks
+    /// left). Other callers reserving at the same time may push the count over again; the
+    /// loop then evicts for them too, rather than failing this caller.
     fn reserve_entry(&self) -> Result<(), StoreError> {
         let held = self.entries.fetch_add(1, Ordering::AcqRel) + 1;
         if held <= self.max_entries {
             return Ok(());
         }
-        self.evict_while(|| self.entries.load(Ordering::Acquire) > self.max_entries);
-        if self.entries.load(Ordering::Acquire) > self.max_entries {
-            self.entries.fetch_sub(1, Ordering::AcqRel);
-            return Err(StoreError::capacity());
+        if self.evict_while(|| self.entries.load(Ordering::Acquire) > self.max_entries) {
+            return Ok(());
         }
-        Ok(())
+        self.entries.fetch_sub(1, Ordering::AcqRel);
+        Err(StoreError::capacity())
     }
 
-    /// Evicts the oldest completed records (never a lock) while `over()` holds.
-    fn evict_while(&self, over: impl Fn() -> bool) {
+    /// Evicts the oldest completed records (never a lock) while `over()` holds. Returns
+    /// whether `over()` stopped holding (`false`: nothing left to evict).
+    fn evict_while(&self, over: impl Fn() -> bool) -> bool {
         let mut queue = self.completed.lock().unwrap_or_else(|e| e.into_inner());
         while over() {
-            let Some((key, seq)) = queue.pop_front() else { return };
+            let Some((key, seq)) = queue.pop_front() else { return false };
             self.remove_completed(&key, seq);
         }
+        true
     }
 
     fn remove_completed(&self, key: &KeyId, seq: u64) {
