@@ -4,7 +4,7 @@ mod common;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use common::{Reply, Runs, post, send, service};
+use common::{Runs, post, race, send, service};
 use http::StatusCode;
 use tokio::sync::Barrier;
 use tower_idempotency::{IdempotencyLayer, InFlight, Outcome};
@@ -12,45 +12,12 @@ use tower_idempotency::{IdempotencyLayer, InFlight, Outcome};
 const TASKS: usize = 200;
 const ROUNDS: usize = 25;
 
-/// Sends `TASKS` copies of one request at once (released together by a barrier).
-async fn race<S>(svc: &S, key: &str, delay_ms: u32) -> Vec<Reply>
-where
-    S: tower::Service<
-            http::Request<http_body_util::Full<bytes::Bytes>>,
-            Response = http::Response<tower_idempotency::ResponseBody<common::TestBody>>,
-            Error = tower::BoxError,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-{
-    let barrier = Arc::new(Barrier::new(TASKS));
-    let key: &'static str = key.to_owned().leak();
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let barrier = barrier.clone();
-            let mut request = post("/orders", key, r#"{"sku":"A1"}"#);
-            request.headers_mut().insert("x-delay-ms", delay_ms.into());
-            let sent = send(svc, request);
-            tokio::spawn(async move {
-                barrier.wait().await;
-                sent.await
-            })
-        })
-        .collect();
-    let mut replies = Vec::with_capacity(TASKS);
-    for task in tasks {
-        replies.push(task.await.expect("no task panics"));
-    }
-    replies
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reject_mode_runs_the_handler_exactly_once() {
     for round in 0..ROUNDS {
         let runs = Runs::default();
         let svc = service(IdempotencyLayer::new(), runs.clone());
-        let replies = race(&svc, &format!("reject-{round}"), 20).await;
+        let replies = race(&[svc], &format!("reject-{round}"), TASKS, 20).await;
         assert_eq!(runs.get(), 1, "round {round}: the handler ran {} times", runs.get());
         let executed: Vec<_> = replies.iter().filter(|r| r.outcome == Outcome::Executed).collect();
         assert_eq!(executed.len(), 1, "round {round}");
@@ -76,7 +43,7 @@ async fn wait_mode_gives_every_duplicate_the_same_response() {
         let runs = Runs::default();
         let layer = IdempotencyLayer::new().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) });
         let svc = service(layer, runs.clone());
-        let replies = race(&svc, &format!("wait-{round}"), 20).await;
+        let replies = race(&[svc], &format!("wait-{round}"), TASKS, 20).await;
         assert_eq!(runs.get(), 1, "round {round}");
         let bodies: HashSet<_> = replies.iter().map(|r| r.body.clone()).collect();
         assert_eq!(bodies.len(), 1, "round {round}: every caller sees the one execution");
@@ -117,7 +84,7 @@ async fn a_failing_first_run_lets_exactly_one_retry_run() {
         let mut failing = post("/orders", key, r#"{"sku":"A1"}"#);
         failing.headers_mut().insert("x-status", "500".parse().unwrap());
         assert_eq!(send(&svc, failing).await.status, StatusCode::INTERNAL_SERVER_ERROR);
-        let replies = race(&svc, key, 20).await;
+        let replies = race(std::slice::from_ref(&svc), key, TASKS, 20).await;
         assert_eq!(runs.get(), 2, "round {round}");
         assert_eq!(replies.iter().filter(|r| r.outcome == Outcome::Executed).count(), 1);
     }

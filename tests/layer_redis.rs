@@ -7,19 +7,15 @@
 
 mod common;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use bytes::Bytes;
 use common::{
-    Reply, Runs, TestBody, post,
+    Runs, TestService, post, race,
     redis::{Proxy, closed_port, redis_url, run_prefix, store, tcp_addr},
     send, service,
 };
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use tokio::sync::Barrier;
-use tower::{BoxError, Service};
-use tower_idempotency::{IdempotencyLayer, InFlight, Outcome, ResponseBody, StoreFailure, store::RedisStore};
+use http::StatusCode;
+use tower_idempotency::{IdempotencyLayer, InFlight, Outcome, StoreFailure, store::RedisStore};
 
 /// The URL of the Redis under test, or return from the test (skipped).
 macro_rules! redis_or_skip {
@@ -29,23 +25,6 @@ macro_rules! redis_or_skip {
             None => return,
         }
     };
-}
-
-/// A layered test service, as `common::service` builds it.
-trait Replica:
-    Service<Request<Full<Bytes>>, Response = Response<ResponseBody<TestBody>>, Error = BoxError, Future: Send>
-    + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S> Replica for S where
-    S: Service<Request<Full<Bytes>>, Response = Response<ResponseBody<TestBody>>, Error = BoxError, Future: Send>
-        + Clone
-        + Send
-        + 'static
-{
 }
 
 /// The layer over `store`, with a TTL short enough that the tests leave no keys behind.
@@ -63,32 +42,10 @@ async fn replicas(
     url: &str,
     configure: impl Fn(IdempotencyLayer<RedisStore>) -> IdempotencyLayer<RedisStore>,
     runs: &Runs,
-) -> [impl Replica; 2] {
+) -> [impl TestService; 2] {
     let a = service(configure(layer(store(url).await)), runs.clone());
     let b = service(configure(layer(store(url).await)), runs.clone());
     [a, b]
-}
-
-/// Sends `n` copies of one request at once, alternating between the replicas.
-async fn race(replicas: &[impl Replica; 2], key: &'static str, n: usize, delay_ms: u32) -> Vec<Reply> {
-    let barrier = Arc::new(Barrier::new(n));
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let barrier = barrier.clone();
-            let mut request = post("/orders", key, r#"{"sku":"A1"}"#);
-            request.headers_mut().insert("x-delay-ms", delay_ms.into());
-            let sent = send(&replicas[i % 2], request);
-            tokio::spawn(async move {
-                barrier.wait().await;
-                sent.await
-            })
-        })
-        .collect();
-    let mut replies = Vec::with_capacity(n);
-    for task in tasks {
-        replies.push(task.await.expect("no task panics"));
-    }
-    replies
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -145,6 +145,47 @@ where
     }
 }
 
+/// A layered test service, as [`service`] builds it.
+pub trait TestService:
+    Service<Request<Full<Bytes>>, Response = Response<ResponseBody<TestBody>>, Error = BoxError, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> TestService for S where
+    S: Service<Request<Full<Bytes>>, Response = Response<ResponseBody<TestBody>>, Error = BoxError, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Sends `n` copies of one `POST /orders` with `key` at once (released together by a barrier,
+/// each on its own task), spread round-robin over `replicas`, and reads every reply.
+pub async fn race(replicas: &[impl TestService], key: &str, n: usize, delay_ms: u32) -> Vec<Reply> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let key: &'static str = key.to_owned().leak();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let mut request = post("/orders", key, r#"{"sku":"A1"}"#);
+            request.headers_mut().insert("x-delay-ms", delay_ms.into());
+            let sent = send(&replicas[i % replicas.len()], request);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                sent.await
+            })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(n);
+    for task in tasks {
+        replies.push(task.await.expect("no task panics"));
+    }
+    replies
+}
+
 /// A fully read response.
 #[derive(Debug, Clone)]
 pub struct Reply {
