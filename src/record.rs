@@ -45,76 +45,100 @@ impl StoredResponse {
         (parts, body, trailers)
     }
 
-    /// The record as one buffer: status, headers, trailers, then the body.
+    /// Appends the record as one buffer: status, headers, trailers, then the raw body.
     ///
-    /// Lengths are prefixed (`u16` names, `u32` values and counts), so the encoding is
-    /// unambiguous; [`decode`](Self::decode) reads it back without copying the body or the
-    /// header values. A store that keeps many records uses it to hold each in one exact-size
-    /// allocation instead of a header map, a struct and a body.
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        fn map_len(map: &HeaderMap) -> usize {
-            4 + map.iter().map(|(name, value)| 2 + name.as_str().len() + 4 + value.len()).sum::<usize>()
-        }
-        fn put_map(out: &mut Vec<u8>, map: &HeaderMap) {
-            out.put_u32(map.len() as u32);
+    /// ```text
+    /// bytes  field
+    /// 2      status, big-endian
+    /// 2      header field count N, big-endian
+    /// N x    name length (u16 BE), name, value length (u32 BE), value
+    /// 1      trailers: 0 none, 1 present, then a count and fields as for the headers
+    /// rest   the body, raw, up to the end
+    /// ```
+    ///
+    /// Every length is prefixed, so the encoding is unambiguous; [`decode`](Self::decode)
+    /// reads it back without copying the body or the header values. Stores keep records in
+    /// it (one exact-size allocation in `MemoryStore`, one value in Redis). `None` when a
+    /// count or length does not fit its field (more than 65 535 header fields, a value over
+    /// 4 GiB): such a response cannot be kept, like one over the record limit.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) -> Option<()> {
+        fn fields(out: &mut Vec<u8>, map: &HeaderMap) -> Option<()> {
+            out.put_u16(u16::try_from(map.len()).ok()?);
             for (name, value) in map {
-                out.put_u16(name.as_str().len() as u16);
+                // `http` caps a header name at 65 535 bytes; a value has no cap of its own.
+                out.put_u16(u16::try_from(name.as_str().len()).ok()?);
                 out.put_slice(name.as_str().as_bytes());
-                out.put_u32(value.len() as u32);
+                out.put_u32(u32::try_from(value.len()).ok()?);
                 out.put_slice(value.as_bytes());
             }
+            Some(())
         }
-        let len = 2 + map_len(&self.headers) + 1 + self.trailers.as_ref().map_or(0, map_len) + self.body.len();
-        let mut out = Vec::with_capacity(len);
+        out.reserve(self.encoded_len());
         out.put_u16(self.status.as_u16());
-        put_map(&mut out, &self.headers);
+        fields(out, &self.headers)?;
         match &self.trailers {
+            None => out.put_u8(0),
             Some(trailers) => {
                 out.put_u8(1);
-                put_map(&mut out, trailers);
+                fields(out, trailers)?;
             }
-            None => out.put_u8(0),
         }
         out.put_slice(&self.body);
-        out
+        Some(())
     }
 
-    /// Reads back what [`encode`](Self::encode) wrote; header values and the body share
-    /// `encoded`'s memory.
+    /// The length [`encode_into`](Self::encode_into) writes.
+    pub(crate) fn encoded_len(&self) -> usize {
+        fn fields_len(map: &HeaderMap) -> usize {
+            2 + map.iter().map(|(name, value)| 2 + name.as_str().len() + 4 + value.len()).sum::<usize>()
+        }
+        2 + fields_len(&self.headers) + 1 + self.trailers.as_ref().map_or(0, fields_len) + self.body.len()
+    }
+
+    /// Reads back what [`encode_into`](Self::encode_into) wrote; header values and the body
+    /// share `encoded`'s memory. Damaged input is an error, never a panic or a huge allocation.
     pub(crate) fn decode(mut encoded: Bytes) -> Result<Self, DecodeError> {
-        fn map(encoded: &mut Bytes) -> Result<HeaderMap, DecodeError> {
-            let count = encoded.try_get_u32().map_err(|_| DecodeError)? as usize;
+        fn fields(encoded: &mut Bytes) -> Result<HeaderMap, DecodeError> {
+            let count = usize::from(encoded.try_get_u16().map_err(|_| DecodeError("truncated"))?);
+            // Every field takes at least 6 bytes: do not trust a count the input cannot hold.
+            if count > encoded.len() / 6 {
+                return Err(DecodeError("truncated"));
+            }
             let mut map = HeaderMap::with_capacity(count);
             for _ in 0..count {
-                let len = encoded.try_get_u16().map_err(|_| DecodeError)? as usize;
-                let name = HeaderName::from_bytes(encoded.get(..len).ok_or(DecodeError)?).map_err(|_| DecodeError)?;
+                let len = usize::from(encoded.try_get_u16().map_err(|_| DecodeError("truncated"))?);
+                let name = encoded.get(..len).ok_or(DecodeError("truncated"))?;
+                let name = HeaderName::from_bytes(name).map_err(|_| DecodeError("invalid header name"))?;
                 encoded.advance(len);
-                let len = encoded.try_get_u32().map_err(|_| DecodeError)? as usize;
+                let len = encoded.try_get_u32().map_err(|_| DecodeError("truncated"))? as usize;
                 if encoded.len() < len {
-                    return Err(DecodeError);
+                    return Err(DecodeError("truncated"));
                 }
-                let value = HeaderValue::from_maybe_shared(encoded.split_to(len)).map_err(|_| DecodeError)?;
+                let value = HeaderValue::from_maybe_shared(encoded.split_to(len))
+                    .map_err(|_| DecodeError("invalid header value"))?;
                 map.append(name, value);
             }
             Ok(map)
         }
-        let status = StatusCode::from_u16(encoded.try_get_u16().map_err(|_| DecodeError)?).map_err(|_| DecodeError)?;
-        let headers = map(&mut encoded)?;
-        let trailers = match encoded.try_get_u8().map_err(|_| DecodeError)? {
+        let status = encoded.try_get_u16().map_err(|_| DecodeError("truncated"))?;
+        let status = StatusCode::from_u16(status).map_err(|_| DecodeError("invalid status"))?;
+        let headers = fields(&mut encoded)?;
+        let trailers = match encoded.try_get_u8().map_err(|_| DecodeError("truncated"))? {
             0 => None,
-            _ => Some(map(&mut encoded)?),
+            1 => Some(fields(&mut encoded)?),
+            _ => return Err(DecodeError("invalid trailer flag")),
         };
         Ok(Self { status, headers, body: encoded, trailers })
     }
 }
 
-/// A buffer that is not a record [`StoredResponse::encode`] wrote.
+/// A buffer that is not a record [`StoredResponse::encode_into`] wrote.
 #[derive(Debug)]
-pub(crate) struct DecodeError;
+pub(crate) struct DecodeError(pub(crate) &'static str);
 
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("not an encoded record")
+        write!(f, "not an encoded record: {}", self.0)
     }
 }
 
@@ -159,7 +183,10 @@ mod tests {
                 body: Bytes::copy_from_slice(body),
                 trailers,
             };
-            assert_eq!(StoredResponse::decode(Bytes::from(record.encode())).unwrap(), record);
+            let mut encoded = Vec::new();
+            record.encode_into(&mut encoded).unwrap();
+            assert_eq!(encoded.len(), record.encoded_len());
+            assert_eq!(StoredResponse::decode(Bytes::from(encoded)).unwrap(), record);
         }
         assert!(StoredResponse::decode(Bytes::from_static(b"\x00")).is_err());
     }

@@ -108,7 +108,7 @@ enum Slot {
 /// A completed record as the map keeps it.
 #[derive(Clone)]
 enum Stored {
-    /// [`StoredResponse::encode`]: status, headers, trailers and body in one allocation.
+    /// [`StoredResponse::encode_into`]: status, headers, trailers and body in one allocation.
     Response(Arc<[u8]>),
     NotRetained,
 }
@@ -116,7 +116,13 @@ enum Stored {
 impl Stored {
     fn new(record: &Record) -> Self {
         match record {
-            Record::Response(response) => Self::Response(Arc::from(response.encode())),
+            Record::Response(response) => {
+                let mut encoded = Vec::new();
+                match response.encode_into(&mut encoded) {
+                    Some(()) => Self::Response(Arc::from(encoded)),
+                    None => Self::NotRetained, // a field too large for the encoding
+                }
+            }
             Record::NotRetained => Self::NotRetained,
         }
     }

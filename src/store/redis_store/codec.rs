@@ -22,7 +22,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::{Fingerprint, LockToken, Record, StoreError, StoredResponse};
 
@@ -47,38 +46,21 @@ pub(super) fn lock_value(token: &LockToken) -> [u8; LOCK_LEN] {
     value
 }
 
-/// Encodes a completed record for `fingerprint`.
+/// Encodes a completed record for `fingerprint`: the tag and fingerprint, then the response in
+/// [`StoredResponse::encode_into`]'s layout.
 ///
 /// A response with a field too large for the layout (a header map of more than 65 535 fields,
 /// a value over 4 GiB) cannot be kept, so it becomes a tombstone, like any response too large
 /// to retain.
 pub(super) fn encode_record(fingerprint: &Fingerprint, record: &Record) -> Vec<u8> {
-    let response = match record {
-        Record::Response(response) => response,
-        Record::NotRetained => return tombstone(fingerprint),
-    };
-    let trailers_len = response.trailers.as_ref().map_or(0, |t| 2 + fields_len(t));
-    let mut out =
-        Vec::with_capacity(PREFIX_LEN + 4 + fields_len(&response.headers) + 1 + trailers_len + response.body.len());
+    let Record::Response(response) = record else { return tombstone(fingerprint) };
+    let mut out = Vec::with_capacity(PREFIX_LEN + response.encoded_len());
     out.push(RESPONSE);
     out.extend_from_slice(fingerprint.as_bytes());
-    out.extend_from_slice(&response.status.as_u16().to_be_bytes());
-    let fits = put_fields(&mut out, &response.headers)
-        && match &response.trailers {
-            None => {
-                out.push(0);
-                true
-            }
-            Some(trailers) => {
-                out.push(1);
-                put_fields(&mut out, trailers)
-            }
-        };
-    if !fits {
-        return tombstone(fingerprint);
+    match response.encode_into(&mut out) {
+        Some(()) => out,
+        None => tombstone(fingerprint),
     }
-    out.extend_from_slice(&response.body);
-    out
 }
 
 fn tombstone(fingerprint: &Fingerprint) -> Vec<u8> {
@@ -88,47 +70,18 @@ fn tombstone(fingerprint: &Fingerprint) -> Vec<u8> {
     out
 }
 
-/// Encoded size of a header map's fields, without the count.
-fn fields_len(map: &HeaderMap) -> usize {
-    map.iter().map(|(name, value)| 2 + name.as_str().len() + 4 + value.len()).sum()
-}
-
-/// Appends the field count and fields; `false` when a length does not fit its field.
-fn put_fields(out: &mut Vec<u8>, map: &HeaderMap) -> bool {
-    let Ok(count) = u16::try_from(map.len()) else { return false };
-    out.extend_from_slice(&count.to_be_bytes());
-    for (name, value) in map {
-        // `http` caps a header name at 65 535 bytes; a value has no cap of its own.
-        let (Ok(name_len), Ok(value_len)) = (u16::try_from(name.as_str().len()), u32::try_from(value.len())) else {
-            return false;
-        };
-        out.extend_from_slice(&name_len.to_be_bytes());
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(&value_len.to_be_bytes());
-        out.extend_from_slice(value.as_bytes());
-    }
-    true
-}
-
-/// Decodes a completed record (a response or a tombstone). The body is a slice of `value`,
-/// not a copy.
+/// Decodes a completed record (a response or a tombstone). The body and header values are
+/// slices of `value`, not copies.
 pub(super) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
-    let mut reader = Reader { value: Bytes::from(value), at: 0 };
-    let tag = reader.u8()?;
-    reader.take(32)?; // The fingerprint, already compared by the script.
-    match tag {
-        TOMBSTONE if reader.at == reader.value.len() => Ok(Record::NotRetained),
-        RESPONSE => {
-            let status = StatusCode::from_u16(reader.u16()?).map_err(|_| corrupt("invalid status"))?;
-            let headers = reader.fields()?;
-            let trailers = match reader.u8()? {
-                0 => None,
-                1 => Some(reader.fields()?),
-                _ => return Err(corrupt("invalid trailer flag")),
-            };
-            let body = reader.value.slice(reader.at..);
-            Ok(Record::Response(Arc::new(StoredResponse { status, headers, body, trailers })))
-        }
+    if value.len() < PREFIX_LEN {
+        return Err(corrupt("truncated"));
+    }
+    // The fingerprint, already compared by the script, is skipped.
+    match value[0] {
+        TOMBSTONE if value.len() == PREFIX_LEN => Ok(Record::NotRetained),
+        RESPONSE => StoredResponse::decode(Bytes::from(value).slice(PREFIX_LEN..))
+            .map(|response| Record::Response(Arc::new(response)))
+            .map_err(|error| corrupt(error.0)),
         TOMBSTONE => Err(corrupt("trailing bytes after a tombstone")),
         LOCK => Err(corrupt("a lock where a record was expected")),
         _ => Err(corrupt("unknown value tag")),
@@ -139,53 +92,10 @@ fn corrupt(what: &'static str) -> StoreError {
     StoreError::corrupt(format!("Redis value: {what}"))
 }
 
-struct Reader {
-    value: Bytes,
-    at: usize,
-}
-
-impl Reader {
-    fn take(&mut self, n: usize) -> Result<&[u8], StoreError> {
-        let end = self.at.checked_add(n).filter(|&end| end <= self.value.len()).ok_or_else(|| corrupt("truncated"))?;
-        let bytes = &self.value[self.at..end];
-        self.at = end;
-        Ok(bytes)
-    }
-
-    fn u8(&mut self) -> Result<u8, StoreError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, StoreError> {
-        let bytes = self.take(2)?;
-        Ok(u16::from_be_bytes([bytes[0], bytes[1]]))
-    }
-
-    fn u32(&mut self) -> Result<u32, StoreError> {
-        let bytes = self.take(4)?;
-        Ok(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-    }
-
-    fn fields(&mut self) -> Result<HeaderMap, StoreError> {
-        let count = usize::from(self.u16()?);
-        // Every field takes at least 6 bytes: do not trust a count the value cannot hold.
-        if count > (self.value.len() - self.at) / 6 {
-            return Err(corrupt("truncated"));
-        }
-        let mut map = HeaderMap::with_capacity(count);
-        for _ in 0..count {
-            let len = usize::from(self.u16()?);
-            let name = HeaderName::from_bytes(self.take(len)?).map_err(|_| corrupt("invalid header name"))?;
-            let len = self.u32()? as usize;
-            let value = HeaderValue::from_bytes(self.take(len)?).map_err(|_| corrupt("invalid header value"))?;
-            map.append(name, value);
-        }
-        Ok(map)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use http::{HeaderMap, HeaderValue, StatusCode};
+
     use super::*;
 
     fn fp() -> Fingerprint {
