@@ -4,7 +4,7 @@ mod common;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use common::{Runs, post, race, send, service};
+use common::{Runs, assert_executed_once, post, race, send, service};
 use http::StatusCode;
 use tokio::sync::Barrier;
 use tower_idempotency::{IdempotencyLayer, InFlight, Outcome};
@@ -19,20 +19,7 @@ async fn reject_mode_runs_the_handler_exactly_once() {
         let svc = service(IdempotencyLayer::new(), runs.clone());
         let replies = race(&[svc], &format!("reject-{round}"), TASKS, 20).await;
         assert_eq!(runs.get(), 1, "round {round}: the handler ran {} times", runs.get());
-        let executed: Vec<_> = replies.iter().filter(|r| r.outcome == Outcome::Executed).collect();
-        assert_eq!(executed.len(), 1, "round {round}");
-        for reply in &replies {
-            match reply.outcome {
-                Outcome::Executed => assert_eq!(reply.status, StatusCode::CREATED),
-                Outcome::InFlight => {
-                    reply.assert_problem(409, "in-flight");
-                    assert!(reply.headers.contains_key("retry-after"));
-                }
-                // A task that arrives after completion gets the replay.
-                Outcome::Replayed => assert_eq!(reply.body, executed[0].body),
-                other => panic!("round {round}: unexpected {other:?}"),
-            }
-        }
+        assert_executed_once(&replies, round);
         assert!(replies.iter().filter(|r| r.outcome == Outcome::InFlight).count() > TASKS / 2);
     }
 }

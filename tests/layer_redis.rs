@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Runs, TestService, post, race,
+    Runs, TestService, assert_executed_once, post, race,
     redis::{Proxy, closed_port, redis_url, run_prefix, store, tcp_addr},
     send, service,
 };
@@ -56,19 +56,7 @@ async fn two_hundred_requests_on_two_replicas_run_the_handler_once() {
         let replicas = replicas(&url, |layer| layer, &runs).await;
         let replies = race(&replicas, key(), 200, 50).await;
         assert_eq!(runs.get(), 1, "round {round}: the handler ran {} times", runs.get());
-        let executed: Vec<_> = replies.iter().filter(|r| r.outcome == Outcome::Executed).collect();
-        assert_eq!(executed.len(), 1, "round {round}");
-        for reply in &replies {
-            match reply.outcome {
-                Outcome::Executed => assert_eq!(reply.status, StatusCode::CREATED),
-                Outcome::InFlight => {
-                    reply.assert_problem(409, "in-flight");
-                    assert!(reply.headers.contains_key("retry-after"));
-                }
-                Outcome::Replayed => assert_eq!(reply.body, executed[0].body),
-                other => panic!("round {round}: unexpected {other:?}"),
-            }
-        }
+        assert_executed_once(&replies, round);
     }
 }
 

@@ -186,6 +186,25 @@ pub async fn race(replicas: &[impl TestService], key: &str, n: usize, delay_ms: 
     replies
 }
 
+/// Checks the replies of a race on one key (reject mode): exactly one executed (`201`), every
+/// other one is the `in-flight` problem with `Retry-After`, or, arriving after completion, the
+/// replay of the executed response.
+pub fn assert_executed_once(replies: &[Reply], round: usize) {
+    let executed: Vec<_> = replies.iter().filter(|r| r.outcome == tower_idempotency::Outcome::Executed).collect();
+    assert_eq!(executed.len(), 1, "round {round}");
+    for reply in replies {
+        match reply.outcome {
+            tower_idempotency::Outcome::Executed => assert_eq!(reply.status, StatusCode::CREATED),
+            tower_idempotency::Outcome::InFlight => {
+                reply.assert_problem(409, "in-flight");
+                assert!(reply.headers.contains_key("retry-after"));
+            }
+            tower_idempotency::Outcome::Replayed => assert_eq!(reply.body, executed[0].body),
+            other => panic!("round {round}: unexpected {other:?}"),
+        }
+    }
+}
+
 /// A fully read response.
 #[derive(Debug, Clone)]
 pub struct Reply {
