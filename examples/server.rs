@@ -232,12 +232,18 @@ fn app_from_env(stats: Arc<Stats>) -> Router {
     app(with_ttl(IdempotencyLayer::new()), stats)
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn`; `RUST_LOG=tower_idempotency=debug`
+/// shows every request's outcome).
+pub fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    init_tracing();
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let stats = Arc::new(Stats::default());
     let app = app_from_env(stats);

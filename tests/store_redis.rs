@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use common::{
-    conformance::{LEASE, TTL, fp, fresh_key, lock, record, response},
+    conformance::{LEASE, TTL, fp, fresh_key, lock, race_begins, record, response},
     redis::{Proxy, closed_port, exists, pttl, raw, raw_get, raw_key, redis_url, run_prefix, store, tcp_addr},
 };
 use tokio::{net::TcpListener, task::JoinSet};
@@ -189,31 +189,10 @@ async fn a_crashed_replicas_lock_is_free_after_one_lease() {
 async fn two_replicas_racing_on_one_key_execute_once() {
     let url = redis_or_skip!();
     // Two stores, two connections: two replicas of a service.
-    let replicas = [store(&url).await, store(&url).await];
+    let replicas = [Arc::new(store(&url).await), Arc::new(store(&url).await)];
     for _round in 0..5 {
         let key = fresh_key(Some(ScopeId::digest("tenant")));
-        let barrier = Arc::new(tokio::sync::Barrier::new(200));
-        let mut tasks = JoinSet::new();
-        for i in 0..200 {
-            let (replica, key, barrier) = (replicas[i % 2].clone(), key.clone(), barrier.clone());
-            tasks.spawn(async move {
-                barrier.wait().await;
-                (i % 2, replica.begin(&key, &fp(1), Duration::from_secs(5)).await.unwrap())
-            });
-        }
-        let mut winners = Vec::new();
-        let mut in_flight = 0;
-        while let Some(joined) = tasks.join_next().await {
-            match joined.unwrap() {
-                (replica, Begin::Execute(token)) => winners.push((replica, token)),
-                (_, Begin::InFlight) => in_flight += 1,
-                (_, other) => panic!("unexpected {other:?}"),
-            }
-        }
-        assert_eq!((winners.len(), in_flight), (1, 199));
-
-        // The winner's record replays on both replicas.
-        let (winner, token) = winners.pop().unwrap();
+        let (winner, token) = race_begins(&replicas, &key, 200, Duration::from_secs(5)).await;
         assert!(replicas[winner].complete(&key, &token, record(b"once"), TTL).await.unwrap());
         for replica in &replicas {
             match replica.begin(&key, &fp(1), LEASE).await.unwrap() {

@@ -19,7 +19,7 @@ use std::{
 };
 
 use common::{
-    conformance::{self, LEASE, TTL, fp, fresh_key, lock, record},
+    conformance::{self, LEASE, TTL, fp, fresh_key, lock, race_begins, record},
     redis::{closed_port, run_prefix},
 };
 use tower_idempotency::{
@@ -174,27 +174,8 @@ async fn redis_store_on_redis_cluster() {
     }
 
     // Two replicas, 200 concurrent begins on one key: one executes.
-    let replicas = [store.clone(), self::store(&urls).await];
-    let key = fresh_key(None);
-    let barrier = Arc::new(tokio::sync::Barrier::new(200));
-    let tasks: Vec<_> = (0..200)
-        .map(|i| {
-            let (replica, key, barrier) = (replicas[i % 2].clone(), key.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                replica.begin(&key, &fp(1), Duration::from_secs(5)).await.unwrap()
-            })
-        })
-        .collect();
-    let mut executed = 0;
-    for task in tasks {
-        match task.await.unwrap() {
-            Begin::Execute(_) => executed += 1,
-            Begin::InFlight => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(executed, 1);
+    let replicas = [Arc::new(store.clone()), Arc::new(self::store(&urls).await)];
+    race_begins(&replicas, &fresh_key(None), 200, Duration::from_secs(5)).await;
 
     // Every node forgets its scripts (a restart, a failover): loaded again where needed.
     for url in &urls {

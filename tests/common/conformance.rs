@@ -200,30 +200,43 @@ where
     lock(&store, &key, fp(2)).await;
 }
 
+/// `n` tasks begin `key` at once, spread round-robin over `replicas` (stores sharing one
+/// backend): asserts that exactly one executes and every other one sees it in flight, and
+/// returns the winner's replica index and lock.
+pub async fn race_begins<S: IdempotencyStore>(
+    replicas: &[Arc<S>],
+    key: &StoreKey,
+    n: usize,
+    lease: Duration,
+) -> (usize, LockToken) {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let replica = i % replicas.len();
+            let (store, key, barrier) = (replicas[replica].clone(), key.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                (replica, store.begin(&key, &fp(1), lease).await.unwrap())
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (replica, Begin::Execute(token)) => winners.push((replica, token)),
+            (_, Begin::InFlight) => {}
+            (_, other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one of {n} concurrent begins executes");
+    winners.remove(0)
+}
+
 /// Many tasks begin the same key at once: exactly one executes, the rest see it in flight.
 pub async fn concurrent_begins_lock_once<S: IdempotencyStore>(store: S) {
-    let store = Arc::new(store);
+    let store = [Arc::new(store)];
     for _round in 0..20 {
-        let key = fresh_key(None);
-        let barrier = Arc::new(tokio::sync::Barrier::new(64));
-        let tasks: Vec<_> = (0..64)
-            .map(|_| {
-                let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    store.begin(&key, &fp(1), LEASE * 10).await.unwrap()
-                })
-            })
-            .collect();
-        let mut executed = 0;
-        for task in tasks {
-            match task.await.unwrap() {
-                Begin::Execute(_) => executed += 1,
-                Begin::InFlight => {}
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        assert_eq!(executed, 1);
+        race_begins(&store, &fresh_key(None), 64, LEASE * 10).await;
     }
 }
 
