@@ -80,12 +80,8 @@ where
                 Poll::Ready(result.map(|response| response.map(ResponseBody::inner)))
             }
             KindProj::Guarded { guarded } => {
-                let result = ready!(guarded.poll(cx));
-                if let Ok(response) = &result {
-                    let outcome = Outcome::of(response);
-                    tracing::debug!(outcome = outcome.as_str(), status = response.status().as_u16(), "idempotency");
-                }
-                Poll::Ready(result)
+                // The guarded future logs its own outcome, inside the request's span.
+                guarded.poll(cx)
             }
             KindProj::Ready { response } => {
                 let response = response.take().expect("ResponseFuture polled after completion");

@@ -108,7 +108,15 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let span = tracing::debug_span!("idempotency", method = %request.method(), path = request.uri().path());
         let guarded = Guarded { inner, store: self.store.clone(), config: self.config.clone(), _bodies: PhantomData };
-        ResponseFuture::guarded(Box::pin(guarded.run(request, key).instrument(span)), self.config.detached.clone())
+        let run = async move {
+            let result = guarded.run(request, key).await;
+            if let Ok(response) = &result {
+                let outcome = Outcome::of(response);
+                tracing::debug!(outcome = outcome.as_str(), status = response.status().as_u16(), "idempotency");
+            }
+            result
+        };
+        ResponseFuture::guarded(Box::pin(run.instrument(span)), self.config.detached.clone())
     }
 }
 
