@@ -6,7 +6,7 @@ use http::{HeaderName, Method, response};
 use tokio::sync::Semaphore;
 use tower::Layer;
 
-use crate::{Idempotency, MemoryStore, Scope, store::IdempotencyStore};
+use crate::{Idempotency, MemoryStore, Scope, lock::Keeper, store::IdempotencyStore};
 
 /// The default header carrying the key: `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -129,6 +129,8 @@ pub(crate) struct Config {
     pub(crate) unstored_headers: Vec<HeaderName>,
     pub(crate) detached: Arc<Semaphore>,
     pub(crate) max_detached: usize,
+    /// Renews the leases of this configuration's locks.
+    pub(crate) keeper: Keeper,
 }
 
 impl Config {
@@ -215,6 +217,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             unstored_headers: vec![http::header::SET_COOKIE],
             detached: Arc::new(Semaphore::new(DEFAULT_MAX_DETACHED)),
             max_detached: DEFAULT_MAX_DETACHED,
+            keeper: Keeper::new(DEFAULT_LEASE),
         };
         Self { store: Arc::new(store), config: Arc::new(config) }
     }
@@ -296,7 +299,11 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// crashed process frees its keys within one lease. Default: 30 s. Values under 3 ms are
     /// raised to 3 ms.
     pub fn with_lease(self, lease: Duration) -> Self {
-        self.config(|c| c.lease = lease.clamp(Duration::from_millis(3), MAX_DURATION))
+        let lease = lease.clamp(Duration::from_millis(3), MAX_DURATION);
+        self.config(|c| {
+            c.lease = lease;
+            c.keeper = Keeper::new(lease);
+        })
     }
 
     /// What a duplicate of an in-flight request gets. Default: [`InFlight::Reject`] with a 1 s

@@ -167,6 +167,7 @@ mod lock;
 mod outcome;
 pub mod problem;
 mod record;
+mod recording;
 mod scope;
 mod service;
 pub mod store;

@@ -1,0 +1,146 @@
+//! [`Keeper`]: one task per layer that renews the leases of the locks its requests hold.
+//!
+//! A lease must not depend on the request being polled: a handler that blocks its thread
+//! (`block_in_place`, a CPU-heavy step) or a body no one reads would otherwise let its lock
+//! lapse, and a retry would run the handler a second time, concurrently. So every executing
+//! request registers its lock here, and the keeper — a task of its own on the runtime — renews
+//! each lock once a third of its lease has passed since the last renewal.
+//!
+//! A request that finishes within that first third costs a register and a deregister (a short
+//! mutex and a map insert and remove, no allocation once the map has grown) and never a task:
+//! renewals, and the tasks that send them, are only for the requests that are still running.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::Notify, time::Instant};
+
+use super::Held;
+
+/// The lease keeper of one layer configuration (one lease length).
+#[derive(Clone)]
+pub(crate) struct Keeper {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    locks: Mutex<HashMap<u64, Arc<dyn Held>>>,
+    next_id: AtomicU64,
+    /// Whether a keeper task is alive; cleared by the task's own drop, so a task that died with
+    /// its runtime is started again on the next runtime that registers a lock.
+    running: Arc<AtomicBool>,
+    /// Wakes the task when the first lock arrives, or when the layer is gone.
+    wake: Arc<Notify>,
+    /// How often the task looks for locks due for renewal.
+    tick: Duration,
+    /// How long after its last renewal a lock is renewed.
+    renew_after: Duration,
+}
+
+impl Keeper {
+    /// A keeper for locks with `lease`: each is renewed a third of a lease after its last
+    /// renewal, checked every sixth of a lease, so a lease is never more than half spent.
+    pub(crate) fn new(lease: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                locks: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                running: Arc::new(AtomicBool::new(false)),
+                wake: Arc::new(Notify::new()),
+                tick: (lease / 6).max(Duration::from_millis(1)),
+                renew_after: lease / 3,
+            }),
+        }
+    }
+
+    /// An id for [`register`](Self::register), unique within this keeper.
+    pub(crate) fn reserve_id(&self) -> u64 {
+        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Keeps `held` renewed until [`forget`](Self::forget) is called with `id`.
+    pub(crate) fn register(&self, id: u64, held: Arc<dyn Held>) {
+        let shared = &self.shared;
+        let was_empty = {
+            let mut locks = shared.locks.lock().unwrap_or_else(|e| e.into_inner());
+            let was_empty = locks.is_empty();
+            locks.insert(id, held);
+            was_empty
+        };
+        self.ensure_running();
+        if was_empty {
+            shared.wake.notify_one();
+        }
+    }
+
+    /// Stops renewing the lock registered as `id`.
+    pub(crate) fn forget(&self, id: u64) {
+        self.shared.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    fn ensure_running(&self) {
+        let shared = &self.shared;
+        if shared.running.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if shared.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let task = keep(Arc::downgrade(shared), shared.wake.clone(), Running(shared.running.clone()));
+        runtime.spawn(task);
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The layer is gone: let the task see it and end.
+        self.wake.notify_one();
+    }
+}
+
+/// Owned by the keeper task: clears the running flag however the task ends (its layer gone,
+/// or its runtime shut down).
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+async fn keep(shared: Weak<Shared>, wake: Arc<Notify>, _running: Running) {
+    loop {
+        let notified = wake.notified();
+        let tick = {
+            let Some(shared) = shared.upgrade() else { return };
+            let idle = shared.locks.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+            (!idle).then_some(shared.tick)
+        };
+        match tick {
+            Some(tick) => tokio::time::sleep(tick).await,
+            None => notified.await,
+        }
+        let Some(shared) = shared.upgrade() else { return };
+        shared.renew_due(Instant::now());
+    }
+}
+
+impl Shared {
+    fn renew_due(&self, now: Instant) {
+        let due: Vec<Arc<dyn Held>> = {
+            let locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.values().filter(|held| held.lease().start_renewal(now, self.renew_after)).cloned().collect()
+        };
+        // One task per renewal, so a slow store holds back no other lock's renewal.
+        for held in due {
+            tokio::spawn(held.renew());
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! [`Recording`]: a handler's response body passed through to the client while it is kept.
+//!
+//! The rule this file exists for: **the record is written before the client can see the
+//! response end**, however the server reads the body. hyper does not always poll a body to
+//! its `None`: it stops once `Content-Length` bytes were written, once trailers arrive, and
+//! never polls a body of known length 0. So the end is recognised from the frame that makes
+//! it — the body reports [`is_end_stream`](Body::is_end_stream), the known length is reached,
+//! trailers arrive — or from `None`, and that last frame is held back until the record is
+//! written. A client that received the whole response and retries gets the replay.
+//!
+//! The states, in order (an explicit enum; see [`State`]):
+//!
+//! | state | what goes out | what the lock does |
+//! | --- | --- | --- |
+//! | `Streaming` | each frame as the handler makes it (one may be read ahead) | held, renewed by the keeper |
+//! | `Completing` | the last frame, once the record is written | replaced by the record |
+//! | `Passing` | the rest of a body past the record limit, unkept | replaced by a tombstone at the limit |
+//! | `Failed` | the body's error | released |
+//! | `Done` | nothing | — |
+//!
+//! Dropped while `Streaming` (the client went away, or the server stopped reading early), the
+//! rest of the body is drained on the runtime under a detach permit and recorded, but only as
+//! far as needed to decide: draining stops at the record limit. With no permit free the
+//! handler's answer still counts: a tombstone is written, never a release.
+
+use std::{
+    fmt,
+    future::Future,
+    panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::{runtime::Handle, sync::OwnedSemaphorePermit, sync::Semaphore};
+
+use crate::{
+    Record, StoredResponse,
+    body::into_bytes,
+    lock::{Completion, LockGuard},
+};
+
+/// A recordable response body on its way to the client.
+pub(crate) struct Recording<B: Body> {
+    state: State<B>,
+    detach: Arc<Semaphore>,
+    /// Spawns the drain of a recording whose client went away (made where the bounds it needs
+    /// are known; `Drop` cannot ask for them).
+    spawn_drain: fn(Recording<B>, OwnedSemaphorePermit, Handle),
+}
+
+/// Where a [`Recording`] stands; see the module docs for the table.
+enum State<B: Body> {
+    /// The body passes through and is kept, until its end is seen.
+    Streaming(Box<Streaming<B>>),
+    /// The end was seen and the record is being written; `last` goes out once it is.
+    Completing { completion: Completion, last: Option<Frame<Bytes>> },
+    /// Past the record limit: a tombstone was written; the rest passes through unkept.
+    Passing { body: Pin<Box<B>>, ahead: Option<Frame<Bytes>> },
+    /// The body failed and the lock was released; its error goes out next.
+    Failed { error: Option<B::Error> },
+    /// Everything went out.
+    Done,
+}
+
+struct Streaming<B> {
+    body: Pin<Box<B>>,
+    guard: LockGuard,
+    tape: Tape,
+    /// A frame read before the head went out, not yet sent.
+    ahead: Option<Frame<Bytes>>,
+    /// The body's length when known (`Content-Length`, or an exact size hint): once that many
+    /// bytes passed, the body is complete, as the server sees it.
+    expected: Option<u64>,
+    /// A drain task owns this recording already (the client went away).
+    detached: bool,
+}
+
+/// What is kept of the body so far.
+struct Tape {
+    status: StatusCode,
+    headers: HeaderMap,
+    chunks: Vec<Bytes>,
+    size: usize,
+    max: usize,
+    trailers: Option<HeaderMap>,
+}
+
+/// What one frame from the handler's body did.
+enum Step {
+    /// Send it on; the body goes on.
+    Send(Frame<Bytes>),
+    /// It was the last: the recording moved on to `Completing`.
+    Ended,
+}
+
+impl<B> Recording<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Buf,
+    B::Error: Send,
+{
+    /// Starts recording `body` (the answer's status and the headers to keep), under `guard`.
+    ///
+    /// `expected` is the length the server will send, when known. Known to be 0, the body is
+    /// complete at once and the record is written without polling it.
+    pub(crate) fn new(
+        body: B,
+        guard: LockGuard,
+        status: StatusCode,
+        headers: HeaderMap,
+        expected: Option<u64>,
+        max_record: usize,
+        detach: Arc<Semaphore>,
+    ) -> Self {
+        let expected = expected.or_else(|| body.size_hint().exact());
+        let tape = Tape { status, headers, chunks: Vec::new(), size: 0, max: max_record, trailers: None };
+        let streaming = Streaming { body: Box::pin(body), guard, tape, ahead: None, expected, detached: false };
+        let mut recording =
+            Self { state: State::Streaming(Box::new(streaming)), detach, spawn_drain: spawn_drain::<B> };
+        if expected == Some(0) {
+            recording.end(None);
+        } else if expected.is_some_and(|len| len > max_record as u64) {
+            recording.pass();
+        }
+        recording
+    }
+}
+
+impl<B> Recording<B>
+where
+    B: Body,
+    B::Data: Buf,
+{
+    /// Reads one frame if the body has one ready now, before the head goes out: a body already
+    /// in memory ends here, and its record is under way before anything is sent.
+    pub(crate) fn read_ahead(&mut self, cx: &mut Context<'_>) {
+        let State::Streaming(streaming) = &mut self.state else { return };
+        if streaming.ahead.is_some() {
+            return;
+        }
+        match self.poll_body(cx) {
+            Poll::Ready(Some(Ok(Step::Send(frame)))) => match &mut self.state {
+                State::Streaming(streaming) => streaming.ahead = Some(frame),
+                State::Passing { ahead, .. } => *ahead = Some(frame),
+                _ => unreachable!("a frame to send leaves the recording streaming or passing"),
+            },
+            Poll::Ready(Some(Err(error))) => self.state = State::Failed { error: Some(error) },
+            Poll::Ready(Some(Ok(Step::Ended)) | None) | Poll::Pending => {}
+        }
+    }
+
+    /// Whether the response end is already known but nothing is left to send before it (an
+    /// empty body, trailers only): then the head itself shows the end, and must wait for the
+    /// record.
+    pub(crate) fn end_needs_the_head(&self) -> bool {
+        match &self.state {
+            State::Completing { completion, last } => {
+                !completion.is_done() && last.as_ref().is_none_or(|frame| !frame.is_data())
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits for the record's write, if one is under way.
+    pub(crate) fn poll_completion(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.state {
+            State::Completing { completion, .. } => Pin::new(completion).poll(cx),
+            _ => Poll::Ready(()),
+        }
+    }
+
+    /// Polls the handler's body once and records what it gives. `None` once it ended (the
+    /// recording is then `Completing`).
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Step, B::Error>>> {
+        let State::Streaming(streaming) = &mut self.state else { return Poll::Ready(None) };
+        let body = &mut streaming.body;
+        let polled = match catch_unwind(AssertUnwindSafe(|| body.as_mut().poll_frame(cx))) {
+            Ok(polled) => polled,
+            Err(panic) => {
+                // The body must never be polled again; its answer does not count.
+                self.fail();
+                resume_unwind(panic)
+            }
+        };
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(self.on_frame(into_bytes(frame))))),
+            Poll::Ready(Some(Err(error))) => {
+                self.fail();
+                Poll::Ready(Some(Err(error)))
+            }
+            Poll::Ready(None) => {
+                self.end(None);
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame<Bytes>) -> Step {
+        let State::Streaming(streaming) = &mut self.state else { return Step::Send(frame) };
+        let tape = &mut streaming.tape;
+        if let Some(data) = frame.data_ref() {
+            tape.size += data.len();
+            if tape.size > tape.max {
+                self.pass();
+                return Step::Send(frame);
+            }
+            if !data.is_empty() {
+                tape.chunks.push(data.clone());
+            }
+            let complete = streaming.body.is_end_stream() || streaming.expected == Some(tape.size as u64);
+            if !complete {
+                return Step::Send(frame);
+            }
+        } else if let Some(trailers) = frame.trailers_ref() {
+            // Trailers are always the last frame.
+            tape.trailers.get_or_insert_with(HeaderMap::new).extend(trailers.clone());
+        } else {
+            return Step::Send(frame);
+        }
+        self.end(Some(frame));
+        Step::Ended
+    }
+
+    /// The body is complete: write the record, holding `last` back until it is written.
+    fn end(&mut self, last: Option<Frame<Bytes>>) {
+        let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Done) else { return };
+        let Streaming { guard, mut tape, .. } = *streaming;
+        let completion = guard.complete(tape.finish());
+        self.state = State::Completing { completion, last };
+    }
+
+    /// Past the record limit: keep a tombstone now (the handler answered, so it must never run
+    /// again for this key), and let the rest of the body through unkept.
+    fn pass(&mut self) {
+        let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Done) else { return };
+        let Streaming { body, guard, ahead, .. } = *streaming;
+        // The write goes on by itself; the rest of the body is no reason to wait for it.
+        drop(guard.complete(Record::NotRetained));
+        self.state = State::Passing { body, ahead };
+    }
+
+    /// The body failed or panicked: release the lock, so a retry runs again.
+    fn fail(&mut self) {
+        if let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Failed { error: None }) {
+            drop(streaming.guard.release());
+        }
+    }
+
+    pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        loop {
+            match &mut self.state {
+                State::Streaming(streaming) => {
+                    if let Some(frame) = streaming.ahead.take() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    match std::task::ready!(self.poll_body(cx)) {
+                        Some(Ok(Step::Send(frame))) => return Poll::Ready(Some(Ok(frame))),
+                        Some(Ok(Step::Ended)) | None => {}
+                        Some(Err(error)) => {
+                            self.state = State::Done;
+                            return Poll::Ready(Some(Err(error)));
+                        }
+                    }
+                }
+                State::Completing { completion, last } => {
+                    std::task::ready!(Pin::new(completion).poll(cx));
+                    let last = last.take();
+                    self.state = State::Done;
+                    return Poll::Ready(last.map(Ok));
+                }
+                State::Passing { body, ahead } => {
+                    if let Some(frame) = ahead.take() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    let polled = std::task::ready!(body.as_mut().poll_frame(cx));
+                    if polled.is_none() {
+                        self.state = State::Done;
+                    }
+                    return Poll::Ready(polled.map(|frame| frame.map(into_bytes)));
+                }
+                State::Failed { error } => {
+                    let error = error.take();
+                    self.state = State::Done;
+                    if let Some(error) = error {
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                }
+                State::Done => return Poll::Ready(None),
+            }
+        }
+    }
+
+    /// Drives the recording until what is kept of the key is decided: the record written, a
+    /// tombstone kept, or the lock released. What the body sends past that is not read.
+    fn poll_decided(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if matches!(self.state, State::Passing { .. } | State::Failed { .. } | State::Done) {
+                return Poll::Ready(());
+            }
+            match std::task::ready!(self.poll_frame(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Poll::Ready(()),
+            }
+        }
+    }
+
+    /// Reads the body until the record is decided, with no one listening (the client went
+    /// away before the handler answered).
+    pub(crate) async fn drain(mut self) {
+        std::future::poll_fn(|cx| self.poll_decided(cx)).await;
+    }
+
+    pub(crate) fn is_end_stream(&self) -> bool {
+        match &self.state {
+            State::Done => true,
+            State::Completing { completion, last } => last.is_none() && completion.is_done(),
+            State::Failed { error } => error.is_none(),
+            State::Streaming(_) | State::Passing { .. } => false,
+        }
+    }
+
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            State::Streaming(streaming) => {
+                let ahead = streaming.ahead.as_ref().and_then(Frame::data_ref).map_or(0, |d| d.len() as u64);
+                plus(streaming.body.size_hint(), ahead)
+            }
+            State::Completing { last: Some(frame), .. } => match frame.data_ref() {
+                Some(data) => SizeHint::with_exact(data.len() as u64),
+                // Trailers still to send: no exact length, so HTTP/1.1 goes chunked and can
+                // carry them.
+                None => SizeHint::new(),
+            },
+            State::Passing { body, ahead } => {
+                plus(body.size_hint(), ahead.as_ref().and_then(Frame::data_ref).map_or(0, |d| d.len() as u64))
+            }
+            State::Completing { last: None, .. } | State::Failed { .. } | State::Done => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// `hint` plus `more` bytes read ahead.
+fn plus(hint: SizeHint, more: u64) -> SizeHint {
+    let mut sum = SizeHint::new();
+    sum.set_lower(hint.lower() + more);
+    if let Some(upper) = hint.upper() {
+        sum.set_upper(upper + more);
+    }
+    sum
+}
+
+impl Tape {
+    fn finish(&mut self) -> Record {
+        let body = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.pop().unwrap_or_default(),
+            _ => {
+                let mut body = BytesMut::with_capacity(self.size);
+                for chunk in self.chunks.drain(..) {
+                    body.extend_from_slice(&chunk);
+                }
+                body.freeze()
+            }
+        };
+        Record::Response(Arc::new(StoredResponse {
+            status: self.status,
+            headers: std::mem::take(&mut self.headers),
+            body,
+            trailers: self.trailers.take(),
+        }))
+    }
+}
+
+impl<B: Body> Drop for Recording<B> {
+    fn drop(&mut self) {
+        let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Done) else {
+            // `Completing` hands its write to the runtime by itself.
+            return;
+        };
+        let runtime = streaming.guard.runtime().or_else(|| Handle::try_current().ok());
+        let permit = self.detach.clone().try_acquire_owned().ok();
+        match (runtime, permit) {
+            (Some(runtime), Some(permit)) if !streaming.detached => {
+                // The client went away mid-body: read on until the record is decided.
+                let mut streaming = streaming;
+                streaming.detached = true;
+                let recording = Self {
+                    state: State::Streaming(streaming),
+                    detach: self.detach.clone(),
+                    spawn_drain: self.spawn_drain,
+                };
+                (self.spawn_drain)(recording, permit, runtime);
+            }
+            _ => {
+                // The rest cannot be read (no runtime, no detach permit, or the drain itself
+                // was dropped). The handler did answer: keep a tombstone, never free the key
+                // for a second run.
+                tracing::warn!("response abandoned before its end; its key keeps a tombstone");
+                drop(streaming.guard.complete(Record::NotRetained));
+            }
+        }
+    }
+}
+
+fn spawn_drain<B>(recording: Recording<B>, permit: OwnedSemaphorePermit, runtime: Handle)
+where
+    B: Body + Send + 'static,
+    B::Data: Buf,
+    B::Error: Send,
+{
+    runtime.spawn(async move {
+        let _permit = permit;
+        recording.drain().await;
+    });
+}
+
+impl<B: Body> fmt::Debug for Recording<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match &self.state {
+            State::Streaming(_) => "Recording::Streaming",
+            State::Completing { .. } => "Recording::Completing",
+            State::Passing { .. } => "Recording::Passing",
+            State::Failed { .. } => "Recording::Failed",
+            State::Done => "Recording::Done",
+        })
+    }
+}
