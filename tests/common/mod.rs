@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod conformance;
+pub mod outage;
 #[cfg(feature = "redis")]
 pub mod redis;
 

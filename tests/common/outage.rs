@@ -1,0 +1,83 @@
+//! A store wrapper for the faults a real store cannot be made to show on cue: completions that
+//! take a while, and outages of `complete` and `renew` for a set time (a Redis failover).
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tower_idempotency::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey};
+
+/// `inner`, with `complete` slowed down and `complete`/`renew` failing until a set instant.
+#[derive(Clone)]
+pub struct Outage<St> {
+    pub inner: St,
+    state: Arc<Mutex<State>>,
+    pub completes: Arc<AtomicUsize>,
+    pub failed_completes: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct State {
+    complete_delay: Duration,
+    down_until: Option<Instant>,
+}
+
+impl<St: IdempotencyStore> Outage<St> {
+    pub fn new(inner: St) -> Self {
+        Self { inner, state: Arc::default(), completes: Arc::default(), failed_completes: Arc::default() }
+    }
+
+    /// Every `complete` takes `delay` (tokio time) before it reaches the store.
+    pub fn slow_completes(&self, delay: Duration) {
+        self.state.lock().unwrap().complete_delay = delay;
+    }
+
+    /// `complete` and `renew` fail for `length` from now (`begin` and `release` still work, as
+    /// for a store that went down after the request began).
+    pub fn down_for(&self, length: Duration) {
+        self.state.lock().unwrap().down_until = Some(Instant::now() + length);
+    }
+
+    fn down(&self) -> bool {
+        self.state.lock().unwrap().down_until.is_some_and(|until| Instant::now() < until)
+    }
+}
+
+impl<St: IdempotencyStore> IdempotencyStore for Outage<St> {
+    async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
+        self.inner.begin(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let delay = self.state.lock().unwrap().complete_delay;
+        tokio::time::sleep(delay).await;
+        if self.down() {
+            self.failed_completes.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::unavailable("injected: store down"));
+        }
+        self.completes.fetch_add(1, Ordering::SeqCst);
+        self.inner.complete(key, lock, record, ttl).await
+    }
+
+    async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
+        if self.down() {
+            return Err(StoreError::unavailable("injected: store down"));
+        }
+        self.inner.renew(key, lock, lease).await
+    }
+
+    async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
+        self.inner.release(key, lock).await
+    }
+}
