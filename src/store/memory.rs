@@ -152,6 +152,14 @@ impl Slot {
         }
     }
 
+    /// Whether this is `lock`'s lock and its lease has not run out. An expired lock counts as
+    /// absent for every operation: its old owner can no longer complete, renew or release it,
+    /// whether or not another request took the key over since (as in Redis, where the key
+    /// is gone).
+    fn is_live_lock(&self, lock: &LockToken, now: Instant) -> bool {
+        matches!(self, Self::Locked { token, lease_until } if token == lock && *lease_until > now)
+    }
+
     fn weight(&self) -> usize {
         match self {
             Self::Locked { .. } => 0,
@@ -387,11 +395,12 @@ impl Inner {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         {
             let Some(mut slot) = self.map.get_mut(&id) else { return false };
-            if !matches!(&*slot, Slot::Locked { token, .. } if token == lock) {
+            let now = Instant::now();
+            if !slot.is_live_lock(lock, now) {
                 return false;
             }
             let fingerprint = *lock.fingerprint();
-            *slot = Slot::Completed { fingerprint, record, expires_at: later(Instant::now(), ttl), seq, weight };
+            *slot = Slot::Completed { fingerprint, record, expires_at: later(now, ttl), seq, weight };
             self.bytes.fetch_add(weight, Ordering::AcqRel);
         }
         self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((id, seq));
@@ -402,9 +411,10 @@ impl Inner {
     }
 
     fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> bool {
+        let now = Instant::now();
         match self.map.get_mut(&self.id(key)).as_deref_mut() {
-            Some(Slot::Locked { token, lease_until }) if token == lock => {
-                *lease_until = later(Instant::now(), lease);
+            Some(Slot::Locked { token, lease_until }) if token == lock && *lease_until > now => {
+                *lease_until = later(now, lease);
                 true
             }
             _ => false,
@@ -412,8 +422,8 @@ impl Inner {
     }
 
     fn release(&self, key: &StoreKey, lock: &LockToken) -> bool {
-        let removed =
-            self.map.remove_if(&self.id(key), |_, slot| matches!(slot, Slot::Locked { token, .. } if token == lock));
+        let now = Instant::now();
+        let removed = self.map.remove_if(&self.id(key), |_, slot| slot.is_live_lock(lock, now));
         if removed.is_some() {
             self.entries.fetch_sub(1, Ordering::AcqRel);
         }
