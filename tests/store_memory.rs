@@ -132,6 +132,58 @@ mod bounds {
         assert!(store.complete(&huge, &token, record_of(5000), TTL).await.unwrap());
         assert!(matches!(begin(&store, &huge, fp(1)).await, Begin::Completed(Record::NotRetained)));
     }
+
+    /// A tombstone holds no response bytes: a `complete` that ends up keeping one (the record
+    /// is over `max_bytes`, or its encoding fails) adds nothing to `bytes()`, so it never
+    /// evicts real records for bytes it does not keep.
+    #[tokio::test(start_paused = true)]
+    async fn a_tombstone_counts_no_bytes() {
+        let store = MemoryStore::builder().max_bytes(100_000).build();
+        let mut kept = Vec::new();
+        for _ in 0..4 {
+            let key = fresh_key(None);
+            let token = lock(&store, &key, fp(1)).await;
+            assert!(store.complete(&key, &token, record_of(10_000), TTL).await.unwrap());
+            kept.push(key);
+        }
+        assert_eq!(store.bytes(), 40_000);
+
+        // Over the whole budget: kept as a tombstone.
+        let huge = fresh_key(None);
+        let token = lock(&store, &huge, fp(1)).await;
+        assert!(store.complete(&huge, &token, record_of(200_000), TTL).await.unwrap());
+        assert!(matches!(begin(&store, &huge, fp(1)).await, Begin::Completed(Record::NotRetained)));
+        assert_eq!(store.bytes(), 40_000, "an oversized record's tombstone counts no bytes");
+
+        // Within the budget by weight (65 536 bytes), but 65 536 header fields do not fit the
+        // encoding's count: kept as a tombstone too, and counted as one.
+        let mut headers = HeaderMap::new();
+        for _ in 0..=usize::from(u16::MAX) {
+            headers.append("x", http::HeaderValue::from_static(""));
+        }
+        let unencodable = Record::Response(Arc::new(StoredResponse {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::new(),
+            trailers: None,
+        }));
+        assert_eq!(unencodable.weight(), 65_536);
+        let odd = fresh_key(None);
+        let token = lock(&store, &odd, fp(1)).await;
+        assert!(store.complete(&odd, &token, unencodable, TTL).await.unwrap());
+        assert!(matches!(begin(&store, &odd, fp(1)).await, Begin::Completed(Record::NotRetained)));
+        assert_eq!(store.bytes(), 40_000, "an unencodable record's tombstone counts no bytes");
+        // No phantom bytes, so no real record was evicted to make room for them.
+        for key in &kept {
+            assert!(matches!(begin(&store, key, fp(1)).await, Begin::Completed(Record::Response(_))));
+        }
+        assert_eq!(store.len(), 6);
+
+        // Freed, a tombstone gives back nothing it did not take.
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        store.sweep();
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+    }
 }
 
 /// At the entry bound, concurrent callers on distinct keys evict records for each other: none

@@ -383,13 +383,13 @@ impl Inner {
     }
 
     fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> bool {
-        let mut weight = record.weight();
-        let record = if weight > self.max_bytes {
-            weight = 0;
-            Stored::NotRetained
-        } else {
-            // Encoded outside the shard lock.
-            Stored::new(&record)
+        let record_weight = record.weight();
+        // Encoded outside the shard lock. A record over the whole budget, or one the encoding
+        // cannot hold, is kept as a tombstone, which counts no bytes.
+        let stored = if record_weight > self.max_bytes { Stored::NotRetained } else { Stored::new(&record) };
+        let weight = match &stored {
+            Stored::Response(_) => record_weight,
+            Stored::NotRetained => 0,
         };
         let id = self.id(key);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -400,7 +400,7 @@ impl Inner {
                 return false;
             }
             let fingerprint = *lock.fingerprint();
-            *slot = Slot::Completed { fingerprint, record, expires_at: later(now, ttl), seq, weight };
+            *slot = Slot::Completed { fingerprint, record: stored, expires_at: later(now, ttl), seq, weight };
             self.bytes.fetch_add(weight, Ordering::AcqRel);
         }
         self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((id, seq));
