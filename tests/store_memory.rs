@@ -222,3 +222,40 @@ async fn a_full_store_never_refuses_while_records_can_be_evicted() {
     }
     assert_eq!(store.len(), 500);
 }
+
+/// The background sweep is not tied to the runtime that started it: when that runtime ends
+/// (and the sweep task with it), the next use of the store on another runtime starts it
+/// again, and it frees expired entries there without a request touching their keys.
+#[test]
+fn the_sweep_restarts_on_the_next_runtime() {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use tower_idempotency::{IdempotencyStore, Record, StoredResponse};
+
+    const TTL: Duration = Duration::from_secs(5);
+    let every = Duration::from_secs(1);
+    let store = MemoryStore::builder().sweep_interval(every).build();
+    let record = Record::Response(Arc::new(StoredResponse {
+        status: StatusCode::OK,
+        headers: HeaderMap::new(),
+        body: Bytes::from_static(b"swept"),
+        trailers: None,
+    }));
+    for round in 0..3 {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let key = common::conformance::fresh_key(None);
+            let token = common::conformance::lock(&store, &key, common::conformance::fp(1)).await;
+            assert!(store.complete(&key, &token, record.clone(), TTL).await.unwrap());
+            assert_eq!(store.len(), 1);
+            // No request touches the key again: only the sweep can free it.
+            tokio::time::sleep(TTL + every * 2).await;
+            assert_eq!(store.len(), 0, "round {round}: the sweep ran on this runtime and freed the record");
+            assert_eq!(store.bytes(), 0);
+        });
+        // The runtime ends here, and the sweep task it was running with it.
+        drop(runtime);
+    }
+}

@@ -30,7 +30,9 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// - **Expiry.** A background task (started on first use inside a tokio runtime, stopped when
 ///   the last clone of the store is dropped) frees expired records and abandoned locks every
 ///   [sweep interval](MemoryStoreBuilder::sweep_interval), whether or not a request touches
-///   them. Expired entries are also treated as absent the moment they expire.
+///   them. When the runtime it runs on shuts down, the next use of the store on another
+///   runtime starts it again there. Expired entries are also treated as absent the moment
+///   they expire, by every operation.
 /// - **Bounds.** At most [`max_entries`](MemoryStoreBuilder::max_entries) entries and
 ///   [`max_bytes`](MemoryStoreBuilder::max_bytes) of recorded responses. Past either, the
 ///   oldest completed records are evicted first; an in-flight lock is never evicted. When only
@@ -261,18 +263,34 @@ impl MemoryStore {
         if self.inner.sweeper_started.swap(true, Ordering::AcqRel) {
             return;
         }
-        let weak = Arc::downgrade(&self.inner);
+        let running = SweeperRunning(Arc::downgrade(&self.inner));
         let every = self.inner.sweep_interval;
-        runtime.spawn(sweep_forever(weak, every));
+        runtime.spawn(sweep_forever(running, every));
     }
 }
 
-async fn sweep_forever(store: Weak<Inner>, every: Duration) {
+/// Owned by the sweep task. Dropped when the task ends — it returns once the store is gone,
+/// and it is dropped, even unpolled, with the runtime it was spawned on — it clears
+/// `sweeper_started`, so the next use of the store, on whichever runtime runs then, starts
+/// the sweep again.
+struct SweeperRunning(Weak<Inner>);
+
+impl Drop for SweeperRunning {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.sweeper_started.store(false, Ordering::Release);
+        }
+    }
+}
+
+// `running` is an argument, not made in the body, so that it is part of the future from the
+// start: a task dropped before its first poll still clears the flag.
+async fn sweep_forever(running: SweeperRunning, every: Duration) {
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let Some(inner) = store.upgrade() else { return };
+        let Some(inner) = running.0.upgrade() else { return };
         inner.sweep(Instant::now());
     }
 }
