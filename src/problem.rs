@@ -118,17 +118,41 @@ impl Problem {
         head.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         head.headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(after) = retry_after {
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
-            head.headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            head.headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(after)));
         }
         head.extensions.insert(self.outcome());
         (head, Bytes::from_static(body.as_bytes()))
     }
 }
 
+/// `Retry-After` in whole seconds: rounded up, at least 1, saturating at `u64::MAX` (so a
+/// `Duration::MAX` never overflows).
+fn retry_after_secs(after: Duration) -> u64 {
+    after.as_secs().saturating_add(u64::from(after.subsec_nanos() > 0)).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_and_saturates() {
+        let cases = [
+            (Duration::ZERO, 1),
+            (Duration::from_millis(1), 1),
+            (Duration::from_secs(1), 1),
+            (Duration::from_millis(1500), 2),
+            (Duration::from_secs(2), 2),
+            (Duration::from_secs(u64::MAX - 1) + Duration::from_nanos(1), u64::MAX),
+            (Duration::from_secs(u64::MAX), u64::MAX),
+            (Duration::MAX, u64::MAX),
+        ];
+        for (after, secs) in cases {
+            assert_eq!(retry_after_secs(after), secs, "{after:?}");
+            let (head, _) = Problem::IN_FLIGHT.into_parts(Some(after));
+            assert_eq!(head.headers[header::RETRY_AFTER], secs.to_string().as_str(), "{after:?}");
+        }
+    }
 
     #[test]
     fn bodies_are_valid_problem_json() {

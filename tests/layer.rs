@@ -498,6 +498,36 @@ async fn store_failure_can_fail_open() {
     assert_eq!(runs.get(), 2);
 }
 
+/// A `Retry-After` of `Duration::MAX` (or any huge value) renders as the most seconds the
+/// header can say, rounded up and saturating: never an overflow, a panic or a broken answer.
+#[tokio::test(start_paused = true)]
+async fn a_huge_retry_after_saturates() {
+    const MOST: &str = "18446744073709551615"; // u64::MAX seconds
+    let runs = Runs::default();
+    for retry_after in [Duration::MAX, Duration::new(u64::MAX, 1), Duration::from_secs(u64::MAX)] {
+        let layer = IdempotencyLayer::new().with_in_flight(InFlight::Reject { retry_after });
+        let svc = service(layer, runs.clone());
+        let mut slow = post("/slow", "k", "{}");
+        slow.headers_mut().insert("x-delay-ms", "100".parse().unwrap());
+        let running = tokio::spawn(send(&svc, slow));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let reply = send(&svc, post("/slow", "k", "{}")).await;
+        reply.assert_problem(409, "in-flight");
+        assert_eq!(reply.headers["retry-after"], MOST, "{retry_after:?}");
+        assert_eq!(running.await.unwrap().status, StatusCode::CREATED);
+
+        let down = service(
+            IdempotencyLayer::with_store(DownStore).with_store_failure(StoreFailure::FailClosed { retry_after }),
+            runs.clone(),
+        );
+        let reply = send(&down, post("/orders", "k", "{}")).await;
+        reply.assert_problem(503, "store-unavailable");
+        assert_eq!(reply.headers["retry-after"], MOST, "{retry_after:?}");
+        assert_eq!(reply.outcome, Outcome::StoreUnavailable);
+    }
+    assert_eq!(runs.get(), 3, "only the first request of each round ran");
+}
+
 #[tokio::test]
 async fn every_problem_is_problem_json_and_echoes_nothing() {
     const KEY: &str = "very-distinctive-key-4711";

@@ -132,6 +132,58 @@ mod bounds {
         assert!(store.complete(&huge, &token, record_of(5000), TTL).await.unwrap());
         assert!(matches!(begin(&store, &huge, fp(1)).await, Begin::Completed(Record::NotRetained)));
     }
+
+    /// A tombstone holds no response bytes: a `complete` that ends up keeping one (the record
+    /// is over `max_bytes`, or its encoding fails) adds nothing to `bytes()`, so it never
+    /// evicts real records for bytes it does not keep.
+    #[tokio::test(start_paused = true)]
+    async fn a_tombstone_counts_no_bytes() {
+        let store = MemoryStore::builder().max_bytes(100_000).build();
+        let mut kept = Vec::new();
+        for _ in 0..4 {
+            let key = fresh_key(None);
+            let token = lock(&store, &key, fp(1)).await;
+            assert!(store.complete(&key, &token, record_of(10_000), TTL).await.unwrap());
+            kept.push(key);
+        }
+        assert_eq!(store.bytes(), 40_000);
+
+        // Over the whole budget: kept as a tombstone.
+        let huge = fresh_key(None);
+        let token = lock(&store, &huge, fp(1)).await;
+        assert!(store.complete(&huge, &token, record_of(200_000), TTL).await.unwrap());
+        assert!(matches!(begin(&store, &huge, fp(1)).await, Begin::Completed(Record::NotRetained)));
+        assert_eq!(store.bytes(), 40_000, "an oversized record's tombstone counts no bytes");
+
+        // Within the budget by weight (65 536 bytes), but 65 536 header fields do not fit the
+        // encoding's count: kept as a tombstone too, and counted as one.
+        let mut headers = HeaderMap::new();
+        for _ in 0..=usize::from(u16::MAX) {
+            headers.append("x", http::HeaderValue::from_static(""));
+        }
+        let unencodable = Record::Response(Arc::new(StoredResponse {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::new(),
+            trailers: None,
+        }));
+        assert_eq!(unencodable.weight(), 65_536);
+        let odd = fresh_key(None);
+        let token = lock(&store, &odd, fp(1)).await;
+        assert!(store.complete(&odd, &token, unencodable, TTL).await.unwrap());
+        assert!(matches!(begin(&store, &odd, fp(1)).await, Begin::Completed(Record::NotRetained)));
+        assert_eq!(store.bytes(), 40_000, "an unencodable record's tombstone counts no bytes");
+        // No phantom bytes, so no real record was evicted to make room for them.
+        for key in &kept {
+            assert!(matches!(begin(&store, key, fp(1)).await, Begin::Completed(Record::Response(_))));
+        }
+        assert_eq!(store.len(), 6);
+
+        // Freed, a tombstone gives back nothing it did not take.
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        store.sweep();
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+    }
 }
 
 /// At the entry bound, concurrent callers on distinct keys evict records for each other: none
@@ -169,4 +221,41 @@ async fn a_full_store_never_refuses_while_records_can_be_evicted() {
         worker.await.unwrap();
     }
     assert_eq!(store.len(), 500);
+}
+
+/// The background sweep is not tied to the runtime that started it: when that runtime ends
+/// (and the sweep task with it), the next use of the store on another runtime starts it
+/// again, and it frees expired entries there without a request touching their keys.
+#[test]
+fn the_sweep_restarts_on_the_next_runtime() {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use tower_idempotency::{IdempotencyStore, Record, StoredResponse};
+
+    const TTL: Duration = Duration::from_secs(5);
+    let every = Duration::from_secs(1);
+    let store = MemoryStore::builder().sweep_interval(every).build();
+    let record = Record::Response(Arc::new(StoredResponse {
+        status: StatusCode::OK,
+        headers: HeaderMap::new(),
+        body: Bytes::from_static(b"swept"),
+        trailers: None,
+    }));
+    for round in 0..3 {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let key = common::conformance::fresh_key(None);
+            let token = common::conformance::lock(&store, &key, common::conformance::fp(1)).await;
+            assert!(store.complete(&key, &token, record.clone(), TTL).await.unwrap());
+            assert_eq!(store.len(), 1);
+            // No request touches the key again: only the sweep can free it.
+            tokio::time::sleep(TTL + every * 2).await;
+            assert_eq!(store.len(), 0, "round {round}: the sweep ran on this runtime and freed the record");
+            assert_eq!(store.bytes(), 0);
+        });
+        // The runtime ends here, and the sweep task it was running with it.
+        drop(runtime);
+    }
 }

@@ -147,6 +147,7 @@ async fn redis_store_on_redis_cluster() {
     conformance::only_the_owner_writes(store(&urls).await).await;
     conformance::scopes_are_separate(store(&urls).await).await;
     conformance::abandoned_lock_is_free_after_one_lease(store(&urls).await, advance).await;
+    conformance::expired_lock_is_never_written_by_its_old_owner(store(&urls).await, advance).await;
     conformance::renewal_keeps_the_lock(store(&urls).await, advance).await;
     conformance::record_expires_after_ttl(store(&urls).await, advance).await;
     conformance::concurrent_begins_lock_once(store(&urls).await).await;

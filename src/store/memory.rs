@@ -30,7 +30,9 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// - **Expiry.** A background task (started on first use inside a tokio runtime, stopped when
 ///   the last clone of the store is dropped) frees expired records and abandoned locks every
 ///   [sweep interval](MemoryStoreBuilder::sweep_interval), whether or not a request touches
-///   them. Expired entries are also treated as absent the moment they expire.
+///   them. When the runtime it runs on shuts down, the next use of the store on another
+///   runtime starts it again there. Expired entries are also treated as absent the moment
+///   they expire, by every operation.
 /// - **Bounds.** At most [`max_entries`](MemoryStoreBuilder::max_entries) entries and
 ///   [`max_bytes`](MemoryStoreBuilder::max_bytes) of recorded responses. Past either, the
 ///   oldest completed records are evicted first; an in-flight lock is never evicted. When only
@@ -152,6 +154,14 @@ impl Slot {
         }
     }
 
+    /// Whether this is `lock`'s lock and its lease has not run out. An expired lock counts as
+    /// absent for every operation: its old owner can no longer complete, renew or release it,
+    /// whether or not another request took the key over since (as in Redis, where the key
+    /// is gone).
+    fn is_live_lock(&self, lock: &LockToken, now: Instant) -> bool {
+        matches!(self, Self::Locked { token, lease_until } if token == lock && *lease_until > now)
+    }
+
     fn weight(&self) -> usize {
         match self {
             Self::Locked { .. } => 0,
@@ -253,18 +263,34 @@ impl MemoryStore {
         if self.inner.sweeper_started.swap(true, Ordering::AcqRel) {
             return;
         }
-        let weak = Arc::downgrade(&self.inner);
+        let running = SweeperRunning(Arc::downgrade(&self.inner));
         let every = self.inner.sweep_interval;
-        runtime.spawn(sweep_forever(weak, every));
+        runtime.spawn(sweep_forever(running, every));
     }
 }
 
-async fn sweep_forever(store: Weak<Inner>, every: Duration) {
+/// Owned by the sweep task. Dropped when the task ends — it returns once the store is gone,
+/// and it is dropped, even unpolled, with the runtime it was spawned on — it clears
+/// `sweeper_started`, so the next use of the store, on whichever runtime runs then, starts
+/// the sweep again.
+struct SweeperRunning(Weak<Inner>);
+
+impl Drop for SweeperRunning {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.sweeper_started.store(false, Ordering::Release);
+        }
+    }
+}
+
+// `running` is an argument, not made in the body, so that it is part of the future from the
+// start: a task dropped before its first poll still clears the flag.
+async fn sweep_forever(running: SweeperRunning, every: Duration) {
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let Some(inner) = store.upgrade() else { return };
+        let Some(inner) = running.0.upgrade() else { return };
         inner.sweep(Instant::now());
     }
 }
@@ -375,23 +401,24 @@ impl Inner {
     }
 
     fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> bool {
-        let mut weight = record.weight();
-        let record = if weight > self.max_bytes {
-            weight = 0;
-            Stored::NotRetained
-        } else {
-            // Encoded outside the shard lock.
-            Stored::new(&record)
+        let record_weight = record.weight();
+        // Encoded outside the shard lock. A record over the whole budget, or one the encoding
+        // cannot hold, is kept as a tombstone, which counts no bytes.
+        let stored = if record_weight > self.max_bytes { Stored::NotRetained } else { Stored::new(&record) };
+        let weight = match &stored {
+            Stored::Response(_) => record_weight,
+            Stored::NotRetained => 0,
         };
         let id = self.id(key);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         {
             let Some(mut slot) = self.map.get_mut(&id) else { return false };
-            if !matches!(&*slot, Slot::Locked { token, .. } if token == lock) {
+            let now = Instant::now();
+            if !slot.is_live_lock(lock, now) {
                 return false;
             }
             let fingerprint = *lock.fingerprint();
-            *slot = Slot::Completed { fingerprint, record, expires_at: later(Instant::now(), ttl), seq, weight };
+            *slot = Slot::Completed { fingerprint, record: stored, expires_at: later(now, ttl), seq, weight };
             self.bytes.fetch_add(weight, Ordering::AcqRel);
         }
         self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((id, seq));
@@ -402,9 +429,10 @@ impl Inner {
     }
 
     fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> bool {
+        let now = Instant::now();
         match self.map.get_mut(&self.id(key)).as_deref_mut() {
-            Some(Slot::Locked { token, lease_until }) if token == lock => {
-                *lease_until = later(Instant::now(), lease);
+            Some(Slot::Locked { token, lease_until }) if token == lock && *lease_until > now => {
+                *lease_until = later(now, lease);
                 true
             }
             _ => false,
@@ -412,8 +440,8 @@ impl Inner {
     }
 
     fn release(&self, key: &StoreKey, lock: &LockToken) -> bool {
-        let removed =
-            self.map.remove_if(&self.id(key), |_, slot| matches!(slot, Slot::Locked { token, .. } if token == lock));
+        let now = Instant::now();
+        let removed = self.map.remove_if(&self.id(key), |_, slot| slot.is_live_lock(lock, now));
         if removed.is_some() {
             self.entries.fetch_sub(1, Ordering::AcqRel);
         }

@@ -19,8 +19,9 @@
 //!
 //! Of any number of concurrent `begin` calls on an absent key, exactly one returns
 //! [`Begin::Execute`]. `complete`, `renew` and `release` change the key only while it is still
-//! locked by the caller's token: once a lease expired and another caller took the key over,
-//! the old owner's calls return `Ok(false)` and change nothing.
+//! locked by the caller's token under an unexpired lease: once the lease expired, the old
+//! owner's calls return `Ok(false)` and change nothing, whether or not another caller took the
+//! key over since (an expired lock counts as absent for every operation, in every store).
 
 use std::{
     fmt,
@@ -65,7 +66,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Replaces the caller's lock by `record`, kept for `ttl` from now.
     ///
-    /// `Ok(false)`, with nothing written, when the key is no longer locked by `lock`.
+    /// `Ok(false)`, with nothing written, when the key is no longer locked by `lock` or the
+    /// lock's lease has expired (even if no one took the key over since).
     fn complete(
         &self,
         key: &StoreKey,

@@ -167,6 +167,42 @@ where
     }
 }
 
+/// A lock whose lease expired is never written by its old owner, even when no other request
+/// took the key over since: `complete`, `renew` and `release` all return `Ok(false)` and
+/// change nothing, so the key is free (expired counts as absent for every operation).
+pub async fn expired_lock_is_never_written_by_its_old_owner<F, Fut, S>(store: S, advance: F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    // One key per operation, so that a write wrongly let through by one cannot hide another.
+    let completed = fresh_key(None);
+    let renewed = fresh_key(None);
+    let released = fresh_key(None);
+    let on_completed = lock(&store, &completed, fp(1)).await;
+    let on_renewed = lock(&store, &renewed, fp(1)).await;
+    let on_released = lock(&store, &released, fp(1)).await;
+    advance(LEASE + LEASE / 2).await;
+    // Nobody took the keys over: the expired locks are still the last thing written.
+    assert!(
+        !store.complete(&completed, &on_completed, record(b"late"), TTL).await.unwrap(),
+        "an expired lock's old owner cannot complete it"
+    );
+    assert!(!store.renew(&renewed, &on_renewed, LEASE).await.unwrap(), "an expired lock cannot be renewed");
+    assert!(!store.release(&released, &on_released).await.unwrap(), "an expired lock cannot be released");
+    // Nothing was written: no record, no extended lease; each key is free for a new request.
+    for (key, old) in [(&completed, on_completed), (&renewed, on_renewed), (&released, on_released)] {
+        let fresh = lock(&store, key, fp(1)).await;
+        assert_ne!(fresh, old);
+        // Taken over, it is still not the old owner's to write.
+        assert!(!store.complete(key, &old, record(b"late"), TTL).await.unwrap());
+        assert!(!store.renew(key, &old, LEASE).await.unwrap());
+        assert!(!store.release(key, &old).await.unwrap());
+        assert!(matches!(begin(&store, key, fp(1)).await, Begin::InFlight));
+    }
+}
+
 pub async fn renewal_keeps_the_lock<F, Fut, S>(store: S, advance: F)
 where
     S: IdempotencyStore,
@@ -279,6 +315,10 @@ macro_rules! store_conformance {
         #[$timed]
         async fn abandoned_lock_is_free_after_one_lease() {
             $crate::common::conformance::abandoned_lock_is_free_after_one_lease($make, $advance).await;
+        }
+        #[$timed]
+        async fn expired_lock_is_never_written_by_its_old_owner() {
+            $crate::common::conformance::expired_lock_is_never_written_by_its_old_owner($make, $advance).await;
         }
         #[$timed]
         async fn renewal_keeps_the_lock() {
