@@ -110,17 +110,29 @@
 //! - **Fingerprint.** SHA-256 over method, path, query and body (plus configured headers). The
 //!   body is buffered (up to the limit) to compute it, then handed to the handler.
 //! - **Streaming.** The handler's response streams to the client as produced while it is
-//!   recorded; the record replaces the lock just before the body's end is reported.
-//! - **Client gone.** A guarded request whose client went away is not cancelled: it runs to the
-//!   end on the runtime (their number bounded) and is recorded, so the retry replays it.
+//!   recorded. The record is written before the client can see the end, however the server
+//!   reads the body (to its end, to `Content-Length`, to its trailers): the frame that ends it
+//!   is held back until the record is stored. A failing store never holds back the head.
+//! - **Completion is owned.** Once the handler answered with a recordable response, its record
+//!   (or, past the record limit, a tombstone) is written whatever happens to the client, and
+//!   failed writes are retried with backoff while the lease lasts. Only a crash, or a store
+//!   outage longer than the lease, leaves the key to expire; a retry then executes again.
+//! - **Client gone.** A request whose handler is running when its client goes away is not
+//!   cancelled: it runs to the end on the runtime (their number bounded) and is recorded, so
+//!   the retry replays it. A detached body is read only until its record is decided (never
+//!   past the record limit, never for a status that is not recorded). Requests that only
+//!   wait, replay or are refused hold no detach slot and no capacity of the inner service.
 //! - **Timeouts** belong inside the layer (between it and the handler): a timed-out handler then
 //!   answers an error and releases its key. A timeout outside the layer drops the layer's
 //!   future, which the layer treats as a client gone: the handler finishes in the background.
-//! - **Leases.** The lock is renewed every third of its lease (default 30 s) while the handler
-//!   runs; a crashed process frees its keys within one lease.
+//! - **Leases.** A task per layer renews every lock a third of its lease (default 30 s) after
+//!   its last renewal, whether or not the request is polled (a handler blocking in
+//!   `block_in_place` keeps its lock); a request that finishes sooner costs no task. A crashed
+//!   process frees its keys within one lease.
 //! - **TTL.** A record lives for the TTL (default 24 h) from completion; replays never extend it.
-//! - **Not replayed:** hop-by-hop headers, `Content-Length` (recomputed), `Date`, and by default
-//!   `Set-Cookie`. Trailers are recorded and replayed.
+//! - **Not replayed:** hop-by-hop headers, `Content-Length` (recomputed where the status allows
+//!   a body and there are no trailers, so HTTP/1.1 sends a replay with trailers chunked),
+//!   `Date`, and by default `Set-Cookie`. Trailers are recorded and replayed.
 //! - **Keys are quoted or bare.** `"abc"` (Structured Field string, as the IETF draft writes
 //!   it) and `abc` (as Stripe writes it) are the same key. Parameters after a quoted key are not
 //!   accepted.

@@ -60,3 +60,30 @@ fn the_bypass_path_allocates_nothing() {
     let guarded = allocations(layer.layer(handler()), || req(Method::POST, Some("k")));
     assert!(guarded > allocations(handler(), || req(Method::POST, Some("k"))));
 }
+
+/// Allocations made by one guarded request (a fresh key) whose handler takes `takes` of
+/// paused tokio time, after a warm-up request that starts the layer's background tasks.
+fn guarded_allocations(takes: std::time::Duration) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    let slow = tower::service_fn(move |_req: Request<tower_idempotency::RequestBody<Full<Bytes>>>| async move {
+        tokio::time::sleep(takes).await;
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let svc = IdempotencyLayer::new().with_lease(std::time::Duration::from_secs(30)).layer(slow);
+    let _ = runtime.block_on(svc.clone().oneshot(req(Method::POST, Some("warm-up"))));
+    let request = req(Method::POST, Some("measured"));
+    allocation_counter::measure(|| {
+        let _ = runtime.block_on(svc.clone().oneshot(request));
+    })
+    .count_total
+}
+
+#[test]
+fn lease_renewal_costs_nothing_until_a_request_outlives_its_first_renewal_period() {
+    // A 30 s lease is renewed 10 s after it was taken (checked every 5 s).
+    let fast = guarded_allocations(std::time::Duration::from_secs(1));
+    let within = guarded_allocations(std::time::Duration::from_secs(9));
+    let renewed = guarded_allocations(std::time::Duration::from_secs(16));
+    assert_eq!(within, fast, "a request done within the first renewal period pays for renewal");
+    assert!(renewed > within, "the renewal of a slow request is not counted ({renewed} vs {within})");
+}

@@ -177,3 +177,87 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
     assert_eq!(runs.get(), 2);
     proxy.take_down().await;
 }
+
+/// A store whose connection goes through `proxy`.
+fn proxied_store(proxy: &Proxy, url: &str) -> RedisStore {
+    RedisStore::builder()
+        .prefix(run_prefix())
+        .build(tower_idempotency::store::redis::Client::open(proxy.url(url)).unwrap())
+}
+
+/// Sends `request()` until the key is no longer in flight (a store write may be under way),
+/// 50 ms apart, for at most 5 s.
+async fn settled(
+    svc: &impl TestService,
+    request: impl Fn() -> http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> common::Reply {
+    for _ in 0..100 {
+        let reply = send(svc, request()).await;
+        if reply.outcome != Outcome::InFlight {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the key stayed in flight");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_during_the_record_write_with_no_free_slot_still_gets_its_record() {
+    let url = redis_or_skip!();
+    let mut proxy = Proxy::down(tcp_addr(&url)).await;
+    proxy.up().await;
+    let runs = Runs::default();
+    let svc = service(layer(proxied_store(&proxy, &url)).with_max_detached(0), runs.clone());
+    let (with_body, empty) = (key(), key());
+    let slow = |key: &'static str, empty: bool| {
+        let mut request = post("/orders", key, "{}");
+        request.headers_mut().insert("x-delay-ms", "200".parse().unwrap());
+        if empty {
+            request.headers_mut().insert("x-big", "0".parse().unwrap());
+        }
+        request
+    };
+    for (key, empty) in [(with_body, false), (empty, true)] {
+        let sent = tokio::spawn(tower::ServiceExt::oneshot(svc.clone(), slow(key, empty)));
+        // The begin went through; while the handler runs, Redis's answers are held back, so
+        // the record's write is under way when the client leaves.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.freeze(true);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        sent.abort(); // the client goes away (with a body in memory the head had arrived)
+        let _ = sent.await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.freeze(false);
+        let replay = settled(&svc, || slow(key, empty)).await;
+        assert!(replay.replayed(), "{replay:?}");
+    }
+    assert_eq!(runs.get(), 2, "each key ran once");
+    proxy.take_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_at_completion_shorter_than_the_lease_loses_nothing() {
+    let url = redis_or_skip!();
+    let mut proxy = Proxy::down(tcp_addr(&url)).await;
+    proxy.up().await;
+    let runs = Runs::default();
+    let svc = service(layer(proxied_store(&proxy, &url)).with_lease(Duration::from_secs(30)), runs.clone());
+    let key = key();
+    let mut request = post("/orders", key, "{}");
+    request.headers_mut().insert("x-delay-ms", "200".parse().unwrap());
+    let first = tokio::spawn(send(&svc, request));
+    // Redis goes away while the handler runs and stays away for 2 s: the completion fails
+    // until it is back.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.take_down().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.up().await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    // The client had the whole response only once the record was written: the retry replays.
+    let retry = send(&svc, post("/orders", key, "{}")).await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.get(), 1, "the handler never runs a second time");
+    proxy.take_down().await;
+}
