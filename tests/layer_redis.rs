@@ -219,15 +219,15 @@ async fn a_client_gone_during_the_record_write_with_no_free_slot_still_gets_its_
     };
     for (key, empty) in [(with_body, false), (empty, true)] {
         let sent = tokio::spawn(tower::ServiceExt::oneshot(svc.clone(), slow(key, empty)));
-        // The begin went through; while the handler runs, Redis's answers are held back, so
-        // the record's write is under way when the client leaves.
+        // The begin went through; while the handler runs Redis goes away, so the record's
+        // write is failing and being retried when the client leaves.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        proxy.freeze(true);
+        proxy.take_down().await;
         tokio::time::sleep(Duration::from_millis(250)).await;
         sent.abort(); // the client goes away (with a body in memory the head had arrived)
         let _ = sent.await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        proxy.freeze(false);
+        proxy.up().await;
         let replay = settled(&svc, || slow(key, empty)).await;
         assert!(replay.replayed(), "{replay:?}");
     }
