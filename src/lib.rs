@@ -169,6 +169,7 @@
 //! - `redis-cluster`: `RedisStore` over Redis Cluster as well (every operation touches one key).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod background;
 mod body;
 pub mod client;
 mod fingerprint;

@@ -348,3 +348,61 @@ async fn an_unrecordable_body_is_never_drained() {
         assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 }
+
+// --- Background work survives runtimes and drops outside them. ------------------------------
+
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap()
+}
+
+#[test]
+fn the_lease_keeper_starts_again_on_the_next_runtime() {
+    let runs = Runs::default();
+    let svc = service(IdempotencyLayer::new().with_lease(Duration::from_secs(3)), runs.clone());
+    // A first runtime starts the layer's keeper, and ends.
+    paused_runtime().block_on(send(&svc, slow("first", 5_000)));
+    // On the next one, a slow handler still keeps its lock for several leases.
+    paused_runtime().block_on(async {
+        let first = tokio::spawn(send(&svc, slow("k", 20_000)));
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            send(&svc, post("/orders", "k", "{}")).await.assert_problem(409, "in-flight");
+        }
+        assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+        assert!(send(&svc, post("/orders", "k", "{}")).await.replayed());
+    });
+    assert_eq!(runs.get(), 2);
+}
+
+/// Drops a streaming response body on a thread outside any runtime, after one chunk, and
+/// checks the rest is still drained and recorded on the runtime the request ran on.
+fn body_dropped_outside_a_runtime_is_still_recorded<St: tower_idempotency::IdempotencyStore>(
+    runtime: &tokio::runtime::Runtime,
+    layer: IdempotencyLayer<St>,
+    key: &'static str,
+) {
+    let runs = Runs::default();
+    let svc = service(layer, runs.clone());
+    let streaming = || {
+        let mut request = post("/stream", key, "{}");
+        request.headers_mut().insert("x-chunks", "3".parse().unwrap());
+        request.headers_mut().insert("x-chunk-delay-ms", "20".parse().unwrap());
+        request
+    };
+    let mut body = runtime.block_on(svc.clone().oneshot(streaming())).unwrap().into_body();
+    runtime.block_on(body.frame()).unwrap().unwrap();
+    std::thread::spawn(move || drop(body)).join().expect("dropping the body outside a runtime does not panic");
+    runtime.block_on(async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let retry = send(&svc, streaming()).await;
+        assert!(retry.replayed(), "{retry:?}");
+        assert_eq!(retry.text(), "chunk-0;chunk-1;chunk-2;");
+    });
+    assert_eq!(runs.get(), 1);
+}
+
+#[test]
+fn a_body_dropped_outside_any_runtime_is_still_recorded() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    body_dropped_outside_a_runtime_is_still_recorded(&runtime, IdempotencyLayer::new(), "outside");
+}

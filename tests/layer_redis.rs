@@ -261,3 +261,29 @@ async fn a_redis_outage_at_completion_shorter_than_the_lease_loses_nothing() {
     assert_eq!(runs.get(), 1, "the handler never runs a second time");
     proxy.take_down().await;
 }
+
+#[test]
+fn a_body_dropped_outside_any_runtime_is_still_recorded_in_redis() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let Some(url) = runtime.block_on(redis_url()) else { return };
+    let store = runtime.block_on(store(&url));
+    let runs = Runs::default();
+    let svc = service(layer(store), runs.clone());
+    let key = key();
+    let streaming = || {
+        let mut request = post("/stream", key, "{}");
+        request.headers_mut().insert("x-chunks", "3".parse().unwrap());
+        request.headers_mut().insert("x-chunk-delay-ms", "20".parse().unwrap());
+        request
+    };
+    let mut body = runtime.block_on(tower::ServiceExt::oneshot(svc.clone(), streaming())).unwrap().into_body();
+    runtime.block_on(http_body_util::BodyExt::frame(&mut body)).unwrap().unwrap();
+    // No runtime on this thread: whatever the drop starts must not poll a Redis future here.
+    std::thread::spawn(move || drop(body)).join().expect("dropping the body outside a runtime does not panic");
+    runtime.block_on(async {
+        let retry = settled(&svc, streaming).await;
+        assert!(retry.replayed(), "{retry:?}");
+        assert_eq!(retry.text(), "chunk-0;chunk-1;chunk-2;");
+    });
+    assert_eq!(runs.get(), 1);
+}

@@ -14,7 +14,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -22,6 +22,7 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 
 use super::Held;
+use crate::background::{Background, Running};
 
 /// The lease keeper of one layer configuration (one lease length).
 #[derive(Clone)]
@@ -32,9 +33,9 @@ pub(crate) struct Keeper {
 struct Shared {
     locks: Mutex<HashMap<u64, Arc<dyn Held>>>,
     next_id: AtomicU64,
-    /// Whether a keeper task is alive; cleared by the task's own drop, so a task that died with
-    /// its runtime is started again on the next runtime that registers a lock.
-    running: Arc<AtomicBool>,
+    /// The keeper task: started again on the next runtime that registers a lock if the one
+    /// that ran it ended.
+    task: Background,
     /// Wakes the task when the first lock arrives, or when the layer is gone.
     wake: Arc<Notify>,
     /// How often the task looks for locks due for renewal.
@@ -51,7 +52,7 @@ impl Keeper {
             shared: Arc::new(Shared {
                 locks: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
-                running: Arc::new(AtomicBool::new(false)),
+                task: Background::default(),
                 wake: Arc::new(Notify::new()),
                 tick: (lease / 6).max(Duration::from_millis(1)),
                 renew_after: lease / 3,
@@ -86,15 +87,8 @@ impl Keeper {
 
     fn ensure_running(&self) {
         let shared = &self.shared;
-        if shared.running.load(Ordering::Acquire) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        if shared.running.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let task = keep(Arc::downgrade(shared), shared.wake.clone(), Running(shared.running.clone()));
-        runtime.spawn(task);
+        let (weak, wake) = (Arc::downgrade(shared), shared.wake.clone());
+        shared.task.ensure(|running| keep(weak, wake, running));
     }
 }
 
@@ -102,16 +96,6 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // The layer is gone: let the task see it and end.
         self.wake.notify_one();
-    }
-}
-
-/// Owned by the keeper task: clears the running flag however the task ends (its layer gone,
-/// or its runtime shut down).
-struct Running(Arc<AtomicBool>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
     }
 }
 

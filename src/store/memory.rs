@@ -6,7 +6,7 @@ use std::{
     hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -16,7 +16,10 @@ use dashmap::{DashMap, mapref::entry::Entry};
 use tokio::time::Instant;
 
 use super::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey};
-use crate::{Fingerprint, Record, StoredResponse};
+use crate::{
+    Fingerprint, Record, StoredResponse,
+    background::{Background, Running},
+};
 
 /// Default bound on entries (locks and completed records).
 const DEFAULT_MAX_ENTRIES: usize = 100_000;
@@ -63,7 +66,8 @@ struct Inner {
     entries: AtomicUsize,
     bytes: AtomicUsize,
     seq: AtomicU64,
-    sweeper_started: AtomicBool,
+    /// The background sweep.
+    sweeper: Background,
     max_entries: usize,
     max_bytes: usize,
     sweep_interval: Duration,
@@ -209,7 +213,7 @@ impl MemoryStoreBuilder {
                 entries: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
                 seq: AtomicU64::new(0),
-                sweeper_started: AtomicBool::new(false),
+                sweeper: Background::default(),
                 max_entries: self.max_entries,
                 max_bytes: self.max_bytes,
                 sweep_interval: self.sweep_interval,
@@ -255,42 +259,19 @@ impl MemoryStore {
         self.inner.sweep(Instant::now());
     }
 
+    /// Starts the sweep on the current runtime, or again if the runtime that ran it ended.
     fn ensure_sweeper(&self) {
-        if self.inner.sweeper_started.load(Ordering::Relaxed) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        if self.inner.sweeper_started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let running = SweeperRunning(Arc::downgrade(&self.inner));
-        let every = self.inner.sweep_interval;
-        runtime.spawn(sweep_forever(running, every));
+        let (store, every) = (Arc::downgrade(&self.inner), self.inner.sweep_interval);
+        self.inner.sweeper.ensure(|running| sweep_forever(store, every, running));
     }
 }
 
-/// Owned by the sweep task. Dropped when the task ends — it returns once the store is gone,
-/// and it is dropped, even unpolled, with the runtime it was spawned on — it clears
-/// `sweeper_started`, so the next use of the store, on whichever runtime runs then, starts
-/// the sweep again.
-struct SweeperRunning(Weak<Inner>);
-
-impl Drop for SweeperRunning {
-    fn drop(&mut self) {
-        if let Some(inner) = self.0.upgrade() {
-            inner.sweeper_started.store(false, Ordering::Release);
-        }
-    }
-}
-
-// `running` is an argument, not made in the body, so that it is part of the future from the
-// start: a task dropped before its first poll still clears the flag.
-async fn sweep_forever(running: SweeperRunning, every: Duration) {
+async fn sweep_forever(store: Weak<Inner>, every: Duration, _running: Running) {
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let Some(inner) = running.0.upgrade() else { return };
+        let Some(inner) = store.upgrade() else { return };
         inner.sweep(Instant::now());
     }
 }
