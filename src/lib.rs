@@ -108,7 +108,8 @@
 //!   the `Authorization` header, so one tenant can never replay another's response. Requests
 //!   without `Authorization` share one namespace. See [`Scope`].
 //! - **Fingerprint.** SHA-256 over method, path, query and body (plus configured headers). The
-//!   body is buffered (up to the limit) to compute it, then handed to the handler.
+//!   body is buffered (up to the limit) to compute it, then handed to the handler with the
+//!   request's trailers, if it had any (trailers are not fingerprinted).
 //! - **Streaming.** The handler's response streams to the client as produced while it is
 //!   recorded. The record is written before the client can see the end, however the server
 //!   reads the body (to its end, to `Content-Length`, to its trailers): the frame that ends it

@@ -105,8 +105,8 @@ where
 {
     /// Starts recording `body` (the answer's status and the headers to keep), under `guard`.
     ///
-    /// `expected` is the length the server will send, when known. Known to be 0, the body is
-    /// complete at once and the record is written without polling it.
+    /// `expected` is the length the server will send, when known. Known to be over the record
+    /// limit, only a tombstone is kept, at once.
     pub(crate) fn new(
         body: B,
         guard: LockGuard,
@@ -121,9 +121,7 @@ where
         let streaming = Streaming { body: Box::pin(body), guard, tape, ahead: None, expected, detached: false };
         let mut recording =
             Self { state: State::Streaming(Box::new(streaming)), detach, spawn_drain: spawn_drain::<B> };
-        if expected == Some(0) {
-            recording.end(None);
-        } else if expected.is_some_and(|len| len > max_record as u64) {
+        if expected.is_some_and(|len| len > max_record as u64) {
             recording.pass();
         }
         recording
@@ -149,7 +147,18 @@ where
                 _ => unreachable!("a frame to send leaves the recording streaming or passing"),
             },
             Poll::Ready(Some(Err(error))) => self.state = State::Failed { error: Some(error) },
-            Poll::Ready(Some(Ok(Step::Ended)) | None) | Poll::Pending => {}
+            Poll::Ready(Some(Ok(Step::Ended)) | None) => {}
+            Poll::Pending => self.end_if_nothing_is_left(),
+        }
+    }
+
+    /// A body of known length 0 that has nothing ready is complete as the server sees it:
+    /// hyper never polls such a body on HTTP/1.1, so its end is now.
+    fn end_if_nothing_is_left(&mut self) {
+        if let State::Streaming(streaming) = &self.state {
+            if streaming.ahead.is_none() && streaming.expected == Some(streaming.tape.size as u64) {
+                self.end(None);
+            }
         }
     }
 
@@ -298,6 +307,7 @@ where
     /// Drives the recording until what is kept of the key is decided: the record written, a
     /// tombstone kept, or the lock released. What the body sends past that is not read.
     fn poll_decided(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.end_if_nothing_is_left();
         loop {
             if matches!(self.state, State::Passing { .. } | State::Failed { .. } | State::Done) {
                 return Poll::Ready(());
@@ -428,5 +438,140 @@ impl<B: Body> fmt::Debug for Recording<B> {
             State::Failed { .. } => "Recording::Failed",
             State::Done => "Recording::Done",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, time::Duration};
+
+    use http_body_util::StreamBody;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::{
+        Fingerprint, IdempotencyKey,
+        lock::{Keeper, Locked},
+        store::{Begin, IdempotencyStore, MemoryStore, StoreKey},
+    };
+
+    type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
+
+    /// A recording of `frames` (one poll each, after a `Pending`), declared `expected` long,
+    /// over a fresh lock in `store`.
+    async fn recording(
+        store: &MemoryStore,
+        frames: Frames,
+        expected: Option<u64>,
+        max: usize,
+    ) -> (Recording<impl Body<Data = Bytes, Error = Infallible> + Send + 'static>, StoreKey) {
+        let stream = futures_util::StreamExt::then(futures_util::stream::iter(frames), |frame| async move {
+            tokio::task::yield_now().await;
+            frame
+        });
+        recording_of(store, StreamBody::new(stream), expected, max).await
+    }
+
+    /// A recording of `body` over a fresh lock in `store`.
+    async fn recording_of<B>(
+        store: &MemoryStore,
+        body: B,
+        expected: Option<u64>,
+        max: usize,
+    ) -> (Recording<B>, StoreKey)
+    where
+        B: Body<Data = Bytes, Error = Infallible> + Send + 'static,
+    {
+        let key = StoreKey::new(None, IdempotencyKey::parse(b"k").unwrap());
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let began = Instant::now();
+        let Ok(Begin::Execute(token)) = store.begin(&key, &fingerprint, Duration::from_secs(30)).await else {
+            panic!("the key is free")
+        };
+        let lease = Duration::from_secs(30);
+        let locked = Locked { store: Arc::new(store.clone()), key: key.clone(), token, ttl: lease, lease, began };
+        let guard = LockGuard::new(locked, &Keeper::new(lease));
+        let recording =
+            Recording::new(body, guard, StatusCode::OK, HeaderMap::new(), expected, max, Arc::new(Semaphore::new(1)));
+        (recording, key)
+    }
+
+    async fn state_of(store: &MemoryStore, key: &StoreKey) -> &'static str {
+        match store.begin(key, &Fingerprint::from_bytes([1; 32]), Duration::from_secs(30)).await.unwrap() {
+            Begin::InFlight => "locked",
+            Begin::Completed(Record::Response(_)) => "recorded",
+            Begin::Completed(Record::NotRetained) => "tombstone",
+            Begin::Execute(_) => "free",
+            Begin::Mismatch => "mismatch",
+        }
+    }
+
+    async fn next(recording: &mut Recording<impl Body<Data = Bytes, Error = Infallible>>) -> Option<Frame<Bytes>> {
+        std::future::poll_fn(|cx| recording.poll_frame(cx)).await.map(Result::unwrap)
+    }
+
+    fn data(bytes: &'static str) -> Result<Frame<Bytes>, Infallible> {
+        Ok(Frame::data(Bytes::from_static(bytes.as_bytes())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_record_exists_when_the_declared_length_is_handed_out() {
+        let store = MemoryStore::new();
+        let (mut recording, key) = recording(&store, vec![data("ab"), data("cd")], Some(4), 100).await;
+        assert_eq!(next(&mut recording).await.unwrap().into_data().unwrap(), "ab");
+        assert_eq!(state_of(&store, &key).await, "locked");
+        // The last bytes: a server stops here and never asks for the end.
+        assert_eq!(next(&mut recording).await.unwrap().into_data().unwrap(), "cd");
+        assert_eq!(state_of(&store, &key).await, "recorded");
+        assert!(recording.is_end_stream());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trailers_end_the_body_and_are_recorded() {
+        let store = MemoryStore::new();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", "1".parse().unwrap());
+        let frames = vec![data("ab"), Ok(Frame::trailers(trailers.clone()))];
+        let (mut recording, key) = recording(&store, frames, None, 100).await;
+        next(&mut recording).await.unwrap();
+        let last = next(&mut recording).await.unwrap();
+        assert_eq!(last.into_trailers().unwrap(), trailers);
+        match store.begin(&key, &Fingerprint::from_bytes([1; 32]), Duration::from_secs(1)).await.unwrap() {
+            Begin::Completed(Record::Response(stored)) => {
+                assert_eq!(stored.body, "ab");
+                assert_eq!(stored.trailers, Some(trailers));
+            }
+            other => panic!("not recorded: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_the_limit_the_tombstone_is_kept_at_once_and_the_rest_passes() {
+        let store = MemoryStore::new();
+        let (mut recording, key) = recording(&store, vec![data("abc"), data("def"), data("g")], None, 4).await;
+        next(&mut recording).await.unwrap();
+        assert_eq!(state_of(&store, &key).await, "locked");
+        next(&mut recording).await.unwrap();
+        assert_eq!(state_of(&store, &key).await, "tombstone", "decided at the limit, not at the end");
+        assert_eq!(next(&mut recording).await.unwrap().into_data().unwrap(), "g");
+        assert!(next(&mut recording).await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_body_of_known_length_is_complete_without_its_end() {
+        let store = MemoryStore::new();
+        // Declared empty, and never ending: the server sends the head and reads no further.
+        let frames = futures_util::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+        let (mut recording, key) = recording_of(&store, StreamBody::new(frames), Some(0), 100).await;
+        std::future::poll_fn(|cx| {
+            recording.read_ahead(cx);
+            Poll::Ready(())
+        })
+        .await;
+        // The head shows the end: it waits for the record.
+        std::future::poll_fn(|cx| recording.poll_completion(cx)).await;
+        assert_eq!(state_of(&store, &key).await, "recorded");
+        assert!(recording.is_end_stream());
+        assert_eq!(recording.size_hint().exact(), Some(0));
     }
 }
