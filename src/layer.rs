@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use http::{HeaderName, Method, response};
+use http::{HeaderMap, HeaderName, Method, response};
 use tokio::sync::Semaphore;
 use tower::Layer;
 
@@ -19,6 +19,17 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 pub trait CachePredicate: Send + Sync + 'static {
     /// Whether to record the response whose head is `head`.
     fn should_record(&self, head: &response::Parts) -> bool;
+
+    /// Whether a response whose head was accepted is still recorded once its body ended with
+    /// `trailers` (`None`: no trailers). Asked before the record is written, so the answer
+    /// can depend on a status sent in the trailers (gRPC's `grpc-status`). Default: `true`.
+    ///
+    /// A rejection releases the key. A body that passed the record limit was decided at the
+    /// limit (a tombstone) and is not asked.
+    fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
+        let _ = trailers;
+        true
+    }
 }
 
 impl<F> CachePredicate for F
@@ -225,6 +236,12 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// The store this layer uses.
     pub fn store(&self) -> &Arc<St> {
         &self.store
+    }
+
+    /// The settings its services share.
+    #[cfg(test)]
+    pub(crate) fn settings(&self) -> &Config {
+        &self.config
     }
 
     fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {

@@ -38,14 +38,17 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::{runtime::Handle, sync::OwnedSemaphorePermit, sync::Semaphore};
 
 use crate::{
-    Record, StoredResponse,
+    CachePredicate, Record, StoredResponse,
     body::into_bytes,
+    layer::Config,
     lock::{Completion, LockGuard},
 };
 
 /// A recordable response body on its way to the client.
 pub(crate) struct Recording<B: Body> {
     state: State<B>,
+    /// Asked at the end whether the trailers still allow the record.
+    predicate: Arc<dyn CachePredicate>,
     detach: Arc<Semaphore>,
     /// Spawns the drain of a recording whose client went away (made where the bounds it needs
     /// are known; `Drop` cannot ask for them).
@@ -113,14 +116,14 @@ where
         status: StatusCode,
         headers: HeaderMap,
         expected: Option<u64>,
-        max_record: usize,
-        detach: Arc<Semaphore>,
+        config: &Config,
     ) -> Self {
+        let (max_record, detach, predicate) = (config.max_record, config.detached.clone(), config.predicate.clone());
         let expected = expected.or_else(|| body.size_hint().exact());
         let tape = Tape { status, headers, chunks: Vec::new(), size: 0, max: max_record, trailers: None };
         let streaming = Streaming { body: Box::pin(body), guard, tape, ahead: None, expected, detached: false };
         let mut recording =
-            Self { state: State::Streaming(Box::new(streaming)), detach, spawn_drain: spawn_drain::<B> };
+            Self { state: State::Streaming(Box::new(streaming)), predicate, detach, spawn_drain: spawn_drain::<B> };
         if expected.is_some_and(|len| len > max_record as u64) {
             recording.pass();
         }
@@ -235,11 +238,15 @@ where
         Step::Ended
     }
 
-    /// The body is complete: write the record, holding `last` back until it is written.
+    /// The body is complete: write the record (or, if its trailers say it failed, release the
+    /// lock), holding `last` back until that is done.
     fn end(&mut self, last: Option<Frame<Bytes>>) {
         let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Done) else { return };
         let Streaming { guard, mut tape, .. } = *streaming;
-        let completion = guard.complete(tape.finish());
+        let completion = match self.predicate.should_record_trailers(tape.trailers.as_ref()) {
+            true => guard.complete(tape.finish()),
+            false => guard.release(),
+        };
         self.state = State::Completing { completion, last };
     }
 
@@ -401,6 +408,7 @@ impl<B: Body> Drop for Recording<B> {
                 streaming.detached = true;
                 let recording = Self {
                     state: State::Streaming(streaming),
+                    predicate: self.predicate.clone(),
                     detach: self.detach.clone(),
                     spawn_drain: self.spawn_drain,
                 };
@@ -482,6 +490,19 @@ mod tests {
     where
         B: Body<Data = Bytes, Error = Infallible> + Send + 'static,
     {
+        recording_with(store, body, expected, crate::IdempotencyLayer::new().with_max_record(max)).await
+    }
+
+    /// A recording of `body` over a fresh lock in `store`, with `layer`'s settings.
+    async fn recording_with<B>(
+        store: &MemoryStore,
+        body: B,
+        expected: Option<u64>,
+        layer: crate::IdempotencyLayer,
+    ) -> (Recording<B>, StoreKey)
+    where
+        B: Body<Data = Bytes, Error = Infallible> + Send + 'static,
+    {
         let key = StoreKey::new(None, IdempotencyKey::parse(b"k").unwrap());
         let fingerprint = Fingerprint::from_bytes([1; 32]);
         let began = Instant::now();
@@ -491,8 +512,7 @@ mod tests {
         let lease = Duration::from_secs(30);
         let locked = Locked { store: Arc::new(store.clone()), key: key.clone(), token, ttl: lease, lease, began };
         let guard = LockGuard::new(locked, &Keeper::new(lease));
-        let recording =
-            Recording::new(body, guard, StatusCode::OK, HeaderMap::new(), expected, max, Arc::new(Semaphore::new(1)));
+        let recording = Recording::new(body, guard, StatusCode::OK, HeaderMap::new(), expected, layer.settings());
         (recording, key)
     }
 
@@ -573,5 +593,32 @@ mod tests {
         assert_eq!(state_of(&store, &key).await, "recorded");
         assert!(recording.is_end_stream());
         assert_eq!(recording.size_hint().exact(), Some(0));
+    }
+
+    /// gRPC's way: the status is in the trailers.
+    struct GrpcOk;
+
+    impl CachePredicate for GrpcOk {
+        fn should_record(&self, head: &http::response::Parts) -> bool {
+            head.status == StatusCode::OK
+        }
+
+        fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
+            trailers.and_then(|t| t.get("grpc-status")).is_some_and(|status| status == "0")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn trailers_the_predicate_rejects_release_the_key() {
+        for (status, kept) in [("0", "recorded"), ("13", "free")] {
+            let store = MemoryStore::new();
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", status.parse().unwrap());
+            let frames = futures_util::stream::iter([data("msg"), Ok(Frame::trailers(trailers))]);
+            let layer = crate::IdempotencyLayer::new().with_cache_predicate(GrpcOk);
+            let (mut recording, key) = recording_with(&store, StreamBody::new(frames), None, layer).await;
+            while next(&mut recording).await.is_some() {}
+            assert_eq!(state_of(&store, &key).await, kept, "grpc-status {status}");
+        }
     }
 }

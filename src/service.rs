@@ -349,8 +349,7 @@ where
     }
     let headers = stored_headers(&head.headers, &config.unstored_headers);
     let expected = content_length(&head.headers);
-    let recording =
-        Recording::new(body, guard, head.status, headers, expected, config.max_record, config.detached.clone());
+    let recording = Recording::new(body, guard, head.status, headers, expected, config);
     (head, Answer::Recorded(recording))
 }
 
