@@ -195,7 +195,7 @@ pub use layer::{
     DEFAULT_TTL, IDEMPOTENCY_KEY, IdempotencyLayer, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
 };
 pub use outcome::Outcome;
-pub use record::{Record, StoredResponse};
+pub use record::{DecodeError, Record, StoredResponse};
 pub use scope::{Scope, ScopeFn, ScopeId};
 pub use service::Idempotency;
 pub use store::{Begin, IdempotencyStore, LockToken, MemoryStore, MemoryStoreBuilder, StoreError, StoreKey};

@@ -55,7 +55,8 @@ impl StoredResponse {
         (parts, body, trailers)
     }
 
-    /// Appends the record as one buffer: status, headers, trailers, then the raw body.
+    /// Appends the record as one buffer: status, headers, trailers, then the raw body. A store
+    /// keeps records in this form (a store crate need not invent its own).
     ///
     /// ```text
     /// bytes  field
@@ -71,7 +72,7 @@ impl StoredResponse {
     /// it (one exact-size allocation in `MemoryStore`, one value in Redis). `None` when a
     /// count or length does not fit its field (more than 65 535 header fields, a value over
     /// 4 GiB): such a response cannot be kept, like one over the record limit.
-    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) -> Option<()> {
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Option<()> {
         fn fields(out: &mut Vec<u8>, map: &HeaderMap) -> Option<()> {
             out.put_u16(u16::try_from(map.len()).ok()?);
             for (name, value) in map {
@@ -98,7 +99,7 @@ impl StoredResponse {
     }
 
     /// The length [`encode_into`](Self::encode_into) writes.
-    pub(crate) fn encoded_len(&self) -> usize {
+    pub fn encoded_len(&self) -> usize {
         fn fields_len(map: &HeaderMap) -> usize {
             2 + map.iter().map(|(name, value)| 2 + name.as_str().len() + 4 + value.len()).sum::<usize>()
         }
@@ -107,7 +108,7 @@ impl StoredResponse {
 
     /// Reads back what [`encode_into`](Self::encode_into) wrote; header values and the body
     /// share `encoded`'s memory. Damaged input is an error, never a panic or a huge allocation.
-    pub(crate) fn decode(mut encoded: Bytes) -> Result<Self, DecodeError> {
+    pub fn decode(mut encoded: Bytes) -> Result<Self, DecodeError> {
         fn fields(encoded: &mut Bytes) -> Result<HeaderMap, DecodeError> {
             let count = usize::from(encoded.try_get_u16().map_err(|_| DecodeError("truncated"))?);
             // Every field takes at least 6 bytes: do not trust a count the input cannot hold.
@@ -144,7 +145,7 @@ impl StoredResponse {
 
 /// A buffer that is not a record [`StoredResponse::encode_into`] wrote.
 #[derive(Debug)]
-pub(crate) struct DecodeError(pub(crate) &'static str);
+pub struct DecodeError(pub(crate) &'static str);
 
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -6,16 +6,15 @@ use std::time::Duration;
 
 use tower_idempotency::MemoryStore;
 
-async fn advance(by: Duration) {
-    tokio::time::advance(by).await;
+#[tokio::test(start_paused = true)]
+async fn memory_store_passes_the_conformance_suite() {
+    common::conformance::run(|| async { MemoryStore::new() }, tokio::time::advance).await;
 }
 
-store_conformance!(
-    make: MemoryStore::new(),
-    advance: advance,
-    timed: #[tokio::test(start_paused = true)],
-    race: #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-);
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_begins_on_threads_lock_once() {
+    common::conformance::concurrent_begins_lock_once(MemoryStore::new()).await;
+}
 
 mod bounds {
     use std::{sync::Arc, time::Duration};
@@ -258,4 +257,52 @@ fn the_sweep_restarts_on_the_next_runtime() {
         // The runtime ends here, and the sweep task it was running with it.
         drop(runtime);
     }
+}
+
+/// A store that forgets to release: the suite must catch it.
+#[derive(Clone, Default)]
+struct NeverReleases(MemoryStore);
+
+impl tower_idempotency::IdempotencyStore for NeverReleases {
+    async fn begin(
+        &self,
+        key: &tower_idempotency::StoreKey,
+        fingerprint: &tower_idempotency::Fingerprint,
+        lease: Duration,
+    ) -> Result<tower_idempotency::Begin, tower_idempotency::StoreError> {
+        self.0.begin(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &tower_idempotency::StoreKey,
+        lock: &tower_idempotency::LockToken,
+        record: tower_idempotency::Record,
+        ttl: Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.complete(key, lock, record, ttl).await
+    }
+
+    async fn renew(
+        &self,
+        key: &tower_idempotency::StoreKey,
+        lock: &tower_idempotency::LockToken,
+        lease: Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.renew(key, lock, lease).await
+    }
+
+    async fn release(
+        &self,
+        _key: &tower_idempotency::StoreKey,
+        _lock: &tower_idempotency::LockToken,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        Ok(true)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "expected the key to be free")]
+async fn the_conformance_suite_catches_a_store_that_never_releases() {
+    common::conformance::run(|| async { NeverReleases::default() }, tokio::time::advance).await;
 }

@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use common::{
-    conformance::{LEASE, TTL, fp, fresh_key, lock, race_begins, record, response},
+    conformance::{self, LEASE, TTL, fp, fresh_key, lock, race_begins, record, response},
     redis::{Proxy, closed_port, exists, pttl, raw, raw_get, raw_key, redis_url, run_prefix, store, tcp_addr},
 };
 use tokio::{net::TcpListener, task::JoinSet};
@@ -30,16 +30,11 @@ use tower_idempotency::{
     },
 };
 
-async fn advance(by: Duration) {
-    tokio::time::sleep(by).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_passes_the_conformance_suite() {
+    let Some(url) = redis_url().await else { return };
+    conformance::run(|| store(&url), tokio::time::sleep).await;
 }
-
-store_conformance!(
-    make: match redis_url().await { Some(url) => store(&url).await, None => return },
-    advance: advance,
-    timed: #[tokio::test],
-    race: #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-);
 
 /// The URL of the Redis under test, or return from the test (skipped).
 macro_rules! redis_or_skip {
@@ -109,7 +104,7 @@ async fn locks_and_records_expire_in_redis_itself() {
     let Begin::Execute(token) = store.begin(&key, &fp(1), lease).await.unwrap() else { panic!("free key") };
     let left = pttl(&mut conn, &key).await;
     assert!((400..=600).contains(&left), "lock PTTL {left}");
-    advance(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(pttl(&mut conn, &key).await <= 300);
     assert!(store.renew(&key, &token, lease).await.unwrap());
     assert!(pttl(&mut conn, &key).await > 400, "renew sets the lease from now");
@@ -118,18 +113,18 @@ async fn locks_and_records_expire_in_redis_itself() {
     assert!(store.complete(&key, &token, record(b"done"), ttl).await.unwrap());
     let left = pttl(&mut conn, &key).await;
     assert!((700..=900).contains(&left), "record PTTL {left}");
-    advance(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(matches!(store.begin(&key, &fp(1), lease).await.unwrap(), Begin::Completed(_)));
     assert!(pttl(&mut conn, &key).await <= 600, "a replay does not extend the TTL");
 
     // Past the TTL the key is gone from Redis: nobody called the store meanwhile.
-    advance(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!exists(&mut conn, &key).await);
 
     // An abandoned lock is gone from Redis after its lease, untouched.
     let abandoned = fresh_key(None);
     lock(&store, &abandoned, fp(1)).await;
-    advance(LEASE + Duration::from_millis(100)).await;
+    tokio::time::sleep(LEASE + Duration::from_millis(100)).await;
     assert!(!exists(&mut conn, &abandoned).await);
 
     // Release deletes the key at once.
@@ -147,11 +142,11 @@ async fn stale_owner_cannot_touch_the_new_owners_lock() {
     let key = fresh_key(None);
     let lease = Duration::from_millis(200);
     let Begin::Execute(stale) = store.begin(&key, &fp(1), lease).await.unwrap() else { panic!("free key") };
-    advance(lease + Duration::from_millis(50)).await;
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
     let Begin::Execute(fresh) = store.begin(&key, &fp(1), Duration::from_secs(5)).await.unwrap() else {
         panic!("the expired lock is free")
     };
-    advance(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let before = pttl(&mut conn, &key).await;
 
     // The stale owner wakes up and tries every write.
@@ -178,10 +173,10 @@ async fn a_crashed_replicas_lock_is_free_after_one_lease() {
         let replica_a = store(&url).await;
         assert!(matches!(replica_a.begin(&key, &fp(1), lease).await.unwrap(), Begin::Execute(_)));
     }
-    advance(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(matches!(replica_b.begin(&key, &fp(1), lease).await.unwrap(), Begin::InFlight));
     assert!(matches!(replica_b.begin(&key, &fp(2), lease).await.unwrap(), Begin::Mismatch));
-    advance(lease.saturating_sub(started.elapsed()) + Duration::from_millis(50)).await;
+    tokio::time::sleep(lease.saturating_sub(started.elapsed()) + Duration::from_millis(50)).await;
     assert!(matches!(replica_b.begin(&key, &fp(1), lease).await.unwrap(), Begin::Execute(_)));
 }
 
@@ -363,7 +358,7 @@ async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
         assert!(error.is_unavailable(), "{error:?}");
     }
     // Time passes while Redis is down (background reconnect attempts fail meanwhile).
-    advance(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     proxy.up().await;
     // The first request after Redis is back works: each request tries a fresh connection.
     let token = lock(&store, &key, fp(1)).await;
@@ -375,7 +370,7 @@ async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
         assert!(is_store_failure(&store.begin(&key, &fp(1), LEASE).await.unwrap_err()));
     }
 
-    advance(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     proxy.up().await;
     // Again the first request after Redis is back works.
     assert!(matches!(store.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
@@ -460,7 +455,7 @@ async fn a_killed_connection_reconnects_by_itself() {
             failures
         });
     }
-    advance(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let killed: i64 = redis::cmd("CLIENT").arg(&["KILL", "USER", &user]).query_async(&mut admin).await.unwrap();
     assert_eq!(killed, 1);
     while let Some(failures) = load.join_next().await {

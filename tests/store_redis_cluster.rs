@@ -130,27 +130,12 @@ async fn store(urls: &[String]) -> RedisStore {
     RedisStore::builder().prefix(run_prefix()).connect_cluster(urls.iter().map(String::as_str)).await.unwrap()
 }
 
-async fn advance(by: Duration) {
-    tokio::time::sleep(by).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_store_on_redis_cluster() {
     let Some((_local, urls)) = cluster().await else { return };
 
     // The shared suite, unchanged.
-    conformance::free_key_is_locked_then_in_flight(store(&urls).await).await;
-    conformance::completed_record_is_returned_intact(store(&urls).await).await;
-    conformance::empty_body_round_trips(store(&urls).await).await;
-    conformance::tombstone_is_kept(store(&urls).await).await;
-    conformance::release_frees_the_key(store(&urls).await).await;
-    conformance::only_the_owner_writes(store(&urls).await).await;
-    conformance::scopes_are_separate(store(&urls).await).await;
-    conformance::abandoned_lock_is_free_after_one_lease(store(&urls).await, advance).await;
-    conformance::expired_lock_is_never_written_by_its_old_owner(store(&urls).await, advance).await;
-    conformance::renewal_keeps_the_lock(store(&urls).await, advance).await;
-    conformance::record_expires_after_ttl(store(&urls).await, advance).await;
-    conformance::concurrent_begins_lock_once(store(&urls).await).await;
+    conformance::run(|| store(&urls), tokio::time::sleep).await;
 
     // Keys spread over every node, with no hash tag and no CROSSSLOT error: each operation
     // touches one key.

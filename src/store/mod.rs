@@ -33,6 +33,9 @@ use std::{
 
 use crate::{Fingerprint, IdempotencyKey, Record, ScopeId};
 
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 mod memory;
 // Not named `redis`: that name is the re-exported client crate below.
 #[cfg(feature = "redis")]

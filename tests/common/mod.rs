@@ -2,6 +2,7 @@
 //! request/response shorthands.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod outage;
 #[cfg(feature = "redis")]

@@ -1,0 +1,357 @@
+//! The store conformance suite (feature `conformance`): what every [`IdempotencyStore`] must
+//! do, as checks any store crate can run against its own store in its own tests.
+//!
+//! [`run`] runs every check, each against a fresh store from `make`, and names the check that
+//! failed. Time-based checks move the store's clock with `advance`: `tokio::time::advance` on
+//! paused time for a store that reads `tokio::time::Instant` (like [`MemoryStore`]), a real
+//! `tokio::time::sleep` for a store whose clock is a server's (leases and TTLs here are short,
+//! so that stays quick). Keys are fresh UUIDs, so parallel tests against one server never
+//! collide; give each test run its own key prefix if it shares the server with other data.
+//!
+//! ```
+//! use tower_idempotency::store::{MemoryStore, conformance};
+//!
+//! // In a store crate: `MyStore::connect(..)` where this says `MemoryStore::new()`.
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! conformance::run(|| async { MemoryStore::new() }, tokio::time::advance).await;
+//! # }
+//! ```
+//!
+//! Inside a test: `#[tokio::test(start_paused = true)] async fn conforms() { conformance::run(..).await }`.
+//! Each check is also public, for a store that needs one on its own (a real cluster, say);
+//! [`run`] is the one to call, so that a check added later never skips a store.
+//!
+//! [`MemoryStore`]: super::MemoryStore
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::{
+    Fingerprint, IdempotencyKey, Record, ScopeId, StoredResponse,
+    store::{Begin, IdempotencyStore, LockToken, StoreKey},
+};
+
+/// Lease used by the suite: short enough for real-time stores.
+pub const LEASE: Duration = Duration::from_millis(400);
+/// TTL used by the suite.
+pub const TTL: Duration = Duration::from_millis(800);
+
+/// A key no other test (or parallel run) uses.
+pub fn fresh_key(scope: Option<ScopeId>) -> StoreKey {
+    let key = IdempotencyKey::parse(uuid::Uuid::new_v4().to_string().as_bytes()).unwrap();
+    StoreKey::new(scope, key)
+}
+
+/// A fingerprint made of `n` repeated.
+pub fn fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+/// A `201` response with a few headers (one repeated) and `body`.
+pub fn response(body: &'static [u8]) -> StoredResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.append("x-multi", HeaderValue::from_static("one"));
+    headers.append("x-multi", HeaderValue::from_static("two"));
+    StoredResponse { status: StatusCode::CREATED, headers, body: Bytes::from_static(body), trailers: None }
+}
+
+/// [`response`] as a record.
+pub fn record(body: &'static [u8]) -> Record {
+    Record::Response(Arc::new(response(body)))
+}
+
+/// Locks the free `key` for `fingerprint`, with the suite's lease; panics if it is not free.
+pub async fn lock<S: IdempotencyStore>(store: &S, key: &StoreKey, fingerprint: Fingerprint) -> LockToken {
+    match store.begin(key, &fingerprint, LEASE).await.unwrap() {
+        Begin::Execute(token) => token,
+        other => panic!("expected the key to be free, got {other:?}"),
+    }
+}
+
+/// `begin` with the suite's lease, unwrapped.
+pub async fn begin<S: IdempotencyStore>(store: &S, key: &StoreKey, fingerprint: Fingerprint) -> Begin {
+    store.begin(key, &fingerprint, LEASE).await.unwrap()
+}
+
+/// A free key is locked; then the same request is in flight and another one a mismatch.
+pub async fn free_key_is_locked_then_in_flight<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    assert_eq!(token.fingerprint(), &fp(1));
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
+}
+
+/// A completed record comes back byte for byte: status, repeated headers, binary body, trailers.
+pub async fn completed_record_is_returned_intact<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    let mut stored = response(b"\x00\xffbinary \"body\"\n");
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    stored.trailers = Some(trailers);
+    assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
+    match begin(&store, &key, fp(1)).await {
+        Begin::Completed(Record::Response(got)) => assert_eq!(*got, stored),
+        other => panic!("expected the record, got {other:?}"),
+    }
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
+}
+
+/// A record with an empty body and no headers comes back as it was.
+pub async fn empty_body_round_trips<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    let stored = StoredResponse {
+        status: StatusCode::NO_CONTENT,
+        headers: HeaderMap::new(),
+        body: Bytes::new(),
+        trailers: None,
+    };
+    assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
+    match begin(&store, &key, fp(1)).await {
+        Begin::Completed(Record::Response(got)) => assert_eq!(*got, stored),
+        other => panic!("expected the record, got {other:?}"),
+    }
+}
+
+/// A tombstone is kept and answered for its fingerprint only.
+pub async fn tombstone_is_kept<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    assert!(store.complete(&key, &token, Record::NotRetained, TTL).await.unwrap());
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Completed(Record::NotRetained)));
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
+}
+
+/// A released key executes again; releasing twice changes nothing.
+pub async fn release_frees_the_key<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let first = lock(&store, &key, fp(1)).await;
+    assert!(store.release(&key, &first).await.unwrap());
+    // Released: the next request executes, even one with another payload.
+    let second = lock(&store, &key, fp(2)).await;
+    assert_ne!(first, second);
+    // Releasing twice, or with the old token, changes nothing.
+    assert!(!store.release(&key, &first).await.unwrap());
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::InFlight));
+}
+
+/// Only the lock's owner completes, renews or releases it; a completed record is final.
+pub async fn only_the_owner_writes<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let other_key = fresh_key(None);
+    let owner = lock(&store, &key, fp(1)).await;
+    let stranger = lock(&store, &other_key, fp(1)).await;
+    assert!(!store.complete(&key, &stranger, record(b"forged"), TTL).await.unwrap());
+    assert!(!store.renew(&key, &stranger, LEASE).await.unwrap());
+    assert!(!store.release(&key, &stranger).await.unwrap());
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(store.complete(&key, &owner, record(b"real"), TTL).await.unwrap());
+    // Once completed, no token can rewrite or remove the record.
+    assert!(!store.complete(&key, &owner, record(b"again"), TTL).await.unwrap());
+    assert!(!store.release(&key, &owner).await.unwrap());
+    assert!(!store.renew(&key, &owner, LEASE).await.unwrap());
+    match begin(&store, &key, fp(1)).await {
+        Begin::Completed(Record::Response(got)) => assert_eq!(got.body, Bytes::from_static(b"real")),
+        other => panic!("expected the owner's record, got {other:?}"),
+    }
+}
+
+/// The same key in another scope, or in none, is another key.
+pub async fn scopes_are_separate<S: IdempotencyStore>(store: S) {
+    let unscoped = fresh_key(None);
+    let tenant_a = StoreKey::new(Some(ScopeId::digest("tenant-a")), unscoped.key().clone());
+    let tenant_b = StoreKey::new(Some(ScopeId::digest("tenant-b")), unscoped.key().clone());
+    let token = lock(&store, &tenant_a, fp(1)).await;
+    assert!(store.complete(&tenant_a, &token, record(b"a"), TTL).await.unwrap());
+    // The same key in another scope (or none) is a different key.
+    lock(&store, &tenant_b, fp(1)).await;
+    lock(&store, &unscoped, fp(1)).await;
+}
+
+/// A lock nobody renews frees after one lease, and its old owner's writes change nothing.
+pub async fn abandoned_lock_is_free_after_one_lease<F, Fut, S>(store: S, advance: &F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let key = fresh_key(None);
+    let stale = lock(&store, &key, fp(1)).await;
+    advance(LEASE / 2).await;
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    advance(LEASE).await;
+    // The owner vanished without renewing: the key is free again.
+    let fresh = lock(&store, &key, fp(1)).await;
+    assert_ne!(stale, fresh);
+    // The stale owner's late writes change nothing.
+    assert!(!store.renew(&key, &stale, LEASE).await.unwrap());
+    assert!(!store.complete(&key, &stale, record(b"stale"), TTL).await.unwrap());
+    assert!(!store.release(&key, &stale).await.unwrap());
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(store.complete(&key, &fresh, record(b"fresh"), TTL).await.unwrap());
+    match begin(&store, &key, fp(1)).await {
+        Begin::Completed(Record::Response(got)) => assert_eq!(got.body, Bytes::from_static(b"fresh")),
+        other => panic!("expected the new owner's record, got {other:?}"),
+    }
+}
+
+/// A lock whose lease expired is never written by its old owner, even when no other request
+/// took the key over since: `complete`, `renew` and `release` all return `Ok(false)` and
+/// change nothing, so the key is free (expired counts as absent for every operation).
+pub async fn expired_lock_is_never_written_by_its_old_owner<F, Fut, S>(store: S, advance: &F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    // One key per operation, so that a write wrongly let through by one cannot hide another.
+    let completed = fresh_key(None);
+    let renewed = fresh_key(None);
+    let released = fresh_key(None);
+    let on_completed = lock(&store, &completed, fp(1)).await;
+    let on_renewed = lock(&store, &renewed, fp(1)).await;
+    let on_released = lock(&store, &released, fp(1)).await;
+    advance(LEASE + LEASE / 2).await;
+    // Nobody took the keys over: the expired locks are still the last thing written.
+    assert!(
+        !store.complete(&completed, &on_completed, record(b"late"), TTL).await.unwrap(),
+        "an expired lock's old owner cannot complete it"
+    );
+    assert!(!store.renew(&renewed, &on_renewed, LEASE).await.unwrap(), "an expired lock cannot be renewed");
+    assert!(!store.release(&released, &on_released).await.unwrap(), "an expired lock cannot be released");
+    // Nothing was written: no record, no extended lease; each key is free for a new request.
+    for (key, old) in [(&completed, on_completed), (&renewed, on_renewed), (&released, on_released)] {
+        let fresh = lock(&store, key, fp(1)).await;
+        assert_ne!(fresh, old);
+        // Taken over, it is still not the old owner's to write.
+        assert!(!store.complete(key, &old, record(b"late"), TTL).await.unwrap());
+        assert!(!store.renew(key, &old, LEASE).await.unwrap());
+        assert!(!store.release(key, &old).await.unwrap());
+        assert!(matches!(begin(&store, key, fp(1)).await, Begin::InFlight));
+    }
+}
+
+/// Renewing keeps a lock well past its first lease.
+pub async fn renewal_keeps_the_lock<F, Fut, S>(store: S, advance: &F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    for _ in 0..4 {
+        advance(LEASE * 2 / 3).await;
+        assert!(store.renew(&key, &token, LEASE).await.unwrap());
+    }
+    // Four lease-thirds past the original lease, still held.
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(store.complete(&key, &token, record(b"slow"), TTL).await.unwrap());
+}
+
+/// A record expires after its TTL and the key is free again.
+pub async fn record_expires_after_ttl<F, Fut, S>(store: S, advance: &F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    assert!(store.complete(&key, &token, record(b"x"), TTL).await.unwrap());
+    advance(TTL / 2).await;
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Completed(_)));
+    advance(TTL).await;
+    // Expired: the key is free, for any payload.
+    lock(&store, &key, fp(2)).await;
+}
+
+/// `n` tasks begin `key` at once, spread round-robin over `replicas` (stores sharing one
+/// backend): asserts that exactly one executes and every other one sees it in flight, and
+/// returns the winner's replica index and lock.
+pub async fn race_begins<S: IdempotencyStore>(
+    replicas: &[Arc<S>],
+    key: &StoreKey,
+    n: usize,
+    lease: Duration,
+) -> (usize, LockToken) {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let replica = i % replicas.len();
+            let (store, key, barrier) = (replicas[replica].clone(), key.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                (replica, store.begin(&key, &fp(1), lease).await.unwrap())
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (replica, Begin::Execute(token)) => winners.push((replica, token)),
+            (_, Begin::InFlight) => {}
+            (_, other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one of {n} concurrent begins executes");
+    winners.remove(0)
+}
+
+/// Many tasks begin the same key at once: exactly one executes, the rest see it in flight.
+pub async fn concurrent_begins_lock_once<S: IdempotencyStore>(store: S) {
+    let store = [Arc::new(store)];
+    for _round in 0..20 {
+        race_begins(&store, &fresh_key(None), 64, LEASE * 10).await;
+    }
+}
+
+/// Names the check being run in the panic output when it fails.
+struct Running(&'static str);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("store conformance check `{}` failed", self.0);
+        }
+    }
+}
+
+/// Runs every check of the suite, each against a fresh store from `make`; `advance` moves the
+/// store's clock (see the [module docs](self)). Panics, naming the check, at the first failure.
+pub async fn run<S, M, MakeFut, A, AdvanceFut>(make: M, advance: A)
+where
+    S: IdempotencyStore,
+    M: Fn() -> MakeFut,
+    MakeFut: Future<Output = S>,
+    A: Fn(Duration) -> AdvanceFut,
+    AdvanceFut: Future<Output = ()>,
+{
+    macro_rules! checks {
+        ($($check:ident $(($advance:ident))?),* $(,)?) => {$(
+            let running = Running(stringify!($check));
+            $check(make().await $(, &$advance)?).await;
+            drop(running);
+        )*};
+    }
+    checks!(
+        free_key_is_locked_then_in_flight,
+        completed_record_is_returned_intact,
+        empty_body_round_trips,
+        tombstone_is_kept,
+        release_frees_the_key,
+        only_the_owner_writes,
+        scopes_are_separate,
+        abandoned_lock_is_free_after_one_lease(advance),
+        expired_lock_is_never_written_by_its_old_owner(advance),
+        renewal_keeps_the_lock(advance),
+        record_expires_after_ttl(advance),
+        concurrent_begins_lock_once,
+    );
+}
