@@ -200,7 +200,7 @@ fn memory_store(c: &mut Criterion) {
         });
         // Every thread locks and completes keys no other thread uses (below the store's bound:
         // this measures the map, not eviction).
-        let store = MemoryStore::builder().max_entries(usize::MAX / 2).build();
+        let store = MemoryStore::builder().with_max_entries(usize::MAX / 2).build();
         let round = AtomicU64::new(0);
         group.bench_function(BenchmarkId::new("begin_complete_distinct_keys", threads), |b| {
             b.iter_custom(|iters| {

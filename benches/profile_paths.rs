@@ -29,7 +29,7 @@ fn main() {
     // A small bound by default, so the measured misses evict the oldest records as a full
     // store does.
     let max_entries = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000);
-    let routers = routers(&rt, MemoryStore::builder().max_entries(max_entries).build());
+    let routers = routers(&rt, MemoryStore::builder().with_max_entries(max_entries).build());
     let router = path.router(&routers);
     let requests: Vec<_> = (0..n).map(|_| path.request()).collect();
     measured(&rt, router, path, requests);

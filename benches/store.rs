@@ -130,7 +130,7 @@ fn bench_store<S: IdempotencyStore>(
 fn redis_store(rt: &Runtime) -> Option<tower_idempotency::store::RedisStore> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let prefix = format!("idem-bench:{}:", uuid::Uuid::new_v4().simple());
-    match rt.block_on(tower_idempotency::store::RedisStore::builder().prefix(prefix).connect(url.as_str())) {
+    match rt.block_on(tower_idempotency::store::RedisStore::builder().with_prefix(prefix).connect(url.as_str())) {
         Ok(store) => Some(store),
         Err(error) => {
             println!("skipping the RedisStore benches: no Redis at {url} ({error})");

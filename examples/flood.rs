@@ -91,7 +91,7 @@ fn key(i: usize) -> StoreKey {
 /// Panics the moment the bound is broken or a held lock is lost. Call on a runtime with paused
 /// time.
 pub(crate) async fn flood_store(keys: usize) -> Figures {
-    let store = MemoryStore::builder().max_entries(MAX_ENTRIES).build();
+    let store = MemoryStore::builder().with_max_entries(MAX_ENTRIES).build();
     let fingerprint = Fingerprint::from_bytes([7; 32]);
     let mut figures = Figures { keys, rss_start_kib: rss_kib(), ..Figures::default() };
     let held: Vec<(StoreKey, LockToken)> = {

@@ -223,10 +223,11 @@ fn app_from_env(stats: Arc<Stats>) -> Router {
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
         // Lazy: the server starts even while Redis is down, and answers `503` until it is up.
-        let store = tower_idempotency::store::RedisStore::connect_lazy(url.as_str()).unwrap_or_else(|error| {
-            eprintln!("REDIS_URL is not a valid Redis URL ({url:?}): {error}");
-            std::process::exit(2);
-        });
+        let store =
+            tower_idempotency::store::RedisStore::builder().connect_lazy(url.as_str()).unwrap_or_else(|error| {
+                eprintln!("REDIS_URL is not a valid Redis URL ({url:?}): {error}");
+                std::process::exit(2);
+            });
         return app(with_ttl(IdempotencyLayer::with_store(store)), stats);
     }
     app(with_ttl(IdempotencyLayer::new()), stats)

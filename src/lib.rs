@@ -154,7 +154,7 @@
 //! # #[cfg(feature = "redis")]
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Starts even while Redis is down; each request then answers per the store-failure mode.
-//! let store = tower_idempotency::RedisStore::connect_lazy("redis://127.0.0.1:6379")?;
+//! let store = tower_idempotency::RedisStore::builder().connect_lazy("redis://127.0.0.1:6379")?;
 //! let layer = tower_idempotency::IdempotencyLayer::with_store(store);
 //! # let _ = layer;
 //! # Ok(())

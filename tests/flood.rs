@@ -49,7 +49,7 @@ fn a_flood_through_the_layer_never_evicts_a_running_request() {
     paused_runtime().block_on(async {
         const REQUESTS: usize = 20_000;
         const BOUND: usize = 1_000;
-        let store = MemoryStore::builder().max_entries(BOUND).build();
+        let store = MemoryStore::builder().with_max_entries(BOUND).build();
         let runs = Runs::default();
         let svc = service(IdempotencyLayer::with_store(store.clone()).with_ttl(Duration::from_secs(60)), runs.clone());
         // Ten requests whose handlers run through the whole flood.

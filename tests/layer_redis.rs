@@ -147,14 +147,16 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
     // Fail closed and fail open need no Redis: nothing listens at this port.
     let nowhere = format!("redis://{}", closed_port().await);
     let runs = Runs::default();
-    let closed =
-        service(IdempotencyLayer::with_store(RedisStore::connect_lazy(nowhere.as_str()).unwrap()), runs.clone());
+    let closed = service(
+        IdempotencyLayer::with_store(RedisStore::builder().connect_lazy(nowhere.as_str()).unwrap()),
+        runs.clone(),
+    );
     let reply = send(&closed, post("/orders", key(), "{}")).await;
     reply.assert_problem(503, "store-unavailable");
     assert!(reply.headers.contains_key("retry-after"));
     assert_eq!(runs.get(), 0, "fail closed: the handler does not run");
 
-    let open_layer = IdempotencyLayer::with_store(RedisStore::connect_lazy(nowhere.as_str()).unwrap())
+    let open_layer = IdempotencyLayer::with_store(RedisStore::builder().connect_lazy(nowhere.as_str()).unwrap())
         .with_store_failure(StoreFailure::FailOpen);
     let open = service(open_layer, runs.clone());
     let reply = send(&open, post("/orders", key(), "{}")).await;
@@ -165,7 +167,7 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
     let Some(url) = redis_url().await else { return };
     let mut proxy = Proxy::down(tcp_addr(&url)).await;
     let store = RedisStore::builder()
-        .prefix(run_prefix())
+        .with_prefix(run_prefix())
         .build(tower_idempotency::store::redis::Client::open(proxy.url(&url)).unwrap());
     let svc = service(layer(store), runs.clone());
     let key = key();
@@ -181,7 +183,7 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
 /// A store whose connection goes through `proxy`.
 fn proxied_store(proxy: &Proxy, url: &str) -> RedisStore {
     RedisStore::builder()
-        .prefix(run_prefix())
+        .with_prefix(run_prefix())
         .build(tower_idempotency::store::redis::Client::open(proxy.url(url)).unwrap())
 }
 

@@ -779,7 +779,7 @@ mod redis {
 
     async fn run_redis_program(program: &[RedisOp], url: &str, case: usize) -> Result<(), String> {
         let store = RedisStore::builder()
-            .prefix(format!("{}model-{case}:", run_prefix()))
+            .with_prefix(format!("{}model-{case}:", run_prefix()))
             .connect(url)
             .await
             .map_err(|e| e.to_string())?;

@@ -194,8 +194,8 @@ async fn restart_under_load(durable: bool) -> Option<(Load, Arc<Counts>, App, Ar
     let mut redis = OwnedRedis::start(durable).await?;
     let completed = Arc::new(Mutex::new(HashSet::new()));
     let store = RedisStore::builder()
-        .prefix(format!("restart-{}:", uuid::Uuid::new_v4().simple()))
-        .command_timeout(Duration::from_millis(300))
+        .with_prefix(format!("restart-{}:", uuid::Uuid::new_v4().simple()))
+        .with_command_timeout(Duration::from_millis(300))
         .connect(redis.url())
         .await
         .expect("connect");

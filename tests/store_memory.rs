@@ -42,7 +42,7 @@ mod bounds {
 
     #[tokio::test(start_paused = true)]
     async fn expired_entries_are_reclaimed_without_a_request() {
-        let store = MemoryStore::builder().sweep_interval(Duration::from_secs(1)).build();
+        let store = MemoryStore::builder().with_sweep_interval(Duration::from_secs(1)).build();
         for _ in 0..100 {
             let key = fresh_key(None);
             let token = lock(&store, &key, fp(1)).await;
@@ -59,7 +59,7 @@ mod bounds {
 
     #[tokio::test(start_paused = true)]
     async fn entries_are_bounded_by_evicting_the_oldest_records() {
-        let store = MemoryStore::builder().max_entries(10).build();
+        let store = MemoryStore::builder().with_max_entries(10).build();
         let mut keys = Vec::new();
         for _ in 0..25 {
             let key = fresh_key(None);
@@ -78,7 +78,7 @@ mod bounds {
 
     #[tokio::test(start_paused = true)]
     async fn locks_are_never_evicted_and_a_full_store_refuses_new_keys() {
-        let store = MemoryStore::builder().max_entries(5).build();
+        let store = MemoryStore::builder().with_max_entries(5).build();
         let done = fresh_key(None);
         let token = lock(&store, &done, fp(1)).await;
         store.complete(&done, &token, record_of(1), TTL).await.unwrap();
@@ -103,7 +103,7 @@ mod bounds {
 
     #[tokio::test(start_paused = true)]
     async fn a_store_full_of_locks_answers_503_through_the_layer() {
-        let store = MemoryStore::builder().max_entries(1).build();
+        let store = MemoryStore::builder().with_max_entries(1).build();
         lock(&store, &fresh_key(None), fp(1)).await;
         let runs = Runs::default();
         let svc = service(tower_idempotency::IdempotencyLayer::with_store(store), runs.clone());
@@ -113,7 +113,7 @@ mod bounds {
 
     #[tokio::test(start_paused = true)]
     async fn bytes_are_bounded_and_an_oversized_record_becomes_a_tombstone() {
-        let store = MemoryStore::builder().max_bytes(1000).build();
+        let store = MemoryStore::builder().with_max_bytes(1000).build();
         let mut keys = Vec::new();
         for _ in 0..10 {
             let key = fresh_key(None);
@@ -137,7 +137,7 @@ mod bounds {
     /// evicts real records for bytes it does not keep.
     #[tokio::test(start_paused = true)]
     async fn a_tombstone_counts_no_bytes() {
-        let store = MemoryStore::builder().max_bytes(100_000).build();
+        let store = MemoryStore::builder().with_max_bytes(100_000).build();
         let mut kept = Vec::new();
         for _ in 0..4 {
             let key = fresh_key(None);
@@ -192,7 +192,7 @@ mod bounds {
 async fn a_full_store_never_refuses_while_records_can_be_evicted() {
     use tower_idempotency::{Begin, IdempotencyStore, Record};
 
-    let store = MemoryStore::builder().max_entries(500).build();
+    let store = MemoryStore::builder().with_max_entries(500).build();
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let store = store.clone();
@@ -235,7 +235,7 @@ fn the_sweep_restarts_on_the_next_runtime() {
 
     const TTL: Duration = Duration::from_secs(5);
     let every = Duration::from_secs(1);
-    let store = MemoryStore::builder().sweep_interval(every).build();
+    let store = MemoryStore::builder().with_sweep_interval(every).build();
     let record = Record::Response(Arc::new(StoredResponse {
         status: StatusCode::OK,
         headers: HeaderMap::new(),

@@ -291,11 +291,11 @@ async fn unreachable_redis_fails_fast() {
     let addr = closed_port().await;
     let url = format!("redis://{addr}");
     let started = Instant::now();
-    let connected = RedisStore::connect(url.as_str()).await;
+    let connected = RedisStore::builder().connect(url.as_str()).await;
     assert!(connected.is_err());
     assert!(started.elapsed() < Duration::from_secs(1), "connect gave up after {:?}", started.elapsed());
 
-    let store = RedisStore::connect_lazy(url.as_str()).unwrap();
+    let store = RedisStore::builder().connect_lazy(url.as_str()).unwrap();
     let key = fresh_key(None);
     let token = tower_idempotency::LockToken::new(fp(1));
     for _ in 0..3 {
@@ -323,11 +323,11 @@ async fn a_silent_redis_times_out_at_the_command_timeout() {
     });
     let timeout = Duration::from_millis(300);
     let url = format!("redis://{addr}");
-    let ours = RedisStore::builder().command_timeout(timeout).connect_lazy(url.as_str()).unwrap();
+    let ours = RedisStore::builder().with_command_timeout(timeout).connect_lazy(url.as_str()).unwrap();
     // A manager of the caller's that would wait forever: the command timeout still holds.
     let patient = ConnectionManagerConfig::new().set_connection_timeout(None).set_response_timeout(None);
     let manager = ConnectionManager::new_lazy_with_config(redis::Client::open(url).unwrap(), patient).unwrap();
-    let theirs = RedisStore::builder().command_timeout(timeout).build_with_manager(manager);
+    let theirs = RedisStore::builder().with_command_timeout(timeout).build_with_manager(manager);
     let key = fresh_key(None);
     for store in [ours, theirs] {
         for _ in 0..2 {
@@ -348,8 +348,8 @@ async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
     let through_proxy = proxy.url(&url);
     // Built while Redis is down: no error, no connection yet.
     let store = RedisStore::builder()
-        .prefix(run_prefix())
-        .command_timeout(Duration::from_millis(500))
+        .with_prefix(run_prefix())
+        .with_command_timeout(Duration::from_millis(500))
         .build(redis::Client::open(through_proxy).unwrap());
     let key = fresh_key(None);
 
@@ -386,8 +386,12 @@ async fn a_slow_answer_times_out_and_later_replies_stay_in_order() {
     proxy.up().await;
     let through_proxy = proxy.url(&url);
     let timeout = Duration::from_millis(300);
-    let store =
-        RedisStore::builder().prefix(run_prefix()).command_timeout(timeout).connect(through_proxy).await.unwrap();
+    let store = RedisStore::builder()
+        .with_prefix(run_prefix())
+        .with_command_timeout(timeout)
+        .connect(through_proxy)
+        .await
+        .unwrap();
     let (done, slow, next) = (fresh_key(None), fresh_key(None), fresh_key(None));
     let token = lock(&store, &done, fp(1)).await;
 
@@ -432,7 +436,8 @@ async fn a_killed_connection_reconnects_by_itself() {
     let info = url.as_str().into_connection_info().unwrap();
     let settings = info.redis_settings().clone().set_username(&user).set_password("pw");
     let client = redis::Client::open(info.set_redis_settings(settings)).unwrap();
-    let store = RedisStore::builder().prefix(run_prefix()).connect(client.get_connection_info().clone()).await.unwrap();
+    let store =
+        RedisStore::builder().with_prefix(run_prefix()).connect(client.get_connection_info().clone()).await.unwrap();
 
     let key = fresh_key(None);
     let lease = Duration::from_secs(10);

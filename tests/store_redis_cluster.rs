@@ -127,7 +127,7 @@ async fn cluster() -> Option<(Option<LocalCluster>, Vec<String>)> {
 }
 
 async fn store(urls: &[String]) -> RedisStore {
-    RedisStore::builder().prefix(run_prefix()).connect_cluster(urls.iter().map(String::as_str)).await.unwrap()
+    RedisStore::builder().with_prefix(run_prefix()).connect_cluster(urls.iter().map(String::as_str)).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -180,7 +180,7 @@ async fn redis_store_on_redis_cluster() {
     }
 
     // Built lazily on a client: no connection until the first operation, which works.
-    let lazy = RedisStore::builder().prefix(run_prefix()).build_cluster(ClusterClient::new(urls.clone()).unwrap());
+    let lazy = RedisStore::builder().with_prefix(run_prefix()).build_cluster(ClusterClient::new(urls.clone()).unwrap());
     assert!(format!("{lazy:?}").contains("not yet connected"));
     let key = fresh_key(None);
     lock(&lazy, &key, fp(1)).await;
@@ -189,7 +189,7 @@ async fn redis_store_on_redis_cluster() {
     // A cluster that is not there: a store error, promptly, on every operation.
     let nowhere = format!("redis://{}", closed_port().await);
     let down = RedisStore::builder()
-        .command_timeout(Duration::from_millis(500))
+        .with_command_timeout(Duration::from_millis(500))
         .build_cluster(ClusterClient::new(vec![nowhere]).unwrap());
     for _ in 0..2 {
         let started = Instant::now();

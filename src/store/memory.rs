@@ -32,12 +32,12 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 ///
 /// - **Expiry.** A background task (started on first use inside a tokio runtime, stopped when
 ///   the last clone of the store is dropped) frees expired records and abandoned locks every
-///   [sweep interval](MemoryStoreBuilder::sweep_interval), whether or not a request touches
+///   [sweep interval](MemoryStoreBuilder::with_sweep_interval), whether or not a request touches
 ///   them. When the runtime it runs on shuts down, the next use of the store on another
 ///   runtime starts it again there. Expired entries are also treated as absent the moment
 ///   they expire, by every operation.
-/// - **Bounds.** At most [`max_entries`](MemoryStoreBuilder::max_entries) entries and
-///   [`max_bytes`](MemoryStoreBuilder::max_bytes) of recorded responses. Past either, the
+/// - **Bounds.** At most [`with_max_entries`](MemoryStoreBuilder::with_max_entries) entries and
+///   [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) of recorded responses. Past either, the
 ///   oldest completed records are evicted first; an in-flight lock is never evicted. When only
 ///   locks remain, `begin` on a new key fails with [`StoreError::is_capacity`] (the layer
 ///   answers `503`), and nothing is overwritten. A single record larger than `max_bytes` is
@@ -185,20 +185,20 @@ pub struct MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// The most entries (locks plus completed records) the store holds. Default: 100 000.
-    pub fn max_entries(mut self, max: usize) -> Self {
+    pub fn with_max_entries(mut self, max: usize) -> Self {
         self.max_entries = max.max(1);
         self
     }
 
     /// The most bytes of recorded responses (bodies, headers, trailers) the store holds.
     /// Default: 256 MiB.
-    pub fn max_bytes(mut self, max: usize) -> Self {
+    pub fn with_max_bytes(mut self, max: usize) -> Self {
         self.max_bytes = max;
         self
     }
 
     /// How often expired entries are freed in the background. Default: 1 s.
-    pub fn sweep_interval(mut self, every: Duration) -> Self {
+    pub fn with_sweep_interval(mut self, every: Duration) -> Self {
         self.sweep_interval = every.max(Duration::from_millis(1));
         self
     }

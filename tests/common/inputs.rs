@@ -101,7 +101,7 @@ pub fn layered() -> Layered {
             response.headers_mut().insert("set-cookie", HeaderValue::from_static("sid=secret"));
             Ok::<_, Infallible>(response)
         }));
-    let store = MemoryStore::builder().max_entries(64).build();
+    let store = MemoryStore::builder().with_max_entries(64).build();
     let layer = IdempotencyLayer::with_store(store)
         .with_max_request_body(MAX_REQUEST_BODY)
         .with_max_record(MAX_RECORD)

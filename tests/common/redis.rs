@@ -69,7 +69,7 @@ pub fn run_prefix() -> &'static str {
 
 /// A store on its own connection, with this run's prefix.
 pub async fn store(url: &str) -> RedisStore {
-    RedisStore::builder().prefix(run_prefix()).connect(url).await.expect("connect to Redis")
+    RedisStore::builder().with_prefix(run_prefix()).connect(url).await.expect("connect to Redis")
 }
 
 /// A plain connection, to look at what the store wrote.
