@@ -205,3 +205,56 @@ pub use store::{RedisStore, RedisStoreBuilder, redis};
 
 /// The header a replayed response carries: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: http::HeaderName = http::HeaderName::from_static("idempotent-replayed");
+
+/// What the public types promise to the servers and frameworks they go into, checked at
+/// compile time: axum's `Router::layer` needs a `Clone + Send + Sync` service and a `Send`
+/// future; hyper needs `Send` bodies.
+#[cfg(test)]
+mod static_checks {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::Full;
+
+    use super::*;
+
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+    fn clone<T: Clone>() {}
+    fn service<S: tower::Service<Request<Full<Bytes>>>>() -> std::marker::PhantomData<S::Future> {
+        std::marker::PhantomData
+    }
+    fn send_value<T: Send>(_: T) {}
+
+    type Handler =
+        tower::util::BoxCloneSyncService<Request<RequestBody<Full<Bytes>>>, Response<Full<Bytes>>, Infallible>;
+
+    #[test]
+    fn the_public_types_are_send_and_sync_where_servers_need_it() {
+        send::<Idempotency<Handler, MemoryStore>>();
+        sync::<Idempotency<Handler, MemoryStore>>();
+        clone::<Idempotency<Handler, MemoryStore>>();
+        send_value(service::<Idempotency<Handler, MemoryStore>>());
+        send::<
+            ResponseFuture<
+                <Handler as tower::Service<Request<RequestBody<Full<Bytes>>>>>::Future,
+                Full<Bytes>,
+                Infallible,
+            >,
+        >();
+        send::<RequestBody<Full<Bytes>>>();
+        sync::<RequestBody<Full<Bytes>>>();
+        send::<ResponseBody<Full<Bytes>>>();
+        send::<IdempotencyLayer>();
+        sync::<IdempotencyLayer>();
+        clone::<IdempotencyLayer>();
+        send::<StoreError>();
+        sync::<StoreError>();
+        #[cfg(feature = "redis")]
+        {
+            send::<RedisStore>();
+            sync::<RedisStore>();
+        }
+    }
+}

@@ -50,7 +50,7 @@ impl RedisStoreBuilder {
     }
 
     /// The longest one store operation may take, waiting for a connection included; past it
-    /// the operation fails with [`StoreError::is_timeout`]. Default: 1 s. It also bounds each
+    /// the operation fails with [`StoreError::is_timeout`](crate::store::StoreError::is_timeout). Default: 1 s. It also bounds each
     /// connection attempt of the managers this builder makes.
     pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout.max(Duration::from_millis(1));
@@ -71,7 +71,7 @@ impl RedisStoreBuilder {
     /// connects. Fails only when the URL is invalid.
     ///
     /// A service built this way starts while Redis is down; its requests then fail as
-    /// [`StoreError::is_unavailable`] (the layer's `503`) until Redis answers.
+    /// [`StoreError::is_unavailable`](crate::store::StoreError::is_unavailable) (the layer's `503`) until Redis answers.
     pub fn connect_lazy(self, url: impl IntoConnectionInfo) -> Result<RedisStore, RedisError> {
         Ok(self.build(Client::open(url)?))
     }
@@ -108,7 +108,7 @@ impl RedisStoreBuilder {
 
     /// Builds the store on a Redis Cluster client without connecting: the first operation
     /// connects, and while that fails each operation tries again (failing as
-    /// [`StoreError::is_unavailable`] or [`StoreError::is_timeout`] meanwhile).
+    /// [`StoreError::is_unavailable`](crate::store::StoreError::is_unavailable) or [`StoreError::is_timeout`](crate::store::StoreError::is_timeout) meanwhile).
     #[cfg(feature = "redis-cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn build_cluster(self, client: ClusterClient) -> RedisStore {

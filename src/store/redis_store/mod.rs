@@ -54,9 +54,9 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// # }
 /// ```
 ///
-/// The connection is a multiplexed [`ConnectionManager`]: one TCP connection shared by every
+/// The connection is a multiplexed [`ConnectionManager`](::redis::aio::ConnectionManager): one TCP connection shared by every
 /// request of the process, reconnected by itself after a failure. Use the
-/// [re-exported `redis` crate](crate::store::redis) to build a [`Client`] or a manager of your
+/// [re-exported `redis` crate](crate::store::redis) to build a [`Client`](::redis::Client) or a manager of your
 /// own (TLS, ACL users, RESP3), so the versions match.
 ///
 /// # Redis Cluster
