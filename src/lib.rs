@@ -203,6 +203,11 @@ pub use store::{Begin, IdempotencyStore, LockToken, MemoryStore, MemoryStoreBuil
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder, redis};
 
+/// The README's code blocks, compiled as doctests (its Redis example needs the `redis` feature).
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// The header a replayed response carries: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: http::HeaderName = http::HeaderName::from_static("idempotent-replayed");
 
