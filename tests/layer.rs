@@ -224,7 +224,7 @@ async fn fingerprinted_headers_count() {
     send(&svc, b).await.assert_problem(422, "key-reused");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_key_reused_while_in_flight_with_another_payload_answers_422() {
     let runs = Runs::default();
     let svc = service(IdempotencyLayer::new(), runs.clone());
@@ -528,7 +528,7 @@ async fn a_huge_retry_after_saturates() {
     assert_eq!(runs.get(), 3, "only the first request of each round ran");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn every_problem_is_problem_json_and_echoes_nothing() {
     const KEY: &str = "very-distinctive-key-4711";
     const BODY: &str = "very-distinctive-body-0815";
