@@ -14,7 +14,7 @@
 //! | --- | --- | --- |
 //! | `Streaming` | each frame as the handler makes it (one may be read ahead) | held, renewed by the keeper |
 //! | `Completing` | the last frame, once the record is written | replaced by the record |
-//! | `Passing` | the rest of a body past the record limit, unkept | replaced by a tombstone at the limit |
+//! | `Passing` | the rest of a body past the record limit, unkept, once the tombstone is written | replaced by a tombstone at the limit |
 //! | `Failed` | the body's error | released |
 //! | `Done` | nothing | — |
 //!
@@ -61,8 +61,10 @@ enum State<B: Body> {
     Streaming(Box<Streaming<B>>),
     /// The end was seen and the record is being written; `last` goes out once it is.
     Completing { completion: Completion, last: Option<Frame<Bytes>> },
-    /// Past the record limit: a tombstone was written; the rest passes through unkept.
-    Passing { body: Pin<Box<B>>, ahead: Option<Frame<Bytes>> },
+    /// Past the record limit: a tombstone is being written; the rest passes through unkept once
+    /// it is (the frame that passed the limit may be the last, and the end must not be seen
+    /// before the tombstone exists).
+    Passing { body: Pin<Box<B>>, ahead: Option<Frame<Bytes>>, tombstone: Completion },
     /// The body failed and the lock was released; its error goes out next.
     Failed { error: Option<B::Error> },
     /// Everything went out.
@@ -255,9 +257,8 @@ where
     fn pass(&mut self) {
         let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Done) else { return };
         let Streaming { body, guard, ahead, .. } = *streaming;
-        // The write goes on by itself; the rest of the body is no reason to wait for it.
-        drop(guard.complete(Record::NotRetained));
-        self.state = State::Passing { body, ahead };
+        let tombstone = guard.complete(Record::NotRetained);
+        self.state = State::Passing { body, ahead, tombstone };
     }
 
     /// The body failed or panicked: release the lock, so a retry runs again.
@@ -275,7 +276,11 @@ where
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     match std::task::ready!(self.poll_body(cx)) {
-                        Some(Ok(Step::Send(frame))) => return Poll::Ready(Some(Ok(frame))),
+                        Some(Ok(Step::Send(frame))) => match &mut self.state {
+                            // It passed the record limit: it goes out once the tombstone is kept.
+                            State::Passing { ahead, .. } => *ahead = Some(frame),
+                            _ => return Poll::Ready(Some(Ok(frame))),
+                        },
                         Some(Ok(Step::Ended)) | None => {}
                         Some(Err(error)) => {
                             self.state = State::Done;
@@ -289,7 +294,8 @@ where
                     self.state = State::Done;
                     return Poll::Ready(last.map(Ok));
                 }
-                State::Passing { body, ahead } => {
+                State::Passing { body, ahead, tombstone } => {
+                    std::task::ready!(Pin::new(tombstone).poll(cx));
                     if let Some(frame) = ahead.take() {
                         return Poll::Ready(Some(Ok(frame)));
                     }
@@ -353,7 +359,7 @@ where
                 // carry them.
                 None => SizeHint::new(),
             },
-            State::Passing { body, ahead } => {
+            State::Passing { body, ahead, .. } => {
                 plus(body.size_hint(), ahead.as_ref().and_then(Frame::data_ref).map_or(0, |d| d.len() as u64))
             }
             State::Completing { last: None, .. } | State::Failed { .. } | State::Done => SizeHint::with_exact(0),

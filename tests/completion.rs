@@ -406,3 +406,23 @@ fn a_body_dropped_outside_any_runtime_is_still_recorded() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     body_dropped_outside_a_runtime_is_still_recorded(&runtime, IdempotencyLayer::new(), "outside");
 }
+
+#[tokio::test(start_paused = true)]
+async fn past_the_record_limit_the_end_waits_for_the_tombstone() {
+    let store = Outage::new(MemoryStore::new());
+    store.slow_completes(Duration::from_millis(300));
+    let runs = Runs::default();
+    let svc = service(IdempotencyLayer::with_store(store.clone()).with_max_record(8), runs.clone());
+    let big = || {
+        let mut request = post("/orders", "big", "{}");
+        request.headers_mut().insert("x-big", "64".parse().unwrap());
+        request
+    };
+    let started = Instant::now();
+    let first = send(&svc, big()).await;
+    assert_eq!(first.body.len(), 64, "sent in full");
+    assert!(started.elapsed() >= Duration::from_millis(300), "the end was seen before the tombstone was kept");
+    // So a retry sent the moment the client has the whole response is told, not left in flight.
+    send(&svc, big()).await.assert_problem(409, "response-not-retained");
+    assert_eq!(runs.get(), 1);
+}
