@@ -175,6 +175,8 @@ mod body;
 pub mod client;
 mod fingerprint;
 mod future;
+pub mod grpc;
+pub mod hints;
 mod key;
 mod layer;
 mod lock;
