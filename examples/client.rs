@@ -1,8 +1,9 @@
 //! A client that retries `POST`s safely: one key per logical request, the same key on every
 //! attempt, and replays instead of duplicates.
 //!
-//! Run with: `cargo run --example server` in one terminal, then `cargo run --example client`
-//! in another (`SERVER=http://HOST:PORT` if the server is not on `http://127.0.0.1:3000`).
+//! Run with: `cargo run --example client`. It starts the example server's app in process on a
+//! free loopback port; to talk to a server you started yourself (`cargo run --example server`),
+//! give its address: `SERVER=http://127.0.0.1:3000 cargo run --example client`.
 //!
 //! It sends:
 //! 1. `POST /orders` with a stamped random key, through the retry policy: `201`.
@@ -27,15 +28,32 @@ use hyper_util::{
 };
 use tower::{Service, ServiceBuilder, ServiceExt, retry::RetryLayer, util::BoxCloneService};
 use tower_idempotency::{
-    IdempotencyKey,
+    IdempotencyKey, IdempotencyLayer,
     client::{ExponentialBackoff, IdempotencyKeyLayer, KeyDeriver, RetryPolicy},
 };
 
+#[path = "server.rs"]
+#[allow(dead_code, unreachable_pub, clippy::result_large_err)]
+mod server;
+
 type HttpClient = BoxCloneService<Request<Full<Bytes>>, Response<Incoming>, hyper_util::client::legacy::Error>;
+
+/// `SERVER`, or the example server's app started in process on a free loopback port.
+async fn server() -> std::io::Result<String> {
+    if let Ok(server) = std::env::var("SERVER") {
+        return Ok(server);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = server::app(IdempotencyLayer::new(), Default::default());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    println!("(SERVER not set: the example server runs in process on http://{addr})\n");
+    Ok(format!("http://{addr}"))
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
-    let server = std::env::var("SERVER").unwrap_or_else(|_| "http://127.0.0.1:3000".to_owned());
+    let server = server().await?;
     let http: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
 
     // Stamp outside, retry inside: every attempt of a request carries the key stamped once.

@@ -6,7 +6,13 @@ use http::{HeaderMap, HeaderName, Method, response};
 use tokio::sync::Semaphore;
 use tower::Layer;
 
-use crate::{Idempotency, MemoryStore, Scope, lock::Keeper, store::IdempotencyStore};
+use crate::{
+    Idempotency, MemoryStore, Scope,
+    hints::RetryHint,
+    lock::Keeper,
+    problem::{Answers, ProblemRenderer},
+    store::IdempotencyStore,
+};
 
 /// The default header carrying the key: `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -140,6 +146,8 @@ pub(crate) struct Config {
     pub(crate) unstored_headers: Vec<HeaderName>,
     pub(crate) detached: Arc<Semaphore>,
     pub(crate) max_detached: usize,
+    /// How the layer's own answers are made: the renderer and the retry hints.
+    pub(crate) answers: Answers,
     /// Renews the leases of this configuration's locks.
     pub(crate) keeper: Keeper,
 }
@@ -166,6 +174,7 @@ impl fmt::Debug for Config {
             .field("store_failure", &self.store_failure)
             .field("unstored_headers", &self.unstored_headers)
             .field("max_detached", &self.max_detached)
+            .field("retry_hints", &self.answers.hints)
             .finish_non_exhaustive()
     }
 }
@@ -228,6 +237,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             unstored_headers: vec![http::header::SET_COOKIE],
             detached: Arc::new(Semaphore::new(DEFAULT_MAX_DETACHED)),
             max_detached: DEFAULT_MAX_DETACHED,
+            answers: Answers::default(),
             keeper: Keeper::new(DEFAULT_LEASE),
         };
         Self { store: Arc::new(store), config: Arc::new(config) }
@@ -341,6 +351,29 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     pub fn with_unstored_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         let headers = headers.into_iter().collect();
         self.config(|c| c.unstored_headers = headers)
+    }
+
+    /// How the bodies of the layer's own answers (`400`, `409`, `413`, `422`, `503`) are made.
+    /// Default: [`Rfc9457`](crate::problem::Rfc9457), `application/problem+json`.
+    ///
+    /// The renderer sees the [`Problem`](crate::problem::Problem) only, never the request; the
+    /// layer adds the [retry hints](Self::with_retry_hints), `Cache-Control: no-store` and the
+    /// [`Outcome`](crate::Outcome) to what it renders. A gRPC request gets a gRPC status
+    /// instead ([`grpc`](crate::grpc)).
+    pub fn with_problem_renderer(self, renderer: impl ProblemRenderer) -> Self {
+        let renderer = Arc::new(renderer);
+        self.config(|c| c.answers.renderer = renderer)
+    }
+
+    /// The headers the layer's own answers carry to tell clients whether and when to retry
+    /// (the list replaces the default). Default: [`RetryHint::DEFAULT`]: `Retry-After` and
+    /// `retry-after-ms` on retryable answers (`409` in flight, `503`), `x-should-retry: false`
+    /// on final ones (`400`, `413`, `422`, `409` response-not-retained). A Stripe-compatible
+    /// API adds [`RetryHint::ShouldRetry`]`(`[`STRIPE_SHOULD_RETRY`](crate::hints::STRIPE_SHOULD_RETRY)`)`.
+    /// Executions and replays never carry a hint.
+    pub fn with_retry_hints(self, hints: impl IntoIterator<Item = RetryHint>) -> Self {
+        let hints = hints.into_iter().collect();
+        self.config(|c| c.answers.hints = hints)
     }
 
     /// The most requests kept running after their client went away, so their result is

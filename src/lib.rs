@@ -99,8 +99,13 @@
 //! | store unreachable | `503` `store-unavailable` with `Retry-After` (or run unprotected, [`StoreFailure::FailOpen`]) |
 //! | handler answers non-`2xx`, errors, panics, or its body fails | key released: a retry runs again |
 //!
-//! Errors the layer makes are RFC 9457 `application/problem+json`; see [`problem`] for each
-//! `type`. What the layer did is in the response extensions as an [`Outcome`].
+//! Errors the layer makes are RFC 9457 `application/problem+json` by default; see [`problem`]
+//! for each `type`, and [`problem::ProblemRenderer`] to answer in an envelope of your own
+//! (Stripe's, OpenAI's). Retryable ones (`409` in flight, `503`) carry `Retry-After` and
+//! `retry-after-ms`, final ones `x-should-retry: false`, which the OpenAI and Anthropic SDKs
+//! obey; the set is configurable ([`hints`]: add `Stripe-Should-Retry` for a
+//! Stripe-compatible API). What the layer did is in the response extensions as an
+//! [`Outcome`].
 //!
 //! # Semantics worth knowing
 //!
@@ -142,7 +147,15 @@
 //!
 //! [`client`] makes keys ([`IdempotencyKey::random`], [`client::KeyDeriver`]), stamps them on
 //! requests ([`client::IdempotencyKeyLayer`]) and retries with the same key
-//! ([`client::RetryPolicy`], a `tower::retry` policy). Stamp outside the retry layer.
+//! ([`client::RetryPolicy`], a `tower::retry` policy). Stamp outside the retry layer. With the
+//! `reqwest` feature, `client::reqwest::IdempotencyMiddleware` does both for a
+//! `reqwest-middleware` client, by the same rules.
+//!
+//! # gRPC
+//!
+//! In front of a tonic service the layer works as it is: the key is the `idempotency-key`
+//! metadata entry, the layer's own answers to a gRPC request are gRPC statuses, and
+//! [`grpc::GrpcStatusOk`] records only calls that succeeded (`grpc-status: 0`). See [`grpc`].
 //!
 //! # Stores
 //!
@@ -168,6 +181,8 @@
 //! - `redis`: `RedisStore`, over redis-rs's multiplexed `ConnectionManager` (re-exported as
 //!   `tower_idempotency::redis`, so versions match).
 //! - `redis-cluster`: `RedisStore` over Redis Cluster as well (every operation touches one key).
+//! - `reqwest`: `client::reqwest::IdempotencyMiddleware`, the client half for `reqwest` (on
+//!   `reqwest-middleware`; `reqwest` without default features, so no TLS is added by this crate).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod background;
@@ -175,6 +190,8 @@ mod body;
 pub mod client;
 mod fingerprint;
 mod future;
+pub mod grpc;
+pub mod hints;
 mod key;
 mod layer;
 mod lock;

@@ -1,9 +1,18 @@
-//! The responses the layer makes itself: RFC 9457 problem details.
+//! The responses the layer makes itself: RFC 9457 problem details by default.
 //!
-//! Every error the layer answers is `application/problem+json` with a stable `type` URI (one
-//! per problem, listed below), a `title`, the `status` and a `detail`. None of them echoes the
-//! key, the body or any other part of the request. The bodies are static: making one costs no
-//! allocation beyond the response itself.
+//! Every error the layer answers is, by default ([`Rfc9457`]), `application/problem+json` with
+//! a stable `type` URI (one per problem, listed below), a `title`, the `status` and a `detail`.
+//! None of them echoes the key, the body or any other part of the request. The bodies are
+//! static: making one costs no allocation beyond the response itself.
+//!
+//! An API with an error envelope of its own answers in it through a [`ProblemRenderer`]
+//! ([`IdempotencyLayer::with_problem_renderer`](crate::IdempotencyLayer::with_problem_renderer)).
+//! A renderer sees the [`Problem`] only — its [kind](ProblemKind), status and retry hint —
+//! never the request, so it cannot echo the request either. Whatever it renders, the layer
+//! adds the [retry hints](crate::hints), `Cache-Control: no-store` (unless the renderer set a
+//! `Cache-Control`) and the [`Outcome`]. A gRPC request (content type
+//! `application/grpc*`) gets a gRPC status instead, whatever the renderer: see
+//! [`grpc`](crate::grpc).
 //!
 //! # missing-key
 //! `400`: the route requires an `Idempotency-Key` and the request has none.
@@ -37,91 +46,293 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, header, response};
 
-use crate::Outcome;
+use crate::{Outcome, hints::RetryHint};
 
 macro_rules! problems {
-    ($( $(#[$doc:meta])* $konst:ident = $slug:literal, $status:literal, $title:literal, $detail:literal; )*) => {
+    ($(
+        $(#[$doc:meta])* $konst:ident, $(#[$kind_doc:meta])* $kind:ident
+            = $slug:literal, $status:literal, $title:literal, $detail:literal;
+    )*) => {
         $( $(#[$doc])* pub const $konst: &str = concat!(
             "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#", $slug
         ); )*
 
-        impl Problem {
-            fn parts(self) -> (StatusCode, &'static str) {
+        /// One of the problems the layer answers itself; see the [module docs](self) for each.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum ProblemKind { $( $(#[$kind_doc])* $kind, )* }
+
+        impl ProblemKind {
+            /// Every kind, in the order of the module docs.
+            pub const ALL: &[ProblemKind] = &[ $( ProblemKind::$kind, )* ];
+
+            /// The stable `type` URI of its RFC 9457 body (one of this module's constants).
+            #[must_use]
+            pub const fn type_uri(self) -> &'static str {
+                match self { $( Self::$kind => $konst, )* }
+            }
+
+            /// The last part of [`type_uri`](Self::type_uri): `"in-flight"`, `"key-reused"`, ...
+            #[must_use]
+            pub const fn slug(self) -> &'static str {
+                match self { $( Self::$kind => $slug, )* }
+            }
+
+            /// Its HTTP status.
+            #[must_use]
+            pub const fn status(self) -> StatusCode {
                 match self {
-                    $( Self::$konst => (
-                        match StatusCode::from_u16($status) { Ok(s) => s, Err(_) => unreachable!() },
-                        concat!(
-                            r#"{"type":"https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#"#,
-                            $slug, r#"","title":""#, $title, r#"","status":"#, $status,
-                            r#","detail":""#, $detail, r#""}"#
-                        ),
+                    $( Self::$kind => match StatusCode::from_u16($status) { Ok(s) => s, Err(_) => unreachable!() }, )*
+                }
+            }
+
+            /// A short, human-readable summary (the RFC 9457 `title`).
+            #[must_use]
+            pub const fn title(self) -> &'static str {
+                match self { $( Self::$kind => $title, )* }
+            }
+
+            /// What happened and what the client can do (the RFC 9457 `detail`). Static text,
+            /// never request content.
+            #[must_use]
+            pub const fn detail(self) -> &'static str {
+                match self { $( Self::$kind => $detail, )* }
+            }
+
+            /// The RFC 9457 body of the default renderer.
+            const fn body(self) -> &'static str {
+                match self {
+                    $( Self::$kind => concat!(
+                        r#"{"type":"https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#"#,
+                        $slug, r#"","title":""#, $title, r#"","status":"#, $status,
+                        r#","detail":""#, $detail, r#""}"#
                     ), )*
                 }
             }
         }
-
-        /// One of the problems the layer answers.
-        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub(crate) enum Problem { $( $konst, )* }
     };
 }
 
 problems! {
     /// `type` of the `400` for a missing key on a route that requires one.
-    MISSING_KEY = "missing-key", 400, "Idempotency key required",
+    MISSING_KEY, /// `400`: the route requires a key and the request has none.
+    MissingKey = "missing-key", 400, "Idempotency key required",
         "This endpoint requires an Idempotency-Key header.";
     /// `type` of the `400` for an invalid key.
-    INVALID_KEY = "invalid-key", 400, "Invalid idempotency key",
+    INVALID_KEY, /// `400`: the key is not a valid idempotency key.
+    InvalidKey = "invalid-key", 400, "Invalid idempotency key",
         "The Idempotency-Key header must be sent once, holding 1 to 255 visible ASCII characters, bare or as a quoted string.";
     /// `type` of the `400` for a request body that could not be read.
-    REQUEST_BODY_UNREADABLE = "request-body-unreadable", 400, "Request body unreadable",
+    REQUEST_BODY_UNREADABLE, /// `400`: the request body failed while the layer read it.
+    RequestBodyUnreadable = "request-body-unreadable", 400, "Request body unreadable",
         "The request body could not be read.";
     /// `type` of the `409` for a duplicate of a request still in flight (with `Retry-After`).
-    IN_FLIGHT = "in-flight", 409, "Request in flight",
+    IN_FLIGHT, /// `409`, retryable: a request with this key and payload is still running.
+    InFlight = "in-flight", 409, "Request in flight",
         "A request with this idempotency key is still being processed. Retry later.";
     /// `type` of the `409` for a key whose response was too large to keep (no `Retry-After`).
-    RESPONSE_NOT_RETAINED = "response-not-retained", 409, "Response not retained",
+    RESPONSE_NOT_RETAINED, /// `409`, final: the request ran, but its response was too large to keep.
+    ResponseNotRetained = "response-not-retained", 409, "Response not retained",
         "The request with this idempotency key was processed, but its response was too large to keep for replay.";
     /// `type` of the `413` for a request body over the buffering limit.
-    REQUEST_BODY_TOO_LARGE = "request-body-too-large", 413, "Request body too large",
+    REQUEST_BODY_TOO_LARGE, /// `413`: the request body is over the limit the layer buffers.
+    RequestBodyTooLarge = "request-body-too-large", 413, "Request body too large",
         "The request body is larger than the idempotency layer accepts.";
     /// `type` of the `422` for a key reused with a different request.
-    KEY_REUSED = "key-reused", 422, "Idempotency key reused",
+    KEY_REUSED, /// `422`: the key was already used for a different request.
+    KeyReused = "key-reused", 422, "Idempotency key reused",
         "This idempotency key was already used with a different request.";
     /// `type` of the `503` when the store is unreachable (with `Retry-After`).
-    STORE_UNAVAILABLE = "store-unavailable", 503, "Idempotency store unavailable",
+    STORE_UNAVAILABLE, /// `503`, retryable: the store failed, so the request was not run.
+    StoreUnavailable = "store-unavailable", 503, "Idempotency store unavailable",
         "The request was not processed because its idempotency could not be ensured. Retry later.";
 }
 
-impl Problem {
-    pub(crate) fn outcome(self) -> Outcome {
-        match self {
-            Self::MISSING_KEY => Outcome::MissingKey,
-            Self::INVALID_KEY => Outcome::InvalidKey,
-            Self::REQUEST_BODY_UNREADABLE => Outcome::BodyUnreadable,
-            Self::IN_FLIGHT => Outcome::InFlight,
-            Self::RESPONSE_NOT_RETAINED => Outcome::NotRetained,
-            Self::REQUEST_BODY_TOO_LARGE => Outcome::BodyTooLarge,
-            Self::KEY_REUSED => Outcome::KeyReused,
-            Self::STORE_UNAVAILABLE => Outcome::StoreUnavailable,
-        }
+impl ProblemKind {
+    /// Whether a retry with the same key can succeed: `true` for [`InFlight`](Self::InFlight)
+    /// and [`StoreUnavailable`](Self::StoreUnavailable), whose answers say when to come back.
+    #[must_use]
+    pub const fn is_retryable(self) -> bool {
+        matches!(self, Self::InFlight | Self::StoreUnavailable)
     }
 
-    /// The response head and body; `retry_after` adds the header (rounded up to whole seconds).
-    pub(crate) fn into_parts(self, retry_after: Option<Duration>) -> (http::response::Parts, Bytes) {
-        let (status, body) = self.parts();
-        let (mut head, ()) = http::Response::new(()).into_parts();
-        head.status = status;
-        head.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        head.headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(after) = retry_after {
-            head.headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(after)));
+    pub(crate) const fn outcome(self) -> Outcome {
+        match self {
+            Self::MissingKey => Outcome::MissingKey,
+            Self::InvalidKey => Outcome::InvalidKey,
+            Self::RequestBodyUnreadable => Outcome::BodyUnreadable,
+            Self::InFlight => Outcome::InFlight,
+            Self::ResponseNotRetained => Outcome::NotRetained,
+            Self::RequestBodyTooLarge => Outcome::BodyTooLarge,
+            Self::KeyReused => Outcome::KeyReused,
+            Self::StoreUnavailable => Outcome::StoreUnavailable,
         }
-        head.extensions.insert(self.outcome());
-        (head, Bytes::from_static(body.as_bytes()))
+    }
+}
+
+/// A problem the layer answers, as a [`ProblemRenderer`] sees it: its kind, its status, and,
+/// for a retryable one, when to retry. Nothing from the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Problem {
+    kind: ProblemKind,
+    retry_after: Option<Duration>,
+}
+
+impl Problem {
+    /// `kind`, with its retry hint: `retry_after` is kept for a
+    /// [retryable](ProblemKind::is_retryable) kind only.
+    #[must_use]
+    pub const fn new(kind: ProblemKind, retry_after: Option<Duration>) -> Self {
+        Self { kind, retry_after: if kind.is_retryable() { retry_after } else { None } }
+    }
+
+    /// Which problem it is.
+    #[must_use]
+    pub const fn kind(&self) -> ProblemKind {
+        self.kind
+    }
+
+    /// Its HTTP status ([`ProblemKind::status`]).
+    #[must_use]
+    pub const fn status(&self) -> StatusCode {
+        self.kind.status()
+    }
+
+    /// How long the client should wait before retrying with the same key: `Some` for the
+    /// retryable problems (`409` in flight, `503`), `None` for the final ones.
+    #[must_use]
+    pub const fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The `title` ([`ProblemKind::title`]).
+    #[must_use]
+    pub const fn title(&self) -> &'static str {
+        self.kind.title()
+    }
+
+    /// The `detail` ([`ProblemKind::detail`]).
+    #[must_use]
+    pub const fn detail(&self) -> &'static str {
+        self.kind.detail()
+    }
+
+    /// The `Retry-After` value: [`retry_after`](Self::retry_after) in whole seconds, rounded
+    /// up, at least 1, saturating (so `Duration::MAX` never overflows).
+    #[must_use]
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after.map(retry_after_secs)
+    }
+
+    /// The `retry-after-ms` value: [`retry_after`](Self::retry_after) in milliseconds, rounded
+    /// up, and never more than [`retry_after_secs`](Self::retry_after_secs) × 1000
+    /// (saturating).
+    #[must_use]
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        self.retry_after.map(retry_after_ms)
+    }
+}
+
+/// Turns a [`Problem`] into the response the client gets. Implemented by [`Rfc9457`] (the
+/// default) and by every closure `Fn(&Problem) -> http::Response<Bytes>`.
+///
+/// It sees the problem only, never the request, so nothing from the request can end up in
+/// the answer. The layer then adds the [retry hints](crate::hints) (replacing headers of the
+/// same names), `Cache-Control: no-store` unless the rendered response has a
+/// `Cache-Control`, and the [`Outcome`]. The renderer chooses the status too: an API that
+/// answers a reused key with `400`, as Stripe does, can.
+///
+/// Stripe's error envelope:
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{Response, StatusCode, header::CONTENT_TYPE};
+/// use tower_idempotency::{
+///     IdempotencyLayer,
+///     hints::{RetryHint, STRIPE_SHOULD_RETRY},
+///     problem::{Problem, ProblemKind},
+/// };
+///
+/// fn stripe_error(problem: &Problem) -> Response<Bytes> {
+///     let (status, kind) = match problem.kind() {
+///         ProblemKind::KeyReused => (StatusCode::BAD_REQUEST, "idempotency_error"),
+///         ProblemKind::InFlight | ProblemKind::ResponseNotRetained => (StatusCode::CONFLICT, "idempotency_error"),
+///         ProblemKind::StoreUnavailable => (problem.status(), "api_error"),
+///         _ => (problem.status(), "invalid_request_error"),
+///     };
+///     let body = serde_json::json!({ "error": { "type": kind, "message": problem.detail() } });
+///     Response::builder()
+///         .status(status)
+///         .header(CONTENT_TYPE, "application/json")
+///         .body(Bytes::from(body.to_string()))
+///         .unwrap()
+/// }
+///
+/// let layer = IdempotencyLayer::new()
+///     .with_problem_renderer(stripe_error)
+///     .with_retry_hints(RetryHint::DEFAULT.into_iter().chain([RetryHint::ShouldRetry(STRIPE_SHOULD_RETRY)]));
+/// # let _ = layer;
+///
+/// let answer = stripe_error(&Problem::new(ProblemKind::KeyReused, None));
+/// assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+/// let json: serde_json::Value = serde_json::from_slice(answer.body()).unwrap();
+/// assert_eq!(json["error"]["type"], "idempotency_error");
+/// ```
+pub trait ProblemRenderer: Send + Sync + 'static {
+    /// The response for `problem`.
+    fn render(&self, problem: &Problem) -> Response<Bytes>;
+}
+
+impl<F> ProblemRenderer for F
+where
+    F: Fn(&Problem) -> Response<Bytes> + Send + Sync + 'static,
+{
+    fn render(&self, problem: &Problem) -> Response<Bytes> {
+        self(problem)
+    }
+}
+
+/// The default [`ProblemRenderer`]: RFC 9457 `application/problem+json` with the problem's
+/// `type` URI, `title`, `status` and `detail`. The bodies are static strings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rfc9457;
+
+impl ProblemRenderer for Rfc9457 {
+    fn render(&self, problem: &Problem) -> Response<Bytes> {
+        let mut response = Response::new(Bytes::from_static(problem.kind.body().as_bytes()));
+        *response.status_mut() = problem.status();
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response
+    }
+}
+
+/// How the layer answers its problems: the renderer and the retry hints.
+#[derive(Clone)]
+pub(crate) struct Answers {
+    pub(crate) renderer: std::sync::Arc<dyn ProblemRenderer>,
+    pub(crate) hints: Vec<RetryHint>,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Self { renderer: std::sync::Arc::new(Rfc9457), hints: RetryHint::DEFAULT.to_vec() }
+    }
+}
+
+impl Answers {
+    /// The head and body of the answer to `problem`; `grpc` for a gRPC request, which gets a
+    /// gRPC status whatever the renderer.
+    pub(crate) fn render(&self, problem: Problem, grpc: bool) -> (response::Parts, Bytes) {
+        let response = if grpc { crate::grpc::render(&problem) } else { self.renderer.render(&problem) };
+        let (mut head, body) = response.into_parts();
+        crate::hints::apply(&self.hints, &problem, &mut head.headers);
+        if !head.headers.contains_key(header::CACHE_CONTROL) {
+            head.headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        head.extensions.insert(problem.kind.outcome());
+        (head, body)
     }
 }
 
@@ -131,47 +342,99 @@ fn retry_after_secs(after: Duration) -> u64 {
     after.as_secs().saturating_add(u64::from(after.subsec_nanos() > 0)).max(1)
 }
 
+/// `retry-after-ms`: the wait in milliseconds, rounded up, and at most the `Retry-After`
+/// seconds × 1000 (saturating).
+fn retry_after_ms(after: Duration) -> u64 {
+    let ms = u64::try_from(after.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+    ms.min(retry_after_secs(after).saturating_mul(1000))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn render(kind: ProblemKind, retry_after: Option<Duration>) -> (response::Parts, Bytes) {
+        Answers::default().render(Problem::new(kind, retry_after), false)
+    }
+
     #[test]
     fn retry_after_rounds_up_and_saturates() {
         let cases = [
-            (Duration::ZERO, 1),
-            (Duration::from_millis(1), 1),
-            (Duration::from_secs(1), 1),
-            (Duration::from_millis(1500), 2),
-            (Duration::from_secs(2), 2),
-            (Duration::from_secs(u64::MAX - 1) + Duration::from_nanos(1), u64::MAX),
-            (Duration::from_secs(u64::MAX), u64::MAX),
-            (Duration::MAX, u64::MAX),
+            (Duration::ZERO, 1, 0),
+            (Duration::from_nanos(1), 1, 1),
+            (Duration::from_millis(1), 1, 1),
+            (Duration::from_secs(1), 1, 1000),
+            (Duration::from_millis(1500), 2, 1500),
+            (Duration::from_micros(1_500_001), 2, 1501),
+            (Duration::from_secs(2), 2, 2000),
+            (Duration::from_secs(u64::MAX / 1000), u64::MAX / 1000, u64::MAX / 1000 * 1000),
+            (Duration::from_secs(u64::MAX / 1000 + 1), u64::MAX / 1000 + 1, u64::MAX),
+            (Duration::from_secs(u64::MAX - 1) + Duration::from_nanos(1), u64::MAX, u64::MAX),
+            (Duration::from_secs(u64::MAX), u64::MAX, u64::MAX),
+            (Duration::MAX, u64::MAX, u64::MAX),
         ];
-        for (after, secs) in cases {
+        for (after, secs, ms) in cases {
             assert_eq!(retry_after_secs(after), secs, "{after:?}");
-            let (head, _) = Problem::IN_FLIGHT.into_parts(Some(after));
+            assert_eq!(retry_after_ms(after), ms, "{after:?}");
+            assert!(ms <= secs.saturating_mul(1000), "{after:?}");
+            let (head, _) = render(ProblemKind::InFlight, Some(after));
             assert_eq!(head.headers[header::RETRY_AFTER], secs.to_string().as_str(), "{after:?}");
+            assert_eq!(head.headers[crate::hints::RETRY_AFTER_MS], ms.to_string().as_str(), "{after:?}");
         }
     }
 
     #[test]
     fn bodies_are_valid_problem_json() {
-        for p in [
-            Problem::MISSING_KEY,
-            Problem::INVALID_KEY,
-            Problem::REQUEST_BODY_UNREADABLE,
-            Problem::IN_FLIGHT,
-            Problem::RESPONSE_NOT_RETAINED,
-            Problem::REQUEST_BODY_TOO_LARGE,
-            Problem::KEY_REUSED,
-            Problem::STORE_UNAVAILABLE,
-        ] {
-            let (head, body) = p.into_parts(None);
+        for &kind in ProblemKind::ALL {
+            let (head, body) = render(kind, None);
+            assert_eq!(head.status, kind.status());
+            assert_eq!(head.headers[header::CONTENT_TYPE], "application/problem+json");
+            assert_eq!(head.headers[header::CACHE_CONTROL], "no-store");
+            assert_eq!(head.extensions.get::<Outcome>(), Some(&kind.outcome()));
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(json["status"], head.status.as_u16());
-            assert!(json["type"].as_str().unwrap().starts_with("https://docs.rs/tower-idempotency/"));
-            assert!(!json["title"].as_str().unwrap().is_empty());
-            assert!(!json["detail"].as_str().unwrap().is_empty());
+            assert_eq!(json["type"], kind.type_uri());
+            assert!(kind.type_uri().ends_with(&format!("#{}", kind.slug())));
+            assert_eq!(json["title"], kind.title());
+            assert_eq!(json["detail"], kind.detail());
+            assert_eq!(json.as_object().unwrap().len(), 4);
         }
+    }
+
+    /// The default bodies are byte for byte those of the releases before renderers existed.
+    #[test]
+    fn the_default_body_is_unchanged() {
+        let (_, body) = render(ProblemKind::InFlight, Some(Duration::from_secs(1)));
+        assert_eq!(
+            body,
+            concat!(
+                r#"{"type":"https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#in-flight","#,
+                r#""title":"Request in flight","status":409,"#,
+                r#""detail":"A request with this idempotency key is still being processed. Retry later."}"#
+            )
+        );
+    }
+
+    #[test]
+    fn hints_by_kind() {
+        for &kind in ProblemKind::ALL {
+            let (head, _) = render(kind, Some(Duration::from_millis(2500)));
+            let get = |name: &str| head.headers.get(name).map(|v| v.to_str().unwrap());
+            if kind.is_retryable() {
+                assert_eq!((get("retry-after"), get("retry-after-ms")), (Some("3"), Some("2500")), "{kind:?}");
+                assert_eq!(get("x-should-retry"), None, "{kind:?}");
+            } else {
+                assert_eq!((get("retry-after"), get("retry-after-ms")), (None, None), "{kind:?}");
+                assert_eq!(get("x-should-retry"), Some("false"), "{kind:?}");
+            }
+        }
+        let retryable: Vec<_> = ProblemKind::ALL.iter().filter(|kind| kind.is_retryable()).collect();
+        assert_eq!(retryable, [&ProblemKind::InFlight, &ProblemKind::StoreUnavailable]);
+    }
+
+    #[test]
+    fn a_final_problem_drops_its_retry_after() {
+        assert_eq!(Problem::new(ProblemKind::KeyReused, Some(Duration::from_secs(1))).retry_after(), None);
+        assert_eq!(Problem::new(ProblemKind::InFlight, None).retry_after(), None);
     }
 }

@@ -25,7 +25,7 @@ use crate::{
     future::ResponseFuture,
     layer::{Config, InFlight, KeyPolicy, StoreFailure},
     lock::{Completion, LockGuard, Locked},
-    problem::Problem,
+    problem::{Problem, ProblemKind},
     recording::Recording,
     store::{Begin, IdempotencyStore, StoreKey},
 };
@@ -97,10 +97,10 @@ where
                 tracing::trace!(outcome = "bypassed", "idempotency: no key");
                 return ResponseFuture::bypass(self.inner.call(request.map(RequestBody::streaming)));
             }
-            Ok(None) => return problem_future(Problem::MISSING_KEY),
+            Ok(None) => return problem_future(config, request.headers(), ProblemKind::MissingKey),
             Err(invalid) => {
                 tracing::debug!(reason = %invalid, "idempotency: invalid key");
-                return problem_future(Problem::INVALID_KEY);
+                return problem_future(config, request.headers(), ProblemKind::InvalidKey);
             }
         };
         // `poll_ready` readied `self.inner`; take that instance for this request and leave a
@@ -121,12 +121,19 @@ where
     }
 }
 
-fn problem_future<F, B: Body, E>(problem: Problem) -> ResponseFuture<F, B, E> {
-    ResponseFuture::ready(problem_response(problem, None))
+fn problem_future<F, B: Body, E>(config: &Config, request: &HeaderMap, kind: ProblemKind) -> ResponseFuture<F, B, E> {
+    ResponseFuture::ready(problem_response(config, request, kind, None))
 }
 
-fn problem_response<B: Body>(problem: Problem, retry_after: Option<Duration>) -> Response<ResponseBody<B>> {
-    let (head, body) = problem.into_parts(retry_after);
+/// The layer's own answer to a request with headers `request`: rendered by the configured
+/// renderer, or as a gRPC status for a gRPC request.
+fn problem_response<B: Body>(
+    config: &Config,
+    request: &HeaderMap,
+    kind: ProblemKind,
+    retry_after: Option<Duration>,
+) -> Response<ResponseBody<B>> {
+    let (head, body) = config.answers.render(Problem::new(kind, retry_after), crate::grpc::is_grpc(request));
     Response::from_parts(head, ResponseBody::full(body, None))
 }
 
@@ -196,8 +203,12 @@ where
         let (head, body) = request.into_parts();
         let body = match buffer(body, config.max_request_body).await {
             Ok(body) => body,
-            Err(BufferError::TooLarge) => return Ok(problem_response(Problem::REQUEST_BODY_TOO_LARGE, None)),
-            Err(BufferError::Unreadable) => return Ok(problem_response(Problem::REQUEST_BODY_UNREADABLE, None)),
+            Err(BufferError::TooLarge) => {
+                return Ok(problem_response(&config, &head.headers, ProblemKind::RequestBodyTooLarge, None));
+            }
+            Err(BufferError::Unreadable) => {
+                return Ok(problem_response(&config, &head.headers, ProblemKind::RequestBodyUnreadable, None));
+            }
         };
         let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
         let key = StoreKey::new(config.scope.resolve(&head), key);
@@ -229,9 +240,14 @@ where
         let token = match begin {
             Begin::Execute(token) => token,
             Begin::Completed(Record::Response(record)) => return Ok(replay(record)),
-            Begin::Completed(Record::NotRetained) => return Ok(problem_response(Problem::RESPONSE_NOT_RETAINED, None)),
-            Begin::Mismatch => return Ok(problem_response(Problem::KEY_REUSED, None)),
-            Begin::InFlight => return Ok(problem_response(Problem::IN_FLIGHT, Some(in_flight_retry_after))),
+            Begin::Completed(Record::NotRetained) => {
+                return Ok(problem_response(&config, &head.headers, ProblemKind::ResponseNotRetained, None));
+            }
+            Begin::Mismatch => return Ok(problem_response(&config, &head.headers, ProblemKind::KeyReused, None)),
+            Begin::InFlight => {
+                let retry_after = Some(in_flight_retry_after);
+                return Ok(problem_response(&config, &head.headers, ProblemKind::InFlight, retry_after));
+            }
         };
         let locked = Locked { store, key, token, ttl: config.ttl, lease: config.lease, began };
         // The guard first: if readying the service fails, or the request is dropped while it
@@ -256,7 +272,7 @@ where
     match config.store_failure {
         StoreFailure::FailClosed { retry_after } => {
             tracing::warn!(%error, "idempotency store failed; failing closed with 503");
-            Ok(problem_response(Problem::STORE_UNAVAILABLE, Some(retry_after)))
+            Ok(problem_response(config, &head.headers, ProblemKind::StoreUnavailable, Some(retry_after)))
         }
         StoreFailure::FailOpen => {
             tracing::warn!(%error, "idempotency store failed; failing open: running the request unprotected");

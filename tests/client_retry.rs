@@ -18,6 +18,7 @@ use tower_idempotency::{
 };
 
 const SECOND: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
 
 /// What the scripted server does for one attempt.
 #[derive(Clone, Debug)]
@@ -29,6 +30,8 @@ enum Reply {
     Error,
     /// Sleeps, then answers the status.
     Slow(Duration, u16),
+    /// A status with these headers.
+    Headers(u16, Vec<(&'static str, &'static str)>),
 }
 
 /// One attempt as the server saw it.
@@ -83,9 +86,14 @@ impl Server {
                     extension: head.extensions.get::<&'static str>().copied(),
                 });
                 let reply = this.script.lock().unwrap().pop_front().expect("the script ran out of replies");
+                let mut headers = Vec::new();
                 let (status, retry_after) = match reply {
                     Reply::Status(status) => (status, None),
                     Reply::StatusAfter(status, value) => (status, Some(value)),
+                    Reply::Headers(status, named) => {
+                        headers = named;
+                        (status, None)
+                    }
                     Reply::Error => return Err(io::Error::new(io::ErrorKind::ConnectionReset, "connection reset")),
                     Reply::Slow(duration, status) => {
                         tokio::time::sleep(duration).await;
@@ -95,6 +103,9 @@ impl Server {
                 let mut response = Response::builder().status(status);
                 if let Some(value) = retry_after {
                     response = response.header(RETRY_AFTER, value);
+                }
+                for (name, value) in headers {
+                    response = response.header(name, value);
                 }
                 Ok(response.body(format!("attempt answered {status}")).unwrap())
             }
@@ -213,6 +224,60 @@ async fn retry_after_seconds_overrides_the_backoff() {
     let response = send(&client(&server, policy), post()).await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(gaps(&server.seen()), [3 * SECOND, Duration::ZERO]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_ms_is_read_before_retry_after() {
+    let policy =
+        policy().with_backoff(ExponentialBackoff::new(60 * SECOND, 60 * SECOND)).with_max_elapsed(120 * SECOND);
+    let server = Server::new([
+        Reply::Headers(503, vec![("retry-after", "9"), ("retry-after-ms", "1500")]),
+        // Unreadable milliseconds: `Retry-After` decides.
+        Reply::Headers(503, vec![("retry-after", "2"), ("retry-after-ms", "soon")]),
+        // Milliseconds alone, with a fraction.
+        Reply::Headers(429, vec![("retry-after-ms", "250.5")]),
+        Reply::Status(201),
+    ]);
+    let response = send(&client(&server, policy), post()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(gaps(&server.seen()), [1500 * MS, 2 * SECOND, on_tokio_timer(Duration::from_micros(250_500))]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn conflict_with_retry_after_ms_only_is_in_flight() {
+    let server = Server::new([Reply::Headers(409, vec![("retry-after-ms", "700")]), Reply::Status(201)]);
+    let response = send(&client(&server, policy()), post()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(gaps(&server.seen()), [700 * MS]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn should_retry_false_is_never_retried() {
+    for (status, hint) in [
+        (503, "x-should-retry"),
+        (429, "x-should-retry"),
+        (500, "stripe-should-retry"),
+        // A 409 in flight that the server says will not get better.
+        (409, "x-should-retry"),
+    ] {
+        let server = Server::new([Reply::Headers(status, vec![(hint, "false"), ("retry-after", "1")])]);
+        let started = Instant::now();
+        let response = send(&client(&server, policy()), post()).await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{status} {hint}");
+        assert_eq!(server.seen().len(), 1, "{status} {hint}: not retried");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn should_retry_true_does_not_make_a_final_status_transient() {
+    let server = Server::new([Reply::Headers(422, vec![("x-should-retry", "true")])]);
+    assert_eq!(send(&client(&server, policy()), post()).await.unwrap().status(), 422);
+    assert_eq!(server.seen().len(), 1);
+    // Nor does it stop a transient one.
+    let server = Server::new([Reply::Headers(503, vec![("x-should-retry", "true")]), Reply::Status(201)]);
+    assert_eq!(send(&client(&server, policy()), post()).await.unwrap().status(), 201);
+    assert_eq!(server.seen().len(), 2);
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,8 +1,11 @@
-//! Which outcomes are worth another attempt, in one place; and reading `Retry-After`.
+//! Which outcomes are worth another attempt, in one place; and reading the server's wait
+//! (`retry-after-ms`, `Retry-After`).
 
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, HeaderValue, StatusCode, header::RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header::RETRY_AFTER};
+
+use crate::hints::{RETRY_AFTER_MS, STRIPE_SHOULD_RETRY, X_SHOULD_RETRY};
 
 /// What one attempt produced, as a [`Classify`] sees it: a response head, or the inner
 /// service's error.
@@ -92,13 +95,17 @@ where
 /// | outcome | retried | why |
 /// | --- | --- | --- |
 /// | an error (no response) | yes | the request may or may not have run; the key makes a retry safe either way |
+/// | a response with `x-should-retry: false` or `Stripe-Should-Retry: false` | no | the server says a retry cannot help (this crate's layer says so on its final answers) |
 /// | `408 Request Timeout` | yes | the server gave up waiting for the request |
-/// | `409 Conflict` with `Retry-After` | yes | a request with this key is still in flight; its result will be replayed |
-/// | `409 Conflict` without `Retry-After` | no | the first response was not retained (too large): repeating gets the same `409` |
+/// | `409 Conflict` with `Retry-After` or `retry-after-ms` | yes | a request with this key is still in flight; its result will be replayed |
+/// | `409 Conflict` without either | no | the first response was not retained (too large): repeating gets the same `409` |
 /// | `425 Too Early` | yes | the server asks to repeat the request after the TLS handshake |
 /// | `429 Too Many Requests` | yes | rate limited; `Retry-After` says when to come back |
 /// | `5xx` | yes | a server-side failure, which the server layer never records, so a retry runs again |
 /// | any other status | no | a success, a redirect, or a client error (`400` invalid key, `422` key reused with another request, ...) that repeating cannot fix |
+///
+/// `x-should-retry: true` (or Stripe's) does not make a final status transient: the rows above
+/// decide. A classifier of your own can trust it (see [`Classify`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DefaultClassifier;
 
@@ -108,30 +115,68 @@ impl<E> Classify<E> for DefaultClassifier {
             Attempt::Error(_) => return Classification::Retry,
             Attempt::Response { status, headers } => (status, headers),
         };
+        if should_not_retry(headers) {
+            return Classification::Done;
+        }
         let transient = match status {
             StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS => true,
-            StatusCode::CONFLICT => headers.contains_key(RETRY_AFTER),
+            StatusCode::CONFLICT => headers.contains_key(RETRY_AFTER) || headers.contains_key(RETRY_AFTER_MS),
             status => status.is_server_error(),
         };
         if transient { Classification::Retry } else { Classification::Done }
     }
 }
 
-/// How long a response's `Retry-After` asks the client to wait, measured from `now`.
+/// Whether the server said a retry cannot help: `x-should-retry: false` (the
+/// Stainless-generated SDKs' header) or `Stripe-Should-Retry: false`.
+fn should_not_retry(headers: &HeaderMap) -> bool {
+    [X_SHOULD_RETRY, STRIPE_SHOULD_RETRY]
+        .iter()
+        .any(|name| headers.get_all(name).iter().any(|value| value.as_bytes().eq_ignore_ascii_case(b"false")))
+}
+
+/// How long a response asks the client to wait, measured from `now`: its `retry-after-ms`,
+/// else its `Retry-After`.
 ///
-/// Both forms of RFC 9110 section 10.2.3 are read: delta-seconds (`Retry-After: 120`) and an
-/// HTTP-date (`Retry-After: Wed, 21 Oct 2015 07:28:00 GMT`). A date is compared with `now`,
-/// which the policy takes from the system clock ([`SystemTime::now`]), since that is the clock
-/// the server's date refers to; a date in the past means "now" (zero). `None` when the header
-/// is absent, repeated with different values, or unreadable.
+/// `retry-after-ms` (sent by this crate's layer, read by the Stainless-generated SDKs) is a
+/// non-negative number of milliseconds, possibly with a fraction (`1500`, `250.5`); it is
+/// read first, for its precision. Both forms of `Retry-After` (RFC 9110 section 10.2.3) are
+/// read: delta-seconds (`Retry-After: 120`) and an HTTP-date
+/// (`Retry-After: Wed, 21 Oct 2015 07:28:00 GMT`). A date is compared with `now`, which the
+/// policy takes from the system clock ([`SystemTime::now`]), since that is the clock the
+/// server's date refers to; a date in the past means "now" (zero).
+///
+/// A header that is repeated with different values, or unreadable, is ignored. `None` when
+/// neither says anything readable.
 #[must_use]
 pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let mut values = headers.get_all(RETRY_AFTER).iter();
+    if let Some(ms) = single(headers, &RETRY_AFTER_MS).and_then(parse_retry_after_ms) {
+        return Some(ms);
+    }
+    parse_retry_after(single(headers, &RETRY_AFTER)?, now)
+}
+
+/// The value of `name`, when it is sent once (or repeated with one value).
+fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    let mut values = headers.get_all(name).iter();
     let first = values.next()?;
     if values.any(|other| other != first) {
         return None;
     }
-    parse_retry_after(first, now)
+    Some(first)
+}
+
+/// `retry-after-ms`: digits, optionally a `.` and more digits. A value too large for a
+/// `Duration` is still "a very long time".
+fn parse_retry_after_ms(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    let ms: f64 = text.parse().ok()?;
+    Some(Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX))
 }
 
 fn parse_retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
@@ -178,6 +223,78 @@ mod tests {
         assert_eq!(classify_status(409, Some("Wed, 21 Oct 2015 07:28:00 GMT")), Classification::Retry);
         // "response not retained": repeating would get the same 409.
         assert_eq!(classify_status(409, None), Classification::Done);
+    }
+
+    fn classify_headers(status: u16, headers: &[(&str, &str)]) -> Classification {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+        let status = StatusCode::from_u16(status).unwrap();
+        Classify::<Error>::classify(&DefaultClassifier, Attempt::Response { status, headers: &map })
+    }
+
+    #[test]
+    fn should_retry_false_is_final_whatever_the_status() {
+        for status in [408, 409, 425, 429, 500, 503] {
+            for name in ["x-should-retry", "stripe-should-retry", "X-Should-Retry"] {
+                let headers = [(name, "false"), ("retry-after", "1")];
+                assert_eq!(classify_headers(status, &headers), Classification::Done, "{status} {name}");
+            }
+            // Any other value leaves the status to decide.
+            assert_eq!(
+                classify_headers(status, &[("x-should-retry", "true"), ("retry-after", "1")]),
+                Classification::Retry
+            );
+            assert_eq!(
+                classify_headers(status, &[("x-should-retry", "no"), ("retry-after", "1")]),
+                Classification::Retry
+            );
+        }
+        // `true` does not make a final status transient.
+        assert_eq!(classify_headers(422, &[("x-should-retry", "true")]), Classification::Done);
+        assert_eq!(classify_headers(400, &[("stripe-should-retry", "true")]), Classification::Done);
+    }
+
+    #[test]
+    fn conflict_with_retry_after_ms_is_in_flight() {
+        assert_eq!(classify_headers(409, &[("retry-after-ms", "1000")]), Classification::Retry);
+        assert_eq!(
+            classify_headers(409, &[("retry-after-ms", "1000"), ("x-should-retry", "false")]),
+            Classification::Done
+        );
+    }
+
+    #[test]
+    fn retry_after_ms_comes_first() {
+        let now = SystemTime::now();
+        let read = |values: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in values {
+                map.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_str(value).unwrap(),
+                );
+            }
+            retry_after(&map, now)
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(read(&[("retry-after-ms", "1500"), ("retry-after", "9")]), Some(ms(1500)));
+        assert_eq!(read(&[("retry-after-ms", "0")]), Some(Duration::ZERO));
+        assert_eq!(read(&[("retry-after-ms", " 20 ")]), Some(ms(20)));
+        assert_eq!(read(&[("retry-after-ms", "1.5")]), Some(Duration::from_micros(1500)));
+        assert_eq!(read(&[("retry-after-ms", "250.")]), Some(ms(250)));
+        assert_eq!(read(&[("retry-after-ms", "7"), ("retry-after-ms", "7")]), Some(ms(7)));
+        assert_eq!(read(&[("retry-after-ms", "99999999999999999999999999")]), Some(Duration::MAX));
+        // Unreadable, or ambiguous: `Retry-After` decides.
+        for bad in ["", "-1", "soon", "1e3", "inf", "NaN", ".5", "1.2.3", "0x10", "+5"] {
+            assert_eq!(read(&[("retry-after-ms", bad), ("retry-after", "9")]), Some(Duration::from_secs(9)), "{bad:?}");
+            assert_eq!(read(&[("retry-after-ms", bad)]), None, "{bad:?}");
+        }
+        assert_eq!(
+            read(&[("retry-after-ms", "1"), ("retry-after-ms", "2"), ("retry-after", "9")]),
+            Some(Duration::from_secs(9))
+        );
     }
 
     #[test]

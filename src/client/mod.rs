@@ -13,8 +13,9 @@
 //!   `Idempotency-Key` a fresh one (or one from your [`KeyGenerator`]).
 //! - **Retrying**: [`RetryPolicy`] is a [`tower::retry::Policy`] that retries transient
 //!   outcomes ([`DefaultClassifier`]: errors, `408`, `409` in flight, `425`, `429`, `5xx`)
-//!   with [`ExponentialBackoff`] and full jitter, honours `Retry-After`, and stops after a
-//!   number of attempts or a time budget.
+//!   with [`ExponentialBackoff`] and full jitter, waits what the server asks
+//!   (`retry-after-ms`, else `Retry-After`), never retries what the server marks
+//!   `x-should-retry: false`, and stops after a number of attempts or a time budget.
 //!
 //! # The stack: stamp outside, retry inside
 //!
@@ -120,6 +121,9 @@
 mod backoff;
 mod classify;
 mod keys;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 mod retry;
 mod stamp;
 

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use http::{HeaderName, Method, Request, Response};
+use http::{HeaderMap, HeaderName, Method, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::retry::Policy;
@@ -33,7 +33,8 @@ use super::{
 ///
 /// 1. The [classifier](Classify) says the outcome is transient. The default,
 ///    [`DefaultClassifier`], retries errors (no response), `408`, `409` with `Retry-After`
-///    (the same key is still in flight), `425`, `429` and `5xx`, and nothing else.
+///    (the same key is still in flight), `425`, `429` and `5xx`, and nothing else; never a
+///    response marked `x-should-retry: false` (or `Stripe-Should-Retry: false`).
 /// 2. Retrying is safe: the request's method is idempotent by RFC 9110 (`GET`, `HEAD`,
 ///    `OPTIONS`, `TRACE`, `PUT`, `DELETE`), or it carries an idempotency key. A `POST` or
 ///    `PATCH` without a key is sent once and never retried, since the server could run it
@@ -47,8 +48,9 @@ use super::{
 /// # How long it waits
 ///
 /// Before retry `n` (from 0) it waits a delay from its [`ExponentialBackoff`]: uniform in
-/// `[0, min(max_delay, base * 2^n)]`. A response's `Retry-After` (seconds or an HTTP-date)
-/// replaces that delay. A date is compared with the system clock ([`SystemTime::now`]), the
+/// `[0, min(max_delay, base * 2^n)]`. The wait the response asks for replaces that delay:
+/// its `retry-after-ms`, else its `Retry-After` (seconds or an HTTP-date); see
+/// [`retry_after`](super::retry_after). A date is compared with the system clock ([`SystemTime::now`]), the
 /// clock the server's date refers to; everything else, the waiting and the time budget, runs on
 /// [`tokio::time`], so tests drive it with `tokio::time::pause`.
 ///
@@ -184,17 +186,60 @@ impl<C> RetryPolicy<C> {
         self
     }
 
+    /// The header that carries the key.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
     /// Whether a request may be sent more than once: an idempotent method, or a key.
-    fn may_repeat<B>(&self, request: &Request<B>) -> bool {
+    pub(crate) fn may_repeat(&self, method: &Method, headers: &HeaderMap) -> bool {
         let idempotent_method = matches!(
-            *request.method(),
+            *method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
         );
-        idempotent_method || request.headers().contains_key(&self.header)
+        idempotent_method || headers.contains_key(&self.header)
+    }
+
+    /// Starts a logical request: no attempt made yet, the time budget from now, a new jitter
+    /// seed.
+    pub(crate) fn start(&mut self) {
+        let seed = match &mut self.seeds {
+            Seeds::Fresh => fresh_seed(),
+            Seeds::Fixed(next) => std::mem::replace(next, SplitMix64::new(*next).next_u64()),
+        };
+        self.current = Some(Attempts { started: Instant::now(), made: 0, delays: self.backoff.delays(seed) });
+    }
+
+    /// After an attempt of the logical request begun by [`start`](Self::start): the wait
+    /// before the next attempt, or `None` to hand this result to the caller. The one decision
+    /// of both this policy and the `reqwest` middleware.
+    pub(crate) fn after_attempt<E>(&mut self, attempt: Attempt<'_, E>) -> Option<Duration>
+    where
+        C: Classify<E>,
+    {
+        if self.classifier.classify(attempt) == Classification::Done {
+            return None;
+        }
+        let headers = match attempt {
+            Attempt::Response { headers, .. } => Some(headers),
+            Attempt::Error(_) => None,
+        };
+        let delay = self.next_delay(headers)?;
+        tracing::debug!(
+            attempt = self.current.as_ref().map_or(0, |current| current.made) + 1,
+            ?delay,
+            status = match attempt {
+                Attempt::Response { status, .. } => Some(status.as_u16()),
+                Attempt::Error(_) => None,
+            },
+            "retrying"
+        );
+        Some(delay)
     }
 
     /// The wait before the next attempt, or `None` to hand the last result to the caller.
-    fn next_delay<B>(&mut self, result: &Result<Response<B>, impl Sized>) -> Option<Duration> {
+    fn next_delay(&mut self, headers: Option<&HeaderMap>) -> Option<Duration> {
         let max_attempts = self.max_attempts;
         let max_elapsed = self.max_elapsed;
         let current = self.current.as_mut()?;
@@ -213,10 +258,7 @@ impl<C> RetryPolicy<C> {
         }
         // Drawn even when `Retry-After` wins, so the window keeps growing with the attempts.
         let backoff = current.delays.next().unwrap_or_default();
-        let server_asked = match result {
-            Ok(response) => retry_after(response.headers(), SystemTime::now()),
-            Err(_) => None,
-        };
+        let server_asked = headers.and_then(|headers| retry_after(headers, SystemTime::now()));
         match server_asked {
             Some(wait) if wait > remaining => {
                 tracing::debug!(attempts = current.made, ?wait, "not retrying: Retry-After exceeds the time budget");
@@ -236,21 +278,12 @@ where
     type Future = RetryDelay;
 
     fn retry(&mut self, _request: &mut Request<B>, result: &mut Result<Response<ResB>, E>) -> Option<RetryDelay> {
-        if self.classifier.classify(Attempt::of(result)) == Classification::Done {
-            return None;
-        }
-        let delay = self.next_delay(result)?;
-        tracing::debug!(
-            attempt = self.current.as_ref().map_or(0, |current| current.made) + 1,
-            ?delay,
-            status = result.as_ref().ok().map(|response| response.status().as_u16()),
-            "retrying"
-        );
+        let delay = self.after_attempt(Attempt::of(result))?;
         Some(RetryDelay { sleep: tokio::time::sleep(delay) })
     }
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
-        if !self.may_repeat(request) {
+        if !self.may_repeat(request.method(), request.headers()) {
             tracing::debug!(method = %request.method(), "not retryable: a non-idempotent method without a key");
             return None;
         }
@@ -262,11 +295,7 @@ where
         // request, and the clone then calls it before each retry. A count of zero therefore
         // marks the start of a new logical request.
         if self.current.as_ref().is_none_or(|current| current.made == 0) {
-            let seed = match &mut self.seeds {
-                Seeds::Fresh => fresh_seed(),
-                Seeds::Fixed(next) => std::mem::replace(next, SplitMix64::new(*next).next_u64()),
-            };
-            self.current = Some(Attempts { started: Instant::now(), made: 0, delays: self.backoff.delays(seed) });
+            self.start();
         }
         let mut copy = Request::new(body);
         *copy.method_mut() = request.method().clone();

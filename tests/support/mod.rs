@@ -2,7 +2,14 @@
 //! HTTP client (hyper-util's legacy client).
 #![allow(dead_code, unreachable_pub)]
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
@@ -62,6 +69,55 @@ impl TestServer {
         TestServer { addr, stats, client: client(), task }
     }
 
+    /// The example server (default layer) behind a fault: the first `responses` `POST`s run
+    /// their handler, the layer records the answer (its body is read to the end), and then
+    /// the connection is closed without sending it, as when a response is lost on the way
+    /// back. The returned [`Faults`] show the keys every `POST` arrived with.
+    pub async fn start_losing_responses(responses: usize) -> (Self, Arc<Faults>) {
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+
+        let stats = Arc::new(Stats::default());
+        let app = server::app(IdempotencyLayer::new(), stats.clone());
+        let faults = Arc::new(Faults { responses_to_lose: AtomicUsize::new(responses), keys_seen: Mutex::default() });
+        let faulty = tower::service_fn({
+            let faults = faults.clone();
+            move |request: Request<Incoming>| {
+                let (app, faults) = (app.clone(), faults.clone());
+                async move {
+                    let post = request.method() == Method::POST;
+                    if post {
+                        faults.keys_seen.lock().unwrap().push(request.headers().get("idempotency-key").cloned());
+                    }
+                    let lose = post
+                        && faults
+                            .responses_to_lose
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
+                    let Ok(response) = app.oneshot(request).await;
+                    if lose {
+                        response.into_body().collect().await.map_err(std::io::Error::other)?;
+                        // An error from the service makes hyper close the connection, sending nothing.
+                        return Err(std::io::Error::other("the response was lost on the way back"));
+                    }
+                    Ok(response)
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper_util::service::TowerToHyperService::new(faulty.clone());
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _lost = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        (TestServer { addr, stats, client: client(), task }, faults)
+    }
+
     /// A handle on this server's shared client (for spawned requests).
     pub fn client(&self) -> HttpClient {
         self.client.clone()
@@ -103,6 +159,20 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// What [`TestServer::start_losing_responses`] did.
+#[derive(Debug)]
+pub struct Faults {
+    responses_to_lose: AtomicUsize,
+    keys_seen: Mutex<Vec<Option<HeaderValue>>>,
+}
+
+impl Faults {
+    /// The `Idempotency-Key` of every `POST` that reached the server, in order.
+    pub fn keys_seen(&self) -> Vec<Option<HeaderValue>> {
+        self.keys_seen.lock().unwrap().clone()
     }
 }
 
