@@ -28,6 +28,11 @@
 //! detach slot free, leaves its key recorded or tombstoned, never released. At the end, past
 //! every lease and TTL, the store must be empty: no lock is ever left behind.
 //!
+//! One known library bug is tolerated, not modelled away: a response over the record limit
+//! does not wait for its tombstone's write, so a retry sent right after it may still find the
+//! key in flight ([`Expect::NotRetainedYet`]); the ignored test
+//! `bug_a_tombstone_is_written_after_the_client_saw_the_end` keeps it failing until it is fixed.
+//!
 //! Determinism by design: every request is spawned at a whole second of paused time and runs
 //! until it blocks before the program goes on; handler delays end at whole or half seconds,
 //! streamed bodies a quarter second after their head, slow writes 0.2 s after they start, and
