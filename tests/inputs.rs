@@ -1,4 +1,5 @@
-//! Arbitrary input, in CI: the checks the fuzz targets (`fuzz/`) run, driven by proptest.
+//! Arbitrary input, in CI: the checks the fuzz targets (`fuzz/`) run, driven by proptest
+//! (`tests/common/inputs.rs` says what they check).
 //!
 //! `PROPTEST_CASES=N cargo test --test inputs` runs more cases (default 512 for the key parser,
 //! 256 for the layer).
@@ -59,16 +60,27 @@ fn raw_request() -> impl Strategy<Value = RawRequest> {
         ],
         1u8..5,
         prop_oneof![0u16..64, (MAX_RECORD as u16 - 2)..(MAX_RECORD as u16 + 3), 0u16..2048],
+        // The response's shape (in memory or in frames, length, trailers, pending frames) and
+        // how the server reads it.
+        (prop_oneof![Just(0u8), 1u8..5], any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
     )
-        .prop_map(|(method, path, headers, keys, authorization, body, chunks, response_len)| RawRequest {
-            method,
-            path,
-            headers,
-            keys,
-            authorization,
-            body,
-            chunks,
-            response_len,
+        .prop_map(|(method, path, headers, keys, authorization, body, chunks, response_len, shape)| {
+            let (response_chunks, response_sized, response_trailers, response_yields, read_like_hyper) = shape;
+            RawRequest {
+                method,
+                path,
+                headers,
+                keys,
+                authorization,
+                body,
+                chunks,
+                response_len,
+                response_chunks,
+                response_sized,
+                response_trailers,
+                response_yields,
+                read_like_hyper,
+            }
         })
 }
 
