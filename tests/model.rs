@@ -28,11 +28,6 @@
 //! detach slot free, leaves its key recorded or tombstoned, never released. At the end, past
 //! every lease and TTL, the store must be empty: no lock is ever left behind.
 //!
-//! One known library bug is tolerated, not modelled away: a response over the record limit
-//! does not wait for its tombstone's write, so a retry sent right after it may still find the
-//! key in flight ([`Expect::NotRetainedYet`]); the ignored test
-//! `bug_a_tombstone_is_written_after_the_client_saw_the_end` keeps it failing until it is fixed.
-//!
 //! Determinism by design: every request is spawned at a whole second of paused time and runs
 //! until it blocks before the program goes on; handler delays end at whole or half seconds,
 //! streamed bodies a quarter second after their head, slow writes 0.2 s after they start, and
@@ -353,9 +348,6 @@ enum Expect {
     Replayed(Content),
     /// A problem the layer made.
     Problem { status: u16, slug: &'static str },
-    /// `409` response-not-retained, or `409` in flight while the tombstone's write is still
-    /// under way (a library bug, see `Model::execute`).
-    NotRetainedYet,
     /// The client went away before the answer was complete.
     Dropped,
 }
@@ -434,10 +426,11 @@ impl Model {
             Outcome::Large => (answered + self.setup.write(), Keep::Tombstone),
             _ => (answered, Keep::Free),
         };
-        // The last frame waits for the record; the head waits for it too when it shows the end
-        // itself (nothing follows it), and for the release of a key it frees. A write is done
-        // at once only in an instant store ([`Writes::Slow`] slows down records alone).
-        let delivered = if outcome.is_recorded() { at } else { answered };
+        // The last frame waits for the record (past the limit, the frame that passes it waits
+        // for the tombstone); the head waits for it too when it shows the end itself (nothing
+        // follows it), and for the release of a key it frees. A write is done at once only in
+        // an instant store ([`Writes::Slow`] slows down records and tombstones alone).
+        let delivered = if outcome.is_recorded() || outcome == Outcome::Large { at } else { answered };
         let head_waits = match self.setup.writes {
             Writes::Instant => false,
             Writes::Slow => outcome == Outcome::TrailersOnly,
@@ -467,11 +460,7 @@ impl Model {
         let retry = match outcome {
             _ if client == Client::Leaves => None,
             _ if outcome.is_recorded() => Some(Box::new(Expect::Replayed(content.clone()))),
-            // SPEC 2.7 wants the tombstone, too, written before the client sees the end; the
-            // layer does not wait for it, so while a write that takes time is under way the
-            // retry finds the key in flight. A library bug, kept failing by
-            // `bug_a_tombstone_is_written_after_the_client_saw_the_end` (ignored).
-            Outcome::Large if self.setup.writes != Writes::Instant => Some(Box::new(Expect::NotRetainedYet)),
+            // SPEC 2.7: the tombstone, too, is written before the client sees the end.
             Outcome::Large => Some(Box::new(Expect::Problem { status: 409, slug: "response-not-retained" })),
             _ => None,
         };
@@ -812,10 +801,6 @@ fn check(step: usize, expect: &Expect, got: &Got) -> Result<(), String> {
             }
             Ok(())
         }
-        (Expect::NotRetainedYet, got) => ["response-not-retained", "in-flight"]
-            .iter()
-            .find_map(|slug| check(step, &Expect::Problem { status: 409, slug }, got).ok())
-            .ok_or_else(|| format!("step {step}: neither 409 problem\n  got {got:?}")),
         // A client that left with the head: the head must be the expected one.
         (expect, Got::Head { status, headers }) => {
             let ok = match expect {
@@ -825,7 +810,7 @@ fn check(step: usize, expect: &Expect, got: &Got) -> Result<(), String> {
                 Expect::Panicked => *status == StatusCode::INTERNAL_SERVER_ERROR && !replayed(headers),
                 Expect::Replayed(_) => *status == StatusCode::CREATED && replayed(headers),
                 Expect::Problem { status: s, .. } => status.as_u16() == *s && problem(headers),
-                Expect::Failed | Expect::Dropped | Expect::NotRetainedYet => false,
+                Expect::Failed | Expect::Dropped => false,
             };
             if ok { Ok(()) } else { fail("not the expected head") }
         }
@@ -1106,16 +1091,13 @@ fn regression_no_slot_cancels_a_running_handler_and_tombstones_an_unread_body() 
     );
 }
 
-/// **A library bug**, kept failing: SPEC 2.7 says a sequential retry sent after the client
-/// received a whole response over the record limit gets `409` response-not-retained, never
-/// `409` in flight. The layer starts the tombstone's write when the body passes the limit
-/// (`Recording::pass`) but does not hold back the body's end for it, so with a store whose
-/// write takes a while (here 0.2 s) the client has the whole response first, and its retry
-/// finds the key still in flight. The property tolerates exactly this (see `Model::execute`);
-/// run with `cargo test --test model -- --ignored`.
+/// Found by this model: SPEC 2.7 says a sequential retry sent after the client received a
+/// whole response over the record limit gets `409` response-not-retained, never `409` in
+/// flight. The layer used to start the tombstone's write when the body passed the limit
+/// without holding back the body's end for it, so with a store whose write takes a while (here
+/// 0.2 s) the client had the whole response first, and its retry found the key in flight.
 #[test]
-#[ignore = "library bug: the tombstone is written after the client saw the response end (SPEC 2.7)"]
-fn bug_a_tombstone_is_written_after_the_client_saw_the_end() {
+fn a_tombstone_is_written_before_the_client_sees_the_end() {
     quiet_deliberate_panics();
     paused_runtime().block_on(async {
         let slow = Outage::new(MemoryStore::new());
