@@ -188,9 +188,13 @@
 mod background;
 mod body;
 pub mod client;
+mod config;
+mod execute;
 mod fingerprint;
 mod future;
 pub mod grpc;
+mod guarded;
+mod headers;
 pub mod hints;
 mod key;
 mod layer;
@@ -204,13 +208,15 @@ mod service;
 pub mod store;
 
 pub use body::{RequestBody, ResponseBody};
+pub use config::{
+    CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_TTL, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
+};
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
+pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
-pub use layer::{
-    CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
-    DEFAULT_TTL, IDEMPOTENCY_KEY, IdempotencyLayer, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
-};
+pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;
 pub use record::{DecodeError, Record, StoredResponse};
 pub use scope::{Scope, ScopeFn, ScopeId};
@@ -224,9 +230,6 @@ pub use store::{RedisStore, RedisStoreBuilder, redis};
 #[cfg(all(doctest, feature = "redis"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
-
-/// The header a replayed response carries: `Idempotent-Replayed: true`.
-pub const IDEMPOTENT_REPLAYED: http::HeaderName = http::HeaderName::from_static("idempotent-replayed");
 
 /// What the public types promise to the servers and frameworks they go into, checked at
 /// compile time: axum's `Router::layer` needs a `Clone + Send + Sync` service and a `Send`

@@ -40,7 +40,7 @@ use tokio::{runtime::Handle, sync::OwnedSemaphorePermit, sync::Semaphore};
 use crate::{
     CachePredicate, Record, StoredResponse,
     body::into_bytes,
-    layer::Config,
+    config::Config,
     lock::{Completion, LockGuard},
 };
 

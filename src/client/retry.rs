@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::retry::Policy;
 
-use crate::IDEMPOTENCY_KEY;
+use crate::headers::IDEMPOTENCY_KEY;
 
 use super::{
     backoff::{Delays, ExponentialBackoff, SplitMix64, fresh_seed},

@@ -12,7 +12,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, request::Parts};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::{IDEMPOTENCY_KEY, IdempotencyKey};
+use crate::{IdempotencyKey, headers::IDEMPOTENCY_KEY};
 
 /// Makes the key for a request that has none.
 ///

@@ -1,0 +1,186 @@
+//! The settings the layer's services share, and the strategies they plug in: what is recorded
+//! ([`CachePredicate`]), what a missing key or a duplicate in flight gets, what a store failure
+//! does, and the defaults. [`IdempotencyLayer`](crate::IdempotencyLayer) builds them.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use http::{HeaderMap, HeaderName, Method, response};
+use tokio::sync::Semaphore;
+
+use crate::{Scope, lock::Keeper, problem::Answers};
+
+/// Decides whether a response becomes the key's record. Implemented for closures
+/// `Fn(&http::response::Parts) -> bool`.
+///
+/// A response it rejects releases the key, so a retry executes again. The default,
+/// [`SuccessOnly`], records `2xx` responses only.
+pub trait CachePredicate: Send + Sync + 'static {
+    /// Whether to record the response whose head is `head`.
+    fn should_record(&self, head: &response::Parts) -> bool;
+
+    /// Whether a response whose head was accepted is still recorded once its body ended with
+    /// `trailers` (`None`: no trailers). Asked before the record is written, so the answer
+    /// can depend on a status sent in the trailers (gRPC's `grpc-status`). Default: `true`.
+    ///
+    /// A rejection releases the key. A body that passed the record limit was decided at the
+    /// limit (a tombstone) and is not asked.
+    fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
+        let _ = trailers;
+        true
+    }
+}
+
+impl<F> CachePredicate for F
+where
+    F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+{
+    fn should_record(&self, head: &response::Parts) -> bool {
+        self(head)
+    }
+}
+
+/// The default [`CachePredicate`]: record `2xx` responses.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SuccessOnly;
+
+impl CachePredicate for SuccessOnly {
+    fn should_record(&self, head: &response::Parts) -> bool {
+        head.status.is_success()
+    }
+}
+
+/// What to do with a request that has no key. Default: [`KeyPolicy::Optional`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyPolicy {
+    /// Pass it through untouched, like an uncovered method.
+    #[default]
+    Optional,
+    /// Answer `400` with the `missing-key` problem.
+    Required,
+}
+
+/// What a duplicate of a request still in flight gets. Default: [`InFlight::Reject`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InFlight {
+    /// `409` with the `in-flight` problem and this `Retry-After` (rounded up to seconds).
+    Reject {
+        /// The `Retry-After` to send. Default: 1 s.
+        retry_after: Duration,
+    },
+    /// Wait up to `timeout` for the first request to finish and answer with its result (a
+    /// replay); past the timeout, `409` as in `Reject` with a `Retry-After` of 1 s. If the first
+    /// request fails and releases the key, one waiter executes instead.
+    Wait {
+        /// How long to wait at most.
+        timeout: Duration,
+    },
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self::Reject { retry_after: Duration::from_secs(1) }
+    }
+}
+
+/// What the layer does when the store fails (unreachable, timed out, full).
+/// Default: [`StoreFailure::FailClosed`] with a 1 s `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// Answer `503` with the `store-unavailable` problem and this `Retry-After`; the handler
+    /// does not run.
+    FailClosed {
+        /// The `Retry-After` to send.
+        retry_after: Duration,
+    },
+    /// Run the handler without protection (no lock, nothing recorded), logging a warning.
+    FailOpen,
+}
+
+impl Default for StoreFailure {
+    fn default() -> Self {
+        Self::FailClosed { retry_after: Duration::from_secs(1) }
+    }
+}
+
+/// An invalid configuration value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The header name is not a valid HTTP header name.
+    InvalidHeaderName(String),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid HTTP header name"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Settings shared by every clone of the service.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) methods: Vec<Method>,
+    pub(crate) header: HeaderName,
+    pub(crate) key_policy: KeyPolicy,
+    pub(crate) scope: Scope,
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_record: usize,
+    pub(crate) predicate: Arc<dyn CachePredicate>,
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) in_flight: InFlight,
+    pub(crate) store_failure: StoreFailure,
+    pub(crate) unstored_headers: Vec<HeaderName>,
+    pub(crate) detached: Arc<Semaphore>,
+    pub(crate) max_detached: usize,
+    /// How the layer's own answers are made: the renderer and the retry hints.
+    pub(crate) answers: Answers,
+    /// Renews the leases of this configuration's locks.
+    pub(crate) keeper: Keeper,
+}
+
+impl Config {
+    pub(crate) fn covers(&self, method: &Method) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("methods", &self.methods)
+            .field("header", &self.header)
+            .field("key_policy", &self.key_policy)
+            .field("scope", &self.scope)
+            .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("max_request_body", &self.max_request_body)
+            .field("max_record", &self.max_record)
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .field("in_flight", &self.in_flight)
+            .field("store_failure", &self.store_failure)
+            .field("unstored_headers", &self.unstored_headers)
+            .field("max_detached", &self.max_detached)
+            .field("retry_hints", &self.answers.hints)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default limit on the request body buffered for the fingerprint: 2 MiB (axum's default).
+pub const DEFAULT_MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
+/// Default limit on a recorded response body: 1 MiB.
+pub const DEFAULT_MAX_RECORD: usize = 1024 * 1024;
+/// Default time a completed record is kept, from completion: 24 h.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest TTL or lease kept: a century. Longer values (up to `Duration::MAX`, "forever")
+/// are lowered to it.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+/// Default lease of an in-flight lock: 30 s (renewed every third of it while the handler runs).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// Default bound on handlers detached after their client went away: 1024.
+pub const DEFAULT_MAX_DETACHED: usize = 1024;
