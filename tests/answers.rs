@@ -4,58 +4,23 @@
 mod common;
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
 use bytes::Bytes;
-use common::{Reply, Runs, post, send, service};
+use common::{Reply, Runs, outage::Switch, post, send, service};
 use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::Full;
 use serde_json::{Value, json};
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, InFlight, KeyPolicy, LockToken, MemoryStore, Outcome,
-    Record, StoreError, StoreFailure, StoreKey,
+    IdempotencyLayer, InFlight, KeyPolicy, Outcome, StoreFailure,
     hints::{RetryHint, STRIPE_SHOULD_RETRY},
     problem::{Problem, ProblemKind},
 };
 
 const KEY: &str = "very-distinctive-key-4711";
 const BODY: &str = "very-distinctive-body-0815";
-
-/// A `MemoryStore` whose `begin` fails while `down` is set.
-#[derive(Clone, Default)]
-struct Switch {
-    inner: MemoryStore,
-    down: Arc<AtomicBool>,
-}
-
-impl IdempotencyStore for Switch {
-    async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::unavailable("connection refused"));
-        }
-        self.inner.begin(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        lock: &LockToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.complete(key, lock, record, ttl).await
-    }
-    async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
-        self.inner.renew(key, lock, lease).await
-    }
-    async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
-        self.inner.release(key, lock).await
-    }
-}
 
 /// Every answer the layer makes itself, each once, through `layer` (over a [`Switch`] store),
 /// with 64-byte request and record limits, a 1.5 s in-flight `Retry-After` and a

@@ -1,29 +1,23 @@
 //! gRPC (SPEC 5): a real tonic server (`examples/grpc.rs`) behind the layer and a real tonic
 //! client, over HTTP/2 on loopback; and a raw HTTP/2 client for what is on the wire.
 
+mod common;
+
 #[path = "../examples/grpc.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
 mod example;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::atomic::Ordering, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use common::outage::Switch;
 use example::{CreateOrder, Event, OrdersClient, Running, WatchOrder, keyed, replayed, serve};
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 use tonic::{Code, Status};
-use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, LockToken, MemoryStore, Record, StoreError, StoreKey,
-    grpc::GrpcStatusOk,
-};
+use tower_idempotency::{IdempotencyLayer, grpc::GrpcStatusOk};
 
 fn layer() -> IdempotencyLayer<Switch> {
     IdempotencyLayer::with_store(Switch::default()).with_cache_predicate(GrpcStatusOk)
@@ -45,37 +39,6 @@ fn creates(server: &Running) -> u64 {
 
 fn watches(server: &Running) -> u64 {
     server.orders.watches.load(Ordering::SeqCst)
-}
-
-/// A `MemoryStore` whose `begin` fails while `down` is set.
-#[derive(Clone, Default)]
-struct Switch {
-    inner: MemoryStore,
-    down: Arc<AtomicBool>,
-}
-
-impl IdempotencyStore for Switch {
-    async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(StoreError::unavailable("connection refused"));
-        }
-        self.inner.begin(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        lock: &LockToken,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.complete(key, lock, record, ttl).await
-    }
-    async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
-        self.inner.renew(key, lock, lease).await
-    }
-    async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
-        self.inner.release(key, lock).await
-    }
 }
 
 #[tokio::test]

@@ -9,8 +9,10 @@ use std::{
     time::Duration,
 };
 
+use std::sync::atomic::AtomicBool;
+
 use tokio::time::Instant;
-use tower_idempotency::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey};
+use tower_idempotency::{Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, Record, StoreError, StoreKey};
 
 /// `inner`, with `complete` slowed down and `complete`/`renew` failing until a set instant.
 #[derive(Clone)]
@@ -77,6 +79,37 @@ impl<St: IdempotencyStore> IdempotencyStore for Outage<St> {
         self.inner.renew(key, lock, lease).await
     }
 
+    async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
+        self.inner.release(key, lock).await
+    }
+}
+
+/// A `MemoryStore` whose `begin` fails while `down` is set.
+#[derive(Clone, Default)]
+pub struct Switch {
+    pub inner: MemoryStore,
+    pub down: Arc<AtomicBool>,
+}
+
+impl IdempotencyStore for Switch {
+    async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable("connection refused"));
+        }
+        self.inner.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.complete(key, lock, record, ttl).await
+    }
+    async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
+        self.inner.renew(key, lock, lease).await
+    }
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.inner.release(key, lock).await
     }
