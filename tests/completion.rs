@@ -426,3 +426,28 @@ async fn past_the_record_limit_the_end_waits_for_the_tombstone() {
     send(&svc, big()).await.assert_problem(409, "response-not-retained");
     assert_eq!(runs.get(), 1);
 }
+
+#[test]
+fn a_lock_left_by_a_runtime_that_ended_is_not_renewed_forever() {
+    // The store's release takes a while, so a request cut off by its runtime's shutdown leaves
+    // a release that never runs: its lock must still expire after one lease.
+    let store = Outage::new(MemoryStore::new());
+    store.slow_releases(Duration::from_millis(100));
+    let runs = Runs::default();
+    let svc = service(IdempotencyLayer::with_store(store).with_lease(Duration::from_secs(3)), runs.clone());
+    let first = paused_runtime();
+    first.block_on(async {
+        tokio::spawn(send(&svc, slow("k", 60_000)));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    });
+    drop(first); // the runtime ends with the handler in flight
+    paused_runtime().block_on(async {
+        // This runtime's keeper runs (started by another request) and must not keep the
+        // abandoned lock alive.
+        send(&svc, post("/orders", "other", "{}")).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let retry = send(&svc, post("/orders", "k", "{}")).await;
+        assert_eq!(retry.outcome, Outcome::Executed, "{retry:?}");
+    });
+    assert_eq!(runs.get(), 3);
+}

@@ -31,7 +31,9 @@ pub(crate) struct Keeper {
 }
 
 struct Shared {
-    locks: Mutex<HashMap<u64, Arc<dyn Held>>>,
+    /// Weak: a lock whose every owner is gone (its guard and its completion dropped unrun, as
+    /// on a runtime that shut down) is no longer renewed, and is forgotten at the next tick.
+    locks: Mutex<HashMap<u64, Weak<dyn Held>>>,
     next_id: AtomicU64,
     /// The keeper task: started again on the next runtime that registers a lock if the one
     /// that ran it ended.
@@ -66,12 +68,12 @@ impl Keeper {
     }
 
     /// Keeps `held` renewed until [`forget`](Self::forget) is called with `id`.
-    pub(crate) fn register(&self, id: u64, held: Arc<dyn Held>) {
+    pub(crate) fn register(&self, id: u64, held: &Arc<dyn Held>) {
         let shared = &self.shared;
         let was_empty = {
             let mut locks = shared.locks.lock().unwrap_or_else(|e| e.into_inner());
             let was_empty = locks.is_empty();
-            locks.insert(id, held);
+            locks.insert(id, Arc::downgrade(held));
             was_empty
         };
         self.ensure_running();
@@ -119,8 +121,13 @@ async fn keep(shared: Weak<Shared>, wake: Arc<Notify>, _running: Running) {
 impl Shared {
     fn renew_due(&self, now: Instant) {
         let due: Vec<Arc<dyn Held>> = {
-            let locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-            locks.values().filter(|held| held.lease().start_renewal(now, self.renew_after)).cloned().collect()
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.retain(|_, held| held.strong_count() > 0);
+            locks
+                .values()
+                .filter_map(Weak::upgrade)
+                .filter(|held| held.lease().start_renewal(now, self.renew_after))
+                .collect()
         };
         // One task per renewal, so a slow store holds back no other lock's renewal.
         for held in due {

@@ -215,7 +215,7 @@ impl LockGuard {
         let id = keeper.reserve_id();
         let lease = Lease { length: lease, times: Mutex::new(times), keeper: keeper.clone(), id };
         let held: Arc<dyn Held> = Arc::new(StoreLock { store, key, token, ttl, lease });
-        keeper.register(id, held.clone());
+        keeper.register(id, &held);
         Self { held: Some(held), runtime: Handle::try_current().ok() }
     }
 

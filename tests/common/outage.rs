@@ -26,6 +26,7 @@ pub struct Outage<St> {
 #[derive(Default)]
 struct State {
     complete_delay: Duration,
+    release_delay: Duration,
     down_until: Option<Instant>,
 }
 
@@ -37,6 +38,11 @@ impl<St: IdempotencyStore> Outage<St> {
     /// Every `complete` takes `delay` (tokio time) before it reaches the store.
     pub fn slow_completes(&self, delay: Duration) {
         self.state.lock().unwrap().complete_delay = delay;
+    }
+
+    /// Every `release` takes `delay` (tokio time) before it reaches the store.
+    pub fn slow_releases(&self, delay: Duration) {
+        self.state.lock().unwrap().release_delay = delay;
     }
 
     /// `complete` and `renew` fail for `length` from now (`begin` and `release` still work, as
@@ -80,6 +86,8 @@ impl<St: IdempotencyStore> IdempotencyStore for Outage<St> {
     }
 
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
+        let delay = self.state.lock().unwrap().release_delay;
+        tokio::time::sleep(delay).await;
         self.inner.release(key, lock).await
     }
 }
