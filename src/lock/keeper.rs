@@ -11,11 +11,7 @@
 //! renewals, and the tasks that send them, are only for the requests that are still running.
 
 use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Mutex, Weak,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
@@ -33,8 +29,7 @@ pub(crate) struct Keeper {
 struct Shared {
     /// Weak: a lock whose every owner is gone (its guard and its completion dropped unrun, as
     /// on a runtime that shut down) is no longer renewed, and is forgotten at the next tick.
-    locks: Mutex<HashMap<u64, Weak<dyn Held>>>,
-    next_id: AtomicU64,
+    locks: Mutex<Slots>,
     /// The keeper task: started again on the next runtime that registers a lock if the one
     /// that ran it ended.
     task: Background,
@@ -52,8 +47,7 @@ impl Keeper {
     pub(crate) fn new(lease: Duration) -> Self {
         Self {
             shared: Arc::new(Shared {
-                locks: Mutex::new(HashMap::new()),
-                next_id: AtomicU64::new(0),
+                locks: Mutex::new(Slots::default()),
                 task: Background::default(),
                 wake: Arc::new(Notify::new()),
                 tick: (lease / 6).max(Duration::from_millis(1)),
@@ -62,29 +56,24 @@ impl Keeper {
         }
     }
 
-    /// An id for [`register`](Self::register), unique within this keeper.
-    pub(crate) fn reserve_id(&self) -> u64 {
-        self.shared.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Keeps `held` renewed until [`forget`](Self::forget) is called with `id`.
-    pub(crate) fn register(&self, id: u64, held: &Arc<dyn Held>) {
+    /// Keeps `held` renewed until [`forget`](Self::forget) is called with the returned id.
+    pub(crate) fn register(&self, held: &Arc<dyn Held>) -> usize {
         let shared = &self.shared;
-        let was_empty = {
+        let (id, was_empty) = {
             let mut locks = shared.locks.lock().unwrap_or_else(|e| e.into_inner());
-            let was_empty = locks.is_empty();
-            locks.insert(id, Arc::downgrade(held));
-            was_empty
+            let was_empty = locks.live == 0;
+            (locks.insert(Arc::downgrade(held)), was_empty)
         };
         self.ensure_running();
         if was_empty {
             shared.wake.notify_one();
         }
+        id
     }
 
     /// Stops renewing the lock registered as `id`.
-    pub(crate) fn forget(&self, id: u64) {
-        self.shared.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    pub(crate) fn forget(&self, id: usize) {
+        self.shared.locks.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 
     fn ensure_running(&self) {
@@ -106,7 +95,7 @@ async fn keep(shared: Weak<Shared>, wake: Arc<Notify>, _running: Running) {
         let notified = wake.notified();
         let tick = {
             let Some(shared) = shared.upgrade() else { return };
-            let idle = shared.locks.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+            let idle = shared.locks.lock().unwrap_or_else(|e| e.into_inner()).live == 0;
             (!idle).then_some(shared.tick)
         };
         match tick {
@@ -122,9 +111,11 @@ impl Shared {
     fn renew_due(&self, now: Instant) {
         let due: Vec<Arc<dyn Held>> = {
             let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-            locks.retain(|_, held| held.strong_count() > 0);
+            locks.forget_dead();
             locks
-                .values()
+                .entries
+                .iter()
+                .flatten()
                 .filter_map(Weak::upgrade)
                 .filter(|held| held.lease().start_renewal(now, self.renew_after))
                 .collect()
@@ -132,6 +123,49 @@ impl Shared {
         // One task per renewal, so a slow store holds back no other lock's renewal.
         for held in due {
             tokio::spawn(held.renew());
+        }
+    }
+}
+
+/// The registered locks: a slot table whose freed slots are reused, so that registering and
+/// forgetting allocate nothing once it has grown to the number of locks held at once.
+#[derive(Default)]
+struct Slots {
+    entries: Vec<Option<Weak<dyn Held>>>,
+    free: Vec<usize>,
+    live: usize,
+}
+
+impl Slots {
+    fn insert(&mut self, held: Weak<dyn Held>) -> usize {
+        self.live += 1;
+        match self.free.pop() {
+            Some(id) => {
+                self.entries[id] = Some(held);
+                id
+            }
+            None => {
+                self.entries.push(Some(held));
+                self.entries.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, id: usize) {
+        if let Some(slot) = self.entries.get_mut(id) {
+            if slot.take().is_some() {
+                self.live -= 1;
+                self.free.push(id);
+            }
+        }
+    }
+
+    /// Frees the slots of locks no one holds any more.
+    fn forget_dead(&mut self) {
+        for id in 0..self.entries.len() {
+            if self.entries[id].as_ref().is_some_and(|held| held.strong_count() == 0) {
+                self.remove(id);
+            }
         }
     }
 }

@@ -51,8 +51,8 @@ pub(crate) struct Lease {
     length: Duration,
     times: Mutex<LeaseTimes>,
     keeper: Keeper,
-    /// The lock's id in `keeper`.
-    id: u64,
+    /// The lock's id in `keeper`, set once it is registered.
+    id: std::sync::OnceLock<usize>,
 }
 
 #[derive(Clone, Copy)]
@@ -100,7 +100,9 @@ impl Lease {
     /// The lock is completed or released: stop renewing it.
     fn finish(&self) {
         self.times().finished = true;
-        self.keeper.forget(self.id);
+        if let Some(id) = self.id.get() {
+            self.keeper.forget(*id);
+        }
     }
 }
 
@@ -212,10 +214,9 @@ impl LockGuard {
     pub(crate) fn new<St: IdempotencyStore>(locked: Locked<St>, keeper: &Keeper) -> Self {
         let Locked { store, key, token, ttl, lease, began } = locked;
         let times = LeaseTimes { renewed_at: began, renewing: false, finished: false };
-        let id = keeper.reserve_id();
-        let lease = Lease { length: lease, times: Mutex::new(times), keeper: keeper.clone(), id };
+        let lease = Lease { length: lease, times: Mutex::new(times), keeper: keeper.clone(), id: Default::default() };
         let held: Arc<dyn Held> = Arc::new(StoreLock { store, key, token, ttl, lease });
-        keeper.register(id, &held);
+        let _ = held.lease().id.set(keeper.register(&held));
         Self { held: Some(held), runtime: Handle::try_current().ok() }
     }
 
