@@ -37,19 +37,6 @@ fn empty_body(key: &'static str) -> Request<Full<Bytes>> {
     request
 }
 
-/// Sends `request` until it is no longer `409` in flight (the store write may still be under
-/// way right after a client left), at most `tries` times, 100 ms apart.
-async fn settled(svc: &impl common::TestService, request: impl Fn() -> Request<Full<Bytes>>, tries: usize) -> Reply {
-    for _ in 0..tries {
-        let reply = send(svc, request()).await;
-        if reply.outcome != Outcome::InFlight {
-            return reply;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the key stayed in flight");
-}
-
 // --- The final write is never bounded by the detach slots, nor lost with the client. -------
 
 #[tokio::test(start_paused = true)]
@@ -147,7 +134,7 @@ async fn an_outage_longer_than_the_lease_gives_up_and_the_key_frees_with_the_lea
     store.down_for(Duration::from_secs(120));
     let first = send(&svc, post("/orders", "k", "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED, "the client still gets the handler's answer");
-    let after_lease = settled(&svc, || post("/orders", "k", "{}"), 400).await;
+    let after_lease = common::settled(&svc, || post("/orders", "k", "{}"), 400, Duration::from_millis(100)).await;
     assert_eq!(after_lease.outcome, Outcome::Executed);
     assert_eq!(runs.get(), 2);
 }

@@ -187,22 +187,6 @@ fn proxied_store(proxy: &Proxy, url: &str) -> RedisStore {
         .build(tower_idempotency::store::redis::Client::open(proxy.url(url)).unwrap())
 }
 
-/// Sends `request()` until the key is no longer in flight (a store write may be under way),
-/// 50 ms apart, for at most 5 s.
-async fn settled(
-    svc: &impl TestService,
-    request: impl Fn() -> http::Request<http_body_util::Full<bytes::Bytes>>,
-) -> common::Reply {
-    for _ in 0..100 {
-        let reply = send(svc, request()).await;
-        if reply.outcome != Outcome::InFlight {
-            return reply;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the key stayed in flight");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_during_the_record_write_with_no_free_slot_still_gets_its_record() {
     let url = redis_or_skip!();
@@ -230,7 +214,7 @@ async fn a_client_gone_during_the_record_write_with_no_free_slot_still_gets_its_
         let _ = sent.await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         proxy.up().await;
-        let replay = settled(&svc, || slow(key, empty)).await;
+        let replay = common::settled(&svc, || slow(key, empty), 100, Duration::from_millis(50)).await;
         assert!(replay.replayed(), "{replay:?}");
     }
     assert_eq!(runs.get(), 2, "each key ran once");
@@ -283,7 +267,7 @@ fn a_body_dropped_outside_any_runtime_is_still_recorded_in_redis() {
     // No runtime on this thread: whatever the drop starts must not poll a Redis future here.
     std::thread::spawn(move || drop(body)).join().expect("dropping the body outside a runtime does not panic");
     runtime.block_on(async {
-        let retry = settled(&svc, streaming).await;
+        let retry = common::settled(&svc, streaming, 100, Duration::from_millis(50)).await;
         assert!(retry.replayed(), "{retry:?}");
         assert_eq!(retry.text(), "chunk-0;chunk-1;chunk-2;");
     });

@@ -841,3 +841,56 @@ over_both_protocols! {
     request_trailers_reach_the_handler_http1, request_trailers_reach_the_handler_http2
         => request_trailers_reach_the_handler();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A client that hangs up mid-stream (SPEC 2.6–2.7)
+// ---------------------------------------------------------------------------------------------
+
+/// The client reads the first chunk of a streamed `201` and closes its connection: hyper drops
+/// the response body mid-stream, the layer reads the rest on the runtime and records it, and a
+/// retry on a new connection replays the whole body; the handler ran once.
+async fn a_client_that_hangs_up_mid_stream_leaves_a_record(proto: Proto) {
+    let executions = Arc::new(AtomicUsize::new(0));
+    let runs = executions.clone();
+    let addr = serve(proto, IdempotencyLayer::new(), move |_request: HandlerRequest| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let body = slow(chunks(3), Duration::from_millis(50));
+            Response::builder().status(StatusCode::CREATED).body(body).unwrap()
+        }
+    })
+    .await;
+    let key = format!("hang-up-{}", uuid::Uuid::new_v4());
+    {
+        let mut client = Client::connect(proto, addr).await;
+        let request = client.post("/stream", &key).body(full(Bytes::new())).unwrap();
+        let response = match &mut client.sender {
+            Sender::Http1(sender) => sender.send_request(request).await,
+            Sender::Http2(sender) => sender.send_request(request).await,
+        }
+        .expect("the server answers");
+        let mut body = response.into_body();
+        let first = body.frame().await.expect("a first frame").expect("no error");
+        assert_eq!(first.into_data().unwrap(), chunks(3)[0]);
+        // Dropping the body and the connection hangs up.
+    }
+    let mut client = Client::connect(proto, addr).await;
+    let mut retry = client.send(client.post("/stream", &key).body(full(Bytes::new())).unwrap()).await;
+    for _ in 0..50 {
+        if !retry.is_in_flight() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = client.send(client.post("/stream", &key).body(full(Bytes::new())).unwrap()).await;
+    }
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.describe());
+    assert_eq!(retry.replayed().map(|v| v.as_bytes()), Some(&b"true"[..]), "{}", retry.describe());
+    assert_eq!(retry.body, chunks(3).concat(), "the whole body was recorded");
+    assert_eq!(executions.load(Ordering::SeqCst), 1, "handler executions");
+}
+
+over_both_protocols! {
+    /// 2.6: a client that hangs up mid-stream leaves a recorded response; the retry replays it.
+    a_client_that_hangs_up_mid_stream_leaves_a_record_http1, a_client_that_hangs_up_mid_stream_leaves_a_record_http2
+        => a_client_that_hangs_up_mid_stream_leaves_a_record();
+}

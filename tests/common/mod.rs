@@ -147,6 +147,24 @@ where
     }
 }
 
+/// Sends `request()` until the key is no longer `409` in flight (a store write may still be
+/// under way right after a client left), at most `tries` times, `every` apart.
+pub async fn settled(
+    svc: &impl TestService,
+    request: impl Fn() -> Request<Full<Bytes>>,
+    tries: usize,
+    every: Duration,
+) -> Reply {
+    for _ in 0..tries {
+        let reply = send(svc, request()).await;
+        if reply.outcome != tower_idempotency::Outcome::InFlight {
+            return reply;
+        }
+        tokio::time::sleep(every).await;
+    }
+    panic!("the key stayed in flight after {tries} tries");
+}
+
 /// A layered test service, as [`service`] builds it.
 pub trait TestService:
     Service<Request<Full<Bytes>>, Response = Response<ResponseBody<TestBody>>, Error = BoxError, Future: Send>
