@@ -210,7 +210,7 @@ where
 /// Headers kept in a record: the end-to-end ones, less `Content-Length` (recomputed on
 /// replay), `Date` (regenerated) and the configured list (`Set-Cookie` by default). `Trailer`
 /// is end-to-end (RFC 9110 6.6.2) and kept: HTTP/1.1 sends only the trailers it names.
-fn stored_headers(headers: &HeaderMap, unstored: &[HeaderName]) -> HeaderMap {
+pub(crate) fn stored_headers(headers: &HeaderMap, unstored: &[HeaderName]) -> HeaderMap {
     // Hop-by-hop: the fixed list of RFC 9110 section 7.6.1, and whatever `Connection` names.
     let connection = headers.get_all(header::CONNECTION);
     let named_by_connection = |name: &HeaderName| {

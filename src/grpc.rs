@@ -31,6 +31,8 @@
 //! | `key-reused` | `422` | `ALREADY_EXISTS` (6) | the key already exists, bound to another request: use a new key |
 //! | `response-not-retained` | `409` | `FAILED_PRECONDITION` (9) | the call ran, but its response was not kept: retrying cannot get it |
 //! | `store-unavailable` | `503` | `UNAVAILABLE` (14) | transient: retry after the pushback |
+//! | `transaction-failed` | `503` | `UNAVAILABLE` (14) | transient: retry after the pushback |
+//! | `response-too-large` | `500` | `RESOURCE_EXHAUSTED` (8) | final: the response cannot be recorded |
 //!
 //! `ABORTED` rather than `ALREADY_EXISTS` for a duplicate in flight, because the gRPC status
 //! guide reserves `ALREADY_EXISTS` for "the entity a client tried to create already exists"
@@ -105,7 +107,8 @@ const fn code(kind: ProblemKind) -> u16 {
         ProblemKind::InFlight => 10,
         ProblemKind::KeyReused => 6,
         ProblemKind::ResponseNotRetained => 9,
-        ProblemKind::StoreUnavailable => 14,
+        ProblemKind::StoreUnavailable | ProblemKind::TransactionFailed => 14,
+        ProblemKind::ResponseTooLarge => 8,
     }
 }
 
@@ -190,6 +193,8 @@ mod tests {
             (ProblemKind::RequestBodyTooLarge, 3),
             (ProblemKind::KeyReused, 6),
             (ProblemKind::StoreUnavailable, 14),
+            (ProblemKind::TransactionFailed, 14),
+            (ProblemKind::ResponseTooLarge, 8),
         ];
         assert_eq!(expected.len(), ProblemKind::ALL.len());
         for (kind, status) in expected {

@@ -74,6 +74,12 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         &self.store
     }
 
+    /// The store and the settings, for a layer built on this one's settings.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn into_parts(self) -> (Arc<St>, Arc<Config>) {
+        (self.store, self.config)
+    }
+
     /// The settings its services share.
     #[cfg(test)]
     pub(crate) fn settings(&self) -> &Config {

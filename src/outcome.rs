@@ -42,6 +42,9 @@ pub enum Outcome {
     StoreUnavailable,
     /// The store failed and the layer fails open: the handler ran without protection.
     Unprotected,
+    /// Transactional mode: the handler ran, but its transaction was rolled back (a failed
+    /// commit, a response over the record limit), so nothing was kept.
+    RolledBack,
 }
 
 impl Outcome {
@@ -65,6 +68,7 @@ impl Outcome {
             Self::BodyTooLarge => "body_too_large",
             Self::StoreUnavailable => "store_unavailable",
             Self::Unprotected => "unprotected",
+            Self::RolledBack => "rolled_back",
         }
     }
 }

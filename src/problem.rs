@@ -42,6 +42,18 @@
 //! # store-unavailable
 //! `503` with `Retry-After`: the idempotency store could not be reached, so the request was not
 //! run (fail closed).
+//!
+//! # transaction-failed
+//! `503` with `Retry-After`, in transactional mode only (`store::TransactionalLayer`, feature `postgres`): the
+//! request's transaction did not commit (a serialization failure, a constraint checked at
+//! commit, a lost connection), so nothing the handler wrote was kept and the key is free.
+//! Retry: the retry executes against a database where this attempt never happened.
+//!
+//! # response-too-large
+//! `500`, in transactional mode only (`store::TransactionalLayer`, feature `postgres`): the handler's response
+//! was larger than the record limit, so it could not be recorded in the request's
+//! transaction; the transaction was rolled back and nothing was written. Retrying will not
+//! help until the response fits the limit.
 
 use std::time::Duration;
 
@@ -148,14 +160,23 @@ problems! {
     STORE_UNAVAILABLE, /// `503`, retryable: the store failed, so the request was not run.
     StoreUnavailable = "store-unavailable", 503, "Idempotency store unavailable",
         "The request was not processed because its idempotency could not be ensured. Retry later.";
+    /// `type` of the `503` when the request's transaction did not commit (transactional mode).
+    TRANSACTION_FAILED, /// `503`, retryable: the transaction did not commit; nothing was kept.
+    TransactionFailed = "transaction-failed", 503, "Transaction failed",
+        "The request's transaction did not commit, so nothing it did was kept. Retry later.";
+    /// `type` of the `500` for a response too large to record in the transaction.
+    RESPONSE_TOO_LARGE, /// `500`, final: the response was too large to record; nothing was kept.
+    ResponseTooLarge = "response-too-large", 500, "Response too large",
+        "The response was too large to record with the request's transaction, so the transaction was rolled back and nothing was kept.";
 }
 
 impl ProblemKind {
     /// Whether a retry with the same key can succeed: `true` for [`InFlight`](Self::InFlight)
-    /// and [`StoreUnavailable`](Self::StoreUnavailable), whose answers say when to come back.
+    /// [`StoreUnavailable`](Self::StoreUnavailable) and
+    /// [`TransactionFailed`](Self::TransactionFailed), whose answers say when to come back.
     #[must_use]
     pub const fn is_retryable(self) -> bool {
-        matches!(self, Self::InFlight | Self::StoreUnavailable)
+        matches!(self, Self::InFlight | Self::StoreUnavailable | Self::TransactionFailed)
     }
 
     pub(crate) const fn outcome(self) -> Outcome {
@@ -168,6 +189,7 @@ impl ProblemKind {
             Self::RequestBodyTooLarge => Outcome::BodyTooLarge,
             Self::KeyReused => Outcome::KeyReused,
             Self::StoreUnavailable => Outcome::StoreUnavailable,
+            Self::TransactionFailed | Self::ResponseTooLarge => Outcome::RolledBack,
         }
     }
 }

@@ -38,6 +38,8 @@ use crate::{Fingerprint, IdempotencyKey, Record, ScopeId};
 pub mod conformance;
 mod memory;
 // Not named `redis`: that name is the re-exported client crate below.
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis_store;
 
@@ -46,7 +48,18 @@ mod redis_store;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use ::redis;
+/// The `sqlx` crate [`PostgresStore`] is built on, re-exported so that the `PgPool` you hand
+/// it comes from the same version.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use ::sqlx;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::{
+    PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder, TransactionClosed, Transactional,
+    TransactionalLayer, TransactionalResponseFuture,
+};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_store::{RedisStore, RedisStoreBuilder};

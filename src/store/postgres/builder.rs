@@ -1,0 +1,116 @@
+//! [`PostgresStoreBuilder`]: the table, the operation timeout and the reaper's pace.
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::PgPool;
+
+use super::{Inner, PostgresStore, sql::Statements};
+use crate::background::Background;
+
+/// Default table name.
+const DEFAULT_TABLE: &str = "idempotency";
+/// Default bound on one store operation, waiting for a pooled connection included.
+const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default pause of the reaper between rounds.
+const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default most rows one reaper statement deletes.
+const DEFAULT_REAP_BATCH: usize = 1_000;
+
+/// Builds a [`PostgresStore`] with a non-default table, operation timeout or reaper pace.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::store::{PostgresStore, sqlx::postgres::PgPoolOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// // `connect_lazy` needs no database yet; the store connects on first use.
+/// let pool = PgPoolOptions::new().max_connections(16).connect_lazy("postgres://app@db/app").unwrap();
+/// let store = PostgresStore::builder()
+///     .with_schema("billing")
+///     .with_table("idempotency_keys")
+///     .with_operation_timeout(Duration::from_secs(2))
+///     .build(pool);
+/// assert_eq!(store.table(), r#""billing"."idempotency_keys""#);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct PostgresStoreBuilder {
+    schema: Option<String>,
+    table: String,
+    operation_timeout: Duration,
+    reap_interval: Duration,
+    reap_batch: usize,
+}
+
+impl Default for PostgresStoreBuilder {
+    fn default() -> Self {
+        Self {
+            schema: None,
+            table: DEFAULT_TABLE.to_owned(),
+            operation_timeout: DEFAULT_OPERATION_TIMEOUT,
+            reap_interval: DEFAULT_REAP_INTERVAL,
+            reap_batch: DEFAULT_REAP_BATCH,
+        }
+    }
+}
+
+impl PostgresStoreBuilder {
+    /// The table's name. Default: `idempotency`. Any text: it is always quoted, so it is
+    /// case-sensitive (`"Idem"` is not `idem`).
+    pub fn with_table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The schema the table is in. Default: none, so the connection's `search_path` decides
+    /// (`public` unless configured otherwise). Quoted like the table.
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// The longest one store operation may take, waiting for a pooled connection included;
+    /// past it the operation fails with
+    /// [`StoreError::is_timeout`](crate::store::StoreError::is_timeout). Default: 5 s.
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The pause of the background reaper between rounds. Default: 60 s. A round deletes
+    /// batches until one comes back short.
+    pub fn with_reap_interval(mut self, every: Duration) -> Self {
+        self.reap_interval = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The most expired rows one reaper statement deletes. Default: 1 000 (at least 1).
+    pub fn with_reap_batch(mut self, rows: usize) -> Self {
+        self.reap_batch = rows.max(1);
+        self
+    }
+
+    /// Builds the store on the application's pool. Connects nothing and needs no runtime:
+    /// the table must exist by the first operation (see [`PostgresStore::migrate`]).
+    pub fn build(self, pool: PgPool) -> PostgresStore {
+        PostgresStore {
+            inner: Arc::new(Inner {
+                pool,
+                statements: Statements::new(self.schema.as_deref(), &self.table),
+                operation_timeout: self.operation_timeout,
+                reap_interval: self.reap_interval,
+                reap_batch: i64::try_from(self.reap_batch).unwrap_or(i64::MAX),
+                reaper: Background::default(),
+            }),
+        }
+    }
+}
+
+impl PostgresStore {
+    /// A builder for the table, the operation timeout and the reaper.
+    pub fn builder() -> PostgresStoreBuilder {
+        PostgresStoreBuilder::default()
+    }
+}

@@ -1,0 +1,325 @@
+//! The PostgreSQL store: records in the application's own database.
+//!
+//! - `mod.rs`: [`PostgresStore`], its contract (table, round trips, expiry, failure) and the
+//!   trait;
+//! - `builder.rs`: [`PostgresStoreBuilder`];
+//! - `sql.rs`: the statement of each operation and the table's DDL;
+//! - `reaper.rs`: the background task deleting expired rows in batches;
+//! - `transaction.rs`, `transactional/`: transactional mode, where the handler's own writes
+//!   and the record commit in one transaction.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgRow};
+
+use crate::{
+    Fingerprint, Record, StoredResponse,
+    background::Background,
+    store::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey},
+};
+
+mod builder;
+mod reaper;
+mod sql;
+mod transaction;
+mod transactional;
+
+pub use builder::PostgresStoreBuilder;
+use sql::{Statements, state};
+pub use transaction::{PgTransaction, PgTransactionGuard, TransactionClosed};
+pub use transactional::{Transactional, TransactionalLayer, TransactionalResponseFuture};
+
+/// How often `begin` runs its statement again when a concurrent `begin` of the same key
+/// committed while it ran (see `sql.rs`); each retry sees that row, so more than one is rare.
+const BEGIN_ATTEMPTS: usize = 8;
+
+/// An [`IdempotencyStore`] in PostgreSQL, on the application's [`PgPool`]: records survive
+/// restarts of every process, and many replicas share keys.
+///
+/// ```no_run
+/// use tower_idempotency::{IdempotencyLayer, store::{PostgresStore, sqlx::PgPool}};
+///
+/// # async fn run() -> Result<(), tower_idempotency::store::sqlx::Error> {
+/// let pool = PgPool::connect("postgres://postgres@127.0.0.1:5432/app").await?;
+/// let store = PostgresStore::new(pool);
+/// // Or run `migrations/0001_idempotency.sql` with the application's own migrations.
+/// store.migrate().await?;
+/// let layer = IdempotencyLayer::with_store(store);
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # The table
+///
+/// One table (default `idempotency`, in the connection's `search_path`; see
+/// [`with_table`](PostgresStoreBuilder::with_table) and
+/// [`with_schema`](PostgresStoreBuilder::with_schema)), one row per (scope, key). The crate
+/// ships its DDL as `migrations/0001_idempotency.sql`, for the application's own migrations
+/// (`sqlx migrate`, refinery, ...); [`migrate`](PostgresStore::migrate) runs the same DDL
+/// (`CREATE ... IF NOT EXISTS`) for the configured table.
+///
+/// | column | type | holds |
+/// | --- | --- | --- |
+/// | `scope` | `bytea` | the [`ScopeId`](crate::ScopeId) (32 bytes), or empty for the unscoped namespace |
+/// | `key` | `text` | the idempotency key as sent (1 to 255 visible ASCII bytes) |
+/// | `fingerprint` | `bytea` | the fingerprint of the request that locked or completed the key (32 bytes) |
+/// | `token` | `bytea` | the lock's token (16 bytes) while locked; `NULL` once completed |
+/// | `response` | `bytea` | once completed, the response as [`StoredResponse::encode_into`] writes it; `NULL` for a tombstone |
+/// | `expires_at` | `timestamptz` | the end of the lease (locked) or of the TTL (completed) |
+///
+/// The primary key is `(scope, key)`; an index on `expires_at` serves the reaper.
+///
+/// **What a row costs**: about 150 bytes in the heap for a lock (a 36-byte key, scoped),
+/// plus the response's encoded size once completed (its body, header names and values,
+/// 5 bytes of layout and 6 per header field). A response over about 2 KB is compressed
+/// when it compresses and moved to the table's TOAST storage, as PostgreSQL does with any
+/// large value. The primary key index costs about 90 bytes per row and the `expires_at`
+/// index about 20. A replay reads the row through the primary key; the body is not copied
+/// again after it is read off the wire.
+///
+/// # Round trips
+///
+/// Every operation is one statement, hence one round trip and atomic:
+///
+/// | operation | statement |
+/// | --- | --- |
+/// | `begin` | `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`, reading the row that stopped it in the same statement |
+/// | `complete`, `renew` | `UPDATE ... WHERE token = $token AND expires_at > clock_timestamp()` |
+/// | `release` | `DELETE ... WHERE token = $token AND expires_at > clock_timestamp()` |
+///
+/// A `begin` racing another `begin` of the same key that commits while it runs reads the
+/// winner's row with a second statement (the first one's snapshot predates that row).
+///
+/// # Expiry and fencing
+///
+/// Time is the database's `clock_timestamp()`, never a process's clock, so replicas with
+/// skewed clocks agree, and a record written at the end of a long transaction still lives its
+/// whole TTL (`now()` would count from the start of the transaction). A row past its
+/// `expires_at` counts as absent for every operation: `begin` takes it over, and `complete`,
+/// `renew` and `release` change a row only while it is locked by the caller's token under an
+/// unexpired lease. Expired rows are deleted by a background reaper (started on first use
+/// inside a tokio runtime, started again on the next runtime if that one ends, stopped when
+/// the last clone of the store is dropped), at most
+/// [`with_reap_batch`](PostgresStoreBuilder::with_reap_batch) rows per statement (default
+/// 1 000) every [`with_reap_interval`](PostgresStoreBuilder::with_reap_interval) (default
+/// 60 s), at once again while batches come back full. Rows locked by a running transaction are
+/// skipped, never waited for. [`reap`](PostgresStore::reap) runs one batch now.
+///
+/// # Failure
+///
+/// Every operation, waiting for a pooled connection included, is bounded by the
+/// [operation timeout](PostgresStoreBuilder::with_operation_timeout) (default 5 s): past it,
+/// [`StoreError::is_timeout`]. A database that is down, a connection killed mid-operation, or
+/// any error PostgreSQL reports is [`StoreError::is_unavailable`]; a row this crate cannot read
+/// is [`StoreError::is_corrupt`]. The layer fails closed on all of them by default (`503`, the
+/// handler does not run). A timed-out or cut `begin` may still have locked the key in the
+/// database: retries then get `409` until its lease ends; the handler never runs twice.
+///
+/// # Transactional mode
+///
+/// With a [`TransactionalLayer`] the handler's own writes, the lock and the record commit in
+/// one transaction: see [`transactional`](PostgresStore::transactional).
+///
+/// Cloning is cheap; clones share the pool and the reaper.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    statements: Statements,
+    operation_timeout: Duration,
+    reap_interval: Duration,
+    reap_batch: i64,
+    reaper: Background,
+}
+
+impl PostgresStore {
+    /// A store with the defaults (table `idempotency`) over `pool`. Needs no connection yet.
+    pub fn new(pool: PgPool) -> Self {
+        Self::builder().build(pool)
+    }
+
+    /// The pool the store runs on.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The table, quoted and qualified as the statements name it (`"idempotency"`).
+    pub fn table(&self) -> &str {
+        &self.inner.statements.table
+    }
+
+    /// Creates the table and its index if they do not exist (the DDL of
+    /// `migrations/0001_idempotency.sql`, for the configured table).
+    pub async fn migrate(&self) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(AssertSqlSafe(self.inner.statements.create.clone())).execute(&self.inner.pool).await?;
+        Ok(())
+    }
+
+    /// The DDL [`migrate`](Self::migrate) runs, for the application's own migrations.
+    pub fn schema_sql(&self) -> &str {
+        &self.inner.statements.create
+    }
+
+    /// Deletes up to one batch of expired rows now and returns how many it deleted (the
+    /// background reaper does this on its own).
+    pub async fn reap(&self) -> Result<u64, StoreError> {
+        self.inner.reap().await
+    }
+
+    /// Runs `operation` within the operation timeout, after making sure the reaper runs.
+    async fn run<T>(&self, operation: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        self.ensure_reaper();
+        tokio::time::timeout(self.inner.operation_timeout, operation)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::timeout()))
+    }
+
+    /// Runs an owner-only write (`complete`, `renew`, `release`): whether it changed the row.
+    async fn owner_write(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<bool, StoreError> {
+        let done = self.run(async { query.execute(&self.inner.pool).await.map_err(store_error) }).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    fn ensure_reaper(&self) {
+        let (store, every) = (Arc::downgrade(&self.inner), self.inner.reap_interval);
+        self.inner.reaper.ensure(|running| reaper::reap_forever(store, every, running));
+    }
+}
+
+/// A sqlx error as a store error: a pool timeout is a timeout, a row this crate cannot read
+/// corrupt, anything else unavailable.
+fn store_error(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::PoolTimedOut => StoreError::timeout(),
+        sqlx::Error::Decode(source) => StoreError::corrupt(source),
+        error => StoreError::unavailable(error),
+    }
+}
+
+/// The `scope` column of `key`: the 32-byte digest, or empty when unscoped.
+fn scope_bytes(key: &StoreKey) -> &[u8] {
+    key.scope().map_or(&[][..], |scope| scope.as_bytes())
+}
+
+/// A duration as whole microseconds (at most a century, which the layer never exceeds).
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX).min(3_155_760_000_000_000)
+}
+
+/// The `response` column of `record`: its encoding, or `None` for a tombstone (and for a
+/// response with a field too large for the encoding, which cannot be kept either).
+fn encode(record: &Record) -> Option<Vec<u8>> {
+    match record {
+        Record::Response(response) => {
+            let mut out = Vec::with_capacity(response.encoded_len());
+            response.encode_into(&mut out).map(|()| out)
+        }
+        _ => None,
+    }
+}
+
+/// What `begin`'s row says.
+fn decode_begin(row: &PgRow, token: LockToken) -> Result<Begin, StoreError> {
+    let corrupt = |error: sqlx::Error| StoreError::corrupt(error);
+    match row.try_get::<i32, _>(0).map_err(corrupt)? {
+        state::EXECUTE => Ok(Begin::Execute(token)),
+        state::MISMATCH => Ok(Begin::Mismatch),
+        state::IN_FLIGHT => Ok(Begin::InFlight),
+        state::COMPLETED => match row.try_get::<Option<Vec<u8>>, _>(1).map_err(corrupt)? {
+            None => Ok(Begin::Completed(Record::NotRetained)),
+            Some(encoded) => StoredResponse::decode(Bytes::from(encoded))
+                .map(|response| Begin::Completed(Record::Response(Arc::new(response))))
+                .map_err(|error| StoreError::corrupt(format!("PostgreSQL row: {}", error.0))),
+        },
+        _ => Err(StoreError::corrupt("PostgreSQL row: unknown state")),
+    }
+}
+
+/// `begin` on `connection` (pooled, or a transaction's): the statement, run again while it
+/// races a concurrent `begin` that committed meanwhile.
+async fn begin_on(
+    statements: &Statements,
+    connection: &mut PgConnection,
+    key: &StoreKey,
+    token: LockToken,
+    lease: Duration,
+) -> Result<Begin, sqlx::Error> {
+    for _ in 0..BEGIN_ATTEMPTS {
+        let row = sqlx::query(AssertSqlSafe(statements.begin.clone()))
+            .bind(scope_bytes(key))
+            .bind(key.key().as_str())
+            .bind(&token.fingerprint().as_bytes()[..])
+            .bind(&token.id().to_be_bytes()[..])
+            .bind(micros(lease))
+            .fetch_optional(&mut *connection)
+            .await?;
+        if let Some(row) = row {
+            return decode_begin(&row, token).map_err(|error| sqlx::Error::Decode(Box::new(error)));
+        }
+    }
+    Err(sqlx::Error::Protocol("begin kept racing concurrent writers of the same key".into()))
+}
+
+impl IdempotencyStore for PostgresStore {
+    async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
+        let token = LockToken::new(*fingerprint);
+        let statements = &self.inner.statements;
+        self.run(async {
+            let mut connection = self.inner.pool.acquire().await.map_err(store_error)?;
+            begin_on(statements, &mut connection, key, token, lease).await.map_err(store_error)
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.inner.statements.complete.clone()))
+            .bind(scope_bytes(key))
+            .bind(key.key().as_str())
+            .bind(&lock.id().to_be_bytes()[..])
+            .bind(encode(&record))
+            .bind(micros(ttl));
+        self.owner_write(query).await
+    }
+
+    async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.inner.statements.renew.clone()))
+            .bind(scope_bytes(key))
+            .bind(key.key().as_str())
+            .bind(&lock.id().to_be_bytes()[..])
+            .bind(micros(lease));
+        self.owner_write(query).await
+    }
+
+    async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.inner.statements.release.clone()))
+            .bind(scope_bytes(key))
+            .bind(key.key().as_str())
+            .bind(&lock.id().to_be_bytes()[..]);
+        self.owner_write(query).await
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.statements.table)
+            .field("operation_timeout", &self.inner.operation_timeout)
+            .field("reap_interval", &self.inner.reap_interval)
+            .field("reap_batch", &self.inner.reap_batch)
+            .finish_non_exhaustive()
+    }
+}

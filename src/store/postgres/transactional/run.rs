@@ -1,0 +1,295 @@
+//! One request in transactional mode: take the key in a transaction, run the handler with it,
+//! record, commit, then answer.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, Request, Response, request, response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
+use tower::{Service, ServiceExt};
+
+use super::super::{PgTransaction, PostgresStore, begin_on, micros, scope_bytes};
+use crate::{
+    IdempotencyKey, Outcome, Record, StoredResponse,
+    body::{BufferError, RequestBody, ResponseBody, buffer},
+    config::{Config, InFlight},
+    execute::stored_headers,
+    fingerprint::Fingerprint,
+    problem::ProblemKind,
+    service::problem_response,
+    store::{Begin, LockToken, StoreKey},
+};
+
+/// PostgreSQL's `lock_not_available`: a `lock_timeout` ran out.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+pub(super) struct Run<S> {
+    pub(super) inner: S,
+    pub(super) store: Arc<PostgresStore>,
+    pub(super) config: Arc<Config>,
+}
+
+/// What taking the key in a transaction found.
+enum Taken {
+    /// The key is this transaction's: run the handler.
+    Execute(Transaction<'static, Postgres>, LockToken),
+    /// Replay, refuse or mismatch: the transaction was rolled back.
+    Answer(Begin),
+    /// A duplicate is in flight (its advisory lock is held, or the wait timed out).
+    Busy,
+}
+
+impl<S> Run<S> {
+    pub(super) async fn run<ReqBody, ResBody>(
+        self,
+        request: Request<ReqBody>,
+        key: IdempotencyKey,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Body + Send + 'static,
+        ReqBody::Data: Buf + Send,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Buf + Send,
+        ResBody::Error: Send,
+    {
+        let Self { inner, store, config } = self;
+        let (mut head, body) = request.into_parts();
+        let problem =
+            |head: &request::Parts, kind, retry_after| problem_response(&config, &head.headers, kind, retry_after);
+        let body = match buffer(body, config.max_request_body).await {
+            Ok(body) => body,
+            Err(BufferError::TooLarge) => return Ok(problem(&head, ProblemKind::RequestBodyTooLarge, None)),
+            Err(BufferError::Unreadable) => return Ok(problem(&head, ProblemKind::RequestBodyUnreadable, None)),
+        };
+        let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
+        let key = StoreKey::new(config.scope.resolve(&head), key);
+        let retry_after = Duration::from_secs(1);
+
+        let (transaction, token) = match take(&store, &config, &key, fingerprint).await {
+            Ok(Taken::Execute(transaction, token)) => (transaction, token),
+            Ok(Taken::Answer(Begin::Completed(Record::Response(record)))) => return Ok(replay(record)),
+            Ok(Taken::Answer(Begin::Completed(_))) => {
+                return Ok(problem(&head, ProblemKind::ResponseNotRetained, None));
+            }
+            Ok(Taken::Answer(Begin::Mismatch)) => return Ok(problem(&head, ProblemKind::KeyReused, None)),
+            Ok(Taken::Answer(_) | Taken::Busy) => return Ok(problem(&head, ProblemKind::InFlight, Some(retry_after))),
+            Err(error) => {
+                tracing::warn!(%error, "idempotency: PostgreSQL failed before the handler ran; answering 503");
+                return Ok(problem(&head, ProblemKind::StoreUnavailable, Some(retry_after)));
+            }
+        };
+        let handle = PgTransaction::new(transaction);
+        head.extensions.insert(handle.clone());
+        let request = Request::from_parts(head, RequestBody::buffered(body));
+        let headers = request.headers().clone();
+        let problem = |kind, retry_after| problem_response(&config, &headers, kind, retry_after);
+
+        // An error or a panic drops the handle's last clone with the transaction, which sqlx
+        // rolls back.
+        let response = inner.oneshot(request).await?;
+        let (mut head, body) = response.into_parts();
+        let Some(transaction) = handle.close().await else { unreachable!("only this request closes its transaction") };
+        if !config.predicate.should_record(&head) {
+            rollback(transaction).await;
+            head.extensions.insert(Outcome::Executed);
+            return Ok(Response::from_parts(head, ResponseBody::inner(body)));
+        }
+        let (data, trailers) = match collect(body, config.max_record).await {
+            Collected::Whole(data, trailers) => (data, trailers),
+            Collected::TooLarge => {
+                rollback(transaction).await;
+                tracing::warn!("idempotency: response over the record limit; its transaction was rolled back");
+                return Ok(problem(ProblemKind::ResponseTooLarge, None));
+            }
+            Collected::Failed => {
+                rollback(transaction).await;
+                return Ok(problem(ProblemKind::TransactionFailed, Some(retry_after)));
+            }
+        };
+        if !config.predicate.should_record_trailers(trailers.as_ref()) {
+            rollback(transaction).await;
+            head.extensions.insert(Outcome::Executed);
+            return Ok(Response::from_parts(head, ResponseBody::full(data, trailers)));
+        }
+        let record = StoredResponse {
+            status: head.status,
+            headers: stored_headers(&head.headers, &config.unstored_headers),
+            body: data.clone(),
+            trailers: trailers.clone(),
+        };
+        if let Err(error) = record_and_commit(&store, transaction, &key, token, &record, config.ttl).await {
+            tracing::warn!(%error, "idempotency: the request's transaction did not commit; nothing was kept");
+            return Ok(problem(ProblemKind::TransactionFailed, Some(retry_after)));
+        }
+        head.extensions.insert(Outcome::Executed);
+        Ok(Response::from_parts(head, ResponseBody::full(data, trailers)))
+    }
+}
+
+/// Opens a transaction and takes `key` in it (see the in-flight modes on
+/// [`TransactionalLayer`](super::TransactionalLayer)).
+async fn take(
+    store: &PostgresStore,
+    config: &Config,
+    key: &StoreKey,
+    fingerprint: Fingerprint,
+) -> Result<Taken, sqlx::Error> {
+    let inner = &store.inner;
+    let mut transaction = inner.pool.begin().await?;
+    let token = LockToken::new(fingerprint);
+    let began = match config.in_flight {
+        InFlight::Reject { .. } => {
+            let lock = advisory_key(&inner.statements.table, key);
+            let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+                .bind(lock)
+                .fetch_one(&mut *transaction)
+                .await?;
+            if !taken {
+                rollback(transaction).await;
+                return Ok(Taken::Busy);
+            }
+            begin_on(&inner.statements, &mut transaction, key, token, config.lease).await
+        }
+        InFlight::Wait { timeout } => {
+            let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
+            set_lock_timeout(&mut transaction, &format!("{millis}ms")).await?;
+            let began = begin_on(&inner.statements, &mut transaction, key, token, config.lease).await;
+            if began.is_ok() {
+                set_lock_timeout(&mut transaction, "DEFAULT").await?;
+            }
+            began
+        }
+    };
+    match began {
+        Ok(Begin::Execute(token)) => Ok(Taken::Execute(transaction, token)),
+        Ok(other) => {
+            rollback(transaction).await;
+            Ok(Taken::Answer(other))
+        }
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            rollback(transaction).await;
+            Ok(Taken::Busy)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// `SET LOCAL lock_timeout`: `value` is a number of ms this module formatted, or `DEFAULT`.
+async fn set_lock_timeout(connection: &mut PgConnection, value: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(AssertSqlSafe(format!("SET LOCAL lock_timeout = {value}"))).execute(connection).await?;
+    Ok(())
+}
+
+/// The advisory lock of `key` in `table`: the first 8 bytes of a SHA-256 over both. Two keys
+/// sharing it (about one pair in 2^32 among 2^32 keys in flight) only make one wait or get
+/// `409` while the other runs.
+fn advisory_key(table: &str, key: &StoreKey) -> i64 {
+    let mut digest = Sha256::new();
+    digest.update(b"tower-idempotency\0");
+    digest.update(table.as_bytes());
+    digest.update([0]);
+    digest.update(scope_bytes(key));
+    digest.update([0]);
+    digest.update(key.key().as_str().as_bytes());
+    let digest = digest.finalize();
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// Writes the record in the transaction that holds the key, then commits.
+async fn record_and_commit(
+    store: &PostgresStore,
+    mut transaction: Transaction<'static, Postgres>,
+    key: &StoreKey,
+    token: LockToken,
+    record: &StoredResponse,
+    ttl: Duration,
+) -> Result<(), sqlx::Error> {
+    let mut encoded = Vec::with_capacity(record.encoded_len());
+    // A response with a field too large for the encoding cannot be kept: a tombstone.
+    let encoded = record.encode_into(&mut encoded).map(|()| encoded);
+    let written = sqlx::query(AssertSqlSafe(store.inner.statements.record_held.clone()))
+        .bind(scope_bytes(key))
+        .bind(key.key().as_str())
+        .bind(&token.id().to_be_bytes()[..])
+        .bind(encoded)
+        .bind(micros(ttl))
+        .execute(&mut *transaction)
+        .await?;
+    if written.rows_affected() != 1 {
+        return Err(sqlx::Error::Protocol("the transaction's own lock row was not found".into()));
+    }
+    transaction.commit().await
+}
+
+async fn rollback(transaction: Transaction<'static, Postgres>) {
+    if let Err(error) = transaction.rollback().await {
+        tracing::debug!(%error, "idempotency: rollback failed (PostgreSQL rolls back on its own)");
+    }
+}
+
+enum Collected {
+    Whole(Bytes, Option<HeaderMap>),
+    TooLarge,
+    Failed,
+}
+
+/// The whole response body, up to `limit` bytes.
+async fn collect<B: Body>(body: B, limit: usize) -> Collected
+where
+    B::Data: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut data = BytesMut::new();
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return Collected::Failed };
+        match frame.into_data() {
+            Ok(mut chunk) => {
+                if data.len() + chunk.remaining() > limit {
+                    return Collected::TooLarge;
+                }
+                while chunk.has_remaining() {
+                    let bytes = chunk.chunk();
+                    data.extend_from_slice(bytes);
+                    let n = bytes.len();
+                    chunk.advance(n);
+                }
+            }
+            Err(frame) => {
+                if let Ok(map) = frame.into_trailers() {
+                    trailers.get_or_insert_with(HeaderMap::new).extend(map);
+                }
+            }
+        }
+    }
+    Collected::Whole(data.freeze(), trailers)
+}
+
+/// A completed record, replayed.
+fn replay<B: Body>(record: Arc<StoredResponse>) -> Response<ResponseBody<B>> {
+    let (mut head, body, trailers): (response::Parts, _, _) = record.replay();
+    head.extensions.insert(Outcome::Replayed);
+    Response::from_parts(head, ResponseBody::full(body, trailers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advisory_keys_differ_by_table_scope_and_key() {
+        let key = |k: &[u8], scope| StoreKey::new(scope, IdempotencyKey::parse(k).unwrap());
+        let a = advisory_key("t", &key(b"a", None));
+        assert_eq!(a, advisory_key("t", &key(b"a", None)));
+        assert_ne!(a, advisory_key("u", &key(b"a", None)));
+        assert_ne!(a, advisory_key("t", &key(b"b", None)));
+        assert_ne!(a, advisory_key("t", &key(b"a", Some(crate::ScopeId::digest("x")))));
+    }
+}
