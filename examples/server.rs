@@ -2,10 +2,13 @@
 //!
 //! Run with: `cargo run --example server`
 //! (or `REDIS_URL=redis://127.0.0.1:6379 cargo run --example server --features redis` to share
-//! keys between several processes).
+//! keys between several processes, or
+//! `DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo run --example server --features postgres`
+//! to keep them in PostgreSQL, with `POST /ledger` in transactional mode).
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3000`, port `0` picks a free one),
-//! `IDEMPOTENCY_TTL_MS` (default: the library's 24 h). Prints `listening on http://HOST:PORT`.
+//! `IDEMPOTENCY_TTL_MS` (default: the library's 24 h), `REDIS_URL` or `DATABASE_URL` (not
+//! both). Prints `listening on http://HOST:PORT`.
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'
@@ -22,6 +25,9 @@ use std::{
     },
     time::Duration,
 };
+
+#[cfg(feature = "postgres")]
+use tower_idempotency::store::{PgTransaction, PostgresStore, sqlx};
 
 use axum::{
     Router,
@@ -44,6 +50,12 @@ pub const ROUTES: [&str; 7] = ["orders", "payments", "jobs", "patch", "put", "st
 pub struct Stats {
     executions: [AtomicU64; 7],
     next_id: AtomicU64,
+    /// Executions of `POST /ledger` (with `DATABASE_URL`).
+    #[cfg(feature = "postgres")]
+    ledger: AtomicU64,
+    /// The database `/stats` counts `ledger` rows in (with `DATABASE_URL`).
+    #[cfg(feature = "postgres")]
+    database: std::sync::OnceLock<sqlx::PgPool>,
 }
 
 impl Stats {
@@ -62,11 +74,41 @@ impl Stats {
         let counts: BTreeMap<&str, u64> = ROUTES.iter().map(|r| (*r, self.executions(r))).collect();
         json!(counts)
     }
+
+    /// `GET /stats`: the executions, and with `DATABASE_URL` the `ledger` executions and rows.
+    async fn report(&self) -> Value {
+        #[allow(unused_mut)]
+        let mut report = self.to_json();
+        #[cfg(feature = "postgres")]
+        if let Some(pool) = self.database.get() {
+            let rows: i64 = match sqlx::query_scalar("SELECT count(*) FROM ledger").fetch_one(pool).await {
+                Ok(rows) => rows,
+                Err(_) => -1,
+            };
+            report["ledger"] = json!(self.ledger.load(Ordering::SeqCst));
+            report["ledger_rows"] = json!(rows);
+        }
+        report
+    }
 }
 
 /// The app over any store: `layer` carries the store and the shared settings (TTL); each
 /// route gets it with its own key policy and in-flight behaviour.
 pub fn app<St: IdempotencyStore>(layer: IdempotencyLayer<St>, stats: Arc<Stats>) -> Router {
+    finish(routes(layer), stats)
+}
+
+/// The state, and a catch-panic layer outside every route.
+fn finish(routes: Router<Arc<Stats>>, stats: Arc<Stats>) -> Router {
+    routes
+        .route("/stats", get(|State(stats): State<Arc<Stats>>| async move { axum::Json(stats.report().await) }))
+        .with_state(stats)
+        // Outside the idempotency layer: a panic releases the key, then becomes a 500 here.
+        .layer(CatchPanicLayer::new())
+}
+
+/// Every route but `/stats` and `/ledger`.
+fn routes<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     let required = layer.clone().with_key_policy(KeyPolicy::Required);
     let waiting = layer.clone().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
     Router::new()
@@ -76,10 +118,6 @@ pub fn app<St: IdempotencyStore>(layer: IdempotencyLayer<St>, stats: Arc<Stats>)
         .route("/orders/{id}", patch(update_order::<false>).put(update_order::<true>).layer(layer.clone()))
         .route("/stream", post(stream).layer(layer.clone()))
         .route("/large", post(large).layer(layer))
-        .route("/stats", get(|State(stats): State<Arc<Stats>>| async move { axum::Json(stats.to_json()) }))
-        .with_state(stats)
-        // Outside the idempotency layer: a panic releases the key, then becomes a 500 here.
-        .layer(CatchPanicLayer::new())
 }
 
 /// The query parameters every handler understands.
@@ -198,6 +236,69 @@ async fn large(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers:
     ([(header::CONTENT_TYPE, "application/octet-stream")], vec![b'x'; bytes]).into_response()
 }
 
+/// `POST /ledger` (with `DATABASE_URL`, in transactional mode): one row into `ledger` in the
+/// layer's transaction; `X-Abort-Before-Commit: 1` aborts the process after the insert, before
+/// the layer commits.
+#[cfg(feature = "postgres")]
+async fn ledger(
+    State(stats): State<Arc<Stats>>,
+    axum::Extension(transaction): axum::Extension<PgTransaction>,
+    Query(q): Query<Knobs>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    stats.ledger.fetch_add(1, Ordering::SeqCst);
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    let failed = |error: &dyn std::fmt::Display| {
+        eprintln!("POST /ledger: {error}");
+        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+    };
+    let mut tx = match transaction.lock().await {
+        Ok(tx) => tx,
+        Err(error) => return failed(&error),
+    };
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let inserted = sqlx::query_scalar::<_, i64>("INSERT INTO ledger (body) VALUES ($1) RETURNING id")
+        .bind(body)
+        .fetch_one(&mut *tx)
+        .await;
+    let id = match inserted {
+        Ok(id) => id,
+        Err(error) => return failed(&error),
+    };
+    if headers.get("x-abort-before-commit").is_some_and(|v| v == "1") {
+        // No unwinding, no commit: what a crash (OOM kill, power loss) leaves behind.
+        std::process::abort();
+    }
+    (StatusCode::CREATED, axum::Json(json!({"id": format!("led_{id}")}))).into_response()
+}
+
+/// The app over PostgreSQL: the store's table and `ledger` created if missing, every route on
+/// the store, and `POST /ledger` in transactional mode.
+#[cfg(feature = "postgres")]
+async fn postgres_app(url: &str, stats: Arc<Stats>) -> Router {
+    let exit = |what: &str, error: &dyn std::fmt::Display| -> ! {
+        eprintln!("DATABASE_URL ({url:?}): {what}: {error}");
+        std::process::exit(2)
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .connect(url)
+        .await
+        .unwrap_or_else(|error| exit("cannot connect", &error));
+    let store = PostgresStore::new(pool.clone());
+    store.migrate().await.unwrap_or_else(|error| exit("cannot create the idempotency table", &error));
+    let ledger_table = "CREATE TABLE IF NOT EXISTS ledger (id bigserial PRIMARY KEY, body text NOT NULL, \
+                        created_at timestamptz NOT NULL DEFAULT now())";
+    sqlx::raw_sql(ledger_table).execute(&pool).await.unwrap_or_else(|error| exit("cannot create ledger", &error));
+    let _ = stats.database.set(pool);
+    let layer = with_ttl(IdempotencyLayer::with_store(store));
+    let transactional = layer.clone().transactional();
+    finish(routes(layer).route("/ledger", post(ledger).layer(transactional)), stats)
+}
+
 /// `IDEMPOTENCY_TTL_MS`, when set.
 fn ttl_from_env() -> Option<Duration> {
     let ms = std::env::var("IDEMPOTENCY_TTL_MS").ok()?;
@@ -218,8 +319,20 @@ fn with_ttl<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> IdempotencyLay
 }
 
 /// The app over the store the environment asks for: the Redis store when built with
-/// `--features redis` and `REDIS_URL` is set, the in-memory store otherwise.
-fn app_from_env(stats: Arc<Stats>) -> Router {
+/// `--features redis` and `REDIS_URL` is set, the PostgreSQL store when built with
+/// `--features postgres` and `DATABASE_URL` is set, the in-memory store otherwise.
+pub async fn app_from_env(stats: Arc<Stats>) -> Router {
+    if std::env::var_os("REDIS_URL").is_some() && std::env::var_os("DATABASE_URL").is_some() {
+        eprintln!(
+            "both REDIS_URL and DATABASE_URL are set: the server keeps its keys in one store, so unset one \
+             (REDIS_URL for Redis, DATABASE_URL for PostgreSQL)"
+        );
+        std::process::exit(2);
+    }
+    #[cfg(feature = "postgres")]
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return postgres_app(&url, stats).await;
+    }
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
         // Lazy: the server starts even while Redis is down, and answers `503` until it is up.
@@ -245,9 +358,14 @@ pub fn init_tracing() {
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     init_tracing();
+    serve_from_env().await
+}
+
+/// Serves the app the environment asks for on `ADDR` until the process ends.
+pub async fn serve_from_env() -> std::io::Result<()> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let stats = Arc::new(Stats::default());
-    let app = app_from_env(stats);
+    let app = app_from_env(stats).await;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await
