@@ -1,1 +1,256 @@
-//! placeholder
+//! Transactional mode through the layer, in process: the handler's writes and the record
+//! commit together or not at all; a failed commit (a deferred constraint, a killed
+//! connection) leaves nothing and frees the key; duplicates wait or get `409` and never see a
+//! half-done attempt; a response over the record limit rolls back.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{
+    Extension, Router,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, Request, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+use tower_idempotency::{
+    IdempotencyLayer, InFlight, Outcome,
+    store::{PgTransaction, sqlx},
+};
+
+use super::{Db, eventually};
+
+/// What the handler sees: its executions, a gate it may wait at, and a pool of its own for
+/// killing its transaction's connection.
+#[derive(Clone)]
+struct App {
+    runs: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    admin: sqlx::PgPool,
+}
+
+/// `POST /items`: inserts `{"id": N}` into `items` in the layer's transaction, then, by
+/// header: `x-gate` waits for a gate permit, `x-kill` kills the transaction's connection,
+/// `x-status` answers that status, `x-bytes` answers that many bytes.
+async fn item(
+    State(app): State<App>,
+    Extension(tx): Extension<PgTransaction>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    app.runs.fetch_add(1, Ordering::SeqCst);
+    let id = serde_json::from_slice::<Value>(&body).unwrap()["id"].as_i64().unwrap();
+    let pid: i32 = {
+        let mut tx = tx.lock().await.unwrap();
+        sqlx::query("INSERT INTO items (id) VALUES ($1)").bind(id).execute(&mut *tx).await.unwrap();
+        sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap()
+    };
+    if headers.contains_key("x-gate") {
+        app.gate.acquire().await.unwrap().forget();
+    }
+    if headers.contains_key("x-kill") {
+        let killed: bool =
+            sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(&app.admin).await.unwrap();
+        assert!(killed);
+    }
+    let status = headers.get("x-status").map_or(201, |v| v.to_str().unwrap().parse().unwrap());
+    let bytes = headers.get("x-bytes").map_or(0, |v| v.to_str().unwrap().parse().unwrap());
+    (StatusCode::from_u16(status).unwrap(), format!("item {id}{}", "x".repeat(bytes))).into_response()
+}
+
+struct Setup {
+    db: Db,
+    app: App,
+    router: Router,
+}
+
+async fn setup(
+    configure: impl FnOnce(
+        IdempotencyLayer<tower_idempotency::store::PostgresStore>,
+    ) -> IdempotencyLayer<tower_idempotency::store::PostgresStore>,
+) -> Setup {
+    let db = Db::new().await;
+    // `items.id` unique, checked at commit: a duplicate id fails the commit, not the insert.
+    let sql = format!(
+        "CREATE TABLE {}.items (id bigint, CONSTRAINT items_id UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)",
+        db.schema
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
+    // The handler's statements name `items` unqualified: the store's pool must find it.
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&db.url()).await.unwrap();
+    let store = tower_idempotency::store::PostgresStore::builder().with_schema(&db.schema).build(pool);
+    store.migrate().await.unwrap();
+    let layer = configure(IdempotencyLayer::with_store(store)).transactional();
+    let app = App { runs: Arc::default(), gate: Arc::new(Semaphore::new(0)), admin: db.pool.clone() };
+    let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
+    Setup { db, app, router }
+}
+
+struct Reply {
+    status: StatusCode,
+    outcome: Outcome,
+    replayed: bool,
+    body: String,
+}
+
+async fn send(router: &Router, key: &str, body: &'static str, headers: &[(&str, &str)]) -> Reply {
+    let mut request = Request::post("/items").header("idempotency-key", key);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = router.clone().oneshot(request.body(Body::from(body)).unwrap()).await.unwrap();
+    let status = response.status();
+    let outcome = Outcome::of(&response);
+    let replayed = response.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+    let body = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    Reply { status, outcome, replayed, body }
+}
+
+impl Setup {
+    fn runs(&self) -> usize {
+        self.app.runs.load(Ordering::SeqCst)
+    }
+
+    async fn items(&self) -> i64 {
+        self.db.count("items").await
+    }
+
+    async fn keys(&self) -> i64 {
+        self.db.count("idempotency").await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handlers_writes_and_the_record_commit_together() {
+    let s = setup(|layer| layer).await;
+    let first = send(&s.router, "k1", r#"{"id":1}"#, &[]).await;
+    assert_eq!((first.status, first.outcome), (StatusCode::CREATED, Outcome::Executed));
+    assert_eq!((s.items().await, s.keys().await), (1, 1));
+    let replay = send(&s.router, "k1", r#"{"id":1}"#, &[]).await;
+    assert_eq!((replay.status, replay.replayed, replay.body.as_str()), (StatusCode::CREATED, true, "item 1"));
+    assert_eq!(send(&s.router, "k1", r#"{"id":2}"#, &[]).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!((s.runs(), s.items().await), (1, 1));
+    s.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_not_recorded_rolls_back_the_handlers_writes() {
+    let s = setup(|layer| layer).await;
+    let failed = send(&s.router, "k1", r#"{"id":1}"#, &[("x-status", "422")]).await;
+    assert_eq!(failed.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!((s.items().await, s.keys().await), (0, 0), "rolled back: no row, no record");
+    // The key is free: the retry executes, once.
+    let retry = send(&s.router, "k1", r#"{"id":1}"#, &[]).await;
+    assert_eq!((retry.status, retry.outcome), (StatusCode::CREATED, Outcome::Executed));
+    assert_eq!((s.runs(), s.items().await), (2, 1));
+    s.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_failing_on_a_deferred_constraint_leaves_nothing_and_frees_the_key() {
+    let s = setup(|layer| layer).await;
+    assert_eq!(send(&s.router, "first", r#"{"id":7}"#, &[]).await.status, StatusCode::CREATED);
+    // Inserting id 7 again passes the insert and fails the commit.
+    let failed = send(&s.router, "second", r#"{"id":7}"#, &[]).await;
+    assert_eq!((failed.status, failed.outcome), (StatusCode::SERVICE_UNAVAILABLE, Outcome::RolledBack));
+    assert!(failed.body.contains("transaction-failed"), "{}", failed.body);
+    assert_eq!((s.items().await, s.keys().await), (1, 1), "only the first request's row and record");
+    // The key is free: the retry executes again (and fails again, nothing kept).
+    assert_eq!(send(&s.router, "second", r#"{"id":7}"#, &[]).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(s.runs(), 3);
+    assert_eq!((s.items().await, s.keys().await), (1, 1));
+    s.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_killed_before_the_commit_leaves_nothing_and_frees_the_key() {
+    let s = setup(|layer| layer).await;
+    let killed = send(&s.router, "k1", r#"{"id":1}"#, &[("x-kill", "1")]).await;
+    assert_eq!((killed.status, killed.outcome), (StatusCode::SERVICE_UNAVAILABLE, Outcome::RolledBack));
+    assert_eq!((s.items().await, s.keys().await), (0, 0));
+    let retry = send(&s.router, "k1", r#"{"id":1}"#, &[]).await;
+    assert_eq!((retry.status, retry.outcome), (StatusCode::CREATED, Outcome::Executed));
+    assert_eq!((s.runs(), s.items().await, s.keys().await), (2, 1, 1));
+    s.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_the_record_limit_rolls_back() {
+    let s = setup(|layer| layer.with_max_record(100)).await;
+    let large = send(&s.router, "k1", r#"{"id":1}"#, &[("x-bytes", "1000")]).await;
+    assert_eq!((large.status, large.outcome), (StatusCode::INTERNAL_SERVER_ERROR, Outcome::RolledBack));
+    assert!(large.body.contains("response-too-large"), "{}", large.body);
+    assert_eq!((s.items().await, s.keys().await), (0, 0));
+    // One that fits commits.
+    assert_eq!(send(&s.router, "k1", r#"{"id":1}"#, &[("x-bytes", "10")]).await.status, StatusCode::CREATED);
+    assert_eq!(s.items().await, 1);
+    s.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_in_flight_gets_409_and_never_sees_the_half_done_attempt() {
+    let s = setup(|layer| layer).await;
+    let router = s.router.clone();
+    let first = tokio::spawn(async move { send(&router, "k1", r#"{"id":1}"#, &[("x-gate", "1")]).await });
+    eventually(Duration::from_secs(5), "the first handler inserted", || async { s.runs() == 1 }).await;
+    // Its insert is not visible, and a duplicate is refused without running.
+    assert_eq!((s.items().await, s.keys().await), (0, 0));
+    let duplicate = send(&s.router, "k1", r#"{"id":1}"#, &[]).await;
+    assert_eq!((duplicate.status, duplicate.outcome), (StatusCode::CONFLICT, Outcome::InFlight));
+    assert_eq!(s.runs(), 1);
+    s.app.gate.add_permits(1);
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    let replay = send(&s.router, "k1", r#"{"id":1}"#, &[]).await;
+    assert!(replay.replayed);
+    assert_eq!((s.runs(), s.items().await), (1, 1));
+    s.db.drop().await;
+}
+
+/// Whether some backend waits on a lock (a duplicate's insert waiting on the first's row).
+async fn someone_waits_on_a_lock(db: &Db) -> bool {
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()";
+    sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.pool).await.unwrap() > 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_duplicate_replays_once_the_first_commits_or_executes_once_it_rolls_back() {
+    let s = setup(|layer| layer.with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) })).await;
+    for (round, first_status) in [(1, "201"), (2, "500")] {
+        let key = format!("k{round}");
+        let body: &'static str = if round == 1 { r#"{"id":1}"# } else { r#"{"id":2}"# };
+        let runs = s.runs();
+        let (router, first_key) = (s.router.clone(), key.clone());
+        let first = tokio::spawn(async move {
+            send(&router, &first_key, body, &[("x-gate", "1"), ("x-status", first_status)]).await
+        });
+        eventually(Duration::from_secs(5), "the first handler inserted", || async { s.runs() == runs + 1 }).await;
+        let (router, second_key) = (s.router.clone(), key.clone());
+        let second = tokio::spawn(async move { send(&router, &second_key, body, &[]).await });
+        // The duplicate waits inside PostgreSQL on the first's uncommitted row.
+        eventually(Duration::from_secs(5), "the duplicate waits", || someone_waits_on_a_lock(&s.db)).await;
+        assert!(!second.is_finished());
+        s.app.gate.add_permits(1);
+        let (first, second) = (first.await.unwrap(), second.await.unwrap());
+        if round == 1 {
+            assert_eq!(first.status, StatusCode::CREATED);
+            assert_eq!((second.status, second.replayed), (StatusCode::CREATED, true), "replays the committed one");
+            assert_eq!(s.runs(), runs + 1);
+        } else {
+            assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!((second.status, second.outcome), (StatusCode::CREATED, Outcome::Executed), "runs itself");
+            assert_eq!(s.runs(), runs + 2);
+        }
+    }
+    assert_eq!((s.items().await, s.keys().await), (2, 2));
+    s.db.drop().await;
+}

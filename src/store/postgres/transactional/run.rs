@@ -157,7 +157,7 @@ async fn take(
         }
         InFlight::Wait { timeout } => {
             let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
-            set_lock_timeout(&mut transaction, &format!("{millis}ms")).await?;
+            set_lock_timeout(&mut transaction, &format!("'{millis}ms'")).await?;
             let began = begin_on(&inner.statements, &mut transaction, key, token, config.lease).await;
             if began.is_ok() {
                 set_lock_timeout(&mut transaction, "DEFAULT").await?;
@@ -179,7 +179,8 @@ async fn take(
     }
 }
 
-/// `SET LOCAL lock_timeout`: `value` is a number of ms this module formatted, or `DEFAULT`.
+/// `SET LOCAL lock_timeout`: `value` is `'N ms'` with N a number this module formatted, or
+/// `DEFAULT`.
 async fn set_lock_timeout(connection: &mut PgConnection, value: &str) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(AssertSqlSafe(format!("SET LOCAL lock_timeout = {value}"))).execute(connection).await?;
     Ok(())
