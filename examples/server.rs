@@ -81,10 +81,8 @@ impl Stats {
         let mut report = self.to_json();
         #[cfg(feature = "postgres")]
         if let Some(pool) = self.database.get() {
-            let rows: i64 = match sqlx::query_scalar("SELECT count(*) FROM ledger").fetch_one(pool).await {
-                Ok(rows) => rows,
-                Err(_) => -1,
-            };
+            // -1: the count failed.
+            let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger").fetch_one(pool).await.unwrap_or(-1);
             report["ledger"] = json!(self.ledger.load(Ordering::SeqCst));
             report["ledger_rows"] = json!(rows);
         }

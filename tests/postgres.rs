@@ -7,9 +7,6 @@
 //! (`.ci/run` starts one). An unreachable database fails these tests; it never skips them.
 //! Each test works in a schema of its own, so tests running in parallel never collide.
 
-#[allow(dead_code, unreachable_pub)]
-mod common;
-
 #[path = "postgres/processes.rs"]
 mod processes;
 #[path = "postgres/store.rs"]

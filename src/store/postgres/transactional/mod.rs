@@ -22,6 +22,7 @@ use crate::{
     IdempotencyKey, IdempotencyLayer,
     body::{RequestBody, ResponseBody},
     config::{Config, KeyPolicy},
+    lock::BoxFuture,
     problem::ProblemKind,
     service::problem_response,
 };
@@ -89,10 +90,12 @@ mod run;
 /// A store failure before the handler runs answers `503` `store-unavailable`; fail open
 /// is not available in transactional mode (the handler needs the transaction).
 ///
-/// Pick the isolation level per transaction in the handler, first thing
-/// (`SET TRANSACTION ISOLATION LEVEL SERIALIZABLE`), or for the pool's connections. Set
-/// PostgreSQL's `idle_in_transaction_session_timeout` so that a process cut off from the
-/// database mid-request frees its key; a process that dies frees it at once (PostgreSQL rolls
+/// The transaction has already run the layer's statements when the handler gets it, so set
+/// its isolation level for the pool's connections (`default_transaction_isolation`, e.g.
+/// `options=-c default_transaction_isolation=serializable` in the URL), not with
+/// `SET TRANSACTION` in the handler. Set PostgreSQL's `idle_in_transaction_session_timeout`
+/// so that a process cut off from the database mid-request frees its key; a process that dies
+/// frees it at once (PostgreSQL rolls
 /// back the transaction of a closed connection).
 #[must_use]
 pub struct TransactionalLayer {
@@ -150,7 +153,7 @@ impl<S: fmt::Debug> fmt::Debug for Transactional<S> {
 /// The response future of [`Transactional`]: the request runs on its own task, so dropping
 /// this future cancels nothing.
 pub struct TransactionalResponseFuture<B: Body, E> {
-    future: Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send + 'static>>,
+    future: BoxFuture<Result<Response<ResponseBody<B>>, E>>,
 }
 
 impl<B: Body, E> Future for TransactionalResponseFuture<B, E> {
