@@ -120,7 +120,7 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// # Transactional mode
 ///
 /// With a [`TransactionalLayer`] the handler's own writes, the lock and the record commit in
-/// one transaction: see [`transactional`](PostgresStore::transactional).
+/// one transaction: see [`IdempotencyLayer::transactional`](crate::IdempotencyLayer::transactional).
 ///
 /// Cloning is cheap; clones share the pool and the reaper.
 #[derive(Clone)]

@@ -22,7 +22,7 @@ use tokio::sync::{Mutex, MutexGuard};
 ///
 /// ```no_run
 /// use axum::{Extension, http::StatusCode};
-/// use tower_idempotency::store::PgTransaction;
+/// use tower_idempotency::store::{PgTransaction, sqlx};
 ///
 /// async fn charge(Extension(tx): Extension<PgTransaction>) -> Result<StatusCode, StatusCode> {
 ///     let mut tx = tx.lock().await.map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
