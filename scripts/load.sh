@@ -3,7 +3,9 @@
 # examples/bare_server.rs (the same POST /orders handler, no layer), measured with wrk.
 #
 # Usage: scripts/load.sh            (about a minute)
-# Environment: DURATION (seconds per run, default 5), CONNECTIONS (default 32),
+# Environment: STORE (memory, redis or postgres; default memory: the layer server's store, via
+#   REDIS_URL / DATABASE_URL with their local defaults; the PostgreSQL store's pool has 16
+#   connections), DURATION (seconds per run, default 5), CONNECTIONS (default 32),
 #   ROUNDS (default 1; each round runs every scenario on both servers),
 #   SERVER_CPU / LOAD_CPU (default 0 / 1: server and wrk pinned to separate cores).
 #
@@ -18,11 +20,21 @@ ROUNDS="${ROUNDS:-1}"
 SERVER_CPU="${SERVER_CPU:-0}"
 LOAD_CPU="${LOAD_CPU:-1}"
 SCENARIOS=(miss replay no_key)
+STORE="${STORE:-memory}"
+case "$STORE" in
+  memory) features=(); store_env=() ;;
+  redis) features=(--features redis); store_env=("REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}") ;;
+  postgres)
+    features=(--features postgres)
+    # A short TTL: the miss runs leave many rows, which the store's reaper then deletes.
+    store_env=("DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" IDEMPOTENCY_TTL_MS=60000) ;;
+  *) echo "STORE must be memory, redis or postgres" >&2; exit 1 ;;
+esac
 
 command -v wrk >/dev/null || { echo "wrk is not installed: apt-get install -y wrk" >&2; exit 1; }
 command -v taskset >/dev/null || { echo "taskset is not installed (util-linux)" >&2; exit 1; }
 
-cargo build --release --example server --example bare_server >&2
+cargo build --release "${features[@]}" --example server --example bare_server >&2
 examples="${CARGO_TARGET_DIR:-target}/release/examples"
 
 workdir=$(mktemp -d)
@@ -38,8 +50,9 @@ trap cleanup EXIT
 
 # Starts an example on a free loopback port; prints its base URL.
 start() {
-  local name=$1 log="$workdir/$1.log"
-  ADDR=127.0.0.1:0 TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c "$SERVER_CPU" "$examples/$name" >"$log" 2>&1 &
+  local name=$1 log="$workdir/$1.log" env=()
+  if [ "$name" = server ]; then env=("${store_env[@]}"); fi
+  env -u REDIS_URL -u DATABASE_URL "${env[@]}" ADDR=127.0.0.1:0 TOKIO_WORKER_THREADS=1 RUST_LOG=warn taskset -c "$SERVER_CPU" "$examples/$name" >"$log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 100); do
     local url
@@ -62,7 +75,7 @@ load() {
 
 bare=$(start bare_server)
 layer=$(start server)
-echo "bare router: $bare    layer: $layer    ${DURATION}s per run, $CONNECTIONS connections, server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU" >&2
+echo "bare router: $bare    layer ($STORE store): $layer    ${DURATION}s per run, $CONNECTIONS connections, server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU" >&2
 
 declare -A rps
 for round in $(seq 1 "$ROUNDS"); do

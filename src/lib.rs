@@ -181,6 +181,10 @@
 //! - `redis`: `RedisStore`, over redis-rs's multiplexed `ConnectionManager` (re-exported as
 //!   `tower_idempotency::redis`, so versions match).
 //! - `redis-cluster`: `RedisStore` over Redis Cluster as well (every operation touches one key).
+//! - `postgres`: `store::PostgresStore` on the application's sqlx `PgPool` (sqlx re-exported as
+//!   `store::sqlx`; no TLS added by this crate), and its transactional mode
+//!   (`IdempotencyLayer::transactional`): the handler's writes and the record commit in one
+//!   transaction.
 //! - `reqwest`: `client::reqwest::IdempotencyMiddleware`, the client half for `reqwest` (on
 //!   `reqwest-middleware`; `reqwest` without default features, so no TLS is added by this crate).
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -226,8 +230,9 @@ pub use store::{Begin, IdempotencyStore, LockToken, MemoryStore, MemoryStoreBuil
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder, redis};
 
-/// The README's code blocks, compiled as doctests (its Redis example needs the `redis` feature).
-#[cfg(all(doctest, feature = "redis"))]
+/// The README's code blocks, compiled as doctests (its store examples need the `redis` and
+/// `postgres` features).
+#[cfg(all(doctest, feature = "redis", feature = "postgres"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
