@@ -14,8 +14,8 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyKey, IdempotencyStore, LockToken, MemoryStore, Record, ScopeId, StoreKey,
-    StoredResponse,
+    IdempotencyKey, ScopeId,
+    store::{Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, Record, StoreKey, StoredResponse},
 };
 
 /// The bound on entries the flood runs against.
@@ -67,12 +67,11 @@ pub(crate) fn rss_kib() -> u64 {
 fn record(i: usize) -> Record {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
-    Record::Response(Arc::new(StoredResponse {
-        status: StatusCode::CREATED,
+    Record::Response(Arc::new(StoredResponse::new(
+        StatusCode::CREATED,
         headers,
-        body: Bytes::from(format!("{{\"id\":\"ord_{i:012}\",\"status\":\"created\",\"pad\":\"........\"}}")),
-        trailers: None,
-    }))
+        Bytes::from(format!("{{\"id\":\"ord_{i:012}\",\"status\":\"created\",\"pad\":\"........\"}}")),
+    )))
 }
 
 /// The bytes one flood record weighs in the store's accounting.

@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    Idempotency, MemoryStore, Scope,
+    Idempotency, Scope,
     config::{
         CachePredicate, Config, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD,
         DEFAULT_MAX_REQUEST_BODY, DEFAULT_TTL, InFlight, KeyPolicy, MAX_DURATION, StoreFailure, SuccessOnly,
@@ -17,6 +17,7 @@ use crate::{
     lock::Keeper,
     problem::{Answers, ProblemRenderer},
     store::IdempotencyStore,
+    store::MemoryStore,
 };
 
 /// The layer that makes covered requests idempotent. See the [crate docs](crate).

@@ -146,7 +146,7 @@
 //! # The client half
 //!
 //! [`client`] makes keys ([`IdempotencyKey::random`], [`client::KeyDeriver`]), stamps them on
-//! requests ([`client::IdempotencyKeyLayer`]) and retries with the same key
+//! requests ([`client::SetIdempotencyKeyLayer`]) and retries with the same key
 //! ([`client::RetryPolicy`], a `tower::retry` policy). Stamp outside the retry layer. With the
 //! `reqwest` feature, `client::reqwest::IdempotencyMiddleware` does both for a
 //! `reqwest-middleware` client, by the same rules.
@@ -159,15 +159,15 @@
 //!
 //! # Stores
 //!
-//! [`MemoryStore`] (default) for one process; `RedisStore` (feature `redis`) for many
+//! [`store::MemoryStore`] (default) for one process; `store::RedisStore` (feature `redis`) for many
 //! replicas: a retry that lands on another replica replays the same record. Both implement
-//! [`IdempotencyStore`] and pass the same conformance suite.
+//! [`store::IdempotencyStore`] and pass the same conformance suite.
 //!
 //! ```no_run
 //! # #[cfg(feature = "redis")]
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Starts even while Redis is down; each request then answers per the store-failure mode.
-//! let store = tower_idempotency::RedisStore::builder().connect_lazy("redis://127.0.0.1:6379")?;
+//! let store = tower_idempotency::store::RedisStore::builder().connect_lazy("redis://127.0.0.1:6379")?;
 //! let layer = tower_idempotency::IdempotencyLayer::with_store(store);
 //! # let _ = layer;
 //! # Ok(())
@@ -179,7 +179,7 @@
 //! # Feature flags
 //!
 //! - `redis`: `RedisStore`, over redis-rs's multiplexed `ConnectionManager` (re-exported as
-//!   `tower_idempotency::redis`, so versions match).
+//!   `tower_idempotency::store::redis`, so versions match).
 //! - `redis-cluster`: `RedisStore` over Redis Cluster as well (every operation touches one key).
 //! - `reqwest`: `client::reqwest::IdempotencyMiddleware`, the client half for `reqwest` (on
 //!   `reqwest-middleware`; `reqwest` without default features, so no TLS is added by this crate).
@@ -201,8 +201,8 @@ mod layer;
 mod lock;
 mod outcome;
 pub mod problem;
-mod record;
 mod recording;
+mod replay;
 mod scope;
 mod service;
 pub mod store;
@@ -212,19 +212,13 @@ pub use config::{
     CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
     DEFAULT_TTL, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
 };
-pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;
-pub use record::{DecodeError, Record, StoredResponse};
-pub use scope::{Scope, ScopeFn, ScopeId};
+pub use scope::{MakeScope, Scope, ScopeId};
 pub use service::Idempotency;
-pub use store::{Begin, IdempotencyStore, LockToken, MemoryStore, MemoryStoreBuilder, StoreError, StoreKey};
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use store::{RedisStore, RedisStoreBuilder, redis};
 
 /// The README's code blocks, compiled as doctests (its Redis example needs the `redis` feature).
 #[cfg(all(doctest, feature = "redis"))]
@@ -243,6 +237,7 @@ mod static_checks {
     use http_body_util::Full;
 
     use super::*;
+    use crate::store::{MemoryStore, StoreError};
 
     fn send<T: Send>() {}
     fn sync<T: Sync>() {}
@@ -278,8 +273,8 @@ mod static_checks {
         sync::<StoreError>();
         #[cfg(feature = "redis")]
         {
-            send::<RedisStore>();
-            sync::<RedisStore>();
+            send::<crate::store::RedisStore>();
+            sync::<crate::store::RedisStore>();
         }
     }
 }

@@ -38,10 +38,11 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::{runtime::Handle, sync::OwnedSemaphorePermit, sync::Semaphore};
 
 use crate::{
-    CachePredicate, Record, StoredResponse,
+    CachePredicate,
     body::into_bytes,
     config::Config,
     lock::{Completion, LockGuard},
+    store::{Record, StoredResponse},
 };
 
 /// A recordable response body on its way to the client.
@@ -464,9 +465,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        Fingerprint, IdempotencyKey,
+        IdempotencyKey,
         lock::{Keeper, Locked},
-        store::{Begin, IdempotencyStore, MemoryStore, StoreKey},
+        store::{Begin, Fingerprint, IdempotencyStore, MemoryStore, StoreKey},
     };
 
     type Frames = Vec<Result<Frame<Bytes>, Infallible>>;

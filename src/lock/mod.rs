@@ -18,10 +18,7 @@ use std::{
 
 use tokio::{runtime::Handle, time::Instant};
 
-use crate::{
-    Record,
-    store::{IdempotencyStore, LockToken, StoreKey},
-};
+use crate::store::{IdempotencyStore, LockToken, Record, StoreKey};
 
 mod completion;
 mod keeper;

@@ -15,11 +15,8 @@ use bytes::Bytes;
 use dashmap::{DashMap, mapref::entry::Entry};
 use tokio::time::Instant;
 
-use super::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey};
-use crate::{
-    Fingerprint, Record, StoredResponse,
-    background::{Background, Running},
-};
+use super::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey, StoredResponse};
+use crate::background::{Background, Running};
 
 /// Default bound on entries (locks and completed records).
 const DEFAULT_MAX_ENTRIES: usize = 100_000;
@@ -249,7 +246,7 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](crate::StoredResponse::weight)).
+    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](StoredResponse::weight)).
     pub fn bytes(&self) -> usize {
         self.inner.bytes.load(Ordering::Acquire)
     }

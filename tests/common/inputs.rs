@@ -26,7 +26,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Either, Full};
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MAX_KEY_LEN, MemoryStore, Outcome, RequestBody};
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MAX_KEY_LEN, Outcome, RequestBody, store::MemoryStore};
 
 /// Checks the key parser on one input.
 pub fn check_key(data: &[u8]) {

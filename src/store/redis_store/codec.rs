@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::{Fingerprint, LockToken, Record, StoreError, StoredResponse};
+use crate::store::{Fingerprint, LockToken, Record, StoreError, StoredResponse};
 
 /// Tag of an in-flight lock.
 pub(super) const LOCK: u8 = b'L';
@@ -109,12 +109,8 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("two"));
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        StoredResponse {
-            status: StatusCode::CREATED,
-            headers,
-            body: Bytes::from_static(b"\x00\xff{\"id\":1}\r\n"),
-            trailers: Some(trailers),
-        }
+        StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(b"\x00\xff{\"id\":1}\r\n"))
+            .with_trailers(trailers)
     }
 
     #[test]
@@ -147,12 +143,7 @@ mod tests {
 
     #[test]
     fn no_trailers_and_empty_body() {
-        let stored = StoredResponse {
-            status: StatusCode::NO_CONTENT,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            trailers: None,
-        };
+        let stored = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new());
         let encoded = encode_record(&fp(), &Record::Response(Arc::new(stored.clone())));
         assert_eq!(encoded.len(), 33 + 2 + 2 + 1);
         match decode_record(encoded).unwrap() {

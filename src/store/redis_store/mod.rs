@@ -11,7 +11,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use ::redis::{Pipeline, RedisError, Value};
 
 use super::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey};
-use crate::{Fingerprint, Record};
+use crate::store::{Fingerprint, Record};
 
 mod builder;
 mod codec;
