@@ -23,7 +23,7 @@ pub trait CachePredicate: Send + Sync + 'static {
     /// can depend on a status sent in the trailers (gRPC's `grpc-status`). Default: `true`.
     ///
     /// A rejection releases the key. A body that passed the record limit was decided at the
-    /// limit (a tombstone) and is not asked.
+    /// limit (a not-retained record) and is not asked.
     fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
         let _ = trailers;
         true

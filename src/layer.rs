@@ -131,7 +131,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// The largest response body recorded. A larger response is still sent in full, but only a
-    /// tombstone is kept: retries get `409` `response-not-retained`. Default: 1 MiB.
+    /// not-retained record is kept: retries get `409` `response-not-retained`. Default: 1 MiB.
     pub fn with_max_record(self, bytes: usize) -> Self {
         self.config(|c| c.max_record = bytes)
     }
@@ -205,7 +205,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// The most requests kept running after their client went away, so their result is
     /// recorded. Past it, a handler that has not answered yet is cancelled and its key released;
-    /// one that already answered (its body was being sent) keeps a tombstone, so it never runs
+    /// one that already answered (its body was being sent) keeps a not-retained record, so it never runs
     /// twice. Default: 1024.
     pub fn with_max_detached(self, max: usize) -> Self {
         let detached = Arc::new(Semaphore::new(max));

@@ -120,7 +120,7 @@
 //!   reads the body (to its end, to `Content-Length`, to its trailers): the frame that ends it
 //!   is held back until the record is stored. A failing store never holds back the head.
 //! - **Completion is owned.** Once the handler answered with a recordable response, its record
-//!   (or, past the record limit, a tombstone) is written whatever happens to the client, and
+//!   (or, past the record limit, a not-retained record) is written whatever happens to the client, and
 //!   failed writes are retried with backoff while the lease lasts. Only a crash, or a store
 //!   outage longer than the lease, leaves the key to expire; a retry then executes again.
 //! - **Client gone.** A request whose handler is running when its client goes away is not

@@ -114,8 +114,8 @@ pub async fn empty_body_round_trips<S: IdempotencyStore>(store: S) {
     }
 }
 
-/// A tombstone is kept and answered for its fingerprint only.
-pub async fn tombstone_is_kept<S: IdempotencyStore>(store: S) {
+/// A not-retained record is kept and answered for its fingerprint only.
+pub async fn not_retained_is_kept<S: IdempotencyStore>(store: S) {
     let key = fresh_key(None);
     let token = lock(&store, &key, fp(1)).await;
     assert!(store.complete(&key, &token, Record::NotRetained, TTL).await.unwrap());
@@ -339,7 +339,7 @@ where
         free_key_is_locked_then_in_flight,
         completed_record_is_returned_intact,
         empty_body_round_trips,
-        tombstone_is_kept,
+        not_retained_is_kept,
         release_frees_the_key,
         only_the_owner_writes,
         scopes_are_separate,

@@ -38,7 +38,7 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 ///   oldest completed records are evicted first; an in-flight lock is never evicted. When only
 ///   locks remain, `begin` on a new key fails with [`StoreError::is_capacity`] (the layer
 ///   answers `503`), and nothing is overwritten. A single record larger than `max_bytes` is
-///   kept as a tombstone.
+///   kept as a not-retained record.
 /// - **Time** is `tokio::time::Instant`, so tests can pause and advance it.
 /// - **Memory.** An entry is keyed by a 128-bit keyed hash of the store key (two SipHash-1-3
 ///   digests under random per-store keys: no one outside the process can make two keys
@@ -381,7 +381,7 @@ impl Inner {
     fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> bool {
         let record_weight = record.weight();
         // Encoded outside the shard lock. A record over the whole budget, or one the encoding
-        // cannot hold, is kept as a tombstone, which counts no bytes.
+        // cannot hold, is kept as a not-retained record, which counts no bytes.
         let stored = if record_weight > self.max_bytes { Stored::NotRetained } else { Stored::new(&record) };
         let weight = match &stored {
             Stored::Response(_) => record_weight,

@@ -179,7 +179,7 @@ impl std::error::Error for DecodeError {}
 pub enum Record {
     /// The response, replayed to every retry.
     Response(std::sync::Arc<StoredResponse>),
-    /// A tombstone: the request ran, but its response was too large to keep. Retries get `409`
+    /// A not-retained record: the request ran, but its response was too large to keep. Retries get `409`
     /// with problem type `response-not-retained`, so the handler never runs twice.
     NotRetained,
 }

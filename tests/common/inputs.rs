@@ -220,7 +220,7 @@ pub async fn check_layer(svc: &Layered, raw: &RawRequest) {
         answers.push(check_response(raw, response).await);
     }
     // A recorded first answer, received whole (however the server read it), is replayed to
-    // the request sent next — body and trailers; one over the record limit leaves a tombstone.
+    // the request sent next — body and trailers; one over the record limit leaves a not-retained record.
     if let [(Outcome::Executed, status, body, trailers), (second, status2, body2, trailers2)] = &answers[..] {
         if status.is_success() && body.len() <= MAX_RECORD {
             assert_eq!(*second, Outcome::Replayed, "a recordable response received whole is replayed next");

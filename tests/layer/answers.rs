@@ -43,9 +43,9 @@ async fn answers(layer: IdempotencyLayer<Switch>) -> Vec<(&'static str, Reply)> 
         async move { send(&svc, slow).await }
     });
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let mut big = post("/tombstone", key(2), BODY);
+    let mut big = post("/not-retained", key(2), BODY);
     big.headers_mut().insert("x-big", "100".parse().unwrap());
-    let tombstoned = send(&svc, big).await; // over the record limit: a tombstone
+    let not_retained = send(&svc, big).await; // over the record limit: a not-retained record
     let mut bad_key = post("/x", key(3), BODY);
     bad_key.headers_mut().insert("idempotency-key", format!("{KEY} with spaces").parse().unwrap());
     let mut failed = post("/failed", key(6), BODY);
@@ -55,7 +55,7 @@ async fn answers(layer: IdempotencyLayer<Switch>) -> Vec<(&'static str, Reply)> 
         ("missing-key", send(&required, Request::post("/x").body(Full::new(Bytes::from(BODY))).unwrap()).await),
         ("invalid-key", send(&svc, bad_key).await),
         ("in-flight", send(&svc, post("/slow", key(1), BODY)).await),
-        ("response-not-retained", send(&svc, post("/tombstone", key(2), BODY)).await),
+        ("response-not-retained", send(&svc, post("/not-retained", key(2), BODY)).await),
         ("request-body-too-large", send(&svc, post("/x", key(4), "x".repeat(65).leak())).await),
         ("key-reused", send(&svc, post("/slow", key(1), "another body")).await),
     ];
@@ -63,7 +63,7 @@ async fn answers(layer: IdempotencyLayer<Switch>) -> Vec<(&'static str, Reply)> 
     replies.push(("store-unavailable", send(&svc, post("/x", key(5), BODY)).await));
     layer.store().down.store(false, Ordering::SeqCst);
     replies.push(("executed", running.await.unwrap()));
-    replies.push(("executed-over-the-limit", tombstoned));
+    replies.push(("executed-over-the-limit", not_retained));
     replies.push(("replayed", send(&svc, post("/slow", key(1), BODY)).await));
     replies.push(("executed-503", send(&svc, failed).await));
     replies.push(("bypassed", send(&svc, Request::post("/x").body(Full::new(Bytes::from(BODY))).unwrap()).await));

@@ -368,7 +368,7 @@ async fn a_failing_response_body_releases_the_key() {
 }
 
 #[tokio::test]
-async fn a_response_over_the_record_limit_leaves_a_tombstone() {
+async fn a_response_over_the_record_limit_leaves_a_not_retained_record() {
     let runs = Runs::default();
     let svc = service(IdempotencyLayer::new().with_max_record(1000), runs.clone());
     // Known length over the limit, and a stream that passes it midway.
@@ -547,7 +547,7 @@ async fn every_problem_is_problem_json_and_echoes_nothing() {
         async move { send(&svc, slow).await }
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
-    send(&svc, post("/tombstone", key(2), BODY)).await; // the body is over 8 bytes: tombstone
+    send(&svc, post("/not-retained", key(2), BODY)).await; // the body is over 8 bytes: not-retained record
 
     let mut bad_key = post("/x", key(3), BODY);
     bad_key.headers_mut().insert("idempotency-key", format!("{KEY} with spaces").parse().unwrap());
@@ -555,7 +555,7 @@ async fn every_problem_is_problem_json_and_echoes_nothing() {
         (send(&required, request(Method::POST, "/x", None, BODY)).await, 400, "missing-key"),
         (send(&svc, bad_key).await, 400, "invalid-key"),
         (send(&svc, post("/slow", key(1), BODY)).await, 409, "in-flight"),
-        (send(&svc, post("/tombstone", key(2), BODY)).await, 409, "response-not-retained"),
+        (send(&svc, post("/not-retained", key(2), BODY)).await, 409, "response-not-retained"),
         (send(&svc, post("/x", key(4), "x".repeat(65).leak())).await, 413, "request-body-too-large"),
         (send(&svc, post("/slow", key(1), "another body")).await, 422, "key-reused"),
         (send(&down, post("/x", key(5), BODY)).await, 503, "store-unavailable"),

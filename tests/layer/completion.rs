@@ -1,5 +1,5 @@
 //! Completion is owned, not hoped for (SPEC 2.5–2.7): once the handler answered, the record or
-//! tombstone is written whatever the client, the detach bound or the store does; leases hold
+//! not-retained record is written whatever the client, the detach bound or the store does; leases hold
 //! whether or not the request is polled; duplicates hold nothing they do not use; a detached
 //! body is read only while it can still be recorded.
 
@@ -395,7 +395,7 @@ fn a_body_dropped_outside_any_runtime_is_still_recorded() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn past_the_record_limit_the_end_waits_for_the_tombstone() {
+async fn past_the_record_limit_the_end_waits_for_the_not_retained_record() {
     let store = Outage::new(MemoryStore::new());
     store.slow_completes(Duration::from_millis(300));
     let runs = Runs::default();
@@ -408,7 +408,10 @@ async fn past_the_record_limit_the_end_waits_for_the_tombstone() {
     let started = Instant::now();
     let first = send(&svc, big()).await;
     assert_eq!(first.body.len(), 64, "sent in full");
-    assert!(started.elapsed() >= Duration::from_millis(300), "the end was seen before the tombstone was kept");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the end was seen before the not-retained record was kept"
+    );
     // So a retry sent the moment the client has the whole response is told, not left in flight.
     send(&svc, big()).await.assert_problem(409, "response-not-retained");
     assert_eq!(runs.get(), 1);

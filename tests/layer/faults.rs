@@ -182,7 +182,7 @@ async fn a_detached_streaming_handler_needs_one_permit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stream_abandoned_without_a_detach_permit_keeps_a_tombstone() {
+async fn a_stream_abandoned_without_a_detach_permit_keeps_a_not_retained_record() {
     let runs = Runs::default();
     let svc = service(IdempotencyLayer::new().with_max_detached(0), runs.clone());
     let response = svc.clone().oneshot(streaming("k", 5, 1000)).await.unwrap();

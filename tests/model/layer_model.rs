@@ -19,13 +19,13 @@
 //! Every program runs against the real stack — `CatchPanicLayer` outside `IdempotencyLayer` over
 //! `MemoryStore`, on paused tokio time — and against [`Model`], a few lines per SPEC rule: a map
 //! from (scope, key) to `Free | InFlight | Done`, and per execution when its key is decided and
-//! how (a record, a tombstone, or freed). Every observable outcome must agree: status,
+//! how (a record, a not-retained record, or freed). Every observable outcome must agree: status,
 //! `Idempotent-Replayed`, body, trailers, problem type, and how often the handler ran for each
 //! (scope, key). A client that received a whole `2xx` the handler made sends the same request
 //! again at once, before anything else runs: that retry must replay it (or, over the record
 //! limit, get `409` response-not-retained), never find it in flight, under either way of
 //! reading (SPEC 2.7). A client gone after the handler answered, during the write and with no
-//! detach slot free, leaves its key recorded or tombstoned, never released. At the end, past
+//! detach slot free, leaves its key recorded or marked not retained, never released. At the end, past
 //! every lease and TTL, the store must be empty: no lock is ever left behind.
 //!
 //! Determinism by design: every request is spawned at a whole second of paused time and runs
@@ -75,7 +75,7 @@ const MAX_RECORD: usize = 256;
 const ABANDON_AFTER: Duration = Duration::from_millis(100);
 /// How long a streamed body takes from its first frame to its last.
 const CHUNK_GAP: Duration = Duration::from_millis(250);
-/// How long each record's (or tombstone's) write takes with [`Writes::Slow`].
+/// How long each record's (or not-retained record's) write takes with [`Writes::Slow`].
 const WRITE: Duration = Duration::from_millis(200);
 /// Marks the panics the test handler raises on purpose (the panic hook keeps them quiet).
 const PANIC_MARK: &str = "model-handler-panic";
@@ -103,8 +103,8 @@ enum Detach {
     #[default]
     Default,
     /// `with_max_detached(0)`: a handler still running is cancelled and its key freed; a body
-    /// still streaming is not read on, and its key keeps a tombstone. A write already started
-    /// (a record, a tombstone) is never bounded.
+    /// still streaming is not read on, and its key keeps a not-retained record. A write already started
+    /// (a record, a not-retained record) is never bounded.
     Zero,
 }
 
@@ -113,7 +113,7 @@ enum Detach {
 enum Writes {
     #[default]
     Instant,
-    /// Each `complete` (a record, a tombstone) takes [`WRITE`] before it reaches the store;
+    /// Each `complete` (a record, a not-retained record) takes [`WRITE`] before it reaches the store;
     /// releases stay instant.
     Slow,
     /// A real store's round trip (Redis): no time to the model, but never done within the poll
@@ -151,7 +151,7 @@ enum Outcome {
     Trailers,
     /// `201` with no data, only a trailers frame.
     TrailersOnly,
-    /// `201` with a body over the record limit: only a tombstone is kept.
+    /// `201` with a body over the record limit: only a not-retained record is kept.
     Large,
     ClientError,
     ServerError,
@@ -318,7 +318,7 @@ enum State {
         exec: Option<usize>,
         until: Option<Instant>,
     },
-    /// Completed: the recorded response (`None`: a tombstone, the body was over the record
+    /// Completed: the recorded response (`None`: a not-retained record, the body was over the record
     /// limit or left unread), free from `expires` on.
     Done {
         payload: usize,
@@ -331,7 +331,7 @@ enum State {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Keep {
     Record(Content),
-    Tombstone,
+    NotRetained,
     Free,
 }
 
@@ -420,17 +420,17 @@ impl Model {
         let answered = now + delay.duration();
         // The layer sees the body end (its `None`, its length, its trailers) as it is made.
         let end = answered + outcome.streams_for();
-        // The record is written once the end is seen; a tombstone as soon as the body is known
+        // The record is written once the end is seen; a not-retained record as soon as the body is known
         // to be over the limit; anything else frees the key before the head goes out.
         let (mut at, mut keep) = match outcome {
             _ if outcome.is_recorded() => (end + self.setup.write(), Keep::Record(content.clone())),
-            Outcome::Large => (answered + self.setup.write(), Keep::Tombstone),
+            Outcome::Large => (answered + self.setup.write(), Keep::NotRetained),
             _ => (answered, Keep::Free),
         };
         // The last frame waits for the record (past the limit, the frame that passes it waits
-        // for the tombstone); the head waits for it too when it shows the end itself (nothing
+        // for the not-retained record); the head waits for it too when it shows the end itself (nothing
         // follows it), and for the release of a key it frees. A write is done at once only in
-        // an instant store ([`Writes::Slow`] slows down records and tombstones alone).
+        // an instant store ([`Writes::Slow`] slows down records and not-retained records alone).
         let delivered = if outcome.is_recorded() || outcome == Outcome::Large { at } else { answered };
         let head_waits = match self.setup.writes {
             Writes::Instant => false,
@@ -443,13 +443,13 @@ impl Model {
             Client::Leaves => Some(answered),
         };
         // Gone with no detach slot: a handler still running is cancelled (it never answered);
-        // a body whose end was not seen is not read on, and keeps a tombstone (the handler did
+        // a body whose end was not seen is not read on, and keeps a not-retained record (the handler did
         // answer). Once the end was seen, the record is written whatever the client does.
         if let (Some(t), Detach::Zero) = (left, self.setup.detach) {
             if t < answered {
                 (at, keep) = (t, Keep::Free);
             } else if t < end && outcome.is_recorded() {
-                (at, keep) = (t + self.setup.write(), Keep::Tombstone);
+                (at, keep) = (t + self.setup.write(), Keep::NotRetained);
             }
         }
         self.deciding.push((at, slot, exec, keep));
@@ -461,7 +461,7 @@ impl Model {
         let retry = match outcome {
             _ if client == Client::Leaves => None,
             _ if outcome.is_recorded() => Some(Box::new(Expect::Replayed(content.clone()))),
-            // SPEC 2.7: the tombstone, too, is written before the client sees the end.
+            // SPEC 2.7: the not-retained record, too, is written before the client sees the end.
             Outcome::Large => Some(Box::new(Expect::Problem { status: 409, slug: "response-not-retained" })),
             _ => None,
         };
@@ -489,7 +489,7 @@ impl Model {
         }
     }
 
-    /// SPEC 2.7: executions decided by `now` leave a record (TTL from its write), a tombstone,
+    /// SPEC 2.7: executions decided by `now` leave a record (TTL from its write), a not-retained record,
     /// or a free key.
     fn advance_to(&mut self, now: Instant) {
         while self.deciding.first().is_some_and(|(at, ..)| *at <= now) {
@@ -501,7 +501,7 @@ impl Model {
             assert_eq!(owner, exec, "model: a live lock was taken over");
             let next = match keep {
                 Keep::Record(content) => State::Done { payload, content: Some(content), expires: at + self.ttl },
-                Keep::Tombstone => State::Done { payload, content: None, expires: at + self.ttl },
+                Keep::NotRetained => State::Done { payload, content: None, expires: at + self.ttl },
                 Keep::Free => State::Free,
             };
             self.slots.insert(slot, next);
@@ -1018,9 +1018,9 @@ fn regression_abandoned_requests_are_recorded_and_replayed() {
     ]);
 }
 
-/// A tombstone answers `409 response-not-retained` until its TTL, then the key is free.
+/// A not-retained record answers `409 response-not-retained` until its TTL, then the key is free.
 #[test]
-fn regression_a_tombstone_lives_for_the_ttl() {
+fn regression_a_not_retained_record_lives_for_the_ttl() {
     run_named(vec![
         send(0, 2, 0, Outcome::Large, Delay::Short, Client::Waits),
         Op::Advance { secs: 2 },
@@ -1075,9 +1075,9 @@ fn regression_a_client_gone_during_the_write_with_no_slot_leaves_a_record() {
 
 /// With no detach slot, a handler still running when its client goes is cancelled and its key
 /// freed (the retry runs it again); a body whose end was not seen yet is not read on, and its
-/// key keeps a tombstone (the handler did answer), never a release.
+/// key keeps a not-retained record (the handler did answer), never a release.
 #[test]
-fn regression_no_slot_cancels_a_running_handler_and_tombstones_an_unread_body() {
+fn regression_no_slot_cancels_a_running_handler_and_marks_an_unread_body_not_retained() {
     run_named_with(
         Setup { detach: Detach::Zero, writes: Writes::Instant },
         vec![
@@ -1096,11 +1096,11 @@ fn regression_no_slot_cancels_a_running_handler_and_tombstones_an_unread_body() 
 
 /// Found by this model: SPEC 2.7 says a sequential retry sent after the client received a
 /// whole response over the record limit gets `409` response-not-retained, never `409` in
-/// flight. The layer used to start the tombstone's write when the body passed the limit
+/// flight. The layer used to start the not-retained record's write when the body passed the limit
 /// without holding back the body's end for it, so with a store whose write takes a while (here
 /// 0.2 s) the client had the whole response first, and its retry found the key in flight.
 #[test]
-fn a_tombstone_is_written_before_the_client_sees_the_end() {
+fn a_not_retained_record_is_written_before_the_client_sees_the_end() {
     quiet_deliberate_panics();
     paused_runtime().block_on(async {
         let slow = Outage::new(MemoryStore::new());

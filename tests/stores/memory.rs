@@ -107,7 +107,7 @@ mod bounds {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn bytes_are_bounded_and_an_oversized_record_becomes_a_tombstone() {
+    async fn bytes_are_bounded_and_an_oversized_record_becomes_a_not_retained_record() {
         let store = MemoryStore::builder().with_max_bytes(1000).build();
         let mut keys = Vec::new();
         for _ in 0..10 {
@@ -120,18 +120,18 @@ mod bounds {
         assert_eq!(store.bytes(), 900);
         assert!(matches!(begin(&store, &keys[9], fp(1)).await, Begin::Completed(Record::Response(_))));
         assert!(matches!(begin(&store, &keys[0], fp(1)).await, Begin::Execute(_)));
-        // One record over the whole budget is kept as a tombstone: the key is never run twice.
+        // One record over the whole budget is kept as a not-retained record: the key is never run twice.
         let huge = fresh_key(None);
         let token = lock(&store, &huge, fp(1)).await;
         assert!(store.complete(&huge, &token, record_of(5000), TTL).await.unwrap());
         assert!(matches!(begin(&store, &huge, fp(1)).await, Begin::Completed(Record::NotRetained)));
     }
 
-    /// A tombstone holds no response bytes: a `complete` that ends up keeping one (the record
+    /// A not-retained record holds no response bytes: a `complete` that ends up keeping one (the record
     /// is over `max_bytes`, or its encoding fails) adds nothing to `bytes()`, so it never
     /// evicts real records for bytes it does not keep.
     #[tokio::test(start_paused = true)]
-    async fn a_tombstone_counts_no_bytes() {
+    async fn a_not_retained_record_counts_no_bytes() {
         let store = MemoryStore::builder().with_max_bytes(100_000).build();
         let mut kept = Vec::new();
         for _ in 0..4 {
@@ -142,15 +142,15 @@ mod bounds {
         }
         assert_eq!(store.bytes(), 40_000);
 
-        // Over the whole budget: kept as a tombstone.
+        // Over the whole budget: kept as a not-retained record.
         let huge = fresh_key(None);
         let token = lock(&store, &huge, fp(1)).await;
         assert!(store.complete(&huge, &token, record_of(200_000), TTL).await.unwrap());
         assert!(matches!(begin(&store, &huge, fp(1)).await, Begin::Completed(Record::NotRetained)));
-        assert_eq!(store.bytes(), 40_000, "an oversized record's tombstone counts no bytes");
+        assert_eq!(store.bytes(), 40_000, "an oversized record's not-retained record counts no bytes");
 
         // Within the budget by weight (65 536 bytes), but 65 536 header fields do not fit the
-        // encoding's count: kept as a tombstone too, and counted as one.
+        // encoding's count: kept as a not-retained record too, and counted as one.
         let mut headers = HeaderMap::new();
         for _ in 0..=usize::from(u16::MAX) {
             headers.append("x", http::HeaderValue::from_static(""));
@@ -161,14 +161,14 @@ mod bounds {
         let token = lock(&store, &odd, fp(1)).await;
         assert!(store.complete(&odd, &token, unencodable, TTL).await.unwrap());
         assert!(matches!(begin(&store, &odd, fp(1)).await, Begin::Completed(Record::NotRetained)));
-        assert_eq!(store.bytes(), 40_000, "an unencodable record's tombstone counts no bytes");
+        assert_eq!(store.bytes(), 40_000, "an unencodable record's not-retained record counts no bytes");
         // No phantom bytes, so no real record was evicted to make room for them.
         for key in &kept {
             assert!(matches!(begin(&store, key, fp(1)).await, Begin::Completed(Record::Response(_))));
         }
         assert_eq!(store.len(), 6);
 
-        // Freed, a tombstone gives back nothing it did not take.
+        // Freed, a not-retained record gives back nothing it did not take.
         tokio::time::advance(TTL + Duration::from_secs(1)).await;
         store.sweep();
         assert_eq!((store.len(), store.bytes()), (0, 0));

@@ -81,7 +81,7 @@ async fn key_and_value_layout_are_as_documented() {
     assert_eq!(&value[33..35], &201u16.to_be_bytes());
     assert!(value.ends_with(body), "the body is stored raw, not escaped or encoded");
 
-    // A tombstone: 'R' replaced by 'T', fingerprint, nothing else; unscoped key is `-`.
+    // A not-retained record: 'R' replaced by 'T', fingerprint, nothing else; unscoped key is `-`.
     let token = lock(&store, &unscoped, fp(2)).await;
     assert!(raw_get(&mut conn, &unscoped).await.is_some(), "the unscoped lock is at {{prefix}}-:{{key}}");
     assert!(store.complete(&unscoped, &token, Record::NotRetained, TTL).await.unwrap());
@@ -501,11 +501,11 @@ async fn memory_per_record_is_as_documented() {
         let token = lock(&store, &key, fp(1)).await;
         let lock_usage = usage(&mut conn, &key).await;
         assert!(store.complete(&key, &token, Record::NotRetained, TTL).await.unwrap());
-        let tombstone_usage = usage(&mut conn, &key).await;
-        report += &format!("  {label}: lock {lock_usage} B, tombstone {tombstone_usage} B\n");
+        let not_retained_usage = usage(&mut conn, &key).await;
+        report += &format!("  {label}: lock {lock_usage} B, not-retained record {not_retained_usage} B\n");
         // Documented: 152 / 136 B unscoped, 216 / 200 B scoped (Redis 7.0); other versions
         // differ a little, hence the margin.
-        assert!(lock_usage <= 250 && tombstone_usage <= 250, "{report}");
+        assert!(lock_usage <= 250 && not_retained_usage <= 250, "{report}");
 
         for body_len in [0, 100, 1_000, 10_000, 100_000] {
             let key = fresh_key(scope);
