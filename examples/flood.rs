@@ -2,7 +2,7 @@
 //! memory stays flat, in-flight locks are never evicted, and after the TTL everything is freed.
 //!
 //! Run with: `cargo run --release --example flood` (1,000,000 keys; `FLOOD_KEYS=N` for another
-//! count). `tests/flood.rs` runs the same code with fewer keys in CI.
+//! count). `tests/layer/flood.rs` runs the same code with fewer keys in CI.
 //!
 //! Time is tokio's paused clock, so "after the TTL" costs nothing.
 

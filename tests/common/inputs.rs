@@ -1,4 +1,4 @@
-//! Checks on arbitrary input, shared by the property tests (`tests/inputs.rs`, run in CI) and
+//! Checks on arbitrary input, shared by the property tests (`tests/layer/inputs.rs`, run in CI) and
 //! the cargo-fuzz targets (`fuzz/`), which include this file by path.
 //!
 //! - [`check_key`]: `IdempotencyKey::parse` never panics; an accepted key is 1 to 255 visible
