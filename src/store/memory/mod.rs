@@ -1,9 +1,13 @@
 //! The in-memory store: one process, no setup.
+//!
+//! - `mod.rs`: the store, its map and bounds, the sweep, the trait impl.
+//! - `slot.rs`: what the map holds (a lock or a record, keyed by a keyed hash).
+//! - `builder.rs`: the bounds and their defaults.
 
 use std::{
     collections::VecDeque,
     fmt,
-    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
+    hash::{BuildHasher, BuildHasherDefault, RandomState},
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -11,19 +15,17 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use dashmap::{DashMap, mapref::entry::Entry};
 use tokio::time::Instant;
 
-use super::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey, StoredResponse};
-use crate::background::{Background, Running};
+mod builder;
+mod slot;
 
-/// Default bound on entries (locks and completed records).
-const DEFAULT_MAX_ENTRIES: usize = 100_000;
-/// Default bound on the bytes held by completed records (bodies and headers).
-const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
-/// Default period of the background sweep that frees expired entries.
-const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+pub use builder::MemoryStoreBuilder;
+use slot::{KeyId, KeyIdHasher, Slot, Stored, later};
+
+use super::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey};
+use crate::background::{Background, Running};
 
 /// An in-memory [`IdempotencyStore`]: a sharded concurrent map (`dashmap`), for one process.
 ///
@@ -68,161 +70,6 @@ struct Inner {
     max_entries: usize,
     max_bytes: usize,
     sweep_interval: Duration,
-}
-
-/// What the map holds for a store key: 128 bits of keyed hash. Two different keys share an id
-/// with probability 2^-128, and only the process knows the hash keys, so none can be made to.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct KeyId([u64; 2]);
-
-impl std::hash::Hash for KeyId {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // Already a keyed hash: its first half is the map's hash.
-        state.write_u64(self.0[0]);
-    }
-}
-
-/// The map's hasher: passes a [`KeyId`]'s hash through.
-#[derive(Default)]
-struct KeyIdHasher(u64);
-
-impl Hasher for KeyIdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        // Not reached (a `KeyId` writes one `u64`); a plain fold for completeness.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-enum Slot {
-    Locked { token: LockToken, lease_until: Instant },
-    Completed { fingerprint: Fingerprint, record: Stored, expires_at: Instant, seq: u64, weight: usize },
-}
-
-/// A completed record as the map keeps it.
-#[derive(Clone)]
-enum Stored {
-    /// [`StoredResponse::encode_into`]: status, headers, trailers and body in one allocation.
-    Response(Arc<[u8]>),
-    NotRetained,
-}
-
-impl Stored {
-    fn new(record: &Record) -> Self {
-        match record {
-            Record::Response(response) => {
-                let mut encoded = Vec::new();
-                match response.encode_into(&mut encoded) {
-                    Some(()) => Self::Response(Arc::from(encoded)),
-                    None => Self::NotRetained, // a field too large for the encoding
-                }
-            }
-            Record::NotRetained => Self::NotRetained,
-        }
-    }
-
-    /// The record back, its header values and body sharing this buffer.
-    fn to_record(&self) -> Result<Record, StoreError> {
-        match self {
-            Self::Response(encoded) => StoredResponse::decode(Bytes::from_owner(encoded.clone()))
-                .map(|response| Record::Response(Arc::new(response)))
-                .map_err(StoreError::corrupt),
-            Self::NotRetained => Ok(Record::NotRetained),
-        }
-    }
-}
-
-/// `now + by`, saturating at a century from now: `Duration::MAX` means "forever", not a panic.
-fn later(now: Instant, by: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
-    now + by.min(CENTURY)
-}
-
-impl Slot {
-    fn expired(&self, now: Instant) -> bool {
-        match self {
-            Self::Locked { lease_until, .. } => *lease_until <= now,
-            Self::Completed { expires_at, .. } => *expires_at <= now,
-        }
-    }
-
-    /// Whether this is `lock`'s lock and its lease has not run out. An expired lock counts as
-    /// absent for every operation: its old owner can no longer complete, renew or release it,
-    /// whether or not another request took the key over since (as in Redis, where the key
-    /// is gone).
-    fn is_live_lock(&self, lock: &LockToken, now: Instant) -> bool {
-        matches!(self, Self::Locked { token, lease_until } if token == lock && *lease_until > now)
-    }
-
-    fn weight(&self) -> usize {
-        match self {
-            Self::Locked { .. } => 0,
-            Self::Completed { weight, .. } => *weight,
-        }
-    }
-}
-
-/// Builds a [`MemoryStore`] with non-default bounds.
-#[derive(Debug, Clone)]
-#[must_use]
-pub struct MemoryStoreBuilder {
-    max_entries: usize,
-    max_bytes: usize,
-    sweep_interval: Duration,
-}
-
-impl MemoryStoreBuilder {
-    /// The most entries (locks plus completed records) the store holds. Default: 100 000.
-    pub fn with_max_entries(mut self, max: usize) -> Self {
-        self.max_entries = max.max(1);
-        self
-    }
-
-    /// The most bytes of recorded responses (bodies, headers, trailers) the store holds.
-    /// Default: 256 MiB.
-    pub fn with_max_bytes(mut self, max: usize) -> Self {
-        self.max_bytes = max;
-        self
-    }
-
-    /// How often expired entries are freed in the background. Default: 1 s.
-    pub fn with_sweep_interval(mut self, every: Duration) -> Self {
-        self.sweep_interval = every.max(Duration::from_millis(1));
-        self
-    }
-
-    /// Builds the store.
-    pub fn build(self) -> MemoryStore {
-        MemoryStore {
-            inner: Arc::new(Inner {
-                map: DashMap::default(),
-                ids: [RandomState::new(), RandomState::new()],
-                completed: Mutex::new(VecDeque::new()),
-                entries: AtomicUsize::new(0),
-                bytes: AtomicUsize::new(0),
-                seq: AtomicU64::new(0),
-                sweeper: Background::default(),
-                max_entries: self.max_entries,
-                max_bytes: self.max_bytes,
-                sweep_interval: self.sweep_interval,
-            }),
-        }
-    }
-}
-
-impl Default for MemoryStoreBuilder {
-    fn default() -> Self {
-        Self { max_entries: DEFAULT_MAX_ENTRIES, max_bytes: DEFAULT_MAX_BYTES, sweep_interval: DEFAULT_SWEEP_INTERVAL }
-    }
 }
 
 impl MemoryStore {
