@@ -45,7 +45,7 @@ use crate::background::{Background, Running};
 /// - **Memory.** An entry is keyed by a 128-bit keyed hash of the store key (two SipHash-1-3
 ///   digests under random per-store keys: no one outside the process can make two keys
 ///   collide), not by the key itself, and a record is kept as one exact-size buffer
-///   ([`StoredResponse`] encoded, body included) that replays decode without copying. A
+///   ([`StoredResponse`](super::StoredResponse) encoded, body included) that replays decode without copying. A
 ///   record then costs its body and header bytes plus under 200 bytes (see
 ///   `cargo bench --bench memory`).
 ///
@@ -93,7 +93,7 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](StoredResponse::weight)).
+    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](super::StoredResponse::weight)).
     pub fn bytes(&self) -> usize {
         self.inner.bytes.load(Ordering::Acquire)
     }
