@@ -9,7 +9,8 @@
 //!   answer `201` with ~300 bytes), bare and behind `IdempotencyLayer::new()`, driven through
 //!   `tower::ServiceExt::oneshot` on a current-thread runtime, the response body read to its end.
 //!   Every path of the layer is in this one group, so the ratios come from one run.
-//! - `fingerprint`: `Fingerprint::compute` by body size against a raw SHA-256 of the same bytes.
+//! - `fingerprint`: a request through the layer up to the store (a probe answering `409`), by
+//!   body size, against a raw SHA-256 of the same bytes.
 //! - `memory_store`: `MemoryStore` operations on one thread, and on several threads at once
 //!   with one hot key or distinct keys (throughput in operations per second).
 //!
@@ -31,11 +32,12 @@ use std::{
 
 use axum::http::{HeaderValue, Request, StatusCode, header};
 use bytes::Bytes;
-use common::{AUTHORIZATION, Path, routers, runtime, send};
+use common::{AUTHORIZATION, Path, probe::Probe, routers, runtime, send};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sha2::{Digest, Sha256};
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyKey, IdempotencyStore, MemoryStore, Record, ScopeId, StoreKey, StoredResponse,
+    IdempotencyKey, IdempotencyLayer, ScopeId,
+    store::{Begin, Fingerprint, IdempotencyStore, MemoryStore, Record, StoreKey, StoredResponse},
 };
 
 mod common;
@@ -61,17 +63,40 @@ fn paths(c: &mut Criterion) {
 
 // --- group 2: fingerprinting against raw SHA-256 -----------------------------------------------
 
+/// A request whose body is `size` bytes goes through the layer up to the store (a probe that
+/// answers "in flight", so nothing is kept or run): buffering, fingerprinting and the `409`.
+/// Against a raw SHA-256 of the same bytes, the difference is what the layer adds per byte.
 fn fingerprint(c: &mut Criterion) {
+    let rt = runtime();
+    let handler = tower::service_fn(|_: Request<_>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::new())))
+    });
+    let layered = tower::Layer::layer(&IdempotencyLayer::with_store(Probe::default()), handler);
     let mut group = c.benchmark_group("fingerprint");
     for size in [200, 64 * 1024, 1024 * 1024] {
-        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
-        let (head, ()) = Request::post("/orders?source=bench").body(()).unwrap().into_parts();
+        let body = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
         group.throughput(Throughput::Bytes(size as u64));
         group.bench_with_input(BenchmarkId::new("sha256", size), &body, |b, body| {
             b.iter(|| black_box(Sha256::digest(black_box(body))))
         });
-        group.bench_with_input(BenchmarkId::new("fingerprint", size), &body, |b, body| {
-            b.iter(|| black_box(Fingerprint::compute(black_box(&head), &[], black_box(body))))
+        group.bench_with_input(BenchmarkId::new("layer_to_store", size), &body, |b, body| {
+            b.to_async(&rt).iter_batched(
+                || {
+                    Request::post("/orders?source=bench")
+                        .header("idempotency-key", "fingerprint-bench")
+                        .body(http_body_util::Full::new(body.clone()))
+                        .unwrap()
+                },
+                |request| {
+                    let layered = layered.clone();
+                    async move {
+                        let response = tower::ServiceExt::oneshot(layered, request).await.unwrap();
+                        assert_eq!(response.status(), StatusCode::CONFLICT);
+                        black_box(response)
+                    }
+                },
+                BatchSize::SmallInput,
+            )
         });
     }
     group.finish();
@@ -106,7 +131,7 @@ fn record() -> Record {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(header::LOCATION, HeaderValue::from_static("/orders/ord_1"));
     let body = Bytes::from(vec![b'x'; 300]);
-    Record::Response(Arc::new(StoredResponse { status: StatusCode::CREATED, headers, body, trailers: None }))
+    Record::Response(Arc::new(StoredResponse::new(StatusCode::CREATED, headers, body)))
 }
 
 /// Locks `key` and completes it with `record`: the store's share of a miss.

@@ -23,7 +23,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use bytes::Bytes;
 use common::{Path, routers, runtime, send};
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyKey, IdempotencyStore, MemoryStore, Record, ScopeId, StoreKey, StoredResponse,
+    IdempotencyKey, ScopeId,
+    store::{Begin, Fingerprint, IdempotencyStore, MemoryStore, Record, StoreKey, StoredResponse},
 };
 
 /// Records stored: half the default `MemoryStore` bound, so none is evicted.
@@ -69,7 +70,7 @@ fn record(n: u64) -> Record {
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(header::LOCATION, HeaderValue::try_from(format!("/orders/ord_{n}")).unwrap());
     let body = Bytes::from(vec![b'x'; 300]);
-    Record::Response(Arc::new(StoredResponse { status: StatusCode::CREATED, headers, body, trailers: None }))
+    Record::Response(Arc::new(StoredResponse::new(StatusCode::CREATED, headers, body)))
 }
 
 fn per_record_in_the_store(rt: &tokio::runtime::Runtime) {

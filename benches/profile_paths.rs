@@ -13,7 +13,7 @@
 mod common;
 
 use common::{Path, routers, runtime, send};
-use tower_idempotency::MemoryStore;
+use tower_idempotency::store::MemoryStore;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();

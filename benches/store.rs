@@ -25,7 +25,8 @@ use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main, meas
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tokio::runtime::Runtime;
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyKey, IdempotencyStore, MemoryStore, Record, StoreKey, StoredResponse,
+    IdempotencyKey,
+    store::{Begin, Fingerprint, IdempotencyStore, MemoryStore, Record, StoreKey, StoredResponse},
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -38,7 +39,7 @@ fn record(body_len: usize) -> Record {
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.insert("location", HeaderValue::from_static("/orders/ord_1"));
     let body = Bytes::from(vec![b'x'; body_len]);
-    Record::Response(Arc::new(StoredResponse { status: StatusCode::CREATED, headers, body, trailers: None }))
+    Record::Response(Arc::new(StoredResponse::new(StatusCode::CREATED, headers, body)))
 }
 
 /// Fresh keys: a miss needs a key nobody used.

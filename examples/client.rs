@@ -29,7 +29,7 @@ use hyper_util::{
 use tower::{Service, ServiceBuilder, ServiceExt, retry::RetryLayer, util::BoxCloneService};
 use tower_idempotency::{
     IdempotencyKey, IdempotencyLayer,
-    client::{ExponentialBackoff, IdempotencyKeyLayer, KeyDeriver, RetryPolicy},
+    client::{ExponentialBackoff, KeyDeriver, RetryPolicy, SetIdempotencyKeyLayer},
 };
 
 #[path = "server.rs"]
@@ -62,7 +62,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .with_max_attempts(4)
         .with_max_elapsed(Duration::from_secs(10));
     let client: HttpClient = BoxCloneService::new(
-        ServiceBuilder::new().layer(IdempotencyKeyLayer::new()).layer(RetryLayer::new(policy)).service(http.clone()),
+        ServiceBuilder::new().layer(SetIdempotencyKeyLayer::new()).layer(RetryLayer::new(policy)).service(http.clone()),
     );
 
     println!("1. POST /orders, key stamped by the layer");

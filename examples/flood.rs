@@ -2,7 +2,7 @@
 //! memory stays flat, in-flight locks are never evicted, and after the TTL everything is freed.
 //!
 //! Run with: `cargo run --release --example flood` (1,000,000 keys; `FLOOD_KEYS=N` for another
-//! count). `tests/flood.rs` runs the same code with fewer keys in CI.
+//! count). `tests/layer/flood.rs` runs the same code with fewer keys in CI.
 //!
 //! Time is tokio's paused clock, so "after the TTL" costs nothing.
 
@@ -14,8 +14,8 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyKey, IdempotencyStore, LockToken, MemoryStore, Record, ScopeId, StoreKey,
-    StoredResponse,
+    IdempotencyKey, ScopeId,
+    store::{Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, Record, StoreKey, StoredResponse},
 };
 
 /// The bound on entries the flood runs against.
@@ -67,12 +67,11 @@ pub(crate) fn rss_kib() -> u64 {
 fn record(i: usize) -> Record {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
-    Record::Response(Arc::new(StoredResponse {
-        status: StatusCode::CREATED,
+    Record::Response(Arc::new(StoredResponse::new(
+        StatusCode::CREATED,
         headers,
-        body: Bytes::from(format!("{{\"id\":\"ord_{i:012}\",\"status\":\"created\",\"pad\":\"........\"}}")),
-        trailers: None,
-    }))
+        Bytes::from(format!("{{\"id\":\"ord_{i:012}\",\"status\":\"created\",\"pad\":\"........\"}}")),
+    )))
 }
 
 /// The bytes one flood record weighs in the store's accounting.

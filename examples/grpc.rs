@@ -55,7 +55,7 @@ use tonic::{
 };
 use tonic_prost::ProstCodec;
 use tower::BoxError;
-use tower_idempotency::{IdempotencyLayer, IdempotencyStore, grpc::GrpcStatusOk};
+use tower_idempotency::{IdempotencyLayer, grpc::GrpcStatusOk, store::IdempotencyStore};
 
 /// `orders.v1.CreateOrder`.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -40,7 +40,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_idempotency::{IdempotencyLayer, IdempotencyStore, InFlight, KeyPolicy};
+use tower_idempotency::{IdempotencyLayer, InFlight, KeyPolicy, store::IdempotencyStore};
 
 /// The routes whose executions `GET /stats` counts.
 pub const ROUTES: [&str; 7] = ["orders", "payments", "jobs", "patch", "put", "stream", "large"];

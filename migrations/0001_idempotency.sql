@@ -4,7 +4,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     key         text        NOT NULL, -- the Idempotency-Key, 1 to 255 visible ASCII bytes
     fingerprint bytea       NOT NULL, -- SHA-256 of the request (32 bytes)
     token       bytea,                -- the lock's token (16 bytes) while locked; NULL once completed
-    response    bytea,                -- the recorded response once completed; NULL: locked, or a tombstone
+    response    bytea,                -- the recorded response once completed; NULL: locked, or not retained
     expires_at  timestamptz NOT NULL, -- end of the lease (locked) or of the TTL (completed)
     PRIMARY KEY (scope, key)
 );

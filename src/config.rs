@@ -23,7 +23,7 @@ pub trait CachePredicate: Send + Sync + 'static {
     /// can depend on a status sent in the trailers (gRPC's `grpc-status`). Default: `true`.
     ///
     /// A rejection releases the key. A body that passed the record limit was decided at the
-    /// limit (a tombstone) and is not asked.
+    /// limit (a not-retained record) and is not asked.
     fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
         let _ = trailers;
         true
@@ -61,6 +61,7 @@ pub enum KeyPolicy {
 
 /// What a duplicate of a request still in flight gets. Default: [`InFlight::Reject`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InFlight {
     /// `409` with the `in-flight` problem and this `Retry-After` (rounded up to seconds).
     Reject {
@@ -85,6 +86,7 @@ impl Default for InFlight {
 /// What the layer does when the store fails (unreachable, timed out, full).
 /// Default: [`StoreFailure::FailClosed`] with a 1 s `Retry-After`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StoreFailure {
     /// Answer `503` with the `store-unavailable` problem and this `Retry-After`; the handler
     /// does not run.

@@ -4,20 +4,16 @@
 //! Each part is length-prefixed, so no two different requests share an encoding (`/a?b` with
 //! body `c` is not `/a` with query `bc`).
 
-use std::fmt;
-
 use http::{HeaderName, request::Parts};
 use sha2::{Digest, Sha256};
 
-/// The SHA-256 fingerprint of a request.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint([u8; 32]);
+use crate::store::Fingerprint;
 
 impl Fingerprint {
     /// Fingerprints a request from its head, the headers to include and its buffered body.
     ///
     /// The body is hashed once, straight from the buffer.
-    pub fn compute(head: &Parts, headers: &[HeaderName], body: &[u8]) -> Self {
+    pub(crate) fn compute(head: &Parts, headers: &[HeaderName], body: &[u8]) -> Self {
         let mut hasher = Sha256::new();
         let mut part = |bytes: &[u8]| {
             hasher.update((bytes.len() as u64).to_be_bytes());
@@ -40,27 +36,7 @@ impl Fingerprint {
             }
         }
         part(body);
-        Self(hasher.finalize().into())
-    }
-
-    /// A fingerprint from its bytes (for stores that read one back).
-    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// The digest's bytes.
-    pub const fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Fingerprint(")?;
-        for b in &self.0[..6] {
-            write!(f, "{b:02x}")?;
-        }
-        f.write_str("…)")
+        Self::from_bytes(hasher.finalize().into())
     }
 }
 

@@ -11,15 +11,15 @@ use tokio::time::Instant;
 use tower::Service;
 
 use crate::{
-    IdempotencyKey, Outcome, Record, StoredResponse,
+    IdempotencyKey, Outcome,
     body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
     config::{Config, InFlight, StoreFailure},
     execute::execute,
-    fingerprint::Fingerprint,
     lock::{LockGuard, Locked},
     problem::ProblemKind,
+    replay::replay,
     service::problem_response,
-    store::{Begin, IdempotencyStore, StoreKey},
+    store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
 };
 
 /// One guarded request: everything after the key was found valid.
@@ -146,7 +146,7 @@ where
 async fn store_failed<S, ReqBody, ResBody>(
     inner: Inner<S>,
     config: &Config,
-    error: crate::StoreError,
+    error: StoreError,
     head: request::Parts,
     body: Buffered,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
@@ -168,11 +168,4 @@ where
             Ok(Response::from_parts(head, ResponseBody::inner(body)))
         }
     }
-}
-
-/// The recorded response, replayed: the inner service is not called.
-fn replay<B: Body>(record: Arc<StoredResponse>) -> Response<ResponseBody<B>> {
-    let (mut head, body, trailers) = record.replay();
-    head.extensions.insert(Outcome::Replayed);
-    Response::from_parts(head, ResponseBody::full(body, trailers))
 }

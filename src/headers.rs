@@ -1,5 +1,6 @@
-//! The header names both halves of the crate use: the server reads them, the client writes
-//! them.
+//! The header names both halves of the crate use: the server writes or reads them, the client
+//! reads or writes them. Public at the root (the key and replay headers) and in `hints` (the
+//! retry hints).
 
 use http::HeaderName;
 
@@ -8,3 +9,15 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 
 /// The header a replayed response carries: `Idempotent-Replayed: true`.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// `retry-after-ms`: how long to wait before retrying, in milliseconds. Not standard; sent and
+/// read by the Stainless-generated SDKs (OpenAI's, Anthropic's), which prefer it to
+/// `Retry-After` for its precision.
+pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+
+/// `x-should-retry`: `true` or `false`, the server's word on whether a retry can help. Not
+/// standard; obeyed by the Stainless-generated SDKs (OpenAI's, Anthropic's).
+pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+/// `Stripe-Should-Retry`: Stripe's name for [`X_SHOULD_RETRY`], obeyed by Stripe's SDKs.
+pub const STRIPE_SHOULD_RETRY: HeaderName = HeaderName::from_static("stripe-should-retry");

@@ -27,17 +27,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header::RETRY_AFTER};
 
 use crate::problem::Problem;
 
-/// `retry-after-ms`: how long to wait before retrying, in milliseconds. Not standard; sent and
-/// read by the Stainless-generated SDKs (OpenAI's, Anthropic's), which prefer it to
-/// `Retry-After` for its precision.
-pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
-
-/// `x-should-retry`: `true` or `false`, the server's word on whether a retry can help. Not
-/// standard; obeyed by the Stainless-generated SDKs (OpenAI's, Anthropic's).
-pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
-
-/// `Stripe-Should-Retry`: Stripe's name for [`X_SHOULD_RETRY`], obeyed by Stripe's SDKs.
-pub const STRIPE_SHOULD_RETRY: HeaderName = HeaderName::from_static("stripe-should-retry");
+pub use crate::headers::{RETRY_AFTER_MS, STRIPE_SHOULD_RETRY, X_SHOULD_RETRY};
 
 /// One header the layer's own answers carry to say whether and when to retry.
 ///

@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    Idempotency, MemoryStore, Scope,
+    Idempotency, Scope,
     config::{
         CachePredicate, Config, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD,
         DEFAULT_MAX_REQUEST_BODY, DEFAULT_TTL, InFlight, KeyPolicy, MAX_DURATION, StoreFailure, SuccessOnly,
@@ -17,6 +17,7 @@ use crate::{
     lock::Keeper,
     problem::{Answers, ProblemRenderer},
     store::IdempotencyStore,
+    store::MemoryStore,
 };
 
 /// The layer that makes covered requests idempotent. See the [crate docs](crate).
@@ -136,7 +137,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// The largest response body recorded. A larger response is still sent in full, but only a
-    /// tombstone is kept: retries get `409` `response-not-retained`. Default: 1 MiB.
+    /// not-retained record is kept: retries get `409` `response-not-retained`. Default: 1 MiB.
     pub fn with_max_record(self, bytes: usize) -> Self {
         self.config(|c| c.max_record = bytes)
     }
@@ -210,7 +211,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// The most requests kept running after their client went away, so their result is
     /// recorded. Past it, a handler that has not answered yet is cancelled and its key released;
-    /// one that already answered (its body was being sent) keeps a tombstone, so it never runs
+    /// one that already answered (its body was being sent) keeps a not-retained record, so it never runs
     /// twice. Default: 1024.
     pub fn with_max_detached(self, max: usize) -> Self {
         let detached = Arc::new(Semaphore::new(max));

@@ -120,7 +120,7 @@
 //!   reads the body (to its end, to `Content-Length`, to its trailers): the frame that ends it
 //!   is held back until the record is stored. A failing store never holds back the head.
 //! - **Completion is owned.** Once the handler answered with a recordable response, its record
-//!   (or, past the record limit, a tombstone) is written whatever happens to the client, and
+//!   (or, past the record limit, a not-retained record) is written whatever happens to the client, and
 //!   failed writes are retried with backoff while the lease lasts. Only a crash, or a store
 //!   outage longer than the lease, leaves the key to expire; a retry then executes again.
 //! - **Client gone.** A request whose handler is running when its client goes away is not
@@ -146,7 +146,7 @@
 //! # The client half
 //!
 //! [`client`] makes keys ([`IdempotencyKey::random`], [`client::KeyDeriver`]), stamps them on
-//! requests ([`client::IdempotencyKeyLayer`]) and retries with the same key
+//! requests ([`client::SetIdempotencyKeyLayer`]) and retries with the same key
 //! ([`client::RetryPolicy`], a `tower::retry` policy). Stamp outside the retry layer. With the
 //! `reqwest` feature, `client::reqwest::IdempotencyMiddleware` does both for a
 //! `reqwest-middleware` client, by the same rules.
@@ -159,15 +159,15 @@
 //!
 //! # Stores
 //!
-//! [`MemoryStore`] (default) for one process; `RedisStore` (feature `redis`) for many
+//! [`store::MemoryStore`] (default) for one process; `store::RedisStore` (feature `redis`) for many
 //! replicas: a retry that lands on another replica replays the same record. Both implement
-//! [`IdempotencyStore`] and pass the same conformance suite.
+//! [`store::IdempotencyStore`] and pass the same conformance suite.
 //!
 //! ```no_run
 //! # #[cfg(feature = "redis")]
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Starts even while Redis is down; each request then answers per the store-failure mode.
-//! let store = tower_idempotency::RedisStore::builder().connect_lazy("redis://127.0.0.1:6379")?;
+//! let store = tower_idempotency::store::RedisStore::builder().connect_lazy("redis://127.0.0.1:6379")?;
 //! let layer = tower_idempotency::IdempotencyLayer::with_store(store);
 //! # let _ = layer;
 //! # Ok(())
@@ -179,7 +179,7 @@
 //! # Feature flags
 //!
 //! - `redis`: `RedisStore`, over redis-rs's multiplexed `ConnectionManager` (re-exported as
-//!   `tower_idempotency::redis`, so versions match).
+//!   `tower_idempotency::store::redis`, so versions match).
 //! - `redis-cluster`: `RedisStore` over Redis Cluster as well (every operation touches one key).
 //! - `postgres`: `store::PostgresStore` on the application's sqlx `PgPool` (sqlx re-exported as
 //!   `store::sqlx`; no TLS added by this crate), and its transactional mode
@@ -205,8 +205,8 @@ mod layer;
 mod lock;
 mod outcome;
 pub mod problem;
-mod record;
 mod recording;
+mod replay;
 mod scope;
 mod service;
 pub mod store;
@@ -216,19 +216,13 @@ pub use config::{
     CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
     DEFAULT_TTL, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
 };
-pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;
-pub use record::{DecodeError, Record, StoredResponse};
-pub use scope::{Scope, ScopeFn, ScopeId};
+pub use scope::{MakeScope, Scope, ScopeId};
 pub use service::Idempotency;
-pub use store::{Begin, IdempotencyStore, LockToken, MemoryStore, MemoryStoreBuilder, StoreError, StoreKey};
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use store::{RedisStore, RedisStoreBuilder, redis};
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis` and
 /// `postgres` features).
@@ -248,6 +242,7 @@ mod static_checks {
     use http_body_util::Full;
 
     use super::*;
+    use crate::store::{MemoryStore, StoreError};
 
     fn send<T: Send>() {}
     fn sync<T: Sync>() {}
@@ -283,8 +278,8 @@ mod static_checks {
         sync::<StoreError>();
         #[cfg(feature = "redis")]
         {
-            send::<RedisStore>();
-            sync::<RedisStore>();
+            send::<crate::store::RedisStore>();
+            sync::<crate::store::RedisStore>();
         }
     }
 }

@@ -14,14 +14,14 @@
 //! | --- | --- | --- |
 //! | `Streaming` | each frame as the handler makes it (one may be read ahead) | held, renewed by the keeper |
 //! | `Completing` | the last frame, once the record is written | replaced by the record |
-//! | `Passing` | the rest of a body past the record limit, unkept, once the tombstone is written | replaced by a tombstone at the limit |
+//! | `Passing` | the rest of a body past the record limit, unkept, once the not-retained record is written | replaced by a not-retained record at the limit |
 //! | `Failed` | the body's error | released |
 //! | `Done` | nothing | — |
 //!
 //! Dropped while `Streaming` (the client went away, or the server stopped reading early), the
 //! rest of the body is drained on the runtime under a detach permit and recorded, but only as
 //! far as needed to decide: draining stops at the record limit. With no permit free the
-//! handler's answer still counts: a tombstone is written, never a release.
+//! handler's answer still counts: a not-retained record is written, never a release.
 
 use std::{
     fmt,
@@ -38,10 +38,11 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::{runtime::Handle, sync::OwnedSemaphorePermit, sync::Semaphore};
 
 use crate::{
-    CachePredicate, Record, StoredResponse,
+    CachePredicate,
     body::into_bytes,
     config::Config,
     lock::{Completion, LockGuard},
+    store::{Record, StoredResponse},
 };
 
 /// A recordable response body on its way to the client.
@@ -61,10 +62,10 @@ enum State<B: Body> {
     Streaming(Box<Streaming<B>>),
     /// The end was seen and the record is being written; `last` goes out once it is.
     Completing { completion: Completion, last: Option<Frame<Bytes>> },
-    /// Past the record limit: a tombstone is being written; the rest passes through unkept once
+    /// Past the record limit: a not-retained record is being written; the rest passes through unkept once
     /// it is (the frame that passed the limit may be the last, and the end must not be seen
-    /// before the tombstone exists).
-    Passing { body: Pin<Box<B>>, ahead: Option<Frame<Bytes>>, tombstone: Completion },
+    /// before the not-retained record exists).
+    Passing { body: Pin<Box<B>>, ahead: Option<Frame<Bytes>>, not_retained: Completion },
     /// The body failed and the lock was released; its error goes out next.
     Failed { error: Option<B::Error> },
     /// Everything went out.
@@ -111,7 +112,7 @@ where
     /// Starts recording `body` (the answer's status and the headers to keep), under `guard`.
     ///
     /// `expected` is the length the server will send, when known. Known to be over the record
-    /// limit, only a tombstone is kept, at once.
+    /// limit, only a not-retained record is kept, at once.
     pub(crate) fn new(
         body: B,
         guard: LockGuard,
@@ -252,13 +253,13 @@ where
         self.state = State::Completing { completion, last };
     }
 
-    /// Past the record limit: keep a tombstone now (the handler answered, so it must never run
+    /// Past the record limit: keep a not-retained record now (the handler answered, so it must never run
     /// again for this key), and let the rest of the body through unkept.
     fn pass(&mut self) {
         let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Done) else { return };
         let Streaming { body, guard, ahead, .. } = *streaming;
-        let tombstone = guard.complete(Record::NotRetained);
-        self.state = State::Passing { body, ahead, tombstone };
+        let not_retained = guard.complete(Record::NotRetained);
+        self.state = State::Passing { body, ahead, not_retained };
     }
 
     /// The body failed or panicked: release the lock, so a retry runs again.
@@ -277,7 +278,7 @@ where
                     }
                     match std::task::ready!(self.poll_body(cx)) {
                         Some(Ok(Step::Send(frame))) => match &mut self.state {
-                            // It passed the record limit: it goes out once the tombstone is kept.
+                            // It passed the record limit: it goes out once the not-retained record is kept.
                             State::Passing { ahead, .. } => *ahead = Some(frame),
                             _ => return Poll::Ready(Some(Ok(frame))),
                         },
@@ -294,8 +295,8 @@ where
                     self.state = State::Done;
                     return Poll::Ready(last.map(Ok));
                 }
-                State::Passing { body, ahead, tombstone } => {
-                    std::task::ready!(Pin::new(tombstone).poll(cx));
+                State::Passing { body, ahead, not_retained } => {
+                    std::task::ready!(Pin::new(not_retained).poll(cx));
                     if let Some(frame) = ahead.take() {
                         return Poll::Ready(Some(Ok(frame)));
                     }
@@ -318,7 +319,7 @@ where
     }
 
     /// Drives the recording until what is kept of the key is decided: the record written, a
-    /// tombstone kept, or the lock released. What the body sends past that is not read.
+    /// not-retained record kept, or the lock released. What the body sends past that is not read.
     fn poll_decided(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.end_if_nothing_is_left();
         loop {
@@ -422,9 +423,9 @@ impl<B: Body> Drop for Recording<B> {
             }
             _ => {
                 // The rest cannot be read (no runtime, no detach permit, or the drain itself
-                // was dropped). The handler did answer: keep a tombstone, never free the key
+                // was dropped). The handler did answer: keep a not-retained record, never free the key
                 // for a second run.
-                tracing::warn!("response abandoned before its end; its key keeps a tombstone");
+                tracing::warn!("response abandoned before its end; its key keeps a not-retained record");
                 drop(streaming.guard.complete(Record::NotRetained));
             }
         }
@@ -464,9 +465,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        Fingerprint, IdempotencyKey,
+        IdempotencyKey,
         lock::{Keeper, Locked},
-        store::{Begin, IdempotencyStore, MemoryStore, StoreKey},
+        store::{Begin, Fingerprint, IdempotencyStore, MemoryStore, StoreKey},
     };
 
     type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
@@ -526,7 +527,7 @@ mod tests {
         match store.begin(key, &Fingerprint::from_bytes([1; 32]), Duration::from_secs(30)).await.unwrap() {
             Begin::InFlight => "locked",
             Begin::Completed(Record::Response(_)) => "recorded",
-            Begin::Completed(Record::NotRetained) => "tombstone",
+            Begin::Completed(Record::NotRetained) => "not-retained",
             Begin::Execute(_) => "free",
             Begin::Mismatch => "mismatch",
         }
@@ -572,13 +573,13 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn past_the_limit_the_tombstone_is_kept_at_once_and_the_rest_passes() {
+    async fn past_the_limit_the_not_retained_record_is_kept_at_once_and_the_rest_passes() {
         let store = MemoryStore::new();
         let (mut recording, key) = recording(&store, vec![data("abc"), data("def"), data("g")], None, 4).await;
         next(&mut recording).await.unwrap();
         assert_eq!(state_of(&store, &key).await, "locked");
         next(&mut recording).await.unwrap();
-        assert_eq!(state_of(&store, &key).await, "tombstone", "decided at the limit, not at the end");
+        assert_eq!(state_of(&store, &key).await, "not-retained", "decided at the limit, not at the end");
         assert_eq!(next(&mut recording).await.unwrap().into_data().unwrap(), "g");
         assert!(next(&mut recording).await.is_none());
     }

@@ -46,16 +46,16 @@ impl fmt::Debug for ScopeId {
 /// `Fn(&http::request::Parts) -> Option<ScopeId>`.
 ///
 /// `None` puts the request in the unscoped namespace shared by every request without a scope.
-pub trait ScopeFn: Send + Sync + 'static {
+pub trait MakeScope: Send + Sync + 'static {
     /// The scope of the request whose head is `head`.
-    fn scope(&self, head: &Parts) -> Option<ScopeId>;
+    fn make_scope(&self, head: &Parts) -> Option<ScopeId>;
 }
 
-impl<F> ScopeFn for F
+impl<F> MakeScope for F
 where
     F: Fn(&Parts) -> Option<ScopeId> + Send + Sync + 'static,
 {
-    fn scope(&self, head: &Parts) -> Option<ScopeId> {
+    fn make_scope(&self, head: &Parts) -> Option<ScopeId> {
         self(head)
     }
 }
@@ -68,7 +68,7 @@ pub struct Scope(Kind);
 enum Kind {
     None,
     Header(HeaderName),
-    Custom(Arc<dyn ScopeFn>),
+    Custom(Arc<dyn MakeScope>),
 }
 
 impl Scope {
@@ -102,7 +102,7 @@ impl Scope {
     /// });
     /// # let _ = scope;
     /// ```
-    pub fn from_fn(f: impl ScopeFn) -> Self {
+    pub fn from_fn(f: impl MakeScope) -> Self {
         Self(Kind::Custom(Arc::new(f)))
     }
 
@@ -121,7 +121,7 @@ impl Scope {
                 }
                 Some(ScopeId(hasher.finalize().into()))
             }
-            Kind::Custom(f) => f.scope(head),
+            Kind::Custom(f) => f.make_scope(head),
         }
     }
 }

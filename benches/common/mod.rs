@@ -2,6 +2,9 @@
 //! layer, and the requests of each path through the layer.
 #![allow(dead_code, unreachable_pub)]
 
+#[path = "../../tests/common/probe.rs"]
+pub mod probe;
+
 use std::{
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -18,7 +21,10 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
-use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, ScopeId, StoreKey};
+use tower_idempotency::{
+    IdempotencyLayer, ScopeId,
+    store::{Begin, IdempotencyStore, MemoryStore, StoreKey},
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Order {
@@ -198,8 +204,7 @@ pub fn routers(rt: &tokio::runtime::Runtime, store: MemoryStore) -> Routers {
     rt.block_on(async {
         let (status, _) = send(&layered, request(Method::POST, Some(REPLAYED))).await;
         assert_eq!(status, StatusCode::CREATED);
-        let (head, _) = request(Method::POST, Some(IN_FLIGHT)).into_parts();
-        let fingerprint = Fingerprint::compute(&head, &[], ORDER.as_bytes());
+        let fingerprint = probe::fingerprint_of(Method::POST, "/orders", ORDER.as_bytes()).await;
         let key = StoreKey::new(Some(ScopeId::digest(AUTHORIZATION)), IN_FLIGHT.parse().unwrap());
         let begin = store.begin(&key, &fingerprint, Duration::from_secs(24 * 3600)).await.unwrap();
         assert!(matches!(begin, Begin::Execute(_)));

@@ -9,7 +9,7 @@
 //!   (SHA-256 over length-prefixed parts) for one the caller can recompute, e.g. (user, prompt,
 //!   model); [`IdempotencyKey::for_item`](crate::IdempotencyKey::for_item) for the items of a
 //!   batch.
-//! - **Stamping**: [`IdempotencyKeyLayer`] gives each `POST`/`PATCH` that has no
+//! - **Stamping**: [`SetIdempotencyKeyLayer`] gives each `POST`/`PATCH` that has no
 //!   `Idempotency-Key` a fresh one (or one from your [`KeyGenerator`]).
 //! - **Retrying**: [`RetryPolicy`] is a [`tower::retry::Policy`] that retries transient
 //!   outcomes ([`DefaultClassifier`]: errors, `408`, `409` in flight, `425`, `429`, `5xx`)
@@ -27,7 +27,7 @@
 //! without a key.
 //!
 //! ```text
-//! caller ──▶ IdempotencyKeyLayer ──▶ RetryLayer<RetryPolicy> ──▶ [timeout] ──▶ HTTP client ──▶ server
+//! caller ──▶ SetIdempotencyKeyLayer ──▶ RetryLayer<RetryPolicy> ──▶ [timeout] ──▶ HTTP client ──▶ server
 //!            (stamp once)            (attempt 1, 2, ... same key)
 //! ```
 //!
@@ -40,7 +40,7 @@
 //! use tower::{ServiceBuilder, ServiceExt, retry::RetryLayer, service_fn};
 //! use tower_idempotency::{
 //!     IdempotencyKey,
-//!     client::{IdempotencyKeyLayer, RetryPolicy},
+//!     client::{RetryPolicy, SetIdempotencyKeyLayer},
 //! };
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -61,7 +61,7 @@
 //! });
 //!
 //! let client = ServiceBuilder::new()
-//!     .layer(IdempotencyKeyLayer::new()) // outside: one key per logical request
+//!     .layer(SetIdempotencyKeyLayer::new()) // outside: one key per logical request
 //!     .layer(RetryLayer::new(RetryPolicy::new())) // inside: each attempt copies the stamped request
 //!     .service(server);
 //!
@@ -87,13 +87,13 @@
 //! use http_body_util::Full;
 //! use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 //! use tower::{ServiceBuilder, ServiceExt, retry::RetryLayer};
-//! use tower_idempotency::client::{IdempotencyKeyLayer, RetryPolicy};
+//! use tower_idempotency::client::{SetIdempotencyKeyLayer, RetryPolicy};
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 //! let client = ServiceBuilder::new()
-//!     .layer(IdempotencyKeyLayer::new())
+//!     .layer(SetIdempotencyKeyLayer::new())
 //!     .layer(RetryLayer::new(RetryPolicy::new()))
 //!     .service(http);
 //!
@@ -113,22 +113,21 @@
 //!
 //! | situation | key |
 //! | --- | --- |
-//! | one call, retried within this process | nothing to do: [`IdempotencyKeyLayer`] stamps a random key |
+//! | one call, retried within this process | nothing to do: [`SetIdempotencyKeyLayer`] stamps a random key |
 //! | the caller may crash and retry later (a job queue, a saga) | [`IdempotencyKey::random`](crate::IdempotencyKey::random), stored with the job before the first attempt, set on the request |
 //! | the request has a natural identity | [`KeyDeriver`]: `KeyDeriver::new("generate").part(user).part(prompt).part(model).finish()` |
 //! | one operation sent as many requests | a batch key, and [`for_item(i)`](crate::IdempotencyKey::for_item) per item |
 
 mod backoff;
 mod classify;
-mod keys;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
 mod retry;
 mod stamp;
 
+pub use crate::key::KeyDeriver;
 pub use backoff::{Delays, ExponentialBackoff};
 pub use classify::{Attempt, Classification, Classify, DefaultClassifier, retry_after};
-pub use keys::KeyDeriver;
 pub use retry::{RetryDelay, RetryPolicy, TryCloneBody};
-pub use stamp::{IdempotencyKeyLayer, KeyGenerator, RandomKey, ResponseFuture, SetIdempotencyKey};
+pub use stamp::{KeyGenerator, RandomKey, ResponseFuture, SetIdempotencyKey, SetIdempotencyKeyLayer};

@@ -1,7 +1,7 @@
 //! The client half for `reqwest`: a [`reqwest_middleware`] middleware that stamps one key per
 //! logical request and retries with it (cargo feature `reqwest`).
 //!
-//! [`IdempotencyMiddleware`] is [`IdempotencyKeyLayer`](super::IdempotencyKeyLayer) and a
+//! [`IdempotencyMiddleware`] is [`SetIdempotencyKeyLayer`](super::SetIdempotencyKeyLayer) and a
 //! `RetryLayer<`[`RetryPolicy`]`>` in one: it decides what to retry with the policy's
 //! [classifier](super::Classify) and waits its [backoff](super::ExponentialBackoff), the very
 //! same code as the tower stack, so both clients behave alike:

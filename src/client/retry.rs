@@ -24,7 +24,7 @@ use super::{
 /// every attempt with the same idempotency key.
 ///
 /// Put it in a [`tower::retry::RetryLayer`] *inside* an
-/// [`IdempotencyKeyLayer`](super::IdempotencyKeyLayer), so the key is stamped once and each
+/// [`SetIdempotencyKeyLayer`](super::SetIdempotencyKeyLayer), so the key is stamped once and each
 /// attempt is a copy of the stamped request (see the [module docs](super) for the stack).
 ///
 /// # What it retries
@@ -178,7 +178,7 @@ impl<C> RetryPolicy<C> {
     }
 
     /// The header that carries the key (default: `Idempotency-Key`). Set it to the same name as
-    /// the [`IdempotencyKeyLayer`](super::IdempotencyKeyLayer)'s: a `POST` or `PATCH` is only
+    /// the [`SetIdempotencyKeyLayer`](super::SetIdempotencyKeyLayer)'s: a `POST` or `PATCH` is only
     /// retried when it carries this header.
     #[must_use]
     pub fn with_header_name(mut self, header: HeaderName) -> Self {

@@ -22,13 +22,13 @@ use crate::{IdempotencyKey, headers::IDEMPOTENCY_KEY};
 ///
 /// ```
 /// use http::request::Parts;
-/// use tower_idempotency::{IdempotencyKey, client::IdempotencyKeyLayer};
+/// use tower_idempotency::{IdempotencyKey, client::SetIdempotencyKeyLayer};
 ///
 /// /// The caller's own operation id, set as a request extension.
 /// #[derive(Clone)]
 /// struct OperationId(String);
 ///
-/// let layer = IdempotencyKeyLayer::new().with_generator(|head: &Parts| match head.extensions.get::<OperationId>() {
+/// let layer = SetIdempotencyKeyLayer::new().with_generator(|head: &Parts| match head.extensions.get::<OperationId>() {
 ///     Some(OperationId(id)) => IdempotencyKey::derive("operation", [id]),
 ///     None => IdempotencyKey::random(),
 /// });
@@ -78,13 +78,13 @@ impl KeyGenerator for RandomKey {
 ///
 /// ```
 /// use http::Method;
-/// use tower_idempotency::client::IdempotencyKeyLayer;
+/// use tower_idempotency::client::SetIdempotencyKeyLayer;
 ///
-/// let layer = IdempotencyKeyLayer::new().with_methods([Method::POST, Method::PATCH, Method::DELETE]);
+/// let layer = SetIdempotencyKeyLayer::new().with_methods([Method::POST, Method::PATCH, Method::DELETE]);
 /// # let _ = layer;
 /// ```
 #[derive(Clone)]
-pub struct IdempotencyKeyLayer<G = RandomKey> {
+pub struct SetIdempotencyKeyLayer<G = RandomKey> {
     config: Arc<Config>,
     generator: G,
 }
@@ -95,7 +95,7 @@ struct Config {
     methods: Vec<Method>,
 }
 
-impl IdempotencyKeyLayer {
+impl SetIdempotencyKeyLayer {
     /// Stamps a random key on `POST` and `PATCH` requests under `Idempotency-Key`.
     #[must_use]
     pub fn new() -> Self {
@@ -106,17 +106,17 @@ impl IdempotencyKeyLayer {
     }
 }
 
-impl Default for IdempotencyKeyLayer {
+impl Default for SetIdempotencyKeyLayer {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<G> IdempotencyKeyLayer<G> {
+impl<G> SetIdempotencyKeyLayer<G> {
     /// How keys are made (default: [`RandomKey`]).
     #[must_use]
-    pub fn with_generator<G2>(self, generator: G2) -> IdempotencyKeyLayer<G2> {
-        IdempotencyKeyLayer { config: self.config, generator }
+    pub fn with_generator<G2>(self, generator: G2) -> SetIdempotencyKeyLayer<G2> {
+        SetIdempotencyKeyLayer { config: self.config, generator }
     }
 
     /// The methods whose requests get a key (default: `POST`, `PATCH`).
@@ -134,7 +134,7 @@ impl<G> IdempotencyKeyLayer<G> {
     }
 }
 
-impl<S, G: Clone> Layer<S> for IdempotencyKeyLayer<G> {
+impl<S, G: Clone> Layer<S> for SetIdempotencyKeyLayer<G> {
     type Service = SetIdempotencyKey<S, G>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -142,9 +142,9 @@ impl<S, G: Clone> Layer<S> for IdempotencyKeyLayer<G> {
     }
 }
 
-impl<G> fmt::Debug for IdempotencyKeyLayer<G> {
+impl<G> fmt::Debug for SetIdempotencyKeyLayer<G> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyKeyLayer")
+        f.debug_struct("SetIdempotencyKeyLayer")
             .field("header", &self.config.header)
             .field("methods", &self.config.methods)
             .field("generator", &std::any::type_name::<G>())
@@ -152,7 +152,7 @@ impl<G> fmt::Debug for IdempotencyKeyLayer<G> {
     }
 }
 
-/// The [`Service`] made by [`IdempotencyKeyLayer`]: stamps a key, then calls the inner service.
+/// The [`Service`] made by [`SetIdempotencyKeyLayer`]: stamps a key, then calls the inner service.
 #[derive(Clone)]
 pub struct SetIdempotencyKey<S, G = RandomKey> {
     inner: S,

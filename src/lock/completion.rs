@@ -11,7 +11,7 @@ use tokio::runtime::Handle;
 
 use super::BoxFuture;
 
-/// A store write (a record, a tombstone, a release) that is owned, not hoped for.
+/// A store write (a record, a not-retained record, a release) that is owned, not hoped for.
 ///
 /// Whoever needs its result (a body holding back its last frame, a response head waiting for
 /// a record) polls it. Dropped before it finished — the client went away, the server dropped

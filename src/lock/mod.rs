@@ -5,7 +5,7 @@
 //! - Its lease is renewed by the layer's [`Keeper`], a task of its own, whether or not the
 //!   request is being polled.
 //! - [`LockGuard::complete`] hands the lock to a [`Completion`]: from then on the record (or a
-//!   tombstone) is written whatever happens to the request, retried through store failures
+//!   not-retained record) is written whatever happens to the request, retried through store failures
 //!   until the lease is nearly spent.
 
 use std::{
@@ -18,10 +18,7 @@ use std::{
 
 use tokio::{runtime::Handle, time::Instant};
 
-use crate::{
-    Record,
-    store::{IdempotencyStore, LockToken, StoreKey},
-};
+use crate::store::{IdempotencyStore, LockToken, Record, StoreKey};
 
 mod completion;
 mod keeper;

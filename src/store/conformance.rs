@@ -30,8 +30,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::{
-    Fingerprint, IdempotencyKey, Record, ScopeId, StoredResponse,
-    store::{Begin, IdempotencyStore, LockToken, StoreKey},
+    IdempotencyKey, ScopeId,
+    store::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreKey, StoredResponse},
 };
 
 /// Lease used by the suite: short enough for real-time stores.
@@ -56,7 +56,7 @@ pub fn response(body: &'static [u8]) -> StoredResponse {
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.append("x-multi", HeaderValue::from_static("one"));
     headers.append("x-multi", HeaderValue::from_static("two"));
-    StoredResponse { status: StatusCode::CREATED, headers, body: Bytes::from_static(body), trailers: None }
+    StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(body))
 }
 
 /// [`response`] as a record.
@@ -106,12 +106,7 @@ pub async fn completed_record_is_returned_intact<S: IdempotencyStore>(store: S) 
 pub async fn empty_body_round_trips<S: IdempotencyStore>(store: S) {
     let key = fresh_key(None);
     let token = lock(&store, &key, fp(1)).await;
-    let stored = StoredResponse {
-        status: StatusCode::NO_CONTENT,
-        headers: HeaderMap::new(),
-        body: Bytes::new(),
-        trailers: None,
-    };
+    let stored = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new());
     assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
     match begin(&store, &key, fp(1)).await {
         Begin::Completed(Record::Response(got)) => assert_eq!(*got, stored),
@@ -119,8 +114,8 @@ pub async fn empty_body_round_trips<S: IdempotencyStore>(store: S) {
     }
 }
 
-/// A tombstone is kept and answered for its fingerprint only.
-pub async fn tombstone_is_kept<S: IdempotencyStore>(store: S) {
+/// A not-retained record is kept and answered for its fingerprint only.
+pub async fn not_retained_is_kept<S: IdempotencyStore>(store: S) {
     let key = fresh_key(None);
     let token = lock(&store, &key, fp(1)).await;
     assert!(store.complete(&key, &token, Record::NotRetained, TTL).await.unwrap());
@@ -344,7 +339,7 @@ where
         free_key_is_locked_then_in_flight,
         completed_record_is_returned_intact,
         empty_body_round_trips,
-        tombstone_is_kept,
+        not_retained_is_kept,
         release_frees_the_key,
         only_the_owner_writes,
         scopes_are_separate,

@@ -31,12 +31,14 @@ use std::{
     time::Duration,
 };
 
-use crate::{Fingerprint, IdempotencyKey, Record, ScopeId};
+use crate::{IdempotencyKey, ScopeId};
 
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
+mod fingerprint;
 mod memory;
+mod record;
 // Not named `redis`: that name is the re-exported client crate below.
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -53,6 +55,7 @@ pub use ::redis;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use ::sqlx;
+pub use fingerprint::Fingerprint;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -60,6 +63,7 @@ pub use postgres::{
     PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder, TransactionClosed, Transactional,
     TransactionalLayer, TransactionalResponseFuture,
 };
+pub use record::{DecodeError, Record, StoredResponse};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis_store::{RedisStore, RedisStoreBuilder};
@@ -107,6 +111,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
 /// What [`IdempotencyStore::begin`] found.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Begin {
     /// The key was free and is now locked by this token: run the request.
     Execute(LockToken),

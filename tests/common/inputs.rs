@@ -1,4 +1,4 @@
-//! Checks on arbitrary input, shared by the property tests (`tests/inputs.rs`, run in CI) and
+//! Checks on arbitrary input, shared by the property tests (`tests/layer/inputs.rs`, run in CI) and
 //! the cargo-fuzz targets (`fuzz/`), which include this file by path.
 //!
 //! - [`check_key`]: `IdempotencyKey::parse` never panics; an accepted key is 1 to 255 visible
@@ -26,7 +26,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Either, Full};
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MAX_KEY_LEN, MemoryStore, Outcome, RequestBody};
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MAX_KEY_LEN, Outcome, RequestBody, store::MemoryStore};
 
 /// Checks the key parser on one input.
 pub fn check_key(data: &[u8]) {
@@ -220,7 +220,7 @@ pub async fn check_layer(svc: &Layered, raw: &RawRequest) {
         answers.push(check_response(raw, response).await);
     }
     // A recorded first answer, received whole (however the server read it), is replayed to
-    // the request sent next — body and trailers; one over the record limit leaves a tombstone.
+    // the request sent next — body and trailers; one over the record limit leaves a not-retained record.
     if let [(Outcome::Executed, status, body, trailers), (second, status2, body2, trailers2)] = &answers[..] {
         if status.is_success() && body.len() <= MAX_RECORD {
             assert_eq!(*second, Outcome::Replayed, "a recordable response received whole is replayed next");

@@ -5,6 +5,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod outage;
+pub mod probe;
 #[cfg(feature = "redis")]
 pub mod redis;
 
@@ -23,7 +24,7 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use tower::{BoxError, Service, ServiceExt};
-use tower_idempotency::{IdempotencyLayer, IdempotencyStore, RequestBody, ResponseBody};
+use tower_idempotency::{IdempotencyLayer, RequestBody, ResponseBody, store::IdempotencyStore};
 
 pub type TestBody = BoxBody<Bytes, BoxError>;
 

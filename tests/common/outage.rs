@@ -12,7 +12,9 @@ use std::{
 use std::sync::atomic::AtomicBool;
 
 use tokio::time::Instant;
-use tower_idempotency::{Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, Record, StoreError, StoreKey};
+use tower_idempotency::store::{
+    Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, Record, StoreError, StoreKey,
+};
 
 /// `inner`, with `complete` slowed down and `complete`/`renew` failing until a set instant.
 #[derive(Clone)]

@@ -11,12 +11,9 @@ use tokio::{
     task::JoinSet,
 };
 
-use tower_idempotency::{
-    StoreKey,
-    store::{
-        RedisStore,
-        redis::{self, AsyncCommands, IntoConnectionInfo, aio::MultiplexedConnection},
-    },
+use tower_idempotency::store::{
+    RedisStore, StoreKey,
+    redis::{self, AsyncCommands, IntoConnectionInfo, aio::MultiplexedConnection},
 };
 
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";

@@ -7,9 +7,9 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{ServiceExt, service_fn};
 use tower_idempotency::{
-    IdempotencyLayer, Outcome, ScopeId, StoredResponse,
+    IdempotencyLayer, Outcome, ScopeId,
     store::{
-        Begin, IdempotencyStore, PostgresStore,
+        Begin, IdempotencyStore, PostgresStore, Record, StoredResponse,
         conformance::{self, LEASE, TTL, fp, fresh_key, lock, record},
         sqlx::{self, Row, postgres::PgPoolOptions},
     },
@@ -55,10 +55,10 @@ async fn rows_are_as_documented() {
     let encoded = row.get::<Option<Vec<u8>>, _>("response").unwrap();
     assert_eq!(StoredResponse::decode(Bytes::from(encoded)).unwrap(), stored);
 
-    // Unscoped: an empty scope. A tombstone: no response.
+    // Unscoped: an empty scope. Not retained: no response.
     let unscoped = fresh_key(None);
     let token = lock(&store, &unscoped, fp(2)).await;
-    assert!(store.complete(&unscoped, &token, tower_idempotency::Record::NotRetained, TTL).await.unwrap());
+    assert!(store.complete(&unscoped, &token, Record::NotRetained, TTL).await.unwrap());
     let sql = format!("SELECT scope, response FROM {} WHERE key = $1", store.table());
     let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(unscoped.key().as_str()).fetch_one(&db.pool).await.unwrap();
     assert_eq!(row.get::<Vec<u8>, _>("scope"), Vec::<u8>::new());
@@ -125,7 +125,7 @@ async fn records_survive_a_new_pool_and_store() {
     let pool = PgPoolOptions::new().connect(&super::database_url()).await.unwrap();
     let again = PostgresStore::builder().with_schema(&db.schema).build(pool);
     match again.begin(&key, &fp(1), LEASE).await.unwrap() {
-        Begin::Completed(tower_idempotency::Record::Response(got)) => assert_eq!(got.body, "durable"),
+        Begin::Completed(Record::Response(got)) => assert_eq!(got.body(), "durable"),
         other => panic!("{other:?}"),
     }
     db.drop().await;

@@ -21,11 +21,11 @@ use hyper_util::{
 };
 use serde_json::Value;
 use tokio::task::JoinHandle;
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, store::MemoryStore};
 
 #[path = "../../examples/server.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs, clippy::result_large_err)]
-mod server;
+pub mod server;
 
 pub use server::Stats;
 

@@ -14,9 +14,8 @@ use bytes::Bytes;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgRow};
 
 use crate::{
-    Fingerprint, Record, StoredResponse,
     background::Background,
-    store::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey},
+    store::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey, StoredResponse},
 };
 
 mod builder;
@@ -66,7 +65,7 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// | `key` | `text` | the idempotency key as sent (1 to 255 visible ASCII bytes) |
 /// | `fingerprint` | `bytea` | the fingerprint of the request that locked or completed the key (32 bytes) |
 /// | `token` | `bytea` | the lock's token (16 bytes) while locked; `NULL` once completed |
-/// | `response` | `bytea` | once completed, the response as [`StoredResponse::encode_into`] writes it; `NULL` for a tombstone |
+/// | `response` | `bytea` | once completed, the response as [`StoredResponse::encode_into`] writes it; `NULL` when not retained (`Record::NotRetained`) |
 /// | `expires_at` | `timestamptz` | the end of the lease (locked) or of the TTL (completed) |
 ///
 /// The primary key is `(scope, key)`; an index on `expires_at` serves the reaper.
@@ -214,7 +213,7 @@ fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX).min(3_155_760_000_000_000)
 }
 
-/// The `response` column of `record`: its encoding, or `None` for a tombstone (and for a
+/// The `response` column of `record`: its encoding, or `None` when not retained (and for a
 /// response with a field too large for the encoding, which cannot be kept either).
 fn encode(record: &Record) -> Option<Vec<u8>> {
     match record {

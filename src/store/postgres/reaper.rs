@@ -19,10 +19,10 @@ impl Inner {
     }
 }
 
-/// Every `every`: batches until one comes back short. A failure waits for the next round.
-/// Ends when the store is dropped.
+/// Every `every`, the first one `every` after the start: batches until one comes back short.
+/// A failure waits for the next round. Ends when the store is dropped.
 pub(super) async fn reap_forever(store: Weak<Inner>, every: Duration, _running: Running) {
-    let mut interval = tokio::time::interval(every);
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;

@@ -15,7 +15,7 @@ pub(super) mod state {
     pub(crate) const MISMATCH: i32 = 1;
     /// Locked for the same fingerprint under a live lease.
     pub(crate) const IN_FLIGHT: i32 = 2;
-    /// Completed for the same fingerprint: `response` holds the record, `NULL` a tombstone.
+    /// Completed for the same fingerprint: `response` holds the record, `NULL`: not retained.
     pub(crate) const COMPLETED: i32 = 3;
 }
 
@@ -82,7 +82,7 @@ impl Statements {
             in_flight = state::IN_FLIGHT,
             completed = state::COMPLETED,
         );
-        // $1 scope, $2 key, $3 token, $4 record (NULL: tombstone), $5 TTL in microseconds.
+        // $1 scope, $2 key, $3 token, $4 record (NULL: not retained), $5 TTL in microseconds.
         let complete = format!(
             "UPDATE {t} SET token = NULL, response = $4, \
                expires_at = clock_timestamp() + $5::float8 * interval '1 microsecond' \
@@ -143,7 +143,7 @@ pub(super) fn create_table(schema: Option<&str>, table: &str) -> String {
              key         text        NOT NULL, -- the Idempotency-Key, 1 to 255 visible ASCII bytes\n    \
              fingerprint bytea       NOT NULL, -- SHA-256 of the request (32 bytes)\n    \
              token       bytea,                -- the lock's token (16 bytes) while locked; NULL once completed\n    \
-             response    bytea,                -- the recorded response once completed; NULL: locked, or a tombstone\n    \
+             response    bytea,                -- the recorded response once completed; NULL: locked, or not retained\n    \
              expires_at  timestamptz NOT NULL, -- end of the lease (locked) or of the TTL (completed)\n    \
              PRIMARY KEY (scope, key)\n\
          );\n\

@@ -1,12 +1,12 @@
-//! The binary layout of one Redis value: a lock, a recorded response or a tombstone.
+//! The binary layout of one Redis value: a lock, a recorded response or a not-retained record.
 //!
 //! ```text
 //! offset  bytes  field
-//! 0       1      tag: b'L' lock | b'R' response | b'T' tombstone
+//! 0       1      tag: b'L' lock | b'R' response | b'T' not-retained record
 //! 1       32     fingerprint of the request that locked or completed the key
 //! ---- lock: 49 bytes in all
 //! 33      16     lock token id, big-endian
-//! ---- tombstone: 33 bytes in all
+//! ---- not-retained record: 33 bytes in all
 //! ---- response:
 //! 33      2      status, big-endian
 //! 35      2      header field count N, big-endian
@@ -23,14 +23,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::{Fingerprint, LockToken, Record, StoreError, StoredResponse};
+use crate::store::{Fingerprint, LockToken, Record, StoreError, StoredResponse};
 
 /// Tag of an in-flight lock.
 pub(super) const LOCK: u8 = b'L';
 /// Tag of a recorded response.
 pub(super) const RESPONSE: u8 = b'R';
-/// Tag of a tombstone (the response was not retained).
-pub(super) const TOMBSTONE: u8 = b'T';
+/// Tag of a not-retained record (the response was not retained).
+pub(super) const NOT_RETAINED: u8 = b'T';
 
 /// Bytes before any tag-specific field: the tag and the fingerprint.
 const PREFIX_LEN: usize = 1 + 32;
@@ -50,27 +50,27 @@ pub(super) fn lock_value(token: &LockToken) -> [u8; LOCK_LEN] {
 /// [`StoredResponse::encode_into`]'s layout.
 ///
 /// A response with a field too large for the layout (a header map of more than 65 535 fields,
-/// a value over 4 GiB) cannot be kept, so it becomes a tombstone, like any response too large
+/// a value over 4 GiB) cannot be kept, so it becomes a not-retained record, like any response too large
 /// to retain.
 pub(super) fn encode_record(fingerprint: &Fingerprint, record: &Record) -> Vec<u8> {
-    let Record::Response(response) = record else { return tombstone(fingerprint) };
+    let Record::Response(response) = record else { return not_retained(fingerprint) };
     let mut out = Vec::with_capacity(PREFIX_LEN + response.encoded_len());
     out.push(RESPONSE);
     out.extend_from_slice(fingerprint.as_bytes());
     match response.encode_into(&mut out) {
         Some(()) => out,
-        None => tombstone(fingerprint),
+        None => not_retained(fingerprint),
     }
 }
 
-fn tombstone(fingerprint: &Fingerprint) -> Vec<u8> {
+fn not_retained(fingerprint: &Fingerprint) -> Vec<u8> {
     let mut out = Vec::with_capacity(PREFIX_LEN);
-    out.push(TOMBSTONE);
+    out.push(NOT_RETAINED);
     out.extend_from_slice(fingerprint.as_bytes());
     out
 }
 
-/// Decodes a completed record (a response or a tombstone). The body and header values are
+/// Decodes a completed record (a response or a not-retained record). The body and header values are
 /// slices of `value`, not copies.
 pub(super) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
     if value.len() < PREFIX_LEN {
@@ -78,11 +78,11 @@ pub(super) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
     }
     // The fingerprint, already compared by the script, is skipped.
     match value[0] {
-        TOMBSTONE if value.len() == PREFIX_LEN => Ok(Record::NotRetained),
+        NOT_RETAINED if value.len() == PREFIX_LEN => Ok(Record::NotRetained),
         RESPONSE => StoredResponse::decode(Bytes::from(value).slice(PREFIX_LEN..))
             .map(|response| Record::Response(Arc::new(response)))
             .map_err(|error| corrupt(error.0)),
-        TOMBSTONE => Err(corrupt("trailing bytes after a tombstone")),
+        NOT_RETAINED => Err(corrupt("trailing bytes after a not-retained record")),
         LOCK => Err(corrupt("a lock where a record was expected")),
         _ => Err(corrupt("unknown value tag")),
     }
@@ -109,12 +109,8 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("two"));
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        StoredResponse {
-            status: StatusCode::CREATED,
-            headers,
-            body: Bytes::from_static(b"\x00\xff{\"id\":1}\r\n"),
-            trailers: Some(trailers),
-        }
+        StoredResponse::new(StatusCode::CREATED, headers, Bytes::from_static(b"\x00\xff{\"id\":1}\r\n"))
+            .with_trailers(trailers)
     }
 
     #[test]
@@ -147,12 +143,7 @@ mod tests {
 
     #[test]
     fn no_trailers_and_empty_body() {
-        let stored = StoredResponse {
-            status: StatusCode::NO_CONTENT,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            trailers: None,
-        };
+        let stored = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new());
         let encoded = encode_record(&fp(), &Record::Response(Arc::new(stored.clone())));
         assert_eq!(encoded.len(), 33 + 2 + 2 + 1);
         match decode_record(encoded).unwrap() {
@@ -162,7 +153,7 @@ mod tests {
     }
 
     #[test]
-    fn tombstone_round_trips() {
+    fn not_retained_round_trips() {
         let encoded = encode_record(&fp(), &Record::NotRetained);
         assert_eq!(encoded.len(), 33);
         assert_eq!(encoded[0], b'T');
@@ -192,8 +183,8 @@ mod tests {
         assert!(decode_record(bad).unwrap_err().is_corrupt());
         let token = LockToken::from_parts(1, fp());
         assert!(decode_record(lock_value(&token).to_vec()).unwrap_err().is_corrupt());
-        let mut tombstone = encode_record(&fp(), &Record::NotRetained);
-        tombstone.push(0);
-        assert!(decode_record(tombstone).unwrap_err().is_corrupt());
+        let mut not_retained = encode_record(&fp(), &Record::NotRetained);
+        not_retained.push(0);
+        assert!(decode_record(not_retained).unwrap_err().is_corrupt());
     }
 }

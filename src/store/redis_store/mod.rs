@@ -4,14 +4,14 @@
 //! - `builder.rs`: [`RedisStoreBuilder`];
 //! - `connection.rs`: the connection an operation goes out on, and sending one command;
 //! - `scripts.rs`: the Lua script of each operation;
-//! - `codec.rs`: the values it keeps (lock, record, tombstone).
+//! - `codec.rs`: the values it keeps (lock, record, not-retained record).
 
 use std::{fmt, sync::Arc, time::Duration};
 
 use ::redis::{Pipeline, RedisError, Value};
 
 use super::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey};
-use crate::{Fingerprint, Record};
+use crate::store::{Fingerprint, Record};
 
 mod builder;
 mod codec;
@@ -107,11 +107,11 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 ///
 /// ```text
 /// offset  bytes  field
-/// 0       1      tag: 'L' lock | 'R' response | 'T' tombstone
+/// 0       1      tag: 'L' lock | 'R' response | 'T' not-retained record
 /// 1       32     fingerprint of the request that locked or completed the key
 /// ---- lock: 49 bytes in all
 /// 33      16     lock token id, big-endian
-/// ---- tombstone: 33 bytes in all
+/// ---- not-retained record: 33 bytes in all
 /// ---- response:
 /// 33      2      status, big-endian u16
 /// 35      2      header field count N, big-endian u16
@@ -135,7 +135,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// 36-byte key (a UUID), a response with one header (`content-type: application/json`), by
 /// the test `memory_per_record_is_as_documented`:
 ///
-/// | key | lock | tombstone | record, empty body | record, 10 000-byte body |
+/// | key | lock | not-retained record | record, empty body | record, 10 000-byte body |
 /// | --- | --- | --- | --- | --- |
 /// | unscoped (43-byte Redis key) | 152 B | 136 B | 168 B | 10 328 B |
 /// | scoped (106-byte Redis key) | 216 B | 200 B | 232 B | 10 392 B |

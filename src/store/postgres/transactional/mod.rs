@@ -78,7 +78,7 @@ mod run;
 ///    executes again. A recordable response is buffered whole, **up to the record limit**
 ///    ([`with_max_record`](crate::IdempotencyLayer::with_max_record), default 1 MiB): a larger
 ///    one rolls back and the client gets `500` `response-too-large` (the response cannot be
-///    streamed before the commit, and the plain layer's tombstone would commit work whose
+///    streamed before the commit, and the plain layer's not-retained record would commit work whose
 ///    response no retry could ever see); a body that fails rolls back too (`503`
 ///    `transaction-failed`).
 /// 5. The record is written in the transaction, the transaction commits, then the response

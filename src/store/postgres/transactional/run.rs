@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, Request, Response, request, response};
+use http::{HeaderMap, Request, Response, request};
 use http_body::Body;
 use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
@@ -13,14 +13,14 @@ use tower::{Service, ServiceExt};
 
 use super::super::{PgTransaction, PostgresStore, begin_on, micros, scope_bytes};
 use crate::{
-    IdempotencyKey, Outcome, Record, StoredResponse,
+    IdempotencyKey, Outcome,
     body::{BufferError, RequestBody, ResponseBody, buffer},
     config::{Config, InFlight},
     execute::stored_headers,
-    fingerprint::Fingerprint,
     problem::ProblemKind,
+    replay::replay,
     service::problem_response,
-    store::{Begin, LockToken, StoreKey},
+    store::{Begin, Fingerprint, LockToken, Record, StoreKey, StoredResponse},
 };
 
 /// PostgreSQL's `lock_not_available`: a `lock_timeout` ran out.
@@ -116,12 +116,11 @@ impl<S> Run<S> {
             head.extensions.insert(Outcome::Executed);
             return Ok(Response::from_parts(head, ResponseBody::full(data, trailers)));
         }
-        let record = StoredResponse {
-            status: head.status,
-            headers: stored_headers(&head.headers, &config.unstored_headers),
-            body: data.clone(),
-            trailers: trailers.clone(),
-        };
+        let mut record =
+            StoredResponse::new(head.status, stored_headers(&head.headers, &config.unstored_headers), data.clone());
+        if let Some(trailers) = &trailers {
+            record = record.with_trailers(trailers.clone());
+        }
         if let Err(error) = record_and_commit(&store, transaction, &key, token, &record, config.ttl).await {
             tracing::warn!(%error, "idempotency: the request's transaction did not commit; nothing was kept");
             return Ok(problem(ProblemKind::TransactionFailed, Some(retry_after)));
@@ -213,7 +212,7 @@ async fn record_and_commit(
     ttl: Duration,
 ) -> Result<(), sqlx::Error> {
     let mut encoded = Vec::with_capacity(record.encoded_len());
-    // A response with a field too large for the encoding cannot be kept: a tombstone.
+    // A response with a field too large for the encoding cannot be kept: not retained.
     let encoded = record.encode_into(&mut encoded).map(|()| encoded);
     let written = sqlx::query(AssertSqlSafe(store.inner.statements.record_held.clone()))
         .bind(scope_bytes(key))
@@ -271,13 +270,6 @@ where
         }
     }
     Collected::Whole(data.freeze(), trailers)
-}
-
-/// A completed record, replayed.
-fn replay<B: Body>(record: Arc<StoredResponse>) -> Response<ResponseBody<B>> {
-    let (mut head, body, trailers): (response::Parts, _, _) = record.replay();
-    head.extensions.insert(Outcome::Replayed);
-    Response::from_parts(head, ResponseBody::full(body, trailers))
 }
 
 #[cfg(test)]

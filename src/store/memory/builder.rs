@@ -1,0 +1,77 @@
+//! The bounds of a `MemoryStore`, and their defaults.
+
+use std::{
+    collections::VecDeque,
+    hash::RandomState,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize},
+    },
+    time::Duration,
+};
+
+use dashmap::DashMap;
+
+use super::{Inner, MemoryStore};
+use crate::background::Background;
+
+/// Default bound on entries (locks and completed records).
+const DEFAULT_MAX_ENTRIES: usize = 100_000;
+/// Default bound on the bytes held by completed records (bodies and headers).
+const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
+/// Default period of the background sweep that frees expired entries.
+const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Builds a [`MemoryStore`] with non-default bounds.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MemoryStoreBuilder {
+    max_entries: usize,
+    max_bytes: usize,
+    sweep_interval: Duration,
+}
+
+impl MemoryStoreBuilder {
+    /// The most entries (locks plus completed records) the store holds. Default: 100 000.
+    pub fn with_max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max.max(1);
+        self
+    }
+
+    /// The most bytes of recorded responses (bodies, headers, trailers) the store holds.
+    /// Default: 256 MiB.
+    pub fn with_max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max;
+        self
+    }
+
+    /// How often expired entries are freed in the background. Default: 1 s.
+    pub fn with_sweep_interval(mut self, every: Duration) -> Self {
+        self.sweep_interval = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                map: DashMap::default(),
+                ids: [RandomState::new(), RandomState::new()],
+                completed: Mutex::new(VecDeque::new()),
+                entries: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                seq: AtomicU64::new(0),
+                sweeper: Background::default(),
+                max_entries: self.max_entries,
+                max_bytes: self.max_bytes,
+                sweep_interval: self.sweep_interval,
+            }),
+        }
+    }
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        Self { max_entries: DEFAULT_MAX_ENTRIES, max_bytes: DEFAULT_MAX_BYTES, sweep_interval: DEFAULT_SWEEP_INTERVAL }
+    }
+}

@@ -1,0 +1,316 @@
+//! The in-memory store: one process, no setup.
+//!
+//! - `mod.rs`: the store, its map and bounds, the sweep, the trait impl.
+//! - `slot.rs`: what the map holds (a lock or a record, keyed by a keyed hash).
+//! - `builder.rs`: the bounds and their defaults.
+
+use std::{
+    collections::VecDeque,
+    fmt,
+    hash::{BuildHasher, BuildHasherDefault, RandomState},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use dashmap::{DashMap, mapref::entry::Entry};
+use tokio::time::Instant;
+
+mod builder;
+mod slot;
+
+pub use builder::MemoryStoreBuilder;
+use slot::{KeyId, KeyIdHasher, Slot, Stored, later};
+
+use super::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey};
+use crate::background::{Background, Running};
+
+/// An in-memory [`IdempotencyStore`]: a sharded concurrent map (`dashmap`), for one process.
+///
+/// - **Expiry.** A background task (started on first use inside a tokio runtime, stopped when
+///   the last clone of the store is dropped) frees expired records and abandoned locks every
+///   [sweep interval](MemoryStoreBuilder::with_sweep_interval), whether or not a request touches
+///   them. When the runtime it runs on shuts down, the next use of the store on another
+///   runtime starts it again there. Expired entries are also treated as absent the moment
+///   they expire, by every operation.
+/// - **Bounds.** At most [`with_max_entries`](MemoryStoreBuilder::with_max_entries) entries and
+///   [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) of recorded responses. Past either, the
+///   oldest completed records are evicted first; an in-flight lock is never evicted. When only
+///   locks remain, `begin` on a new key fails with [`StoreError::is_capacity`] (the layer
+///   answers `503`), and nothing is overwritten. A single record larger than `max_bytes` is
+///   kept as a not-retained record.
+/// - **Time** is `tokio::time::Instant`, so tests can pause and advance it.
+/// - **Memory.** An entry is keyed by a 128-bit keyed hash of the store key (two SipHash-1-3
+///   digests under random per-store keys: no one outside the process can make two keys
+///   collide), not by the key itself, and a record is kept as one exact-size buffer
+///   ([`StoredResponse`](super::StoredResponse) encoded, body included) that replays decode without copying. A
+///   record then costs its body and header bytes plus under 200 bytes (see
+///   `cargo bench --bench memory`).
+///
+/// Cloning is cheap and clones share the same entries.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<KeyId, Slot, BuildHasherDefault<KeyIdHasher>>,
+    /// The keys of the two hashes that make a [`KeyId`].
+    ids: [RandomState; 2],
+    /// Completed records, oldest first, for eviction. An element whose `seq` no longer matches
+    /// the map is stale and skipped.
+    completed: Mutex<VecDeque<(KeyId, u64)>>,
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+    seq: AtomicU64,
+    /// The background sweep.
+    sweeper: Background,
+    max_entries: usize,
+    max_bytes: usize,
+    sweep_interval: Duration,
+}
+
+impl MemoryStore {
+    /// A store with the default bounds (100 000 entries, 256 MiB of records).
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder for bounds and the sweep interval.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// Entries held now: locks plus completed records, including expired ones not yet swept.
+    pub fn len(&self) -> usize {
+        self.inner.entries.load(Ordering::Acquire)
+    }
+
+    /// Whether the store holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](super::StoredResponse::weight)).
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Acquire)
+    }
+
+    /// Frees every expired entry now (the background sweep does this on its own).
+    pub fn sweep(&self) {
+        self.inner.sweep(Instant::now());
+    }
+
+    /// Starts the sweep on the current runtime, or again if the runtime that ran it ended.
+    fn ensure_sweeper(&self) {
+        let (store, every) = (Arc::downgrade(&self.inner), self.inner.sweep_interval);
+        self.inner.sweeper.ensure(|running| sweep_forever(store, every, running));
+    }
+}
+
+async fn sweep_forever(store: Weak<Inner>, every: Duration, _running: Running) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = store.upgrade() else { return };
+        inner.sweep(Instant::now());
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.len())
+            .field("bytes", &self.bytes())
+            .field("max_entries", &self.inner.max_entries)
+            .field("max_bytes", &self.inner.max_bytes)
+            .finish()
+    }
+}
+
+impl Inner {
+    fn id(&self, key: &StoreKey) -> KeyId {
+        KeyId([self.ids[0].hash_one(key), self.ids[1].hash_one(key)])
+    }
+
+    fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
+        let now = Instant::now();
+        let id = self.id(key);
+        if let Some(mut slot) = self.map.get_mut(&id) {
+            return self.begin_existing(&mut slot, fingerprint, lease, now);
+        }
+        // A new key: make room first, outside any shard lock (eviction touches other shards).
+        self.reserve_entry()?;
+        match self.map.entry(id) {
+            Entry::Occupied(mut slot) => {
+                // Another caller inserted the key meanwhile.
+                self.entries.fetch_sub(1, Ordering::AcqRel);
+                self.begin_existing(slot.get_mut(), fingerprint, lease, now)
+            }
+            Entry::Vacant(vacant) => {
+                let token = LockToken::new(*fingerprint);
+                vacant.insert(Slot::Locked { token, lease_until: later(now, lease) });
+                Ok(Begin::Execute(token))
+            }
+        }
+    }
+
+    fn begin_existing(
+        &self,
+        slot: &mut Slot,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        now: Instant,
+    ) -> Result<Begin, StoreError> {
+        if !slot.expired(now) {
+            let (held_for, completed) = match slot {
+                Slot::Locked { token, .. } => (token.fingerprint(), None),
+                Slot::Completed { fingerprint, record, .. } => (&*fingerprint, Some(record)),
+            };
+            return match (held_for == fingerprint, completed) {
+                (false, _) => Ok(Begin::Mismatch),
+                (true, None) => Ok(Begin::InFlight),
+                (true, Some(record)) => record.to_record().map(Begin::Completed),
+            };
+        }
+        // Expired: take the key over in place. A stale queue element is skipped later.
+        self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+        let token = LockToken::new(*fingerprint);
+        *slot = Slot::Locked { token, lease_until: later(now, lease) };
+        Ok(Begin::Execute(token))
+    }
+
+    /// Counts one more entry, evicting the oldest completed records while over the bound.
+    ///
+    /// Fails only when the eviction queue runs dry while still over the bound (only locks
+    /// left). Other callers reserving at the same time may push the count over again; the
+    /// loop then evicts for them too, rather than failing this caller.
+    fn reserve_entry(&self) -> Result<(), StoreError> {
+        let held = self.entries.fetch_add(1, Ordering::AcqRel) + 1;
+        if held <= self.max_entries {
+            return Ok(());
+        }
+        if self.evict_while(|| self.entries.load(Ordering::Acquire) > self.max_entries) {
+            return Ok(());
+        }
+        self.entries.fetch_sub(1, Ordering::AcqRel);
+        Err(StoreError::capacity())
+    }
+
+    /// Evicts the oldest completed records (never a lock) while `over()` holds. Returns
+    /// whether `over()` stopped holding (`false`: nothing left to evict).
+    fn evict_while(&self, over: impl Fn() -> bool) -> bool {
+        let mut queue = self.completed.lock().unwrap_or_else(|e| e.into_inner());
+        while over() {
+            let Some((key, seq)) = queue.pop_front() else { return false };
+            self.remove_completed(&key, seq);
+        }
+        true
+    }
+
+    fn remove_completed(&self, key: &KeyId, seq: u64) {
+        let removed = self.map.remove_if(key, |_, slot| matches!(slot, Slot::Completed { seq: s, .. } if *s == seq));
+        if let Some((_, slot)) = removed {
+            self.entries.fetch_sub(1, Ordering::AcqRel);
+            self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+        }
+    }
+
+    fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> bool {
+        let record_weight = record.weight();
+        // Encoded outside the shard lock. A record over the whole budget, or one the encoding
+        // cannot hold, is kept as a not-retained record, which counts no bytes.
+        let stored = if record_weight > self.max_bytes { Stored::NotRetained } else { Stored::new(&record) };
+        let weight = match &stored {
+            Stored::Response(_) => record_weight,
+            Stored::NotRetained => 0,
+        };
+        let id = self.id(key);
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        {
+            let Some(mut slot) = self.map.get_mut(&id) else { return false };
+            let now = Instant::now();
+            if !slot.is_live_lock(lock, now) {
+                return false;
+            }
+            let fingerprint = *lock.fingerprint();
+            *slot = Slot::Completed { fingerprint, record: stored, expires_at: later(now, ttl), seq, weight };
+            self.bytes.fetch_add(weight, Ordering::AcqRel);
+        }
+        self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((id, seq));
+        if self.bytes.load(Ordering::Acquire) > self.max_bytes {
+            self.evict_while(|| self.bytes.load(Ordering::Acquire) > self.max_bytes);
+        }
+        true
+    }
+
+    fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> bool {
+        let now = Instant::now();
+        match self.map.get_mut(&self.id(key)).as_deref_mut() {
+            Some(Slot::Locked { token, lease_until }) if token == lock && *lease_until > now => {
+                *lease_until = later(now, lease);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn release(&self, key: &StoreKey, lock: &LockToken) -> bool {
+        let now = Instant::now();
+        let removed = self.map.remove_if(&self.id(key), |_, slot| slot.is_live_lock(lock, now));
+        if removed.is_some() {
+            self.entries.fetch_sub(1, Ordering::AcqRel);
+        }
+        removed.is_some()
+    }
+
+    fn sweep(&self, now: Instant) {
+        self.map.retain(|_, slot| {
+            if !slot.expired(now) {
+                return true;
+            }
+            self.entries.fetch_sub(1, Ordering::AcqRel);
+            self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+            false
+        });
+        // Drop queue elements whose record is gone, so the queue does not outgrow the map.
+        let mut queue = self.completed.lock().unwrap_or_else(|e| e.into_inner());
+        queue.retain(|(key, seq)| {
+            self.map.get(key).is_some_and(|slot| matches!(&*slot, Slot::Completed { seq: s, .. } if s == seq))
+        });
+    }
+}
+
+impl IdempotencyStore for MemoryStore {
+    async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
+        self.ensure_sweeper();
+        self.inner.begin(key, fingerprint, lease)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.inner.complete(key, lock, record, ttl))
+    }
+
+    async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
+        Ok(self.inner.renew(key, lock, lease))
+    }
+
+    async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
+        Ok(self.inner.release(key, lock))
+    }
+}

@@ -1,0 +1,16 @@
+//! The layer in process, through `tower::ServiceExt`: what each request gets, the answers the layer
+//! makes itself, inputs, security, gRPC, races, faults, the flood bound and completion.
+//!
+//! One binary per area (as tower groups its tests); each file is one former test binary.
+
+mod answers;
+mod behaviour;
+#[path = "../common/mod.rs"]
+mod common;
+mod completion;
+mod concurrency;
+mod faults;
+mod flood;
+mod grpc;
+mod inputs;
+mod security;

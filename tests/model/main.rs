@@ -1,0 +1,8 @@
+//! Random programs against a model of the SPEC, and random faults under load.
+//!
+//! One binary per area (as tower groups its tests); each file is one former test binary.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod fault_injection;
+mod layer_model;

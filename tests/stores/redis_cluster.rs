@@ -1,0 +1,200 @@
+//! `RedisStore` on Redis Cluster: the shared conformance suite, keys spread over the nodes
+//! without hash tags, replicas racing, lazy connection, scripts lost by the nodes.
+//!
+//! The cluster: `REDIS_CLUSTER_URLS` (comma-separated node URLs) when set, and then a cluster
+//! that does not answer fails the test. Otherwise the test starts a three-node cluster of its
+//! own with `redis-server` (stopped when the test ends) and is skipped, saying so, when
+//! `redis-server` is not installed. Everything runs in one test so the cluster is made once.
+#![cfg(feature = "redis-cluster")]
+
+use crate::common;
+
+use std::{
+    io::Write,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::{
+    conformance::{self, LEASE, TTL, fp, fresh_key, lock, race_begins, record},
+    redis::{closed_port, run_prefix},
+};
+use tower_idempotency::{
+    ScopeId,
+    store::{
+        Begin, IdempotencyStore, Record, RedisStore,
+        redis::{self, AsyncCommands, cluster::ClusterClient},
+    },
+};
+
+/// Three `redis-server` cluster nodes this test started; stopped and removed on drop (also
+/// when the test panics).
+struct LocalCluster {
+    nodes: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Ports nothing listens on now (bound and released).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+async fn query<T: redis::FromRedisValue>(url: &str, args: &[&str]) -> redis::RedisResult<T> {
+    let mut connection = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+    redis::cmd(args[0]).arg(&args[1..]).query_async(&mut connection).await
+}
+
+async fn wait_until<F: AsyncFn() -> bool>(what: &str, check: F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "the local Redis Cluster never got {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts three master nodes, gives each a third of the slots, joins them.
+async fn start_local_cluster() -> (LocalCluster, Vec<String>) {
+    let dir = std::env::temp_dir().join(format!("idem-cluster-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports = free_ports(6);
+    let mut cluster = LocalCluster { nodes: Vec::new(), dir: dir.clone() };
+    for i in 0..3 {
+        let (port, bus) = (ports[i].to_string(), ports[i + 3].to_string());
+        let node = Command::new("redis-server")
+            .args(["--port", &port, "--cluster-port", &bus, "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf"), "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        cluster.nodes.push(node);
+    }
+    let urls: Vec<String> = ports[..3].iter().map(|p| format!("redis://127.0.0.1:{p}")).collect();
+    for url in &urls {
+        wait_until("its nodes up", async || query::<String>(url, &["PING"]).await.is_ok()).await;
+    }
+    for (url, (first, last)) in urls.iter().zip([(0, 5460), (5461, 10922), (10923, 16383)]) {
+        let _: () = query(url, &["CLUSTER", "ADDSLOTSRANGE", &first.to_string(), &last.to_string()]).await.unwrap();
+    }
+    for i in 1..3 {
+        let (port, bus) = (ports[i].to_string(), ports[i + 3].to_string());
+        let _: () = query(&urls[0], &["CLUSTER", "MEET", "127.0.0.1", &port, &bus]).await.unwrap();
+    }
+    for url in &urls {
+        wait_until("every slot served and every node known", async || {
+            let info: String = query(url, &["CLUSTER", "INFO"]).await.unwrap_or_default();
+            info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
+        })
+        .await;
+    }
+    (cluster, urls)
+}
+
+/// The cluster to test against, or `None` (having said so) when there is none.
+async fn cluster() -> Option<(Option<LocalCluster>, Vec<String>)> {
+    if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+        if let Err(error) = ClusterClient::new(urls.clone()).unwrap().get_async_connection().await {
+            panic!("REDIS_CLUSTER_URLS is set to {urls:?} but the cluster does not answer: {error}");
+        }
+        return Some((None, urls));
+    }
+    if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping Redis Cluster tests: redis-server is not installed and REDIS_CLUSTER_URLS is not set"
+        );
+        return None;
+    }
+    let (local, urls) = start_local_cluster().await;
+    Some((Some(local), urls))
+}
+
+async fn store(urls: &[String]) -> RedisStore {
+    RedisStore::builder().with_prefix(run_prefix()).connect_cluster(urls.iter().map(String::as_str)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_on_redis_cluster() {
+    let Some((_local, urls)) = cluster().await else { return };
+
+    // The shared suite, unchanged.
+    conformance::run(|| store(&urls), tokio::time::sleep).await;
+
+    // Keys spread over every node, with no hash tag and no CROSSSLOT error: each operation
+    // touches one key.
+    let store = store(&urls).await;
+    let mut spread = Vec::new();
+    for i in 0..60 {
+        let key = fresh_key(if i % 2 == 0 { None } else { Some(ScopeId::digest("tenant")) });
+        let token = lock(&store, &key, fp(1)).await;
+        assert!(store.complete(&key, &token, record(b"spread"), TTL).await.unwrap());
+        spread.push(key);
+    }
+    let mut nodes_holding_keys = 0;
+    for url in &urls {
+        let mut node = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let pattern = format!("{}*", run_prefix());
+        let keys: Vec<String> = node.keys(pattern).await.unwrap();
+        nodes_holding_keys += usize::from(!keys.is_empty());
+    }
+    assert_eq!(nodes_holding_keys, urls.len(), "keys land on every node");
+    for key in &spread {
+        assert!(matches!(store.begin(key, &fp(1), LEASE).await.unwrap(), Begin::Completed(_)));
+    }
+
+    // Two replicas, 200 concurrent begins on one key: one executes.
+    let replicas = [Arc::new(store.clone()), Arc::new(self::store(&urls).await)];
+    race_begins(&replicas, &fresh_key(None), 200, Duration::from_secs(5)).await;
+
+    // Every node forgets its scripts (a restart, a failover): loaded again where needed.
+    for url in &urls {
+        let _: () = query(url, &["SCRIPT", "FLUSH"]).await.unwrap();
+    }
+    let key = fresh_key(Some(ScopeId::digest("tenant")));
+    let token = lock(&store, &key, fp(1)).await;
+    for url in &urls {
+        let _: () = query(url, &["SCRIPT", "FLUSH"]).await.unwrap();
+    }
+    assert!(store.renew(&key, &token, LEASE).await.unwrap());
+    assert!(store.complete(&key, &token, record(b"after a flush"), TTL).await.unwrap());
+    match store.begin(&key, &fp(1), LEASE).await.unwrap() {
+        Begin::Completed(Record::Response(got)) => assert_eq!(&got.body()[..], b"after a flush"),
+        other => panic!("expected the record, got {other:?}"),
+    }
+
+    // Built lazily on a client: no connection until the first operation, which works.
+    let lazy = RedisStore::builder().with_prefix(run_prefix()).build_cluster(ClusterClient::new(urls.clone()).unwrap());
+    assert!(format!("{lazy:?}").contains("not yet connected"));
+    let key = fresh_key(None);
+    lock(&lazy, &key, fp(1)).await;
+    assert!(matches!(lazy.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
+
+    // A cluster that is not there: a store error, promptly, on every operation.
+    let nowhere = format!("redis://{}", closed_port().await);
+    let down = RedisStore::builder()
+        .with_command_timeout(Duration::from_millis(500))
+        .build_cluster(ClusterClient::new(vec![nowhere]).unwrap());
+    for _ in 0..2 {
+        let started = Instant::now();
+        let error = down.begin(&fresh_key(None), &fp(1), LEASE).await.unwrap_err();
+        assert!(error.is_unavailable() || error.is_timeout(), "{error:?}");
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
+}

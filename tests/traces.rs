@@ -1,0 +1,99 @@
+//! SPEC 5: a `tracing` event for every outcome, inside an `idempotency` span on the guarded
+//! path, and never the key itself.
+//!
+//! A binary of its own: `tracing` caches each callsite's interest process-wide, and a test
+//! that reaches a callsite first on a thread without a subscriber would switch it off for the
+//! scoped subscriber here (tokio-rs/tracing's callsite cache; `tests/alloc.rs` is alone for the
+//! same reason, its global allocator).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::{
+    fmt::Debug,
+    sync::{Arc, Mutex},
+};
+
+use common::{Runs, post, send, service};
+use http::Method;
+use tower_idempotency::IdempotencyLayer;
+use tracing::{
+    Event, Subscriber,
+    field::{Field, Visit},
+    span,
+};
+use tracing_subscriber::{Layer, layer::Context, prelude::*, registry::LookupSpan};
+
+/// One logged event or span: its `outcome` field (if any), its full text, and the name of the
+/// span it was in.
+type Line = (Option<String>, String, Option<String>);
+
+/// Everything the layer logged.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<Line>>>);
+
+struct Fields {
+    outcome: Option<String>,
+    text: String,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "outcome" {
+            self.outcome = Some(value.to_owned());
+        }
+        self.text.push_str(&format!(" {}={value}", field.name()));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        self.text.push_str(&format!(" {}={value:?}", field.name()));
+    }
+}
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Captured {
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut fields = Fields { outcome: None, text: String::new() };
+        event.record(&mut fields);
+        let span = ctx.event_span(event).map(|span| span.name().to_owned());
+        self.0.lock().unwrap().push((fields.outcome, fields.text, span));
+    }
+
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, _: &span::Id, _: Context<'_, S>) {
+        let mut fields = Fields { outcome: None, text: String::new() };
+        attrs.record(&mut fields);
+        self.0.lock().unwrap().push((None, fields.text, None));
+    }
+}
+
+#[tokio::test]
+async fn every_outcome_is_logged_in_a_span_without_the_key() {
+    const KEY: &str = "a-very-secret-key-123";
+    let captured = Captured::default();
+    let _guard = tracing_subscriber::registry().with(captured.clone()).set_default();
+
+    let runs = Runs::default();
+    let svc = service(IdempotencyLayer::new(), runs.clone());
+    let mut get = post("/orders", KEY, "{}");
+    *get.method_mut() = Method::GET;
+    send(&svc, get).await; // bypassed
+    send(&svc, post("/orders", KEY, "{}")).await; // executed
+    send(&svc, post("/orders", KEY, "{}")).await; // replayed
+    send(&svc, post("/orders", KEY, "other")).await; // key reused
+    let mut invalid = post("/orders", KEY, "{}");
+    invalid.headers_mut().insert("idempotency-key", "has space".parse().unwrap());
+    send(&svc, invalid).await; // invalid key
+
+    let events = captured.0.lock().unwrap().clone();
+    let outcomes: Vec<&str> = events.iter().filter_map(|(outcome, ..)| outcome.as_deref()).collect();
+    for expected in ["bypassed", "executed", "replayed", "key_reused", "invalid_key"] {
+        assert!(outcomes.contains(&expected), "no event for {expected}: {outcomes:?}");
+    }
+    for (outcome, _, span) in &events {
+        if matches!(outcome.as_deref(), Some("executed" | "replayed" | "key_reused")) {
+            assert_eq!(span.as_deref(), Some("idempotency"), "guarded outcomes are logged in the request's span");
+        }
+    }
+    for (_, text, _) in &events {
+        assert!(!text.contains(KEY), "a log line carries the key: {text}");
+    }
+}
