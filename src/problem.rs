@@ -451,7 +451,10 @@ mod tests {
             }
         }
         let retryable: Vec<_> = ProblemKind::ALL.iter().filter(|kind| kind.is_retryable()).collect();
-        assert_eq!(retryable, [&ProblemKind::InFlight, &ProblemKind::StoreUnavailable]);
+        assert_eq!(
+            retryable,
+            [&ProblemKind::InFlight, &ProblemKind::StoreUnavailable, &ProblemKind::TransactionFailed]
+        );
     }
 
     #[test]
