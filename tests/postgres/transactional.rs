@@ -254,3 +254,21 @@ async fn a_waiting_duplicate_replays_once_the_first_commits_or_executes_once_it_
     assert_eq!((s.items().await, s.keys().await), (2, 2));
     s.db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_duplicate_gets_409_past_the_wait_timeout() {
+    let timeout = Duration::from_millis(300);
+    let s = setup(|layer| layer.with_in_flight(InFlight::Wait { timeout })).await;
+    let router = s.router.clone();
+    let first = tokio::spawn(async move { send(&router, "k1", r#"{"id":1}"#, &[("x-gate", "1")]).await });
+    eventually(Duration::from_secs(5), "the first handler inserted", || async { s.runs() == 1 }).await;
+    let started = std::time::Instant::now();
+    let duplicate = send(&s.router, "k1", r#"{"id":1}"#, &[]).await;
+    assert_eq!((duplicate.status, duplicate.outcome), (StatusCode::CONFLICT, Outcome::InFlight));
+    assert!(started.elapsed() >= timeout, "waited {:?}", started.elapsed());
+    assert_eq!(s.runs(), 1);
+    s.app.gate.add_permits(1);
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!((s.items().await, s.keys().await), (1, 1));
+    s.db.drop().await;
+}

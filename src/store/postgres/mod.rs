@@ -84,12 +84,16 @@ const BEGIN_ATTEMPTS: usize = 8;
 ///
 /// | operation | statement |
 /// | --- | --- |
-/// | `begin` | `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired`, reading the row that stopped it in the same statement |
+/// | `begin` | reads the key's live row; only when there is none, `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired` |
 /// | `complete`, `renew` | `UPDATE ... WHERE token = $token AND expires_at > clock_timestamp()` |
 /// | `release` | `DELETE ... WHERE token = $token AND expires_at > clock_timestamp()` |
 ///
-/// A `begin` racing another `begin` of the same key that commits while it runs reads the
-/// winner's row with a second statement (the first one's snapshot predates that row).
+/// A replay, a duplicate in flight or a mismatch writes nothing: it is a read through the
+/// primary key, with no transaction id and no WAL flush. A miss writes twice (`begin`,
+/// `complete`), each a commit that waits for its WAL flush, which dominates its cost (see
+/// `synchronous_commit`). A `begin` racing another `begin` of the same key that commits while
+/// it runs reads the winner's row with a second statement (the first one's snapshot predates
+/// that row).
 ///
 /// # Expiry and fencing
 ///

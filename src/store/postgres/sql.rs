@@ -54,15 +54,22 @@ impl Statements {
         let t = &qualified;
         // $1 scope, $2 key, $3 fingerprint, $4 token, $5 lease in microseconds.
         //
-        // The insert takes a free key or one whose row expired. When it does not, the row that
-        // stopped it is read by the second branch, from the statement's snapshot; a row
-        // committed by a concurrent `begin` after that snapshot is not in it, and the statement
-        // returns nothing: the store runs it again (a new snapshot sees the row).
+        // A live row in the statement's snapshot is the answer, read without a write (a
+        // replay, a duplicate in flight or a mismatch locks nothing, so it costs PostgreSQL no
+        // transaction id and no WAL flush). Otherwise the insert takes the key, free or
+        // expired. When it cannot (a concurrent `begin` committed the key after the
+        // snapshot), the statement returns nothing and the store runs it again: the new
+        // snapshot sees that row.
         let begin = format!(
             "WITH now AS (SELECT clock_timestamp() AS t), \
+             held AS ( \
+               SELECT h.fingerprint, h.token, h.response FROM {t} AS h, now \
+               WHERE h.scope = $1 AND h.key = $2 AND h.expires_at > now.t \
+             ), \
              taken AS ( \
                INSERT INTO {t} AS r (scope, key, fingerprint, token, response, expires_at) \
                SELECT $1, $2, $3, $4, NULL, now.t + $5::float8 * interval '1 microsecond' FROM now \
+               WHERE NOT EXISTS (SELECT 1 FROM held) \
                ON CONFLICT (scope, key) DO UPDATE \
                  SET fingerprint = excluded.fingerprint, token = excluded.token, response = NULL, \
                      expires_at = excluded.expires_at \
@@ -74,9 +81,7 @@ impl Statements {
              SELECT CASE WHEN held.fingerprint <> $3 THEN {mismatch} \
                          WHEN held.token IS NOT NULL THEN {in_flight} ELSE {completed} END::int4, \
                     CASE WHEN held.fingerprint = $3 AND held.token IS NULL THEN held.response END \
-             FROM {t} AS held, now \
-             WHERE held.scope = $1 AND held.key = $2 AND held.expires_at > now.t \
-               AND NOT EXISTS (SELECT 1 FROM taken)",
+             FROM held",
             execute = state::EXECUTE,
             mismatch = state::MISMATCH,
             in_flight = state::IN_FLIGHT,
