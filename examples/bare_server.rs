@@ -27,5 +27,10 @@ async fn main() -> std::io::Result<()> {
         .layer(CatchPanicLayer::new());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
+    // No Nagle: a response whose end waits for the store (the record is written before the
+    // last frame goes out) is two writes, and the second must not wait for a delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await
 }

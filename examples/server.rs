@@ -366,5 +366,10 @@ pub async fn serve_from_env() -> std::io::Result<()> {
     let app = app_from_env(stats).await;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
+    // No Nagle: a response whose end waits for the store (the record is written before the
+    // last frame goes out) is two writes, and the second must not wait for a delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await
 }

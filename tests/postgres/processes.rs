@@ -123,7 +123,7 @@ mod reqwest_like {
 use reqwest_like::post;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_processes_share_keys_and_records_survive_restarting_both() {
+async fn two_processes_share_keys_wait_for_each_other_and_records_survive_restarting_both() {
     let db = Db::new().await;
     let (a, b) = (Server::start(&db), Server::start(&db));
     let first = post(&format!("{}/orders", a.url), "shared-1", &[], r#"{"sku":"A1"}"#).await.unwrap();
@@ -138,12 +138,21 @@ async fn two_processes_share_keys_and_records_survive_restarting_both() {
     // A duplicate in flight on the other process: 409, the handler ran once.
     let slow_url = format!("{}/orders?delay_ms=1000", a.url);
     let slow = tokio::spawn(async move { post(&slow_url, "shared-2", &[], "{}").await.unwrap() });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    super::eventually(Duration::from_secs(5), "the slow order runs", || async { a.stats().await["orders"] == 2 }).await;
     let dup = post(&format!("{}/orders?delay_ms=1000", b.url), "shared-2", &[], "{}").await.unwrap();
     assert_eq!(dup.status, 409);
     assert_eq!(slow.await.unwrap().status, 201);
-    assert_eq!(a.stats().await["orders"], 2);
-    assert_eq!(b.stats().await["orders"], 0);
+    // `/jobs` waits: a duplicate on the other process waits for the first and replays it.
+    let slow_url = format!("{}/jobs?delay_ms=500", a.url);
+    let slow = tokio::spawn(async move { post(&slow_url, "shared-3", &[], "{}").await.unwrap() });
+    super::eventually(Duration::from_secs(5), "the slow job runs", || async { a.stats().await["jobs"] == 1 }).await;
+    let waited = post(&format!("{}/jobs?delay_ms=500", b.url), "shared-3", &[], "{}").await.unwrap();
+    let first = slow.await.unwrap();
+    assert_eq!((first.status, waited.status, waited.replayed), (201, 201, true));
+    assert_eq!(waited.body, first.body);
+    let (a_stats, b_stats) = (a.stats().await, b.stats().await);
+    assert_eq!((a_stats["orders"].as_u64(), a_stats["jobs"].as_u64()), (Some(2), Some(1)), "{a_stats}");
+    assert_eq!((b_stats["orders"].as_u64(), b_stats["jobs"].as_u64()), (Some(0), Some(0)), "{b_stats}");
 
     // Both processes restart: the records are in the database.
     a.kill();

@@ -87,6 +87,11 @@ mod run;
 ///    and the key is free. (A connection lost during the commit itself may hide a commit
 ///    that happened: the retry then replays it.)
 ///
+/// Round trips of a first request, besides the handler's own statements: `BEGIN`, the
+/// advisory lock (or, waiting, `SET LOCAL lock_timeout` before and after the insert), the
+/// key's insert, the record's update, `COMMIT`. A replay, a mismatch or a `409` ends after the
+/// insert (or the advisory lock) with a rollback.
+///
 /// A store failure before the handler runs answers `503` `store-unavailable`; fail open
 /// is not available in transactional mode (the handler needs the transaction).
 ///
@@ -208,14 +213,24 @@ where
         // As in the plain layer: take the readied instance, leave a fresh clone behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let run = run::Run { inner, store: self.store.clone(), config: self.config.clone() };
+        let config = self.config.clone();
+        let run = run::Run { inner, store: self.store.clone(), config: config.clone() };
         let task = tokio::spawn(run.run(request, key));
         TransactionalResponseFuture {
             future: Box::pin(async move {
                 match task.await {
                     Ok(result) => result,
                     Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-                    Err(error) => panic!("the transactional request's task was cancelled: {error}"),
+                    // The runtime is shutting down: the transaction was dropped, so rolled back.
+                    Err(_) => {
+                        let retry_after = Some(std::time::Duration::from_secs(1));
+                        Ok(problem_response(
+                            &config,
+                            &http::HeaderMap::new(),
+                            ProblemKind::TransactionFailed,
+                            retry_after,
+                        ))
+                    }
                 }
             }),
         }
