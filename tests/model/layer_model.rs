@@ -117,7 +117,8 @@ enum Writes {
     /// releases stay instant.
     Slow,
     /// A real store's round trip (Redis): no time to the model, but never done within the poll
-    /// that starts it.
+    /// that starts it. Only the Redis programs use it.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     RoundTrip,
 }
 
