@@ -70,13 +70,15 @@ const BEGIN_ATTEMPTS: usize = 8;
 ///
 /// The primary key is `(scope, key)`; an index on `expires_at` serves the reaper.
 ///
-/// **What a row costs**: about 150 bytes in the heap for a lock (a 36-byte key, scoped),
-/// plus the response's encoded size once completed (its body, header names and values,
-/// 5 bytes of layout and 6 per header field). A response over about 2 KB is compressed
+/// **What a row costs** (measured on PostgreSQL 15 with `pg_column_size` and the relation
+/// sizes of 100 000 rows, a scoped 36-byte key): a lock's tuple is 152 bytes, about 167 bytes
+/// of heap per row with its line pointer and page fill; a completed row adds its response's
+/// encoded size less the 16-byte token (a record with an empty body and one header: 176 bytes).
+/// The primary key index costs about 125 bytes per row for random keys, the `expires_at` index
+/// about 20 to 30 (less where expiry times repeat). A response over about 2 KB is compressed
 /// when it compresses and moved to the table's TOAST storage, as PostgreSQL does with any
-/// large value. The primary key index costs about 90 bytes per row and the `expires_at`
-/// index about 20. A replay reads the row through the primary key; the body is not copied
-/// again after it is read off the wire.
+/// large value. The encoded response is the body, the header names and values, 5 bytes of
+/// layout and 6 per header field ([`StoredResponse::encode_into`]).
 ///
 /// # Round trips
 ///
