@@ -1,6 +1,6 @@
 //! Transactional mode through the layer, in process: the handler's writes and the record
 //! commit together or not at all; a failed commit (a deferred constraint, a killed
-//! connection) leaves nothing and frees the key; duplicates wait or get `409` and never see a
+//! connection, a serialization failure) leaves nothing and frees the key; duplicates wait or get `409` and never see a
 //! half-done attempt; a response over the record limit rolls back.
 
 use std::{
@@ -30,17 +30,19 @@ use tower_idempotency::{
 
 use super::{Db, eventually};
 
-/// What the handler sees: its executions, a gate it may wait at, and a pool of its own for
-/// killing its transaction's connection.
+/// What the handler sees: its executions, a gate it may wait at (and says it reached), and a
+/// pool of its own for killing its transaction's connection.
 #[derive(Clone)]
 struct App {
     runs: Arc<AtomicUsize>,
     gate: Arc<Semaphore>,
+    at_gate: Arc<Semaphore>,
     admin: sqlx::PgPool,
 }
 
-/// `POST /items`: inserts `{"id": N}` into `items` in the layer's transaction, then, by
-/// header: `x-gate` waits for a gate permit, `x-kill` kills the transaction's connection,
+/// `POST /items`: inserts `{"id": N}` into `items` in the layer's transaction (first counting
+/// the items with the id in `x-read`, when sent), then, by header: `x-gate` waits for a gate
+/// permit, `x-kill` kills the transaction's connection,
 /// `x-status` answers that status, `x-bytes` answers that many bytes.
 async fn item(
     State(app): State<App>,
@@ -52,10 +54,19 @@ async fn item(
     let id = serde_json::from_slice::<Value>(&body).unwrap()["id"].as_i64().unwrap();
     let pid: i32 = {
         let mut tx = tx.lock().await.unwrap();
+        if let Some(read) = headers.get("x-read") {
+            let read: i64 = read.to_str().unwrap().parse().unwrap();
+            let _: i64 = sqlx::query_scalar("SELECT count(*) FROM items WHERE id = $1")
+                .bind(read)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        }
         sqlx::query("INSERT INTO items (id) VALUES ($1)").bind(id).execute(&mut *tx).await.unwrap();
         sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap()
     };
     if headers.contains_key("x-gate") {
+        app.at_gate.add_permits(1);
         app.gate.acquire().await.unwrap().forget();
     }
     if headers.contains_key("x-kill") {
@@ -79,6 +90,17 @@ async fn setup(
         IdempotencyLayer<tower_idempotency::store::PostgresStore>,
     ) -> IdempotencyLayer<tower_idempotency::store::PostgresStore>,
 ) -> Setup {
+    setup_with("", configure).await
+}
+
+/// [`setup`], with `options` (`-c name=value` settings, URL-encoded) added to the store pool's
+/// connections.
+async fn setup_with(
+    options: &str,
+    configure: impl FnOnce(
+        IdempotencyLayer<tower_idempotency::store::PostgresStore>,
+    ) -> IdempotencyLayer<tower_idempotency::store::PostgresStore>,
+) -> Setup {
     let db = Db::new().await;
     // `items.id` unique, checked at commit: a duplicate id fails the commit, not the insert.
     let sql = format!(
@@ -87,11 +109,17 @@ async fn setup(
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
     // The handler's statements name `items` unqualified: the store's pool must find it.
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&db.url()).await.unwrap();
+    let url = format!("{}{options}", db.url());
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&url).await.unwrap();
     let store = tower_idempotency::store::PostgresStore::builder().with_schema(&db.schema).build(pool);
     store.migrate().await.unwrap();
     let layer = configure(IdempotencyLayer::with_store(store)).transactional();
-    let app = App { runs: Arc::default(), gate: Arc::new(Semaphore::new(0)), admin: db.pool.clone() };
+    let app = App {
+        runs: Arc::default(),
+        gate: Arc::new(Semaphore::new(0)),
+        at_gate: Arc::new(Semaphore::new(0)),
+        admin: db.pool.clone(),
+    };
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     Setup { db, app, router }
 }
@@ -169,6 +197,40 @@ async fn a_commit_failing_on_a_deferred_constraint_leaves_nothing_and_frees_the_
     assert_eq!(send(&s.router, "second", r#"{"id":7}"#, &[]).await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(s.runs(), 3);
     assert_eq!((s.items().await, s.keys().await), (1, 1));
+    s.db.drop().await;
+}
+
+/// A serialization failure at commit: the store's connections run `SERIALIZABLE`. The
+/// handler reads the items with id 2, inserts id 1 and stops at the gate; meanwhile another
+/// serializable transaction reads the items with id 1, inserts id 2 and commits first. Each
+/// read missed the other's write (a write skew), so PostgreSQL refuses the layer's commit
+/// (`40001`): the client gets `503` `transaction-failed`, nothing of the attempt is kept, and
+/// the retry executes and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_failing_on_a_serialization_failure_leaves_nothing_and_frees_the_key() {
+    let s = setup_with("%20-c%20default_transaction_isolation%3Dserializable", |layer| layer).await;
+    let first = tokio::spawn({
+        let router = s.router.clone();
+        async move { send(&router, "k1", r#"{"id":1}"#, &[("x-read", "2"), ("x-gate", "1")]).await }
+    });
+    s.app.at_gate.acquire().await.unwrap().forget();
+    let mut other = s.db.pool.begin().await.unwrap();
+    sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").execute(&mut *other).await.unwrap();
+    let sql = format!("SELECT count(*) FROM {}.items WHERE id = 1", s.db.schema);
+    let seen: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&mut *other).await.unwrap();
+    assert_eq!(seen, 0, "the first request's insert is not committed");
+    let sql = format!("INSERT INTO {}.items (id) VALUES (2)", s.db.schema);
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *other).await.unwrap();
+    other.commit().await.unwrap();
+    s.app.gate.add_permits(1);
+
+    let failed = first.await.unwrap();
+    assert_eq!((failed.status, failed.outcome), (StatusCode::SERVICE_UNAVAILABLE, Outcome::RolledBack));
+    assert!(failed.body.contains("transaction-failed"), "{}", failed.body);
+    assert_eq!((s.items().await, s.keys().await), (1, 0), "only the other transaction's row; no record");
+    let retry = send(&s.router, "k1", r#"{"id":1}"#, &[]).await;
+    assert_eq!((retry.status, retry.outcome), (StatusCode::CREATED, Outcome::Executed));
+    assert_eq!((s.runs(), s.items().await, s.keys().await), (2, 2, 1));
     s.db.drop().await;
 }
 

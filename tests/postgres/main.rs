@@ -7,11 +7,8 @@
 //! (`.ci/run` starts one). An unreachable database fails these tests; it never skips them.
 //! Each test works in a schema of its own, so tests running in parallel never collide.
 
-#[path = "postgres/processes.rs"]
 mod processes;
-#[path = "postgres/store.rs"]
 mod store;
-#[path = "postgres/transactional.rs"]
 mod transactional;
 
 use std::time::Duration;
