@@ -8,5 +8,5 @@ CREATE TABLE IF NOT EXISTS idempotency (
     expires_at  timestamptz NOT NULL, -- end of the lease (locked) or of the TTL (completed)
     PRIMARY KEY (scope, key)
 );
--- The reaper deletes expired rows in batches, oldest first.
+-- The reaper finds expired rows through this index, one bounded batch at a time.
 CREATE INDEX IF NOT EXISTS idempotency_expires_at ON idempotency (expires_at);

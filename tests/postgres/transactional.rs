@@ -65,6 +65,15 @@ async fn item(
         sqlx::query("INSERT INTO items (id) VALUES ($1)").bind(id).execute(&mut *tx).await.unwrap();
         sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *tx).await.unwrap()
     };
+    if headers.contains_key("x-keep-and-panic") {
+        // A task the handler started keeps a clone of the transaction for a while.
+        let kept = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(kept);
+        });
+        panic!("the handler panics after its insert");
+    }
     if headers.contains_key("x-gate") {
         app.at_gate.add_permits(1);
         app.gate.acquire().await.unwrap().forget();
@@ -284,9 +293,25 @@ async fn someone_waits_on_a_lock(db: &Db) -> bool {
     sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.pool).await.unwrap() > 0
 }
 
+/// The store pool's isolation levels: the default (`READ COMMITTED`), and the two under which
+/// a concurrent commit on the key fails the layer's own statements with a serialization
+/// failure (the layer then takes the key anew, in a new transaction).
+const ISOLATIONS: [&str; 3] = [
+    "",
+    "%20-c%20default_transaction_isolation%3Drepeatable%5C%20read",
+    "%20-c%20default_transaction_isolation%3Dserializable",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_duplicate_replays_once_the_first_commits_or_executes_once_it_rolls_back() {
-    let s = setup(|layer| layer.with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) })).await;
+    for isolation in ISOLATIONS {
+        waiting_duplicate(isolation).await;
+    }
+}
+
+async fn waiting_duplicate(isolation: &str) {
+    let s =
+        setup_with(isolation, |layer| layer.with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) })).await;
     for (round, first_status) in [(1, "201"), (2, "500")] {
         let key = format!("k{round}");
         let body: &'static str = if round == 1 { r#"{"id":1}"# } else { r#"{"id":2}"# };
@@ -305,7 +330,12 @@ async fn a_waiting_duplicate_replays_once_the_first_commits_or_executes_once_it_
         let (first, second) = (first.await.unwrap(), second.await.unwrap());
         if round == 1 {
             assert_eq!(first.status, StatusCode::CREATED);
-            assert_eq!((second.status, second.replayed), (StatusCode::CREATED, true), "replays the committed one");
+            assert_eq!(
+                (second.status, second.replayed),
+                (StatusCode::CREATED, true),
+                "replays the committed one ({isolation:?}): {}",
+                second.body
+            );
             assert_eq!(s.runs(), runs + 1);
         } else {
             assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -332,5 +362,101 @@ async fn a_waiting_duplicate_gets_409_past_the_wait_timeout() {
     s.app.gate.add_permits(1);
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     assert_eq!((s.items().await, s.keys().await), (1, 1));
+    s.db.drop().await;
+}
+
+/// A handler that panics rolls back, even when a task it started still holds a clone of its
+/// transaction: the row is gone, and the retry executes at once (the key is not stuck behind
+/// the clone's open transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_rolls_back_even_with_a_clone_of_its_transaction_kept() {
+    let s = setup(|layer| layer).await;
+    let router = s.router.clone().layer(tower_http::catch_panic::CatchPanicLayer::new());
+    let panicked = send(&router, "k1", r#"{"id":1}"#, &[("x-keep-and-panic", "1")]).await;
+    assert_eq!(panicked.status, StatusCode::INTERNAL_SERVER_ERROR);
+    eventually(Duration::from_secs(5), "the panicked attempt rolled back", || async {
+        s.items().await == 0 && s.keys().await == 0
+    })
+    .await;
+    let retry = send(&router, "k1", r#"{"id":1}"#, &[]).await;
+    assert_eq!((retry.status, retry.outcome), (StatusCode::CREATED, Outcome::Executed), "{}", retry.body);
+    assert_eq!((s.runs(), s.items().await, s.keys().await), (2, 1, 1));
+    s.db.drop().await;
+}
+
+/// A store used only through the transactional layer still reaps its expired rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_used_only_in_transactional_mode_reaps_expired_rows() {
+    let db = Db::new().await;
+    let sql = format!("CREATE TABLE {}.items (id bigint)", db.schema);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db.url()).await.unwrap();
+    let store = db.builder().with_reap_interval(Duration::from_millis(50)).build(pool);
+    store.migrate().await.unwrap();
+    let layer = IdempotencyLayer::with_store(store).with_ttl(Duration::from_millis(100)).transactional();
+    let app = App {
+        runs: Arc::default(),
+        gate: Arc::new(Semaphore::new(0)),
+        at_gate: Arc::new(Semaphore::new(0)),
+        admin: db.pool.clone(),
+    };
+    let router = Router::new().route("/items", post(item).layer(layer)).with_state(app);
+    for (n, body) in [(1, r#"{"id":1}"#), (2, r#"{"id":2}"#), (3, r#"{"id":3}"#)] {
+        assert_eq!(send(&router, &format!("k{n}"), body, &[]).await.status, StatusCode::CREATED);
+    }
+    eventually(Duration::from_secs(10), "the reaper deleted the expired records", || async {
+        db.count("idempotency").await == 0
+    })
+    .await;
+    assert_eq!(db.count("items").await, 3, "the reaper deletes records, never the handler's rows");
+    db.drop().await;
+}
+
+/// Taking the key is bounded by the store's operation timeout: with every connection of the
+/// pool taken (and the pool's own acquire timeout a minute), the request answers `503`
+/// `store-unavailable` instead of waiting for a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taking_the_key_is_bounded_by_the_operation_timeout() {
+    let db = Db::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(60))
+        .connect(&db.url())
+        .await
+        .unwrap();
+    let store = db.builder().with_operation_timeout(Duration::from_millis(200)).build(pool.clone());
+    store.migrate().await.unwrap();
+    let layer = IdempotencyLayer::with_store(store).transactional();
+    let app = App {
+        runs: Arc::default(),
+        gate: Arc::new(Semaphore::new(0)),
+        at_gate: Arc::new(Semaphore::new(0)),
+        admin: db.pool.clone(),
+    };
+    let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
+    let held = pool.acquire().await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(20), send(&router, "k1", r#"{"id":1}"#, &[]))
+        .await
+        .expect("an answer long before the pool's acquire timeout");
+    assert_eq!((reply.status, reply.outcome), (StatusCode::SERVICE_UNAVAILABLE, Outcome::StoreUnavailable));
+    assert!(reply.body.contains("store-unavailable"), "{}", reply.body);
+    assert_eq!(app.runs.load(Ordering::SeqCst), 0, "the handler did not run");
+    drop(held);
+    db.drop().await;
+}
+
+/// A `409` in flight carries the `Retry-After` the layer was configured with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_409_in_flight_carries_the_configured_retry_after() {
+    let s = setup(|layer| layer.with_in_flight(InFlight::Reject { retry_after: Duration::from_secs(7) })).await;
+    let router = s.router.clone();
+    let first = tokio::spawn(async move { send(&router, "k1", r#"{"id":1}"#, &[("x-gate", "1")]).await });
+    s.app.at_gate.acquire().await.unwrap().forget();
+    let request = Request::post("/items").header("idempotency-key", "k1").body(Body::from(r#"{"id":1}"#)).unwrap();
+    let duplicate = s.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CONFLICT);
+    assert_eq!(duplicate.headers()["retry-after"], "7");
+    s.app.gate.add_permits(1);
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     s.db.drop().await;
 }

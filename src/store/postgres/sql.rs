@@ -152,7 +152,7 @@ pub(super) fn create_table(schema: Option<&str>, table: &str) -> String {
              expires_at  timestamptz NOT NULL, -- end of the lease (locked) or of the TTL (completed)\n    \
              PRIMARY KEY (scope, key)\n\
          );\n\
-         -- The reaper deletes expired rows in batches, oldest first.\n\
+         -- The reaper finds expired rows through this index, one bounded batch at a time.\n\
          CREATE INDEX IF NOT EXISTS {index} ON {qualified} (expires_at);\n"
     )
 }

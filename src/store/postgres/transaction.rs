@@ -62,6 +62,20 @@ impl PgTransaction {
         Ok(PgTransactionGuard { guard })
     }
 
+    /// Drops the transaction (sqlx rolls it back) from every clone, without waiting: at once
+    /// when no guard is held, else once the holder lets go. Every later `lock` fails.
+    pub(super) fn abandon(&self) {
+        match self.inner.clone().try_lock_owned() {
+            Ok(mut guard) => drop(guard.take()),
+            Err(_) => {
+                let inner = self.inner.clone();
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move { drop(inner.lock().await.take()) });
+                }
+            }
+        }
+    }
+
     /// Takes the transaction back for the commit; every later `lock` fails.
     pub(super) async fn close(&self) -> Option<Transaction<'static, Postgres>> {
         self.inner.lock().await.take()

@@ -93,15 +93,27 @@ mod run;
 /// insert (or the advisory lock) with a rollback.
 ///
 /// A store failure before the handler runs answers `503` `store-unavailable`; fail open
-/// is not available in transactional mode (the handler needs the transaction).
+/// is not available in transactional mode (the handler needs the transaction). Taking the key
+/// (a pool connection, `BEGIN`, the lock, the insert) is bounded by the store's
+/// [operation timeout](super::PostgresStoreBuilder::with_operation_timeout), plus the wait
+/// timeout when waiting; the commit is not (a commit cut short might still have happened).
 ///
 /// The transaction has already run the layer's statements when the handler gets it, so set
 /// its isolation level for the pool's connections (`default_transaction_isolation`, e.g.
-/// `options=-c default_transaction_isolation=serializable` in the URL), not with
-/// `SET TRANSACTION` in the handler. Set PostgreSQL's `idle_in_transaction_session_timeout`
-/// so that a process cut off from the database mid-request frees its key; a process that dies
-/// frees it at once (PostgreSQL rolls
-/// back the transaction of a closed connection).
+/// `options=-c default_transaction_isolation=repeatable\ read` in the URL), not with
+/// `SET TRANSACTION` in the handler. Under `REPEATABLE READ` and `SERIALIZABLE` a concurrent
+/// commit on the key fails the layer's own statements with a serialization failure; the layer
+/// then takes the key again in a new transaction (a few times at most), which sees the
+/// committed row. Under `SERIALIZABLE` the layer's read of the key also takes a predicate
+/// lock on its neighbourhood in the index, so first requests on nearby keys at the same
+/// time (a small table, increasing keys) can fail each other's commits: retryable `503`s.
+/// Prefer `READ COMMITTED` (the default) or `REPEATABLE READ` unless the handler needs
+/// `SERIALIZABLE`.
+///
+/// Set PostgreSQL's `idle_in_transaction_session_timeout` so that a process cut off from
+/// the database mid-request frees its key; a process that dies frees it at once (PostgreSQL
+/// rolls back the transaction of a closed connection). A handler that fails or panics rolls
+/// back at once, even when a task it started still holds a clone of its [`PgTransaction`](super::PgTransaction).
 #[must_use]
 pub struct TransactionalLayer {
     store: Arc<PostgresStore>,

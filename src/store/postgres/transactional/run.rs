@@ -15,7 +15,7 @@ use super::super::{PgTransaction, PostgresStore, begin_on, micros, scope_bytes};
 use crate::{
     IdempotencyKey, Outcome,
     body::{BufferError, RequestBody, ResponseBody, buffer},
-    config::{Config, InFlight},
+    config::{Config, InFlight, StoreFailure},
     execute::stored_headers,
     problem::ProblemKind,
     replay::replay,
@@ -68,19 +68,34 @@ impl<S> Run<S> {
         };
         let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
         let key = StoreKey::new(config.scope.resolve(&head), key);
+        // The `Retry-After`s the plain layer sends: its in-flight setting, its store-failure one.
+        let (in_flight_retry_after, unavailable_retry_after) = retry_afters(&config);
         let retry_after = Duration::from_secs(1);
 
-        let (transaction, token) = match take(&store, &config, &key, fingerprint).await {
+        store.ensure_reaper();
+        // Taking the key is bounded like every store operation (and, when waiting, by the wait
+        // timeout too); past it the transaction is dropped, so rolled back.
+        let bound = store.inner.operation_timeout
+            + match config.in_flight {
+                InFlight::Wait { timeout } => timeout,
+                _ => Duration::ZERO,
+            };
+        let taken = tokio::time::timeout(bound, take(&store, &config, &key, fingerprint))
+            .await
+            .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+        let (transaction, token) = match taken {
             Ok(Taken::Execute(transaction, token)) => (transaction, token),
             Ok(Taken::Answer(Begin::Completed(Record::Response(record)))) => return Ok(replay(record)),
             Ok(Taken::Answer(Begin::Completed(_))) => {
                 return Ok(problem(&head, ProblemKind::ResponseNotRetained, None));
             }
             Ok(Taken::Answer(Begin::Mismatch)) => return Ok(problem(&head, ProblemKind::KeyReused, None)),
-            Ok(Taken::Answer(_) | Taken::Busy) => return Ok(problem(&head, ProblemKind::InFlight, Some(retry_after))),
+            Ok(Taken::Answer(_) | Taken::Busy) => {
+                return Ok(problem(&head, ProblemKind::InFlight, Some(in_flight_retry_after)));
+            }
             Err(error) => {
                 tracing::warn!(%error, "idempotency: PostgreSQL failed before the handler ran; answering 503");
-                return Ok(problem(&head, ProblemKind::StoreUnavailable, Some(retry_after)));
+                return Ok(problem(&head, ProblemKind::StoreUnavailable, Some(unavailable_retry_after)));
             }
         };
         let handle = PgTransaction::new(transaction);
@@ -89,9 +104,12 @@ impl<S> Run<S> {
         let headers = request.headers().clone();
         let problem = |kind, retry_after| problem_response(&config, &headers, kind, retry_after);
 
-        // An error or a panic drops the handle's last clone with the transaction, which sqlx
-        // rolls back.
+        // An error or a panic of the handler rolls back: the closer takes the transaction from
+        // every clone of the handle (one kept by a task the handler spawned included) and drops
+        // it, which sqlx rolls back.
+        let closer = RollBackOnDrop(Some(handle.clone()));
         let response = inner.oneshot(request).await?;
+        closer.disarm();
         let (mut head, body) = response.into_parts();
         let Some(transaction) = handle.close().await else { unreachable!("only this request closes its transaction") };
         if !config.predicate.should_record(&head) {
@@ -130,9 +148,73 @@ impl<S> Run<S> {
     }
 }
 
+/// The `Retry-After` of a `409` in flight and of a `503` store failure, as the plain layer sends
+/// them.
+fn retry_afters(config: &Config) -> (Duration, Duration) {
+    let in_flight = match config.in_flight {
+        InFlight::Reject { retry_after } => retry_after,
+        _ => Duration::from_secs(1),
+    };
+    let unavailable = match config.store_failure {
+        StoreFailure::FailClosed { retry_after } => retry_after,
+        _ => Duration::from_secs(1),
+    };
+    (in_flight, unavailable)
+}
+
+/// Takes the request's transaction from every clone of its handle when dropped before the
+/// handler answered: on its error, on its panic (while unwinding), on cancellation.
+struct RollBackOnDrop(Option<PgTransaction>);
+
+impl RollBackOnDrop {
+    /// The handler answered: the layer decides what becomes of the transaction.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RollBackOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            handle.abandon();
+        }
+    }
+}
+
+/// PostgreSQL's `serialization_failure`: under `REPEATABLE READ` or `SERIALIZABLE`, the key's
+/// row changed after this transaction's snapshot was taken (a concurrent request committed
+/// it). A new transaction sees it.
+const SERIALIZATION_FAILURE: &str = "40001";
+
+/// How many times taking a key starts over after a serialization failure of the layer's own
+/// statements.
+const TAKE_ATTEMPTS: usize = 4;
+
 /// Opens a transaction and takes `key` in it (see the in-flight modes on
-/// [`TransactionalLayer`](super::TransactionalLayer)).
+/// [`TransactionalLayer`](super::TransactionalLayer)). Under `REPEATABLE READ` or
+/// `SERIALIZABLE`, a concurrent commit on the key fails the layer's statements with a
+/// serialization failure: the transaction is dropped (rolled back) and taken anew, and the
+/// new snapshot sees the committed row (a replay, a mismatch, or a lock in flight).
 async fn take(
+    store: &PostgresStore,
+    config: &Config,
+    key: &StoreKey,
+    fingerprint: Fingerprint,
+) -> Result<Taken, sqlx::Error> {
+    let mut attempt = 1;
+    loop {
+        match take_once(store, config, key, fingerprint).await {
+            Err(sqlx::Error::Database(error))
+                if error.code().as_deref() == Some(SERIALIZATION_FAILURE) && attempt < TAKE_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            taken => return taken,
+        }
+    }
+}
+
+async fn take_once(
     store: &PostgresStore,
     config: &Config,
     key: &StoreKey,
