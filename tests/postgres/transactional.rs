@@ -40,6 +40,12 @@ struct App {
     admin: sqlx::PgPool,
 }
 
+impl App {
+    fn new(admin: sqlx::PgPool) -> Self {
+        Self { runs: Arc::default(), gate: Arc::new(Semaphore::new(0)), at_gate: Arc::new(Semaphore::new(0)), admin }
+    }
+}
+
 /// `POST /items`: inserts `{"id": N}` into `items` in the layer's transaction (first counting
 /// the items with the id in `x-read`, when sent), then, by header: `x-gate` waits for a gate
 /// permit, `x-kill` kills the transaction's connection,
@@ -123,12 +129,7 @@ async fn setup_with(
     let store = tower_idempotency::store::PostgresStore::builder().with_schema(&db.schema).build(pool);
     store.migrate().await.unwrap();
     let layer = configure(IdempotencyLayer::with_store(store)).transactional();
-    let app = App {
-        runs: Arc::default(),
-        gate: Arc::new(Semaphore::new(0)),
-        at_gate: Arc::new(Semaphore::new(0)),
-        admin: db.pool.clone(),
-    };
+    let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     Setup { db, app, router }
 }
@@ -394,12 +395,7 @@ async fn a_store_used_only_in_transactional_mode_reaps_expired_rows() {
     let store = db.builder().with_reap_interval(Duration::from_millis(50)).build(pool);
     store.migrate().await.unwrap();
     let layer = IdempotencyLayer::with_store(store).with_ttl(Duration::from_millis(100)).transactional();
-    let app = App {
-        runs: Arc::default(),
-        gate: Arc::new(Semaphore::new(0)),
-        at_gate: Arc::new(Semaphore::new(0)),
-        admin: db.pool.clone(),
-    };
+    let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app);
     for (n, body) in [(1, r#"{"id":1}"#), (2, r#"{"id":2}"#), (3, r#"{"id":3}"#)] {
         assert_eq!(send(&router, &format!("k{n}"), body, &[]).await.status, StatusCode::CREATED);
@@ -427,12 +423,7 @@ async fn taking_the_key_is_bounded_by_the_operation_timeout() {
     let store = db.builder().with_operation_timeout(Duration::from_millis(200)).build(pool.clone());
     store.migrate().await.unwrap();
     let layer = IdempotencyLayer::with_store(store).transactional();
-    let app = App {
-        runs: Arc::default(),
-        gate: Arc::new(Semaphore::new(0)),
-        at_gate: Arc::new(Semaphore::new(0)),
-        admin: db.pool.clone(),
-    };
+    let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     let held = pool.acquire().await.unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(20), send(&router, "k1", r#"{"id":1}"#, &[]))
