@@ -147,6 +147,14 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// The `Retry-After` of a `409` in flight: the reject setting's, or 1 s past a wait.
+    pub(crate) fn in_flight_retry_after(&self) -> Duration {
+        match self.in_flight {
+            InFlight::Reject { retry_after } => retry_after,
+            InFlight::Wait { .. } => Duration::from_secs(1),
+        }
+    }
+
     pub(crate) fn covers(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
     }

@@ -118,10 +118,7 @@ where
             tokio::time::sleep(wait_step.min(timeout - waited)).await;
             wait_step = (wait_step * 2).min(Duration::from_millis(100));
         };
-        let in_flight_retry_after = match config.in_flight {
-            InFlight::Reject { retry_after } => retry_after,
-            InFlight::Wait { .. } => Duration::from_secs(1),
-        };
+        let in_flight_retry_after = config.in_flight_retry_after();
         let token = match begin {
             Begin::Execute(token) => token,
             Begin::Completed(Record::Response(record)) => return Ok(replay(record)),

@@ -451,3 +451,87 @@ async fn a_409_in_flight_carries_the_configured_retry_after() {
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     s.db.drop().await;
 }
+
+/// Over real hyper, HTTP/1.1 and HTTP/2: a client that hangs up while its handler runs does
+/// not cancel the handler's transaction. hyper drops the response future; the request runs on
+/// to its commit, and the retry replays it (one execution, one row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_over_real_hyper_leaves_a_committed_record_the_retry_replays() {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+
+    for http2 in [false, true] {
+        let s = setup(|layer| layer).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = s.router.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let service = TowerToHyperService::new(router.clone());
+                tokio::spawn(async move {
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let builder = if http2 { builder.http2_only() } else { builder.http1_only() };
+                    let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                });
+            }
+        });
+        // One request on a connection of its own; `hang_up` closes the connection before the
+        // answer arrives.
+        let exchange = |headers: &'static [(&'static str, &'static str)]| async move {
+            let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+            let request = Request::post(format!("http://{addr}/items"))
+                .header("host", addr.to_string())
+                .header("idempotency-key", "k1")
+                .body(http_body_util::Full::new(axum::body::Bytes::from_static(br#"{"id":1}"#)));
+            let mut request = request.unwrap();
+            for (name, value) in headers {
+                request.headers_mut().insert(*name, value.parse().unwrap());
+            }
+            // The connection lives as long as this exchange: dropped with it, it closes.
+            let (_connection, response) = if http2 {
+                let (mut sender, connection) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+                let connection = AbortOnDrop(tokio::spawn(async move {
+                    let _ = connection.await;
+                }));
+                (connection, sender.send_request(request).await)
+            } else {
+                let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                let connection = AbortOnDrop(tokio::spawn(async move {
+                    let _ = connection.await;
+                }));
+                (connection, sender.send_request(request).await)
+            };
+            let response = response.unwrap();
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            (response.status(), replayed, response.into_body().collect().await.unwrap().to_bytes())
+        };
+        let first = tokio::spawn(exchange(&[("x-gate", "1")]));
+        s.app.at_gate.acquire().await.unwrap().forget();
+        // The client hangs up: its task, and with it the connection, is gone.
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        s.app.gate.add_permits(1);
+        eventually(Duration::from_secs(10), "the abandoned request committed", || async {
+            s.items().await == 1 && s.keys().await == 1
+        })
+        .await;
+        let (status, replayed, body) = exchange(&[]).await;
+        assert_eq!((status, replayed, &body[..]), (StatusCode::CREATED, true, &b"item 1"[..]), "http2: {http2}");
+        assert_eq!((s.runs(), s.items().await), (1, 1), "http2: {http2}");
+        server.abort();
+        s.db.drop().await;
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -3,10 +3,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, Request, Response, request};
+use bytes::Buf;
+use http::{Request, Response, request};
 use http_body::Body;
-use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 use tower::{Service, ServiceExt};
@@ -14,7 +13,7 @@ use tower::{Service, ServiceExt};
 use super::super::{PgTransaction, PostgresStore, begin_on, micros, scope_bytes};
 use crate::{
     IdempotencyKey, Outcome,
-    body::{BufferError, RequestBody, ResponseBody, buffer},
+    body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
     config::{Config, InFlight, StoreFailure},
     execute::stored_headers,
     problem::ProblemKind,
@@ -69,7 +68,11 @@ impl<S> Run<S> {
         let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
         let key = StoreKey::new(config.scope.resolve(&head), key);
         // The `Retry-After`s the plain layer sends: its in-flight setting, its store-failure one.
-        let (in_flight_retry_after, unavailable_retry_after) = retry_afters(&config);
+        let in_flight_retry_after = config.in_flight_retry_after();
+        let unavailable_retry_after = match config.store_failure {
+            StoreFailure::FailClosed { retry_after } => retry_after,
+            _ => Duration::from_secs(1),
+        };
         let retry_after = Duration::from_secs(1);
 
         store.ensure_reaper();
@@ -117,14 +120,14 @@ impl<S> Run<S> {
             head.extensions.insert(Outcome::Executed);
             return Ok(Response::from_parts(head, ResponseBody::inner(body)));
         }
-        let (data, trailers) = match collect(body, config.max_record).await {
-            Collected::Whole(data, trailers) => (data, trailers),
-            Collected::TooLarge => {
+        let (data, trailers) = match buffer(body, config.max_record).await {
+            Ok(Buffered { data, trailers }) => (data, trailers),
+            Err(BufferError::TooLarge) => {
                 rollback(transaction).await;
                 tracing::warn!("idempotency: response over the record limit; its transaction was rolled back");
                 return Ok(problem(ProblemKind::ResponseTooLarge, None));
             }
-            Collected::Failed => {
+            Err(BufferError::Unreadable) => {
                 rollback(transaction).await;
                 return Ok(problem(ProblemKind::TransactionFailed, Some(retry_after)));
             }
@@ -146,20 +149,6 @@ impl<S> Run<S> {
         head.extensions.insert(Outcome::Executed);
         Ok(Response::from_parts(head, ResponseBody::full(data, trailers)))
     }
-}
-
-/// The `Retry-After` of a `409` in flight and of a `503` store failure, as the plain layer sends
-/// them.
-fn retry_afters(config: &Config) -> (Duration, Duration) {
-    let in_flight = match config.in_flight {
-        InFlight::Reject { retry_after } => retry_after,
-        _ => Duration::from_secs(1),
-    };
-    let unavailable = match config.store_failure {
-        StoreFailure::FailClosed { retry_after } => retry_after,
-        _ => Duration::from_secs(1),
-    };
-    (in_flight, unavailable)
 }
 
 /// Takes the request's transaction from every clone of its handle when dropped before the
@@ -314,44 +303,6 @@ async fn rollback(transaction: Transaction<'static, Postgres>) {
     if let Err(error) = transaction.rollback().await {
         tracing::debug!(%error, "idempotency: rollback failed (PostgreSQL rolls back on its own)");
     }
-}
-
-enum Collected {
-    Whole(Bytes, Option<HeaderMap>),
-    TooLarge,
-    Failed,
-}
-
-/// The whole response body, up to `limit` bytes.
-async fn collect<B: Body>(body: B, limit: usize) -> Collected
-where
-    B::Data: Buf,
-{
-    let mut body = std::pin::pin!(body);
-    let mut data = BytesMut::new();
-    let mut trailers = None;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return Collected::Failed };
-        match frame.into_data() {
-            Ok(mut chunk) => {
-                if data.len() + chunk.remaining() > limit {
-                    return Collected::TooLarge;
-                }
-                while chunk.has_remaining() {
-                    let bytes = chunk.chunk();
-                    data.extend_from_slice(bytes);
-                    let n = bytes.len();
-                    chunk.advance(n);
-                }
-            }
-            Err(frame) => {
-                if let Ok(map) = frame.into_trailers() {
-                    trailers.get_or_insert_with(HeaderMap::new).extend(map);
-                }
-            }
-        }
-    }
-    Collected::Whole(data.freeze(), trailers)
 }
 
 #[cfg(test)]
