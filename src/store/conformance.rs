@@ -31,7 +31,10 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::{
     IdempotencyKey, ScopeId,
-    store::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreKey, StoredResponse},
+    store::{
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, StoreKey,
+        StoredResponse,
+    },
 };
 
 /// Lease used by the suite: short enough for real-time stores.
@@ -307,6 +310,182 @@ pub async fn concurrent_begins_lock_once<S: IdempotencyStore>(store: S) {
     }
 }
 
+/// A head event like [`response`]'s.
+pub fn live_head() -> LiveEvent {
+    let response = response(b"");
+    LiveEvent::Head { status: response.status(), headers: response.headers().clone() }
+}
+
+/// `follow` unwrapped, with a timeout of `timeout`.
+pub async fn follow<S: IdempotencyStore>(
+    store: &S,
+    key: &StoreKey,
+    fingerprint: Fingerprint,
+    cursor: Option<LiveCursor>,
+    timeout: Duration,
+) -> Followed {
+    store.follow(key, &fingerprint, cursor, timeout).await.unwrap()
+}
+
+/// Follows until an event or the end arrives (a wait that times out first is asked again, up
+/// to `tries` times).
+async fn follow_until_news<S: IdempotencyStore>(
+    store: &S,
+    key: &StoreKey,
+    cursor: Option<LiveCursor>,
+    tries: usize,
+) -> Followed {
+    let mut cursor = cursor;
+    for _ in 0..tries {
+        match follow(store, key, fp(1), cursor, LEASE / 4).await {
+            Followed::Live { events, cursor: next } if events.is_empty() => cursor = Some(next),
+            news => return news,
+        }
+    }
+    panic!("nothing new after {tries} follows")
+}
+
+/// What a lock publishes is followed in order, from a cursor, each index once; a follower at
+/// the end of the log gets nothing new once its wait times out.
+pub async fn published_events_are_followed<S: IdempotencyStore>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    let Followed::Live { events, cursor } = follow(&store, &key, fp(1), None, Duration::from_millis(20)).await else {
+        panic!("a live lock has a live log");
+    };
+    assert!(events.is_empty(), "nothing published yet: {events:?}");
+    assert_eq!(cursor, LiveCursor::new(token.id(), 0));
+
+    let data = |bytes: &'static [u8]| LiveEvent::Data(Bytes::from_static(bytes));
+    let binary = data(b"\x00\xff\r\n\"event\"");
+    store.publish(&key, &token, 0, vec![live_head(), binary.clone()]).await.unwrap();
+    let Followed::Live { events, cursor } = follow(&store, &key, fp(1), Some(cursor), LEASE).await else {
+        panic!("the lock is live");
+    };
+    assert_eq!(events, vec![live_head(), binary.clone()], "the head with repeated headers, binary data");
+    assert_eq!(cursor.read(), 2);
+
+    // Index 1 again (a publish sent twice) is kept once; what follows it is new.
+    let end = LiveEvent::EventEnd(Bytes::from_static(b"evt-7"));
+    store.publish(&key, &token, 1, vec![binary.clone(), data(b"more"), end.clone()]).await.unwrap();
+    let Followed::Live { events, cursor: after } = follow(&store, &key, fp(1), Some(cursor), LEASE).await else {
+        panic!("the lock is live");
+    };
+    assert_eq!(events, vec![data(b"more"), end.clone()]);
+    assert_eq!(after.read(), 4);
+
+    // From the start, the whole log.
+    let Followed::Live { events, .. } = follow(&store, &key, fp(1), None, LEASE).await else { panic!("live") };
+    assert_eq!(events, vec![live_head(), binary, data(b"more"), end]);
+
+    // At the end of the log, the wait times out with nothing.
+    let Followed::Live { events, cursor: same } =
+        follow(&store, &key, fp(1), Some(after), Duration::from_millis(20)).await
+    else {
+        panic!("the lock is live");
+    };
+    assert!(events.is_empty());
+    assert_eq!(same, after);
+    // Another fingerprint has no log here.
+    assert_eq!(follow(&store, &key, fp(2), None, LEASE).await, Followed::Ended { completed: false });
+}
+
+/// A follower waiting at the end of the log is woken by a publish, well before its timeout.
+pub async fn publish_wakes_a_follower<S, A, F>(store: S, advance: &A)
+where
+    S: IdempotencyStore,
+    A: Fn(Duration) -> F,
+    F: Future<Output = ()>,
+{
+    let store = Arc::new(store);
+    let key = fresh_key(None);
+    let token = lock(&*store, &key, fp(1)).await;
+    let follower = {
+        let (store, key) = (store.clone(), key.clone());
+        // A timeout far past the lease: only a wake-up returns an event.
+        tokio::spawn(async move { follow(&*store, &key, fp(1), None, Duration::from_secs(60)).await })
+    };
+    advance(Duration::from_millis(50)).await;
+    store.publish(&key, &token, 0, vec![live_head()]).await.unwrap();
+    match follower.await.unwrap() {
+        Followed::Live { events, .. } => assert_eq!(events, vec![live_head()], "woken with the event"),
+        other => panic!("expected the event, got {other:?}"),
+    }
+}
+
+/// `complete` ends the log, waking its followers with `completed`, and the record is there.
+pub async fn complete_ends_the_log<S, A, F>(store: S, advance: &A)
+where
+    S: IdempotencyStore,
+    A: Fn(Duration) -> F,
+    F: Future<Output = ()>,
+{
+    let store = Arc::new(store);
+    let key = fresh_key(None);
+    let token = lock(&*store, &key, fp(1)).await;
+    store.publish(&key, &token, 0, vec![live_head()]).await.unwrap();
+    let cursor = LiveCursor::new(token.id(), 1);
+    let follower = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move { follow(&*store, &key, fp(1), Some(cursor), Duration::from_secs(60)).await })
+    };
+    advance(Duration::from_millis(50)).await;
+    assert!(store.complete(&key, &token, record(b"done"), TTL).await.unwrap());
+    assert_eq!(follower.await.unwrap(), Followed::Ended { completed: true });
+    assert_eq!(follow(&*store, &key, fp(1), Some(cursor), LEASE).await, Followed::Ended { completed: true });
+    assert_eq!(follow(&*store, &key, fp(1), None, LEASE).await, Followed::Ended { completed: true });
+    assert!(matches!(begin(&*store, &key, fp(1)).await, Begin::Completed(Record::Response(_))));
+    // A publish after the end writes nothing.
+    store.publish(&key, &token, 1, vec![LiveEvent::Data(Bytes::from_static(b"late"))]).await.unwrap();
+    assert_eq!(follow(&*store, &key, fp(1), None, LEASE).await, Followed::Ended { completed: true });
+}
+
+/// `release` ends the log without a record; the log of a later lock on the key is its own, so
+/// a follower of the first never reads it, and the first owner cannot write into it.
+pub async fn release_ends_the_log<S, A, F>(store: S, advance: &A)
+where
+    S: IdempotencyStore,
+    A: Fn(Duration) -> F,
+    F: Future<Output = ()>,
+{
+    let store = Arc::new(store);
+    let key = fresh_key(None);
+    let first = lock(&*store, &key, fp(1)).await;
+    let cursor = LiveCursor::new(first.id(), 0);
+    let follower = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move { follow(&*store, &key, fp(1), Some(cursor), Duration::from_secs(60)).await })
+    };
+    advance(Duration::from_millis(50)).await;
+    assert!(store.release(&key, &first).await.unwrap());
+    assert_eq!(follower.await.unwrap(), Followed::Ended { completed: false });
+
+    let second = lock(&*store, &key, fp(1)).await;
+    assert_eq!(follow(&*store, &key, fp(1), Some(cursor), LEASE).await, Followed::Ended { completed: false });
+    store.publish(&key, &first, 0, vec![live_head()]).await.unwrap();
+    let Followed::Live { events, cursor } = follow(&*store, &key, fp(1), None, Duration::from_millis(20)).await else {
+        panic!("the second lock is live");
+    };
+    assert!(events.is_empty(), "the old owner wrote into the new lock's log: {events:?}");
+    assert_eq!(cursor.lock(), second.id());
+}
+
+/// A lock whose lease runs out unreleased ends its log: its followers learn it within a lease.
+pub async fn expired_lock_ends_the_log<S, A, F>(store: S, advance: &A)
+where
+    S: IdempotencyStore,
+    A: Fn(Duration) -> F,
+    F: Future<Output = ()>,
+{
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    store.publish(&key, &token, 0, vec![live_head()]).await.unwrap();
+    let cursor = LiveCursor::new(token.id(), 1);
+    advance(LEASE + LEASE / 2).await;
+    assert_eq!(follow_until_news(&store, &key, Some(cursor), 4).await, Followed::Ended { completed: false });
+    assert_eq!(follow(&store, &key, fp(1), None, LEASE).await, Followed::Ended { completed: false });
+}
+
 /// Names the check being run in the panic output when it fails.
 struct Running(&'static str);
 
@@ -348,5 +527,10 @@ where
         renewal_keeps_the_lock(advance),
         record_expires_after_ttl(advance),
         concurrent_begins_lock_once,
+        published_events_are_followed,
+        publish_wakes_a_follower(advance),
+        complete_ends_the_log(advance),
+        release_ends_the_log(advance),
+        expired_lock_ends_the_log(advance),
     );
 }

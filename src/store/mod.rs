@@ -15,6 +15,14 @@
 //! | locked, lease expired | take it over: [`Begin::Execute`] with a new token | take it over |
 //! | completed | [`Begin::Completed`] | [`Begin::Mismatch`] |
 //!
+//! # Responses in flight
+//!
+//! Each lock has a live log ([`LiveEvent`]s): the executing request
+//! [`publish`](IdempotencyStore::publish)es its response into it as it is produced, when the
+//! layer is in join mode, and duplicates [`follow`](IdempotencyStore::follow) it, woken by the
+//! store. `complete`, `release` and expiry end it. Waiting duplicates follow it too, for its
+//! end only. See [`LiveEvent`] for the contract.
+//!
 //! # Concurrent calls on the same key
 //!
 //! Of any number of concurrent `begin` calls on an absent key, exactly one returns
@@ -37,6 +45,7 @@ use crate::{IdempotencyKey, ScopeId};
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 mod fingerprint;
+mod live;
 mod memory;
 mod record;
 // Not named `redis`: that name is the re-exported client crate below.
@@ -56,6 +65,7 @@ pub use ::redis;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use ::sqlx;
 pub use fingerprint::Fingerprint;
+pub use live::{Followed, LiveCursor, LiveEvent};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -107,6 +117,36 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Removes the caller's lock so the next request with the key executes again.
     /// `Ok(false)`, changing nothing, when it is no longer held.
     fn release(&self, key: &StoreKey, lock: &LockToken) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Appends `events` to the live log of the caller's lock (see [`LiveEvent`]): join mode
+    /// publishes a response as it is produced, for duplicates to follow.
+    ///
+    /// `from` is the index in the log of `events[0]`. A store keeps each index once, so a
+    /// publish sent again after a lost answer appends nothing twice. Nothing is written, and
+    /// `Ok(())` returned, when the lock is no longer held.
+    fn publish(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads the live log of the key's lock for `fingerprint` after `cursor` (`None`: the log
+    /// of whichever lock holds the key now, from its start), waiting up to `timeout` for a new
+    /// event or for the log to end.
+    ///
+    /// The wait is woken by the store (a notification, a blocking read), not by asking it
+    /// again every few milliseconds: `publish`, `complete`, `release` and the lease running
+    /// out each wake the lock's followers. [`Followed::Ended`] when the log of `cursor`'s lock
+    /// ended, or no live lock for `fingerprint` holds the key.
+    fn follow(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Followed, StoreError>> + Send;
 }
 
 /// What [`IdempotencyStore::begin`] found.

@@ -13,7 +13,8 @@ use std::sync::atomic::AtomicBool;
 
 use tokio::time::Instant;
 use tower_idempotency::store::{
-    Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, Record, StoreError, StoreKey,
+    Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, MemoryStore, Record, StoreError,
+    StoreKey,
 };
 
 /// `inner`, with `complete` slowed down and `complete`/`renew` failing until a set instant.
@@ -92,6 +93,26 @@ impl<St: IdempotencyStore> IdempotencyStore for Outage<St> {
         tokio::time::sleep(delay).await;
         self.inner.release(key, lock).await
     }
+
+    async fn publish(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
+    ) -> Result<(), StoreError> {
+        self.inner.publish(key, lock, from, events).await
+    }
+
+    async fn follow(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
+        timeout: Duration,
+    ) -> Result<Followed, StoreError> {
+        self.inner.follow(key, fingerprint, cursor, timeout).await
+    }
 }
 
 /// A `MemoryStore` whose `begin` fails while `down` is set.
@@ -122,5 +143,25 @@ impl IdempotencyStore for Switch {
     }
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.inner.release(key, lock).await
+    }
+
+    async fn publish(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
+    ) -> Result<(), StoreError> {
+        self.inner.publish(key, lock, from, events).await
+    }
+
+    async fn follow(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
+        timeout: Duration,
+    ) -> Result<Followed, StoreError> {
+        self.inner.follow(key, fingerprint, cursor, timeout).await
     }
 }

@@ -470,6 +470,25 @@ impl IdempotencyStore for DownStore {
     ) -> Result<bool, tower_idempotency::store::StoreError> {
         Err(tower_idempotency::store::StoreError::unavailable("connection refused"))
     }
+
+    async fn publish(
+        &self,
+        _: &tower_idempotency::store::StoreKey,
+        _: &tower_idempotency::store::LockToken,
+        _: u64,
+        _: Vec<tower_idempotency::store::LiveEvent>,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        Err(tower_idempotency::store::StoreError::unavailable("connection refused"))
+    }
+    async fn follow(
+        &self,
+        _: &tower_idempotency::store::StoreKey,
+        _: &tower_idempotency::store::Fingerprint,
+        _: Option<tower_idempotency::store::LiveCursor>,
+        _: Duration,
+    ) -> Result<tower_idempotency::store::Followed, tower_idempotency::store::StoreError> {
+        Err(tower_idempotency::store::StoreError::unavailable("connection refused"))
+    }
 }
 
 #[tokio::test]

@@ -32,7 +32,10 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use tower::{ServiceExt, util::BoxCloneService};
 use tower_idempotency::{
     IdempotencyKey, IdempotencyLayer, Outcome, RequestBody, StoreFailure,
-    store::{Begin, Fingerprint, IdempotencyStore, LockToken, MemoryStore, Record, StoreError, StoreKey},
+    store::{
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, MemoryStore, Record,
+        StoreError, StoreKey,
+    },
 };
 
 const LEASE: Duration = Duration::from_secs(2);
@@ -180,6 +183,26 @@ impl IdempotencyStore for FaultyStore {
 
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.faulty(self.inner.release(key, lock)).await
+    }
+
+    async fn publish(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
+    ) -> Result<(), StoreError> {
+        self.inner.publish(key, lock, from, events).await
+    }
+
+    async fn follow(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
+        timeout: Duration,
+    ) -> Result<Followed, StoreError> {
+        self.inner.follow(key, fingerprint, cursor, timeout).await
     }
 }
 

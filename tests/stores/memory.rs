@@ -285,6 +285,26 @@ impl tower_idempotency::store::IdempotencyStore for NeverReleases {
     ) -> Result<bool, tower_idempotency::store::StoreError> {
         Ok(true)
     }
+
+    async fn publish(
+        &self,
+        key: &tower_idempotency::store::StoreKey,
+        lock: &tower_idempotency::store::LockToken,
+        from: u64,
+        events: Vec<tower_idempotency::store::LiveEvent>,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.0.publish(key, lock, from, events).await
+    }
+
+    async fn follow(
+        &self,
+        key: &tower_idempotency::store::StoreKey,
+        fingerprint: &tower_idempotency::store::Fingerprint,
+        cursor: Option<tower_idempotency::store::LiveCursor>,
+        timeout: Duration,
+    ) -> Result<tower_idempotency::store::Followed, tower_idempotency::store::StoreError> {
+        self.0.follow(key, fingerprint, cursor, timeout).await
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -26,7 +26,10 @@ use tokio::time::Instant;
 use tower::{ServiceExt, util::BoxCloneService};
 use tower_idempotency::{
     IdempotencyKey, IdempotencyLayer, Outcome, RequestBody, ResponseBody,
-    store::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, RedisStore, StoreError, StoreKey},
+    store::{
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, RedisStore,
+        StoreError, StoreKey,
+    },
 };
 
 /// A `redis-server` this test owns: killed when dropped.
@@ -142,6 +145,26 @@ impl IdempotencyStore for Tracked {
 
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.inner.release(key, lock).await
+    }
+
+    async fn publish(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
+    ) -> Result<(), StoreError> {
+        self.inner.publish(key, lock, from, events).await
+    }
+
+    async fn follow(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
+        timeout: Duration,
+    ) -> Result<Followed, StoreError> {
+        self.inner.follow(key, fingerprint, cursor, timeout).await
     }
 }
 

@@ -19,12 +19,17 @@ use dashmap::{DashMap, mapref::entry::Entry};
 use tokio::time::Instant;
 
 mod builder;
+mod live;
 mod slot;
 
 pub use builder::MemoryStoreBuilder;
 use slot::{KeyId, KeyIdHasher, Slot, Stored, later};
 
-use super::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey};
+use live::Live;
+
+use super::{
+    Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, StoreError, StoreKey,
+};
 use crate::background::{Background, Running};
 
 /// An in-memory [`IdempotencyStore`]: a sharded concurrent map (`dashmap`), for one process.
@@ -158,7 +163,7 @@ impl Inner {
             }
             Entry::Vacant(vacant) => {
                 let token = LockToken::new(*fingerprint);
-                vacant.insert(Slot::Locked { token, lease_until: later(now, lease) });
+                vacant.insert(Slot::Locked { token, lease_until: later(now, lease), live: None });
                 Ok(Begin::Execute(token))
             }
         }
@@ -184,8 +189,9 @@ impl Inner {
         }
         // Expired: take the key over in place. A stale queue element is skipped later.
         self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+        slot.end_live(false);
         let token = LockToken::new(*fingerprint);
-        *slot = Slot::Locked { token, lease_until: later(now, lease) };
+        *slot = Slot::Locked { token, lease_until: later(now, lease), live: None };
         Ok(Begin::Execute(token))
     }
 
@@ -243,7 +249,8 @@ impl Inner {
                 return false;
             }
             let fingerprint = *lock.fingerprint();
-            *slot = Slot::Completed { fingerprint, record: stored, expires_at: later(now, ttl), seq, weight };
+            let completed = Slot::Completed { fingerprint, record: stored, expires_at: later(now, ttl), seq, weight };
+            std::mem::replace(&mut *slot, completed).end_live(true);
             self.bytes.fetch_add(weight, Ordering::AcqRel);
         }
         self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((id, seq));
@@ -256,7 +263,7 @@ impl Inner {
     fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> bool {
         let now = Instant::now();
         match self.map.get_mut(&self.id(key)).as_deref_mut() {
-            Some(Slot::Locked { token, lease_until }) if token == lock && *lease_until > now => {
+            Some(Slot::Locked { token, lease_until, .. }) if token == lock && *lease_until > now => {
                 *lease_until = later(now, lease);
                 true
             }
@@ -267,10 +274,49 @@ impl Inner {
     fn release(&self, key: &StoreKey, lock: &LockToken) -> bool {
         let now = Instant::now();
         let removed = self.map.remove_if(&self.id(key), |_, slot| slot.is_live_lock(lock, now));
-        if removed.is_some() {
-            self.entries.fetch_sub(1, Ordering::AcqRel);
+        let Some((_, slot)) = removed else { return false };
+        self.entries.fetch_sub(1, Ordering::AcqRel);
+        slot.end_live(false);
+        true
+    }
+
+    /// The live log of `lock`, made if it has none yet; `None` when the lock is not held.
+    fn live_of(&self, key: &StoreKey, lock: &LockToken) -> Option<Arc<Live>> {
+        let now = Instant::now();
+        match self.map.get_mut(&self.id(key)).as_deref_mut() {
+            Some(Slot::Locked { token, lease_until, live }) if token == lock && *lease_until > now => {
+                Some(live.get_or_insert_with(Live::new).clone())
+            }
+            _ => None,
         }
-        removed.is_some()
+    }
+
+    /// The log a follower at `cursor` reads, the cursor in it, and until when the lease holds;
+    /// or what ended it.
+    fn followed(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
+    ) -> Result<(Arc<Live>, LiveCursor, Instant), Followed> {
+        let now = Instant::now();
+        let mut slot = self.map.get_mut(&self.id(key)).ok_or(Followed::Ended { completed: false })?;
+        match &mut *slot {
+            Slot::Locked { token, lease_until, live }
+                if *lease_until > now
+                    && token.fingerprint() == fingerprint
+                    && cursor.is_none_or(|cursor| cursor.lock() == token.id()) =>
+            {
+                let cursor = cursor.unwrap_or(LiveCursor::new(token.id(), 0));
+                Ok((live.get_or_insert_with(Live::new).clone(), cursor, *lease_until))
+            }
+            Slot::Completed { fingerprint: completed, expires_at, .. }
+                if completed == fingerprint && *expires_at > now =>
+            {
+                Err(Followed::Ended { completed: true })
+            }
+            _ => Err(Followed::Ended { completed: false }),
+        }
     }
 
     fn sweep(&self, now: Instant) {
@@ -280,6 +326,7 @@ impl Inner {
             }
             self.entries.fetch_sub(1, Ordering::AcqRel);
             self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+            slot.end_live(false);
             false
         });
         // Drop queue elements whose record is gone, so the queue does not outgrow the map.
@@ -312,5 +359,35 @@ impl IdempotencyStore for MemoryStore {
 
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         Ok(self.inner.release(key, lock))
+    }
+
+    async fn publish(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
+    ) -> Result<(), StoreError> {
+        if let Some(live) = self.inner.live_of(key, lock) {
+            live.publish(from, events);
+        }
+        Ok(())
+    }
+
+    async fn follow(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
+        timeout: Duration,
+    ) -> Result<Followed, StoreError> {
+        let (live, cursor, lease_until) = match self.inner.followed(key, fingerprint, cursor) {
+            Ok(followed) => followed,
+            Err(ended) => return Ok(ended),
+        };
+        // No later than the lease: a lock that expires unreleased ends its log then (the next
+        // follow finds it gone).
+        let until = later(Instant::now(), timeout).min(lease_until);
+        Ok(live.follow(cursor, until).await)
     }
 }

@@ -5,6 +5,7 @@ use std::{hash::Hasher, sync::Arc, time::Duration};
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use super::live::Live;
 use crate::store::{Fingerprint, LockToken, Record, StoreError, StoredResponse};
 
 /// What the map holds for a store key: 128 bits of keyed hash. Two different keys share an id
@@ -41,8 +42,19 @@ impl Hasher for KeyIdHasher {
 }
 
 pub(super) enum Slot {
-    Locked { token: LockToken, lease_until: Instant },
-    Completed { fingerprint: Fingerprint, record: Stored, expires_at: Instant, seq: u64, weight: usize },
+    /// `live`: the lock's live log, made by its first publish or follower only.
+    Locked {
+        token: LockToken,
+        lease_until: Instant,
+        live: Option<Arc<Live>>,
+    },
+    Completed {
+        fingerprint: Fingerprint,
+        record: Stored,
+        expires_at: Instant,
+        seq: u64,
+        weight: usize,
+    },
 }
 
 /// A completed record as the map keeps it.
@@ -97,7 +109,14 @@ impl Slot {
     /// whether or not another request took the key over since (as in Redis, where the key
     /// is gone).
     pub(super) fn is_live_lock(&self, lock: &LockToken, now: Instant) -> bool {
-        matches!(self, Self::Locked { token, lease_until } if token == lock && *lease_until > now)
+        matches!(self, Self::Locked { token, lease_until, .. } if token == lock && *lease_until > now)
+    }
+
+    /// Wakes the followers of the lock this slot held, now that it is replaced or removed.
+    pub(super) fn end_live(&self, completed: bool) {
+        if let Self::Locked { live: Some(live), .. } = self {
+            live.end(completed);
+        }
     }
 
     pub(super) fn weight(&self) -> usize {
