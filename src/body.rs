@@ -12,7 +12,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 
-use crate::recording::Recording;
+use tower::BoxError;
+
+use crate::{join::Joined, recording::Recording};
 
 pin_project! {
     /// The request body the inner service receives: the original body, untouched, when the
@@ -156,8 +158,11 @@ where
 
 pin_project! {
     /// The response body the layer returns: the handler's body (streamed as it is produced,
-    /// and recorded when the response is recordable), or a body the layer made (a replay or a
-    /// problem).
+    /// and recorded when the response is recordable), a body the layer made (a replay or a
+    /// problem), or the body of a joined response ([`InFlight::Join`](crate::InFlight::Join)).
+    ///
+    /// Its error is a [`tower::BoxError`]: the handler's body error, or, for a joined response, why
+    /// it ended before the response it follows did.
     pub struct ResponseBody<B>
     where
         B: Body,
@@ -173,23 +178,46 @@ pin_project! {
     where
         B: Body,
     {
-        Inner { #[pin] body: B },
+        Inner { #[pin] body: B, into_error: IntoError<B> },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
-        Recording { recording: Recording<B> },
+        Recording { recording: Recording<B>, into_error: IntoError<B> },
+        Joined { joined: Box<Joined> },
     }
 }
 
+/// Turns the handler's body error into the response body's, made where `B::Error:
+/// Into<BoxError>` is known (the `Body` impl itself carries no bound on it: a bound there trips
+/// the compiler's proof that a future holding the body is `Send`, rust-lang/rust#64552).
+type IntoError<B> = fn(<B as Body>::Error) -> BoxError;
+
+fn into_error<B: Body>(error: B::Error) -> BoxError
+where
+    B::Error: Into<BoxError>,
+{
+    error.into()
+}
+
 impl<B: Body> ResponseBody<B> {
-    pub(crate) fn inner(body: B) -> Self {
-        Self { kind: ResponseKind::Inner { body } }
+    pub(crate) fn inner(body: B) -> Self
+    where
+        B::Error: Into<BoxError>,
+    {
+        Self { kind: ResponseKind::Inner { body, into_error: into_error::<B> } }
     }
 
     pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         Self { kind: ResponseKind::Full { data: (!data.is_empty()).then_some(data), trailers } }
     }
 
-    pub(crate) fn recording(recording: Recording<B>) -> Self {
-        Self { kind: ResponseKind::Recording { recording } }
+    pub(crate) fn recording(recording: Recording<B>) -> Self
+    where
+        B::Error: Into<BoxError>,
+    {
+        Self { kind: ResponseKind::Recording { recording, into_error: into_error::<B> } }
+    }
+
+    pub(crate) fn joined(joined: Joined) -> Self {
+        Self { kind: ResponseKind::Joined { joined: Box::new(joined) } }
     }
 }
 
@@ -199,29 +227,33 @@ where
     B::Data: Buf,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.project().kind.project() {
-            ResponseKindProj::Inner { body } => {
-                Poll::Ready(ready!(body.poll_frame(cx)).map(|frame| frame.map(into_bytes)))
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(match self.project().kind.project() {
+            ResponseKindProj::Inner { body, into_error } => {
+                ready!(body.poll_frame(cx)).map(|frame| frame.map(into_bytes).map_err(*into_error))
             }
-            ResponseKindProj::Full { data, trailers } => Poll::Ready(next_frame(data, trailers)),
-            ResponseKindProj::Recording { recording } => recording.poll_frame(cx),
-        }
+            ResponseKindProj::Full { data, trailers } => next_frame(data, trailers),
+            ResponseKindProj::Recording { recording, into_error } => {
+                ready!(recording.poll_frame(cx)).map(|frame| frame.map_err(*into_error))
+            }
+            ResponseKindProj::Joined { joined } => ready!(joined.poll_frame(cx)),
+        })
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Inner { body, .. } => body.is_end_stream(),
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
-            ResponseKind::Recording { recording } => recording.is_end_stream(),
+            ResponseKind::Recording { recording, .. } => recording.is_end_stream(),
+            ResponseKind::Joined { joined } => joined.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Inner { body, .. } => body.size_hint(),
             ResponseKind::Full { data, trailers } => {
                 let len = data.as_ref().map_or(0, |d| d.len() as u64);
                 match trailers {
@@ -235,7 +267,8 @@ where
                     }
                 }
             }
-            ResponseKind::Recording { recording } => recording.size_hint(),
+            ResponseKind::Recording { recording, .. } => recording.size_hint(),
+            ResponseKind::Joined { .. } => SizeHint::new(),
         }
     }
 }
@@ -246,6 +279,7 @@ impl<B: Body> fmt::Debug for ResponseBody<B> {
             ResponseKind::Inner { .. } => "ResponseBody::Inner",
             ResponseKind::Full { .. } => "ResponseBody::Full",
             ResponseKind::Recording { .. } => "ResponseBody::Recording",
+            ResponseKind::Joined { .. } => "ResponseBody::Joined",
         })
     }
 }

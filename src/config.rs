@@ -7,7 +7,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use http::{HeaderMap, HeaderName, Method, response};
 use tokio::sync::Semaphore;
 
-use crate::{Scope, lock::Keeper, problem::Answers};
+use crate::{Scope, lock::Keeper, problem::Answers, store::StoreKey};
 
 /// Decides whether a response becomes the key's record. Implemented for closures
 /// `Fn(&http::response::Parts) -> bool`.
@@ -71,10 +71,58 @@ pub enum InFlight {
     /// Wait up to `timeout` for the first request to finish and answer with its result (a
     /// replay); past the timeout, `409` as in `Reject` with a `Retry-After` of 1 s. If the first
     /// request fails and releases the key, one waiter executes instead.
+    ///
+    /// The wait is woken by the store when the first request ends (no polling). At most
+    /// [`with_max_waiters`](crate::IdempotencyLayer::with_max_waiters) duplicates of one key
+    /// wait in one process; past that, `409`.
     Wait {
         /// How long to wait at most.
         timeout: Duration,
     },
+    /// Join the first request's response as it is produced (SPEC 2.9): the duplicate gets its
+    /// status and headers as soon as they exist, every body byte produced so far at once, then
+    /// each further byte as it is produced, and ends when the first ends, with
+    /// `Idempotent-Replayed: true`. The handler runs once, however many clients reconnect.
+    ///
+    /// - A duplicate waits up to `timeout` for the first request's head; past it, `409` as in
+    ///   `Reject` with a `Retry-After` of 1 s. Once joined, it follows to the end.
+    /// - The first request fails before its head: one duplicate executes instead (as in
+    ///   `Wait`). It fails mid-body (an error, a panic, a status its trailers reject): every
+    ///   joined body ends with an error, and the key is released.
+    /// - A response over the record limit cannot be joined: once it passes the limit, joined
+    ///   bodies end with an error and new duplicates get `409` `response-not-retained`.
+    /// - `text/event-stream`: a duplicate that sends `Last-Event-ID: X` gets only the events
+    ///   after the one whose `id:` is `X` (an id not seen yet: the whole stream). Replays
+    ///   honour it too.
+    /// - At most [`with_max_waiters`](crate::IdempotencyLayer::with_max_waiters) duplicates of
+    ///   one key join in one process; past that, `409` with `Retry-After`.
+    /// - Across replicas: the executing request publishes its response to the store as it is
+    ///   recorded ([`IdempotencyStore::publish`](crate::store::IdempotencyStore::publish)),
+    ///   and joiners on any replica follow it there. Publishing never waits for the store on
+    ///   the response's path: while one publish is under way, what follows is batched into
+    ///   the next. A response whose body is complete before its head goes out publishes
+    ///   nothing at all.
+    /// - In [transactional mode](crate::store::TransactionalLayer), where the response is
+    ///   released only once committed, `Join` waits as `Wait` does.
+    Join {
+        /// How long to wait at most for the first request's head.
+        timeout: Duration,
+    },
+}
+
+impl InFlight {
+    /// [`InFlight::Join`] with a `timeout` of 30 s (the default lease).
+    pub const fn join() -> Self {
+        Self::Join { timeout: DEFAULT_LEASE }
+    }
+
+    /// How long a duplicate waits for the first request, if it waits at all.
+    pub(crate) fn wait_timeout(&self) -> Option<Duration> {
+        match self {
+            Self::Reject { .. } => None,
+            Self::Wait { timeout } | Self::Join { timeout } => Some(*timeout),
+        }
+    }
 }
 
 impl Default for InFlight {
@@ -140,6 +188,8 @@ pub(crate) struct Config {
     pub(crate) unstored_headers: Vec<HeaderName>,
     pub(crate) detached: Arc<Semaphore>,
     pub(crate) max_detached: usize,
+    /// The duplicates waiting for or joining each key in flight, bounded per key.
+    pub(crate) waiting: Arc<Waiting>,
     /// How the layer's own answers are made: the renderer and the retry hints.
     pub(crate) answers: Answers,
     /// Renews the leases of this configuration's locks.
@@ -151,7 +201,7 @@ impl Config {
     pub(crate) fn in_flight_retry_after(&self) -> Duration {
         match self.in_flight {
             InFlight::Reject { retry_after } => retry_after,
-            InFlight::Wait { .. } => Duration::from_secs(1),
+            InFlight::Wait { .. } | InFlight::Join { .. } => Duration::from_secs(1),
         }
     }
 
@@ -176,6 +226,7 @@ impl fmt::Debug for Config {
             .field("store_failure", &self.store_failure)
             .field("unstored_headers", &self.unstored_headers)
             .field("max_detached", &self.max_detached)
+            .field("max_waiters", &self.waiting.max)
             .field("retry_hints", &self.answers.hints)
             .finish_non_exhaustive()
     }
@@ -194,3 +245,46 @@ pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 6
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Default bound on handlers detached after their client went away: 1024.
 pub const DEFAULT_MAX_DETACHED: usize = 1024;
+/// Default bound on the duplicates of one key that wait for it or join it, per process: 64.
+pub const DEFAULT_MAX_WAITERS: usize = 64;
+
+/// How many duplicates wait for or join each key in flight in this process.
+pub(crate) struct Waiting {
+    max: usize,
+    keys: std::sync::Mutex<std::collections::HashMap<StoreKey, usize>>,
+}
+
+impl Waiting {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self { max, keys: Default::default() })
+    }
+
+    /// A place among `key`'s waiters, held until dropped; `None` when all are taken.
+    pub(crate) fn enter(self: &Arc<Self>, key: &StoreKey) -> Option<WaitSlot> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        let count = keys.entry(key.clone()).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(WaitSlot { waiting: self.clone(), key: key.clone() })
+    }
+}
+
+/// One duplicate's place among its key's waiters.
+pub(crate) struct WaitSlot {
+    waiting: Arc<Waiting>,
+    key: StoreKey,
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        let mut keys = self.waiting.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = keys.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                keys.remove(&self.key);
+            }
+        }
+    }
+}

@@ -36,7 +36,7 @@ where
     S::Error: Send + 'static,
     ResBody: Body + Send + 'static,
     ResBody::Data: Buf,
-    ResBody::Error: Send,
+    ResBody::Error: Into<tower::BoxError> + Send,
 {
     let future = match catch_unwind(AssertUnwindSafe(|| inner.call(request))) {
         Ok(future) => future,

@@ -63,6 +63,7 @@ where
     F: Future<Output = Result<Response<B>, E>>,
     B: Body,
     B::Data: bytes::Buf,
+    B::Error: Into<tower::BoxError>,
 {
     type Output = Result<Response<ResponseBody<B>>, E>;
 

@@ -2,7 +2,7 @@
 //! fingerprinted, the scope resolved, and the store's `begin` decides: replay, refuse, wait, or
 //! execute (then [`execute`](crate::execute) takes over).
 
-use std::{marker::PhantomData, sync::Arc, time::Duration};
+use std::{marker::PhantomData, sync::Arc};
 
 use bytes::Buf;
 use http::{Request, Response, request};
@@ -13,8 +13,10 @@ use tower::Service;
 use crate::{
     IdempotencyKey, Outcome,
     body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
-    config::{Config, InFlight, StoreFailure},
+    config::{Config, InFlight, MAX_DURATION, StoreFailure, WaitSlot},
     execute::execute,
+    headers::LAST_EVENT_ID,
+    join::{Follow, Following, Joined, Waited, joined_head, wait_in_flight},
     lock::{LockGuard, Locked},
     problem::ProblemKind,
     replay::replay,
@@ -76,7 +78,7 @@ where
     ReqBody::Data: Buf + Send,
     ResBody: Body + Send + 'static,
     ResBody::Data: Buf,
-    ResBody::Error: Send,
+    ResBody::Error: Into<tower::BoxError> + Send,
 {
     pub(crate) async fn run(
         self,
@@ -98,30 +100,50 @@ where
         let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
         let key = StoreKey::new(config.scope.resolve(&head), key);
 
-        // In wait mode, a duplicate polls the store with a growing step until the first
-        // request finishes or the timeout passes: a store-agnostic wait, the same for a local
-        // map and a remote store. It waits holding nothing of the inner service.
+        // In wait and join mode, a duplicate follows the lock's live log in the store, woken by
+        // the store, until the first request ends (then `begin` again: replay, or execute if
+        // it failed) or, joining, until its head is there. It waits holding nothing of the
+        // inner service, and in a bounded number per key.
         let started = Instant::now();
-        let mut wait_step = Duration::from_millis(5);
+        let mut waiter: Option<(WaitSlot, Arc<dyn Follow>)> = None;
         let (began, begin) = loop {
             let began = Instant::now();
             let begin = match store.begin(&key, &fingerprint, config.lease).await {
                 Ok(begin) => begin,
                 Err(error) => return store_failed(inner, &config, error, head, body).await,
             };
-            let InFlight::Wait { timeout } = config.in_flight else { break (began, begin) };
-            let waited = started.elapsed();
-            if !matches!(begin, Begin::InFlight) || waited >= timeout {
+            let Some(timeout) = config.in_flight.wait_timeout() else { break (began, begin) };
+            let until = started + timeout.min(MAX_DURATION);
+            if !matches!(begin, Begin::InFlight) || Instant::now() >= until {
                 break (began, begin);
             }
+            if waiter.is_none() {
+                let Some(slot) = config.waiting.enter(&key) else { break (began, begin) };
+                let following: Arc<dyn Follow> =
+                    Arc::new(Following { store: store.clone(), key: key.clone(), fingerprint, lease: config.lease });
+                waiter = Some((slot, following));
+            }
+            let Some((_, following)) = &waiter else { unreachable!("set above") };
             inner.idle();
-            tokio::time::sleep(wait_step.min(timeout - waited)).await;
-            wait_step = (wait_step * 2).min(Duration::from_millis(100));
+            let join = matches!(config.in_flight, InFlight::Join { .. });
+            match wait_in_flight(following, until, join).await {
+                Ok(Waited::Head { status, headers, events, cursor }) => {
+                    let Some((slot, following)) = waiter.take() else { unreachable!("set above") };
+                    let (parts, start) = joined_head(status, headers, head.headers.get(LAST_EVENT_ID), &events);
+                    let joined = Joined::new(following, status, events, cursor, start, slot);
+                    return Ok(Response::from_parts(parts, ResponseBody::joined(joined)));
+                }
+                Ok(Waited::Ended | Waited::TimedOut) => {}
+                Err(error) => return store_failed(inner, &config, error, head, body).await,
+            }
         };
+        drop(waiter);
         let in_flight_retry_after = config.in_flight_retry_after();
         let token = match begin {
             Begin::Execute(token) => token,
-            Begin::Completed(Record::Response(record)) => return Ok(replay(record)),
+            Begin::Completed(Record::Response(record)) => {
+                return Ok(replay(record, head.headers.get(LAST_EVENT_ID)));
+            }
             Begin::Completed(Record::NotRetained) => {
                 return Ok(problem_response(&config, &head.headers, ProblemKind::ResponseNotRetained, None));
             }
@@ -150,6 +172,7 @@ async fn store_failed<S, ReqBody, ResBody>(
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone,
     ResBody: Body,
+    ResBody::Error: Into<tower::BoxError>,
 {
     match config.store_failure {
         StoreFailure::FailClosed { retry_after } => {

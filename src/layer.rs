@@ -10,7 +10,8 @@ use crate::{
     Idempotency, Scope,
     config::{
         CachePredicate, Config, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD,
-        DEFAULT_MAX_REQUEST_BODY, DEFAULT_TTL, InFlight, KeyPolicy, MAX_DURATION, StoreFailure, SuccessOnly,
+        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS, DEFAULT_TTL, InFlight, KeyPolicy, MAX_DURATION, StoreFailure,
+        SuccessOnly, Waiting,
     },
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
@@ -64,6 +65,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             unstored_headers: vec![http::header::SET_COOKIE],
             detached: Arc::new(Semaphore::new(DEFAULT_MAX_DETACHED)),
             max_detached: DEFAULT_MAX_DETACHED,
+            waiting: Waiting::new(DEFAULT_MAX_WAITERS),
             answers: Answers::default(),
             keeper: Keeper::new(DEFAULT_LEASE),
         };
@@ -170,6 +172,15 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// `Retry-After`.
     pub fn with_in_flight(self, in_flight: InFlight) -> Self {
         self.config(|c| c.in_flight = in_flight)
+    }
+
+    /// The most duplicates of one key that wait for it ([`InFlight::Wait`]) or join it
+    /// ([`InFlight::Join`]) in this process at once; past it, `409` with `Retry-After`. Each
+    /// holds a connection and, when joined, its place in the shared response, until its body
+    /// ends or its client leaves. Default: 64.
+    pub fn with_max_waiters(self, max: usize) -> Self {
+        let waiting = Waiting::new(max);
+        self.config(|c| c.waiting = waiting)
     }
 
     /// What happens when the store fails. Default: [`StoreFailure::FailClosed`] with a 1 s

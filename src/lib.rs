@@ -193,6 +193,7 @@ mod background;
 mod body;
 pub mod client;
 mod config;
+mod events;
 mod execute;
 mod fingerprint;
 mod future;
@@ -200,11 +201,13 @@ pub mod grpc;
 mod guarded;
 mod headers;
 pub mod hints;
+mod join;
 mod key;
 mod layer;
 mod lock;
 mod outcome;
 pub mod problem;
+mod publisher;
 mod recording;
 mod replay;
 mod scope;
@@ -214,7 +217,7 @@ pub mod store;
 pub use body::{RequestBody, ResponseBody};
 pub use config::{
     CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
-    DEFAULT_TTL, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
+    DEFAULT_MAX_WAITERS, DEFAULT_TTL, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
 };
 pub use future::ResponseFuture;
 pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};

@@ -24,6 +24,9 @@ pub enum Outcome {
     Executed,
     /// A recorded response was replayed; the handler did not run.
     Replayed,
+    /// A duplicate joined the same request in flight: it got the first request's response as
+    /// it was produced ([`InFlight::Join`](crate::InFlight::Join)); the handler did not run.
+    Joined,
     /// `409`: the same request is still in flight.
     InFlight,
     /// `409`: the request ran, but its response was too large to keep.
@@ -59,6 +62,7 @@ impl Outcome {
             Self::Bypassed => "bypassed",
             Self::Executed => "executed",
             Self::Replayed => "replayed",
+            Self::Joined => "joined",
             Self::InFlight => "in_flight",
             Self::NotRetained => "not_retained",
             Self::KeyReused => "key_reused",

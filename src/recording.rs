@@ -40,8 +40,10 @@ use tokio::{runtime::Handle, sync::OwnedSemaphorePermit, sync::Semaphore};
 use crate::{
     CachePredicate,
     body::into_bytes,
-    config::Config,
+    config::{Config, InFlight},
+    events::{EventMark, EventScanner, is_event_stream},
     lock::{Completion, LockGuard},
+    publisher::Publisher,
     store::{Record, StoredResponse},
 };
 
@@ -83,6 +85,8 @@ struct Streaming<B> {
     expected: Option<u64>,
     /// A drain task owns this recording already (the client went away).
     detached: bool,
+    /// Join mode: what the body produced goes to the lock's live log too.
+    publisher: Option<Publisher>,
 }
 
 /// What is kept of the body so far.
@@ -93,6 +97,8 @@ struct Tape {
     size: usize,
     max: usize,
     trailers: Option<HeaderMap>,
+    /// A `text/event-stream` body: where its events with an id end.
+    events: Option<(EventScanner, Vec<EventMark>)>,
 }
 
 /// What one frame from the handler's body did.
@@ -123,8 +129,14 @@ where
     ) -> Self {
         let (max_record, detach, predicate) = (config.max_record, config.detached.clone(), config.predicate.clone());
         let expected = expected.or_else(|| body.size_hint().exact());
-        let tape = Tape { status, headers, chunks: Vec::new(), size: 0, max: max_record, trailers: None };
-        let streaming = Streaming { body: Box::pin(body), guard, tape, ahead: None, expected, detached: false };
+        let events = is_event_stream(&headers).then(Default::default);
+        let publisher = match config.in_flight {
+            InFlight::Join { .. } => guard.held().map(|held| Publisher::new(held, status, headers.clone())),
+            _ => None,
+        };
+        let tape = Tape { status, headers, chunks: Vec::new(), size: 0, max: max_record, trailers: None, events };
+        let streaming =
+            Streaming { body: Box::pin(body), guard, tape, ahead: None, expected, detached: false, publisher };
         let mut recording =
             Self { state: State::Streaming(Box::new(streaming)), predicate, detach, spawn_drain: spawn_drain::<B> };
         if expected.is_some_and(|len| len > max_record as u64) {
@@ -148,7 +160,10 @@ where
         }
         match self.poll_body(cx) {
             Poll::Ready(Some(Ok(Step::Send(frame)))) => match &mut self.state {
-                State::Streaming(streaming) => streaming.ahead = Some(frame),
+                State::Streaming(streaming) => {
+                    streaming.ahead = Some(frame);
+                    self.publish(cx);
+                }
                 State::Passing { ahead, .. } => *ahead = Some(frame),
                 _ => unreachable!("a frame to send leaves the recording streaming or passing"),
             },
@@ -202,7 +217,11 @@ where
             }
         };
         match polled {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // The handler is producing: the time to publish what it produced so far.
+                self.publish(cx);
+                Poll::Pending
+            }
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(self.on_frame(into_bytes(frame))))),
             Poll::Ready(Some(Err(error))) => {
                 self.fail();
@@ -215,10 +234,20 @@ where
         }
     }
 
+    /// Join mode: moves the lock's live log on with what the body produced (never waits).
+    fn publish(&mut self, cx: &mut Context<'_>) {
+        if let State::Streaming(streaming) = &mut self.state {
+            if let Some(publisher) = &mut streaming.publisher {
+                publisher.flush(cx);
+            }
+        }
+    }
+
     fn on_frame(&mut self, frame: Frame<Bytes>) -> Step {
         let State::Streaming(streaming) = &mut self.state else { return Step::Send(frame) };
         let tape = &mut streaming.tape;
         if let Some(data) = frame.data_ref() {
+            let start = tape.size;
             tape.size += data.len();
             if tape.size > tape.max {
                 self.pass();
@@ -226,6 +255,16 @@ where
             }
             if !data.is_empty() {
                 tape.chunks.push(data.clone());
+                let mut found = Vec::new();
+                if let Some((scanner, marks)) = &mut tape.events {
+                    scanner.feed(data, |mark| {
+                        found.push((mark.id.clone(), (mark.end - start as u64) as usize));
+                        marks.push(mark);
+                    });
+                }
+                if let Some(publisher) = &mut streaming.publisher {
+                    publisher.data(data, found);
+                }
             }
             let complete = streaming.body.is_end_stream() || streaming.expected == Some(tape.size as u64);
             if !complete {
@@ -280,7 +319,10 @@ where
                         Some(Ok(Step::Send(frame))) => match &mut self.state {
                             // It passed the record limit: it goes out once the not-retained record is kept.
                             State::Passing { ahead, .. } => *ahead = Some(frame),
-                            _ => return Poll::Ready(Some(Ok(frame))),
+                            _ => {
+                                self.publish(cx);
+                                return Poll::Ready(Some(Ok(frame)));
+                            }
                         },
                         Some(Ok(Step::Ended)) | None => {}
                         Some(Err(error)) => {
@@ -396,6 +438,14 @@ impl Tape {
             headers: std::mem::take(&mut self.headers),
             body,
             trailers: self.trailers.take(),
+            marks: self
+                .events
+                .take()
+                .map(|(mut scanner, mut marks)| {
+                    scanner.finish(|mark| marks.push(mark));
+                    marks
+                })
+                .unwrap_or_default(),
         }))
     }
 }

@@ -6,10 +6,27 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header, response};
 use http_body::Body;
 
-use crate::{IDEMPOTENT_REPLAYED, Outcome, ResponseBody, store::StoredResponse};
+use crate::{
+    IDEMPOTENT_REPLAYED, Outcome, ResponseBody,
+    events::{is_event_stream, resume_offset},
+    store::StoredResponse,
+};
 
-/// The recorded response, replayed: the inner service is not called.
-pub(crate) fn replay<B: Body>(record: Arc<StoredResponse>) -> Response<ResponseBody<B>> {
+/// The recorded response, replayed: the inner service is not called. An event stream replayed
+/// to a request with `Last-Event-ID` (`last_event_id`) starts after the event with that id,
+/// found in the record's event marks; an id it does not know gives the whole stream.
+pub(crate) fn replay<B: Body>(
+    record: Arc<StoredResponse>,
+    last_event_id: Option<&HeaderValue>,
+) -> Response<ResponseBody<B>> {
+    let record = match last_event_id.and_then(|id| resume_offset(&record.marks, id.as_bytes())) {
+        Some(offset) if is_event_stream(&record.headers) => {
+            let mut resumed = Arc::unwrap_or_clone(record);
+            resumed.body = resumed.body.slice(usize::try_from(offset).unwrap_or(usize::MAX).min(resumed.body.len())..);
+            Arc::new(resumed)
+        }
+        _ => record,
+    };
     let (mut head, body, trailers) = parts(record);
     head.extensions.insert(Outcome::Replayed);
     Response::from_parts(head, ResponseBody::full(body, trailers))
@@ -23,8 +40,8 @@ pub(crate) fn replay<B: Body>(record: Arc<StoredResponse>) -> Response<ResponseB
 /// No `Content-Length` where it does not belong (SPEC 2.8): on `1xx`, `204` and `304`
 /// (RFC 9110 8.6), and on a replay with trailers, so that HTTP/1.1 sends it chunked, the
 /// only framing that carries trailers.
-fn parts(record: Arc<StoredResponse>) -> (response::Parts, Bytes, Option<HeaderMap>) {
-    let StoredResponse { status, mut headers, body, trailers } = Arc::unwrap_or_clone(record);
+pub(crate) fn parts(record: Arc<StoredResponse>) -> (response::Parts, Bytes, Option<HeaderMap>) {
+    let StoredResponse { status, mut headers, body, trailers, .. } = Arc::unwrap_or_clone(record);
     headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     let without_content =
         status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -47,7 +64,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         let status = StatusCode::from_u16(status).unwrap();
-        Arc::new(StoredResponse { status, headers, body: Bytes::from_static(body), trailers })
+        Arc::new(StoredResponse { status, headers, body: Bytes::from_static(body), trailers, marks: Vec::new() })
     }
 
     #[test]

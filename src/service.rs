@@ -69,7 +69,7 @@ where
     ReqBody::Data: Buf + Send,
     ResBody: Body + Send + 'static,
     ResBody::Data: Buf,
-    ResBody::Error: Send,
+    ResBody::Error: Into<tower::BoxError> + Send,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;

@@ -18,7 +18,7 @@ use std::{
 
 use tokio::{runtime::Handle, time::Instant};
 
-use crate::store::{IdempotencyStore, LockToken, Record, StoreKey};
+use crate::store::{IdempotencyStore, LiveEvent, LockToken, Record, StoreKey};
 
 mod completion;
 mod keeper;
@@ -41,6 +41,9 @@ pub(crate) trait Held: Send + Sync + 'static {
     fn complete(self: Arc<Self>, record: Record) -> BoxFuture<()>;
     /// Removes the lock.
     fn release(self: Arc<Self>) -> BoxFuture<()>;
+    /// Appends `events` to the lock's live log from index `from`; `false` if the store failed
+    /// (the caller sends them again).
+    fn publish(self: Arc<Self>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<bool>;
 }
 
 /// When a lock was last renewed, and how long it is known to hold.
@@ -184,6 +187,18 @@ impl<St: IdempotencyStore> Held for StoreLock<St> {
             self.lease.finish();
         })
     }
+
+    fn publish(self: Arc<Self>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<bool> {
+        Box::pin(async move {
+            match self.store.publish(&self.key, &self.token, from, events).await {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::debug!(%error, token = ?self.token, "idempotency live publish failed; sending it again");
+                    false
+                }
+            }
+        })
+    }
 }
 
 /// The lock one executing request holds.
@@ -220,6 +235,11 @@ impl LockGuard {
     /// The runtime the request runs on, where work left at a drop goes on.
     pub(crate) fn runtime(&self) -> Option<Handle> {
         self.runtime.clone()
+    }
+
+    /// The lock, for publishing its response as it is produced (join mode).
+    pub(crate) fn held(&self) -> Option<Arc<dyn Held>> {
+        self.held.clone()
     }
 
     /// Replaces the lock by `record`: the write is owned by the returned [`Completion`] (and by

@@ -3,6 +3,8 @@
 use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use crate::events::EventMark;
+
 /// A completed response as kept by a store: status, end-to-end headers, body and trailers.
 ///
 /// Headers that must not be replayed (hop-by-hop, `Content-Length`, `Date`, `Set-Cookie` by
@@ -27,13 +29,20 @@ pub struct StoredResponse {
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
     pub(crate) trailers: Option<HeaderMap>,
+    /// For a `text/event-stream` body: the end of each event with an id, in order (where a
+    /// replay with `Last-Event-ID` starts).
+    pub(crate) marks: Vec<EventMark>,
 }
+
+/// Flag bits of the byte after the headers.
+const HAS_TRAILERS: u8 = 1;
+const HAS_MARKS: u8 = 2;
 
 impl StoredResponse {
     /// A record of a response without trailers. The headers are kept as given: the layer
     /// removes the ones it does not replay before it makes a record.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
-        Self { status, headers, body, trailers: None }
+        Self { status, headers, body, trailers: None, marks: Vec::new() }
     }
 
     /// The same record, with the trailers the response ended with.
@@ -70,7 +79,8 @@ impl StoredResponse {
         fn map_weight(map: &HeaderMap) -> usize {
             map.iter().map(|(name, value)| name.as_str().len() + value.len()).sum()
         }
-        self.body.len() + map_weight(&self.headers) + self.trailers.as_ref().map_or(0, map_weight)
+        let marks: usize = self.marks.iter().map(|mark| mark.id.len() + 8).sum();
+        self.body.len() + map_weight(&self.headers) + self.trailers.as_ref().map_or(0, map_weight) + marks
     }
 
     /// Appends the record as one buffer: status, headers, trailers, then the raw body. A store
@@ -81,9 +91,15 @@ impl StoredResponse {
     /// 2      status, big-endian
     /// 2      header field count N, big-endian
     /// N x    name length (u16 BE), name, value length (u32 BE), value
-    /// 1      trailers: 0 none, 1 present, then a count and fields as for the headers
+    /// 1      flags: bit 0 trailers, bit 1 event marks
+    ///        trailers, if flagged: a count and fields as for the headers
+    ///        event marks, if flagged: count M (u32 BE), then M x id length (u16 BE), id,
+    ///        end offset in the body (u64 BE): where each `text/event-stream` event with an
+    ///        id ends, so a replay with `Last-Event-ID` starts there without parsing the body
     /// rest   the body, raw, up to the end
     /// ```
+    ///
+    /// A record without event marks encodes as it did before they existed (flags 0 or 1).
     ///
     /// Every length is prefixed, so the encoding is unambiguous; [`decode`](Self::decode)
     /// reads it back without copying the body or the header values. Stores keep records in
@@ -105,11 +121,17 @@ impl StoredResponse {
         out.reserve(self.encoded_len());
         out.put_u16(self.status.as_u16());
         fields(out, &self.headers)?;
-        match &self.trailers {
-            None => out.put_u8(0),
-            Some(trailers) => {
-                out.put_u8(1);
-                fields(out, trailers)?;
+        let has_marks = !self.marks.is_empty();
+        out.put_u8(if self.trailers.is_some() { HAS_TRAILERS } else { 0 } | if has_marks { HAS_MARKS } else { 0 });
+        if let Some(trailers) = &self.trailers {
+            fields(out, trailers)?;
+        }
+        if has_marks {
+            out.put_u32(u32::try_from(self.marks.len()).ok()?);
+            for mark in &self.marks {
+                out.put_u16(u16::try_from(mark.id.len()).ok()?);
+                out.put_slice(&mark.id);
+                out.put_u64(mark.end);
             }
         }
         out.put_slice(&self.body);
@@ -121,7 +143,11 @@ impl StoredResponse {
         fn fields_len(map: &HeaderMap) -> usize {
             2 + map.iter().map(|(name, value)| 2 + name.as_str().len() + 4 + value.len()).sum::<usize>()
         }
-        2 + fields_len(&self.headers) + 1 + self.trailers.as_ref().map_or(0, fields_len) + self.body.len()
+        let marks = match self.marks.len() {
+            0 => 0,
+            _ => 4 + self.marks.iter().map(|mark| 2 + mark.id.len() + 8).sum::<usize>(),
+        };
+        2 + fields_len(&self.headers) + 1 + self.trailers.as_ref().map_or(0, fields_len) + marks + self.body.len()
     }
 
     /// Reads back what [`encode_into`](Self::encode_into) wrote; header values and the body
@@ -152,12 +178,33 @@ impl StoredResponse {
         let status = encoded.try_get_u16().map_err(|_| DecodeError("truncated"))?;
         let status = StatusCode::from_u16(status).map_err(|_| DecodeError("invalid status"))?;
         let headers = fields(&mut encoded)?;
-        let trailers = match encoded.try_get_u8().map_err(|_| DecodeError("truncated"))? {
-            0 => None,
-            1 => Some(fields(&mut encoded)?),
-            _ => return Err(DecodeError("invalid trailer flag")),
-        };
-        Ok(Self { status, headers, body: encoded, trailers })
+        let flags = encoded.try_get_u8().map_err(|_| DecodeError("truncated"))?;
+        if flags & !(HAS_TRAILERS | HAS_MARKS) != 0 {
+            return Err(DecodeError("invalid flags"));
+        }
+        let trailers = if flags & HAS_TRAILERS != 0 { Some(fields(&mut encoded)?) } else { None };
+        let mut marks = Vec::new();
+        if flags & HAS_MARKS != 0 {
+            let count = encoded.try_get_u32().map_err(|_| DecodeError("truncated"))? as usize;
+            // Every mark takes at least 10 bytes.
+            if count > encoded.len() / 10 {
+                return Err(DecodeError("truncated"));
+            }
+            marks.reserve_exact(count);
+            for _ in 0..count {
+                let len = usize::from(encoded.try_get_u16().map_err(|_| DecodeError("truncated"))?);
+                if encoded.len() < len {
+                    return Err(DecodeError("truncated"));
+                }
+                let id = encoded.split_to(len);
+                let end = encoded.try_get_u64().map_err(|_| DecodeError("truncated"))?;
+                marks.push(EventMark { id, end });
+            }
+        }
+        if marks.iter().any(|mark| mark.end > encoded.len() as u64) {
+            return Err(DecodeError("event mark past the body"));
+        }
+        Ok(Self { status, headers, body: encoded, trailers, marks })
     }
 }
 
@@ -214,6 +261,7 @@ mod tests {
                 headers: headers.clone(),
                 body: Bytes::copy_from_slice(body),
                 trailers,
+                marks: Vec::new(),
             };
             let mut encoded = Vec::new();
             record.encode_into(&mut encoded).unwrap();
@@ -221,5 +269,34 @@ mod tests {
             assert_eq!(StoredResponse::decode(Bytes::from(encoded)).unwrap(), record);
         }
         assert!(StoredResponse::decode(Bytes::from_static(b"\x00")).is_err());
+    }
+
+    #[test]
+    fn event_marks_round_trip_and_leave_old_records_readable() {
+        let body = Bytes::from_static(b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n");
+        let mut record = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body.clone());
+        record.marks = vec![
+            EventMark { id: Bytes::from_static(b"1"), end: 15 },
+            EventMark { id: Bytes::from_static(b"2"), end: 30 },
+        ];
+        for trailers in [None, Some(HeaderMap::from_iter([(header::ETAG, HeaderValue::from_static("x"))]))] {
+            record.trailers = trailers;
+            let mut encoded = Vec::new();
+            record.encode_into(&mut encoded).unwrap();
+            assert_eq!(encoded.len(), record.encoded_len());
+            assert_eq!(StoredResponse::decode(Bytes::from(encoded)).unwrap(), record);
+        }
+        // Without marks, the layout is the one records had before marks existed.
+        let plain = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body);
+        let mut encoded = Vec::new();
+        plain.encode_into(&mut encoded).unwrap();
+        assert_eq!(&encoded[..5], b"\x00\xc8\x00\x00\x00");
+        // A mark past the body, or an unknown flag, is an error.
+        let mut bad = Vec::new();
+        record.trailers = None;
+        record.marks[1].end = 99;
+        record.encode_into(&mut bad).unwrap();
+        assert!(StoredResponse::decode(Bytes::from(bad)).is_err());
+        assert!(StoredResponse::decode(Bytes::from_static(b"\x00\xc8\x00\x00\x04")).is_err());
     }
 }

@@ -28,7 +28,9 @@ async fn reject_mode_runs_the_handler_exactly_once() {
 async fn wait_mode_gives_every_duplicate_the_same_response() {
     for round in 0..ROUNDS {
         let runs = Runs::default();
-        let layer = IdempotencyLayer::new().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) });
+        let layer = IdempotencyLayer::new()
+            .with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) })
+            .with_max_waiters(TASKS);
         let svc = service(layer, runs.clone());
         let replies = race(&[svc], &format!("wait-{round}"), TASKS, 20).await;
         assert_eq!(runs.get(), 1, "round {round}");

@@ -196,7 +196,7 @@ where
     ReqBody::Data: Buf + Send,
     ResBody: Body + Send + 'static,
     ResBody::Data: Buf + Send,
-    ResBody::Error: Send,
+    ResBody::Error: Into<tower::BoxError> + Send,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;

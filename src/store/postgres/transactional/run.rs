@@ -16,6 +16,7 @@ use crate::{
     body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
     config::{Config, InFlight, StoreFailure},
     execute::stored_headers,
+    headers::LAST_EVENT_ID,
     problem::ProblemKind,
     replay::replay,
     service::problem_response,
@@ -54,7 +55,7 @@ impl<S> Run<S> {
         ReqBody::Data: Buf + Send,
         ResBody: Body + Send + 'static,
         ResBody::Data: Buf + Send,
-        ResBody::Error: Send,
+        ResBody::Error: Into<tower::BoxError> + Send,
     {
         let Self { inner, store, config } = self;
         let (mut head, body) = request.into_parts();
@@ -80,7 +81,7 @@ impl<S> Run<S> {
         // timeout too); past it the transaction is dropped, so rolled back.
         let bound = store.inner.operation_timeout
             + match config.in_flight {
-                InFlight::Wait { timeout } => timeout,
+                InFlight::Wait { timeout } | InFlight::Join { timeout } => timeout,
                 _ => Duration::ZERO,
             };
         let taken = tokio::time::timeout(bound, take(&store, &config, &key, fingerprint))
@@ -88,7 +89,9 @@ impl<S> Run<S> {
             .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
         let (transaction, token) = match taken {
             Ok(Taken::Execute(transaction, token)) => (transaction, token),
-            Ok(Taken::Answer(Begin::Completed(Record::Response(record)))) => return Ok(replay(record)),
+            Ok(Taken::Answer(Begin::Completed(Record::Response(record)))) => {
+                return Ok(replay(record, head.headers.get(LAST_EVENT_ID)));
+            }
             Ok(Taken::Answer(Begin::Completed(_))) => {
                 return Ok(problem(&head, ProblemKind::ResponseNotRetained, None));
             }
@@ -225,7 +228,8 @@ async fn take_once(
             }
             begin_on(&inner.statements, &mut transaction, key, token, config.lease).await
         }
-        InFlight::Wait { timeout } => {
+        // The response is released only once committed: nothing to join before, so a join waits.
+        InFlight::Wait { timeout } | InFlight::Join { timeout } => {
             let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
             set_lock_timeout(&mut transaction, &format!("'{millis}ms'")).await?;
             let began = begin_on(&inner.statements, &mut transaction, key, token, config.lease).await;

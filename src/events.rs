@@ -1,0 +1,195 @@
+//! `text/event-stream` event boundaries, found while a response is recorded, so that a
+//! duplicate sending `Last-Event-ID` resumes after the event with that id without a second
+//! parse (SPEC 2.9).
+//!
+//! The grammar is the HTML standard's (`9.2.6 Interpreting an event stream`): lines end with
+//! CRLF, LF or CR; an empty line ends an event; a line `id: X` (one space after the colon
+//! stripped) gives the event its id. An event id containing NUL is ignored, as browsers do.
+
+use bytes::Bytes;
+use http::{HeaderMap, header};
+
+/// The longest `id:` line kept (longer ids are not resumable; their events still pass).
+const MAX_ID_LINE: usize = 3 + 1024;
+
+/// Whether the headers announce an event stream.
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(';').next().is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/event-stream"))
+    })
+}
+
+/// The end of an event with an id: where a duplicate that saw it resumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EventMark {
+    /// The event's `id:` value.
+    pub(crate) id: Bytes,
+    /// The body offset just past the empty line that ended the event.
+    pub(crate) end: u64,
+}
+
+/// Finds event ends in a body fed to it chunk by chunk.
+#[derive(Debug, Default)]
+pub(crate) struct EventScanner {
+    /// Bytes fed so far.
+    offset: u64,
+    /// The current line, while it may still be an `id:` line.
+    line: Vec<u8>,
+    /// The current line is not an `id:` line we keep (too long, or another field).
+    line_ignored: bool,
+    /// The current line has at least one byte.
+    line_started: bool,
+    /// The last byte fed was a CR (an LF right after it ends no second line).
+    after_cr: bool,
+    /// The id of the event being read, if it has an `id:` line.
+    id: Option<Bytes>,
+    /// An event ended by an empty line whose CR may still be followed by its LF: its mark
+    /// waits for the next byte, so that a resumed stream never starts with a stray LF.
+    after_cr_mark: Option<EventMark>,
+}
+
+impl EventScanner {
+    /// Feeds the next chunk; calls `found` with each event end it completes.
+    pub(crate) fn feed(&mut self, chunk: &[u8], mut found: impl FnMut(EventMark)) {
+        for &byte in chunk {
+            self.offset += 1;
+            if let Some(mut mark) = self.after_cr_mark.take() {
+                if byte == b'\n' {
+                    mark.end += 1;
+                }
+                found(mark);
+            }
+            match byte {
+                b'\n' if self.after_cr => self.after_cr = false,
+                b'\r' | b'\n' => {
+                    self.after_cr = byte == b'\r';
+                    self.end_line(&mut found);
+                }
+                _ => {
+                    self.after_cr = false;
+                    self.line_started = true;
+                    if !self.line_ignored {
+                        self.line.push(byte);
+                        let n = self.line.len().min(3);
+                        if self.line[..n] != b"id:"[..n] || self.line.len() > MAX_ID_LINE {
+                            self.line_ignored = true;
+                            self.line.clear();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn end_line(&mut self, found: &mut impl FnMut(EventMark)) {
+        if !self.line_started {
+            // An empty line: the event ends here.
+            if let Some(id) = self.id.take() {
+                let mark = EventMark { id, end: self.offset };
+                match self.after_cr {
+                    true => self.after_cr_mark = Some(mark),
+                    false => found(mark),
+                }
+            }
+        } else if !self.line_ignored && self.line.len() >= 3 {
+            let value = &self.line[3..];
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            if !value.contains(&0) {
+                self.id = Some(Bytes::copy_from_slice(value));
+            }
+        }
+        self.line.clear();
+        self.line_ignored = false;
+        self.line_started = false;
+    }
+}
+
+impl EventScanner {
+    /// The body ended: the mark still waiting for a byte after its CR is final.
+    pub(crate) fn finish(&mut self, mut found: impl FnMut(EventMark)) {
+        if let Some(mark) = self.after_cr_mark.take() {
+            found(mark);
+        }
+    }
+}
+
+/// Where to resume after the event whose id is `last`: the end of its last occurrence.
+pub(crate) fn resume_offset(marks: &[EventMark], last: &[u8]) -> Option<u64> {
+    marks.iter().rev().find(|mark| mark.id == last).map(|mark| mark.end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marks(chunks: &[&[u8]]) -> Vec<(String, u64)> {
+        let mut scanner = EventScanner::default();
+        let mut found = Vec::new();
+        let mut push = |mark: EventMark| found.push((String::from_utf8(mark.id.to_vec()).unwrap(), mark.end));
+        for chunk in chunks {
+            scanner.feed(chunk, &mut push);
+        }
+        scanner.finish(&mut push);
+        found
+    }
+
+    #[test]
+    fn finds_the_end_of_each_event_with_an_id() {
+        let body = b"id: 0\ndata: 0\n\nid: 1\ndata: 1\n\n";
+        assert_eq!(marks(&[body]), vec![("0".into(), 15), ("1".into(), 30)]);
+    }
+
+    #[test]
+    fn every_line_ending_and_any_split() {
+        let lf = b"id: a\ndata: x\n\ndata: no id\n\nid:b\n\n".to_vec();
+        let crlf = b"id: a\r\ndata: x\r\n\r\ndata: no id\r\n\r\nid:b\r\n\r\n".to_vec();
+        let cr = b"id: a\rdata: x\r\rdata: no id\r\rid:b\r\r".to_vec();
+        for body in [lf, crlf, cr] {
+            let whole = marks(&[&body]);
+            assert_eq!(whole.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["a", "b"], "{body:?}");
+            assert_eq!(whole.last().unwrap().1, body.len() as u64);
+            // Split at every byte: the same marks.
+            for at in 0..body.len() {
+                assert_eq!(marks(&[&body[..at], &body[at..]]), whole, "split at {at} of {body:?}");
+            }
+            let bytes: Vec<&[u8]> = body.chunks(1).collect();
+            assert_eq!(marks(&bytes), whole);
+        }
+    }
+
+    #[test]
+    fn other_fields_comments_and_odd_ids() {
+        // `idx:` is another field; a comment is ignored; an id with NUL is ignored; the id is
+        // the event's last `id:` line; an empty id is an id.
+        let body = b"idx: 9\n\n: comment id: 3\n\nid: 1\nid: 2\ndata\n\nid: a\0b\n\nid:\n\n";
+        assert_eq!(marks(&[body]), vec![("2".into(), 43), (String::new(), body.len() as u64)]);
+    }
+
+    #[test]
+    fn resumes_after_the_last_event_with_the_id() {
+        let found = [
+            EventMark { id: Bytes::from_static(b"1"), end: 10 },
+            EventMark { id: Bytes::from_static(b"2"), end: 20 },
+            EventMark { id: Bytes::from_static(b"1"), end: 30 },
+        ];
+        assert_eq!(resume_offset(&found, b"2"), Some(20));
+        assert_eq!(resume_offset(&found, b"1"), Some(30));
+        assert_eq!(resume_offset(&found, b"3"), None);
+    }
+
+    #[test]
+    fn event_stream_content_types() {
+        for (value, yes) in [
+            ("text/event-stream", true),
+            ("text/event-stream; charset=utf-8", true),
+            ("Text/Event-Stream", true),
+            ("text/plain", false),
+            ("text/event-streams", false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, value.parse().unwrap());
+            assert_eq!(is_event_stream(&headers), yes, "{value}");
+        }
+        assert!(!is_event_stream(&HeaderMap::new()));
+    }
+}

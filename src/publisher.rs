@@ -1,0 +1,75 @@
+//! [`Publisher`]: the live half of a recording in join mode. What the body has produced goes
+//! into the lock's live log in the store, for duplicates to follow (SPEC 2.9), without ever
+//! holding the response back: at most one publish is under way, and what the body produces
+//! meanwhile is batched into the next.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use crate::{
+    lock::{BoxFuture, Held},
+    store::LiveEvent,
+};
+
+pub(crate) struct Publisher {
+    held: Arc<dyn Held>,
+    /// The log index of `queue[0]`.
+    next: u64,
+    /// Events not yet acknowledged by the store (the ones being sent first).
+    queue: Vec<LiveEvent>,
+    /// The publish under way, and how many events of `queue` it carries.
+    sending: Option<(BoxFuture<bool>, usize)>,
+}
+
+impl Publisher {
+    /// A publisher for `held`'s log, starting with the response head.
+    pub(crate) fn new(held: Arc<dyn Held>, status: StatusCode, headers: HeaderMap) -> Self {
+        Self { held, next: 0, queue: vec![LiveEvent::Head { status, headers }], sending: None }
+    }
+
+    /// Queues body bytes, split at the event ends they contain (`marks`: the ids, and their
+    /// offsets within `data`).
+    pub(crate) fn data(&mut self, data: &Bytes, marks: impl IntoIterator<Item = (Bytes, usize)>) {
+        let mut at = 0;
+        for (id, end) in marks {
+            if end > at {
+                self.queue.push(LiveEvent::Data(data.slice(at..end)));
+                at = end;
+            }
+            self.queue.push(LiveEvent::EventEnd(id));
+        }
+        if at < data.len() {
+            self.queue.push(LiveEvent::Data(data.slice(at..)));
+        }
+    }
+
+    /// Moves publishing on: finishes the publish under way if it is done, and starts the next
+    /// with everything queued since. Never waits (`cx` is woken when a publish finishes).
+    pub(crate) fn flush(&mut self, cx: &mut Context<'_>) {
+        loop {
+            if let Some((sending, count)) = &mut self.sending {
+                let Poll::Ready(stored) = sending.as_mut().poll(cx) else { return };
+                let count = *count;
+                self.sending = None;
+                if !stored {
+                    // Sent again at the next flush, with whatever joined the queue.
+                    return;
+                }
+                self.queue.drain(..count);
+                self.next += count as u64;
+            }
+            if self.queue.is_empty() {
+                return;
+            }
+            // The events are kept until the store acknowledges them (a clone shares the bytes).
+            let batch = self.queue.clone();
+            let count = batch.len();
+            self.sending = Some((self.held.clone().publish(self.next, batch), count));
+        }
+    }
+}
