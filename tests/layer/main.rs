@@ -13,4 +13,5 @@ mod faults;
 mod flood;
 mod grpc;
 mod inputs;
+mod join;
 mod security;
