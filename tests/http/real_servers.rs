@@ -894,3 +894,72 @@ over_both_protocols! {
     a_client_that_hangs_up_mid_stream_leaves_a_record_http1, a_client_that_hangs_up_mid_stream_leaves_a_record_http2
         => a_client_that_hangs_up_mid_stream_leaves_a_record();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Join an in-flight event stream (SPEC 2.9)
+// ---------------------------------------------------------------------------------------------
+
+/// `id: I\ndata: token-I\n\n`.
+fn event(i: usize) -> Bytes {
+    Bytes::from(format!("id: {i}\ndata: token-{i}\n\n"))
+}
+
+/// A streamed completion over real hyper: the first client reads three events and hangs up;
+/// its retry (same key, `Last-Event-ID: 2`, a new connection) joins the generation still
+/// running and gets events 3.. exactly once, as they are produced; a second joiner without
+/// `Last-Event-ID` gets the whole stream; after the end, a retry is a replay. One execution.
+async fn a_cut_stream_continues_under_the_same_key(proto: Proto) {
+    const EVENTS: usize = 12;
+    let executions = Arc::new(AtomicUsize::new(0));
+    let runs = executions.clone();
+    let layer = IdempotencyLayer::new().with_in_flight(tower_idempotency::InFlight::join());
+    let addr = serve(proto, layer, move |_request: HandlerRequest| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let body = slow((0..EVENTS).map(event).collect(), Duration::from_millis(40));
+            Response::builder().header(header::CONTENT_TYPE, "text/event-stream").body(body).unwrap()
+        }
+    })
+    .await;
+    let key = format!("join-{}", uuid::Uuid::new_v4());
+    {
+        let mut client = Client::connect(proto, addr).await;
+        let request = client.post("/complete", &key).body(full(Bytes::new())).unwrap();
+        let response = match &mut client.sender {
+            Sender::Http1(sender) => sender.send_request(request).await,
+            Sender::Http2(sender) => sender.send_request(request).await,
+        }
+        .expect("the server answers");
+        let mut body = response.into_body();
+        let mut seen: Vec<Bytes> = Vec::new();
+        while seen.concat().len() < (0..3).map(|i| event(i).len()).sum::<usize>() {
+            seen.push(body.frame().await.expect("a frame").expect("no error").into_data().unwrap());
+        }
+        assert_eq!(seen.concat(), (0..3).map(event).collect::<Vec<_>>().concat());
+        // Dropping the body and the connection hangs up mid-generation.
+    }
+    let mut resumed = Client::connect(proto, addr).await;
+    let mut whole = Client::connect(proto, addr).await;
+    let (resumed, whole) = tokio::join!(
+        resumed.send(resumed.post("/complete", &key).header("last-event-id", "2").body(full(Bytes::new())).unwrap()),
+        whole.send(whole.post("/complete", &key).body(full(Bytes::new())).unwrap()),
+    );
+    for (got, from) in [(&resumed, 3), (&whole, 0)] {
+        assert_eq!(got.status, StatusCode::OK, "{}", got.describe());
+        assert_eq!(got.replayed().map(|v| v.as_bytes()), Some(&b"true"[..]), "{}", got.describe());
+        assert_eq!(got.headers[header::CONTENT_TYPE], "text/event-stream");
+        assert_eq!(got.body, (from..EVENTS).map(event).collect::<Vec<_>>().concat(), "{}", got.describe());
+    }
+    let mut client = Client::connect(proto, addr).await;
+    let replay = client
+        .send(client.post("/complete", &key).header("last-event-id", "10").body(full(Bytes::new())).unwrap())
+        .await;
+    assert_eq!(replay.body, event(11), "{}", replay.describe());
+    assert_eq!(executions.load(Ordering::SeqCst), 1, "one generation, billed once");
+}
+
+over_both_protocols! {
+    /// 2.9: a cut event stream continues under the same key, joined on a new connection.
+    a_cut_stream_continues_under_the_same_key_http1, a_cut_stream_continues_under_the_same_key_http2
+        => a_cut_stream_continues_under_the_same_key();
+}

@@ -327,7 +327,13 @@ impl IdempotencyStore for Counting {
         self.begins.fetch_add(1, Ordering::SeqCst);
         self.inner.begin(key, fingerprint, lease).await
     }
-    async fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> Result<bool, StoreError> {
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
         self.inner.complete(key, lock, record, ttl).await
     }
     async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
@@ -336,7 +342,13 @@ impl IdempotencyStore for Counting {
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.inner.release(key, lock).await
     }
-    async fn publish(&self, key: &StoreKey, lock: &LockToken, from: u64, events: Vec<LiveEvent>) -> Result<(), StoreError> {
+    async fn publish(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
+    ) -> Result<(), StoreError> {
         self.publishes.fetch_add(1, Ordering::SeqCst);
         self.inner.publish(key, lock, from, events).await
     }
