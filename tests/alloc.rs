@@ -103,3 +103,73 @@ fn lease_renewal_costs_nothing_until_a_request_outlives_its_first_renewal_period
     assert_eq!(within, fast, "a request done within the first renewal period pays for renewal");
     assert!(renewed > within, "the renewal of a slow request is not counted ({renewed} vs {within})");
 }
+
+/// SPEC 2.9: joiners share one buffer. A 1 MiB stream in flight (16 chunks of 64 KiB, all
+/// produced), then 100 joiners that each receive all of it at once: the bytes they allocate
+/// between them are a small fraction of one copy of the stream, let alone of 100.
+#[test]
+fn a_hundred_joiners_of_a_1_mib_stream_share_its_bytes() {
+    use http_body_util::{BodyExt, StreamBody};
+    use tower_idempotency::InFlight;
+
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 16;
+    const JOINERS: usize = 100;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let (chunks, receiver) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let receiver = std::sync::Arc::new(std::sync::Mutex::new(Some(receiver)));
+    let handler = tower::service_fn(move |_req: Request<_>| {
+        let receiver = receiver.lock().unwrap().take().expect("one execution");
+        async move {
+            let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+                let chunk = receiver.recv().await?;
+                Some((Ok::<_, Infallible>(http_body::Frame::data(chunk)), receiver))
+            });
+            Ok::<_, Infallible>(Response::new(StreamBody::new(Box::pin(stream))))
+        }
+    });
+    let layer = IdempotencyLayer::new()
+        .with_in_flight(InFlight::join())
+        .with_max_record(2 * CHUNK * CHUNKS)
+        .with_max_waiters(JOINERS);
+    let service = layer.layer(handler);
+    let request = || req(Method::POST, Some("stream"));
+    let mut first = runtime.block_on(service.clone().oneshot(request())).unwrap().into_body();
+    for i in 0..CHUNKS {
+        chunks.send(Bytes::from(vec![i as u8; CHUNK])).unwrap();
+        let frame = runtime.block_on(first.frame()).unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap().len(), CHUNK);
+    }
+    let mut joiners = Vec::new();
+    let info = allocation_counter::measure(|| {
+        runtime.block_on(async {
+            for _ in 0..JOINERS {
+                let mut joined = service.clone().oneshot(request()).await.unwrap().into_body();
+                let mut received = 0;
+                while received < CHUNK * CHUNKS {
+                    received += joined.frame().await.unwrap().unwrap().into_data().unwrap().len();
+                }
+                joiners.push(joined);
+            }
+        });
+    });
+    let stream = (CHUNK * CHUNKS) as u64;
+    println!(
+        "{JOINERS} joiners of a {} KiB stream allocated {} KiB at the peak ({} B per joiner)",
+        stream / 1024,
+        info.bytes_max / 1024,
+        info.bytes_max / JOINERS as u64
+    );
+    assert!(info.bytes_max < stream / 4, "joiners copied the stream: {} bytes at the peak", info.bytes_max);
+    // And they follow it to its end.
+    drop(chunks);
+    let rest = runtime.block_on(async {
+        while first.frame().await.is_some() {}
+        let mut ends = 0;
+        for joined in &mut joiners {
+            ends += usize::from(joined.frame().await.is_none());
+        }
+        ends
+    });
+    assert_eq!(rest, JOINERS, "every joined body ends when the first does");
+}
