@@ -93,7 +93,7 @@
 //! | body over the limit (default 2 MiB) | `413` `request-body-too-large` |
 //! | first time | handler runs; a `2xx` whose body ends normally is recorded |
 //! | same key, same request, completed | replay: same status, headers, body, plus `Idempotent-Replayed: true` |
-//! | same key, same request, still running | `409` `in-flight` with `Retry-After` (or wait, [`InFlight::Wait`]) |
+//! | same key, same request, still running | `409` `in-flight` with `Retry-After` (or wait, [`InFlight::Wait`], or join its response as it is produced, [`InFlight::Join`]) |
 //! | same key, response was over the record limit (default 1 MiB) | `409` `response-not-retained`, no `Retry-After` |
 //! | same key, different request (method, path, query, body) | `422` `key-reused` |
 //! | store unreachable | `503` `store-unavailable` with `Retry-After` (or run unprotected, [`StoreFailure::FailOpen`]) |

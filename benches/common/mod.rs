@@ -133,10 +133,13 @@ pub enum Path {
     NoKey,
     UncoveredMethod,
     InFlight409,
+    /// A miss through a layer in join mode (`InFlight::join()`): what the feature costs a
+    /// request no one joins.
+    MissJoin,
 }
 
 impl Path {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::BarePost,
         Self::BarePut,
         Self::NoopLayer,
@@ -145,6 +148,7 @@ impl Path {
         Self::NoKey,
         Self::UncoveredMethod,
         Self::InFlight409,
+        Self::MissJoin,
     ];
 
     pub fn name(self) -> &'static str {
@@ -157,6 +161,7 @@ impl Path {
             Self::NoKey => "no_key",
             Self::UncoveredMethod => "uncovered_method",
             Self::InFlight409 => "in_flight_409",
+            Self::MissJoin => "miss_join",
         }
     }
 
@@ -165,6 +170,7 @@ impl Path {
         match self {
             Self::BarePost | Self::BarePut => &routers.bare,
             Self::NoopLayer => &routers.noop,
+            Self::MissJoin => &routers.joining,
             _ => &routers.layered,
         }
     }
@@ -174,7 +180,7 @@ impl Path {
         match self {
             Self::BarePost | Self::NoopLayer | Self::NoKey => request(Method::POST, None),
             Self::BarePut => request(Method::PUT, None),
-            Self::Miss => request(Method::POST, Some(&fresh_key())),
+            Self::Miss | Self::MissJoin => request(Method::POST, Some(&fresh_key())),
             Self::Replay => request(Method::POST, Some(REPLAYED)),
             Self::UncoveredMethod => request(Method::PUT, Some(&fresh_key())),
             Self::InFlight409 => request(Method::POST, Some(IN_FLIGHT)),
@@ -193,6 +199,8 @@ pub struct Routers {
     pub bare: Router,
     pub noop: Router,
     pub layered: Router,
+    /// The layered router in join mode, over the same store.
+    pub joining: Router,
 }
 
 /// The routers, the layered one over `store`, with the replayed key completed and the
@@ -200,6 +208,7 @@ pub struct Routers {
 pub fn routers(rt: &tokio::runtime::Runtime, store: MemoryStore) -> Routers {
     let layer = IdempotencyLayer::with_store(store);
     let store = layer.store().clone();
+    let joining = layered_router(layer.clone().with_in_flight(tower_idempotency::InFlight::join()));
     let layered = layered_router(layer);
     rt.block_on(async {
         let (status, _) = send(&layered, request(Method::POST, Some(REPLAYED))).await;
@@ -209,7 +218,7 @@ pub fn routers(rt: &tokio::runtime::Runtime, store: MemoryStore) -> Routers {
         let begin = store.begin(&key, &fingerprint, Duration::from_secs(24 * 3600)).await.unwrap();
         assert!(matches!(begin, Begin::Execute(_)));
     });
-    let routers = Routers { bare: bare_router(), noop: noop_layer_router(), layered };
+    let routers = Routers { bare: bare_router(), noop: noop_layer_router(), layered, joining };
     for path in Path::ALL {
         let (status, _) = rt.block_on(send(path.router(&routers), path.request()));
         assert_eq!(status, path.status(), "{}", path.name());
