@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use crate::{
+    events::EventMark,
     lock::{BoxFuture, Held},
     store::LiveEvent,
 };
@@ -24,12 +25,27 @@ pub(crate) struct Publisher {
     queue: Vec<LiveEvent>,
     /// The publish under way, and how many events of `queue` it carries.
     sending: Option<(BoxFuture<bool>, usize)>,
+    /// The head is queued (it is made at the first flush: a response that never publishes,
+    /// complete before its head went out, never copies its headers).
+    head_queued: bool,
 }
 
 impl Publisher {
-    /// A publisher for `held`'s log, starting with the response head.
-    pub(crate) fn new(held: Arc<dyn Held>, status: StatusCode, headers: HeaderMap) -> Self {
-        Self { held, next: 0, queue: vec![LiveEvent::Head { status, headers }], sending: None }
+    /// A publisher for `held`'s log, with the body bytes recorded before it existed and the
+    /// event ends found in them.
+    pub(crate) fn new(held: Arc<dyn Held>, recorded: &[Bytes], marks: &[EventMark]) -> Self {
+        let mut publisher = Self { held, next: 0, queue: Vec::new(), sending: None, head_queued: false };
+        let (mut offset, mut marks) = (0u64, marks.iter().peekable());
+        for data in recorded {
+            let end = offset + data.len() as u64;
+            let mut within = Vec::new();
+            while let Some(mark) = marks.next_if(|mark| mark.end <= end) {
+                within.push((mark.id.clone(), (mark.end - offset) as usize));
+            }
+            publisher.data(data, within);
+            offset = end;
+        }
+        publisher
     }
 
     /// Queues body bytes, split at the event ends they contain (`marks`: the ids, and their
@@ -49,8 +65,13 @@ impl Publisher {
     }
 
     /// Moves publishing on: finishes the publish under way if it is done, and starts the next
-    /// with everything queued since. Never waits (`cx` is woken when a publish finishes).
-    pub(crate) fn flush(&mut self, cx: &mut Context<'_>) {
+    /// with everything queued since, the response head (`status`, `headers`) first. Never
+    /// waits (`cx` is woken when a publish finishes).
+    pub(crate) fn flush(&mut self, cx: &mut Context<'_>, status: StatusCode, headers: &HeaderMap) {
+        if !self.head_queued {
+            self.queue.insert(0, LiveEvent::Head { status, headers: headers.clone() });
+            self.head_queued = true;
+        }
         loop {
             if let Some((sending, count)) = &mut self.sending {
                 let Poll::Ready(stored) = sending.as_mut().poll(cx) else { return };

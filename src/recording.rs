@@ -85,7 +85,9 @@ struct Streaming<B> {
     expected: Option<u64>,
     /// A drain task owns this recording already (the client went away).
     detached: bool,
-    /// Join mode: what the body produced goes to the lock's live log too.
+    /// Join mode: what the body produced goes to the lock's live log too, from the first
+    /// time the body makes the client wait (a body complete at once publishes nothing).
+    join: bool,
     publisher: Option<Publisher>,
 }
 
@@ -130,13 +132,18 @@ where
         let (max_record, detach, predicate) = (config.max_record, config.detached.clone(), config.predicate.clone());
         let expected = expected.or_else(|| body.size_hint().exact());
         let events = is_event_stream(&headers).then(Default::default);
-        let publisher = match config.in_flight {
-            InFlight::Join { .. } => guard.held().map(|held| Publisher::new(held, status, headers.clone())),
-            _ => None,
-        };
+        let join = matches!(config.in_flight, InFlight::Join { .. });
         let tape = Tape { status, headers, chunks: Vec::new(), size: 0, max: max_record, trailers: None, events };
-        let streaming =
-            Streaming { body: Box::pin(body), guard, tape, ahead: None, expected, detached: false, publisher };
+        let streaming = Streaming {
+            body: Box::pin(body),
+            guard,
+            tape,
+            ahead: None,
+            expected,
+            detached: false,
+            join,
+            publisher: None,
+        };
         let mut recording =
             Self { state: State::Streaming(Box::new(streaming)), predicate, detach, spawn_drain: spawn_drain::<B> };
         if expected.is_some_and(|len| len > max_record as u64) {
@@ -236,10 +243,14 @@ where
 
     /// Join mode: moves the lock's live log on with what the body produced (never waits).
     fn publish(&mut self, cx: &mut Context<'_>) {
-        if let State::Streaming(streaming) = &mut self.state {
-            if let Some(publisher) = &mut streaming.publisher {
-                publisher.flush(cx);
-            }
+        let State::Streaming(streaming) = &mut self.state else { return };
+        if streaming.publisher.is_none() && streaming.join {
+            let tape = &streaming.tape;
+            let marks = tape.events.as_ref().map_or(&[][..], |(_, marks)| marks);
+            streaming.publisher = streaming.guard.held().map(|held| Publisher::new(held, &tape.chunks, marks));
+        }
+        if let Some(publisher) = &mut streaming.publisher {
+            publisher.flush(cx, streaming.tape.status, &streaming.tape.headers);
         }
     }
 
