@@ -8,5 +8,7 @@ mod common;
 mod layer_redis;
 mod memory;
 mod redis_cluster;
+#[cfg(feature = "redis")]
+mod redis_processes;
 mod redis_restart;
 mod redis_store;
