@@ -109,12 +109,15 @@ fn finish(routes: Router<Arc<Stats>>, stats: Arc<Stats>) -> Router {
 fn routes<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     let required = layer.clone().with_key_policy(KeyPolicy::Required);
     let waiting = layer.clone().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
+    // A duplicate of a stream in flight joins it (SPEC 2.9): the events so far at once, then
+    // each one as it is produced; `Last-Event-ID` resumes after the event it names.
+    let joining = layer.clone().with_in_flight(InFlight::join());
     Router::new()
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
         .route("/jobs", post(create::<JOBS>).layer(waiting))
         .route("/orders/{id}", patch(update_order::<false>).put(update_order::<true>).layer(layer.clone()))
-        .route("/stream", post(stream).layer(layer.clone()))
+        .route("/stream", post(stream).layer(joining))
         .route("/large", post(large).layer(layer))
 }
 
@@ -206,6 +209,8 @@ async fn update_order<const PUT: bool>(
     }
 }
 
+/// `POST /stream`: `chunks` events `id: I\ndata: I\n\n` (I from 0), `chunk_delay_ms` apart, as
+/// `text/event-stream`; its layer joins duplicates in flight.
 async fn stream(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers: HeaderMap) -> Response {
     stats.count("stream");
     if let Some(response) = knobs(&q, &headers).await {
@@ -220,7 +225,7 @@ async fn stream(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers
         if i > 0 {
             tokio::time::sleep(every).await;
         }
-        Some((Ok::<_, Infallible>(Bytes::from(format!("data: {i}\n\n"))), i + 1))
+        Some((Ok::<_, Infallible>(Bytes::from(format!("id: {i}\ndata: {i}\n\n"))), i + 1))
     });
     ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(events)).into_response()
 }

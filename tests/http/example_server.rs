@@ -546,7 +546,7 @@ async fn panic_releases_the_key_and_the_server_keeps_serving() {
 // Streaming
 // ---------------------------------------------------------------------------------------------
 
-const FIVE_EVENTS: &str = "data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\n";
+const FIVE_EVENTS: &str = "id: 0\ndata: 0\n\nid: 1\ndata: 1\n\nid: 2\ndata: 2\n\nid: 3\ndata: 3\n\nid: 4\ndata: 4\n\n";
 
 #[tokio::test]
 async fn stream_is_relayed_then_replayed_byte_for_byte() {
@@ -579,7 +579,7 @@ async fn stream_first_bytes_arrive_before_the_stream_ends() {
         if let Some(data) = frame.data_ref() {
             if !data.is_empty() && first_data_at.is_none() {
                 first_data_at = Some(Instant::now());
-                assert!(data.starts_with(b"data: 0\n\n"), "first frame: {data:?}");
+                assert!(data.starts_with(b"id: 0\ndata: 0\n\n"), "first frame: {data:?}");
             }
             received.extend_from_slice(data);
         }
