@@ -1,4 +1,5 @@
-//! [`RedisStoreBuilder`]: the prefix, the command timeout, and the connection to build on.
+//! [`RedisStoreBuilder`]: the prefix, the command timeout, the dedicated connections of
+//! blocking reads, and the connection to build on.
 
 use std::{sync::Arc, sync::OnceLock, time::Duration};
 
@@ -14,14 +15,21 @@ use super::connection::DeferredCluster;
 use super::{
     Inner, RedisStore,
     connection::{Connection, Deferred},
+    live::Live,
+    readers::{Readers, Source},
+    slot,
 };
 
 /// Default prefix of every Redis key the store writes.
 const DEFAULT_PREFIX: &str = "idem:";
 /// Default bound on one store operation, connecting included.
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default bound on the dedicated connections of blocking reads.
+const DEFAULT_MAX_BLOCKING_CONNECTIONS: usize = 32;
+/// Default longest single blocking read.
+const DEFAULT_MAX_BLOCK: Duration = Duration::from_secs(10);
 
-/// Builds a [`RedisStore`] with a non-default key prefix or command timeout.
+/// Builds a [`RedisStore`] with a non-default key prefix, command timeout or blocking reads.
 ///
 /// Finish with [`connect`](Self::connect) (connects now), [`connect_lazy`](Self::connect_lazy)
 /// or [`build`](Self::build) (connect on first use), or
@@ -31,11 +39,22 @@ const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct RedisStoreBuilder {
     prefix: String,
     command_timeout: Duration,
+    max_blocking_connections: usize,
+    max_block: Duration,
+    /// Given with `with_blocking_client`: where the dedicated connections come from when the
+    /// store is built on a connection of the caller's.
+    blocking: Option<Source>,
 }
 
 impl Default for RedisStoreBuilder {
     fn default() -> Self {
-        Self { prefix: DEFAULT_PREFIX.to_owned(), command_timeout: DEFAULT_COMMAND_TIMEOUT }
+        Self {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            max_blocking_connections: DEFAULT_MAX_BLOCKING_CONNECTIONS,
+            max_block: DEFAULT_MAX_BLOCK,
+            blocking: None,
+        }
     }
 }
 
@@ -57,14 +76,62 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// The most dedicated connections the store opens for blocking reads, the followers of
+    /// in-flight requests (join and wait mode) that wait at once. Default: 32. At least 1.
+    ///
+    /// A follower waits for a new event on a connection of its own (`XREAD BLOCK`), so that
+    /// the shared connection is never blocked. Past the bound, a follower waits for one of them
+    /// to be free (reading what it missed once it has one); connections are kept open, idle,
+    /// for the next follower.
+    pub fn with_max_blocking_connections(mut self, max: usize) -> Self {
+        self.max_blocking_connections = max.max(1);
+        self
+    }
+
+    /// The longest one blocking read waits before the follower checks its lock again.
+    /// Default: 10 s. At least 1 ms.
+    ///
+    /// A follower's read also ends when the lock's lease (as last checked) runs out, so a
+    /// crashed owner is noticed as its lease expires whatever this is; this bounds the rest
+    /// (a live log lost to eviction or a failover), and keeps a blocked connection from
+    /// looking idle for longer to a proxy or load balancer that cuts idle connections.
+    pub fn with_max_block(mut self, max: Duration) -> Self {
+        self.max_block = max.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The client the store opens its dedicated connections for blocking reads with, when it
+    /// is built on a connection of yours ([`build_with_manager`](Self::build_with_manager)),
+    /// whose client the store cannot know.
+    ///
+    /// Without it such a store has no dedicated connections, and its followers check their
+    /// lock every 100 ms instead of being woken. The other ways to build a store have a client
+    /// (the URL's, or the one given) and use it; this one overrides it.
+    pub fn with_blocking_client(mut self, client: Client) -> Self {
+        self.blocking = Some(Source::Single(client));
+        self
+    }
+
+    /// The cluster client the store opens its dedicated connections for blocking reads with,
+    /// when it is built on a cluster connection of yours
+    /// ([`build_with_cluster_connection`](Self::build_with_cluster_connection)); see
+    /// [`with_blocking_client`](Self::with_blocking_client). Give it no response timeout
+    /// shorter than the [block limit](Self::with_max_block).
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn with_blocking_cluster_client(mut self, client: ClusterClient) -> Self {
+        self.blocking = Some(Source::Cluster(client));
+        self
+    }
+
     /// Connects to the Redis at `url` (`redis://[user:password@]host:port[/db]`, `rediss://`
     /// needs a TLS feature of the `redis` crate) and builds the store.
     ///
     /// Fails when the URL is invalid or Redis does not answer within the command timeout.
     pub async fn connect(self, url: impl IntoConnectionInfo) -> Result<RedisStore, RedisError> {
         let client = Client::open(url)?;
-        let manager = ConnectionManager::new_with_config(client, self.manager_config()).await?;
-        Ok(self.build_with_manager(manager))
+        let manager = ConnectionManager::new_with_config(client.clone(), self.manager_config()).await?;
+        Ok(self.finish(Connection::Given(manager), Some(Source::Single(client))))
     }
 
     /// Builds the store for the Redis at `url` without connecting: the first operation
@@ -80,13 +147,21 @@ impl RedisStoreBuilder {
     /// [`connect_lazy`](Self::connect_lazy)). Needs no tokio runtime.
     pub fn build(self, client: Client) -> RedisStore {
         let config = self.manager_config();
-        self.finish(Connection::Deferred(Box::new(Deferred { client, config, manager: OnceLock::new() })))
+        let blocking = Source::Single(client.clone());
+        self.finish(
+            Connection::Deferred(Box::new(Deferred { client, config, manager: OnceLock::new() })),
+            Some(blocking),
+        )
     }
 
     /// Builds the store on a connection manager of your own (its reconnection settings
     /// apply; the command timeout still bounds every operation).
+    ///
+    /// Give it the manager's client with [`with_blocking_client`](Self::with_blocking_client)
+    /// too, so that followers of in-flight requests are woken by Redis instead of checking
+    /// every 100 ms.
     pub fn build_with_manager(self, manager: ConnectionManager) -> RedisStore {
-        self.finish(Connection::Given(manager))
+        self.finish(Connection::Given(manager), None)
     }
 
     /// Connects to the Redis Cluster that `nodes` belong to (one or more of its nodes'
@@ -98,29 +173,42 @@ impl RedisStoreBuilder {
         self,
         nodes: impl IntoIterator<Item = T>,
     ) -> Result<RedisStore, RedisError> {
-        let client = ClusterClient::builder(nodes)
+        let nodes = nodes.into_iter().map(IntoConnectionInfo::into_connection_info).collect::<Result<Vec<_>, _>>()?;
+        let client = ClusterClient::builder(nodes.clone())
             .connection_timeout(self.command_timeout)
             .response_timeout(self.command_timeout)
             .build()?;
+        // Blocking reads answer when they end: no response timeout (the store bounds them).
+        let blocking = ClusterClient::builder(nodes)
+            .connection_timeout(self.command_timeout)
+            .overall_response_timeout(None)
+            .build()?;
         let connection = client.get_async_connection().await?;
-        Ok(self.build_with_cluster_connection(connection))
+        Ok(self.finish(Connection::GivenCluster(connection), Some(Source::Cluster(blocking))))
     }
 
     /// Builds the store on a Redis Cluster client without connecting: the first operation
     /// connects, and while that fails each operation tries again (failing as
     /// [`StoreError::is_unavailable`](crate::store::StoreError::is_unavailable) or [`StoreError::is_timeout`](crate::store::StoreError::is_timeout) meanwhile).
+    ///
+    /// The dedicated connections of blocking reads come from `client` too: give it no
+    /// response timeout shorter than the [block limit](Self::with_max_block) (a
+    /// `ClusterClient` has none by default).
     #[cfg(feature = "redis-cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn build_cluster(self, client: ClusterClient) -> RedisStore {
+        let blocking = Source::Cluster(client.clone());
         let cluster = DeferredCluster { client, connection: tokio::sync::OnceCell::new() };
-        self.finish(Connection::DeferredCluster(Box::new(cluster)))
+        self.finish(Connection::DeferredCluster(Box::new(cluster)), Some(blocking))
     }
 
-    /// Builds the store on a Redis Cluster connection of your own.
+    /// Builds the store on a Redis Cluster connection of your own. Give it a client for
+    /// blocking reads with [`with_blocking_cluster_client`](Self::with_blocking_cluster_client)
+    /// too (without one, followers check every 100 ms).
     #[cfg(feature = "redis-cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn build_with_cluster_connection(self, connection: ClusterConnection) -> RedisStore {
-        self.finish(Connection::GivenCluster(connection))
+        self.finish(Connection::GivenCluster(connection), None)
     }
 
     /// The settings of the managers this builder makes: one attempt per connection (the
@@ -133,12 +221,21 @@ impl RedisStoreBuilder {
             .set_response_timeout(Some(self.command_timeout))
     }
 
-    fn finish(self, connection: Connection) -> RedisStore {
+    /// The store on `connection`, with dedicated connections from `blocking` unless
+    /// [`with_blocking_client`](Self::with_blocking_client) named another source.
+    fn finish(self, connection: Connection, blocking: Option<Source>) -> RedisStore {
+        // The stream-key tags of every Cluster slot, found now so that no request pays for it.
+        slot::prepare();
+        let readers = self
+            .blocking
+            .or(blocking)
+            .map(|source| Readers::new(source, self.max_blocking_connections, self.command_timeout));
         RedisStore {
             inner: Arc::new(Inner {
                 connection,
                 prefix: self.prefix.into_bytes().into_boxed_slice(),
                 command_timeout: self.command_timeout,
+                live: Live::new(readers, self.max_block),
             }),
         }
     }

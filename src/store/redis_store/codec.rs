@@ -1,4 +1,5 @@
-//! The binary layout of one Redis value: a lock, a recorded response or a not-retained record.
+//! The binary layout of one Redis value: a lock, a recorded response or a not-retained record;
+//! and of the entries of a lock's live log (a Redis stream).
 //!
 //! ```text
 //! offset  bytes  field
@@ -18,12 +19,24 @@
 //! The scripts read only the first 33 (`begin`) or 49 (`complete`, `renew`, `release`) bytes;
 //! only this module parses a response. The tag doubles as the layout version: a later layout
 //! gets new tags, and a value with an unknown tag is reported as corrupt.
+//!
+//! A live log entry has one field, named by a letter, and its id says where it is:
+//!
+//! ```text
+//! id       field  value
+//! 0-1      o      empty: the log was opened by a follower before anything was published
+//! 1-(i+1)  h      event i is the head: status and headers, as a response's (no body)
+//! 1-(i+1)  d      event i is body data: the bytes, raw
+//! 1-(i+1)  e      event i ends a text/event-stream event: its id, raw
+//! 2-0      c      the end: 1 a record replaced the lock, 0 it was released
+//! ```
 
 use std::sync::Arc;
 
+use ::redis::Value;
 use bytes::Bytes;
 
-use crate::store::{Fingerprint, LockToken, Record, StoreError, StoredResponse};
+use crate::store::{Fingerprint, LiveEvent, LockToken, Record, StoreError, StoredResponse};
 
 /// Tag of an in-flight lock.
 pub(super) const LOCK: u8 = b'L';
@@ -86,6 +99,70 @@ pub(super) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
         LOCK => Err(corrupt("a lock where a record was expected")),
         _ => Err(corrupt("unknown value tag")),
     }
+}
+
+/// The field and value of the live log entry of `event`.
+///
+/// `None` for a head too large for the layout (more than 65 535 header fields, a value over
+/// 4 GiB): like its record, which is then not retained, it cannot be published.
+pub(super) fn encode_event(event: LiveEvent) -> Option<(&'static [u8], Bytes)> {
+    Some(match event {
+        LiveEvent::Head { status, headers } => {
+            let head = StoredResponse::new(status, headers, Bytes::new());
+            let mut out = Vec::with_capacity(head.encoded_len());
+            head.encode_into(&mut out)?;
+            (b"h", Bytes::from(out))
+        }
+        LiveEvent::Data(data) => (b"d", data),
+        LiveEvent::EventEnd(id) => (b"e", id),
+    })
+}
+
+/// One entry of a live log, as read back.
+#[derive(Debug, PartialEq)]
+pub(super) enum Entry {
+    /// The placeholder a follower opens the log with.
+    Open,
+    /// Event `index` of the log.
+    Event(u64, LiveEvent),
+    /// The lock is gone: `true` when a record replaced it.
+    End(bool),
+}
+
+/// Decodes one entry of an `XRANGE` or `XREAD` reply: `[id, [field, value]]`.
+pub(super) fn decode_entry(entry: Value) -> Result<Entry, StoreError> {
+    let Value::Array(parts) = entry else { return Err(corrupt("a live log entry is not an array")) };
+    let [Value::BulkString(id), fields] = <[Value; 2]>::try_from(parts).map_err(|_| corrupt("live log entry"))? else {
+        return Err(corrupt("live log entry"));
+    };
+    let mut fields = match fields {
+        Value::Array(fields) => fields,
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(field, value)| [field, value]).collect(),
+        _ => return Err(corrupt("live log entry fields")),
+    };
+    let (Some(Value::BulkString(value)), Some(Value::BulkString(field))) = (fields.pop(), fields.pop()) else {
+        return Err(corrupt("live log entry fields"));
+    };
+    let index = match id.as_slice() {
+        b"0-1" => return Ok(Entry::Open),
+        b"2-0" if field == b"c" => return Ok(Entry::End(value == b"1")),
+        _ => id
+            .strip_prefix(b"1-")
+            .and_then(|n| std::str::from_utf8(n).ok()?.parse::<u64>().ok())
+            .and_then(|n| n.checked_sub(1))
+            .ok_or_else(|| corrupt("live log entry id"))?,
+    };
+    let value = Bytes::from(value);
+    let event = match field.as_slice() {
+        b"h" => {
+            let head = StoredResponse::decode(value).map_err(|error| corrupt(error.0))?;
+            LiveEvent::Head { status: head.status, headers: head.headers }
+        }
+        b"d" => LiveEvent::Data(value),
+        b"e" => LiveEvent::EventEnd(value),
+        _ => return Err(corrupt("live log entry field")),
+    };
+    Ok(Entry::Event(index, event))
 }
 
 fn corrupt(what: &'static str) -> StoreError {
@@ -158,6 +235,49 @@ mod tests {
         assert_eq!(encoded.len(), 33);
         assert_eq!(encoded[0], b'T');
         assert_eq!(decode_record(encoded).unwrap(), Record::NotRetained);
+    }
+
+    fn entry(id: &str, field: &str, value: &[u8]) -> Value {
+        let fields = vec![Value::BulkString(field.into()), Value::BulkString(value.to_vec())];
+        Value::Array(vec![Value::BulkString(id.into()), Value::Array(fields)])
+    }
+
+    #[test]
+    fn live_events_round_trip_with_the_documented_layout() {
+        let head = response();
+        let events = [
+            LiveEvent::Head { status: head.status, headers: head.headers.clone() },
+            LiveEvent::Data(Bytes::from_static(b"\x00\xff\r\n")),
+            LiveEvent::EventEnd(Bytes::from_static(b"evt-7")),
+        ];
+        for (index, event) in events.into_iter().enumerate() {
+            let (field, value) = encode_event(event.clone()).unwrap();
+            let id = format!("1-{}", index + 1);
+            let decoded = decode_entry(entry(&id, std::str::from_utf8(field).unwrap(), &value)).unwrap();
+            assert_eq!(decoded, Entry::Event(index as u64, event));
+        }
+        let (field, value) =
+            encode_event(LiveEvent::Head { status: StatusCode::OK, headers: HeaderMap::new() }).unwrap();
+        assert_eq!((field, &value[..]), (&b"h"[..], &[0, 200, 0, 0, 0][..]), "status, no headers, flags");
+        assert_eq!(decode_entry(entry("0-1", "o", b"")).unwrap(), Entry::Open);
+        assert_eq!(decode_entry(entry("2-0", "c", b"1")).unwrap(), Entry::End(true));
+        assert_eq!(decode_entry(entry("2-0", "c", b"0")).unwrap(), Entry::End(false));
+    }
+
+    #[test]
+    fn damaged_entries_are_corrupt() {
+        for bad in [
+            entry("1-0", "d", b"x"),
+            entry("1-x", "d", b"x"),
+            entry("3-0", "d", b"x"),
+            entry("1-1", "z", b"x"),
+            entry("1-1", "h", b"\x00"),
+            Value::Nil,
+            Value::Array(vec![Value::BulkString(b"1-1".to_vec())]),
+            Value::Array(vec![Value::BulkString(b"1-1".to_vec()), Value::Array(vec![])]),
+        ] {
+            assert!(decode_entry(bad.clone()).unwrap_err().is_corrupt(), "{bad:?}");
+        }
     }
 
     #[test]

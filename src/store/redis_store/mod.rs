@@ -11,15 +11,19 @@ use std::{fmt, sync::Arc, time::Duration};
 use ::redis::{Pipeline, RedisError, Value};
 
 use super::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey};
-use crate::store::{Fingerprint, Record};
+use crate::store::{Fingerprint, Followed, LiveCursor, LiveEvent, Record};
 
 mod builder;
 mod codec;
 mod connection;
+mod live;
+mod readers;
 mod scripts;
+mod slot;
 
 pub use builder::RedisStoreBuilder;
 use connection::{Command, Connection, Handle, store_error};
+use live::{ENDED_TTL, Live};
 use scripts::{BEGIN, COMPLETE, RELEASE, RENEW};
 
 /// The longest lease or TTL sent to Redis, in ms (about 31 700 years): Redis rejects an
@@ -186,6 +190,7 @@ struct Inner {
     connection: Connection,
     prefix: Box<[u8]>,
     command_timeout: Duration,
+    live: Live,
 }
 
 impl RedisStore {
@@ -270,44 +275,44 @@ impl IdempotencyStore for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let value = codec::encode_record(lock.fingerprint(), &record);
-        let mut invocation = COMPLETE.key(self.redis_key(key));
-        invocation.arg(&codec::lock_value(lock)[..]).arg(value).arg(millis(ttl));
+        let (key, stream) = self.keys(key, lock);
+        let mut invocation = COMPLETE.key(key);
+        invocation.key(stream).arg(&codec::lock_value(lock)[..]).arg(value).arg(millis(ttl)).arg(millis(ENDED_TTL));
         written(self.run(Command::Script(&invocation)).await?)
     }
 
     async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
-        let mut invocation = RENEW.key(self.redis_key(key));
-        invocation.arg(&codec::lock_value(lock)[..]).arg(millis(lease));
+        let (key, stream) = self.keys(key, lock);
+        let mut invocation = RENEW.key(key);
+        invocation.key(stream).arg(&codec::lock_value(lock)[..]).arg(millis(lease));
         written(self.run(Command::Script(&invocation)).await?)
     }
 
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
-        let mut invocation = RELEASE.key(self.redis_key(key));
-        invocation.arg(&codec::lock_value(lock)[..]);
+        let (key, stream) = self.keys(key, lock);
+        let mut invocation = RELEASE.key(key);
+        invocation.key(stream).arg(&codec::lock_value(lock)[..]).arg(millis(ENDED_TTL));
         written(self.run(Command::Script(&invocation)).await?)
     }
 
-    // PLACEHOLDER (join work in progress): no live log yet; followers poll.
     async fn publish(
         &self,
-        _key: &StoreKey,
-        _lock: &LockToken,
-        _from: u64,
-        _events: Vec<crate::store::LiveEvent>,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
     ) -> Result<(), StoreError> {
-        Ok(())
+        self.publish_events(key, lock, from, events).await
     }
 
-    // PLACEHOLDER (join work in progress).
     async fn follow(
         &self,
-        _key: &StoreKey,
-        _fingerprint: &Fingerprint,
-        _cursor: Option<crate::store::LiveCursor>,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
         timeout: Duration,
-    ) -> Result<crate::store::Followed, StoreError> {
-        tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
-        Ok(crate::store::Followed::Ended { completed: false })
+    ) -> Result<Followed, StoreError> {
+        self.follow_log(key, fingerprint, cursor, timeout).await
     }
 }
 
@@ -324,10 +329,16 @@ impl fmt::Debug for RedisStore {
             #[cfg(feature = "redis-cluster")]
             Connection::DeferredCluster(_) => "cluster, not yet connected",
         };
+        let blocking_reads = match &self.inner.live.readers {
+            Some(readers) => format!("dedicated connections, at most {}", readers.max()),
+            None => format!("none: followers check every {:?}", live::POLL_INTERVAL),
+        };
         f.debug_struct("RedisStore")
             .field("prefix", &String::from_utf8_lossy(&self.inner.prefix))
             .field("command_timeout", &self.inner.command_timeout)
             .field("connection", &connection)
+            .field("blocking_reads", &blocking_reads)
+            .field("max_block", &self.inner.live.max_block)
             .finish()
     }
 }

@@ -1,5 +1,6 @@
-//! The Lua scripts: one per operation, each on one key, so each is atomic and runs on Redis
-//! Cluster unchanged.
+//! The Lua scripts: one per operation, so each is atomic. Each touches one key (`begin`), or a
+//! lock's key and its live log's stream, which share a Cluster slot (see `slot.rs`), so each runs
+//! on Redis Cluster unchanged.
 
 use std::sync::LazyLock;
 
@@ -32,34 +33,133 @@ end
 return 3
 ";
 
-/// `complete`: replace the caller's lock by the record, with its TTL.
+/// `complete`: replace the caller's lock by the record, with its TTL, and end the lock's live
+/// log if it has one.
 ///
-/// `ARGV[1]`: the caller's lock value. `ARGV[2]`: the record. `ARGV[3]`: the TTL in ms.
+/// `KEYS[2]`: the lock's stream. `ARGV[1]`: the caller's lock value. `ARGV[2]`: the record.
+/// `ARGV[3]`: the TTL in ms. `ARGV[4]`: how long an ended log is kept, in ms. The end marker
+/// (`2-0`, `c` = 1) wakes the followers blocked on the stream; a lock nobody published to or
+/// followed has no stream, and none is made for it.
 const COMPLETE_LUA: &str = r"
-if redis.call('GETRANGE', KEYS[1], 0, 48) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
+if redis.call('GETRANGE', KEYS[1], 0, 48) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.pcall('XADD', KEYS[2], '2-0', 'c', '1')
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return 1
 ";
 
-/// `renew`: extend the caller's lock. `ARGV[1]`: the lock value. `ARGV[2]`: the lease in ms.
+/// `renew`: extend the caller's lock, and its live log if it has one. `KEYS[2]`: the lock's
+/// stream. `ARGV[1]`: the lock value. `ARGV[2]`: the lease in ms.
 const RENEW_LUA: &str = r"
-if redis.call('GETRANGE', KEYS[1], 0, 48) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('GETRANGE', KEYS[1], 0, 48) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 ";
 
-/// `release`: remove the caller's lock. `ARGV[1]`: the lock value.
+/// `release`: remove the caller's lock, and end its live log if it has one (`c` = 0).
+/// `KEYS[2]`: the lock's stream. `ARGV[1]`: the lock value. `ARGV[2]`: how long an ended log is
+/// kept, in ms.
 const RELEASE_LUA: &str = r"
-if redis.call('GETRANGE', KEYS[1], 0, 48) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+if redis.call('GETRANGE', KEYS[1], 0, 48) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.pcall('XADD', KEYS[2], '2-0', 'c', '0')
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+";
+
+/// `publish`: append events to the caller's live log, each index once, while the lock is held.
+///
+/// `KEYS[2]`: the lock's stream. `ARGV[1]`: the lock value. `ARGV[2]`: the index of the first
+/// event. `ARGV[3]`, `ARGV[4]`, ...: a field and a value per event. Event `i` is the entry
+/// `1-(i+1)`; the indices the stream holds already are skipped (a publish sent again), and a
+/// publish that would leave a gap writes nothing. The stream expires with the lock. Returns 1
+/// (appended, or nothing new), 0 (the lock is not held: nothing written) or 2 (a gap).
+const PUBLISH_LUA: &str = r"
+if redis.call('GETRANGE', KEYS[1], 0, 48) ~= ARGV[1] then
+  return 0
+end
+local held = 0
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+if last then
+  held = tonumber(string.match(last[1], '^1%-(%d+)$') or 0)
+end
+local from = tonumber(ARGV[2])
+if from > held then
+  return 2
+end
+for i = 3, #ARGV - 1, 2 do
+  local index = from + (i - 3) / 2
+  if index >= held then
+    redis.call('XADD', KEYS[2], string.format('1-%d', index + 1), ARGV[i], ARGV[i + 1])
+  end
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return 1
+";
+
+/// `follow`, first step: which lock a follower with no cursor follows.
+///
+/// `ARGV[1]`: the fingerprint. Returns `{2, token id}` (a lock for this fingerprint), `{1}` (a
+/// record for it) or `{0}` (anything else).
+const LOOKUP_LUA: &str = r"
+local head = redis.call('GETRANGE', KEYS[1], 0, 48)
+if string.sub(head, 2, 33) ~= ARGV[1] then
+  return {0}
+end
+local tag = string.sub(head, 1, 1)
+if tag == 'L' and #head == 49 then
+  return {2, string.sub(head, 34, 49)}
+end
+if tag == 'R' or tag == 'T' then
+  return {1}
+end
+return {0}
+";
+
+/// `follow`: check the lock and read its live log after the follower's cursor.
+///
+/// `KEYS[2]`: the lock's stream. `ARGV[1]`: the lock value. `ARGV[2]`: the first entry id to
+/// read. `ARGV[3]`: the most entries to return. Returns `{2, lease left in ms, entries}` while
+/// the key holds the lock, making the stream (with the placeholder `0-1`, expiring with the
+/// lock) if it has none, so that `complete` and `release` end it; otherwise the log has
+/// ended: `{1}` when the key holds a record for the lock's fingerprint, `{0}` when not.
+const FOLLOW_LUA: &str = r"
+local held = redis.call('GETRANGE', KEYS[1], 0, 48)
+if held ~= ARGV[1] then
+  local tag = string.sub(held, 1, 1)
+  if (tag == 'R' or tag == 'T') and string.sub(held, 2, 33) == string.sub(ARGV[1], 2, 33) then
+    return {1}
+  end
+  return {0}
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XADD', KEYS[2], '0-1', 'o', '')
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+  return {2, ttl, {}}
+end
+return {2, ttl, redis.call('XRANGE', KEYS[2], ARGV[2], '+', 'COUNT', ARGV[3])}
 ";
 
 pub(super) static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(BEGIN_LUA));
 pub(super) static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(COMPLETE_LUA));
 pub(super) static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LUA));
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
+pub(super) static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_LUA));
+pub(super) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP_LUA));
+pub(super) static FOLLOW: LazyLock<Script> = LazyLock::new(|| Script::new(FOLLOW_LUA));
