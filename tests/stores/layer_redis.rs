@@ -75,6 +75,30 @@ async fn waiting_duplicates_on_the_other_replica_get_the_same_response() {
     assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 49);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_on_the_other_replica_joins_the_running_response() {
+    let url = redis_or_skip!();
+    let runs = Runs::default();
+    let [a, b] = replicas(&url, |layer| layer.with_in_flight(InFlight::join()), &runs).await;
+    let key = key();
+    // 20 chunks 50 ms apart on replica A; the duplicate lands on replica B mid-way.
+    let mut slow = post("/orders", key, "{}");
+    slow.headers_mut().insert("x-chunks", 20.into());
+    slow.headers_mut().insert("x-chunk-delay-ms", 50.into());
+    let first = tokio::spawn(send(&a, slow));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let joined = send(&b, post("/orders", key, "{}")).await;
+    let first = first.await.unwrap();
+    assert_eq!(first.outcome, Outcome::Executed);
+    assert_eq!(joined.outcome, Outcome::Joined);
+    assert!(joined.replayed());
+    assert_eq!((joined.status, &joined.body), (first.status, &first.body));
+    let chunks: String = (0..20).map(|i| format!("chunk-{i};")).collect();
+    assert_eq!(joined.body, chunks.as_bytes());
+    assert_eq!(runs.get(), 1, "the handler ran once, on replica A");
+    assert_eq!(send(&b, post("/orders", key, "{}")).await.outcome, Outcome::Replayed);
+}
+
 #[tokio::test]
 async fn a_response_recorded_by_one_replica_is_replayed_by_the_other() {
     let url = redis_or_skip!();

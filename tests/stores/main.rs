@@ -8,6 +8,7 @@ mod common;
 mod layer_redis;
 mod memory;
 mod redis_cluster;
+mod redis_live;
 #[cfg(feature = "redis")]
 mod redis_processes;
 mod redis_restart;

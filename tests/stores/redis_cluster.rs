@@ -1,5 +1,6 @@
 //! `RedisStore` on Redis Cluster: the shared conformance suite, keys spread over the nodes
-//! without hash tags, replicas racing, lazy connection, scripts lost by the nodes.
+//! without hash tags, live logs in their lock key's slot, replicas racing, lazy connection,
+//! scripts lost by the nodes.
 //!
 //! The cluster: `REDIS_CLUSTER_URLS` (comma-separated node URLs) when set, and then a cluster
 //! that does not answer fails the test. Otherwise the test starts a three-node cluster of its
@@ -19,13 +20,13 @@ use std::{
 };
 
 use common::{
-    conformance::{self, LEASE, TTL, fp, fresh_key, lock, race_begins, record},
-    redis::{closed_port, run_prefix},
+    conformance::{self, LEASE, TTL, fp, fresh_key, live_head, lock, race_begins, record},
+    redis::{closed_port, raw_key, run_prefix},
 };
 use tower_idempotency::{
-    ScopeId,
+    IdempotencyKey, ScopeId,
     store::{
-        Begin, IdempotencyStore, Record, RedisStore,
+        Begin, Followed, IdempotencyStore, Record, RedisStore, StoreKey,
         redis::{self, AsyncCommands, cluster::ClusterClient},
     },
 };
@@ -157,6 +158,38 @@ async fn redis_store_on_redis_cluster() {
     assert_eq!(nodes_holding_keys, urls.len(), "keys land on every node");
     for key in &spread {
         assert!(matches!(store.begin(key, &fp(1), LEASE).await.unwrap(), Begin::Completed(_)));
+    }
+
+    // Live logs: a lock's stream is in its key's slot (the scripts touching both would fail
+    // with CROSSSLOT otherwise), whatever braces the client key has; a follower on another
+    // store, blocked on its own connection to the node, is woken by the publish.
+    let follower = Arc::new(self::store(&urls).await);
+    for (i, text) in ["plain", "with{brace}s", "{", "}{", "a{}b", "{x"].into_iter().enumerate() {
+        let scope = (i % 2 == 1).then(|| ScopeId::digest("tenant"));
+        let key =
+            StoreKey::new(scope, IdempotencyKey::parse(format!("{text}-{}", uuid::Uuid::new_v4()).as_bytes()).unwrap());
+        let token = lock(&store, &key, fp(1)).await;
+        let waiting = tokio::spawn({
+            let (follower, key) = (follower.clone(), key.clone());
+            async move { follower.follow(&key, &fp(1), None, Duration::from_secs(30)).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        store.publish(&key, &token, 0, vec![live_head()]).await.unwrap();
+        let followed = tokio::time::timeout(Duration::from_secs(2), waiting).await.expect("woken").unwrap();
+        assert!(matches!(&followed, Followed::Live { events, .. } if *events == [live_head()]), "{followed:?}");
+        let pattern = format!("{}*live:{:032x}", run_prefix(), token.id());
+        let mut streams = Vec::new();
+        for url in &urls {
+            let mut node = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+            streams.extend(node.keys::<_, Vec<String>>(&pattern).await.unwrap());
+        }
+        let [stream] = <[String; 1]>::try_from(streams).expect("one stream");
+        let record_key = String::from_utf8(raw_key(&key)).unwrap();
+        let slot_of = async |key: &str| query::<i64>(&urls[0], &["CLUSTER", "KEYSLOT", key]).await.unwrap();
+        assert_eq!(slot_of(&stream).await, slot_of(&record_key).await, "{stream} and {record_key}");
+        assert!(store.complete(&key, &token, record(b"x"), TTL).await.unwrap());
+        let ended = follower.follow(&key, &fp(1), None, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(ended, Followed::Ended { completed: true });
     }
 
     // Two replicas, 200 concurrent begins on one key: one executes.
