@@ -73,6 +73,9 @@ async fn follow_to_the_end(store: &RedisStore, key: &StoreKey, timeout: Duration
     }
 }
 
+/// A stream entry as `XRANGE` returns it: the id, and the fields with their values.
+type Entry<T> = (String, Vec<(T, T)>);
+
 /// The Redis keys matching `pattern` (tests only: `KEYS` scans the whole database).
 async fn keys(conn: &mut MultiplexedConnection, pattern: &str) -> Vec<Vec<u8>> {
     conn.keys(pattern).await.unwrap()
@@ -294,7 +297,7 @@ async fn the_live_log_is_a_stream_that_expires_with_the_lease_and_soon_after_its
     let stream = stream_of(&mut conn, &token).await.expect("a stream named {prefix}{TAG}live:{lock id}");
     let kind: String = redis::cmd("TYPE").arg(&stream).query_async(&mut conn).await.unwrap();
     assert_eq!(kind, "stream");
-    let entries: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> =
+    let entries: Vec<Entry<Vec<u8>>> =
         redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query_async(&mut conn).await.unwrap();
     let layout: Vec<_> = entries.iter().map(|(id, fields)| (id.as_str(), fields.len(), fields[0].0.clone())).collect();
     assert_eq!(layout, [("1-1", 1, b"h".to_vec()), ("1-2", 1, b"d".to_vec()), ("1-3", 1, b"e".to_vec())]);
@@ -309,7 +312,7 @@ async fn the_live_log_is_a_stream_that_expires_with_the_lease_and_soon_after_its
 
     // The end: `2-0`, `c` = 1, kept for 10 s so that late followers still find it.
     assert!(store.complete(&key, &token, record(b"done"), TTL).await.unwrap());
-    let end: Vec<(String, Vec<(String, String)>)> =
+    let end: Vec<Entry<String>> =
         redis::cmd("XRANGE").arg(&stream).arg("2-0").arg("+").query_async(&mut conn).await.unwrap();
     assert_eq!(end, [("2-0".to_owned(), vec![("c".to_owned(), "1".to_owned())])]);
     let stream_ttl: i64 = conn.pttl(&stream).await.unwrap();
@@ -322,7 +325,7 @@ async fn the_live_log_is_a_stream_that_expires_with_the_lease_and_soon_after_its
     store.follow(&key, &fp(1), None, Duration::from_millis(10)).await.unwrap();
     let stream = stream_of(&mut conn, &token).await.expect("opened by the follower");
     assert!(store.release(&key, &token).await.unwrap());
-    let entries: Vec<(String, Vec<(String, String)>)> =
+    let entries: Vec<Entry<String>> =
         redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query_async(&mut conn).await.unwrap();
     let expected = [("0-1", ("o", "")), ("2-0", ("c", "0"))]
         .map(|(id, (f, v))| (id.to_owned(), vec![(f.to_owned(), v.to_owned())]));
@@ -552,7 +555,7 @@ async fn a_wait_costs_a_few_round_trips_not_a_poll() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "30 s of real time; run for the figures: cargo nextest run --all-features --test stores --run-ignored only redis_live"]
+#[ignore = "30 s of real time: for the figures, `--run-ignored only redis_live`"]
 async fn a_30_s_wait_with_the_defaults() {
     let Some((scripts, reads, calls)) =
         count_a_wait(Duration::from_secs(10), Duration::from_secs(30), Duration::from_secs(30)).await
@@ -561,7 +564,8 @@ async fn a_30_s_wait_with_the_defaults() {
     };
     let total = scripts + reads;
     println!(
-        "a 30 s wait, defaults (30 s lease, 10 s block cap): {total} round trips ({scripts} scripts, {reads} XREAD) in {calls} follow calls"
+        "a 30 s wait, defaults (30 s lease, 10 s block cap): {total} round trips ({scripts} scripts, \
+         {reads} XREAD) in {calls} follow calls"
     );
     assert!(total <= 10, "{total} round trips");
 }
@@ -618,7 +622,7 @@ async fn a_joined_stream_costs_one_round_trip_per_publish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "10 s of real time; run for the figures: cargo nextest run --all-features --test stores --run-ignored only redis_live"]
+#[ignore = "10 s of real time: for the figures, `--run-ignored only redis_live`"]
 async fn a_joined_10_s_stream() {
     let Some((scripts, reads, calls, produced)) = count_a_joined_stream(100, Duration::from_millis(100)).await else {
         return;

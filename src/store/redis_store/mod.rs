@@ -4,7 +4,10 @@
 //! - `builder.rs`: [`RedisStoreBuilder`];
 //! - `connection.rs`: the connection an operation goes out on, and sending one command;
 //! - `scripts.rs`: the Lua script of each operation;
-//! - `codec.rs`: the values it keeps (lock, record, not-retained record).
+//! - `codec.rs`: the values it keeps (lock, record, not-retained record, live log entries);
+//! - `live.rs`: `publish` and `follow` (a lock's live log, and how a follower waits for it);
+//! - `readers.rs`: the dedicated connections of blocking reads;
+//! - `slot.rs`: Cluster slots, and the name of a live log's stream in its lock key's slot.
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -32,10 +35,11 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 
 /// An [`IdempotencyStore`] in Redis, for many replicas sharing keys.
 ///
-/// Every operation is one round trip running one Lua script on one Redis key, so it is atomic
-/// and works unchanged on a single node and on Redis Cluster (no hash tag needed). Locks and
-/// records expire by Redis key expiry (`PX`), so nothing sweeps and an abandoned lock frees
-/// itself after one lease.
+/// Every operation is one round trip running one Lua script, so it is atomic, and works
+/// unchanged on a single node and on Redis Cluster: `begin` touches one Redis key, the others
+/// that key and its lock's live log, kept in the same Cluster slot. Locks, records and live
+/// logs expire by Redis key expiry (`PX`), so nothing sweeps and an abandoned lock frees
+/// itself, and its live log, after one lease.
 ///
 /// # Building one
 ///
@@ -61,7 +65,9 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// The connection is a multiplexed [`ConnectionManager`](::redis::aio::ConnectionManager): one TCP connection shared by every
 /// request of the process, reconnected by itself after a failure. Use the
 /// [re-exported `redis` crate](crate::store::redis) to build a [`Client`](::redis::Client) or a manager of your
-/// own (TLS, ACL users, RESP3), so the versions match.
+/// own (TLS, ACL users, RESP3), so the versions match. Followers of in-flight requests (join
+/// and wait mode) also open [dedicated connections](#live-logs-join-and-wait-mode) from the
+/// same client, up to a bound.
 ///
 /// # Redis Cluster
 ///
@@ -70,8 +76,11 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// store with [`connect_cluster`](RedisStoreBuilder::connect_cluster) from one or more node
 /// URLs, [`build_cluster`](RedisStoreBuilder::build_cluster) (connects on first use) or
 /// [`build_with_cluster_connection`](RedisStoreBuilder::build_with_cluster_connection). The
-/// keys, values and scripts are the same: each operation touches one key, so it goes to the
-/// node that owns the key's slot, keys spread over all slots, and no hash tag is needed.
+/// keys, values and scripts are the same: each operation touches one key, or one key and its
+/// lock's live log, whose stream key carries a hash tag chosen to land in that key's slot (see
+/// [the key layout](#key-layout)); so each goes to the node that owns the key's slot, and keys
+/// spread over all slots. A follower's blocking read goes to that node too, on a dedicated
+/// cluster connection.
 ///
 /// # Failure
 ///
@@ -91,19 +100,27 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// # Key layout
 ///
 /// ```text
-/// {prefix}{scope}:{key}         e.g. idem:-:3f2a1c9e-order-77
+/// {prefix}{scope}:{key}          a lock or record   e.g. idem:-:3f2a1c9e-order-77
+/// {prefix}{TAG}live:{lock id}    a lock's live log  e.g. idem:{27921}live:5f0e…0001 (a lock on it)
 /// ```
 ///
 /// - `prefix`: [`RedisStoreBuilder::with_prefix`], default `idem:`;
 /// - `scope`: the [`ScopeId`](crate::ScopeId) as 64 lowercase hex digits, or `-` for the
 ///   unscoped namespace;
-/// - `key`: the idempotency key as sent (1 to 255 visible ASCII bytes).
+/// - `key`: the idempotency key as sent (1 to 255 visible ASCII bytes);
+/// - `lock id`: the [`LockToken::id`] of the lock whose log it is, 32 lowercase hex digits;
+/// - `TAG`: a hash tag that puts the stream in the Cluster slot of the lock's key: for slot
+///   `s`, the smallest number, in decimal, whose CRC16 (the one Cluster hashes keys with) falls
+///   in `s` (at most 6 digits; the table of all 16 384 is made once per process, in a few ms).
+///   With a prefix holding a `{` that opens no tag of its own (`a{b`, `{}`), the tag goes first
+///   instead: `{TAG}{prefix}live:{lock id}`.
 ///
 /// The scope part has a fixed form, so the first `:` after it ends it and no two (scope, key)
-/// pairs share a Redis key. Each operation touches that one key, so no `{hash tag}` is needed
-/// on Redis Cluster; keys spread over the slots. (A client key that itself contains `{...}`
-/// becomes a hash tag and only pins that client's keys to one slot.) Use a prefix per
-/// service, or per environment, when several share one Redis.
+/// pairs share a Redis key, and no record key is ever a stream's (`{` never follows the prefix
+/// in one). The record key has no `{hash tag}` of ours, so keys spread over the Cluster slots.
+/// (A client key that itself contains `{...}` becomes a hash tag and only pins that client's
+/// keys to one slot; its live logs follow it there.) Use a prefix per service, or per
+/// environment, when several share one Redis.
 ///
 /// # Value layout
 ///
@@ -131,6 +148,18 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// decode, or that this crate did not write, is [`StoreError::is_corrupt`] (and is left as it
 /// is). The tag doubles as a layout version: a later layout gets new tags.
 ///
+/// A live log is a Redis stream with one entry per event (one field each; the id says where):
+///
+/// ```text
+/// id        field  value
+/// 0-1       o      (empty) opened by a follower before anything was published
+/// 1-(i+1)   h      event i, the head: status and headers, laid out as in a response above
+///                  (status, field count, fields, flags byte 0), no body
+/// 1-(i+1)   d      event i, body bytes, raw
+/// 1-(i+1)   e      event i, the end of a text/event-stream event: its id, raw
+/// 2-0       c      the end: 1 when a record replaced the lock, 0 when it was released
+/// ```
+///
 /// # Memory per record
 ///
 /// A record costs its body and its header names and values, plus 38 bytes of layout and 6
@@ -149,6 +178,10 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// value up to the allocator's next size class, up to a quarter more (a 1 000-byte body
 /// costs 1 368 B in all, a 100 000-byte body 114 776 B).
 ///
+/// A live log costs about 4.7 KB (a stream's first node, as `MEMORY USAGE` reports it on
+/// Redis 7.0) plus about its body bytes (100 events of 100 bytes: 13.7 KB in all), for the
+/// lease and 10 s after its end. Only locks that publish (join mode) or are followed have one.
+///
 /// Bound Redis memory with `maxmemory`. Under `noeviction` (recommended) a full Redis refuses
 /// new locks and the layer answers `503`; an evicting policy may drop a live lock (a retry
 /// then runs while the first is still running) or a record (a retry runs again).
@@ -160,18 +193,68 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// | first with a key (miss) | 2: `begin` + `complete` (or `release` when not recorded) |
 /// | replay, in flight, mismatch | 1: `begin` |
 /// | slow handler | + 1 `renew` per lease/3 while it runs |
+/// | join mode, the first request | + 1 `publish` per batch of events (the layer keeps one under way) |
+/// | a duplicate waiting 30 s (defaults) | 7 in all, then its `begin`s |
+/// | a duplicate joined to a stream of N publishes | N + 4 or so |
 ///
-/// `complete`, `renew` and `release` are one `EVALSHA` each. `begin` is `MULTI`, `EVALSHA`,
-/// `GET`, `EXEC`, written and answered at once: the script decides (and locks), the `GET` in
-/// the same transaction returns a completed record's bytes. So a replayed body never passes
+/// `complete`, `renew`, `release` and `publish` (whatever its number of events) are one
+/// `EVALSHA` each. `begin` is `MULTI`, `EVALSHA`, `GET`, `EXEC`, written and answered at once:
+/// the script decides (and locks), the `GET` in the same transaction returns a completed
+/// record's bytes. So a replayed body never passes
 /// through Lua, where a large string costs Redis several times a plain `GET` (measured on
 /// Redis 7.0: a 64 KiB record returned by the script took 135 µs, by the `GET` 30 µs).
 /// `complete` does hand the record to Lua, once per key: a response near the 1 MiB default
 /// record limit costs Redis about 2–3 ms of CPU to store.
 ///
+/// The waiting and joining figures were counted by Redis (`INFO commandstats` on a server of
+/// the test's own, tests `redis_live::a_30_s_wait_with_the_defaults` and
+/// `redis_live::a_joined_10_s_stream`): a 30 s wait on a lock renewed every 10 s made 7 (the
+/// lookup, 3 checks, 3 blocking reads), where polling `begin` every 100 ms made about 300; a
+/// follower of a 10 s stream of 100 events, one publish each, made 104 (the lookup, 2 checks,
+/// 101 blocking reads, the last woken by the end). See [live logs](#live-logs-join-and-wait-mode).
+///
 /// The first time a script meets a Redis server (or after a restart or `SCRIPT FLUSH`) Redis
 /// answers `NOSCRIPT`, and the store loads the script and sends the command again: two more
 /// round trips, once per script and server.
+///
+/// # Live logs (join and wait mode)
+///
+/// A lock's response in flight is kept in a Redis stream of its own (see
+/// [the key layout](#key-layout)), so a duplicate on any replica can follow it:
+///
+/// - **`publish`** runs one script: while the caller holds the lock, it appends the events
+///   whose indices the stream lacks (a publish sent again appends nothing twice; one that would
+///   leave a gap appends nothing) and sets the stream's expiry to the lock's. A stale owner's
+///   publish writes nothing.
+/// - **`complete`** and **`release`** append the end marker (`2-0`) in the same script that
+///   changes the lock, if the stream exists, and keep the ended stream 10 s, so a follower
+///   blocked on it wakes at once and a late one still finds the end. A lock nobody published
+///   to or followed gets no stream. **`renew`** extends the stream with the lock.
+/// - **`follow`** with no cursor first looks the lock up (one script). Then one script checks
+///   that the key still holds the cursor's lock for the fingerprint, returns the entries after
+///   the cursor and the lease left, and makes the stream if it is missing (so that the end is
+///   written to it). With nothing new, the follower waits in `XREAD BLOCK` from its cursor, on a
+///   dedicated connection, until a publish or the end wakes it, its timeout passes, the lease
+///   it saw runs out (a crashed owner's log ends with its lease: the next check finds the lock
+///   gone), or the [block limit](RedisStoreBuilder::with_max_block) (default 10 s) passes;
+///   then it checks again. A follower that checked within 5 s reads with `XREAD` alone, so
+///   following a stream costs one round trip per wake-up.
+///
+/// The dedicated connections: a blocking read never goes out on the shared connection, which
+/// every other operation needs meanwhile. The store opens them from its client (the URL's, the
+/// `Client` or `ClusterClient` it was built on, or the one given to
+/// [`with_blocking_client`](RedisStoreBuilder::with_blocking_client)), at most
+/// [32](RedisStoreBuilder::with_max_blocking_connections) at once, and keeps them open, idle,
+/// for the next follower. A follower that finds them all in use waits for one, then checks
+/// before reading. One cancelled in the middle of a read closes its connection (which ends the
+/// read in Redis) instead of giving it back. A store built on a connection of yours with no
+/// client ([`build_with_manager`](RedisStoreBuilder::build_with_manager),
+/// [`build_with_cluster_connection`](RedisStoreBuilder::build_with_cluster_connection)) has no
+/// dedicated connections: its followers check every 100 ms instead (about 10 round trips a
+/// second each), and `Debug` says so.
+///
+/// A follower that checks only after the log ended learns of the end, not of the events it had
+/// not read: the record holds them.
 ///
 /// # Consistency
 ///
@@ -180,7 +263,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// replication is asynchronous, so a failover can lose a lock or record written just before
 /// it (a retry may then run again).
 ///
-/// Cloning is cheap; clones share the connection.
+/// Cloning is cheap; clones share the connection and the dedicated ones.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
