@@ -33,9 +33,11 @@ use super::{
 use crate::store::{Fingerprint, Followed, LiveCursor, LiveEvent, LockToken, StoreError, StoreKey};
 
 /// How long an ended log (with its end marker) stays in Redis.
-pub(super) const ENDED_TTL: Duration = Duration::from_secs(10);
-/// How long a check of the lock lets a follower read without checking again.
-const TRUSTED: Duration = Duration::from_secs(5);
+pub(super) const ENDED_TTL: Duration = Duration::from_secs(5);
+/// How long a check of the lock lets a follower read without checking again: well within
+/// [`ENDED_TTL`], so that a read sent this long after a check still reaches Redis before the
+/// log, had it ended meanwhile, is gone.
+const TRUSTED: Duration = Duration::from_secs(2);
 /// The most entries one read returns.
 const READ_COUNT: usize = 256;
 /// Without a client to open dedicated connections from: how often a follower checks again.

@@ -180,7 +180,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 ///
 /// A live log costs about 4.7 KB (a stream's first node, as `MEMORY USAGE` reports it on
 /// Redis 7.0) plus about its body bytes (100 events of 100 bytes: 13.7 KB in all), for the
-/// lease and 10 s after its end. Only locks that publish (join mode) or are followed have one.
+/// lease and 5 s after its end. Only locks that publish (join mode) or are followed have one.
 ///
 /// Bound Redis memory with `maxmemory`. Under `noeviction` (recommended) a full Redis refuses
 /// new locks and the layer answers `503`; an evicting policy may drop a live lock (a retry
@@ -195,7 +195,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// | slow handler | + 1 `renew` per lease/3 while it runs |
 /// | join mode, the first request | + 1 `publish` per batch of events (the layer keeps one under way) |
 /// | a duplicate waiting 30 s (defaults) | 7 in all, then its `begin`s |
-/// | a duplicate joined to a stream of N publishes | N + 4 or so |
+/// | a duplicate joined to a stream of N publishes | N + 1, plus a check per 2 s |
 ///
 /// `complete`, `renew`, `release` and `publish` (whatever its number of events) are one
 /// `EVALSHA` each. `begin` is `MULTI`, `EVALSHA`, `GET`, `EXEC`, written and answered at once:
@@ -210,7 +210,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// the test's own, tests `redis_live::a_30_s_wait_with_the_defaults` and
 /// `redis_live::a_joined_10_s_stream`): a 30 s wait on a lock renewed every 10 s made 7 (the
 /// lookup, 3 checks, 3 blocking reads), where polling `begin` every 100 ms made about 300; a
-/// follower of a 10 s stream of 100 events, one publish each, made 104 (the lookup, 2 checks,
+/// follower of a 10 s stream of 100 events, one publish each, made 107 (the lookup, 5 checks,
 /// 101 blocking reads, the last woken by the end). See [live logs](#live-logs-join-and-wait-mode).
 ///
 /// The first time a script meets a Redis server (or after a restart or `SCRIPT FLUSH`) Redis
@@ -227,7 +227,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 ///   leave a gap appends nothing) and sets the stream's expiry to the lock's. A stale owner's
 ///   publish writes nothing.
 /// - **`complete`** and **`release`** append the end marker (`2-0`) in the same script that
-///   changes the lock, if the stream exists, and keep the ended stream 10 s, so a follower
+///   changes the lock, if the stream exists, and keep the ended stream 5 s, so a follower
 ///   blocked on it wakes at once and a late one still finds the end. A lock nobody published
 ///   to or followed gets no stream. **`renew`** extends the stream with the lock.
 /// - **`follow`** with no cursor first looks the lock up (one script). Then one script checks
@@ -237,7 +237,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 ///   dedicated connection, until a publish or the end wakes it, its timeout passes, the lease
 ///   it saw runs out (a crashed owner's log ends with its lease: the next check finds the lock
 ///   gone), or the [block limit](RedisStoreBuilder::with_max_block) (default 10 s) passes;
-///   then it checks again. A follower that checked within 5 s reads with `XREAD` alone, so
+///   then it checks again. A follower that checked within 2 s reads with `XREAD` alone, so
 ///   following a stream costs one round trip per wake-up.
 ///
 /// The dedicated connections: a blocking read never goes out on the shared connection, which
