@@ -555,7 +555,6 @@ async fn a_wait_costs_a_few_round_trips_not_a_poll() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "30 s of real time: for the figures, `--run-ignored only redis_live`"]
 async fn a_30_s_wait_with_the_defaults() {
     let Some((scripts, reads, calls)) =
         count_a_wait(Duration::from_secs(10), Duration::from_secs(30), Duration::from_secs(30)).await
@@ -622,7 +621,6 @@ async fn a_joined_stream_costs_one_round_trip_per_publish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "10 s of real time: for the figures, `--run-ignored only redis_live`"]
 async fn a_joined_10_s_stream() {
     let Some((scripts, reads, calls, produced)) = count_a_joined_stream(100, Duration::from_millis(100)).await else {
         return;
