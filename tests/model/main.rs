@@ -5,4 +5,5 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod fault_injection;
+mod join_model;
 mod layer_model;
