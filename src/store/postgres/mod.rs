@@ -5,6 +5,7 @@
 //! - `builder.rs`: [`PostgresStoreBuilder`];
 //! - `sql.rs`: the statement of each operation and the table's DDL;
 //! - `reaper.rs`: the background task deleting expired rows in batches;
+//! - `live/`: join mode, the live log (`publish`, `follow`) and the listening connection;
 //! - `transaction.rs`, `transactional/`: transactional mode, where the handler's own writes
 //!   and the record commit in one transaction.
 
@@ -15,10 +16,14 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgRow};
 
 use crate::{
     background::Background,
-    store::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey, StoredResponse},
+    store::{
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, StoreError, StoreKey,
+        StoredResponse,
+    },
 };
 
 mod builder;
+mod live;
 mod reaper;
 mod sql;
 mod transaction;
@@ -140,6 +145,9 @@ struct Inner {
     reap_interval: Duration,
     reap_batch: i64,
     reaper: Background,
+    /// The longest a follower waits without reading again.
+    follow_recheck: Duration,
+    listener: live::Listener,
 }
 
 impl PostgresStore {
@@ -158,8 +166,23 @@ impl PostgresStore {
         &self.inner.statements.table
     }
 
-    /// Creates the table and its index if they do not exist (the DDL of
-    /// `migrations/0001_idempotency.sql`, for the configured table).
+    /// The live log table of join mode, quoted and qualified like [`table`](Self::table)
+    /// (`"idempotency_live"`).
+    pub fn live_table(&self) -> &str {
+        &self.inner.statements.live
+    }
+
+    /// The channel the store's notifications go on (`tower_idempotency_` and 16 hex digits
+    /// of a digest of the table's name): its listening connection shows
+    /// `LISTEN "<channel>"` in `pg_stat_activity`.
+    pub fn channel(&self) -> &str {
+        &self.inner.statements.channel
+    }
+
+    /// Creates the table, its index and the live log table if they do not exist, and adds the
+    /// `followed` column to a table made before it (the DDL of
+    /// `migrations/0001_idempotency.sql` then `0002_idempotency_live.sql`, for the configured
+    /// table).
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
         sqlx::raw_sql(AssertSqlSafe(self.inner.statements.create.clone())).execute(&self.inner.pool).await?;
         Ok(())
@@ -184,13 +207,23 @@ impl PostgresStore {
             .unwrap_or_else(|_| Err(StoreError::timeout()))
     }
 
-    /// Runs an owner-only write (`complete`, `renew`, `release`): whether it changed the row.
+    /// Runs an owner-only write that changes one row (`renew`): whether it did.
     async fn owner_write(
         &self,
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<bool, StoreError> {
         let done = self.run(async { query.execute(&self.inner.pool).await.map_err(store_error) }).await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Runs an owner-only write that answers with a row when it changed the key (`complete`,
+    /// `release`, which end the lock's log too): whether it did.
+    async fn owner_end(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<bool, StoreError> {
+        let done = self.run(async { query.fetch_optional(&self.inner.pool).await.map_err(store_error) }).await?;
+        Ok(done.is_some())
     }
 
     fn ensure_reaper(&self) {
@@ -296,8 +329,9 @@ impl IdempotencyStore for PostgresStore {
             .bind(key.key().as_str())
             .bind(&lock.id().to_be_bytes()[..])
             .bind(encode(&record))
-            .bind(micros(ttl));
-        self.owner_write(query).await
+            .bind(micros(ttl))
+            .bind(&live::key_id(key)[..]);
+        self.owner_end(query).await
     }
 
     async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
@@ -313,31 +347,29 @@ impl IdempotencyStore for PostgresStore {
         let query = sqlx::query(AssertSqlSafe(self.inner.statements.release.clone()))
             .bind(scope_bytes(key))
             .bind(key.key().as_str())
-            .bind(&lock.id().to_be_bytes()[..]);
-        self.owner_write(query).await
+            .bind(&lock.id().to_be_bytes()[..])
+            .bind(&live::key_id(key)[..]);
+        self.owner_end(query).await
     }
 
-    // PLACEHOLDER (join work in progress): no live log yet; followers poll.
     async fn publish(
         &self,
-        _key: &StoreKey,
-        _lock: &LockToken,
-        _from: u64,
-        _events: Vec<crate::store::LiveEvent>,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
     ) -> Result<(), StoreError> {
-        Ok(())
+        self.publish_events(key, lock, from, events).await
     }
 
-    // PLACEHOLDER (join work in progress).
     async fn follow(
         &self,
-        _key: &StoreKey,
-        _fingerprint: &Fingerprint,
-        _cursor: Option<crate::store::LiveCursor>,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
         timeout: Duration,
-    ) -> Result<crate::store::Followed, StoreError> {
-        tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
-        Ok(crate::store::Followed::Ended { completed: false })
+    ) -> Result<Followed, StoreError> {
+        self.follow_log(key, fingerprint, cursor, timeout).await
     }
 }
 
@@ -348,6 +380,8 @@ impl fmt::Debug for PostgresStore {
             .field("operation_timeout", &self.inner.operation_timeout)
             .field("reap_interval", &self.inner.reap_interval)
             .field("reap_batch", &self.inner.reap_batch)
+            .field("follow_recheck", &self.inner.follow_recheck)
+            .field("listener", &self.inner.listener)
             .finish_non_exhaustive()
     }
 }

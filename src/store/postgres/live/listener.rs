@@ -1,0 +1,303 @@
+//! [`Listener`]: one connection per store, of its own, that `LISTEN`s on the table's channel
+//! and hands each notification to the followers of its key.
+//!
+//! A follower [`subscribe`](Listener::subscribe)s to its key before it reads, waits on the
+//! subscription, and reads again when woken. The listener wakes a key's followers on each
+//! notification for the key, and every follower after it (re)connected, since notifications
+//! sent while it was not listening are lost: each follower then reads once to catch up.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    time::Duration,
+};
+
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgListener, PgPoolOptions},
+};
+use tokio::sync::{Notify, futures::Notified, watch};
+
+use super::super::sql::notice;
+use crate::{
+    background::{Background, Running},
+    store::StoreError,
+};
+
+/// A key's id in the live log and in notifications (see [`key_id`](super::key_id)).
+pub(super) type KeyId = [u8; 16];
+
+/// The first pause before connecting again after a failure; it doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How many ends of locks a key remembers for its followers (one is the usual).
+const ENDS_KEPT: usize = 8;
+
+/// The listener of one store (shared by its clones). Its task starts with the first follower
+/// and ends when the store is dropped.
+pub(in crate::store::postgres) struct Listener {
+    shared: Arc<Shared>,
+    /// The application pool's connect options: the listener connects as the pool does, but on
+    /// a connection of its own, never one of the pool's.
+    options: Arc<PgConnectOptions>,
+    connect_timeout: Duration,
+    task: Background,
+    /// Dropped with the store, which ends the task.
+    stop: watch::Sender<()>,
+}
+
+struct Shared {
+    channel: Arc<str>,
+    keys: Mutex<HashMap<KeyId, Weak<Key>>>,
+    /// Whether the listener's `LISTEN` is in effect.
+    listening: watch::Sender<bool>,
+}
+
+/// What the followers of one key share: woken on each notification for the key.
+struct Key {
+    changed: Notify,
+    /// The ends notified for the key's locks: (token, completed), the latest last.
+    ends: Mutex<Vec<(u128, bool)>>,
+}
+
+/// A follower's interest in a key, from before its first read until it returns.
+pub(super) struct Subscription {
+    shared: Arc<Shared>,
+    id: KeyId,
+    key: Arc<Key>,
+}
+
+impl Listener {
+    pub(in crate::store::postgres) fn new(
+        channel: Arc<str>,
+        options: Arc<PgConnectOptions>,
+        connect_timeout: Duration,
+    ) -> Self {
+        let shared = Arc::new(Shared { channel, keys: Mutex::default(), listening: watch::Sender::new(false) });
+        Self { shared, options, connect_timeout, task: Background::default(), stop: watch::Sender::new(()) }
+    }
+
+    /// Starts following `id`: every notification for it from now on wakes the subscription.
+    pub(super) fn subscribe(&self, id: KeyId) -> Subscription {
+        let mut keys = self.shared.keys();
+        let key = match keys.get(&id).and_then(Weak::upgrade) {
+            Some(key) => key,
+            None => {
+                let key = Arc::new(Key { changed: Notify::new(), ends: Mutex::default() });
+                keys.insert(id, Arc::downgrade(&key));
+                key
+            }
+        };
+        Subscription { shared: self.shared.clone(), id, key }
+    }
+
+    /// Waits, at most `within`, until the listener listens (starting it if it is not running):
+    /// a follower reads only then, so that nothing committed after its read goes unnoticed.
+    pub(super) async fn listening(&self, within: Duration) -> Result<(), StoreError> {
+        self.ensure_started();
+        let mut listening = self.shared.listening.subscribe();
+        match tokio::time::timeout(within, listening.wait_for(|listening| *listening)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(StoreError::timeout()),
+        }
+    }
+
+    fn ensure_started(&self) {
+        let (shared, options, stop) = (self.shared.clone(), self.options.clone(), self.stop.subscribe());
+        let connect_timeout = self.connect_timeout;
+        self.task.ensure(|running| listen_forever(shared, options, connect_timeout, stop, running));
+    }
+}
+
+impl Shared {
+    fn keys(&self) -> MutexGuard<'_, HashMap<KeyId, Weak<Key>>> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a notification to its key's followers (there may be none in this process).
+    fn dispatch(&self, payload: &str) {
+        let Some((kind, id, token)) = parse(payload) else {
+            tracing::debug!(payload, "idempotency: an unknown notification on the store's channel; ignored");
+            return;
+        };
+        let Some(key) = self.keys().get(&id).and_then(Weak::upgrade) else { return };
+        match kind {
+            notice::COMPLETED => key.end(token, true),
+            notice::RELEASED => key.end(token, false),
+            _ => {}
+        }
+        key.changed.notify_waiters();
+    }
+
+    /// Wakes every follower, to read again: notifications may have been missed.
+    fn wake_all(&self) {
+        let keys: Vec<_> = self.keys().values().filter_map(Weak::upgrade).collect();
+        for key in keys {
+            key.changed.notify_waiters();
+        }
+    }
+}
+
+impl Key {
+    fn end(&self, token: u128, completed: bool) {
+        let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+        if ends.len() == ENDS_KEPT {
+            ends.remove(0);
+        }
+        ends.push((token, completed));
+    }
+}
+
+impl Subscription {
+    /// Completes at the next notification for the key (or reconnection of the listener);
+    /// `enable` it before reading, so that one arriving during the read counts.
+    pub(super) fn changed(&self) -> Notified<'_> {
+        self.key.changed.notified()
+    }
+
+    /// Whether a notification said that the lock `token` ended, and if so whether a record
+    /// replaced it.
+    pub(super) fn ended(&self, token: u128) -> Option<bool> {
+        let ends = self.key.ends.lock().unwrap_or_else(|e| e.into_inner());
+        ends.iter().rev().find(|(ended, _)| *ended == token).map(|(_, completed)| *completed)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut keys = self.shared.keys();
+        // Under the map's lock no one can clone the key: the last subscription removes it.
+        if Arc::strong_count(&self.key) == 1 {
+            keys.remove(&self.id);
+        }
+    }
+}
+
+/// `p`, `c` or `r`, then the key id and the token in hex.
+fn parse(payload: &str) -> Option<(u8, KeyId, u128)> {
+    let payload = payload.as_bytes();
+    let (&kind, rest) = payload.split_first()?;
+    if rest.len() != 64 {
+        return None;
+    }
+    let mut id = [0; 16];
+    let mut token = [0; 16];
+    for (i, pair) in rest.chunks_exact(2).enumerate() {
+        let byte = (hex(pair[0])? << 4) | hex(pair[1])?;
+        if i < 16 { id[i] = byte } else { token[i - 16] = byte }
+    }
+    Some((kind, id, u128::from_be_bytes(token)))
+}
+
+fn hex(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// Listens until the store is dropped, connecting again (with a growing pause) whenever the
+/// connection fails.
+async fn listen_forever(
+    shared: Arc<Shared>,
+    options: Arc<PgConnectOptions>,
+    connect_timeout: Duration,
+    mut stop: watch::Receiver<()>,
+    _running: Running,
+) {
+    // A pool of one connection, of the listener's own: `PgListener` takes its connection
+    // from it, and a new one when the connection is lost.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .acquire_timeout(connect_timeout)
+        .connect_lazy_with((*options).clone());
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            error = listen(&shared, &pool, &mut backoff) => {
+                shared.listening.send_replace(false);
+                tracing::warn!(%error, "idempotency: the PostgreSQL listener lost its connection; connecting again");
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One listening session: returns the error that ended it.
+async fn listen(shared: &Shared, pool: &PgPool, backoff: &mut Duration) -> sqlx::Error {
+    let mut listener = match PgListener::connect_with(pool).await {
+        Ok(listener) => listener,
+        Err(error) => return error,
+    };
+    if let Err(error) = listener.listen(&shared.channel).await {
+        return error;
+    }
+    *backoff = MIN_BACKOFF;
+    shared.listening.send_replace(true);
+    shared.wake_all();
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => shared.dispatch(notification.payload()),
+            // The connection was lost, and `PgListener` listens again on a new one: what was
+            // notified in between is lost, so every follower reads again.
+            Ok(None) => {
+                tracing::debug!("idempotency: the PostgreSQL listener reconnected");
+                shared.wake_all();
+            }
+            Err(error) => return error,
+        }
+    }
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("channel", &self.shared.channel)
+            .field("listening", &*self.shared.listening.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_parse() {
+        let payload = format!("c{}{}", "0f".repeat(16), "a1".repeat(16));
+        let (kind, id, token) = parse(&payload).unwrap();
+        assert_eq!(kind, notice::COMPLETED);
+        assert_eq!(id, [0x0f; 16]);
+        assert_eq!(token, u128::from_be_bytes([0xa1; 16]));
+        for bad in
+            ["", "c", &payload[..64], &format!("{payload}0"), &payload.replace('f', "F"), &payload.replace('a', "g")]
+        {
+            assert!(parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_last_subscription_removes_its_key() {
+        let listener = Listener::new("c".into(), Arc::new(PgConnectOptions::new()), Duration::from_secs(1));
+        let first = listener.subscribe([1; 16]);
+        let second = listener.subscribe([1; 16]);
+        assert!(Arc::ptr_eq(&first.key, &second.key));
+        drop(first);
+        assert_eq!(listener.shared.keys().len(), 1);
+        listener.shared.dispatch(&format!("r{}{}", "01".repeat(16), "00".repeat(16)));
+        assert_eq!(second.ended(0), Some(false));
+        assert_eq!(second.ended(1), None);
+        drop(second);
+        assert!(listener.shared.keys().is_empty());
+    }
+}
