@@ -5,11 +5,19 @@
 //! subscription, and reads again when woken. The listener wakes a key's followers on each
 //! notification for the key, and every follower after it (re)connected, since notifications
 //! sent while it was not listening are lost: each follower then reads once to catch up.
+//!
+//! A key counts the notifications it received (and the listener's reconnections), and stays
+//! known for [`LINGER`] after its last follower returned: a follower that returned events
+//! leaves a [`Memo`] of where it stopped, so that the next `follow` from there, when nothing was
+//! notified since its read began, waits at once instead of reading nothing new first.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fmt,
-    sync::{Arc, Mutex, MutexGuard, Weak},
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -17,12 +25,15 @@ use sqlx::{
     PgPool,
     postgres::{PgConnectOptions, PgListener, PgPoolOptions},
 };
-use tokio::sync::{Notify, futures::Notified, watch};
+use tokio::{
+    sync::{Notify, futures::Notified, watch},
+    time::Instant,
+};
 
 use super::super::sql::notice;
 use crate::{
     background::{Background, Running},
-    store::StoreError,
+    store::{LiveCursor, StoreError},
 };
 
 /// A key's id in the live log and in notifications (see [`key_id`](super::key_id)).
@@ -33,6 +44,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How many ends of locks a key remembers for its followers (one is the usual).
 const ENDS_KEPT: usize = 8;
+/// How many memos a key keeps (its followers usually stand at one cursor).
+const MEMOS_KEPT: usize = 4;
+/// How long a key stays known after its last follower returned: longer than a joiner takes
+/// to pass the events on and follow again.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// The listener of one store (shared by its clones). Its task starts with the first follower
 /// and ends when the store is dropped.
@@ -50,6 +66,8 @@ pub(in crate::store::postgres) struct Listener {
 struct Shared {
     channel: Arc<str>,
     keys: Mutex<HashMap<KeyId, Weak<Key>>>,
+    /// Keys whose last follower returned lately, kept for [`LINGER`], oldest first.
+    lingering: Mutex<VecDeque<(Instant, KeyId, Arc<Key>)>>,
     /// Whether the listener's `LISTEN` is in effect.
     listening: watch::Sender<bool>,
 }
@@ -57,8 +75,24 @@ struct Shared {
 /// What the followers of one key share: woken on each notification for the key.
 struct Key {
     changed: Notify,
+    /// Notifications received for the key, and reconnections of the listener: a follower's
+    /// read that began at `seen` has missed nothing while it still is `seen`.
+    seen: AtomicU64,
     /// The ends notified for the key's locks: (token, completed), the latest last.
     ends: Mutex<Vec<(u128, bool)>>,
+    memos: Mutex<Vec<Memo>>,
+    /// When its last follower returned; whether it is in `lingering`.
+    left_at: Mutex<Instant>,
+    lingers: AtomicBool,
+}
+
+/// Where a follower stopped: at `cursor`, after a read that began when the key had `seen`
+/// notifications, which found the lease running until `lease_end`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Memo {
+    pub(super) cursor: LiveCursor,
+    pub(super) seen: u64,
+    pub(super) lease_end: Instant,
 }
 
 /// A follower's interest in a key, from before its first read until it returns.
@@ -74,7 +108,12 @@ impl Listener {
         options: Arc<PgConnectOptions>,
         connect_timeout: Duration,
     ) -> Self {
-        let shared = Arc::new(Shared { channel, keys: Mutex::default(), listening: watch::Sender::new(false) });
+        let shared = Arc::new(Shared {
+            channel,
+            keys: Mutex::default(),
+            lingering: Mutex::default(),
+            listening: watch::Sender::new(false),
+        });
         Self { shared, options, connect_timeout, task: Background::default(), stop: watch::Sender::new(()) }
     }
 
@@ -84,7 +123,14 @@ impl Listener {
         let key = match keys.get(&id).and_then(Weak::upgrade) {
             Some(key) => key,
             None => {
-                let key = Arc::new(Key { changed: Notify::new(), ends: Mutex::default() });
+                let key = Arc::new(Key {
+                    changed: Notify::new(),
+                    seen: AtomicU64::new(0),
+                    ends: Mutex::default(),
+                    memos: Mutex::default(),
+                    left_at: Mutex::new(Instant::now()),
+                    lingers: AtomicBool::new(false),
+                });
                 keys.insert(id, Arc::downgrade(&key));
                 key
             }
@@ -127,14 +173,50 @@ impl Shared {
             notice::RELEASED => key.end(token, false),
             _ => {}
         }
+        key.seen.fetch_add(1, Ordering::AcqRel);
         key.changed.notify_waiters();
     }
 
-    /// Wakes every follower, to read again: notifications may have been missed.
+    /// Wakes every follower, to read again: notifications may have been missed (and no memo
+    /// holds any more).
     fn wake_all(&self) {
         let keys: Vec<_> = self.keys().values().filter_map(Weak::upgrade).collect();
         for key in keys {
+            key.seen.fetch_add(1, Ordering::AcqRel);
             key.changed.notify_waiters();
+        }
+    }
+
+    /// Keeps `key` known for [`LINGER`], and forgets the keys whose time is up.
+    fn linger(&self, id: KeyId, key: &Arc<Key>) {
+        let now = Instant::now();
+        *key.left_at.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        let mut lingering = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+        if !key.lingers.swap(true, Ordering::AcqRel) {
+            lingering.push_back((now + LINGER, id, key.clone()));
+        }
+        let mut forgotten = Vec::new();
+        while lingering.front().is_some_and(|(until, ..)| *until <= now) {
+            let Some((_, id, key)) = lingering.pop_front() else { break };
+            let left_at = *key.left_at.lock().unwrap_or_else(|e| e.into_inner());
+            if left_at + LINGER > now {
+                // Followed again since: it lingers from its latest return.
+                lingering.push_back((left_at + LINGER, id, key));
+            } else {
+                key.lingers.store(false, Ordering::Release);
+                forgotten.push((id, key));
+            }
+        }
+        drop(lingering);
+        if forgotten.is_empty() {
+            return;
+        }
+        let mut keys = self.keys();
+        for (id, key) in forgotten {
+            // Under the map's lock no one can clone the key: without followers, it goes.
+            if Arc::strong_count(&key) == 1 {
+                keys.remove(&id);
+            }
         }
     }
 }
@@ -162,15 +244,36 @@ impl Subscription {
         let ends = self.key.ends.lock().unwrap_or_else(|e| e.into_inner());
         ends.iter().rev().find(|(ended, _)| *ended == token).map(|(_, completed)| *completed)
     }
+
+    /// How many notifications the key has received (and reconnections seen): take it before
+    /// a read, for [`remember`](Self::remember).
+    pub(super) fn seen(&self) -> u64 {
+        self.key.seen.load(Ordering::Acquire)
+    }
+
+    /// Leaves a memo for the next follower from `memo.cursor`.
+    pub(super) fn remember(&self, memo: Memo) {
+        let mut memos = self.key.memos.lock().unwrap_or_else(|e| e.into_inner());
+        memos.retain(|kept| kept.cursor != memo.cursor);
+        if memos.len() == MEMOS_KEPT {
+            memos.remove(0);
+        }
+        memos.push(memo);
+    }
+
+    /// The memo left at `cursor`, if nothing was notified for the key since its read began:
+    /// then nothing after `cursor` is known to exist, and anything committed later will wake
+    /// this subscription. Call it after enabling [`changed`](Self::changed).
+    pub(super) fn memo(&self, cursor: LiveCursor) -> Option<Memo> {
+        let memos = self.key.memos.lock().unwrap_or_else(|e| e.into_inner());
+        let memo = *memos.iter().find(|memo| memo.cursor == cursor)?;
+        (memo.seen == self.seen()).then_some(memo)
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut keys = self.shared.keys();
-        // Under the map's lock no one can clone the key: the last subscription removes it.
-        if Arc::strong_count(&self.key) == 1 {
-            keys.remove(&self.id);
-        }
+        self.shared.linger(self.id, &self.key);
     }
 }
 
@@ -286,18 +389,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_last_subscription_removes_its_key() {
+    #[tokio::test(start_paused = true)]
+    async fn a_key_lingers_after_its_last_follower_then_goes() {
         let listener = Listener::new("c".into(), Arc::new(PgConnectOptions::new()), Duration::from_secs(1));
         let first = listener.subscribe([1; 16]);
         let second = listener.subscribe([1; 16]);
         assert!(Arc::ptr_eq(&first.key, &second.key));
         drop(first);
-        assert_eq!(listener.shared.keys().len(), 1);
         listener.shared.dispatch(&format!("r{}{}", "01".repeat(16), "00".repeat(16)));
         assert_eq!(second.ended(0), Some(false));
         assert_eq!(second.ended(1), None);
+        let cursor = LiveCursor::new(0, 3);
+        let memo = Memo { cursor, seen: second.seen(), lease_end: Instant::now() };
+        second.remember(memo);
         drop(second);
-        assert!(listener.shared.keys().is_empty());
+        // Within the linger, the next follower finds the memo, until a notification comes.
+        tokio::time::advance(LINGER / 2).await;
+        let third = listener.subscribe([1; 16]);
+        assert!(third.memo(cursor).is_some());
+        assert!(third.memo(LiveCursor::new(0, 4)).is_none());
+        listener.shared.dispatch(&format!("p{}{}", "01".repeat(16), "00".repeat(16)));
+        assert!(third.memo(cursor).is_none(), "a notification since the memo's read");
+        drop(third);
+        // Past the linger, the key goes (on the next return of any follower).
+        tokio::time::advance(LINGER * 2).await;
+        drop(listener.subscribe([2; 16]));
+        let keys = listener.shared.keys();
+        assert!(!keys.contains_key(&[1; 16]), "{:?}", keys.keys().collect::<Vec<_>>());
     }
 }

@@ -24,8 +24,8 @@ use crate::store::{Fingerprint, Followed, LiveCursor, LiveEvent, LockToken, Stor
 mod event;
 mod listener;
 
-use listener::KeyId;
 pub(super) use listener::Listener;
+use listener::{KeyId, Memo};
 
 /// How long after the end of a lease, as PostgreSQL counted it at the last read, a follower
 /// reads again (the time the read took to come back is in the margin).
@@ -104,36 +104,54 @@ impl PostgresStore {
         let subscription = listener.subscribe(id);
         listener.listening(self.inner.operation_timeout).await?;
         let mut read_again = true;
+        let mut first = true;
         loop {
             let changed = subscription.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let (token, followed, left, events) = match self.read_log(key, fingerprint, cursor, &id).await? {
-                Read::Ended { completed } => return Ok(Followed::Ended { completed }),
-                Read::Live { token, followed, left, events } => (token, followed, left, events),
+            // Left by the follow that returned at `cursor`, if nothing was notified since its
+            // read: nothing new is known, so wait at once (anything committed since wakes us).
+            let memo =
+                if std::mem::take(&mut first) { cursor.and_then(|cursor| subscription.memo(cursor)) } else { None };
+            let (here, lease_end) = match memo {
+                Some(memo) => (memo.cursor, memo.lease_end),
+                None => {
+                    let seen = subscription.seen();
+                    let (token, followed, left, events) = match self.read_log(key, fingerprint, cursor, &id).await? {
+                        Read::Ended { completed } => return Ok(Followed::Ended { completed }),
+                        Read::Live { token, followed, left, events } => (token, followed, left, events),
+                    };
+                    // Counted from before the read: the lease may have been shorter by the time it took.
+                    let lease_end = Instant::now() + left;
+                    let here = LiveCursor::new(token, cursor.map_or(0, |cursor| cursor.read()));
+                    if !events.is_empty() {
+                        let cursor = LiveCursor::new(token, here.read() + events.len() as u64);
+                        if followed {
+                            subscription.remember(Memo { cursor, seen, lease_end });
+                        }
+                        return Ok(Followed::Live { events, cursor });
+                    }
+                    if !followed && std::mem::take(&mut read_again) && Instant::now() < until {
+                        // This read marked the lock followed: a publish that committed after its
+                        // snapshot, before the mark, did not notify (see `sql.rs`).
+                        cursor = Some(here);
+                        continue;
+                    }
+                    (here, lease_end)
+                }
             };
-            let here = LiveCursor::new(token, cursor.map_or(0, |cursor| cursor.read()));
-            if !events.is_empty() {
-                let cursor = LiveCursor::new(token, here.read() + events.len() as u64);
-                return Ok(Followed::Live { events, cursor });
-            }
             cursor = Some(here);
-            if let Some(completed) = subscription.ended(token) {
+            if let Some(completed) = subscription.ended(here.lock()) {
                 return Ok(Followed::Ended { completed });
             }
             let now = Instant::now();
             if now >= until {
                 return Ok(Followed::Live { events: Vec::new(), cursor: here });
             }
-            if !followed && std::mem::take(&mut read_again) {
-                // This read marked the lock followed: a publish that committed after its
-                // snapshot, before the mark, did not notify (see `sql.rs`).
-                continue;
-            }
-            let wake = until.min(now + left + LEASE_MARGIN).min(now + self.inner.follow_recheck);
+            let wake = until.min(lease_end + LEASE_MARGIN).min(now + self.inner.follow_recheck);
             tokio::select! {
                 () = &mut changed => {
-                    if let Some(completed) = subscription.ended(token) {
+                    if let Some(completed) = subscription.ended(here.lock()) {
                         return Ok(Followed::Ended { completed });
                     }
                 }
