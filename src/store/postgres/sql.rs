@@ -167,8 +167,11 @@ impl Statements {
              SELECT (SELECT count(*) FROM told) AS told FROM done"
         );
         // $1 scope, $2 key, $3 token, $4 key id, $5 index of the first event, $6 the events
-        // (bytea[]). Appends the events the log does not hold yet (a gap, never written by the
-        // layer, appends nothing), only while the lock is live.
+        // (bytea[], each encoded). Appends, as one row, the events the log does not hold yet,
+        // only while the lock is live: the row starts where the log ends (`seq`, its first
+        // event's index) and holds the events from there on, each prefixed by its length. A
+        // publish starting past the log's end (a gap, never written by the layer) appends
+        // nothing; one sent again appends nothing it already holds.
         //
         // `FOR SHARE` orders it with a follower marking the lock `followed` (an `UPDATE`): a
         // publish that locks the row after the mark committed sees `followed` (PostgreSQL
@@ -183,26 +186,35 @@ impl Statements {
                WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > clock_timestamp() \
                FOR SHARE \
              ), \
+             log_end AS ( \
+               SELECT coalesce((SELECT l.seq + l.n FROM {live} AS l WHERE l.key_id = $4 AND l.token = $3 \
+                                ORDER BY l.seq DESC LIMIT 1), 0) AS at \
+             ), \
+             tail AS ( \
+               SELECT log_end.at, count(*)::int4 AS n, \
+                      string_agg(int4send(length(e.event)) || e.event, ''::bytea ORDER BY e.i) AS events \
+               FROM log_end, unnest($6::bytea[]) WITH ORDINALITY AS e(event, i) \
+               WHERE $5 + e.i - 1 >= log_end.at AND $5 <= log_end.at \
+               GROUP BY log_end.at \
+             ), \
              added AS ( \
-               INSERT INTO {live} (key_id, token, seq, event) \
-               SELECT $4, $3, $5 + e.n - 1, e.event \
-               FROM held, unnest($6::bytea[]) WITH ORDINALITY AS e(event, n) \
-               WHERE $5 = 0 OR EXISTS ( \
-                 SELECT 1 FROM {live} WHERE key_id = $4 AND token = $3 AND seq = $5 - 1) \
+               INSERT INTO {live} (key_id, token, seq, n, events) \
+               SELECT $4, $3, tail.at, tail.n, tail.events FROM held, tail \
                ON CONFLICT DO NOTHING \
-               RETURNING 1 \
+               RETURNING n \
              ), \
              told AS (SELECT {notify_published} FROM held WHERE followed AND EXISTS (SELECT 1 FROM added)) \
-             SELECT (SELECT count(*) FROM added) AS added, (SELECT count(*) FROM told) AS told, \
+             SELECT coalesce((SELECT n FROM added), 0) AS added, (SELECT count(*) FROM told) AS told, \
                     set_config('synchronous_commit', 'off', true) AS commit"
         );
         // $1 scope, $2 key, $3 fingerprint, $4 the cursor's token (NULL: whichever lock holds
         // the key), $5 events read, $6 key id. One row: the state, and for a live lock its
         // token, whether it was `followed` in this statement's snapshot, the microseconds
-        // left of its lease, and the events from index $5 on (NULL when none). Marks a live,
-        // unfollowed lock `followed`, so that the writes after it notify; a follower that saw
-        // `followed` false reads once more before it waits (a publish that committed between
-        // this snapshot and the mark did not notify).
+        // left of its lease, and the log's rows from the one holding event $5 on (`events`,
+        // NULL when none; `first`, the index of the first row's first event; `n`, how many
+        // events they hold). Marks a live, unfollowed lock `followed`, so that the writes
+        // after it notify; a follower that saw `followed` false reads once more before it
+        // waits (a publish that committed between this snapshot and the mark did not notify).
         let follow = format!(
             "WITH now AS (SELECT clock_timestamp() AS t), \
              found AS ( \
@@ -220,8 +232,11 @@ impl Statements {
                RETURNING 1 \
              ), \
              log AS ( \
-               SELECT array_agg(l.event ORDER BY l.seq) AS events, min(l.seq) AS first \
-               FROM {live} AS l, held WHERE l.key_id = $6 AND l.token = held.token AND l.seq >= $5 \
+               SELECT array_agg(l.events ORDER BY l.seq) AS events, min(l.seq) AS first, sum(l.n)::int8 AS n \
+               FROM {live} AS l, held \
+               WHERE l.key_id = $6 AND l.token = held.token AND l.seq + l.n > $5 \
+                 AND l.seq >= coalesce((SELECT max(b.seq) FROM {live} AS b \
+                                        WHERE b.key_id = $6 AND b.token = held.token AND b.seq <= $5), 0) \
              ) \
              SELECT CASE WHEN held.token IS NOT NULL THEN {live_state} \
                          WHEN EXISTS (SELECT 1 FROM found WHERE token IS NULL AND fingerprint = $3) \
@@ -229,7 +244,7 @@ impl Statements {
                          ELSE {gone_state} END::int4 AS state, \
                     held.token, held.followed, \
                     (extract(epoch FROM held.left_) * 1000000)::int8 AS left_us, \
-                    log.events, log.first \
+                    log.events, log.first, log.n \
              FROM (SELECT 1) AS one LEFT JOIN held ON true LEFT JOIN log ON true",
             live_state = followed::LIVE,
             completed_state = followed::COMPLETED,
@@ -317,13 +332,14 @@ pub(super) fn create_live(schema: Option<&str>, table: &str) -> String {
         "-- tower-idempotency: join mode (a duplicate follows the response in flight), after 0001.\n\
          -- Set by the first duplicate following a lock: only then do its writes send a NOTIFY.\n\
          ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS followed boolean NOT NULL DEFAULT false;\n\
-         -- The live log of each lock, one row per published event, deleted when the lock ends.\n\
+         -- The live log of each lock, one row per publish, deleted when the lock ends.\n\
          -- Unlogged (no WAL): a crash empties it, and its followers then wait for the record.\n\
          CREATE UNLOGGED TABLE IF NOT EXISTS {live} (\n    \
              key_id bytea NOT NULL, -- the first 16 bytes of SHA-256(scope || 0x00 || key)\n    \
              token  bytea NOT NULL, -- the token of the lock whose log it is (16 bytes)\n    \
-             seq    int8  NOT NULL, -- the event's index in the log, from 0\n    \
-             event  bytea NOT NULL, -- the event: a tag byte, then the head, the data or the event id\n    \
+             seq    int8  NOT NULL, -- the index in the log of the row's first event, from 0\n    \
+             n      int4  NOT NULL, -- how many events the row holds\n    \
+             events bytea NOT NULL, -- the events, each its length (4 bytes) then a tag byte and its bytes\n    \
              PRIMARY KEY (key_id, token, seq)\n\
          );\n"
     )

@@ -3,7 +3,7 @@
 //!
 //! - `mod.rs`: the two operations;
 //! - `listener.rs`: the store's listening connection and its followers;
-//! - `event.rs`: an event as a row of the log holds it.
+//! - `event.rs`: events as a row of the log holds them.
 //!
 //! A follower's wait is cut short by a notification for its key (a publish, a completion, a
 //! release), by the end of the lock's lease as its last read saw it (a lease that runs out
@@ -201,18 +201,23 @@ fn decode_read(row: &PgRow, at: i64) -> Result<Read, StoreError> {
         <[u8; 16]>::try_from(token).map_err(|_| StoreError::corrupt("PostgreSQL row: a token not of 16 bytes"))?;
     let followed: bool = row.try_get("followed").map_err(corrupt)?;
     let left: i64 = row.try_get("left_us").map_err(corrupt)?;
-    let events: Option<Vec<Vec<u8>>> = row.try_get("events").map_err(corrupt)?;
+    let rows: Option<Vec<Vec<u8>>> = row.try_get("events").map_err(corrupt)?;
     let first: Option<i64> = row.try_get("first").map_err(corrupt)?;
-    let events = match (events, first) {
-        (None, _) => Vec::new(),
-        (Some(events), Some(first)) if first == at => events
-            .into_iter()
-            .map(|encoded| {
-                event::decode(encoded).map_err(|error| StoreError::corrupt(format!("PostgreSQL live row: {error}")))
-            })
-            .collect::<Result<_, _>>()?,
-        (Some(_), _) => return Err(StoreError::corrupt("PostgreSQL live log: a gap after the cursor")),
-    };
+    let held: Option<i64> = row.try_get("n").map_err(corrupt)?;
+    let mut events = Vec::new();
+    if let (Some(rows), Some(first), Some(held)) = (rows, first, held) {
+        // The first row may start before the cursor: skip what the follower has read.
+        let skip = usize::try_from(at - first)
+            .map_err(|_| StoreError::corrupt("PostgreSQL live log: a gap after the cursor"))?;
+        for row in rows {
+            event::decode_row(row, &mut events)
+                .map_err(|error| StoreError::corrupt(format!("PostgreSQL live row: {error}")))?;
+        }
+        if i64::try_from(events.len()) != Ok(held) || skip > events.len() {
+            return Err(StoreError::corrupt("PostgreSQL live row: not the events it counts"));
+        }
+        events.drain(..skip);
+    }
     Ok(Read::Live {
         token: u128::from_be_bytes(token),
         followed,
