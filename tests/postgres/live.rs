@@ -14,6 +14,9 @@ use tower_idempotency::store::{
 
 use super::{Db, database_url, wire::Proxy};
 
+/// Bound on a woken follower's delay: far under any recheck or timeout of these tests (so
+/// only a notification meets it), with room for a loaded machine (measured: a few ms).
+const WOKEN: Duration = Duration::from_secs(2);
 /// A record's TTL no test outlives.
 const TTL: Duration = Duration::from_secs(3600);
 /// A lease no test outlives: only notifications (and the end of the test) end a wait.
@@ -111,8 +114,8 @@ async fn a_replica_follows_what_another_publishes_in_order_woken_by_notification
         millis(worst),
         millis(ended_at - completed_at),
     );
-    assert!(worst < Duration::from_millis(500), "a batch took {worst:?} to reach the other replica");
-    assert!(ended_at - completed_at < Duration::from_millis(500));
+    assert!(worst < WOKEN, "a batch took {worst:?} to reach the other replica");
+    assert!(ended_at - completed_at < WOKEN);
     db.drop().await;
 }
 
@@ -181,7 +184,7 @@ async fn round_trips_of_waiting_for_a_completion_and_of_following_a_stream() {
     // Each statement, and sqlx's ping as the connection goes back to the pool.
     assert!(waited.round_trips <= 2 * waited.statements, "{waited:?}");
     assert!(second.statements <= 1, "{second:?}");
-    assert!(woken_at - completed_at < Duration::from_millis(500));
+    assert!(woken_at - completed_at < WOKEN);
 
     // Following a stream of N batches, published 20 ms apart.
     const N: usize = 50;
@@ -318,7 +321,7 @@ async fn followers_still_wake_after_the_listeners_connection_is_killed() {
         millis(second)
     );
     assert!(first < Duration::from_secs(5), "{first:?}");
-    assert!(second < Duration::from_millis(500), "{second:?}");
+    assert!(second < WOKEN, "{second:?}");
     db.drop().await;
 }
 

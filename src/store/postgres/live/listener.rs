@@ -346,8 +346,10 @@ async fn listen(shared: &Shared, pool: &PgPool, backoff: &mut Duration) -> sqlx:
         return error;
     }
     *backoff = MIN_BACKOFF;
-    shared.listening.send_replace(true);
+    // Every follower reads again (what was notified before this `LISTEN` is lost), and no
+    // memo holds; then new followers may read.
     shared.wake_all();
+    shared.listening.send_replace(true);
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => shared.dispatch(notification.payload()),
