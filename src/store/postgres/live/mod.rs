@@ -110,9 +110,13 @@ impl PostgresStore {
             tokio::pin!(changed);
             changed.as_mut().enable();
             // Left by the follow that returned at `cursor`, if nothing was notified since its
-            // read: nothing new is known, so wait at once (anything committed since wakes us).
-            let memo =
-                if std::mem::take(&mut first) { cursor.and_then(|cursor| subscription.memo(cursor)) } else { None };
+            // read and its lease still runs: nothing new is known, so wait at once (anything
+            // committed since wakes us).
+            let memo = if std::mem::take(&mut first) {
+                cursor.and_then(|cursor| subscription.memo(cursor)).filter(|memo| memo.lease_end > Instant::now())
+            } else {
+                None
+            };
             let (here, lease_end) = match memo {
                 Some(memo) => (memo.cursor, memo.lease_end),
                 None => {
