@@ -7,9 +7,11 @@
 //! (`.ci/run` starts one). An unreachable database fails these tests; it never skips them.
 //! Each test works in a schema of its own, so tests running in parallel never collide.
 
+mod live;
 mod processes;
 mod store;
 mod transactional;
+mod wire;
 
 use std::time::Duration;
 

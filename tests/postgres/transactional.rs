@@ -85,8 +85,10 @@ async fn item(
         app.gate.acquire().await.unwrap().forget();
     }
     if headers.contains_key("x-kill") {
+        // Waits (up to 5 s) until the backend is gone, its advisory lock with it: a retry sent
+        // sooner could find the lock still held (a 409, seen on a loaded machine).
         let killed: bool =
-            sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(pid).fetch_one(&app.admin).await.unwrap();
+            sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(pid).fetch_one(&app.admin).await.unwrap();
         assert!(killed);
     }
     let status = headers.get("x-status").map_or(201, |v| v.to_str().unwrap().parse().unwrap());

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
 
-use super::{Inner, PostgresStore, sql::Statements};
+use super::{Inner, PostgresStore, live::Listener, sql::Statements};
 use crate::background::Background;
 
 /// Default table name.
@@ -15,6 +15,8 @@ const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_REAP_INTERVAL: Duration = Duration::from_secs(60);
 /// Default most rows one reaper statement deletes.
 const DEFAULT_REAP_BATCH: usize = 1_000;
+/// Default longest wait of a follower without reading again.
+const DEFAULT_FOLLOW_RECHECK: Duration = Duration::from_secs(10);
 
 /// Builds a [`PostgresStore`] with a non-default table, operation timeout or reaper pace.
 ///
@@ -42,6 +44,7 @@ pub struct PostgresStoreBuilder {
     operation_timeout: Duration,
     reap_interval: Duration,
     reap_batch: usize,
+    follow_recheck: Duration,
 }
 
 impl Default for PostgresStoreBuilder {
@@ -52,6 +55,7 @@ impl Default for PostgresStoreBuilder {
             operation_timeout: DEFAULT_OPERATION_TIMEOUT,
             reap_interval: DEFAULT_REAP_INTERVAL,
             reap_batch: DEFAULT_REAP_BATCH,
+            follow_recheck: DEFAULT_FOLLOW_RECHECK,
         }
     }
 }
@@ -92,17 +96,30 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// The longest a duplicate following a response in flight (join and wait modes) waits
+    /// without reading the log again. Default: 10 s. Followers are woken by notifications, and
+    /// read again at the end of the lock's lease; this bound only matters when a notification
+    /// is lost without a sign (the listening connection cut off without being closed).
+    pub fn with_follow_recheck(mut self, every: Duration) -> Self {
+        self.follow_recheck = every.max(Duration::from_millis(1));
+        self
+    }
+
     /// Builds the store on the application's pool. Connects nothing and needs no runtime:
     /// the table must exist by the first operation (see [`PostgresStore::migrate`]).
     pub fn build(self, pool: PgPool) -> PostgresStore {
+        let statements = Statements::new(self.schema.as_deref(), &self.table);
+        let listener = Listener::new(statements.channel.clone(), pool.connect_options(), self.operation_timeout);
         PostgresStore {
             inner: Arc::new(Inner {
                 pool,
-                statements: Statements::new(self.schema.as_deref(), &self.table),
+                statements,
                 operation_timeout: self.operation_timeout,
                 reap_interval: self.reap_interval,
                 reap_batch: i64::try_from(self.reap_batch).unwrap_or(i64::MAX),
                 reaper: Background::default(),
+                follow_recheck: self.follow_recheck,
+                listener,
             }),
         }
     }

@@ -5,6 +5,7 @@
 //! - `builder.rs`: [`PostgresStoreBuilder`];
 //! - `sql.rs`: the statement of each operation and the table's DDL;
 //! - `reaper.rs`: the background task deleting expired rows in batches;
+//! - `live/`: join mode, the live log (`publish`, `follow`) and the listening connection;
 //! - `transaction.rs`, `transactional/`: transactional mode, where the handler's own writes
 //!   and the record commit in one transaction.
 
@@ -15,10 +16,14 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgRow};
 
 use crate::{
     background::Background,
-    store::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey, StoredResponse},
+    store::{
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, StoreError, StoreKey,
+        StoredResponse,
+    },
 };
 
 mod builder;
+mod live;
 mod reaper;
 mod sql;
 mod transaction;
@@ -42,7 +47,8 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// # async fn run() -> Result<(), tower_idempotency::store::sqlx::Error> {
 /// let pool = PgPool::connect("postgres://postgres@127.0.0.1:5432/app").await?;
 /// let store = PostgresStore::new(pool);
-/// // Or run `migrations/0001_idempotency.sql` with the application's own migrations.
+/// // Or run `migrations/0001_idempotency.sql` and `0002_idempotency_live.sql` with the
+/// // application's own migrations.
 /// store.migrate().await?;
 /// let layer = IdempotencyLayer::with_store(store);
 /// # let _ = layer;
@@ -50,14 +56,17 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// # }
 /// ```
 ///
-/// # The table
+/// # The tables
 ///
 /// One table (default `idempotency`, in the connection's `search_path`; see
 /// [`with_table`](PostgresStoreBuilder::with_table) and
-/// [`with_schema`](PostgresStoreBuilder::with_schema)), one row per (scope, key). The crate
-/// ships its DDL as `migrations/0001_idempotency.sql`, for the application's own migrations
-/// (`sqlx migrate`, refinery, ...); [`migrate`](PostgresStore::migrate) runs the same DDL
-/// (`CREATE ... IF NOT EXISTS`) for the configured table.
+/// [`with_schema`](PostgresStoreBuilder::with_schema)), one row per (scope, key), and for join
+/// mode its live log table, `{table}_live`. The crate ships their DDL as
+/// `migrations/0001_idempotency.sql` and `migrations/0002_idempotency_live.sql`, for the
+/// application's own migrations (`sqlx migrate`, refinery, ...); [`migrate`](PostgresStore::migrate)
+/// runs the same DDL (`CREATE ... IF NOT EXISTS`, `ADD COLUMN IF NOT EXISTS`) for the
+/// configured table. A table made by 0001 alone needs 0002 before this version of the store
+/// runs on it (its statements name the `followed` column).
 ///
 /// | column | type | holds |
 /// | --- | --- | --- |
@@ -67,6 +76,7 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// | `token` | `bytea` | the lock's token (16 bytes) while locked; `NULL` once completed |
 /// | `response` | `bytea` | once completed, the response as [`StoredResponse::encode_into`] writes it; `NULL` when not retained (`Record::NotRetained`) |
 /// | `expires_at` | `timestamptz` | the end of the lease (locked) or of the TTL (completed) |
+/// | `followed` | `boolean` | whether a duplicate follows the lock (join or wait mode): only then do the lock's writes notify (see [Responses in flight](#responses-in-flight)) |
 ///
 /// The primary key is `(scope, key)`; an index on `expires_at` serves the reaper.
 ///
@@ -87,15 +97,77 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// | operation | statement |
 /// | --- | --- |
 /// | `begin` | reads the key's live row; only when there is none, `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired` |
-/// | `complete`, `renew` | `UPDATE ... WHERE token = $token AND expires_at > clock_timestamp()` |
-/// | `release` | `DELETE ... WHERE token = $token AND expires_at > clock_timestamp()` |
+/// | `renew` | `UPDATE ... WHERE token = $token AND expires_at > clock_timestamp()` |
+/// | `complete` | the same `UPDATE`, which also deletes the lock's live log and, when the lock is `followed`, sends a `NOTIFY` |
+/// | `release` | `DELETE ... WHERE token = $token AND expires_at > clock_timestamp()`, with the log and the `NOTIFY` as for `complete` |
+/// | `publish` | one `INSERT` of the events past the log's end, however many, under `FOR SHARE` of the live lock; a `NOTIFY` when `followed` |
+/// | `follow` | one read of the lock's row and its log after the cursor (the first one also marks the lock `followed`); when nothing is new, a wait on the listener, then one read per wake-up |
 ///
 /// A replay, a duplicate in flight or a mismatch writes nothing: it is a read through the
 /// primary key, with no transaction id and no WAL flush. A miss writes twice (`begin`,
 /// `complete`), each a commit that waits for its WAL flush, which dominates its cost (see
 /// `synchronous_commit`). A `begin` racing another `begin` of the same key that commits while
 /// it runs reads the winner's row with a second statement (the first one's snapshot predates
-/// that row).
+/// that row). (sqlx also pings each connection as it returns to the pool: a second round trip
+/// on the wire, after the caller has its answer.)
+///
+/// # Responses in flight
+///
+/// Join mode ([`InFlight::Join`](crate::InFlight)) publishes a response as it is produced,
+/// and duplicates follow it, on this replica or another (see [`LiveEvent`]); wait mode's
+/// duplicates follow the lock for its end only.
+///
+/// **The log.** Each publish is one row of the live log table, unlogged (no WAL: a crash of
+/// PostgreSQL empties it; a follower then sees nothing new, and replays the record once the
+/// lock completes), keyed by the key's id, the lock's token and the index of the row's first
+/// event:
+///
+/// | column | type | holds |
+/// | --- | --- | --- |
+/// | `key_id` | `bytea` | the first 16 bytes of SHA-256(scope, a zero byte, key) |
+/// | `token` | `bytea` | the token of the lock whose log it is (16 bytes) |
+/// | `seq` | `int8` | the index in the log of the row's first event |
+/// | `n` | `int4` | how many events the row holds |
+/// | `events` | `bytea` | the events, each its length (4 bytes) then a tag byte and its head, data or event id |
+///
+/// A publish appends only the events past the log's end (one sent again adds nothing; one
+/// leaving a gap adds nothing), and only while its lock is live: a lock whose lease ran out
+/// writes nothing, and a later lock of the key has a log of its own (its token), which no
+/// follower of the old one reads. Its commit does not wait for a WAL flush. The log is as long
+/// as what the layer publishes: it stops at the record limit, so a log holds at most that many
+/// body bytes. A row costs about 210 bytes beside its events (93 of heap, 118 of primary key,
+/// measured on 100 000 rows). `complete` and `release` delete the lock's log in their own
+/// statement; the log of a lock that expired goes with its row in the reaper, or when the next
+/// lock of the key ends.
+///
+/// **Waking.** Followers are woken by `NOTIFY`, not by polling. A write that changes what a
+/// follower waits for sends it in its own statement, so it is delivered when that commits, and
+/// only when the lock is `followed`: PostgreSQL serializes the commits of all transactions
+/// that notify, database-wide (measured here: 16 clients updating single rows ran at 3 530
+/// commits/s, 407 when each also sent a `NOTIFY`), so the layer's writes never notify unless a
+/// duplicate follows. The first read of a follower marks the lock; a publish holds the lock's
+/// row `FOR SHARE`, so it either sees the mark or commits before it (the follower then reads
+/// once more before it waits).
+///
+/// **The listening connection.** Each store (shared by its clones) has one connection that
+/// `LISTEN`s on the table's [channel](PostgresStore::channel), opened with the pool's connect
+/// options but outside the pool (a wait never holds a pooled connection; count one more
+/// connection per process against `max_connections`). It starts with the first follower, and
+/// ends when the last clone of the store is dropped. It hands each notification to the
+/// waiting followers of its key. When its connection is lost it connects again, and wakes
+/// every follower to read once (notifications sent meanwhile are lost). A follower waits at
+/// most until the end of the lock's lease as its last read saw it (a lease running out sends
+/// nothing: the follower reads again then, and finds it renewed or gone), and at most
+/// [`with_follow_recheck`](PostgresStoreBuilder::with_follow_recheck) (default 10 s) in case
+/// a notification was lost without a sign. A follower that finds nothing new waits without
+/// reading first when nothing was notified since its previous read: about one read per
+/// published batch. If the listening connection cannot be made within the operation timeout,
+/// `follow` fails with [`StoreError::is_timeout`].
+///
+/// A lock taken in [transactional mode](#transactional-mode) is never followed: its row is
+/// uncommitted until the commit that turns it into the record, so no follower can see or mark
+/// it (a follower finds nothing live, at once), and nothing is published (the response is
+/// buffered until the commit).
 ///
 /// # Expiry and fencing
 ///
@@ -127,7 +199,7 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// With a [`TransactionalLayer`] the handler's own writes, the lock and the record commit in
 /// one transaction: see [`IdempotencyLayer::transactional`](crate::IdempotencyLayer::transactional).
 ///
-/// Cloning is cheap; clones share the pool and the reaper.
+/// Cloning is cheap; clones share the pool, the reaper and the listening connection.
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -140,6 +212,9 @@ struct Inner {
     reap_interval: Duration,
     reap_batch: i64,
     reaper: Background,
+    /// The longest a follower waits without reading again.
+    follow_recheck: Duration,
+    listener: live::Listener,
 }
 
 impl PostgresStore {
@@ -158,8 +233,23 @@ impl PostgresStore {
         &self.inner.statements.table
     }
 
-    /// Creates the table and its index if they do not exist (the DDL of
-    /// `migrations/0001_idempotency.sql`, for the configured table).
+    /// The live log table of join mode, quoted and qualified like [`table`](Self::table)
+    /// (`"idempotency_live"`).
+    pub fn live_table(&self) -> &str {
+        &self.inner.statements.live
+    }
+
+    /// The channel the store's notifications go on (`tower_idempotency_` and 16 hex digits
+    /// of a digest of the table's name): its listening connection shows
+    /// `LISTEN "<channel>"` in `pg_stat_activity`.
+    pub fn channel(&self) -> &str {
+        &self.inner.statements.channel
+    }
+
+    /// Creates the table, its index and the live log table if they do not exist, and adds the
+    /// `followed` column to a table made before it (the DDL of
+    /// `migrations/0001_idempotency.sql` then `0002_idempotency_live.sql`, for the configured
+    /// table).
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
         sqlx::raw_sql(AssertSqlSafe(self.inner.statements.create.clone())).execute(&self.inner.pool).await?;
         Ok(())
@@ -184,13 +274,23 @@ impl PostgresStore {
             .unwrap_or_else(|_| Err(StoreError::timeout()))
     }
 
-    /// Runs an owner-only write (`complete`, `renew`, `release`): whether it changed the row.
+    /// Runs an owner-only write that changes one row (`renew`): whether it did.
     async fn owner_write(
         &self,
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<bool, StoreError> {
         let done = self.run(async { query.execute(&self.inner.pool).await.map_err(store_error) }).await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Runs an owner-only write that answers with a row when it changed the key (`complete`,
+    /// `release`, which end the lock's log too): whether it did.
+    async fn owner_end(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<bool, StoreError> {
+        let done = self.run(async { query.fetch_optional(&self.inner.pool).await.map_err(store_error) }).await?;
+        Ok(done.is_some())
     }
 
     fn ensure_reaper(&self) {
@@ -296,8 +396,9 @@ impl IdempotencyStore for PostgresStore {
             .bind(key.key().as_str())
             .bind(&lock.id().to_be_bytes()[..])
             .bind(encode(&record))
-            .bind(micros(ttl));
-        self.owner_write(query).await
+            .bind(micros(ttl))
+            .bind(&live::key_id(key)[..]);
+        self.owner_end(query).await
     }
 
     async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
@@ -313,31 +414,29 @@ impl IdempotencyStore for PostgresStore {
         let query = sqlx::query(AssertSqlSafe(self.inner.statements.release.clone()))
             .bind(scope_bytes(key))
             .bind(key.key().as_str())
-            .bind(&lock.id().to_be_bytes()[..]);
-        self.owner_write(query).await
+            .bind(&lock.id().to_be_bytes()[..])
+            .bind(&live::key_id(key)[..]);
+        self.owner_end(query).await
     }
 
-    // PLACEHOLDER (join work in progress): no live log yet; followers poll.
     async fn publish(
         &self,
-        _key: &StoreKey,
-        _lock: &LockToken,
-        _from: u64,
-        _events: Vec<crate::store::LiveEvent>,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
     ) -> Result<(), StoreError> {
-        Ok(())
+        self.publish_events(key, lock, from, events).await
     }
 
-    // PLACEHOLDER (join work in progress).
     async fn follow(
         &self,
-        _key: &StoreKey,
-        _fingerprint: &Fingerprint,
-        _cursor: Option<crate::store::LiveCursor>,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
         timeout: Duration,
-    ) -> Result<crate::store::Followed, StoreError> {
-        tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
-        Ok(crate::store::Followed::Ended { completed: false })
+    ) -> Result<Followed, StoreError> {
+        self.follow_log(key, fingerprint, cursor, timeout).await
     }
 }
 
@@ -348,6 +447,8 @@ impl fmt::Debug for PostgresStore {
             .field("operation_timeout", &self.inner.operation_timeout)
             .field("reap_interval", &self.inner.reap_interval)
             .field("reap_batch", &self.inner.reap_batch)
+            .field("follow_recheck", &self.inner.follow_recheck)
+            .field("listener", &self.inner.listener)
             .finish_non_exhaustive()
     }
 }

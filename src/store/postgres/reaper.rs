@@ -1,4 +1,5 @@
-//! The reaper: deletes expired rows in bounded batches, in the background.
+//! The reaper: deletes expired rows in bounded batches, in the background, with the live logs
+//! of their keys.
 
 use std::{sync::Weak, time::Duration};
 
@@ -10,10 +11,10 @@ use crate::{background::Running, store::StoreError};
 impl Inner {
     /// Deletes up to one batch of expired rows; how many it deleted.
     pub(super) async fn reap(&self) -> Result<u64, StoreError> {
-        let query = sqlx::query(AssertSqlSafe(self.statements.reap.clone())).bind(self.reap_batch);
-        let deleting = query.execute(&self.pool);
+        let query = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.statements.reap.clone())).bind(self.reap_batch);
+        let deleting = query.fetch_one(&self.pool);
         match tokio::time::timeout(self.operation_timeout, deleting).await {
-            Ok(done) => Ok(done.map_err(store_error)?.rows_affected()),
+            Ok(done) => Ok(done.map_err(store_error)?.unsigned_abs()),
             Err(_) => Err(StoreError::timeout()),
         }
     }

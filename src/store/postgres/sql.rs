@@ -4,8 +4,16 @@
 //! database's `clock_timestamp()` (the time the statement runs, not the start of its
 //! transaction like `now()`), so every process agrees on expiry whatever its own clock, and a
 //! record written late in a long transaction still lives its whole TTL.
+//!
+//! Join mode adds the live log table (`{table}_live`) and the notifications: a write that
+//! changes what a follower waits for (`publish`, `complete`, `release`) sends a `NOTIFY` in
+//! the same statement, so it is delivered at its commit, and only when a follower marked the
+//! lock `followed` (a notifying commit takes PostgreSQL's global notify lock, which
+//! serializes commits: the layer's writes stay free of it unless someone follows).
 
 use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
 
 /// The state column `begin` answers with.
 pub(super) mod state {
@@ -19,6 +27,26 @@ pub(super) mod state {
     pub(crate) const COMPLETED: i32 = 3;
 }
 
+/// The state column `follow`'s read answers with.
+pub(super) mod followed {
+    /// A live lock for the fingerprint (and the cursor's token): its events after the cursor.
+    pub(crate) const LIVE: i32 = 0;
+    /// A record for the fingerprint replaced the lock.
+    pub(crate) const COMPLETED: i32 = 1;
+    /// No live lock for the fingerprint and cursor, and no record for the fingerprint.
+    pub(crate) const GONE: i32 = 2;
+}
+
+/// The first byte of a notification's payload: what happened to the lock.
+pub(super) mod notice {
+    /// Events were published.
+    pub(crate) const PUBLISHED: u8 = b'p';
+    /// A record replaced the lock.
+    pub(crate) const COMPLETED: u8 = b'c';
+    /// The lock was released.
+    pub(crate) const RELEASED: u8 = b'r';
+}
+
 /// The statements of one table.
 ///
 /// Shared strings: handing one to `sqlx::query` copies nothing, and sqlx keeps each as a
@@ -27,6 +55,10 @@ pub(super) mod state {
 pub(super) struct Statements {
     /// The quoted, possibly schema-qualified, table name.
     pub(super) table: Arc<str>,
+    /// The quoted, possibly schema-qualified, live log table (`{table}_live`).
+    pub(super) live: Arc<str>,
+    /// The channel of the table's notifications (`tower_idempotency_` and 16 hex digits).
+    pub(super) channel: Arc<str>,
     pub(super) begin: Arc<str>,
     pub(super) complete: Arc<str>,
     pub(super) renew: Arc<str>,
@@ -34,7 +66,10 @@ pub(super) struct Statements {
     /// `complete` inside the transaction that took the key (transactional mode): the row is
     /// the transaction's own, so no lease is checked.
     pub(super) record_held: Arc<str>,
+    pub(super) publish: Arc<str>,
+    pub(super) follow: Arc<str>,
     pub(super) reap: Arc<str>,
+    /// The DDL of both migrations, in order.
     pub(super) create: Arc<str>,
 }
 
@@ -47,11 +82,19 @@ impl Statements {
     /// The statements for the table `table` in `schema` (`None`: the connection's
     /// `search_path`).
     pub(super) fn new(schema: Option<&str>, table: &str) -> Self {
-        let qualified = match schema {
+        let qualify = |table: &str| match schema {
             Some(schema) => format!("{}.{}", quote(schema), quote(table)),
             None => quote(table),
         };
-        let t = &qualified;
+        let qualified = qualify(table);
+        let live_table = qualify(&format!("{table}_live"));
+        let channel = channel(&qualified);
+        let (t, live) = (&qualified, &live_table);
+        // The payload of a notification: what happened, the key id ($key_id) and the token
+        // ($token), in hex (65 bytes).
+        let payload = |kind: u8, key_id: &str, token: &str| {
+            format!("pg_notify('{channel}', '{}' || encode({key_id}, 'hex') || encode({token}, 'hex'))", kind as char)
+        };
         // $1 scope, $2 key, $3 fingerprint, $4 token, $5 lease in microseconds.
         //
         // A live row in the statement's snapshot is the answer, read without a write (a
@@ -72,7 +115,7 @@ impl Statements {
                WHERE NOT EXISTS (SELECT 1 FROM held) \
                ON CONFLICT (scope, key) DO UPDATE \
                  SET fingerprint = excluded.fingerprint, token = excluded.token, response = NULL, \
-                     expires_at = excluded.expires_at \
+                     expires_at = excluded.expires_at, followed = false \
                  WHERE r.expires_at <= (SELECT t FROM now) \
                RETURNING 1 \
              ) \
@@ -87,11 +130,20 @@ impl Statements {
             in_flight = state::IN_FLIGHT,
             completed = state::COMPLETED,
         );
-        // $1 scope, $2 key, $3 token, $4 record (NULL: not retained), $5 TTL in microseconds.
+        // $1 scope, $2 key, $3 token, $4 record (NULL: not retained), $5 TTL in microseconds,
+        // $6 key id. A row when it completed. The lock's log goes with it, and its followers
+        // (if any) are told, at the commit.
+        let notify_completed = payload(notice::COMPLETED, "$6", "$3");
         let complete = format!(
-            "UPDATE {t} SET token = NULL, response = $4, \
-               expires_at = clock_timestamp() + $5::float8 * interval '1 microsecond' \
-             WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > clock_timestamp()"
+            "WITH done AS ( \
+               UPDATE {t} SET token = NULL, response = $4, \
+                 expires_at = clock_timestamp() + $5::float8 * interval '1 microsecond' \
+               WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > clock_timestamp() \
+               RETURNING followed \
+             ), \
+             log AS (DELETE FROM {live} WHERE key_id = $6 AND EXISTS (SELECT 1 FROM done)), \
+             told AS (SELECT {notify_completed} FROM done WHERE followed) \
+             SELECT (SELECT count(*) FROM told) AS told FROM done"
         );
         let record_held = format!(
             "UPDATE {t} SET token = NULL, response = $4, \
@@ -103,25 +155,131 @@ impl Statements {
             "UPDATE {t} SET expires_at = clock_timestamp() + $4::float8 * interval '1 microsecond' \
              WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > clock_timestamp()"
         );
-        // $1 scope, $2 key, $3 token.
-        let release =
-            format!("DELETE FROM {t} WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > clock_timestamp()");
-        // $1 batch size. Rows locked by someone else (a `complete` in a transaction) are
-        // skipped; `FOR UPDATE` re-reads each row, so one renewed meanwhile is kept.
-        let reap = format!(
-            "WITH now AS (SELECT clock_timestamp() AS t) \
-             DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
-               SELECT ctid FROM {t} WHERE expires_at <= (SELECT t FROM now) \
-               LIMIT $1 FOR UPDATE SKIP LOCKED))"
+        // $1 scope, $2 key, $3 token, $4 key id. A row when it released.
+        let notify_released = payload(notice::RELEASED, "$4", "$3");
+        let release = format!(
+            "WITH done AS ( \
+               DELETE FROM {t} WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > clock_timestamp() \
+               RETURNING followed \
+             ), \
+             log AS (DELETE FROM {live} WHERE key_id = $4 AND EXISTS (SELECT 1 FROM done)), \
+             told AS (SELECT {notify_released} FROM done WHERE followed) \
+             SELECT (SELECT count(*) FROM told) AS told FROM done"
         );
-        let create = create_table(schema, table);
+        // $1 scope, $2 key, $3 token, $4 key id, $5 index of the first event, $6 the events
+        // (bytea[], each encoded). Appends, as one row, the events the log does not hold yet,
+        // only while the lock is live: the row starts where the log ends (`seq`, its first
+        // event's index) and holds the events from there on, each prefixed by its length. A
+        // publish starting past the log's end (a gap, never written by the layer) appends
+        // nothing; one sent again appends nothing it already holds.
+        //
+        // `FOR SHARE` orders it with a follower marking the lock `followed` (an `UPDATE`): a
+        // publish that locks the row after the mark committed sees `followed` (PostgreSQL
+        // re-reads a row updated since the snapshot before locking it) and notifies; one that
+        // locked it first commits before the mark does, so the follower's next read sees its
+        // events. The log is unlogged, so the commit has no durable write to wait for
+        // (`synchronous_commit` off for this transaction only): a crash empties the log anyway.
+        let notify_published = payload(notice::PUBLISHED, "$4", "$3");
+        let publish = format!(
+            "WITH held AS ( \
+               SELECT followed FROM {t} \
+               WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > clock_timestamp() \
+               FOR SHARE \
+             ), \
+             log_end AS ( \
+               SELECT coalesce((SELECT l.seq + l.n FROM {live} AS l WHERE l.key_id = $4 AND l.token = $3 \
+                                ORDER BY l.seq DESC LIMIT 1), 0) AS at \
+             ), \
+             tail AS ( \
+               SELECT log_end.at, count(*)::int4 AS n, \
+                      string_agg(int4send(length(e.event)) || e.event, ''::bytea ORDER BY e.i) AS events \
+               FROM log_end, unnest($6::bytea[]) WITH ORDINALITY AS e(event, i) \
+               WHERE $5 + e.i - 1 >= log_end.at AND $5 <= log_end.at \
+               GROUP BY log_end.at \
+             ), \
+             added AS ( \
+               INSERT INTO {live} (key_id, token, seq, n, events) \
+               SELECT $4, $3, tail.at, tail.n, tail.events FROM held, tail \
+               ON CONFLICT DO NOTHING \
+               RETURNING n \
+             ), \
+             told AS (SELECT {notify_published} FROM held WHERE followed AND EXISTS (SELECT 1 FROM added)) \
+             SELECT coalesce((SELECT n FROM added), 0) AS added, (SELECT count(*) FROM told) AS told, \
+                    set_config('synchronous_commit', 'off', true) AS commit"
+        );
+        // $1 scope, $2 key, $3 fingerprint, $4 the cursor's token (NULL: whichever lock holds
+        // the key), $5 events read, $6 key id. One row: the state, and for a live lock its
+        // token, whether it was `followed` in this statement's snapshot, the microseconds
+        // left of its lease, and the log's rows from the one holding event $5 on (`events`,
+        // NULL when none; `first`, the index of the first row's first event; `n`, how many
+        // events they hold). Marks a live, unfollowed lock `followed`, so that the writes
+        // after it notify; a follower that saw `followed` false reads once more before it
+        // waits (a publish that committed between this snapshot and the mark did not notify).
+        let follow = format!(
+            "WITH now AS (SELECT clock_timestamp() AS t), \
+             found AS ( \
+               SELECT r.token, r.fingerprint, r.followed, r.expires_at - now.t AS left_ FROM {t} AS r, now \
+               WHERE r.scope = $1 AND r.key = $2 AND r.expires_at > now.t \
+             ), \
+             held AS ( \
+               SELECT token, followed, left_ FROM found \
+               WHERE token IS NOT NULL AND fingerprint = $3 AND ($4::bytea IS NULL OR token = $4) \
+             ), \
+             marked AS ( \
+               UPDATE {t} AS r SET followed = true FROM held \
+               WHERE r.scope = $1 AND r.key = $2 AND r.token = held.token AND NOT held.followed \
+                 AND r.expires_at > clock_timestamp() \
+               RETURNING 1 \
+             ), \
+             log AS ( \
+               SELECT array_agg(l.events ORDER BY l.seq) AS events, min(l.seq) AS first, sum(l.n)::int8 AS n \
+               FROM {live} AS l, held \
+               WHERE l.key_id = $6 AND l.token = held.token AND l.seq + l.n > $5 \
+                 AND l.seq >= coalesce((SELECT max(b.seq) FROM {live} AS b \
+                                        WHERE b.key_id = $6 AND b.token = held.token AND b.seq <= $5), 0) \
+             ) \
+             SELECT CASE WHEN held.token IS NOT NULL THEN {live_state} \
+                         WHEN EXISTS (SELECT 1 FROM found WHERE token IS NULL AND fingerprint = $3) \
+                           THEN {completed_state} \
+                         ELSE {gone_state} END::int4 AS state, \
+                    held.token, held.followed, \
+                    (extract(epoch FROM held.left_) * 1000000)::int8 AS left_us, \
+                    log.events, log.first, log.n \
+             FROM (SELECT 1) AS one LEFT JOIN held ON true LEFT JOIN log ON true",
+            live_state = followed::LIVE,
+            completed_state = followed::COMPLETED,
+            gone_state = followed::GONE,
+        );
+        // $1 batch size. Rows locked by someone else (a `complete` in a transaction) are
+        // skipped; `FOR UPDATE` re-reads each row, so one renewed meanwhile is kept. The live
+        // logs of the deleted keys go with them (the key id computed as `key_id` does). The
+        // number of rows deleted.
+        let reap = format!(
+            "WITH now AS (SELECT clock_timestamp() AS t), \
+             gone AS ( \
+               DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
+                 SELECT ctid FROM {t} WHERE expires_at <= (SELECT t FROM now) \
+                 LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+               RETURNING scope, key \
+             ), \
+             log AS ( \
+               DELETE FROM {live} WHERE key_id IN ( \
+                 SELECT substr(sha256(scope || decode('00', 'hex') || convert_to(key, 'UTF8')), 1, 16) FROM gone) \
+             ) \
+             SELECT count(*) FROM gone"
+        );
+        let create = format!("{}{}", create_table(schema, table), create_live(schema, table));
         Self {
             table: qualified.into(),
+            live: live_table.into(),
+            channel: channel.into(),
             begin: begin.into(),
             complete: complete.into(),
             renew: renew.into(),
             release: release.into(),
             record_held: record_held.into(),
+            publish: publish.into(),
+            follow: follow.into(),
             reap: reap.into(),
             create: create.into(),
         }
@@ -157,6 +315,44 @@ pub(super) fn create_table(schema: Option<&str>, table: &str) -> String {
     )
 }
 
+/// The DDL of join mode for `table`: the `followed` column and the live log table; for the
+/// default table it is `migrations/0002_idempotency_live.sql` (a test holds them equal).
+pub(super) fn create_live(schema: Option<&str>, table: &str) -> String {
+    let (qualified, live) = match (schema, table) {
+        (None, "idempotency") => ("idempotency".to_owned(), "idempotency_live".to_owned()),
+        (schema, table) => {
+            let qualify = |name: &str| match schema {
+                Some(schema) => format!("{}.{}", quote(schema), quote(name)),
+                None => quote(name),
+            };
+            (qualify(table), qualify(&format!("{table}_live")))
+        }
+    };
+    format!(
+        "-- tower-idempotency: join mode (a duplicate follows the response in flight), after 0001.\n\
+         -- Set by the first duplicate following a lock: only then do its writes send a NOTIFY.\n\
+         ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS followed boolean NOT NULL DEFAULT false;\n\
+         -- The live log of each lock, one row per publish, deleted when the lock ends.\n\
+         -- Unlogged (no WAL): a crash empties it, and its followers then wait for the record.\n\
+         CREATE UNLOGGED TABLE IF NOT EXISTS {live} (\n    \
+             key_id bytea NOT NULL, -- the first 16 bytes of SHA-256(scope || 0x00 || key)\n    \
+             token  bytea NOT NULL, -- the token of the lock whose log it is (16 bytes)\n    \
+             seq    int8  NOT NULL, -- the index in the log of the row's first event, from 0\n    \
+             n      int4  NOT NULL, -- how many events the row holds\n    \
+             events bytea NOT NULL, -- the events, each its length (4 bytes) then a tag byte and its bytes\n    \
+             PRIMARY KEY (key_id, token, seq)\n\
+         );\n"
+    )
+}
+
+/// The channel of `table`'s notifications: a digest of the qualified name, so that stores on
+/// different tables of one database do not wake each other.
+fn channel(qualified: &str) -> String {
+    let digest = Sha256::digest(qualified.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("tower_idempotency_{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +361,8 @@ mod tests {
     fn the_shipped_migration_is_the_default_table() {
         let shipped = include_str!("../../../migrations/0001_idempotency.sql");
         assert_eq!(shipped, create_table(None, "idempotency"));
+        let shipped = include_str!("../../../migrations/0002_idempotency_live.sql");
+        assert_eq!(shipped, create_live(None, "idempotency"));
     }
 
     #[test]
@@ -175,5 +373,16 @@ mod tests {
         assert!(
             statements.create.contains("CREATE INDEX IF NOT EXISTS \"idem_expires_at\" ON \"tenant one\".\"idem\"")
         );
+        assert_eq!(&*statements.live, "\"tenant one\".\"idem_live\"");
+        assert!(statements.create.contains("CREATE UNLOGGED TABLE IF NOT EXISTS \"tenant one\".\"idem_live\""));
+        assert!(statements.create.contains("ALTER TABLE \"tenant one\".\"idem\" ADD COLUMN IF NOT EXISTS followed"));
+    }
+
+    #[test]
+    fn channels_differ_by_table() {
+        let (a, b) = (Statements::new(None, "idempotency"), Statements::new(Some("s"), "idempotency"));
+        assert_ne!(a.channel, b.channel);
+        assert_eq!(a.channel.len(), "tower_idempotency_".len() + 16);
+        assert!(a.channel.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
     }
 }
