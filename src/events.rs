@@ -113,6 +113,17 @@ impl EventScanner {
     }
 }
 
+/// The event marks of a whole body: none unless `headers` announce an event stream.
+pub(crate) fn marks_of(headers: &HeaderMap, body: &[u8]) -> Vec<EventMark> {
+    let mut marks = Vec::new();
+    if is_event_stream(headers) {
+        let mut scanner = EventScanner::default();
+        scanner.feed(body, |mark| marks.push(mark));
+        scanner.finish(|mark| marks.push(mark));
+    }
+    marks
+}
+
 /// Where to resume after the event whose id is `last`: the end of its last occurrence.
 pub(crate) fn resume_offset(marks: &[EventMark], last: &[u8]) -> Option<u64> {
     marks.iter().rev().find(|mark| mark.id == last).map(|mark| mark.end)
@@ -163,6 +174,16 @@ mod tests {
         // the event's last `id:` line; an empty id is an id.
         let body = b"idx: 9\n\n: comment id: 3\n\nid: 1\nid: 2\ndata\n\nid: a\0b\n\nid:\n\n";
         assert_eq!(marks(&[body]), vec![("2".into(), 43), (String::new(), body.len() as u64)]);
+    }
+
+    #[test]
+    fn marks_of_a_whole_body_only_for_an_event_stream() {
+        let body = b"id: 1\ndata: a\n\nid: 2\r\r";
+        let mut headers = HeaderMap::new();
+        assert!(marks_of(&headers, body).is_empty());
+        headers.insert(header::CONTENT_TYPE, "text/event-stream".parse().unwrap());
+        let ends: Vec<u64> = marks_of(&headers, body).iter().map(|mark| mark.end).collect();
+        assert_eq!(ends, [15, body.len() as u64]);
     }
 
     #[test]

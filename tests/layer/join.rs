@@ -410,3 +410,20 @@ async fn a_joined_10_s_stream_costs_one_follow_per_event_and_nothing_when_not_jo
     assert!(follows <= 102, "{follows} follows for 100 events");
     assert!(publishes <= 101, "{publishes} publishes for 100 events");
 }
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_bounded_too() {
+    let layer =
+        IdempotencyLayer::new().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) }).with_max_waiters(1);
+    let (svc, runs) = app(layer);
+    let first = tokio::spawn(call(&svc, request("w2", &[("x-json", "1"), ("x-head-ms", "1000")])));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let waiter = tokio::spawn(call(&svc, request("w2", &[("x-json", "1")])));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let refused = call(&svc, request("w2", &[("x-json", "1")])).await;
+    assert_eq!(refused.status(), StatusCode::CONFLICT, "past the bound");
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(Outcome::of(&first.await.unwrap()), Outcome::Executed);
+    assert_eq!(Outcome::of(&waiter.await.unwrap()), Outcome::Replayed, "the waiter within the bound replays");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -49,7 +49,8 @@ impl App {
 /// `POST /items`: inserts `{"id": N}` into `items` in the layer's transaction (first counting
 /// the items with the id in `x-read`, when sent), then, by header: `x-gate` waits for a gate
 /// permit, `x-kill` kills the transaction's connection,
-/// `x-status` answers that status, `x-bytes` answers that many bytes.
+/// `x-status` answers that status, `x-bytes` answers that many bytes, `x-events: N` an event
+/// stream of N events `id: I`.
 async fn item(
     State(app): State<App>,
     Extension(tx): Extension<PgTransaction>,
@@ -90,6 +91,11 @@ async fn item(
         let killed: bool =
             sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(pid).fetch_one(&app.admin).await.unwrap();
         assert!(killed);
+    }
+    if let Some(events) = headers.get("x-events") {
+        let events: usize = events.to_str().unwrap().parse().unwrap();
+        let body: String = (0..events).map(|i| format!("id: {i}\ndata: {id}\n\n")).collect();
+        return ([(http::header::CONTENT_TYPE, "text/event-stream")], body).into_response();
     }
     let status = headers.get("x-status").map_or(201, |v| v.to_str().unwrap().parse().unwrap());
     let bytes = headers.get("x-bytes").map_or(0, |v| v.to_str().unwrap().parse().unwrap());
@@ -181,6 +187,19 @@ async fn the_handlers_writes_and_the_record_commit_together() {
     assert_eq!(send(&s.router, "k1", r#"{"id":2}"#, &[]).await.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!((s.runs(), s.items().await), (1, 1));
     s.db.drop().await;
+}
+
+/// SPEC 2.9: an event stream recorded in transactional mode keeps its event ends, so a replay
+/// with `Last-Event-ID` sends only the events after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_event_stream_resumes_after_its_last_event_id() {
+    let setup = setup(|layer| layer).await;
+    let first = send(&setup.router, "sse", r#"{"id": 7}"#, &[("x-events", "3")]).await;
+    assert_eq!(first.body, "id: 0\ndata: 7\n\nid: 1\ndata: 7\n\nid: 2\ndata: 7\n\n");
+    let resumed = send(&setup.router, "sse", r#"{"id": 7}"#, &[("last-event-id", "1")]).await;
+    assert!(resumed.replayed);
+    assert_eq!(resumed.body, "id: 2\ndata: 7\n\n");
+    assert_eq!(setup.runs(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

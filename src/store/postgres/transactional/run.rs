@@ -15,6 +15,7 @@ use crate::{
     IdempotencyKey, Outcome,
     body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
     config::{Config, InFlight, StoreFailure},
+    events::marks_of,
     execute::stored_headers,
     headers::LAST_EVENT_ID,
     problem::ProblemKind,
@@ -145,6 +146,8 @@ impl<S> Run<S> {
         if let Some(trailers) = &trailers {
             record = record.with_trailers(trailers.clone());
         }
+        // An event stream keeps its event ends, so a replay with `Last-Event-ID` resumes.
+        record.marks = marks_of(&record.headers, &record.body);
         if let Err(error) = record_and_commit(&store, transaction, &key, token, &record, config.ttl).await {
             tracing::warn!(%error, "idempotency: the request's transaction did not commit; nothing was kept");
             return Ok(problem(ProblemKind::TransactionFailed, Some(retry_after)));
