@@ -114,6 +114,8 @@ impl EventScanner {
 }
 
 /// The event marks of a whole body: none unless `headers` announce an event stream.
+/// (Transactional mode buffers its responses whole.)
+#[cfg(any(feature = "postgres", test))]
 pub(crate) fn marks_of(headers: &HeaderMap, body: &[u8]) -> Vec<EventMark> {
     let mut marks = Vec::new();
     if is_event_stream(headers) {
