@@ -240,7 +240,9 @@ async fn round_trips_of_waiting_for_a_completion_and_of_following_a_stream() {
     assert_eq!(published.statements, N as u64 + 3, "one statement per publish, begin, complete");
     // Each, and sqlx's ping on release (the last one may still be on its way).
     assert!(published.round_trips + 1 >= 2 * published.statements, "{published:?}");
-    assert!(published.round_trips <= 2 * published.statements, "{published:?}");
+    // sqlx may also ping a connection that sat idle before handing it out (its
+    // `test_before_acquire`): on a loaded machine, a round trip or two more, none ours.
+    assert!(published.round_trips <= 2 * published.statements + 2, "{published:?}");
     // The publisher's store never follows: it has no listening connection.
     assert_eq!(publisher_proxy.listener_counts().statements, 0);
     // The follower's listens once, on one connection.
