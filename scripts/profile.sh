@@ -16,7 +16,7 @@ command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get ins
 requests="${1:-2000}"
 shift || true
 paths=("$@")
-[ ${#paths[@]} -gt 0 ] || paths=(bare_post bare_put noop_layer miss replay no_key uncovered_method in_flight_409 miss_join)
+[ ${#paths[@]} -gt 0 ] || paths=(bare_post bare_put noop_layer identity_layer miss replay no_key uncovered_method in_flight_409 miss_join)
 
 target="${CARGO_TARGET_DIR:-target}"
 # Line tables make the profile readable; they do not change the code generated.

@@ -33,7 +33,11 @@ pub(crate) struct Publisher {
 impl Publisher {
     /// A publisher for `held`'s log, with the body bytes recorded before it existed and the
     /// event ends found in them.
-    pub(crate) fn new(held: Arc<dyn Held>, recorded: &[Bytes], marks: &[EventMark]) -> Self {
+    pub(crate) fn new<'a>(
+        held: Arc<dyn Held>,
+        recorded: impl IntoIterator<Item = &'a Bytes>,
+        marks: &[EventMark],
+    ) -> Self {
         let mut publisher = Self { held, next: 0, queue: Vec::new(), sending: None, head_queued: false };
         let (mut offset, mut marks) = (0u64, marks.iter().peekable());
         for data in recorded {

@@ -61,6 +61,9 @@ pub(crate) struct Recording<B: Body> {
 /// Where a [`Recording`] stands; see the module docs for the table.
 enum State<B: Body> {
     /// The body passes through and is kept, until its end is seen.
+    /// Boxed: `Streaming` is large (the tape's header map, the body's state), and a
+    /// `ResponseBody` on every path, a bypass included, is moved several times on its way to
+    /// the server; boxed, it is a quarter of the size.
     Streaming(Box<Streaming<B>>),
     /// The end was seen and the record is being written; `last` goes out once it is.
     Completing { completion: Completion, last: Option<Frame<Bytes>> },
@@ -95,12 +98,47 @@ struct Streaming<B> {
 struct Tape {
     status: StatusCode,
     headers: HeaderMap,
-    chunks: Vec<Bytes>,
+    chunks: Chunks,
     size: usize,
     max: usize,
     trailers: Option<HeaderMap>,
     /// A `text/event-stream` body: where its events with an id end.
     events: Option<(EventScanner, Vec<EventMark>)>,
+}
+
+/// The body's chunks so far: the first one inline (most recorded bodies are one chunk, so
+/// keeping them allocates nothing), the rest after it.
+#[derive(Default)]
+struct Chunks {
+    first: Option<Bytes>,
+    rest: Vec<Bytes>,
+}
+
+impl Chunks {
+    fn push(&mut self, chunk: Bytes) {
+        match self.first {
+            None => self.first = Some(chunk),
+            Some(_) => self.rest.push(chunk),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.first.iter().chain(&self.rest)
+    }
+
+    /// The whole body, `size` bytes: one chunk as it is, several copied into one buffer.
+    fn concat(&mut self, size: usize) -> Bytes {
+        let Some(first) = self.first.take() else { return Bytes::new() };
+        if self.rest.is_empty() {
+            return first;
+        }
+        let mut body = BytesMut::with_capacity(size);
+        body.extend_from_slice(&first);
+        for chunk in self.rest.drain(..) {
+            body.extend_from_slice(&chunk);
+        }
+        body.freeze()
+    }
 }
 
 /// What one frame from the handler's body did.
@@ -133,7 +171,8 @@ where
         let expected = expected.or_else(|| body.size_hint().exact());
         let events = is_event_stream(&headers).then(Default::default);
         let join = matches!(config.in_flight, InFlight::Join { .. });
-        let tape = Tape { status, headers, chunks: Vec::new(), size: 0, max: max_record, trailers: None, events };
+        let tape =
+            Tape { status, headers, chunks: Chunks::default(), size: 0, max: max_record, trailers: None, events };
         let streaming = Streaming {
             body: Box::pin(body),
             guard,
@@ -247,7 +286,7 @@ where
         if streaming.publisher.is_none() && streaming.join {
             let tape = &streaming.tape;
             let marks = tape.events.as_ref().map_or(&[][..], |(_, marks)| marks);
-            streaming.publisher = streaming.guard.held().map(|held| Publisher::new(held, &tape.chunks, marks));
+            streaming.publisher = streaming.guard.held().map(|held| Publisher::new(held, tape.chunks.iter(), marks));
         }
         if let Some(publisher) = &mut streaming.publisher {
             publisher.flush(cx, streaming.tape.status, &streaming.tape.headers);
@@ -433,17 +472,7 @@ fn plus(hint: SizeHint, more: u64) -> SizeHint {
 
 impl Tape {
     fn finish(&mut self) -> Record {
-        let body = match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.pop().unwrap_or_default(),
-            _ => {
-                let mut body = BytesMut::with_capacity(self.size);
-                for chunk in self.chunks.drain(..) {
-                    body.extend_from_slice(&chunk);
-                }
-                body.freeze()
-            }
-        };
+        let body = self.chunks.concat(self.size);
         Record::Response(Arc::new(StoredResponse {
             status: self.status,
             headers: std::mem::take(&mut self.headers),

@@ -91,6 +91,22 @@ pub fn noop_layer_router() -> Router {
     bare_router().layer(tower::util::MapRequestLayer::new(|request: Request<Body>| request))
 }
 
+/// The same router behind an identity layer that wraps both bodies in a type of its own, as
+/// every body-mapping middleware does (and as this crate does with `RequestBody` and
+/// `ResponseBody`): axum then boxes each wrapped body once more. The reference for "any layer".
+pub fn identity_layer_router() -> Router {
+    fn same(frame: http_body::Frame<Bytes>) -> http_body::Frame<Bytes> {
+        frame
+    }
+    type Wrapped = http_body_util::combinators::MapFrame<Body, fn(http_body::Frame<Bytes>) -> http_body::Frame<Bytes>>;
+    let layer = tower::ServiceBuilder::new()
+        .map_request(|request: Request<Body>| request.map(|body| -> Wrapped { body.map_frame(same as fn(_) -> _) }))
+        .map_response(|response: axum::response::Response| {
+            response.map(|body| -> Wrapped { body.map_frame(same as fn(_) -> _) })
+        });
+    bare_router().layer(layer)
+}
+
 /// The request of one path: `POST` or `PUT /orders` with the order, maybe a key.
 pub fn request(method: Method, key: Option<&str>) -> Request<Body> {
     let mut builder = Request::builder()
@@ -128,6 +144,7 @@ pub enum Path {
     BarePost,
     BarePut,
     NoopLayer,
+    IdentityLayer,
     Miss,
     Replay,
     NoKey,
@@ -139,10 +156,11 @@ pub enum Path {
 }
 
 impl Path {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::BarePost,
         Self::BarePut,
         Self::NoopLayer,
+        Self::IdentityLayer,
         Self::Miss,
         Self::Replay,
         Self::NoKey,
@@ -156,6 +174,7 @@ impl Path {
             Self::BarePost => "bare_post",
             Self::BarePut => "bare_put",
             Self::NoopLayer => "noop_layer",
+            Self::IdentityLayer => "identity_layer",
             Self::Miss => "miss",
             Self::Replay => "replay",
             Self::NoKey => "no_key",
@@ -170,6 +189,7 @@ impl Path {
         match self {
             Self::BarePost | Self::BarePut => &routers.bare,
             Self::NoopLayer => &routers.noop,
+            Self::IdentityLayer => &routers.identity,
             Self::MissJoin => &routers.joining,
             _ => &routers.layered,
         }
@@ -178,7 +198,7 @@ impl Path {
     /// A new request for this path (a fresh key for a miss).
     pub fn request(self) -> Request<Body> {
         match self {
-            Self::BarePost | Self::NoopLayer | Self::NoKey => request(Method::POST, None),
+            Self::BarePost | Self::NoopLayer | Self::IdentityLayer | Self::NoKey => request(Method::POST, None),
             Self::BarePut => request(Method::PUT, None),
             Self::Miss | Self::MissJoin => request(Method::POST, Some(&fresh_key())),
             Self::Replay => request(Method::POST, Some(REPLAYED)),
@@ -198,6 +218,7 @@ impl Path {
 pub struct Routers {
     pub bare: Router,
     pub noop: Router,
+    pub identity: Router,
     pub layered: Router,
     /// The layered router in join mode, over the same store.
     pub joining: Router,
@@ -218,7 +239,8 @@ pub fn routers(rt: &tokio::runtime::Runtime, store: MemoryStore) -> Routers {
         let begin = store.begin(&key, &fingerprint, Duration::from_secs(24 * 3600)).await.unwrap();
         assert!(matches!(begin, Begin::Execute(_)));
     });
-    let routers = Routers { bare: bare_router(), noop: noop_layer_router(), layered, joining };
+    let routers =
+        Routers { bare: bare_router(), noop: noop_layer_router(), identity: identity_layer_router(), layered, joining };
     for path in Path::ALL {
         let (status, _) = rt.block_on(send(path.router(&routers), path.request()));
         assert_eq!(status, path.status(), "{}", path.name());

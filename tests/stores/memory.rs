@@ -212,6 +212,59 @@ async fn a_full_store_never_refuses_while_records_can_be_evicted() {
     assert_eq!(store.len(), 500);
 }
 
+/// Completions of distinct keys on two threads at once, racing through a full store: the
+/// bound holds at every point, and what is left at the end is the newest records, oldest-first
+/// eviction having held across the eviction queues (within a few completions: the ones that
+/// raced with each eviction).
+#[test]
+fn racing_completions_evict_oldest_first_across_queues() {
+    use std::sync::{Barrier, Mutex, atomic::AtomicU64, atomic::Ordering};
+
+    use tower_idempotency::store::{Begin, IdempotencyStore, Record};
+
+    const BOUND: usize = 1_000;
+    const THREADS: usize = 2;
+    const PER_THREAD: usize = 20_000;
+    let store = MemoryStore::builder().with_max_entries(BOUND).build();
+    let order = AtomicU64::new(0);
+    let completed = Mutex::new(Vec::new());
+    let start = Barrier::new(THREADS);
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            scope.spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+                let mut mine = Vec::with_capacity(PER_THREAD);
+                start.wait();
+                runtime.block_on(async {
+                    for _ in 0..PER_THREAD {
+                        let key = common::conformance::fresh_key(None);
+                        let fp = common::conformance::fp(1);
+                        let Ok(Begin::Execute(token)) = store.begin(&key, &fp, Duration::from_secs(30)).await else {
+                            panic!("a fresh key must execute");
+                        };
+                        let ttl = Duration::from_secs(600);
+                        assert!(store.complete(&key, &token, Record::NotRetained, ttl).await.unwrap());
+                        mine.push((order.fetch_add(1, Ordering::SeqCst), key));
+                        assert!(store.len() <= BOUND + THREADS, "{} entries", store.len());
+                    }
+                });
+                completed.lock().unwrap().extend(mine);
+            });
+        }
+    });
+    assert_eq!(store.len(), BOUND);
+    let mut completed = completed.into_inner().unwrap();
+    completed.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    // The newest records, newest first, are all still there (a key that was evicted would
+    // answer `Execute`, not `Mismatch`, to another fingerprint).
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let tolerance = 10;
+    for (rank, (_, key)) in completed.iter().take(BOUND - tolerance).enumerate() {
+        let begin = runtime.block_on(store.begin(key, &common::conformance::fp(2), Duration::from_secs(30))).unwrap();
+        assert!(matches!(begin, Begin::Mismatch), "the record completed {rank} before the last was evicted");
+    }
+}
+
 /// The background sweep is not tied to the runtime that started it: when that runtime ends
 /// (and the sweep task with it), the next use of the store on another runtime starts it
 /// again, and it frees expired entries there without a request touching their keys.

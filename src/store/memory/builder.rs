@@ -1,18 +1,10 @@
 //! The bounds of a `MemoryStore`, and their defaults.
 
-use std::{
-    collections::VecDeque,
-    hash::RandomState,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize},
-    },
-    time::Duration,
-};
+use std::{hash::RandomState, sync::Arc, time::Duration};
 
 use dashmap::DashMap;
 
-use super::{Inner, MemoryStore};
+use super::{Inner, MemoryStore, Padded, Queues};
 use crate::background::Background;
 
 /// Default bound on entries (locks and completed records).
@@ -55,12 +47,10 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
-                map: DashMap::default(),
+                map: DashMap::with_hasher_and_shard_amount(Default::default(), shards()),
                 ids: [RandomState::new(), RandomState::new()],
-                completed: Mutex::new(VecDeque::new()),
-                entries: AtomicUsize::new(0),
-                bytes: AtomicUsize::new(0),
-                seq: AtomicU64::new(0),
+                completed: Queues::new(std::thread::available_parallelism().map_or(1, usize::from)),
+                counts: Padded::default(),
                 sweeper: Background::default(),
                 max_entries: self.max_entries,
                 max_bytes: self.max_bytes,
@@ -74,4 +64,10 @@ impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         Self { max_entries: DEFAULT_MAX_ENTRIES, max_bytes: DEFAULT_MAX_BYTES, sweep_interval: DEFAULT_SWEEP_INTERVAL }
     }
+}
+
+/// The map's shards: sixteen per core, a power of two, so that two cores working on distinct
+/// keys rarely wait on one shard's lock (`dashmap`'s default is four per core).
+fn shards() -> usize {
+    (std::thread::available_parallelism().map_or(1, usize::from) * 16).next_power_of_two()
 }

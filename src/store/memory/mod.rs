@@ -2,15 +2,15 @@
 //!
 //! - `mod.rs`: the store, its map and bounds, the sweep, the trait impl.
 //! - `slot.rs`: what the map holds (a lock or a record, keyed by a keyed hash).
+//! - `eviction.rs`: the eviction order, in queues completions on different cores do not share.
 //! - `builder.rs`: the bounds and their defaults.
 
 use std::{
-    collections::VecDeque,
     fmt,
     hash::{BuildHasher, BuildHasherDefault, RandomState},
     sync::{
-        Arc, Mutex, Weak,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Weak,
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -19,12 +19,14 @@ use dashmap::{DashMap, mapref::entry::Entry};
 use tokio::time::Instant;
 
 mod builder;
+mod eviction;
 mod live;
 mod slot;
 
 pub use builder::MemoryStoreBuilder;
 use slot::{KeyId, KeyIdHasher, Slot, Stored, later};
 
+use eviction::{Padded, Queues};
 use live::Live;
 
 use super::{
@@ -42,7 +44,10 @@ use crate::background::{Background, Running};
 ///   they expire, by every operation.
 /// - **Bounds.** At most [`with_max_entries`](MemoryStoreBuilder::with_max_entries) entries and
 ///   [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) of recorded responses. Past either, the
-///   oldest completed records are evicted first; an in-flight lock is never evicted. When only
+///   oldest completed records are evicted first (in completion order across the whole store;
+///   with several threads completing at once, a record may leave before one completed at
+///   most a few completions earlier); an in-flight lock is never evicted. Completions of
+///   distinct keys on different cores share no lock. When only
 ///   locks remain, `begin` on a new key fails with [`StoreError::is_capacity`] (the layer
 ///   answers `503`), and nothing is overwritten. A single record larger than `max_bytes` is
 ///   kept as a not-retained record.
@@ -64,17 +69,23 @@ struct Inner {
     map: DashMap<KeyId, Slot, BuildHasherDefault<KeyIdHasher>>,
     /// The keys of the two hashes that make a [`KeyId`].
     ids: [RandomState; 2],
-    /// Completed records, oldest first, for eviction. An element whose `seq` no longer matches
-    /// the map is stale and skipped.
-    completed: Mutex<VecDeque<(KeyId, u64)>>,
-    entries: AtomicUsize,
-    bytes: AtomicUsize,
-    seq: AtomicU64,
+    /// Completed records in the order they completed, for eviction.
+    completed: Queues,
+    /// Entries and record bytes held: written by every `begin` of a new key and every
+    /// completion, so on a cache line of their own (apart from the map's and the bounds',
+    /// which every operation only reads).
+    counts: Padded<Counts>,
     /// The background sweep.
     sweeper: Background,
     max_entries: usize,
     max_bytes: usize,
     sweep_interval: Duration,
+}
+
+#[derive(Default)]
+struct Counts {
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 impl MemoryStore {
@@ -90,7 +101,7 @@ impl MemoryStore {
 
     /// Entries held now: locks plus completed records, including expired ones not yet swept.
     pub fn len(&self) -> usize {
-        self.inner.entries.load(Ordering::Acquire)
+        self.inner.counts.0.entries.load(Ordering::Acquire)
     }
 
     /// Whether the store holds no entry.
@@ -100,7 +111,7 @@ impl MemoryStore {
 
     /// Bytes of recorded responses held now (see [`StoredResponse::weight`](super::StoredResponse::weight)).
     pub fn bytes(&self) -> usize {
-        self.inner.bytes.load(Ordering::Acquire)
+        self.inner.counts.0.bytes.load(Ordering::Acquire)
     }
 
     /// Frees every expired entry now (the background sweep does this on its own).
@@ -158,7 +169,7 @@ impl Inner {
         match self.map.entry(id) {
             Entry::Occupied(mut slot) => {
                 // Another caller inserted the key meanwhile.
-                self.entries.fetch_sub(1, Ordering::AcqRel);
+                self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
                 self.begin_existing(slot.get_mut(), fingerprint, lease, now)
             }
             Entry::Vacant(vacant) => {
@@ -188,7 +199,7 @@ impl Inner {
             };
         }
         // Expired: take the key over in place. A stale queue element is skipped later.
-        self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+        self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
         slot.end_live(false);
         let token = LockToken::new(*fingerprint);
         *slot = Slot::Locked { token, lease_until: later(now, lease), live: None };
@@ -201,23 +212,22 @@ impl Inner {
     /// left). Other callers reserving at the same time may push the count over again; the
     /// loop then evicts for them too, rather than failing this caller.
     fn reserve_entry(&self) -> Result<(), StoreError> {
-        let held = self.entries.fetch_add(1, Ordering::AcqRel) + 1;
+        let held = self.counts.0.entries.fetch_add(1, Ordering::AcqRel) + 1;
         if held <= self.max_entries {
             return Ok(());
         }
-        if self.evict_while(|| self.entries.load(Ordering::Acquire) > self.max_entries) {
+        if self.evict_while(|| self.counts.0.entries.load(Ordering::Acquire) > self.max_entries) {
             return Ok(());
         }
-        self.entries.fetch_sub(1, Ordering::AcqRel);
+        self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
         Err(StoreError::capacity())
     }
 
     /// Evicts the oldest completed records (never a lock) while `over()` holds. Returns
     /// whether `over()` stopped holding (`false`: nothing left to evict).
     fn evict_while(&self, over: impl Fn() -> bool) -> bool {
-        let mut queue = self.completed.lock().unwrap_or_else(|e| e.into_inner());
         while over() {
-            let Some((key, seq)) = queue.pop_front() else { return false };
+            let Some((key, seq)) = self.completed.pop_oldest() else { return false };
             self.remove_completed(&key, seq);
         }
         true
@@ -226,8 +236,8 @@ impl Inner {
     fn remove_completed(&self, key: &KeyId, seq: u64) {
         let removed = self.map.remove_if(key, |_, slot| matches!(slot, Slot::Completed { seq: s, .. } if *s == seq));
         if let Some((_, slot)) = removed {
-            self.entries.fetch_sub(1, Ordering::AcqRel);
-            self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+            self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
+            self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
         }
     }
 
@@ -241,7 +251,8 @@ impl Inner {
             Stored::NotRetained => 0,
         };
         let id = self.id(key);
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let seq = self.completed.next_seq();
+        let held;
         {
             let Some(mut slot) = self.map.get_mut(&id) else { return false };
             let now = Instant::now();
@@ -251,11 +262,11 @@ impl Inner {
             let fingerprint = *lock.fingerprint();
             let completed = Slot::Completed { fingerprint, record: stored, expires_at: later(now, ttl), seq, weight };
             std::mem::replace(&mut *slot, completed).end_live(true);
-            self.bytes.fetch_add(weight, Ordering::AcqRel);
+            held = self.counts.0.bytes.fetch_add(weight, Ordering::AcqRel) + weight;
         }
-        self.completed.lock().unwrap_or_else(|e| e.into_inner()).push_back((id, seq));
-        if self.bytes.load(Ordering::Acquire) > self.max_bytes {
-            self.evict_while(|| self.bytes.load(Ordering::Acquire) > self.max_bytes);
+        self.completed.push(id, seq);
+        if held > self.max_bytes {
+            self.evict_while(|| self.counts.0.bytes.load(Ordering::Acquire) > self.max_bytes);
         }
         true
     }
@@ -275,7 +286,7 @@ impl Inner {
         let now = Instant::now();
         let removed = self.map.remove_if(&self.id(key), |_, slot| slot.is_live_lock(lock, now));
         let Some((_, slot)) = removed else { return false };
-        self.entries.fetch_sub(1, Ordering::AcqRel);
+        self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
         slot.end_live(false);
         true
     }
@@ -324,15 +335,14 @@ impl Inner {
             if !slot.expired(now) {
                 return true;
             }
-            self.entries.fetch_sub(1, Ordering::AcqRel);
-            self.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+            self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
+            self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
             slot.end_live(false);
             false
         });
         // Drop queue elements whose record is gone, so the queue does not outgrow the map.
-        let mut queue = self.completed.lock().unwrap_or_else(|e| e.into_inner());
-        queue.retain(|(key, seq)| {
-            self.map.get(key).is_some_and(|slot| matches!(&*slot, Slot::Completed { seq: s, .. } if s == seq))
+        self.completed.retain(|key, seq| {
+            self.map.get(key).is_some_and(|slot| matches!(&*slot, Slot::Completed { seq: s, .. } if *s == seq))
         });
     }
 }

@@ -60,8 +60,10 @@ pub(super) enum Slot {
 /// A completed record as the map keeps it.
 #[derive(Clone)]
 pub(super) enum Stored {
-    /// [`StoredResponse::encode_into`]: status, headers, trailers and body in one allocation.
-    Response(Arc<[u8]>),
+    /// [`StoredResponse::encode_into`]: status, headers, trailers and body in one allocation,
+    /// of exactly the encoded length (so `Bytes` takes it over without copying, and counts
+    /// its references only once a replay first shares it).
+    Response(Bytes),
     NotRetained,
 }
 
@@ -69,9 +71,9 @@ impl Stored {
     pub(super) fn new(record: &Record) -> Self {
         match record {
             Record::Response(response) => {
-                let mut encoded = Vec::new();
+                let mut encoded = Vec::with_capacity(response.encoded_len());
                 match response.encode_into(&mut encoded) {
-                    Some(()) => Self::Response(Arc::from(encoded)),
+                    Some(()) => Self::Response(Bytes::from(encoded)),
                     None => Self::NotRetained, // a field too large for the encoding
                 }
             }
@@ -82,7 +84,7 @@ impl Stored {
     /// The record back, its header values and body sharing this buffer.
     pub(super) fn to_record(&self) -> Result<Record, StoreError> {
         match self {
-            Self::Response(encoded) => StoredResponse::decode(Bytes::from_owner(encoded.clone()))
+            Self::Response(encoded) => StoredResponse::decode(encoded.clone())
                 .map(|response| Record::Response(Arc::new(response)))
                 .map_err(StoreError::corrupt),
             Self::NotRetained => Ok(Record::NotRetained),
