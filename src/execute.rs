@@ -233,6 +233,13 @@ pub(crate) fn stored_headers(headers: &HeaderMap, unstored: &[HeaderName]) -> He
             || unstored.contains(name)
             || named_by_connection(name)
     };
+    // Most responses drop at most `Content-Length`: copy the map whole (no rehashing) and
+    // remove it. Otherwise, rebuild it from the fields kept.
+    if !headers.keys().any(|name| name != header::CONTENT_LENGTH && dropped(name)) {
+        let mut kept = headers.clone();
+        kept.remove(header::CONTENT_LENGTH);
+        return kept;
+    }
     let mut kept = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         if !dropped(name) {
