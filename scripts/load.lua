@@ -1,8 +1,11 @@
 -- wrk script for scripts/load.sh: POST /orders with a ~200-byte JSON order.
 --
--- Usage: wrk ... -s scripts/load.lua http://127.0.0.1:PORT/orders -- SCENARIO
+-- Usage: wrk ... -s scripts/load.lua http://127.0.0.1:PORT/orders -- SCENARIO [KEY]
 --   miss     every request has its own Idempotency-Key (the first request of each key)
---   replay   every request has the same key (the first executes, the rest are replays)
+--   replay   every request has the same key: KEY, else one of this run's own (then the first
+--            request executes and the rest replay it; on a store slower than the handler, the
+--            first requests of the other connections find it in flight: 409). scripts/load.sh
+--            passes its warm-up's key, so that a measured run is replays only.
 --   no_key   no Idempotency-Key (the layer lets it through)
 
 local body = '{"customer":"cus_8f14e45fceea167a","currency":"eur","items":[{"sku":"A1-RED-42","quantity":2,"unit_price":1999},{"sku":"B7-BLUE-40","quantity":1,"unit_price":4999}],"shipping":{"method":"standard","country":"FR"}}'
@@ -32,7 +35,7 @@ function init(args)
   prefix = string.format("load-%d-%d-%d-", os.time(), math.random(1e9), id or 0)
   counter = 0
   if scenario == "replay" then
-    fixed = wrk.format("POST", nil, headers(prefix .. "replayed"), body)
+    fixed = wrk.format("POST", nil, headers(args[2] or (prefix .. "replayed")), body)
   elseif scenario == "no_key" then
     fixed = wrk.format("POST", nil, headers(nil), body)
   elseif scenario ~= "miss" then
