@@ -105,7 +105,6 @@ impl Queues {
     }
 
     /// Queued elements over all queues, stale ones included.
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.queues.iter().map(|queue| queue.lock().len()).sum()
     }

@@ -82,6 +82,9 @@ struct Inner {
     sweep_interval: Duration,
 }
 
+/// Stale eviction-queue elements a sweep leaves in place beyond twice the entries held.
+const STALE_SLACK: usize = 1024;
+
 #[derive(Default)]
 struct Counts {
     entries: AtomicUsize,
@@ -340,7 +343,12 @@ impl Inner {
             slot.end_live(false);
             false
         });
-        // Drop queue elements whose record is gone, so the queue does not outgrow the map.
+        // Drop queue elements whose record is gone (expired, or its key taken over), so the
+        // queues do not outgrow the map; only once they hold twice as many as the map, since
+        // it looks every element up (eviction skips a stale one anyway).
+        if self.completed.len() <= 2 * self.counts.0.entries.load(Ordering::Acquire) + STALE_SLACK {
+            return;
+        }
         self.completed.retain(|key, seq| {
             self.map.get(key).is_some_and(|slot| matches!(&*slot, Slot::Completed { seq: s, .. } if *s == seq))
         });
@@ -399,5 +407,54 @@ impl IdempotencyStore for MemoryStore {
         // follow finds it gone).
         let until = later(Instant::now(), timeout).min(lease_until);
         Ok(live.follow(cursor, until).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    use super::*;
+    use crate::{IdempotencyKey, store::StoredResponse};
+
+    fn key(n: usize) -> StoreKey {
+        StoreKey::new(None, IdempotencyKey::parse(format!("key-{n}").as_bytes()).unwrap())
+    }
+
+    /// Records that expire leave stale elements in the eviction queues; a sweep drops them
+    /// once they are more than twice the entries held, so the queues stay bounded by the map.
+    #[tokio::test(start_paused = true)]
+    async fn the_eviction_queues_stay_bounded_by_the_map() {
+        let store = MemoryStore::builder().with_max_entries(1_000_000).build();
+        let record = Record::Response(Arc::new(StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new())));
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let complete = |n: usize, ttl: Duration| {
+            let Ok(Begin::Execute(token)) = store.inner.begin(&key(n), &fingerprint, ttl) else { panic!() };
+            assert!(store.inner.complete(&key(n), &token, record.clone(), ttl));
+        };
+        for n in 0..5_000 {
+            complete(n, Duration::from_secs(1));
+        }
+        // A few stale elements stay where they are: the sweep does not look them up.
+        complete(10_000, Duration::from_secs(3600));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        store.sweep();
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.inner.completed.len(), 1, "5 000 stale elements are more than twice the map");
+        for n in 0..500 {
+            complete(20_000 + n, Duration::from_secs(1));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        store.sweep();
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.inner.completed.len(), 501, "500 stale elements are within the slack");
+        // The live record is untouched.
+        assert!(matches!(
+            store.inner.begin(&key(10_000), &fingerprint, Duration::from_secs(1)),
+            Ok(Begin::Completed(_))
+        ));
     }
 }
