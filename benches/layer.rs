@@ -176,6 +176,29 @@ fn on_threads(threads: usize, iters: u64, op: &(dyn Fn(usize, u64) + Sync)) -> D
     })
 }
 
+/// `threads` threads each lock and complete keys no other thread uses, thread `t` in
+/// `stores[t % stores.len()]` (one store shared by all, or one each), each with a record of its
+/// own as every request has; throughput in operations over all threads.
+fn distinct_keys(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    threads: usize,
+    stores: &[MemoryStore],
+    round: &AtomicU64,
+) {
+    group.bench_function(BenchmarkId::new(name, threads), |b| {
+        b.iter_custom(|iters| {
+            let base = round.fetch_add(1, Ordering::Relaxed) << 32;
+            let keys: Vec<Vec<StoreKey>> =
+                (0..threads as u64).map(|t| (0..iters).map(|i| store_key(base | t << 28 | i)).collect()).collect();
+            let records: Vec<Record> = (0..threads).map(|_| record()).collect();
+            on_threads(threads, iters, &|t, i| {
+                begin_complete(&stores[t % stores.len()], &keys[t][i as usize], &fingerprint_of(0), &records[t]);
+            })
+        })
+    });
+}
+
 fn memory_store(c: &mut Criterion) {
     let record = record();
     let mut group = c.benchmark_group("memory_store");
@@ -227,51 +250,19 @@ fn memory_store(c: &mut Criterion) {
         });
         // Every thread locks and completes keys no other thread uses (below the store's bound:
         // this measures the map, not eviction).
-        let store = MemoryStore::builder().with_max_entries(usize::MAX / 2).build();
+        let unbounded = [MemoryStore::builder().with_max_entries(usize::MAX / 2).build()];
         // From 1: round 0 would reuse the keys of `filled_store`.
         let round = AtomicU64::new(1);
-        group.bench_function(BenchmarkId::new("begin_complete_distinct_keys", threads), |b| {
-            b.iter_custom(|iters| {
-                let base = round.fetch_add(1, Ordering::Relaxed) << 32;
-                let keys: Vec<Vec<StoreKey>> =
-                    (0..threads as u64).map(|t| (0..iters).map(|i| store_key(base | t << 28 | i)).collect()).collect();
-                // A record per thread, as every request has its own.
-                let records: Vec<Record> = (0..threads).map(|_| self::record()).collect();
-                on_threads(threads, iters, &|t, i| {
-                    begin_complete(&store, &keys[t][i as usize], &fingerprint_of(0), &records[t]);
-                })
-            })
-        });
+        distinct_keys(&mut group, "begin_complete_distinct_keys", threads, &unbounded, &round);
         // The same at the store's bound (100 000 entries, the default): every completion also
         // evicts the oldest record, wherever its eviction queue is.
-        let store = filled_store(100_000, &record);
-        group.bench_function(BenchmarkId::new("begin_complete_distinct_keys_at_bound", threads), |b| {
-            b.iter_custom(|iters| {
-                let base = round.fetch_add(1, Ordering::Relaxed) << 32;
-                let keys: Vec<Vec<StoreKey>> =
-                    (0..threads as u64).map(|t| (0..iters).map(|i| store_key(base | t << 28 | i)).collect()).collect();
-                // A record per thread, as every request has its own.
-                let records: Vec<Record> = (0..threads).map(|_| self::record()).collect();
-                on_threads(threads, iters, &|t, i| {
-                    begin_complete(&store, &keys[t][i as usize], &fingerprint_of(0), &records[t]);
-                })
-            })
-        });
+        let full = [filled_store(100_000, &record)];
+        distinct_keys(&mut group, "begin_complete_distinct_keys_at_bound", threads, &full, &round);
         // The reference for the two above: the same work with nothing shared, each thread on a
         // store of its own at the bound. What the machine gives two threads that share nothing
         // is the most a shared store can scale to here.
-        let stores: Vec<MemoryStore> = (0..threads).map(|_| filled_store(100_000, &record)).collect();
-        group.bench_function(BenchmarkId::new("begin_complete_own_store_at_bound", threads), |b| {
-            b.iter_custom(|iters| {
-                let base = round.fetch_add(1, Ordering::Relaxed) << 32;
-                let keys: Vec<Vec<StoreKey>> =
-                    (0..threads as u64).map(|t| (0..iters).map(|i| store_key(base | t << 28 | i)).collect()).collect();
-                let records: Vec<Record> = (0..threads).map(|_| self::record()).collect();
-                on_threads(threads, iters, &|t, i| {
-                    begin_complete(&stores[t], &keys[t][i as usize], &fingerprint_of(0), &records[t]);
-                })
-            })
-        });
+        let own: Vec<MemoryStore> = (0..threads).map(|_| filled_store(100_000, &record)).collect();
+        distinct_keys(&mut group, "begin_complete_own_store_at_bound", threads, &own, &round);
     }
     group.finish();
 }

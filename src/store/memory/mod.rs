@@ -47,7 +47,8 @@ use crate::background::{Background, Running};
 ///   oldest completed records are evicted first (in completion order across the whole store;
 ///   with several threads completing at once, a record may leave before one completed at
 ///   most a few completions earlier); an in-flight lock is never evicted. Completions of
-///   distinct keys on different cores share no lock. When only
+///   distinct keys on different cores take no lock in common unless their keys meet in one
+///   of the map's shards (16 per core) or eviction queues (4 per core). When only
 ///   locks remain, `begin` on a new key fails with [`StoreError::is_capacity`] (the layer
 ///   answers `503`), and nothing is overwritten. A single record larger than `max_bytes` is
 ///   kept as a not-retained record.
