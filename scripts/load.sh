@@ -95,9 +95,13 @@ cargo build --release "${feature_args[@]}" --example server --example bare_serve
 examples="${CARGO_TARGET_DIR:-target}/release/examples"
 
 workdir=$(mktemp -d)
-pids=()
+# The servers, and the one wrk run or Redis sampler under way (cleared once waited for, so a
+# reaped pid, maybe reused by another process since, is never killed).
+servers_pids=()
+running=""
+sampler=""
 cleanup() {
-  for pid in "${pids[@]}"; do
+  for pid in ${servers_pids[@]+"${servers_pids[@]}"} $running $sampler; do
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
@@ -118,7 +122,7 @@ start() {
   esac
   env -u REDIS_URL -u DATABASE_URL -u IDEMPOTENCY_TTL_MS "${env[@]}" ADDR=127.0.0.1:0 TOKIO_WORKER_THREADS=1 RUST_LOG=warn \
     taskset -c "$SERVER_CPU" "$examples/$binary" >"$log" 2>&1 &
-  pids+=($!)
+  servers_pids+=($!)
   for _ in $(seq 1 100); do
     url=$(grep -o 'http://[0-9.:]*' "$log" 2>/dev/null | head -1) || true
     if [ -n "$url" ]; then return; fi
@@ -133,8 +137,9 @@ run_wrk() {
   local out=$1 url=$2 seconds=$3
   shift 3
   taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${seconds}s" -s scripts/load.lua "$url/orders" -- "$@" >"$out" 2>&1 &
-  pids+=($!)
-  wait $! || { echo "wrk failed on $url ($scenario):" >&2; cat "$out" >&2; exit 1; }
+  running=$!
+  wait "$running" || { running=""; echo "wrk failed on $url ($scenario):" >&2; cat "$out" >&2; exit 1; }
+  running=""
 }
 
 redis_info() { "${rcli[@]}" INFO stats commandstats | tr -d '\r' >"$1"; }
@@ -170,11 +175,11 @@ for round in $(seq 1 "$ROUNDS"); do
         # One connection for every sample: -r repeats INFO on it every 0.2 s.
         "${rcli[@]}" -r $((DURATION * 5)) -i 0.2 INFO clients >"$base.clients" 2>&1 &
         sampler=$!
-        pids+=($sampler)
       fi
       run_wrk "$base.wrk" "$url" "$DURATION" "${args[@]}"
       if [ "$server" = redis ]; then
         wait "$sampler" || true
+        sampler=""
         redis_info "$base.after"
       fi
       echo "  round $round: $scenario on $server: $(awk '/Requests\/sec/ { print $2 }' "$base.wrk") req/s" >&2

@@ -214,8 +214,9 @@ async fn a_full_store_never_refuses_while_records_can_be_evicted() {
 
 /// Completions of distinct keys on two threads at once, racing through a full store: the
 /// bound holds at every point, and what is left at the end is the newest records, oldest-first
-/// eviction having held across the eviction queues (within a few completions: the ones that
-/// raced with each eviction).
+/// eviction having held across the eviction queues. (Only the newest half is asserted: a
+/// completion whose thread is preempted between taking its sequence number and returning is
+/// stamped late here, so the order this test sees can lag the store's.)
 #[test]
 fn racing_completions_evict_oldest_first_across_queues() {
     use std::sync::{Barrier, Mutex, atomic::AtomicU64, atomic::Ordering};
@@ -258,8 +259,7 @@ fn racing_completions_evict_oldest_first_across_queues() {
     // The newest records, newest first, are all still there (a key that was evicted would
     // answer `Execute`, not `Mismatch`, to another fingerprint).
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let tolerance = 10;
-    for (rank, (_, key)) in completed.iter().take(BOUND - tolerance).enumerate() {
+    for (rank, (_, key)) in completed.iter().take(BOUND / 2).enumerate() {
         let begin = runtime.block_on(store.begin(key, &common::conformance::fp(2), Duration::from_secs(30))).unwrap();
         assert!(matches!(begin, Begin::Mismatch), "the record completed {rank} before the last was evicted");
     }

@@ -5,10 +5,11 @@
 //! record), so completions of distinct keys on two cores would scale no better than on one.
 //! Here a record goes to the queue its key hashes to, and every completion takes a global
 //! sequence number. Each queue publishes the sequence number at its front; eviction takes the
-//! front of the queue whose front is oldest. Records leave in the order they completed across
-//! the whole store, exactly when one thread completes and evicts at a time; with several at
-//! once, a record completed during an eviction may leave before one a few sequence numbers
-//! older (the tolerance: one record per concurrent completion).
+//! front of the queue whose front is oldest. Records leave in the order of their sequence
+//! numbers across the whole store, exactly when one thread completes and evicts at a time.
+//! With several at once the order is that of the sequence numbers, taken just before each
+//! record is written: a completion whose thread is preempted between the two is queued late,
+//! and may leave after records that completed after it (or, at the bound, before them).
 
 use std::{
     collections::VecDeque,
@@ -89,9 +90,28 @@ impl Queues {
             }
             let mut elements = oldest.lock();
             // Another eviction may have taken it meanwhile: look again.
-            let Some(popped) = elements.pop_front() else { continue };
+            let Some(popped) = elements.pop_front() else {
+                oldest.front.store(EMPTY, Ordering::Release);
+                continue;
+            };
             oldest.front.store(elements.front().map_or(EMPTY, |&(_, seq)| seq), Ordering::Release);
             return Some(popped);
+        }
+    }
+
+    /// Drops the elements `stale` accepts from the front of every queue, up to the first it
+    /// does not: cheap (records expire roughly in completion order, so their elements gather
+    /// at the fronts), and it keeps them off the path of the next eviction.
+    pub(super) fn drop_stale_fronts(&self, mut stale: impl FnMut(&KeyId, u64) -> bool) {
+        for queue in &self.queues {
+            let mut elements = queue.lock();
+            let before = elements.len();
+            while elements.front().is_some_and(|(key, seq)| stale(key, *seq)) {
+                elements.pop_front();
+            }
+            if elements.len() != before {
+                queue.front.store(elements.front().map_or(EMPTY, |&(_, seq)| seq), Ordering::Release);
+            }
         }
     }
 

@@ -45,10 +45,12 @@ use crate::background::{Background, Running};
 /// - **Bounds.** At most [`with_max_entries`](MemoryStoreBuilder::with_max_entries) entries and
 ///   [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) of recorded responses. Past either, the
 ///   oldest completed records are evicted first (in completion order across the whole store;
-///   with several threads completing at once, a record may leave before one completed at
-///   most a few completions earlier); an in-flight lock is never evicted. Completions of
-///   distinct keys on different cores take no lock in common unless their keys meet in one
-///   of the map's shards (16 per core) or eviction queues (4 per core). When only
+///   with several threads completing at once, the order is that of a sequence number taken as
+///   each record is written, so a completion preempted in between counts as later); an
+///   in-flight lock is never evicted. Completions of distinct keys on different cores share no
+///   lock below the bound unless their keys meet in one of the map's shards (16 per core) or
+///   eviction queues (4 per core, at most 64); at the bound, evictions meet at the oldest
+///   record's queue and shard. When only
 ///   locks remain, `begin` on a new key fails with [`StoreError::is_capacity`] (the layer
 ///   answers `503`), and nothing is overwritten. A single record larger than `max_bytes` is
 ///   kept as a not-retained record.
@@ -83,7 +85,8 @@ struct Inner {
     sweep_interval: Duration,
 }
 
-/// Stale eviction-queue elements a sweep leaves in place beyond twice the entries held.
+/// How many queued elements beyond twice the entries held a sweep tolerates before it looks
+/// every element up (stale ones at the queues' fronts it drops every time).
 const STALE_SLACK: usize = 1024;
 
 #[derive(Default)]
@@ -210,39 +213,44 @@ impl Inner {
         Ok(Begin::Execute(token))
     }
 
-    /// Counts one more entry, evicting the oldest completed records while over the bound.
+    /// Counts one more entry, evicting the oldest completed record if that puts the store over
+    /// its bound.
     ///
-    /// Fails only when the eviction queue runs dry while still over the bound (only locks
-    /// left). Other callers reserving at the same time may push the count over again; the
-    /// loop then evicts for them too, rather than failing this caller.
+    /// Each reservation over the bound evicts one record at most, so callers reserving at the
+    /// same time evict one each and never more than the bound asks for. Fails only when no
+    /// record is left to evict while still over the bound (only locks left).
     fn reserve_entry(&self) -> Result<(), StoreError> {
         let held = self.counts.0.entries.fetch_add(1, Ordering::AcqRel) + 1;
         if held <= self.max_entries {
             return Ok(());
         }
-        if self.evict_while(|| self.counts.0.entries.load(Ordering::Acquire) > self.max_entries) {
+        if self.evict_one_while(|| self.counts.0.entries.load(Ordering::Acquire) > self.max_entries) {
             return Ok(());
         }
         self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
         Err(StoreError::capacity())
     }
 
-    /// Evicts the oldest completed records (never a lock) while `over()` holds. Returns
-    /// whether `over()` stopped holding (`false`: nothing left to evict).
-    fn evict_while(&self, over: impl Fn() -> bool) -> bool {
+    /// Evicts the oldest completed record (never a lock) if `over()` holds, skipping stale
+    /// queue elements. Returns whether `over()` stopped holding or a record was evicted
+    /// (`false`: nothing left to evict).
+    fn evict_one_while(&self, over: impl Fn() -> bool) -> bool {
         while over() {
             let Some((key, seq)) = self.completed.pop_oldest() else { return false };
-            self.remove_completed(&key, seq);
+            if self.remove_completed(&key, seq) {
+                return true;
+            }
         }
         true
     }
 
-    fn remove_completed(&self, key: &KeyId, seq: u64) {
+    /// Removes the record `seq` of `key`, if the map still holds it.
+    fn remove_completed(&self, key: &KeyId, seq: u64) -> bool {
         let removed = self.map.remove_if(key, |_, slot| matches!(slot, Slot::Completed { seq: s, .. } if *s == seq));
-        if let Some((_, slot)) = removed {
-            self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
-            self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
-        }
+        let Some((_, slot)) = removed else { return false };
+        self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
+        self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+        true
     }
 
     fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> bool {
@@ -256,7 +264,7 @@ impl Inner {
         };
         let id = self.id(key);
         let seq = self.completed.next_seq();
-        let held;
+        let mut held;
         {
             let Some(mut slot) = self.map.get_mut(&id) else { return false };
             let now = Instant::now();
@@ -269,8 +277,12 @@ impl Inner {
             held = self.counts.0.bytes.fetch_add(weight, Ordering::AcqRel) + weight;
         }
         self.completed.push(id, seq);
-        if held > self.max_bytes {
-            self.evict_while(|| self.counts.0.bytes.load(Ordering::Acquire) > self.max_bytes);
+        // Over the byte budget: evict oldest records until this record's bytes fit.
+        while held > self.max_bytes {
+            if !self.evict_one_while(|| self.counts.0.bytes.load(Ordering::Acquire) > self.max_bytes) {
+                break;
+            }
+            held = self.counts.0.bytes.load(Ordering::Acquire);
         }
         true
     }
@@ -344,15 +356,17 @@ impl Inner {
             slot.end_live(false);
             false
         });
-        // Drop queue elements whose record is gone (expired, or its key taken over), so the
-        // queues do not outgrow the map; only once they hold twice as many as the map, since
-        // it looks every element up (eviction skips a stale one anyway).
+        // Drop queue elements whose record is gone (expired, or its key taken over): those at
+        // the fronts every time (where expiry leaves them), all of them only once the queues
+        // hold more than twice the entries plus a slack, since that looks every element up.
+        let is_stale = |key: &KeyId, seq: u64| {
+            !self.map.get(key).is_some_and(|slot| matches!(&*slot, Slot::Completed { seq: s, .. } if *s == seq))
+        };
+        self.completed.drop_stale_fronts(is_stale);
         if self.completed.len() <= 2 * self.counts.0.entries.load(Ordering::Acquire) + STALE_SLACK {
             return;
         }
-        self.completed.retain(|key, seq| {
-            self.map.get(key).is_some_and(|slot| matches!(&*slot, Slot::Completed { seq: s, .. } if *s == seq))
-        });
+        self.completed.retain(|key, seq| !is_stale(key, seq));
     }
 }
 
@@ -425,10 +439,13 @@ mod tests {
         StoreKey::new(None, IdempotencyKey::parse(format!("key-{n}").as_bytes()).unwrap())
     }
 
-    /// Records that expire leave stale elements in the eviction queues; a sweep drops them
-    /// once they are more than twice the entries held, so the queues stay bounded by the map.
+    /// Records that expire leave stale elements in the eviction queues. A sweep drops those at
+    /// the queues' fronts every time; the ones behind a live record it leaves until the queues
+    /// hold more than twice the entries plus the slack, then drops them all.
     #[tokio::test(start_paused = true)]
     async fn the_eviction_queues_stay_bounded_by_the_map() {
+        const LONG: Duration = Duration::from_secs(3600);
+        const SHORT: Duration = Duration::from_secs(1);
         let store = MemoryStore::builder().with_max_entries(1_000_000).build();
         let record = Record::Response(Arc::new(StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new())));
         let fingerprint = Fingerprint::from_bytes([1; 32]);
@@ -436,26 +453,24 @@ mod tests {
             let Ok(Begin::Execute(token)) = store.inner.begin(&key(n), &fingerprint, ttl) else { panic!() };
             assert!(store.inner.complete(&key(n), &token, record.clone(), ttl));
         };
-        for n in 0..5_000 {
-            complete(n, Duration::from_secs(1));
-        }
-        // A few stale elements stay where they are: the sweep does not look them up.
-        complete(10_000, Duration::from_secs(3600));
-        tokio::time::advance(Duration::from_secs(2)).await;
-        store.sweep();
-        assert_eq!(store.len(), 1);
-        assert_eq!(store.inner.completed.len(), 1, "5 000 stale elements are more than twice the map");
-        for n in 0..500 {
-            complete(20_000 + n, Duration::from_secs(1));
-        }
-        tokio::time::advance(Duration::from_secs(2)).await;
-        store.sweep();
-        assert_eq!(store.len(), 1);
-        assert_eq!(store.inner.completed.len(), 501, "500 stale elements are within the slack");
-        // The live record is untouched.
-        assert!(matches!(
-            store.inner.begin(&key(10_000), &fingerprint, Duration::from_secs(1)),
-            Ok(Begin::Completed(_))
-        ));
+        let expire_and_sweep = || async {
+            tokio::time::advance(SHORT * 2).await;
+            store.sweep();
+        };
+        // Expired records queued before a live one: at the fronts, dropped at once.
+        (0..5_000).for_each(|n| complete(n, SHORT));
+        complete(100_000, LONG);
+        expire_and_sweep().await;
+        assert_eq!((store.len(), store.inner.completed.len()), (1, 1));
+        // Behind live records (in every queue), within the slack: left in place.
+        (100_001..102_001).for_each(|n| complete(n, LONG));
+        (10_000..10_500).for_each(|n| complete(n, SHORT));
+        expire_and_sweep().await;
+        assert_eq!((store.len(), store.inner.completed.len()), (2_001, 2_501));
+        // Past twice the entries plus the slack: every stale element goes.
+        (20_000..25_000).for_each(|n| complete(n, SHORT));
+        expire_and_sweep().await;
+        assert_eq!((store.len(), store.inner.completed.len()), (2_001, 2_001));
+        assert!(matches!(store.inner.begin(&key(100_000), &fingerprint, SHORT), Ok(Begin::Completed(_))));
     }
 }

@@ -60,9 +60,10 @@ pub(super) enum Slot {
 /// A completed record as the map keeps it.
 #[derive(Clone)]
 pub(super) enum Stored {
-    /// [`StoredResponse::encode_into`]: status, headers, trailers and body in one allocation,
-    /// of exactly the encoded length (so `Bytes` takes it over without copying, and counts
-    /// its references only once a replay first shares it).
+    /// [`StoredResponse::encode_into`]: status, headers, trailers and body in one allocation
+    /// of exactly the encoded length, which `Bytes` takes over as it is (no second buffer and
+    /// copy, as `Arc<[u8]>` needed); its reference count is allocated when a replay first
+    /// shares it.
     Response(Bytes),
     NotRetained,
 }
