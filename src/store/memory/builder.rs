@@ -45,11 +45,14 @@ impl MemoryStoreBuilder {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
+        // The map has sixteen shards per core (a power of two; `dashmap`'s default is four), so
+        // that two cores working on distinct keys rarely wait on one shard's lock.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         MemoryStore {
             inner: Arc::new(Inner {
-                map: DashMap::with_hasher_and_shard_amount(Default::default(), shards()),
+                map: DashMap::with_hasher_and_shard_amount(Default::default(), (cores * 16).next_power_of_two()),
                 ids: [RandomState::new(), RandomState::new()],
-                completed: Queues::new(std::thread::available_parallelism().map_or(1, usize::from)),
+                completed: Queues::new(cores),
                 counts: Padded::default(),
                 sweeper: Background::default(),
                 max_entries: self.max_entries,
@@ -64,10 +67,4 @@ impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         Self { max_entries: DEFAULT_MAX_ENTRIES, max_bytes: DEFAULT_MAX_BYTES, sweep_interval: DEFAULT_SWEEP_INTERVAL }
     }
-}
-
-/// The map's shards: sixteen per core, a power of two, so that two cores working on distinct
-/// keys rarely wait on one shard's lock (`dashmap`'s default is four per core).
-fn shards() -> usize {
-    (std::thread::available_parallelism().map_or(1, usize::from) * 16).next_power_of_two()
 }

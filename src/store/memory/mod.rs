@@ -224,24 +224,23 @@ impl Inner {
         if held <= self.max_entries {
             return Ok(());
         }
-        if self.evict_one_while(|| self.counts.0.entries.load(Ordering::Acquire) > self.max_entries) {
+        // Another caller's eviction may have made room meanwhile.
+        if self.counts.0.entries.load(Ordering::Acquire) <= self.max_entries || self.evict_oldest() {
             return Ok(());
         }
         self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
         Err(StoreError::capacity())
     }
 
-    /// Evicts the oldest completed record (never a lock) if `over()` holds, skipping stale
-    /// queue elements. Returns whether `over()` stopped holding or a record was evicted
-    /// (`false`: nothing left to evict).
-    fn evict_one_while(&self, over: impl Fn() -> bool) -> bool {
-        while over() {
-            let Some((key, seq)) = self.completed.pop_oldest() else { return false };
+    /// Evicts the oldest completed record (never a lock), skipping stale queue elements.
+    /// `false` when there is none to evict.
+    fn evict_oldest(&self) -> bool {
+        while let Some((key, seq)) = self.completed.pop_oldest() {
             if self.remove_completed(&key, seq) {
                 return true;
             }
         }
-        true
+        false
     }
 
     /// Removes the record `seq` of `key`, if the map still holds it.
@@ -264,7 +263,7 @@ impl Inner {
         };
         let id = self.id(key);
         let seq = self.completed.next_seq();
-        let mut held;
+        let held;
         {
             let Some(mut slot) = self.map.get_mut(&id) else { return false };
             let now = Instant::now();
@@ -277,12 +276,9 @@ impl Inner {
             held = self.counts.0.bytes.fetch_add(weight, Ordering::AcqRel) + weight;
         }
         self.completed.push(id, seq);
-        // Over the byte budget: evict oldest records until this record's bytes fit.
-        while held > self.max_bytes {
-            if !self.evict_one_while(|| self.counts.0.bytes.load(Ordering::Acquire) > self.max_bytes) {
-                break;
-            }
-            held = self.counts.0.bytes.load(Ordering::Acquire);
+        // Over the byte budget: evict the oldest records until this record's bytes fit.
+        if held > self.max_bytes {
+            while self.counts.0.bytes.load(Ordering::Acquire) > self.max_bytes && self.evict_oldest() {}
         }
         true
     }

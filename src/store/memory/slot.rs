@@ -72,7 +72,8 @@ impl Stored {
     pub(super) fn new(record: &Record) -> Self {
         match record {
             Record::Response(response) => {
-                let mut encoded = Vec::with_capacity(response.encoded_len());
+                // `encode_into` reserves exactly the encoded length.
+                let mut encoded = Vec::new();
                 match response.encode_into(&mut encoded) {
                     Some(()) => Self::Response(Bytes::from(encoded)),
                     None => Self::NotRetained, // a field too large for the encoding
