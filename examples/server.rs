@@ -40,7 +40,10 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_idempotency::{IdempotencyLayer, InFlight, KeyPolicy, store::IdempotencyStore};
+use tower_idempotency::{
+    IdempotencyLayer, InFlight, KeyPolicy,
+    store::{IdempotencyStore, LiveLog},
+};
 
 /// The routes whose executions `GET /stats` counts.
 pub const ROUTES: [&str; 7] = ["orders", "payments", "jobs", "patch", "put", "stream", "large"];
@@ -92,7 +95,7 @@ impl Stats {
 
 /// The app over any store: `layer` carries the store and the shared settings (TTL); each
 /// route gets it with its own key policy and in-flight behaviour.
-pub fn app<St: IdempotencyStore>(layer: IdempotencyLayer<St>, stats: Arc<Stats>) -> Router {
+pub fn app<St: LiveLog>(layer: IdempotencyLayer<St>, stats: Arc<Stats>) -> Router {
     finish(routes(layer), stats)
 }
 
@@ -106,7 +109,7 @@ fn finish(routes: Router<Arc<Stats>>, stats: Arc<Stats>) -> Router {
 }
 
 /// Every route but `/stats` and `/ledger`.
-fn routes<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
+fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     let required = layer.clone().with_key_policy(KeyPolicy::Required);
     let waiting = layer.clone().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
     // A duplicate of a stream in flight joins it (SPEC 2.9): the events so far at once, then

@@ -16,8 +16,8 @@ use crate::{
     config::{Config, InFlight, MAX_DURATION, StoreFailure, WaitSlot},
     execute::execute,
     headers::LAST_EVENT_ID,
-    join::{Follow, Following, Joined, Waited, joined_head, wait_in_flight},
-    lock::{LockGuard, Locked},
+    join::{Joined, Waited, joined_head, wait_in_flight},
+    lock::{LiveOps, LockGuard, Locked, StoreHandle, follower},
     problem::ProblemKind,
     replay::replay,
     service::problem_response,
@@ -29,6 +29,7 @@ pub(crate) struct Guarded<S, St, ReqBody, ResBody> {
     inner: S,
     store: Arc<St>,
     config: Arc<Config>,
+    live: Option<LiveOps<St>>,
     _bodies: PhantomData<fn(ReqBody) -> ResBody>,
 }
 
@@ -63,8 +64,8 @@ impl<S: Clone> Inner<S> {
 }
 
 impl<S, St, ReqBody, ResBody> Guarded<S, St, ReqBody, ResBody> {
-    pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>) -> Self {
-        Self { inner, store, config, _bodies: PhantomData }
+    pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>, live: Option<LiveOps<St>>) -> Self {
+        Self { inner, store, config, live, _bodies: PhantomData }
     }
 }
 
@@ -85,7 +86,7 @@ where
         request: Request<ReqBody>,
         key: IdempotencyKey,
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
-        let Self { inner, store, config, .. } = self;
+        let Self { inner, store, config, live, .. } = self;
         let mut inner = Inner::Ready(inner);
         let (head, body) = request.into_parts();
         let body = match buffer(body, config.max_request_body).await {
@@ -105,22 +106,22 @@ where
         // it failed) or, joining, until its head is there. It waits holding nothing of the
         // inner service, and in a bounded number per key.
         let started = Instant::now();
-        let mut waiter: Option<(WaitSlot, Arc<dyn Follow>)> = None;
+        let mut waiter: Option<(WaitSlot, Arc<dyn StoreHandle>)> = None;
         let (began, begin) = loop {
             let began = Instant::now();
             let begin = match store.begin(&key, &fingerprint, config.lease).await {
                 Ok(begin) => begin,
                 Err(error) => return store_failed(inner, &config, error, head, body).await,
             };
-            let Some(timeout) = config.in_flight.wait_timeout() else { break (began, begin) };
+            // Waiting and joining are set only over a store with a live log.
+            let (Some(timeout), Some(live)) = (config.in_flight.wait_timeout(), live) else { break (began, begin) };
             let until = started + timeout.min(MAX_DURATION);
             if !matches!(begin, Begin::InFlight) || Instant::now() >= until {
                 break (began, begin);
             }
             if waiter.is_none() {
                 let Some(slot) = config.waiting.enter(&key) else { break (began, begin) };
-                let following: Arc<dyn Follow> =
-                    Arc::new(Following { store: store.clone(), key: key.clone(), fingerprint, lease: config.lease });
+                let following = follower(store.clone(), key.clone(), fingerprint, config.lease, live);
                 waiter = Some((slot, following));
             }
             let Some((_, following)) = &waiter else { unreachable!("set above") };
@@ -153,7 +154,7 @@ where
                 return Ok(problem_response(&config, &head.headers, ProblemKind::InFlight, retry_after));
             }
         };
-        let locked = Locked { store, key, token, ttl: config.ttl, lease: config.lease, began };
+        let locked = Locked { store, key, token, ttl: config.ttl, lease: config.lease, began, live };
         // The guard first: if readying the service fails, or the request is dropped while it
         // waits for readiness, the lock is released.
         let guard = LockGuard::new(locked, &config.keeper);

@@ -25,54 +25,9 @@ use crate::{
     IDEMPOTENT_REPLAYED, Outcome,
     config::WaitSlot,
     events::is_event_stream,
-    lock::BoxFuture,
-    store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, Record, StoreError, StoreKey,
-        StoredResponse,
-    },
+    lock::{BoxFuture, StoreHandle},
+    store::{Followed, LiveCursor, LiveEvent, StoreError, StoredResponse},
 };
-
-/// The store, the key and the fingerprint a duplicate follows, with the store type erased.
-pub(crate) trait Follow: Send + Sync + 'static {
-    fn follow(
-        self: Arc<Self>,
-        cursor: Option<LiveCursor>,
-        timeout: Duration,
-    ) -> BoxFuture<Result<Followed, StoreError>>;
-    /// The record that ended the log, if the key holds one for the fingerprint.
-    fn record(self: Arc<Self>) -> BoxFuture<Result<Option<Arc<StoredResponse>>, StoreError>>;
-}
-
-pub(crate) struct Following<St> {
-    pub(crate) store: Arc<St>,
-    pub(crate) key: StoreKey,
-    pub(crate) fingerprint: Fingerprint,
-    pub(crate) lease: Duration,
-}
-
-impl<St: IdempotencyStore> Follow for Following<St> {
-    fn follow(
-        self: Arc<Self>,
-        cursor: Option<LiveCursor>,
-        timeout: Duration,
-    ) -> BoxFuture<Result<Followed, StoreError>> {
-        Box::pin(async move { self.store.follow(&self.key, &self.fingerprint, cursor, timeout).await })
-    }
-
-    fn record(self: Arc<Self>) -> BoxFuture<Result<Option<Arc<StoredResponse>>, StoreError>> {
-        Box::pin(async move {
-            match self.store.begin(&self.key, &self.fingerprint, self.lease).await? {
-                Begin::Completed(Record::Response(record)) => Ok(Some(record)),
-                Begin::Execute(token) => {
-                    // The record expired already and `begin` locked the key: give it back.
-                    self.store.release(&self.key, &token).await?;
-                    Ok(None)
-                }
-                _ => Ok(None),
-            }
-        })
-    }
-}
 
 /// What a duplicate that waited found.
 pub(crate) enum Waited {
@@ -86,7 +41,7 @@ pub(crate) enum Waited {
 
 /// Follows the key's live log until it ends, until `until`, or (when `join`) until its head.
 pub(crate) async fn wait_in_flight(
-    following: &Arc<dyn Follow>,
+    following: &Arc<dyn StoreHandle>,
     until: Instant,
     join: bool,
 ) -> Result<Waited, StoreError> {
@@ -162,7 +117,7 @@ impl std::error::Error for JoinInterrupted {}
 
 /// The body of a joined response.
 pub(crate) struct Joined {
-    following: Arc<dyn Follow>,
+    following: Arc<dyn StoreHandle>,
     status: StatusCode,
     cursor: LiveCursor,
     /// Body bytes of the first response accounted for so far (sent, queued or skipped).
@@ -190,7 +145,7 @@ enum JoinStep {
 
 impl Joined {
     pub(crate) fn new(
-        following: Arc<dyn Follow>,
+        following: Arc<dyn StoreHandle>,
         status: StatusCode,
         events: Vec<LiveEvent>,
         cursor: LiveCursor,

@@ -15,10 +15,9 @@ use crate::{
     },
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
-    lock::Keeper,
+    lock::{Keeper, LiveOps},
     problem::{Answers, ProblemRenderer},
-    store::IdempotencyStore,
-    store::MemoryStore,
+    store::{IdempotencyStore, LiveLog, MemoryStore},
 };
 
 /// The layer that makes covered requests idempotent. See the [crate docs](crate).
@@ -29,6 +28,8 @@ use crate::{
 pub struct IdempotencyLayer<St = MemoryStore> {
     store: Arc<St>,
     config: Arc<Config>,
+    /// The store's live log, set with a mode that needs it (wait, join).
+    live: Option<LiveOps<St>>,
 }
 
 impl IdempotencyLayer<MemoryStore> {
@@ -69,7 +70,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             answers: Answers::default(),
             keeper: Keeper::new(DEFAULT_LEASE),
         };
-        Self { store: Arc::new(store), config: Arc::new(config) }
+        Self { store: Arc::new(store), config: Arc::new(config), live: None }
     }
 
     /// The store this layer uses.
@@ -170,7 +171,15 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// What a duplicate of an in-flight request gets. Default: [`InFlight::Reject`] with a 1 s
     /// `Retry-After`.
-    pub fn with_in_flight(self, in_flight: InFlight) -> Self {
+    ///
+    /// Waiting and joining follow the lock's live log in the store, so this setting needs a
+    /// store with that capability ([`LiveLog`]); every store of this crate has it. Over a store
+    /// that implements only [`IdempotencyStore`], duplicates in flight get `409`.
+    pub fn with_in_flight(mut self, in_flight: InFlight) -> Self
+    where
+        St: LiveLog,
+    {
+        self.live = Some(LiveOps::new());
         self.config(|c| c.in_flight = in_flight)
     }
 
@@ -235,7 +244,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
 impl<St> Clone for IdempotencyLayer<St> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), config: self.config.clone() }
+        Self { store: self.store.clone(), config: self.config.clone(), live: self.live }
     }
 }
 
@@ -249,6 +258,6 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
     type Service = Idempotency<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::new(inner, self.store.clone(), self.config.clone())
+        Idempotency::new(inner, self.store.clone(), self.config.clone(), self.live)
     }
 }

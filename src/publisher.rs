@@ -13,12 +13,12 @@ use http::{HeaderMap, StatusCode};
 
 use crate::{
     events::EventMark,
-    lock::{BoxFuture, Held},
+    lock::{BoxFuture, StoreHandle},
     store::LiveEvent,
 };
 
 pub(crate) struct Publisher {
-    held: Arc<dyn Held>,
+    held: Arc<dyn StoreHandle>,
     /// The log index of `queue[0]`.
     next: u64,
     /// Events not yet acknowledged by the store (the ones being sent first).
@@ -34,7 +34,7 @@ impl Publisher {
     /// A publisher for `held`'s log, with the body bytes recorded before it existed and the
     /// event ends found in them.
     pub(crate) fn new<'a>(
-        held: Arc<dyn Held>,
+        held: Arc<dyn StoreHandle>,
         recorded: impl IntoIterator<Item = &'a Bytes>,
         marks: &[EventMark],
     ) -> Self {

@@ -607,7 +607,8 @@ mod tests {
             panic!("the key is free")
         };
         let lease = Duration::from_secs(30);
-        let locked = Locked { store: Arc::new(store.clone()), key: key.clone(), token, ttl: lease, lease, began };
+        let locked =
+            Locked { store: Arc::new(store.clone()), key: key.clone(), token, ttl: lease, lease, began, live: None };
         let guard = LockGuard::new(locked, &Keeper::new(lease));
         let recording = Recording::new(body, guard, StatusCode::OK, HeaderMap::new(), expected, layer.settings());
         (recording, key)

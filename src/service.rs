@@ -20,6 +20,7 @@ use crate::{
     config::{Config, KeyPolicy},
     future::ResponseFuture,
     guarded::Guarded,
+    lock::LiveOps,
     problem::{Problem, ProblemKind},
     store::IdempotencyStore,
 };
@@ -34,11 +35,12 @@ pub struct Idempotency<S, St> {
     inner: S,
     store: Arc<St>,
     config: Arc<Config>,
+    live: Option<LiveOps<St>>,
 }
 
 impl<S, St> Idempotency<S, St> {
-    pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>) -> Self {
-        Self { inner, store, config }
+    pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>, live: Option<LiveOps<St>>) -> Self {
+        Self { inner, store, config, live }
     }
 
     /// The inner service.
@@ -49,7 +51,7 @@ impl<S, St> Idempotency<S, St> {
 
 impl<S: Clone, St> Clone for Idempotency<S, St> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), store: self.store.clone(), config: self.config.clone() }
+        Self { inner: self.inner.clone(), store: self.store.clone(), config: self.config.clone(), live: self.live }
     }
 }
 
@@ -102,7 +104,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let span = tracing::debug_span!("idempotency", method = %request.method(), path = request.uri().path());
-        let guarded = Guarded::new(inner, self.store.clone(), self.config.clone());
+        let guarded = Guarded::new(inner, self.store.clone(), self.config.clone(), self.live);
         let run = async move {
             let result = guarded.run(request, key).await;
             if let Ok(response) = &result {

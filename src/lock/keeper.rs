@@ -17,7 +17,7 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-use super::Held;
+use super::StoreHandle;
 use crate::background::{Background, Running};
 
 /// The lease keeper of one layer configuration (one lease length).
@@ -57,7 +57,7 @@ impl Keeper {
     }
 
     /// Keeps `held` renewed until [`forget`](Self::forget) is called with the returned id.
-    pub(crate) fn register(&self, held: &Arc<dyn Held>) -> usize {
+    pub(crate) fn register(&self, held: &Arc<dyn StoreHandle>) -> usize {
         let shared = &self.shared;
         let (id, was_empty) = {
             let mut locks = shared.locks.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,7 +109,7 @@ async fn keep(shared: Weak<Shared>, wake: Arc<Notify>, _running: Running) {
 
 impl Shared {
     fn renew_due(&self, now: Instant) {
-        let due: Vec<Arc<dyn Held>> = {
+        let due: Vec<Arc<dyn StoreHandle>> = {
             let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.forget_dead();
             locks
@@ -117,7 +117,7 @@ impl Shared {
                 .iter()
                 .flatten()
                 .filter_map(Weak::upgrade)
-                .filter(|held| held.lease().start_renewal(now, self.renew_after))
+                .filter(|held| held.lease().is_some_and(|lease| lease.start_renewal(now, self.renew_after)))
                 .collect()
         };
         // One task per renewal, so a slow store holds back no other lock's renewal.
@@ -131,13 +131,13 @@ impl Shared {
 /// forgetting allocate nothing once it has grown to the number of locks held at once.
 #[derive(Default)]
 struct Slots {
-    entries: Vec<Option<Weak<dyn Held>>>,
+    entries: Vec<Option<Weak<dyn StoreHandle>>>,
     free: Vec<usize>,
     live: usize,
 }
 
 impl Slots {
-    fn insert(&mut self, held: Weak<dyn Held>) -> usize {
+    fn insert(&mut self, held: Weak<dyn StoreHandle>) -> usize {
         self.live += 1;
         match self.free.pop() {
             Some(id) => {

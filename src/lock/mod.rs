@@ -18,12 +18,14 @@ use std::{
 
 use tokio::{runtime::Handle, time::Instant};
 
-use crate::store::{IdempotencyStore, LiveEvent, LockToken, Record, StoreKey};
+use crate::store::{IdempotencyStore, LockToken, Record, StoreKey};
 
 mod completion;
+mod handle;
 mod keeper;
 
 pub(crate) use completion::Completion;
+pub(crate) use handle::{LiveOps, StoreHandle, follower};
 pub(crate) use keeper::Keeper;
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -31,20 +33,6 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 /// The pause after the first failed completion; it doubles after each, up to the next.
 const COMPLETE_FIRST_PAUSE: Duration = Duration::from_millis(50);
 const COMPLETE_MAX_PAUSE: Duration = Duration::from_secs(1);
-
-/// A held lock, with its store type erased so bodies, futures and the keeper need not name it.
-pub(crate) trait Held: Send + Sync + 'static {
-    fn lease(&self) -> &Lease;
-    /// Renews the lease once (started by [`Lease::start_renewal`]).
-    fn renew(self: Arc<Self>) -> BoxFuture<()>;
-    /// Replaces the lock by `record`, retrying failed writes while the lease lasts.
-    fn complete(self: Arc<Self>, record: Record) -> BoxFuture<()>;
-    /// Removes the lock.
-    fn release(self: Arc<Self>) -> BoxFuture<()>;
-    /// Appends `events` to the lock's live log from index `from`; `false` if the store failed
-    /// (the caller sends them again).
-    fn publish(self: Arc<Self>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<bool>;
-}
 
 /// When a lock was last renewed, and how long it is known to hold.
 pub(crate) struct Lease {
@@ -106,108 +94,13 @@ impl Lease {
     }
 }
 
-struct StoreLock<St> {
-    store: Arc<St>,
-    key: StoreKey,
-    token: LockToken,
-    ttl: Duration,
-    lease: Lease,
-}
-
-impl<St: IdempotencyStore> Held for StoreLock<St> {
-    fn lease(&self) -> &Lease {
-        &self.lease
-    }
-
-    fn renew(self: Arc<Self>) -> BoxFuture<()> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let renewed = self.store.renew(&self.key, &self.token, self.lease.length).await;
-            let lost = !self.lease.is_finished();
-            match &renewed {
-                Ok(true) => tracing::trace!(token = ?self.token, "idempotency lease renewed"),
-                Ok(false) if lost => tracing::warn!(token = ?self.token, "idempotency lock lost while in flight"),
-                Ok(false) => {}
-                Err(error) => tracing::warn!(%error, token = ?self.token, "idempotency lease renewal failed"),
-            }
-            self.lease.end_renewal(matches!(renewed, Ok(true)).then_some(started));
-        })
-    }
-
-    fn complete(self: Arc<Self>, record: Record) -> BoxFuture<()> {
-        Box::pin(async move {
-            // A failed write is retried with backoff while the lock surely holds the key (the
-            // keeper renews it meanwhile, extending that), and for one lease at most: giving
-            // up frees the key once the lease expires, and a retry of the request would then
-            // run the handler again.
-            let started = Instant::now();
-            let mut pause = COMPLETE_FIRST_PAUSE;
-            for attempt in 1u32.. {
-                let error = match self.store.complete(&self.key, &self.token, record.clone(), self.ttl).await {
-                    Ok(true) => {
-                        tracing::trace!(token = ?self.token, "idempotency record completed");
-                        break;
-                    }
-                    Ok(false) => {
-                        // Either an earlier attempt did write (its answer was lost) or the
-                        // lease expired and the key was taken over.
-                        tracing::warn!(token = ?self.token, "idempotency lock no longer held at completion");
-                        break;
-                    }
-                    Err(error) => error,
-                };
-                let next = Instant::now() + pause;
-                if next >= self.lease.until() || next >= started + self.lease.length {
-                    tracing::error!(
-                        %error,
-                        attempt,
-                        token = ?self.token,
-                        "idempotency record could not be stored within the lease; the key frees when it expires"
-                    );
-                    break;
-                }
-                tracing::warn!(%error, attempt, "idempotency record not stored yet; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(COMPLETE_MAX_PAUSE);
-            }
-            self.lease.finish();
-        })
-    }
-
-    fn release(self: Arc<Self>) -> BoxFuture<()> {
-        Box::pin(async move {
-            match self.store.release(&self.key, &self.token).await {
-                Ok(_) => tracing::trace!(token = ?self.token, "idempotency lock released"),
-                Err(error) => tracing::warn!(
-                    %error,
-                    token = ?self.token,
-                    "idempotency lock release failed; the key frees when its lease expires"
-                ),
-            }
-            self.lease.finish();
-        })
-    }
-
-    fn publish(self: Arc<Self>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<bool> {
-        Box::pin(async move {
-            match self.store.publish(&self.key, &self.token, from, events).await {
-                Ok(()) => true,
-                Err(error) => {
-                    tracing::debug!(%error, token = ?self.token, "idempotency live publish failed; sending it again");
-                    false
-                }
-            }
-        })
-    }
-}
-
 /// The lock one executing request holds.
 ///
 /// Registered with the layer's [`Keeper`] from the start, so its lease is renewed however the
 /// request is polled. [`complete`](Self::complete) and [`release`](Self::release) hand it to a
 /// [`Completion`]; dropped without either, it releases the lock on the runtime.
 pub(crate) struct LockGuard {
-    held: Option<Arc<dyn Held>>,
+    held: Option<Arc<dyn StoreHandle>>,
     runtime: Option<Handle>,
 }
 
@@ -220,15 +113,19 @@ pub(crate) struct Locked<St> {
     pub(crate) lease: Duration,
     /// When the `begin` that took the lock was sent: the lease counts from then.
     pub(crate) began: Instant,
+    /// The store's live log, when the layer publishes into it (join mode).
+    pub(crate) live: Option<LiveOps<St>>,
 }
 
 impl LockGuard {
     pub(crate) fn new<St: IdempotencyStore>(locked: Locked<St>, keeper: &Keeper) -> Self {
-        let Locked { store, key, token, ttl, lease, began } = locked;
+        let Locked { store, key, token, ttl, lease, began, live } = locked;
         let times = LeaseTimes { renewed_at: began, renewing: false, finished: false };
         let lease = Lease { length: lease, times: Mutex::new(times), keeper: keeper.clone(), id: Default::default() };
-        let held: Arc<dyn Held> = Arc::new(StoreLock { store, key, token, ttl, lease });
-        let _ = held.lease().id.set(keeper.register(&held));
+        let held = handle::Handle::held(store, key, live, handle::Holding { token, ttl, lease });
+        if let Some(lease) = held.lease() {
+            let _ = lease.id.set(keeper.register(&held));
+        }
         Self { held: Some(held), runtime: Handle::try_current().ok() }
     }
 
@@ -238,7 +135,7 @@ impl LockGuard {
     }
 
     /// The lock, for publishing its response as it is produced (join mode).
-    pub(crate) fn held(&self) -> Option<Arc<dyn Held>> {
+    pub(crate) fn held(&self) -> Option<Arc<dyn StoreHandle>> {
         self.held.clone()
     }
 

@@ -1,8 +1,9 @@
 //! The store conformance suite (feature `conformance`): what every [`IdempotencyStore`] must
 //! do, as checks any store crate can run against its own store in its own tests.
 //!
-//! [`run`] runs every check, each against a fresh store from `make`, and names the check that
-//! failed. Time-based checks move the store's clock with `advance`: `tokio::time::advance` on
+//! [`run`] runs every check of the core ([`IdempotencyStore`]), each against a fresh store from
+//! `make`, and names the check that failed; [`run_live`] does the same for the live log
+//! ([`LiveLog`]), for a store that has one. Time-based checks move the store's clock with `advance`: `tokio::time::advance` on
 //! paused time for a store that reads `tokio::time::Instant` (like [`MemoryStore`]), a real
 //! `tokio::time::sleep` for a store whose clock is a server's (leases and TTLs here are short,
 //! so that stays quick). Keys are fresh UUIDs, so parallel tests against one server never
@@ -15,12 +16,15 @@
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() {
 //! conformance::run(|| async { MemoryStore::new() }, tokio::time::advance).await;
+//! // A store with a live log (waiting and joining) runs its checks too.
+//! conformance::run_live(|| async { MemoryStore::new() }, tokio::time::advance).await;
 //! # }
 //! ```
 //!
 //! Inside a test: `#[tokio::test(start_paused = true)] async fn conforms() { conformance::run(..).await }`.
 //! Each check is also public, for a store that needs one on its own (a real cluster, say);
-//! [`run`] is the one to call, so that a check added later never skips a store.
+//! [`run`] and [`run_live`] are the ones to call, so that a check added later never skips a
+//! store.
 //!
 //! [`MemoryStore`]: super::MemoryStore
 
@@ -32,7 +36,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use crate::{
     IdempotencyKey, ScopeId,
     store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, StoreKey,
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreKey,
         StoredResponse,
     },
 };
@@ -317,7 +321,7 @@ pub fn live_head() -> LiveEvent {
 }
 
 /// `follow` unwrapped, with a timeout of `timeout`.
-pub async fn follow<S: IdempotencyStore>(
+pub async fn follow<S: LiveLog>(
     store: &S,
     key: &StoreKey,
     fingerprint: Fingerprint,
@@ -329,7 +333,7 @@ pub async fn follow<S: IdempotencyStore>(
 
 /// Follows until an event or the end arrives (a wait that times out first is asked again, up
 /// to `tries` times).
-async fn follow_until_news<S: IdempotencyStore>(
+async fn follow_until_news<S: LiveLog>(
     store: &S,
     key: &StoreKey,
     cursor: Option<LiveCursor>,
@@ -347,7 +351,7 @@ async fn follow_until_news<S: IdempotencyStore>(
 
 /// What a lock publishes is followed in order, from a cursor, each index once; a follower at
 /// the end of the log gets nothing new once its wait times out.
-pub async fn published_events_are_followed<S: IdempotencyStore>(store: S) {
+pub async fn published_events_are_followed<S: LiveLog>(store: S) {
     let key = fresh_key(None);
     let token = lock(&store, &key, fp(1)).await;
     let Followed::Live { events, cursor } = follow(&store, &key, fp(1), None, Duration::from_millis(20)).await else {
@@ -393,7 +397,7 @@ pub async fn published_events_are_followed<S: IdempotencyStore>(store: S) {
 /// A follower waiting at the end of the log is woken by a publish, well before its timeout.
 pub async fn publish_wakes_a_follower<S, A, F>(store: S, advance: &A)
 where
-    S: IdempotencyStore,
+    S: LiveLog,
     A: Fn(Duration) -> F,
     F: Future<Output = ()>,
 {
@@ -416,7 +420,7 @@ where
 /// `complete` ends the log, waking its followers with `completed`, and the record is there.
 pub async fn complete_ends_the_log<S, A, F>(store: S, advance: &A)
 where
-    S: IdempotencyStore,
+    S: LiveLog,
     A: Fn(Duration) -> F,
     F: Future<Output = ()>,
 {
@@ -444,7 +448,7 @@ where
 /// a follower of the first never reads it, and the first owner cannot write into it.
 pub async fn release_ends_the_log<S, A, F>(store: S, advance: &A)
 where
-    S: IdempotencyStore,
+    S: LiveLog,
     A: Fn(Duration) -> F,
     F: Future<Output = ()>,
 {
@@ -473,7 +477,7 @@ where
 /// A lock whose lease runs out unreleased ends its log: its followers learn it within a lease.
 pub async fn expired_lock_ends_the_log<S, A, F>(store: S, advance: &A)
 where
-    S: IdempotencyStore,
+    S: LiveLog,
     A: Fn(Duration) -> F,
     F: Future<Output = ()>,
 {
@@ -497,8 +501,18 @@ impl Drop for Running {
     }
 }
 
-/// Runs every check of the suite, each against a fresh store from `make`; `advance` moves the
-/// store's clock (see the [module docs](self)). Panics, naming the check, at the first failure.
+/// Runs each named check against a fresh store, naming the one that fails.
+macro_rules! checks {
+    ($make:ident, $advance_fn:ident, $($check:ident $(($advance:ident))?),* $(,)?) => {$(
+        let running = Running(stringify!($check));
+        $check($make().await $(, &$advance)?).await;
+        drop(running);
+    )*};
+}
+
+/// Runs every check of the core suite (what [`IdempotencyStore`] promises), each against a
+/// fresh store from `make`; `advance` moves the store's clock (see the [module docs](self)).
+/// Panics, naming the check, at the first failure.
 pub async fn run<S, M, MakeFut, A, AdvanceFut>(make: M, advance: A)
 where
     S: IdempotencyStore,
@@ -507,14 +521,9 @@ where
     A: Fn(Duration) -> AdvanceFut,
     AdvanceFut: Future<Output = ()>,
 {
-    macro_rules! checks {
-        ($($check:ident $(($advance:ident))?),* $(,)?) => {$(
-            let running = Running(stringify!($check));
-            $check(make().await $(, &$advance)?).await;
-            drop(running);
-        )*};
-    }
     checks!(
+        make,
+        advance,
         free_key_is_locked_then_in_flight,
         completed_record_is_returned_intact,
         empty_body_round_trips,
@@ -527,6 +536,22 @@ where
         renewal_keeps_the_lock(advance),
         record_expires_after_ttl(advance),
         concurrent_begins_lock_once,
+    );
+}
+
+/// Runs every check of the live log ([`LiveLog`]), for a store that has one, as [`run`] does
+/// for the core. A store with a live log runs both.
+pub async fn run_live<S, M, MakeFut, A, AdvanceFut>(make: M, advance: A)
+where
+    S: LiveLog,
+    M: Fn() -> MakeFut,
+    MakeFut: Future<Output = S>,
+    A: Fn(Duration) -> AdvanceFut,
+    AdvanceFut: Future<Output = ()>,
+{
+    checks!(
+        make,
+        advance,
         published_events_are_followed,
         publish_wakes_a_follower(advance),
         complete_ends_the_log(advance),

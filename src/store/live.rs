@@ -1,19 +1,73 @@
-//! Responses in flight, as join mode and waiting see them: what a store carries from the
-//! request that executes to the duplicates that follow it (SPEC 2.9).
-//!
-//! The executing request **publishes** its response as it is produced: first its head, then
-//! its body in pieces, with the end of each `text/event-stream` event that has an `id:`. Each
-//! lock has a log of these events of its own. A duplicate **follows** the log: it reads what was
-//! published after its [`LiveCursor`], and when there is nothing new the store wakes it when
-//! there is (no polling). `complete`, `release`, and the lease running out end the log; a
-//! follower then learns whether a record replaced the lock ([`Followed::Ended`]), and reads
-//! the rest of the response from the record.
-//!
-//! A log holds at most the record limit of body bytes (a response past it is not retained, and
-//! stops being published), and lives no longer than its lock.
+//! The live log of a lock: [`LiveLog`], the optional store capability that waiting and joining
+//! need, and the values it carries ([`LiveEvent`], [`LiveCursor`], [`Followed`]).
+
+use std::{future::Future, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
+
+use super::{Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey};
+
+/// The live log of each lock: what a store needs so that duplicates of a request in flight can
+/// wait for it or join its response as it is produced. An optional capability: a store that
+/// implements only [`IdempotencyStore`] is complete, and its duplicates in flight get `409`
+/// (the layer's default); waiting and joining
+/// ([`IdempotencyLayer::with_in_flight`](crate::IdempotencyLayer::with_in_flight)) need this
+/// trait too, which the compiler checks. The crate's stores all implement it.
+///
+/// # The contract
+///
+/// - **One log per lock.** `begin` starting a lock starts its log, empty. The executing request
+///   [`publish`](Self::publish)es its response into it as it is produced: first its head
+///   ([`LiveEvent::Head`], once), then its body in pieces ([`LiveEvent::Data`]), with the end of
+///   each `text/event-stream` event that has an `id:` ([`LiveEvent::EventEnd`]).
+/// - **Idempotent appends.** Each publish says the index of its first event; an index already in
+///   the log is not appended again, so a publish sent again after a lost answer duplicates
+///   nothing. Only the lock's owner appends (the token fences it, as every write).
+/// - **Woken, not polled.** A [`follow`](Self::follow) with nothing new to read waits until
+///   something is published, or the log ends, or its timeout, and is woken by the store (a
+///   notification, a blocking read): never by asking the store again every few milliseconds.
+/// - **The end.** `complete`, `release` and the lease running out end the log and wake its
+///   followers, who learn whether a record replaced the lock ([`Followed::Ended`]); a follower
+///   then reads the rest of the response from the record (with `begin`).
+/// - **Bounded and short-lived.** The layer never publishes more than its record limit of body
+///   bytes into one log (a response past the limit stops being published, and is not
+///   retained). A log lives no longer than its lock, plus whatever short grace a store needs
+///   to tell late followers it ended.
+///
+/// The conformance suite checks all of it: [`conformance::run_live`](crate::store::conformance)
+/// (feature `conformance`).
+pub trait LiveLog: IdempotencyStore {
+    /// Appends `events` to the live log of the caller's lock: join mode publishes a response as
+    /// it is produced, for duplicates to follow.
+    ///
+    /// `from` is the index in the log of `events[0]`. A store keeps each index once, so a
+    /// publish sent again after a lost answer appends nothing twice. Nothing is written, and
+    /// `Ok(())` returned, when the lock is no longer held.
+    fn publish(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        from: u64,
+        events: Vec<LiveEvent>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads the live log of the key's lock for `fingerprint` after `cursor` (`None`: the log
+    /// of whichever lock holds the key now, from its start), waiting up to `timeout` for a new
+    /// event or for the log to end.
+    ///
+    /// The wait is woken by the store, not by asking it again every few milliseconds:
+    /// `publish`, `complete`, `release` and the lease running out each wake the lock's
+    /// followers. [`Followed::Ended`] when the log of `cursor`'s lock ended, or no live lock
+    /// for `fingerprint` holds the key.
+    fn follow(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        cursor: Option<LiveCursor>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Followed, StoreError>> + Send;
+}
 
 /// One piece of a response in flight, as the executing request publishes it.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,16 +85,6 @@ pub enum LiveEvent {
     /// A `text/event-stream` event whose `id:` is this value ended where the body published so
     /// far ends (a duplicate sending `Last-Event-ID` with this value resumes there).
     EventEnd(Bytes),
-}
-
-impl LiveEvent {
-    /// Body bytes this event carries (the only bytes a store bounds).
-    pub fn data_len(&self) -> usize {
-        match self {
-            Self::Data(data) => data.len(),
-            Self::Head { .. } | Self::EventEnd(_) => 0,
-        }
-    }
 }
 
 /// Where a follower stands in a lock's log: the lock's token id, and how many events it has

@@ -1,10 +1,128 @@
 //! Where locks and completed responses live.
 //!
-//! Every store implements [`IdempotencyStore`]: four operations, each one atomic in the store,
-//! and every state change after [`begin`](IdempotencyStore::begin) fenced by the lock's
-//! [`LockToken`]. The crate ships [`MemoryStore`] (one process) and, with the `redis` feature,
-//! `RedisStore` (many replicas; a single Redis node, or Redis Cluster with the `redis-cluster`
-//! feature). Both pass the same conformance suite.
+//! Every store implements [`IdempotencyStore`]: four operations (`begin`, `complete`, `renew`,
+//! `release`), each one atomic in the store, and every state change after
+//! [`begin`](IdempotencyStore::begin) fenced by the lock's [`LockToken`]. That is a complete
+//! store. Waiting for a duplicate in flight and joining its response need one more, optional
+//! capability, the lock's live log ([`LiveLog`]).
+//!
+//! The crate ships three stores, each with both traits, and each passing the same conformance
+//! suite (`conformance`, feature `conformance`):
+//!
+//! | store | feature | for |
+//! | --- | --- | --- |
+//! | [`MemoryStore`] | (always) | one process |
+//! | `RedisStore` | `redis` (`redis-cluster` for Redis Cluster) | many replicas sharing a Redis |
+//! | `PostgresStore` | `postgres` | records in the application's own database, and transactional mode |
+//!
+//! # Implementing a store
+//!
+//! A store keeps, per [`StoreKey`], either a lock (its token and until when its lease runs) or
+//! a completed record (its fingerprint, the [`Record`], until when it is kept). This one keeps
+//! them in a `HashMap` and passes the core conformance suite as it is:
+//!
+//! ```
+//! use std::{collections::HashMap, sync::Mutex, time::Duration};
+//!
+//! use tokio::time::Instant;
+//! use tower_idempotency::store::{
+//!     Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey,
+//! };
+//!
+//! enum Entry {
+//!     Locked { token: LockToken, until: Instant },
+//!     Completed { fingerprint: Fingerprint, record: Record, until: Instant },
+//! }
+//!
+//! /// Every key's entry. (A real store also frees expired entries, as `MemoryStore` does.)
+//! #[derive(Default)]
+//! struct MapStore(Mutex<HashMap<StoreKey, Entry>>);
+//!
+//! impl MapStore {
+//!     /// Runs `write` if `lock` still holds `key` under an unexpired lease.
+//!     fn if_held(&self, key: &StoreKey, lock: &LockToken, write: impl FnOnce(&mut HashMap<StoreKey, Entry>)) -> bool {
+//!         let mut map = self.0.lock().unwrap();
+//!         let held = matches!(map.get(key), Some(Entry::Locked { token, until }) if token == lock && *until > Instant::now());
+//!         if held {
+//!             write(&mut map);
+//!         }
+//!         held
+//!     }
+//! }
+//!
+//! impl IdempotencyStore for MapStore {
+//!     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
+//!         let mut map = self.0.lock().unwrap();
+//!         let now = Instant::now();
+//!         match map.get(key) {
+//!             Some(Entry::Completed { fingerprint: kept, record, until }) if *until > now => {
+//!                 return Ok(if kept == fingerprint { Begin::Completed(record.clone()) } else { Begin::Mismatch });
+//!             }
+//!             Some(Entry::Locked { token, until }) if *until > now => {
+//!                 return Ok(if token.fingerprint() == fingerprint { Begin::InFlight } else { Begin::Mismatch });
+//!             }
+//!             // Absent, or expired: free.
+//!             _ => {}
+//!         }
+//!         let token = LockToken::new(*fingerprint);
+//!         map.insert(key.clone(), Entry::Locked { token, until: now + lease });
+//!         Ok(Begin::Execute(token))
+//!     }
+//!
+//!     async fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> Result<bool, StoreError> {
+//!         let until = Instant::now() + ttl;
+//!         let fingerprint = *lock.fingerprint();
+//!         Ok(self.if_held(key, lock, |map| {
+//!             map.insert(key.clone(), Entry::Completed { fingerprint, record, until });
+//!         }))
+//!     }
+//!
+//!     async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
+//!         let until = Instant::now() + lease;
+//!         Ok(self.if_held(key, lock, |map| {
+//!             map.insert(key.clone(), Entry::Locked { token: *lock, until });
+//!         }))
+//!     }
+//!
+//!     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
+//!         Ok(self.if_held(key, lock, |map| {
+//!             map.remove(key);
+//!         }))
+//!     }
+//! }
+//!
+//! # #[cfg(feature = "conformance")]
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // In the store's own tests (feature `conformance`):
+//! tower_idempotency::store::conformance::run(|| async { MapStore::default() }, tokio::time::advance).await;
+//!
+//! // It is a complete store: the layer takes it as it is.
+//! let layer = tower_idempotency::IdempotencyLayer::with_store(MapStore::default());
+//! # let _ = layer;
+//! # }
+//! # #[cfg(not(feature = "conformance"))]
+//! # fn main() {}
+//! ```
+//!
+//! Duplicates of a request in flight get `409` over such a store. To let them wait or join
+//! ([`IdempotencyLayer::with_in_flight`](crate::IdempotencyLayer::with_in_flight)), the store
+//! implements [`LiveLog`] too, whose contract is on the trait, and runs the live checks of the
+//! suite as well. The compiler refuses waiting or joining over a store without it:
+//!
+//! ```compile_fail
+//! # use std::time::Duration;
+//! # use tower_idempotency::{IdempotencyLayer, InFlight, store::*};
+//! # struct CoreOnly;
+//! # impl IdempotencyStore for CoreOnly {
+//! #     async fn begin(&self, _: &StoreKey, _: &Fingerprint, _: Duration) -> Result<Begin, StoreError> { todo!() }
+//! #     async fn complete(&self, _: &StoreKey, _: &LockToken, _: Record, _: Duration) -> Result<bool, StoreError> { todo!() }
+//! #     async fn renew(&self, _: &StoreKey, _: &LockToken, _: Duration) -> Result<bool, StoreError> { todo!() }
+//! #     async fn release(&self, _: &StoreKey, _: &LockToken) -> Result<bool, StoreError> { todo!() }
+//! # }
+//! // error: `CoreOnly` has no live log
+//! let layer = IdempotencyLayer::with_store(CoreOnly).with_in_flight(InFlight::join());
+//! ```
 //!
 //! # The state of one key
 //!
@@ -17,11 +135,10 @@
 //!
 //! # Responses in flight
 //!
-//! Each lock has a live log ([`LiveEvent`]s): the executing request
-//! [`publish`](IdempotencyStore::publish)es its response into it as it is produced, when the
-//! layer is in join mode, and duplicates [`follow`](IdempotencyStore::follow) it, woken by the
-//! store. `complete`, `release` and expiry end it. Waiting duplicates follow it too, for its
-//! end only. See [`LiveEvent`] for the contract.
+//! A store with a [`LiveLog`] keeps one log per lock: the executing request publishes its
+//! response into it as it is produced (join mode), and duplicates follow it, woken by the
+//! store, until `complete`, `release` or expiry ends it. Waiting duplicates follow it too, for
+//! its end only. The contract is on [`LiveLog`].
 //!
 //! # Concurrent calls on the same key
 //!
@@ -65,7 +182,7 @@ pub use ::redis;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use ::sqlx;
 pub use fingerprint::Fingerprint;
-pub use live::{Followed, LiveCursor, LiveEvent};
+pub use live::{Followed, LiveCursor, LiveEvent, LiveLog};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -117,36 +234,6 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Removes the caller's lock so the next request with the key executes again.
     /// `Ok(false)`, changing nothing, when it is no longer held.
     fn release(&self, key: &StoreKey, lock: &LockToken) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// Appends `events` to the live log of the caller's lock (see [`LiveEvent`]): join mode
-    /// publishes a response as it is produced, for duplicates to follow.
-    ///
-    /// `from` is the index in the log of `events[0]`. A store keeps each index once, so a
-    /// publish sent again after a lost answer appends nothing twice. Nothing is written, and
-    /// `Ok(())` returned, when the lock is no longer held.
-    fn publish(
-        &self,
-        key: &StoreKey,
-        lock: &LockToken,
-        from: u64,
-        events: Vec<LiveEvent>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Reads the live log of the key's lock for `fingerprint` after `cursor` (`None`: the log
-    /// of whichever lock holds the key now, from its start), waiting up to `timeout` for a new
-    /// event or for the log to end.
-    ///
-    /// The wait is woken by the store (a notification, a blocking read), not by asking it
-    /// again every few milliseconds: `publish`, `complete`, `release` and the lease running
-    /// out each wake the lock's followers. [`Followed::Ended`] when the log of `cursor`'s lock
-    /// ended, or no live lock for `fingerprint` holds the key.
-    fn follow(
-        &self,
-        key: &StoreKey,
-        fingerprint: &Fingerprint,
-        cursor: Option<LiveCursor>,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<Followed, StoreError>> + Send;
 }
 
 /// What [`IdempotencyStore::begin`] found.

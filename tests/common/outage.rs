@@ -13,8 +13,8 @@ use std::sync::atomic::AtomicBool;
 
 use tokio::time::Instant;
 use tower_idempotency::store::{
-    Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, MemoryStore, Record, StoreError,
-    StoreKey,
+    Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, MemoryStore, Record,
+    StoreError, StoreKey,
 };
 
 /// `inner`, with `complete` slowed down and `complete`/`renew` failing until a set instant.
@@ -93,7 +93,9 @@ impl<St: IdempotencyStore> IdempotencyStore for Outage<St> {
         tokio::time::sleep(delay).await;
         self.inner.release(key, lock).await
     }
+}
 
+impl<St: LiveLog> LiveLog for Outage<St> {
     async fn publish(
         &self,
         key: &StoreKey,
@@ -144,7 +146,9 @@ impl IdempotencyStore for Switch {
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.inner.release(key, lock).await
     }
+}
 
+impl LiveLog for Switch {
     async fn publish(
         &self,
         key: &StoreKey,

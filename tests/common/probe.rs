@@ -16,9 +16,7 @@ use http_body_util::Full;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{
     IdempotencyLayer,
-    store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, StoreError, StoreKey,
-    },
+    store::{Begin, Fingerprint, IdempotencyStore, LockToken, Record, StoreError, StoreKey},
 };
 
 /// A store that answers every `begin` with "in flight", after noting its fingerprint: the
@@ -49,20 +47,6 @@ impl IdempotencyStore for Probe {
 
     async fn release(&self, _: &StoreKey, _: &LockToken) -> Result<bool, StoreError> {
         unreachable!("a probe never hands out a lock")
-    }
-
-    async fn publish(&self, _: &StoreKey, _: &LockToken, _: u64, _: Vec<LiveEvent>) -> Result<(), StoreError> {
-        unreachable!("a probe never hands out a lock")
-    }
-
-    async fn follow(
-        &self,
-        _: &StoreKey,
-        _: &Fingerprint,
-        _: Option<LiveCursor>,
-        _: Duration,
-    ) -> Result<Followed, StoreError> {
-        unreachable!("a probe is used in reject mode only")
     }
 }
 

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer, InFlight, KeyPolicy, Outcome, Scope, ScopeId, StoreFailure, problem,
-    store::{IdempotencyStore, MemoryStore},
+    store::{IdempotencyStore, LiveLog, MemoryStore},
 };
 
 fn request(method: Method, uri: &str, key: Option<&str>, body: &'static str) -> Request<Full<Bytes>> {
@@ -470,7 +470,9 @@ impl IdempotencyStore for DownStore {
     ) -> Result<bool, tower_idempotency::store::StoreError> {
         Err(tower_idempotency::store::StoreError::unavailable("connection refused"))
     }
+}
 
+impl LiveLog for DownStore {
     async fn publish(
         &self,
         _: &tower_idempotency::store::StoreKey,

@@ -20,7 +20,7 @@ use tower::{BoxError, Service, ServiceExt};
 use tower_idempotency::{
     IdempotencyLayer, InFlight, Outcome, RequestBody, ResponseBody,
     store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, MemoryStore, Record,
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, MemoryStore, Record,
         StoreError, StoreKey,
     },
 };
@@ -77,7 +77,7 @@ fn events(from: u64, to: u64) -> String {
     (from..to).map(|i| format!("id: {i}\ndata: {i}\n\n")).collect()
 }
 
-fn join_layer<St: IdempotencyStore>(store: St) -> IdempotencyLayer<St> {
+fn join_layer<St: LiveLog>(store: St) -> IdempotencyLayer<St> {
     IdempotencyLayer::with_store(store).with_in_flight(InFlight::join())
 }
 
@@ -342,6 +342,9 @@ impl IdempotencyStore for Counting {
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.inner.release(key, lock).await
     }
+}
+
+impl LiveLog for Counting {
     async fn publish(
         &self,
         key: &StoreKey,

@@ -33,7 +33,7 @@ use tower::{ServiceExt, util::BoxCloneService};
 use tower_idempotency::{
     IdempotencyKey, IdempotencyLayer, Outcome, RequestBody, StoreFailure,
     store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, MemoryStore, Record,
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, MemoryStore, Record,
         StoreError, StoreKey,
     },
 };
@@ -184,7 +184,9 @@ impl IdempotencyStore for FaultyStore {
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.faulty(self.inner.release(key, lock)).await
     }
+}
 
+impl LiveLog for FaultyStore {
     async fn publish(
         &self,
         key: &StoreKey,

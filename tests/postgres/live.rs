@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 use tower_idempotency::store::{
-    Begin, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, PostgresStore, StoreKey,
+    Begin, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, PostgresStore, StoreKey,
     conformance::{fp, fresh_key, live_head, record},
     sqlx::{self, postgres::PgListener, postgres::PgPoolOptions},
 };

@@ -9,6 +9,7 @@ use tower_idempotency::store::MemoryStore;
 #[tokio::test(start_paused = true)]
 async fn memory_store_passes_the_conformance_suite() {
     common::conformance::run(|| async { MemoryStore::new() }, tokio::time::advance).await;
+    common::conformance::run_live(|| async { MemoryStore::new() }, tokio::time::advance).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -338,7 +339,9 @@ impl tower_idempotency::store::IdempotencyStore for NeverReleases {
     ) -> Result<bool, tower_idempotency::store::StoreError> {
         Ok(true)
     }
+}
 
+impl tower_idempotency::store::LiveLog for NeverReleases {
     async fn publish(
         &self,
         key: &tower_idempotency::store::StoreKey,

@@ -26,7 +26,7 @@ use common::{
 use tower_idempotency::{
     IdempotencyKey, ScopeId,
     store::{
-        Begin, Followed, IdempotencyStore, Record, RedisStore, StoreKey,
+        Begin, Followed, IdempotencyStore, LiveLog, Record, RedisStore, StoreKey,
         redis::{self, AsyncCommands, cluster::ClusterClient},
     },
 };
@@ -137,6 +137,7 @@ async fn redis_store_on_redis_cluster() {
 
     // The shared suite, unchanged.
     conformance::run(|| store(&urls), tokio::time::sleep).await;
+    conformance::run_live(|| store(&urls), tokio::time::sleep).await;
 
     // Keys spread over every node, with no hash tag and no CROSSSLOT error: each operation
     // touches one key.

@@ -29,7 +29,7 @@ use common::{
 };
 use tokio::time::Instant;
 use tower_idempotency::store::{
-    Begin, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, RedisStore, StoreKey,
+    Begin, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, RedisStore, StoreKey,
     redis::{self, AsyncCommands, aio::MultiplexedConnection},
 };
 

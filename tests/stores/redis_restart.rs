@@ -27,7 +27,7 @@ use tower::{ServiceExt, util::BoxCloneService};
 use tower_idempotency::{
     IdempotencyKey, IdempotencyLayer, Outcome, RequestBody, ResponseBody,
     store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, RedisStore,
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, RedisStore,
         StoreError, StoreKey,
     },
 };
@@ -146,7 +146,9 @@ impl IdempotencyStore for Tracked {
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         self.inner.release(key, lock).await
     }
+}
 
+impl LiveLog for Tracked {
     async fn publish(
         &self,
         key: &StoreKey,

@@ -30,7 +30,8 @@ use eviction::{Padded, Queues};
 use live::Live;
 
 use super::{
-    Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, StoreError, StoreKey,
+    Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
+    StoreKey,
 };
 use crate::background::{Background, Running};
 
@@ -389,7 +390,9 @@ impl IdempotencyStore for MemoryStore {
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         Ok(self.inner.release(key, lock))
     }
+}
 
+impl LiveLog for MemoryStore {
     async fn publish(
         &self,
         key: &StoreKey,

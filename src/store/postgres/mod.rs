@@ -17,8 +17,8 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgRow};
 use crate::{
     background::Background,
     store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, Record, StoreError, StoreKey,
-        StoredResponse,
+        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
+        StoreKey, StoredResponse,
     },
 };
 
@@ -418,7 +418,9 @@ impl IdempotencyStore for PostgresStore {
             .bind(&live::key_id(key)[..]);
         self.owner_end(query).await
     }
+}
 
+impl LiveLog for PostgresStore {
     async fn publish(
         &self,
         key: &StoreKey,

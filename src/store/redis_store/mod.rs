@@ -13,7 +13,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use ::redis::{Pipeline, RedisError, Value};
 
-use super::{Begin, IdempotencyStore, LockToken, StoreError, StoreKey};
+use super::{Begin, IdempotencyStore, LiveLog, LockToken, StoreError, StoreKey};
 use crate::store::{Fingerprint, Followed, LiveCursor, LiveEvent, Record};
 
 mod builder;
@@ -377,7 +377,9 @@ impl IdempotencyStore for RedisStore {
         invocation.key(stream).arg(&codec::lock_value(lock)[..]).arg(millis(ENDED_TTL));
         written(self.run(Command::Script(&invocation)).await?)
     }
+}
 
+impl LiveLog for RedisStore {
     async fn publish(
         &self,
         key: &StoreKey,
