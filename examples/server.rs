@@ -41,7 +41,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_idempotency::{
-    IdempotencyLayer, InFlight, KeyPolicy,
+    Duplicates, IdempotencyLayer, KeyPolicy,
     store::{IdempotencyStore, LiveLog},
 };
 
@@ -111,10 +111,10 @@ fn finish(routes: Router<Arc<Stats>>, stats: Arc<Stats>) -> Router {
 /// Every route but `/stats` and `/ledger`.
 fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     let required = layer.clone().with_key_policy(KeyPolicy::Required);
-    let waiting = layer.clone().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
+    let waiting = layer.clone().with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(30) });
     // A duplicate of a stream in flight joins it (SPEC 2.9): the events so far at once, then
     // each one as it is produced; `Last-Event-ID` resumes after the event it names.
-    let joining = layer.clone().with_in_flight(InFlight::join());
+    let joining = layer.clone().with_duplicates(Duplicates::join());
     Router::new()
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
@@ -300,7 +300,7 @@ async fn postgres_app(url: &str, stats: Arc<Stats>) -> Router {
                         created_at timestamptz NOT NULL DEFAULT now())";
     sqlx::raw_sql(ledger_table).execute(&pool).await.unwrap_or_else(|error| exit("cannot create ledger", &error));
     let _ = stats.database.set(pool);
-    let layer = with_ttl(IdempotencyLayer::with_store(store));
+    let layer = with_ttl(IdempotencyLayer::from_store(store));
     let transactional = layer.clone().transactional();
     finish(routes(layer).route("/ledger", post(ledger).layer(transactional)), stats)
 }
@@ -342,12 +342,12 @@ pub async fn app_from_env(stats: Arc<Stats>) -> Router {
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
         // Lazy: the server starts even while Redis is down, and answers `503` until it is up.
-        let store =
-            tower_idempotency::store::RedisStore::builder().connect_lazy(url.as_str()).unwrap_or_else(|error| {
-                eprintln!("REDIS_URL is not a valid Redis URL ({url:?}): {error}");
-                std::process::exit(2);
-            });
-        return app(with_ttl(IdempotencyLayer::with_store(store)), stats);
+        let client = tower_idempotency::store::redis::Client::open(url.as_str()).unwrap_or_else(|error| {
+            eprintln!("REDIS_URL is not a valid Redis URL ({url:?}): {error}");
+            std::process::exit(2);
+        });
+        let store = tower_idempotency::store::RedisStore::builder().build(client);
+        return app(with_ttl(IdempotencyLayer::from_store(store)), stats);
     }
     app(with_ttl(IdempotencyLayer::new()), stats)
 }

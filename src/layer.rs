@@ -10,7 +10,7 @@ use crate::{
     Idempotency, Scope,
     config::{
         CachePredicate, Config, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD,
-        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS, DEFAULT_TTL, InFlight, KeyPolicy, MAX_DURATION, StoreFailure,
+        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, KeyPolicy, MAX_DURATION, StoreFailure,
         SuccessOnly, Waiting,
     },
     headers::IDEMPOTENCY_KEY,
@@ -35,7 +35,7 @@ pub struct IdempotencyLayer<St = MemoryStore> {
 impl IdempotencyLayer<MemoryStore> {
     /// A layer with the defaults and a new in-memory store.
     pub fn new() -> Self {
-        Self::with_store(MemoryStore::new())
+        Self::from_store(MemoryStore::new())
     }
 }
 
@@ -49,7 +49,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// A layer with the defaults over `store`. To share keys between several layers (per-route
     /// layers with different settings, say), clone the layer and change the clone's settings:
     /// clones share the store.
-    pub fn with_store(store: St) -> Self {
+    pub fn from_store(store: St) -> Self {
         let config = Config {
             methods: vec![Method::POST, Method::PATCH],
             header: IDEMPOTENCY_KEY,
@@ -61,7 +61,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             predicate: Arc::new(SuccessOnly),
             ttl: DEFAULT_TTL,
             lease: DEFAULT_LEASE,
-            in_flight: InFlight::default(),
+            duplicates: Duplicates::default(),
             store_failure: StoreFailure::default(),
             unstored_headers: vec![http::header::SET_COOKIE],
             detached: Arc::new(Semaphore::new(DEFAULT_MAX_DETACHED)),
@@ -169,22 +169,22 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         })
     }
 
-    /// What a duplicate of an in-flight request gets. Default: [`InFlight::Reject`] with a 1 s
+    /// What a duplicate of an in-flight request gets. Default: [`Duplicates::Reject`] with a 1 s
     /// `Retry-After`.
     ///
     /// Waiting and joining follow the lock's live log in the store, so this setting needs a
     /// store with that capability ([`LiveLog`]); every store of this crate has it. Over a store
     /// that implements only [`IdempotencyStore`], duplicates in flight get `409`.
-    pub fn with_in_flight(mut self, in_flight: InFlight) -> Self
+    pub fn with_duplicates(mut self, in_flight: Duplicates) -> Self
     where
         St: LiveLog,
     {
         self.live = Some(LiveOps::new());
-        self.config(|c| c.in_flight = in_flight)
+        self.config(|c| c.duplicates = in_flight)
     }
 
-    /// The most duplicates of one key that wait for it ([`InFlight::Wait`]) or join it
-    /// ([`InFlight::Join`]) in this process at once; past it, `409` with `Retry-After`. Each
+    /// The most duplicates of one key that wait for it ([`Duplicates::Wait`]) or join it
+    /// ([`Duplicates::Join`]) in this process at once; past it, `409` with `Retry-After`. Each
     /// holds a connection and, when joined, its place in the shared response, until its body
     /// ends or its client leaves. Default: 64.
     pub fn with_max_waiters(self, max: usize) -> Self {

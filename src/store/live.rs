@@ -12,7 +12,7 @@ use super::{Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey};
 /// wait for it or join its response as it is produced. An optional capability: a store that
 /// implements only [`IdempotencyStore`] is complete, and its duplicates in flight get `409`
 /// (the layer's default); waiting and joining
-/// ([`IdempotencyLayer::with_in_flight`](crate::IdempotencyLayer::with_in_flight)) need this
+/// ([`IdempotencyLayer::with_duplicates`](crate::IdempotencyLayer::with_duplicates)) need this
 /// trait too, which the compiler checks. The crate's stores all implement it.
 ///
 /// # The contract

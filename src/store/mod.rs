@@ -59,7 +59,7 @@
 //!                 return Ok(if kept == fingerprint { Begin::Completed(record.clone()) } else { Begin::Mismatch });
 //!             }
 //!             Some(Entry::Locked { token, until }) if *until > now => {
-//!                 return Ok(if token.fingerprint() == fingerprint { Begin::InFlight } else { Begin::Mismatch });
+//!                 return Ok(if token.fingerprint() == fingerprint { Begin::Locked } else { Begin::Mismatch });
 //!             }
 //!             // Absent, or expired: free.
 //!             _ => {}
@@ -98,7 +98,7 @@
 //! tower_idempotency::store::conformance::run(|| async { MapStore::default() }, tokio::time::advance).await;
 //!
 //! // It is a complete store: the layer takes it as it is.
-//! let layer = tower_idempotency::IdempotencyLayer::with_store(MapStore::default());
+//! let layer = tower_idempotency::IdempotencyLayer::from_store(MapStore::default());
 //! # let _ = layer;
 //! # }
 //! # #[cfg(not(feature = "conformance"))]
@@ -106,13 +106,13 @@
 //! ```
 //!
 //! Duplicates of a request in flight get `409` over such a store. To let them wait or join
-//! ([`IdempotencyLayer::with_in_flight`](crate::IdempotencyLayer::with_in_flight)), the store
+//! ([`IdempotencyLayer::with_duplicates`](crate::IdempotencyLayer::with_duplicates)), the store
 //! implements [`LiveLog`] too, whose contract is on the trait, and runs the live checks of the
 //! suite as well. The compiler refuses waiting or joining over a store without it:
 //!
 //! ```compile_fail
 //! # use std::time::Duration;
-//! # use tower_idempotency::{IdempotencyLayer, InFlight, store::*};
+//! # use tower_idempotency::{IdempotencyLayer, Duplicates, store::*};
 //! # struct CoreOnly;
 //! # impl IdempotencyStore for CoreOnly {
 //! #     async fn begin(&self, _: &StoreKey, _: &Fingerprint, _: Duration) -> Result<Begin, StoreError> { todo!() }
@@ -121,7 +121,7 @@
 //! #     async fn release(&self, _: &StoreKey, _: &LockToken) -> Result<bool, StoreError> { todo!() }
 //! # }
 //! // error: `CoreOnly` has no live log
-//! let layer = IdempotencyLayer::with_store(CoreOnly).with_in_flight(InFlight::join());
+//! let layer = IdempotencyLayer::from_store(CoreOnly).with_duplicates(Duplicates::join());
 //! ```
 //!
 //! # The state of one key
@@ -129,7 +129,7 @@
 //! | state | `begin` with the same fingerprint | with another fingerprint |
 //! | --- | --- | --- |
 //! | absent (or expired) | lock it: [`Begin::Execute`] | lock it: [`Begin::Execute`] |
-//! | locked, lease not expired | [`Begin::InFlight`] | [`Begin::Mismatch`] |
+//! | locked, lease not expired | [`Begin::Locked`] | [`Begin::Mismatch`] |
 //! | locked, lease expired | take it over: [`Begin::Execute`] with a new token | take it over |
 //! | completed | [`Begin::Completed`] | [`Begin::Mismatch`] |
 //!
@@ -193,7 +193,7 @@ pub use postgres::{
 pub use record::{DecodeError, Record, StoredResponse};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis_store::{RedisStore, RedisStoreBuilder};
+pub use redis_store::{RedisConnection, RedisStore, RedisStoreBuilder};
 
 /// A backend for locks and recorded responses.
 ///
@@ -245,7 +245,7 @@ pub enum Begin {
     /// The key holds a completed record for the same request.
     Completed(Record),
     /// The same request is being executed under a live lock.
-    InFlight,
+    Locked,
     /// The key is locked or completed for a different request.
     Mismatch,
 }

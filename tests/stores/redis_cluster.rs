@@ -214,17 +214,17 @@ async fn redis_store_on_redis_cluster() {
     }
 
     // Built lazily on a client: no connection until the first operation, which works.
-    let lazy = RedisStore::builder().with_prefix(run_prefix()).build_cluster(ClusterClient::new(urls.clone()).unwrap());
+    let lazy = RedisStore::builder().with_prefix(run_prefix()).build(ClusterClient::new(urls.clone()).unwrap());
     assert!(format!("{lazy:?}").contains("not yet connected"));
     let key = fresh_key(None);
     lock(&lazy, &key, fp(1)).await;
-    assert!(matches!(lazy.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
+    assert!(matches!(lazy.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::Locked));
 
     // A cluster that is not there: a store error, promptly, on every operation.
     let nowhere = format!("redis://{}", closed_port().await);
     let down = RedisStore::builder()
-        .with_command_timeout(Duration::from_millis(500))
-        .build_cluster(ClusterClient::new(vec![nowhere]).unwrap());
+        .with_operation_timeout(Duration::from_millis(500))
+        .build(ClusterClient::new(vec![nowhere]).unwrap());
     for _ in 0..2 {
         let started = Instant::now();
         let error = down.begin(&fresh_key(None), &fp(1), LEASE).await.unwrap_err();

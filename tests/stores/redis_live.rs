@@ -359,10 +359,9 @@ async fn a_store_on_your_own_manager_checks_every_100_ms_unless_given_a_client()
     let url = redis_or_skip!();
     let client = redis::Client::open(url.as_str()).unwrap();
     let manager = redis::aio::ConnectionManager::new(client.clone()).await.unwrap();
-    let polling = RedisStore::builder().with_prefix(run_prefix()).build_with_manager(manager.clone());
+    let polling = RedisStore::builder().with_prefix(run_prefix()).build(manager.clone());
     assert!(format!("{polling:?}").contains("followers check every 100ms"), "{polling:?}");
-    let blocking =
-        RedisStore::builder().with_prefix(run_prefix()).with_blocking_client(client).build_with_manager(manager);
+    let blocking = RedisStore::builder().with_prefix(run_prefix()).with_blocking_client(client).build(manager);
     assert!(format!("{blocking:?}").contains("dedicated connections"), "{blocking:?}");
     // Both follow correctly; only the second is woken by Redis (counted in `round_trips`).
     for store in [polling, blocking] {
@@ -659,7 +658,7 @@ async fn followers_without_a_client_check_ten_times_a_second() {
     let client = redis::Client::open(redis.url()).unwrap();
     let manager = redis::aio::ConnectionManager::new(client).await.unwrap();
     let producer = RedisStore::builder().connect(redis.url()).await.unwrap();
-    let polling = RedisStore::builder().build_with_manager(manager);
+    let polling = RedisStore::builder().build(manager);
     warm_up(&[&producer, &polling]).await;
     let mut admin = raw(&redis.url()).await;
     let key = fresh_key(None);

@@ -31,14 +31,14 @@ const DEFAULT_MAX_BLOCK: Duration = Duration::from_secs(10);
 
 /// Builds a [`RedisStore`] with a non-default key prefix, command timeout or blocking reads.
 ///
-/// Finish with [`connect`](Self::connect) (connects now), [`connect_lazy`](Self::connect_lazy)
-/// or [`build`](Self::build) (connect on first use), or
-/// [`build_with_manager`](Self::build_with_manager) (your own connection).
+/// Finish with [`build`](Self::build), as every store builder does (on a client: connects on
+/// first use; or on a connection of your own), or with [`connect`](Self::connect) (connects
+/// now, and fails if Redis does not answer).
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct RedisStoreBuilder {
     prefix: String,
-    command_timeout: Duration,
+    operation_timeout: Duration,
     max_blocking_connections: usize,
     max_block: Duration,
     /// Given with `with_blocking_client`: where the dedicated connections come from when the
@@ -50,7 +50,7 @@ impl Default for RedisStoreBuilder {
     fn default() -> Self {
         Self {
             prefix: DEFAULT_PREFIX.to_owned(),
-            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            operation_timeout: DEFAULT_COMMAND_TIMEOUT,
             max_blocking_connections: DEFAULT_MAX_BLOCKING_CONNECTIONS,
             max_block: DEFAULT_MAX_BLOCK,
             blocking: None,
@@ -71,8 +71,8 @@ impl RedisStoreBuilder {
     /// The longest one store operation may take, waiting for a connection included; past it
     /// the operation fails with [`StoreError::is_timeout`](crate::store::StoreError::is_timeout). Default: 1 s. It also bounds each
     /// connection attempt of the managers this builder makes.
-    pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
-        self.command_timeout = timeout.max(Duration::from_millis(1));
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -134,34 +134,50 @@ impl RedisStoreBuilder {
         Ok(self.finish(Connection::Given(manager), Some(Source::Single(client))))
     }
 
-    /// Builds the store for the Redis at `url` without connecting: the first operation
-    /// connects. Fails only when the URL is invalid.
+    /// Builds the store on `connection` without waiting for Redis: a [`Client`] or a Redis
+    /// Cluster `ClusterClient` (the store connects on first use), or a connection of your own (a
+    /// [`ConnectionManager`], whose reconnection settings apply, or a `ClusterConnection`).
+    /// Needs no tokio runtime.
     ///
-    /// A service built this way starts while Redis is down; its requests then fail as
-    /// [`StoreError::is_unavailable`](crate::store::StoreError::is_unavailable) (the layer's `503`) until Redis answers.
-    pub fn connect_lazy(self, url: impl IntoConnectionInfo) -> Result<RedisStore, RedisError> {
-        Ok(self.build(Client::open(url)?))
-    }
-
-    /// Builds the store on `client` without connecting: the first operation connects (see
-    /// [`connect_lazy`](Self::connect_lazy)). Needs no tokio runtime.
-    pub fn build(self, client: Client) -> RedisStore {
-        let config = self.manager_config();
-        let blocking = Source::Single(client.clone());
-        self.finish(
-            Connection::Deferred(Box::new(Deferred { client, config, manager: OnceLock::new() })),
-            Some(blocking),
-        )
-    }
-
-    /// Builds the store on a connection manager of your own (its reconnection settings
-    /// apply; the command timeout still bounds every operation).
+    /// A service built on a client starts while Redis is down; its requests then fail as
+    /// [`StoreError::is_unavailable`](crate::store::StoreError::is_unavailable) (the layer's
+    /// `503`) until Redis answers. On a connection of your own, give the store its client
+    /// with [`with_blocking_client`](Self::with_blocking_client) (or
+    /// `with_blocking_cluster_client`) too, so that followers of in-flight requests are woken
+    /// by Redis instead of checking every 100 ms.
     ///
-    /// Give it the manager's client with [`with_blocking_client`](Self::with_blocking_client)
-    /// too, so that followers of in-flight requests are woken by Redis instead of checking
-    /// every 100 ms.
-    pub fn build_with_manager(self, manager: ConnectionManager) -> RedisStore {
-        self.finish(Connection::Given(manager), None)
+    /// ```
+    /// use tower_idempotency::store::{RedisStore, redis::Client};
+    ///
+    /// let client = Client::open("redis://127.0.0.1:6379").expect("a valid Redis URL");
+    /// let store = RedisStore::builder().with_prefix("orders:").build(client);
+    /// # let _ = store;
+    /// ```
+    ///
+    /// With Redis Cluster (feature `redis-cluster`), a `ClusterClient` has no response
+    /// timeout by default; give the one you build the store on none shorter than the
+    /// [block limit](Self::with_max_block), since the dedicated connections of blocking reads
+    /// come from it too.
+    pub fn build(self, connection: impl Into<RedisConnection>) -> RedisStore {
+        match connection.into().0 {
+            Given::Client(client) => {
+                let config = self.manager_config();
+                let blocking = Source::Single(client.clone());
+                self.finish(
+                    Connection::Deferred(Box::new(Deferred { client, config, manager: OnceLock::new() })),
+                    Some(blocking),
+                )
+            }
+            Given::Manager(manager) => self.finish(Connection::Given(manager), None),
+            #[cfg(feature = "redis-cluster")]
+            Given::ClusterClient(client) => {
+                let blocking = Source::Cluster(client.clone());
+                let cluster = DeferredCluster { client, connection: tokio::sync::OnceCell::new() };
+                self.finish(Connection::DeferredCluster(Box::new(cluster)), Some(blocking))
+            }
+            #[cfg(feature = "redis-cluster")]
+            Given::ClusterConnection(connection) => self.finish(Connection::GivenCluster(connection), None),
+        }
     }
 
     /// Connects to the Redis Cluster that `nodes` belong to (one or more of its nodes'
@@ -175,40 +191,16 @@ impl RedisStoreBuilder {
     ) -> Result<RedisStore, RedisError> {
         let nodes = nodes.into_iter().map(IntoConnectionInfo::into_connection_info).collect::<Result<Vec<_>, _>>()?;
         let client = ClusterClient::builder(nodes.clone())
-            .connection_timeout(self.command_timeout)
-            .response_timeout(self.command_timeout)
+            .connection_timeout(self.operation_timeout)
+            .response_timeout(self.operation_timeout)
             .build()?;
         // Blocking reads answer when they end: no response timeout (the store bounds them).
         let blocking = ClusterClient::builder(nodes)
-            .connection_timeout(self.command_timeout)
+            .connection_timeout(self.operation_timeout)
             .overall_response_timeout(None)
             .build()?;
         let connection = client.get_async_connection().await?;
         Ok(self.finish(Connection::GivenCluster(connection), Some(Source::Cluster(blocking))))
-    }
-
-    /// Builds the store on a Redis Cluster client without connecting: the first operation
-    /// connects, and while that fails each operation tries again (failing as
-    /// [`StoreError::is_unavailable`](crate::store::StoreError::is_unavailable) or [`StoreError::is_timeout`](crate::store::StoreError::is_timeout) meanwhile).
-    ///
-    /// The dedicated connections of blocking reads come from `client` too: give it no
-    /// response timeout shorter than the [block limit](Self::with_max_block) (a
-    /// `ClusterClient` has none by default).
-    #[cfg(feature = "redis-cluster")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
-    pub fn build_cluster(self, client: ClusterClient) -> RedisStore {
-        let blocking = Source::Cluster(client.clone());
-        let cluster = DeferredCluster { client, connection: tokio::sync::OnceCell::new() };
-        self.finish(Connection::DeferredCluster(Box::new(cluster)), Some(blocking))
-    }
-
-    /// Builds the store on a Redis Cluster connection of your own. Give it a client for
-    /// blocking reads with [`with_blocking_cluster_client`](Self::with_blocking_cluster_client)
-    /// too (without one, followers check every 100 ms).
-    #[cfg(feature = "redis-cluster")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
-    pub fn build_with_cluster_connection(self, connection: ClusterConnection) -> RedisStore {
-        self.finish(Connection::GivenCluster(connection), None)
     }
 
     /// The settings of the managers this builder makes: one attempt per connection (the
@@ -217,8 +209,8 @@ impl RedisStoreBuilder {
     fn manager_config(&self) -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
             .set_number_of_retries(0)
-            .set_connection_timeout(Some(self.command_timeout))
-            .set_response_timeout(Some(self.command_timeout))
+            .set_connection_timeout(Some(self.operation_timeout))
+            .set_response_timeout(Some(self.operation_timeout))
     }
 
     /// The store on `connection`, with dedicated connections from `blocking` unless
@@ -229,12 +221,12 @@ impl RedisStoreBuilder {
         let readers = self
             .blocking
             .or(blocking)
-            .map(|source| Readers::new(source, self.max_blocking_connections, self.command_timeout));
+            .map(|source| Readers::new(source, self.max_blocking_connections, self.operation_timeout));
         RedisStore {
             inner: Arc::new(Inner {
                 connection,
                 prefix: self.prefix.into_bytes().into_boxed_slice(),
-                command_timeout: self.command_timeout,
+                operation_timeout: self.operation_timeout,
                 live: Live::new(readers, self.max_block),
             }),
         }
@@ -245,5 +237,59 @@ impl RedisStore {
     /// A builder for the key prefix, the command timeout and the connection.
     pub fn builder() -> RedisStoreBuilder {
         RedisStoreBuilder::default()
+    }
+}
+
+/// What [`RedisStoreBuilder::build`] builds a store on: a [`Client`], a [`ConnectionManager`]
+/// and, with the `redis-cluster` feature, a `ClusterClient` or a `ClusterConnection` (each
+/// converts into it).
+pub struct RedisConnection(Given);
+
+enum Given {
+    Client(Client),
+    Manager(ConnectionManager),
+    #[cfg(feature = "redis-cluster")]
+    ClusterClient(ClusterClient),
+    #[cfg(feature = "redis-cluster")]
+    ClusterConnection(ClusterConnection),
+}
+
+impl From<Client> for RedisConnection {
+    fn from(client: Client) -> Self {
+        Self(Given::Client(client))
+    }
+}
+
+impl From<ConnectionManager> for RedisConnection {
+    fn from(manager: ConnectionManager) -> Self {
+        Self(Given::Manager(manager))
+    }
+}
+
+#[cfg(feature = "redis-cluster")]
+impl From<ClusterClient> for RedisConnection {
+    fn from(client: ClusterClient) -> Self {
+        Self(Given::ClusterClient(client))
+    }
+}
+
+#[cfg(feature = "redis-cluster")]
+impl From<ClusterConnection> for RedisConnection {
+    fn from(connection: ClusterConnection) -> Self {
+        Self(Given::ClusterConnection(connection))
+    }
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.0 {
+            Given::Client(_) => "Client",
+            Given::Manager(_) => "ConnectionManager",
+            #[cfg(feature = "redis-cluster")]
+            Given::ClusterClient(_) => "ClusterClient",
+            #[cfg(feature = "redis-cluster")]
+            Given::ClusterConnection(_) => "ClusterConnection",
+        };
+        f.debug_tuple("RedisConnection").field(&kind).finish()
     }
 }

@@ -24,7 +24,7 @@ mod readers;
 mod scripts;
 mod slot;
 
-pub use builder::RedisStoreBuilder;
+pub use builder::{RedisConnection, RedisStoreBuilder};
 use connection::{Command, Connection, Handle, store_error};
 use live::{ENDED_TTL, Live};
 use scripts::{BEGIN, COMPLETE, RELEASE, RENEW};
@@ -45,7 +45,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use tower_idempotency::store::RedisStore;
+/// use tower_idempotency::store::{RedisStore, redis};
 ///
 /// # async fn run() -> Result<(), tower_idempotency::store::redis::RedisError> {
 /// // Connects now: fails when Redis is down.
@@ -55,8 +55,8 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// // `503` while Redis stays down and recovers by itself once Redis is back.
 /// let store = RedisStore::builder()
 ///     .with_prefix("orders-api:idem:")
-///     .with_command_timeout(Duration::from_millis(500))
-///     .connect_lazy("redis://127.0.0.1:6379")?;
+///     .with_operation_timeout(Duration::from_millis(500))
+///     .build(redis::Client::open("redis://127.0.0.1:6379")?);
 /// # let _ = store;
 /// # Ok(())
 /// # }
@@ -74,8 +74,8 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// With the `redis-cluster` feature (which turns on the `redis` crate's `cluster-async`; a
 /// separate feature so that single-node users do not build the cluster client), build the
 /// store with [`connect_cluster`](RedisStoreBuilder::connect_cluster) from one or more node
-/// URLs, [`build_cluster`](RedisStoreBuilder::build_cluster) (connects on first use) or
-/// [`build_with_cluster_connection`](RedisStoreBuilder::build_with_cluster_connection). The
+/// URLs, or [`build`](RedisStoreBuilder::build) on a `ClusterClient` (connects on first use)
+/// or a `ClusterConnection` of yours. The
 /// keys, values and scripts are the same: each operation touches one key, or one key and its
 /// lock's live log, whose stream key carries a hash tag chosen to land in that key's slot (see
 /// [the key layout](#key-layout)); so each goes to the node that owns the key's slot, and keys
@@ -85,7 +85,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// # Failure
 ///
 /// Every operation, waiting for a connection included, is bounded by the
-/// [command timeout](RedisStoreBuilder::with_command_timeout) (default 1 s). Past it the operation
+/// [command timeout](RedisStoreBuilder::with_operation_timeout) (default 1 s). Past it the operation
 /// fails with [`StoreError::is_timeout`]; a refused or broken connection or an error reply
 /// fails with [`StoreError::is_unavailable`]; a value this crate cannot read fails with
 /// [`StoreError::is_corrupt`]. The layer answers all three as configured by its store failure
@@ -248,8 +248,8 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// for the next follower. A follower that finds them all in use waits for one, then checks
 /// before reading. One cancelled in the middle of a read closes its connection (which ends the
 /// read in Redis) instead of giving it back. A store built on a connection of yours with no
-/// client ([`build_with_manager`](RedisStoreBuilder::build_with_manager),
-/// [`build_with_cluster_connection`](RedisStoreBuilder::build_with_cluster_connection)) has no
+/// client ([`build`](RedisStoreBuilder::build) on a `ConnectionManager` or a
+/// `ClusterConnection`) has no
 /// dedicated connections: its followers check every 100 ms instead (about 10 round trips a
 /// second each), and `Debug` says so.
 ///
@@ -272,7 +272,7 @@ pub struct RedisStore {
 struct Inner {
     connection: Connection,
     prefix: Box<[u8]>,
-    command_timeout: Duration,
+    operation_timeout: Duration,
     live: Live,
 }
 
@@ -307,7 +307,7 @@ impl RedisStore {
             };
             reply.map_err(store_error)
         };
-        tokio::time::timeout(self.inner.command_timeout, attempt).await.unwrap_or_else(|_| Err(StoreError::timeout()))
+        tokio::time::timeout(self.inner.operation_timeout, attempt).await.unwrap_or_else(|_| Err(StoreError::timeout()))
     }
 }
 
@@ -342,7 +342,7 @@ impl IdempotencyStore for RedisStore {
         match <[Value; 2]>::try_from(replies) {
             Ok([Value::Int(0), _]) => Ok(Begin::Execute(token)),
             Ok([Value::Int(1), _]) => Ok(Begin::Mismatch),
-            Ok([Value::Int(2), _]) => Ok(Begin::InFlight),
+            Ok([Value::Int(2), _]) => Ok(Begin::Locked),
             Ok([Value::Int(3), Value::BulkString(value)]) => codec::decode_record(value).map(Begin::Completed),
             Ok([Value::Int(4), _]) => Err(StoreError::corrupt("the key holds a value this crate did not write")),
             Ok([Value::ServerError(error), _]) => Err(StoreError::unavailable(RedisError::from(error))),
@@ -420,7 +420,7 @@ impl fmt::Debug for RedisStore {
         };
         f.debug_struct("RedisStore")
             .field("prefix", &String::from_utf8_lossy(&self.inner.prefix))
-            .field("command_timeout", &self.inner.command_timeout)
+            .field("operation_timeout", &self.inner.operation_timeout)
             .field("connection", &connection)
             .field("blocking_reads", &blocking_reads)
             .field("max_block", &self.inner.live.max_block)
@@ -455,8 +455,8 @@ mod tests {
 
     #[test]
     fn building_needs_neither_redis_nor_a_runtime() {
-        let store = RedisStore::builder().connect_lazy("redis://127.0.0.1:1").unwrap();
+        let store = RedisStore::builder().build(::redis::Client::open("redis://127.0.0.1:1").unwrap());
         assert!(format!("{store:?}").contains("not yet connected"));
-        assert!(RedisStore::builder().connect_lazy("not a url").is_err());
+        assert!(::redis::Client::open("not a url").is_err(), "an invalid URL fails before the store");
     }
 }
