@@ -189,43 +189,29 @@
 //!   `reqwest-middleware`; `reqwest` without default features, so no TLS is added by this crate).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod background;
-mod body;
 pub mod client;
-mod config;
-mod events;
-mod execute;
-mod fingerprint;
-mod future;
 pub mod grpc;
-mod guarded;
 mod headers;
 pub mod hints;
-mod join;
 mod key;
 mod layer;
-mod lock;
 mod outcome;
 pub mod problem;
-mod publisher;
-mod recording;
-mod replay;
+mod rt;
 mod scope;
-mod service;
 pub mod store;
 
-pub use body::{RequestBody, ResponseBody};
-pub use config::{
-    CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
-    DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, KeyPolicy, StoreFailure, SuccessOnly,
-};
-pub use future::ResponseFuture;
+mod fingerprint;
+
 pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
-pub use layer::IdempotencyLayer;
+pub use layer::{
+    CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, Idempotency, IdempotencyLayer, KeyPolicy, RequestBody, ResponseBody,
+    ResponseFuture, StoreFailure, SuccessOnly,
+};
 pub use outcome::Outcome;
 pub use scope::{MakeScope, Scope, ScopeId};
-pub use service::Idempotency;
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis` and
 /// `postgres` features).

@@ -58,9 +58,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header, response};
+use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::{Outcome, hints::RetryHint};
+use crate::Outcome;
 
 macro_rules! problems {
     ($(
@@ -330,34 +330,6 @@ impl ProblemRenderer for Rfc9457 {
     }
 }
 
-/// How the layer answers its problems: the renderer and the retry hints.
-#[derive(Clone)]
-pub(crate) struct Answers {
-    pub(crate) renderer: std::sync::Arc<dyn ProblemRenderer>,
-    pub(crate) hints: Vec<RetryHint>,
-}
-
-impl Default for Answers {
-    fn default() -> Self {
-        Self { renderer: std::sync::Arc::new(Rfc9457), hints: RetryHint::DEFAULT.to_vec() }
-    }
-}
-
-impl Answers {
-    /// The head and body of the answer to `problem`; `grpc` for a gRPC request, which gets a
-    /// gRPC status whatever the renderer.
-    pub(crate) fn render(&self, problem: Problem, grpc: bool) -> (response::Parts, Bytes) {
-        let response = if grpc { crate::grpc::render(&problem) } else { self.renderer.render(&problem) };
-        let (mut head, body) = response.into_parts();
-        crate::hints::apply(&self.hints, &problem, &mut head.headers);
-        if !head.headers.contains_key(header::CACHE_CONTROL) {
-            head.headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        }
-        head.extensions.insert(problem.kind.outcome());
-        (head, body)
-    }
-}
-
 /// `Retry-After` in whole seconds: rounded up, at least 1, saturating at `u64::MAX` (so a
 /// `Duration::MAX` never overflows).
 fn retry_after_secs(after: Duration) -> u64 {
@@ -374,10 +346,6 @@ fn retry_after_ms(after: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn render(kind: ProblemKind, retry_after: Option<Duration>) -> (response::Parts, Bytes) {
-        Answers::default().render(Problem::new(kind, retry_after), false)
-    }
 
     #[test]
     fn retry_after_rounds_up_and_saturates() {
@@ -399,62 +367,7 @@ mod tests {
             assert_eq!(retry_after_secs(after), secs, "{after:?}");
             assert_eq!(retry_after_ms(after), ms, "{after:?}");
             assert!(ms <= secs.saturating_mul(1000), "{after:?}");
-            let (head, _) = render(ProblemKind::InFlight, Some(after));
-            assert_eq!(head.headers[header::RETRY_AFTER], secs.to_string().as_str(), "{after:?}");
-            assert_eq!(head.headers[crate::hints::RETRY_AFTER_MS], ms.to_string().as_str(), "{after:?}");
         }
-    }
-
-    #[test]
-    fn bodies_are_valid_problem_json() {
-        for &kind in ProblemKind::ALL {
-            let (head, body) = render(kind, None);
-            assert_eq!(head.status, kind.status());
-            assert_eq!(head.headers[header::CONTENT_TYPE], "application/problem+json");
-            assert_eq!(head.headers[header::CACHE_CONTROL], "no-store");
-            assert_eq!(head.extensions.get::<Outcome>(), Some(&kind.outcome()));
-            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            assert_eq!(json["status"], head.status.as_u16());
-            assert_eq!(json["type"], kind.type_uri());
-            assert!(kind.type_uri().ends_with(&format!("#{}", kind.slug())));
-            assert_eq!(json["title"], kind.title());
-            assert_eq!(json["detail"], kind.detail());
-            assert_eq!(json.as_object().unwrap().len(), 4);
-        }
-    }
-
-    /// The default bodies are byte for byte those of the releases before renderers existed.
-    #[test]
-    fn the_default_body_is_unchanged() {
-        let (_, body) = render(ProblemKind::InFlight, Some(Duration::from_secs(1)));
-        assert_eq!(
-            body,
-            concat!(
-                r#"{"type":"https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#in-flight","#,
-                r#""title":"Request in flight","status":409,"#,
-                r#""detail":"A request with this idempotency key is still being processed. Retry later."}"#
-            )
-        );
-    }
-
-    #[test]
-    fn hints_by_kind() {
-        for &kind in ProblemKind::ALL {
-            let (head, _) = render(kind, Some(Duration::from_millis(2500)));
-            let get = |name: &str| head.headers.get(name).map(|v| v.to_str().unwrap());
-            if kind.is_retryable() {
-                assert_eq!((get("retry-after"), get("retry-after-ms")), (Some("3"), Some("2500")), "{kind:?}");
-                assert_eq!(get("x-should-retry"), None, "{kind:?}");
-            } else {
-                assert_eq!((get("retry-after"), get("retry-after-ms")), (None, None), "{kind:?}");
-                assert_eq!(get("x-should-retry"), Some("false"), "{kind:?}");
-            }
-        }
-        let retryable: Vec<_> = ProblemKind::ALL.iter().filter(|kind| kind.is_retryable()).collect();
-        assert_eq!(
-            retryable,
-            [&ProblemKind::InFlight, &ProblemKind::StoreUnavailable, &ProblemKind::TransactionFailed]
-        );
     }
 
     #[test]

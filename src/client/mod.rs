@@ -120,14 +120,15 @@
 
 mod backoff;
 mod classify;
+mod keys;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
 mod retry;
 mod stamp;
 
-pub use crate::key::KeyDeriver;
 pub use backoff::{Delays, ExponentialBackoff};
 pub use classify::{Attempt, Classification, Classify, DefaultClassifier, retry_after};
+pub use keys::KeyDeriver;
 pub use retry::{RetryDelay, RetryPolicy, TryCloneBody};
 pub use stamp::{KeyGenerator, RandomKey, ResponseFuture, SetIdempotencyKey, SetIdempotencyKeyLayer};

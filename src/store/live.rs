@@ -35,7 +35,7 @@ use super::{Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey};
 ///   retained). A log lives no longer than its lock, plus whatever short grace a store needs
 ///   to tell late followers it ended.
 ///
-/// The conformance suite checks all of it: [`conformance::run_live`](crate::store::conformance)
+/// The conformance suite checks all of it: `conformance::run_live`
 /// (feature `conformance`).
 pub trait LiveLog: IdempotencyStore {
     /// Appends `events` to the live log of the caller's lock: join mode publishes a response as
@@ -113,7 +113,7 @@ impl LiveCursor {
     }
 }
 
-/// What [`IdempotencyStore::follow`](super::IdempotencyStore::follow) found.
+/// What [`LiveLog::follow`] found.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Followed {

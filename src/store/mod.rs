@@ -190,6 +190,7 @@ pub use postgres::{
     PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder, TransactionClosed, Transactional,
     TransactionalLayer, TransactionalResponseFuture,
 };
+pub(crate) use record::EventMark;
 pub use record::{DecodeError, Record, StoredResponse};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -3,7 +3,15 @@
 use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::events::EventMark;
+/// The end of a `text/event-stream` event with an id, as a record keeps it: where a duplicate
+/// that saw the event resumes (`Last-Event-ID`). The layer finds them while recording.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EventMark {
+    /// The event's `id:` value.
+    pub(crate) id: Bytes,
+    /// The body offset just past the empty line that ended the event.
+    pub(crate) end: u64,
+}
 
 /// A completed response as kept by a store: status, end-to-end headers, body and trailers.
 ///

@@ -5,7 +5,7 @@ use std::{hash::RandomState, sync::Arc, time::Duration};
 use dashmap::DashMap;
 
 use super::{Inner, MemoryStore, Padded, Queues};
-use crate::background::Background;
+use crate::rt::Background;
 
 /// Default bound on entries (locks and completed records).
 const DEFAULT_MAX_ENTRIES: usize = 100_000;

@@ -33,7 +33,7 @@ use super::{
     Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
     StoreKey,
 };
-use crate::background::{Background, Running};
+use crate::rt::{Background, Running};
 
 /// An in-memory [`IdempotencyStore`]: a sharded concurrent map (`dashmap`), for one process.
 ///

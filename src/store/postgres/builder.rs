@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use sqlx::PgPool;
 
 use super::{Inner, PostgresStore, live::Listener, sql::Statements};
-use crate::background::Background;
+use crate::rt::Background;
 
 /// Default table name.
 const DEFAULT_TABLE: &str = "idempotency";

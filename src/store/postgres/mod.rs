@@ -15,7 +15,7 @@ use bytes::Bytes;
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgRow};
 
 use crate::{
-    background::Background,
+    rt::Background,
     store::{
         Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
         StoreKey, StoredResponse,

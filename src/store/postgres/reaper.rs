@@ -6,7 +6,7 @@ use std::{sync::Weak, time::Duration};
 use sqlx::AssertSqlSafe;
 
 use super::{Inner, store_error};
-use crate::{background::Running, store::StoreError};
+use crate::{rt::Running, store::StoreError};
 
 impl Inner {
     /// Deletes up to one batch of expired rows; how many it deleted.

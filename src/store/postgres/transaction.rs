@@ -69,8 +69,8 @@ impl PgTransaction {
             Ok(mut guard) => drop(guard.take()),
             Err(_) => {
                 let inner = self.inner.clone();
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move { drop(inner.lock().await.take()) });
+                if let Ok(detaching) = crate::rt::reserve(None, None) {
+                    detaching.spawn(async move { drop(inner.lock().await.take()) });
                 }
             }
         }

@@ -101,7 +101,7 @@ impl RedisStoreBuilder {
     }
 
     /// The client the store opens its dedicated connections for blocking reads with, when it
-    /// is built on a connection of yours ([`build_with_manager`](Self::build_with_manager)),
+    /// is built on a connection of yours ([`build`](Self::build) on a `ConnectionManager`),
     /// whose client the store cannot know.
     ///
     /// Without it such a store has no dedicated connections, and its followers check their
@@ -114,7 +114,7 @@ impl RedisStoreBuilder {
 
     /// The cluster client the store opens its dedicated connections for blocking reads with,
     /// when it is built on a cluster connection of yours
-    /// ([`build_with_cluster_connection`](Self::build_with_cluster_connection)); see
+    /// ([`build`](Self::build) on a `ClusterConnection`); see
     /// [`with_blocking_client`](Self::with_blocking_client). Give it no response timeout
     /// shorter than the [block limit](Self::with_max_block).
     #[cfg(feature = "redis-cluster")]

@@ -32,7 +32,7 @@ use tokio::{
 
 use super::super::sql::notice;
 use crate::{
-    background::{Background, Running},
+    rt::{Background, Running},
     store::{LiveCursor, StoreError},
 };
 

@@ -20,11 +20,11 @@ use tower::{Layer, Service};
 use super::PostgresStore;
 use crate::{
     IdempotencyKey, IdempotencyLayer,
-    body::{RequestBody, ResponseBody},
-    config::{Config, KeyPolicy},
-    lock::BoxFuture,
+    layer::answer::problem_response,
+    layer::body::{RequestBody, ResponseBody},
+    layer::config::{Config, KeyPolicy},
     problem::ProblemKind,
-    service::problem_response,
+    rt::BoxFuture,
 };
 
 mod run;
@@ -219,8 +219,12 @@ where
         let key = match IdempotencyKey::from_headers(request.headers(), &config.header) {
             Ok(Some(key)) => key,
             Ok(None) if config.key_policy == KeyPolicy::Optional => return bypass(&mut self.inner, request),
-            Ok(None) => return ready(problem_response(config, request.headers(), ProblemKind::MissingKey, None)),
-            Err(_) => return ready(problem_response(config, request.headers(), ProblemKind::InvalidKey, None)),
+            Ok(None) => {
+                return ready(problem_response(&config.answers, request.headers(), ProblemKind::MissingKey, None));
+            }
+            Err(_) => {
+                return ready(problem_response(&config.answers, request.headers(), ProblemKind::InvalidKey, None));
+            }
         };
         // As in the plain layer: take the readied instance, leave a fresh clone behind.
         let clone = self.inner.clone();
@@ -237,7 +241,7 @@ where
                     Err(_) => {
                         let retry_after = Some(std::time::Duration::from_secs(1));
                         Ok(problem_response(
-                            &config,
+                            &config.answers,
                             &http::HeaderMap::new(),
                             ProblemKind::TransactionFailed,
                             retry_after,

@@ -13,14 +13,14 @@ use tower::{Service, ServiceExt};
 use super::super::{PgTransaction, PostgresStore, begin_on, micros, scope_bytes};
 use crate::{
     IdempotencyKey, Outcome,
-    body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
-    config::{Config, Duplicates, StoreFailure},
-    events::marks_of,
-    execute::stored_headers,
     headers::LAST_EVENT_ID,
+    layer::answer::problem_response,
+    layer::body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
+    layer::config::{Config, Duplicates, StoreFailure},
+    layer::execute::stored_headers,
+    layer::replay::replay,
+    layer::sse::marks_of,
     problem::ProblemKind,
-    replay::replay,
-    service::problem_response,
     store::{Begin, Fingerprint, LockToken, Record, StoreKey, StoredResponse},
 };
 
@@ -60,8 +60,9 @@ impl<S> Run<S> {
     {
         let Self { inner, store, config } = self;
         let (mut head, body) = request.into_parts();
-        let problem =
-            |head: &request::Parts, kind, retry_after| problem_response(&config, &head.headers, kind, retry_after);
+        let problem = |head: &request::Parts, kind, retry_after| {
+            problem_response(&config.answers, &head.headers, kind, retry_after)
+        };
         let body = match buffer(body, config.max_request_body).await {
             Ok(body) => body,
             Err(BufferError::TooLarge) => return Ok(problem(&head, ProblemKind::RequestBodyTooLarge, None)),
@@ -109,7 +110,7 @@ impl<S> Run<S> {
         head.extensions.insert(handle.clone());
         let request = Request::from_parts(head, RequestBody::buffered(body));
         let headers = request.headers().clone();
-        let problem = |kind, retry_after| problem_response(&config, &headers, kind, retry_after);
+        let problem = |kind, retry_after| problem_response(&config.answers, &headers, kind, retry_after);
 
         // An error or a panic of the handler rolls back: the closer takes the transaction from
         // every clone of the handle (one kept by a task the handler spawned included) and drops

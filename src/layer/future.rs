@@ -11,7 +11,7 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 
-use crate::{Outcome, body::ResponseBody, lock::BoxFuture};
+use crate::{Outcome, layer::body::ResponseBody, rt::BoxFuture};
 
 pin_project! {
     /// The response future of [`Idempotency`](crate::Idempotency).

@@ -9,6 +9,8 @@
 use bytes::Bytes;
 use http::{HeaderMap, header};
 
+use crate::store::EventMark;
+
 /// The longest `id:` line kept (longer ids are not resumable; their events still pass).
 const MAX_ID_LINE: usize = 3 + 1024;
 
@@ -17,15 +19,6 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
         v.split(';').next().is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/event-stream"))
     })
-}
-
-/// The end of an event with an id: where a duplicate that saw it resumes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct EventMark {
-    /// The event's `id:` value.
-    pub(crate) id: Bytes,
-    /// The body offset just past the empty line that ended the event.
-    pub(crate) end: u64,
 }
 
 /// Finds event ends in a body fed to it chunk by chunk.

@@ -8,7 +8,7 @@ use http_body::Body;
 
 use crate::{
     IDEMPOTENT_REPLAYED, Outcome, ResponseBody,
-    events::{is_event_stream, resume_offset},
+    layer::sse::{is_event_stream, resume_offset},
     store::StoredResponse,
 };
 

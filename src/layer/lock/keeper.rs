@@ -18,7 +18,7 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 
 use super::StoreHandle;
-use crate::background::{Background, Running};
+use crate::rt::{Background, Running};
 
 /// The lease keeper of one layer configuration (one lease length).
 #[derive(Clone)]

@@ -8,10 +8,6 @@ use std::fmt;
 
 use http::{HeaderMap, HeaderName};
 
-mod derive;
-
-pub use derive::KeyDeriver;
-
 /// The longest key accepted, in bytes (after unquoting).
 pub const MAX_KEY_LEN: usize = 255;
 

@@ -1,12 +1,4 @@
-//! Duplicates of a request in flight: waiting for its end, or joining its response as it is
-//! produced (SPEC 2.9). Both follow the lock's live log in the store, woken by the store.
-//!
-//! - [`wait_in_flight`]: follows the log until it ends (wait mode), or until the head is there
-//!   (join mode), bounded by the wait timeout.
-//! - [`Joined`]: a joined response's body. It sends what the log holds, then follows it, and
-//!   once the log ends with a record, sends the rest from the record (its end, its trailers).
-//!   A log that ends without a record (the first request failed mid-body) ends the body with
-//!   an error. A client that leaves drops it, and with it everything it held.
+//! [`Joined`]: the body of a joined response, and its head.
 
 use std::{
     collections::VecDeque,
@@ -18,54 +10,16 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use tokio::time::Instant;
 use tower::BoxError;
 
 use crate::{
     IDEMPOTENT_REPLAYED, Outcome,
-    config::WaitSlot,
-    events::is_event_stream,
-    lock::{BoxFuture, StoreHandle},
+    layer::duplicates::WaitSlot,
+    layer::lock::StoreHandle,
+    layer::sse::is_event_stream,
+    rt::BoxFuture,
     store::{Followed, LiveCursor, LiveEvent, StoreError, StoredResponse},
 };
-
-/// What a duplicate that waited found.
-pub(crate) enum Waited {
-    /// Join mode: the first request's head is there, with what followed it so far.
-    Head { status: StatusCode, headers: HeaderMap, events: Vec<LiveEvent>, cursor: LiveCursor },
-    /// The log ended (or the lock changed hands): ask `begin` again.
-    Ended,
-    /// The wait timed out.
-    TimedOut,
-}
-
-/// Follows the key's live log until it ends, until `until`, or (when `join`) until its head.
-pub(crate) async fn wait_in_flight(
-    following: &Arc<dyn StoreHandle>,
-    until: Instant,
-    join: bool,
-) -> Result<Waited, StoreError> {
-    let mut cursor = None;
-    loop {
-        let now = Instant::now();
-        if now >= until {
-            return Ok(Waited::TimedOut);
-        }
-        match following.clone().follow(cursor, until - now).await? {
-            Followed::Live { events, cursor: next } => {
-                // A log read from its start begins with its head.
-                if join && cursor.is_none_or(|c: LiveCursor| c.read() == 0) {
-                    let mut events = events.into_iter();
-                    if let Some(LiveEvent::Head { status, headers }) = events.next() {
-                        return Ok(Waited::Head { status, headers, events: events.collect(), cursor: next });
-                    }
-                }
-                cursor = Some(next);
-            }
-            Followed::Ended { .. } => return Ok(Waited::Ended),
-        }
-    }
-}
 
 /// The joined response: the first request's head with `Idempotent-Replayed: true`, and a body
 /// that follows the first request's.

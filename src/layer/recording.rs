@@ -35,15 +35,16 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::{runtime::Handle, sync::OwnedSemaphorePermit, sync::Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::{
     CachePredicate,
-    body::into_bytes,
-    config::{Config, Duplicates},
-    events::{EventMark, EventScanner, is_event_stream},
-    lock::{Completion, LockGuard},
-    publisher::Publisher,
+    layer::config::{Config, Duplicates},
+    layer::duplicates::publisher::Publisher,
+    layer::lock::{Completion, LockGuard},
+    layer::sse::{EventScanner, is_event_stream},
+    rt::{self, Detaching, into_bytes},
+    store::EventMark,
     store::{Record, StoredResponse},
 };
 
@@ -55,7 +56,7 @@ pub(crate) struct Recording<B: Body> {
     detach: Arc<Semaphore>,
     /// Spawns the drain of a recording whose client went away (made where the bounds it needs
     /// are known; `Drop` cannot ask for them).
-    spawn_drain: fn(Recording<B>, OwnedSemaphorePermit, Handle),
+    spawn_drain: fn(Recording<B>, Detaching),
 }
 
 /// Where a [`Recording`] stands; see the module docs for the table.
@@ -496,10 +497,12 @@ impl<B: Body> Drop for Recording<B> {
             // `Completing` hands its write to the runtime by itself.
             return;
         };
-        let runtime = streaming.guard.runtime().or_else(|| Handle::try_current().ok());
-        let permit = self.detach.clone().try_acquire_owned().ok();
-        match (runtime, permit) {
-            (Some(runtime), Some(permit)) if !streaming.detached => {
+        let detaching = match streaming.detached {
+            false => rt::reserve(streaming.guard.runtime(), Some(&self.detach)).ok(),
+            true => None,
+        };
+        match detaching {
+            Some(detaching) => {
                 // The client went away mid-body: read on until the record is decided.
                 let mut streaming = streaming;
                 streaming.detached = true;
@@ -509,9 +512,9 @@ impl<B: Body> Drop for Recording<B> {
                     detach: self.detach.clone(),
                     spawn_drain: self.spawn_drain,
                 };
-                (self.spawn_drain)(recording, permit, runtime);
+                (self.spawn_drain)(recording, detaching);
             }
-            _ => {
+            None => {
                 // The rest cannot be read (no runtime, no detach permit, or the drain itself
                 // was dropped). The handler did answer: keep a not-retained record, never free the key
                 // for a second run.
@@ -522,16 +525,13 @@ impl<B: Body> Drop for Recording<B> {
     }
 }
 
-fn spawn_drain<B>(recording: Recording<B>, permit: OwnedSemaphorePermit, runtime: Handle)
+fn spawn_drain<B>(recording: Recording<B>, detaching: Detaching)
 where
     B: Body + Send + 'static,
     B::Data: Buf,
     B::Error: Send,
 {
-    runtime.spawn(async move {
-        let _permit = permit;
-        recording.drain().await;
-    });
+    detaching.spawn(recording.drain());
 }
 
 impl<B: Body> fmt::Debug for Recording<B> {
@@ -556,7 +556,7 @@ mod tests {
     use super::*;
     use crate::{
         IdempotencyKey,
-        lock::{Keeper, Locked},
+        layer::lock::{Keeper, Locked},
         store::{Begin, Fingerprint, IdempotencyStore, MemoryStore, StoreKey},
     };
 

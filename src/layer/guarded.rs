@@ -12,15 +12,16 @@ use tower::Service;
 
 use crate::{
     IdempotencyKey, Outcome,
-    body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
-    config::{Config, Duplicates, MAX_DURATION, StoreFailure, WaitSlot},
-    execute::execute,
     headers::LAST_EVENT_ID,
-    join::{Joined, Waited, joined_head, wait_in_flight},
-    lock::{LiveOps, LockGuard, Locked, StoreHandle, follower},
+    layer::answer::problem_response,
+    layer::body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
+    layer::config::{Config, Duplicates, MAX_DURATION, StoreFailure},
+    layer::duplicates::WaitSlot,
+    layer::duplicates::{Joined, Waited, joined_head, wait_in_flight},
+    layer::execute::execute,
+    layer::lock::{LiveOps, LockGuard, Locked, StoreHandle, follower},
+    layer::replay::replay,
     problem::ProblemKind,
-    replay::replay,
-    service::problem_response,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
 };
 
@@ -92,10 +93,10 @@ where
         let body = match buffer(body, config.max_request_body).await {
             Ok(body) => body,
             Err(BufferError::TooLarge) => {
-                return Ok(problem_response(&config, &head.headers, ProblemKind::RequestBodyTooLarge, None));
+                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::RequestBodyTooLarge, None));
             }
             Err(BufferError::Unreadable) => {
-                return Ok(problem_response(&config, &head.headers, ProblemKind::RequestBodyUnreadable, None));
+                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::RequestBodyUnreadable, None));
             }
         };
         let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
@@ -146,12 +147,14 @@ where
                 return Ok(replay(record, head.headers.get(LAST_EVENT_ID)));
             }
             Begin::Completed(Record::NotRetained) => {
-                return Ok(problem_response(&config, &head.headers, ProblemKind::ResponseNotRetained, None));
+                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::ResponseNotRetained, None));
             }
-            Begin::Mismatch => return Ok(problem_response(&config, &head.headers, ProblemKind::KeyReused, None)),
+            Begin::Mismatch => {
+                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::KeyReused, None));
+            }
             Begin::Locked => {
                 let retry_after = Some(in_flight_retry_after);
-                return Ok(problem_response(&config, &head.headers, ProblemKind::InFlight, retry_after));
+                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::InFlight, retry_after));
             }
         };
         let locked = Locked { store, key, token, ttl: config.ttl, lease: config.lease, began, live };
@@ -178,7 +181,7 @@ where
     match config.store_failure {
         StoreFailure::FailClosed { retry_after } => {
             tracing::warn!(%error, "idempotency store failed; failing closed with 503");
-            Ok(problem_response(config, &head.headers, ProblemKind::StoreUnavailable, Some(retry_after)))
+            Ok(problem_response(&config.answers, &head.headers, ProblemKind::StoreUnavailable, Some(retry_after)))
         }
         StoreFailure::FailOpen => {
             tracing::warn!(%error, "idempotency store failed; failing open: running the request unprotected");

@@ -5,7 +5,6 @@ use std::{
     fmt,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::Buf;
@@ -16,12 +15,13 @@ use tracing::Instrument;
 
 use crate::{
     IdempotencyKey, Outcome,
-    body::{RequestBody, ResponseBody},
-    config::{Config, KeyPolicy},
-    future::ResponseFuture,
-    guarded::Guarded,
-    lock::LiveOps,
-    problem::{Problem, ProblemKind},
+    layer::answer::problem_response,
+    layer::body::{RequestBody, ResponseBody},
+    layer::config::{Config, KeyPolicy},
+    layer::future::ResponseFuture,
+    layer::guarded::Guarded,
+    layer::lock::LiveOps,
+    problem::ProblemKind,
     store::IdempotencyStore,
 };
 
@@ -118,17 +118,5 @@ where
 }
 
 fn problem_future<F, B: Body, E>(config: &Config, request: &HeaderMap, kind: ProblemKind) -> ResponseFuture<F, B, E> {
-    ResponseFuture::ready(problem_response(config, request, kind, None))
-}
-
-/// The layer's own answer to a request with headers `request`: rendered by the configured
-/// renderer, or as a gRPC status for a gRPC request.
-pub(crate) fn problem_response<B: Body>(
-    config: &Config,
-    request: &HeaderMap,
-    kind: ProblemKind,
-    retry_after: Option<Duration>,
-) -> Response<ResponseBody<B>> {
-    let (head, body) = config.answers.render(Problem::new(kind, retry_after), crate::grpc::is_grpc(request));
-    Response::from_parts(head, ResponseBody::full(body, None))
+    ResponseFuture::ready(problem_response(&config.answers, request, kind, None))
 }

@@ -17,10 +17,11 @@ use tower::Service;
 
 use crate::{
     Outcome,
-    body::{RequestBody, ResponseBody},
-    config::Config,
-    lock::{Completion, LockGuard},
-    recording::Recording,
+    layer::body::{RequestBody, ResponseBody},
+    layer::config::Config,
+    layer::lock::{Completion, LockGuard},
+    layer::recording::Recording,
+    rt::{self, Undetached},
 };
 
 /// Runs the handler under `guard` and turns its answer into the response.
@@ -184,15 +185,17 @@ where
 {
     fn drop(&mut self) {
         let (Some(future), Some(guard)) = (self.future.take(), self.guard.take()) else { return };
-        let Some(runtime) = guard.runtime().or_else(|| tokio::runtime::Handle::try_current().ok()) else { return };
-        let Ok(permit) = self.config.detached.clone().try_acquire_owned() else {
-            tracing::warn!("too many detached handlers; request cancelled and its key released");
-            return;
+        let detaching = match rt::reserve(guard.runtime(), Some(&self.config.detached)) {
+            Ok(detaching) => detaching,
+            Err(Undetached::NoRuntime) => return,
+            Err(Undetached::Full) => {
+                tracing::warn!("too many detached handlers; request cancelled and its key released");
+                return;
+            }
         };
         tracing::debug!("client went away; finishing the request in the background");
         let config = self.config.clone();
-        runtime.spawn(async move {
-            let _permit = permit;
+        detaching.spawn(async move {
             let (handled, guard) = Executing::<F, B, E>::new(future, guard, config.clone()).await;
             let Ok(Ok(response)) = handled else {
                 guard.release().await;

@@ -11,7 +11,8 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
-use super::{BoxFuture, COMPLETE_FIRST_PAUSE, COMPLETE_MAX_PAUSE, Lease};
+use super::{COMPLETE_FIRST_PAUSE, COMPLETE_MAX_PAUSE, Lease};
+use crate::rt::BoxFuture;
 use crate::store::{
     Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
     StoreKey, StoredResponse,

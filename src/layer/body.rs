@@ -14,7 +14,7 @@ use pin_project_lite::pin_project;
 
 use tower::BoxError;
 
-use crate::{join::Joined, recording::Recording};
+use crate::{layer::duplicates::Joined, layer::recording::Recording, rt::into_bytes};
 
 pin_project! {
     /// The request body the inner service receives: the original body, untouched, when the
@@ -93,11 +93,6 @@ fn next_frame<E>(data: &mut Option<Bytes>, trailers: &mut Option<HeaderMap>) -> 
         Some(data) => Some(Ok(Frame::data(data))),
         None => trailers.take().map(|t| Ok(Frame::trailers(t))),
     }
-}
-
-/// A frame with its data as `Bytes`: free for `Bytes` itself, one copy for other buffers.
-pub(crate) fn into_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
-    frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
 }
 
 /// Why a request body could not be buffered.

@@ -9,7 +9,7 @@ use std::{
 
 use tokio::runtime::Handle;
 
-use super::BoxFuture;
+use crate::rt::{self, BoxFuture};
 
 /// A store write (a record, a not-retained record, a release) that is owned, not hoped for.
 ///
@@ -67,11 +67,14 @@ impl Future for Completion {
 impl Drop for Completion {
     fn drop(&mut self) {
         let Some(future) = self.future.take() else { return };
-        match self.runtime.clone().or_else(|| Handle::try_current().ok()) {
-            // On a runtime that has shut down, the task is dropped at once: the process is
-            // ending, and the lock frees when its lease expires.
-            Some(runtime) => drop(runtime.spawn(future)),
-            None => tracing::warn!("idempotency store write dropped outside a runtime; the key frees after its lease"),
+        // Unbounded: a final write is owned, never refused for want of a place. On a runtime
+        // that has shut down the task is dropped at once: the process is ending, and the lock
+        // frees when its lease expires.
+        match rt::reserve(self.runtime.clone(), None) {
+            Ok(detaching) => detaching.spawn(future),
+            Err(_) => {
+                tracing::warn!("idempotency store write dropped outside a runtime; the key frees after its lease")
+            }
         }
     }
 }

@@ -11,11 +11,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use crate::{
-    events::EventMark,
-    lock::{BoxFuture, StoreHandle},
-    store::LiveEvent,
-};
+use crate::{layer::lock::StoreHandle, rt::BoxFuture, store::EventMark, store::LiveEvent};
 
 pub(crate) struct Publisher {
     held: Arc<dyn StoreHandle>,

@@ -10,8 +10,6 @@
 
 use std::{
     fmt,
-    future::Future,
-    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -27,8 +25,6 @@ mod keeper;
 pub(crate) use completion::Completion;
 pub(crate) use handle::{LiveOps, StoreHandle, follower};
 pub(crate) use keeper::Keeper;
-
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The pause after the first failed completion; it doubles after each, up to the next.
 const COMPLETE_FIRST_PAUSE: Duration = Duration::from_millis(50);

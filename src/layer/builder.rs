@@ -8,15 +8,17 @@ use tower::Layer;
 
 use crate::{
     Idempotency, Scope,
-    config::{
-        CachePredicate, Config, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD,
-        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, KeyPolicy, MAX_DURATION, StoreFailure,
-        SuccessOnly, Waiting,
-    },
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
-    lock::{Keeper, LiveOps},
-    problem::{Answers, ProblemRenderer},
+    layer::config::Answers,
+    layer::config::{
+        CachePredicate, Config, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD,
+        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, KeyPolicy, MAX_DURATION, StoreFailure,
+        SuccessOnly,
+    },
+    layer::duplicates::Waiting,
+    layer::lock::{Keeper, LiveOps},
+    problem::ProblemRenderer,
     store::{IdempotencyStore, LiveLog, MemoryStore},
 };
 

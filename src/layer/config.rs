@@ -4,10 +4,16 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use http::{HeaderMap, HeaderName, Method, response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header, response};
 use tokio::sync::Semaphore;
 
-use crate::{Scope, lock::Keeper, problem::Answers, store::StoreKey};
+use crate::{
+    Scope,
+    hints::RetryHint,
+    layer::{duplicates::Waiting, lock::Keeper},
+    problem::{Problem, ProblemRenderer, Rfc9457},
+};
 
 /// Decides whether a response becomes the key's record. Implemented for closures
 /// `Fn(&http::response::Parts) -> bool`.
@@ -97,7 +103,7 @@ pub enum Duplicates {
     /// - At most [`with_max_waiters`](crate::IdempotencyLayer::with_max_waiters) duplicates of
     ///   one key join in one process; past that, `409` with `Retry-After`.
     /// - Across replicas: the executing request publishes its response to the store as it is
-    ///   recorded ([`IdempotencyStore::publish`](crate::store::IdempotencyStore::publish)),
+    ///   recorded ([`LiveLog::publish`](crate::store::LiveLog::publish)),
     ///   and joiners on any replica follow it there. Publishing never waits for the store on
     ///   the response's path: while one publish is under way, what follows is batched into
     ///   the next. A response whose body is complete before its head goes out publishes
@@ -232,6 +238,34 @@ impl fmt::Debug for Config {
     }
 }
 
+/// How the layer answers its problems: the renderer and the retry hints.
+#[derive(Clone)]
+pub(crate) struct Answers {
+    pub(crate) renderer: std::sync::Arc<dyn ProblemRenderer>,
+    pub(crate) hints: Vec<RetryHint>,
+}
+
+impl Default for Answers {
+    fn default() -> Self {
+        Self { renderer: std::sync::Arc::new(Rfc9457), hints: RetryHint::DEFAULT.to_vec() }
+    }
+}
+
+impl Answers {
+    /// The head and body of the answer to `problem`; `grpc` for a gRPC request, which gets a
+    /// gRPC status whatever the renderer.
+    pub(crate) fn render(&self, problem: Problem, grpc: bool) -> (response::Parts, Bytes) {
+        let response = if grpc { crate::grpc::render(&problem) } else { self.renderer.render(&problem) };
+        let (mut head, body) = response.into_parts();
+        crate::hints::apply(&self.hints, &problem, &mut head.headers);
+        if !head.headers.contains_key(header::CACHE_CONTROL) {
+            head.headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        head.extensions.insert(problem.kind().outcome());
+        (head, body)
+    }
+}
+
 /// Default limit on the request body buffered for the fingerprint: 2 MiB (axum's default).
 pub const DEFAULT_MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
 /// Default limit on a recorded response body: 1 MiB.
@@ -247,44 +281,3 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_DETACHED: usize = 1024;
 /// Default bound on the duplicates of one key that wait for it or join it, per process: 64.
 pub const DEFAULT_MAX_WAITERS: usize = 64;
-
-/// How many duplicates wait for or join each key in flight in this process.
-pub(crate) struct Waiting {
-    max: usize,
-    keys: std::sync::Mutex<std::collections::HashMap<StoreKey, usize>>,
-}
-
-impl Waiting {
-    pub(crate) fn new(max: usize) -> Arc<Self> {
-        Arc::new(Self { max, keys: Default::default() })
-    }
-
-    /// A place among `key`'s waiters, held until dropped; `None` when all are taken.
-    pub(crate) fn enter(self: &Arc<Self>, key: &StoreKey) -> Option<WaitSlot> {
-        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        let count = keys.entry(key.clone()).or_insert(0);
-        if *count >= self.max {
-            return None;
-        }
-        *count += 1;
-        Some(WaitSlot { waiting: self.clone(), key: key.clone() })
-    }
-}
-
-/// One duplicate's place among its key's waiters.
-pub(crate) struct WaitSlot {
-    waiting: Arc<Waiting>,
-    key: StoreKey,
-}
-
-impl Drop for WaitSlot {
-    fn drop(&mut self) {
-        let mut keys = self.waiting.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = keys.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                keys.remove(&self.key);
-            }
-        }
-    }
-}

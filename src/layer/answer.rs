@@ -1,0 +1,115 @@
+//! The layer's own answers (`400`, `409`, `413`, `422`, `503`): a [`Problem`] rendered by the
+//! configured renderer (or as a gRPC status for a gRPC request), with the retry hints,
+//! `Cache-Control: no-store` and the [`Outcome`](crate::Outcome).
+
+use std::time::Duration;
+
+use http::{HeaderMap, Response};
+use http_body::Body;
+
+use crate::{
+    layer::{body::ResponseBody, config::Answers},
+    problem::{Problem, ProblemKind},
+};
+
+/// The layer's own answer to a request with headers `request`: rendered by the configured
+/// renderer, or as a gRPC status for a gRPC request.
+pub(crate) fn problem_response<B: Body>(
+    answers: &Answers,
+    request: &HeaderMap,
+    kind: ProblemKind,
+    retry_after: Option<Duration>,
+) -> Response<ResponseBody<B>> {
+    let (head, body) = answers.render(Problem::new(kind, retry_after), crate::grpc::is_grpc(request));
+    Response::from_parts(head, ResponseBody::full(body, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{header, response};
+
+    use super::*;
+    use crate::Outcome;
+
+    fn render(kind: ProblemKind, retry_after: Option<Duration>) -> (response::Parts, Bytes) {
+        Answers::default().render(Problem::new(kind, retry_after), false)
+    }
+
+    #[test]
+    fn retry_after_headers_round_up_and_saturate() {
+        let cases = [
+            (Duration::ZERO, 1, 0),
+            (Duration::from_nanos(1), 1, 1),
+            (Duration::from_millis(1), 1, 1),
+            (Duration::from_secs(1), 1, 1000),
+            (Duration::from_millis(1500), 2, 1500),
+            (Duration::from_micros(1_500_001), 2, 1501),
+            (Duration::from_secs(2), 2, 2000),
+            (Duration::from_secs(u64::MAX / 1000), u64::MAX / 1000, u64::MAX / 1000 * 1000),
+            (Duration::from_secs(u64::MAX / 1000 + 1), u64::MAX / 1000 + 1, u64::MAX),
+            (Duration::from_secs(u64::MAX - 1) + Duration::from_nanos(1), u64::MAX, u64::MAX),
+            (Duration::from_secs(u64::MAX), u64::MAX, u64::MAX),
+            (Duration::MAX, u64::MAX, u64::MAX),
+        ];
+        for (after, secs, ms) in cases {
+            let (head, _) = render(ProblemKind::InFlight, Some(after));
+            assert_eq!(head.headers[header::RETRY_AFTER], secs.to_string().as_str(), "{after:?}");
+            assert_eq!(head.headers[crate::hints::RETRY_AFTER_MS], ms.to_string().as_str(), "{after:?}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_valid_problem_json() {
+        for &kind in ProblemKind::ALL {
+            let (head, body) = render(kind, None);
+            assert_eq!(head.status, kind.status());
+            assert_eq!(head.headers[header::CONTENT_TYPE], "application/problem+json");
+            assert_eq!(head.headers[header::CACHE_CONTROL], "no-store");
+            assert_eq!(head.extensions.get::<Outcome>(), Some(&kind.outcome()));
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["status"], head.status.as_u16());
+            assert_eq!(json["type"], kind.type_uri());
+            assert!(kind.type_uri().ends_with(&format!("#{}", kind.slug())));
+            assert_eq!(json["title"], kind.title());
+            assert_eq!(json["detail"], kind.detail());
+            assert_eq!(json.as_object().unwrap().len(), 4);
+        }
+    }
+
+    /// The default bodies are byte for byte those of the releases before renderers existed.
+    #[test]
+    fn the_default_body_is_unchanged() {
+        let (_, body) = render(ProblemKind::InFlight, Some(Duration::from_secs(1)));
+        assert_eq!(
+            body,
+            concat!(
+                r#"{"type":"https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#in-flight","#,
+                r#""title":"Request in flight","status":409,"#,
+                r#""detail":"A request with this idempotency key is still being processed. Retry later."}"#
+            )
+        );
+    }
+
+    #[test]
+    fn hints_by_kind() {
+        for &kind in ProblemKind::ALL {
+            let (head, _) = render(kind, Some(Duration::from_millis(2500)));
+            let get = |name: &str| head.headers.get(name).map(|v| v.to_str().unwrap());
+            if kind.is_retryable() {
+                assert_eq!((get("retry-after"), get("retry-after-ms")), (Some("3"), Some("2500")), "{kind:?}");
+                assert_eq!(get("x-should-retry"), None, "{kind:?}");
+            } else {
+                assert_eq!((get("retry-after"), get("retry-after-ms")), (None, None), "{kind:?}");
+                assert_eq!(get("x-should-retry"), Some("false"), "{kind:?}");
+            }
+        }
+        let retryable: Vec<_> = ProblemKind::ALL.iter().filter(|kind| kind.is_retryable()).collect();
+        assert_eq!(
+            retryable,
+            [&ProblemKind::InFlight, &ProblemKind::StoreUnavailable, &ProblemKind::TransactionFailed]
+        );
+    }
+}
