@@ -1,6 +1,6 @@
-//! The guarded path: everything after the key was found valid. The body is buffered and
-//! fingerprinted, the scope resolved, and the store's `begin` decides: replay, refuse, wait, or
-//! execute (then [`execute`](crate::execute) takes over).
+//! The guarded path, the same for every [`Mode`]: the body is buffered and fingerprinted, the
+//! scope resolved, and the mode's `begin` decides: replay, refuse, wait for or join a duplicate
+//! in flight, or execute (then the mode executes).
 
 use std::{marker::PhantomData, sync::Arc};
 
@@ -13,69 +13,92 @@ use tower::Service;
 use crate::{
     IdempotencyKey, Outcome,
     headers::LAST_EVENT_ID,
-    layer::answer::problem_response,
-    layer::body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
-    layer::config::{Config, Duplicates, MAX_DURATION, StoreFailure},
-    layer::duplicates::WaitSlot,
-    layer::duplicates::{Joined, Waited, joined_head, wait_in_flight},
-    layer::execute::execute,
-    layer::lock::{LiveOps, LockGuard, Locked, StoreHandle, follower},
-    layer::replay::replay,
+    layer::{
+        answer::problem_response,
+        body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
+        config::{Config, Duplicates, StoreFailure},
+        duplicates::{Joined, joined_head},
+        lock::LiveOps,
+        mode::{Began, Followed, Inner, Mode, wait_until},
+        replay::replay,
+    },
     problem::ProblemKind,
-    store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
+    store::{Begin, Fingerprint, Record, StoreError, StoreKey},
 };
 
 /// One guarded request: everything after the key was found valid.
-pub(crate) struct Guarded<S, St, ReqBody, ResBody> {
+pub(crate) struct Guarded<S, M, ReqBody, ResBody> {
     inner: S,
-    store: Arc<St>,
+    mode: Arc<M>,
     config: Arc<Config>,
-    live: Option<LiveOps<St>>,
+    live: Option<LiveOps<M>>,
     _bodies: PhantomData<fn(ReqBody) -> ResBody>,
 }
 
-/// The inner service of a guarded request: the instance `poll_ready` readied, for as long as
-/// the request may still execute, or an idle clone that is readied only if it does.
-///
-/// A request that replays, waits or is refused must hold no capacity of the inner service (a
-/// `ConcurrencyLimit` permit, a buffer slot): while it waits, the readied instance is dropped.
-enum Inner<S> {
-    Ready(S),
-    Idle(S),
+/// A guarded request, buffered and fingerprinted, with its store key.
+pub(crate) struct Prepared {
+    pub(crate) head: request::Parts,
+    pub(crate) body: Buffered,
+    pub(crate) key: StoreKey,
+    pub(crate) fingerprint: Fingerprint,
 }
 
-impl<S: Clone> Inner<S> {
-    /// Gives back the readiness reserved for this request, keeping an idle clone.
-    fn idle(&mut self) {
-        if let Self::Ready(ready) = self {
-            *self = Self::Idle(ready.clone());
+/// Buffers the body (up to the limit), fingerprints the request and resolves its scope; a body
+/// over the limit or that fails is answered at once.
+pub(crate) async fn prepare<ReqBody, ResBody>(
+    config: &Config,
+    request: Request<ReqBody>,
+    key: IdempotencyKey,
+) -> Result<Prepared, Response<ResponseBody<ResBody>>>
+where
+    ReqBody: Body,
+    ReqBody::Data: Buf,
+    ResBody: Body,
+{
+    let (head, body) = request.into_parts();
+    let body = match buffer(body, config.max_request_body).await {
+        Ok(body) => body,
+        Err(BufferError::TooLarge) => {
+            return Err(problem_response(&config.answers, &head.headers, ProblemKind::RequestBodyTooLarge, None));
         }
-    }
-
-    /// The service, ready for one call.
-    async fn ready<R>(self) -> Result<S, S::Error>
-    where
-        S: Service<R>,
-    {
-        match self {
-            Self::Ready(ready) => Ok(ready),
-            Self::Idle(idle) => tower::ServiceExt::ready_oneshot(idle).await,
+        Err(BufferError::Unreadable) => {
+            return Err(problem_response(&config.answers, &head.headers, ProblemKind::RequestBodyUnreadable, None));
         }
+    };
+    let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
+    let key = StoreKey::new(config.scope.resolve(&head), key);
+    Ok(Prepared { head, body, key, fingerprint })
+}
+
+/// What the store's answer other than "execute" gets: a replay, or the layer's own answer.
+pub(crate) fn answer<ResBody: Body>(
+    config: &Config,
+    head: &request::Parts,
+    begin: Begin,
+) -> Response<ResponseBody<ResBody>> {
+    let problem = |kind, retry_after| problem_response(&config.answers, &head.headers, kind, retry_after);
+    match begin {
+        Begin::Completed(Record::Response(record)) => replay(record, head.headers.get(LAST_EVENT_ID)),
+        Begin::Completed(Record::NotRetained) => problem(ProblemKind::ResponseNotRetained, None),
+        Begin::Mismatch => problem(ProblemKind::KeyReused, None),
+        // A lock (its owner still running), or a store answer this layer does not know: the
+        // same request may still be running, so try again later.
+        _ => problem(ProblemKind::InFlight, Some(config.in_flight_retry_after())),
     }
 }
 
-impl<S, St, ReqBody, ResBody> Guarded<S, St, ReqBody, ResBody> {
-    pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>, live: Option<LiveOps<St>>) -> Self {
-        Self { inner, store, config, live, _bodies: PhantomData }
+impl<S, M, ReqBody, ResBody> Guarded<S, M, ReqBody, ResBody> {
+    pub(crate) fn new(inner: S, mode: Arc<M>, config: Arc<Config>, live: Option<LiveOps<M>>) -> Self {
+        Self { inner, mode, config, live, _bodies: PhantomData }
     }
 }
 
-impl<S, St, ReqBody, ResBody> Guarded<S, St, ReqBody, ResBody>
+impl<S, M, ReqBody, ResBody> Guarded<S, M, ReqBody, ResBody>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    St: IdempotencyStore,
+    M: Mode<S, ReqBody, ResBody>,
     ReqBody: Body + Send + 'static,
     ReqBody::Data: Buf + Send,
     ResBody: Body + Send + 'static,
@@ -87,82 +110,55 @@ where
         request: Request<ReqBody>,
         key: IdempotencyKey,
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
-        let Self { inner, store, config, live, .. } = self;
+        let Self { inner, mode, config, live, .. } = self;
         let mut inner = Inner::Ready(inner);
-        let (head, body) = request.into_parts();
-        let body = match buffer(body, config.max_request_body).await {
-            Ok(body) => body,
-            Err(BufferError::TooLarge) => {
-                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::RequestBodyTooLarge, None));
-            }
-            Err(BufferError::Unreadable) => {
-                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::RequestBodyUnreadable, None));
-            }
+        let Prepared { head, body, key, fingerprint } = match prepare(&config, request, key).await {
+            Ok(prepared) => prepared,
+            Err(answered) => return Ok(answered),
         };
-        let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
-        let key = StoreKey::new(config.scope.resolve(&head), key);
 
-        // In wait and join mode, a duplicate follows the lock's live log in the store, woken by
-        // the store, until the first request ends (then `begin` again: replay, or execute if
-        // it failed) or, joining, until its head is there. It waits holding nothing of the
-        // inner service, and in a bounded number per key.
+        // In wait and join mode, a duplicate waits for the request in flight (the mode says
+        // how: the plain one follows the lock's live log, woken by the store) until it ends
+        // (then `begin` again: replay, or execute if it failed) or, joining, until its head is
+        // there. It waits holding nothing of the inner service, and in a bounded number per key.
         let started = Instant::now();
-        let mut waiter: Option<(WaitSlot, Arc<dyn StoreHandle>)> = None;
-        let (began, begin) = loop {
-            let began = Instant::now();
-            let begin = match store.begin(&key, &fingerprint, config.lease).await {
-                Ok(begin) => begin,
+        let mut slot = None;
+        let (began, held) = loop {
+            let (began, found) = match M::begin(&mode, &key, &fingerprint, &config).await {
+                Ok(found) => found,
                 Err(error) => return store_failed(inner, &config, error, head, body).await,
             };
-            // Waiting and joining are set only over a store with a live log.
-            let (Some(timeout), Some(live)) = (config.duplicates.wait_timeout(), live) else { break (began, begin) };
-            let until = started + timeout.min(MAX_DURATION);
-            if !matches!(begin, Begin::Locked) || Instant::now() >= until {
-                break (began, begin);
+            let begin = match found {
+                Began::Execute(held) => break (began, held),
+                Began::Answer(begin) => begin,
+            };
+            let waiting = config.duplicates.wait_timeout().map(|timeout| wait_until(started, timeout));
+            let Some(until) = waiting.filter(|until| matches!(begin, Begin::Locked) && Instant::now() < *until)
+            else {
+                return Ok(answer(&config, &head, begin));
+            };
+            if slot.is_none() {
+                slot = config.waiting.enter(&key);
+                if slot.is_none() {
+                    return Ok(answer(&config, &head, begin));
+                }
             }
-            if waiter.is_none() {
-                let Some(slot) = config.waiting.enter(&key) else { break (began, begin) };
-                let following = follower(store.clone(), key.clone(), fingerprint, config.lease, live);
-                waiter = Some((slot, following));
-            }
-            let Some((_, following)) = &waiter else { unreachable!("set above") };
             inner.idle();
             let join = matches!(config.duplicates, Duplicates::Join { .. });
-            match wait_in_flight(following, until, join).await {
-                Ok(Waited::Head { status, headers, events, cursor }) => {
-                    let Some((slot, following)) = waiter.take() else { unreachable!("set above") };
+            match M::wait(&mode, live, &key, fingerprint, &config, until, join).await {
+                Ok(Followed::Head { status, headers, events, cursor, following }) => {
+                    let Some(slot) = slot.take() else { unreachable!("entered above") };
                     let (parts, start) = joined_head(status, headers, head.headers.get(LAST_EVENT_ID), &events);
                     let joined = Joined::new(following, status, events, cursor, start, slot);
                     return Ok(Response::from_parts(parts, ResponseBody::joined(joined)));
                 }
-                Ok(Waited::Ended | Waited::TimedOut) => {}
+                Ok(Followed::Ended | Followed::TimedOut) => {}
                 Err(error) => return store_failed(inner, &config, error, head, body).await,
             }
         };
-        drop(waiter);
-        let in_flight_retry_after = config.in_flight_retry_after();
-        let token = match begin {
-            Begin::Execute(token) => token,
-            Begin::Completed(Record::Response(record)) => {
-                return Ok(replay(record, head.headers.get(LAST_EVENT_ID)));
-            }
-            Begin::Completed(Record::NotRetained) => {
-                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::ResponseNotRetained, None));
-            }
-            Begin::Mismatch => {
-                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::KeyReused, None));
-            }
-            Begin::Locked => {
-                let retry_after = Some(in_flight_retry_after);
-                return Ok(problem_response(&config.answers, &head.headers, ProblemKind::InFlight, retry_after));
-            }
-        };
-        let locked = Locked { store, key, token, ttl: config.ttl, lease: config.lease, began, live };
-        // The guard first: if readying the service fails, or the request is dropped while it
-        // waits for readiness, the lock is released.
-        let guard = LockGuard::new(locked, &config.keeper);
-        let inner = inner.ready().await?;
-        execute(inner, guard, Request::from_parts(head, RequestBody::buffered(body)), config).await
+        drop(slot);
+        let request = Request::from_parts(head, RequestBody::buffered(body));
+        M::execute(mode, live, held, began, key, inner, request, config).await
     }
 }
 

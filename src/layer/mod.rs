@@ -28,6 +28,7 @@ pub(crate) mod execute;
 pub(crate) mod future;
 pub(crate) mod guarded;
 pub(crate) mod lock;
+pub(crate) mod mode;
 pub(crate) mod recording;
 pub(crate) mod replay;
 pub(crate) mod service;

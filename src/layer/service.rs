@@ -1,5 +1,6 @@
-//! [`Idempotency`]: the service. A request is passed through untouched (bypass), answered at
-//! once (an invalid or missing key), or guarded: see [`guarded`](crate::guarded).
+//! [`Idempotency`]: the service, and the front of the path every mode shares: [`admit`]
+//! passes a request through (its mode says how), answers it at once (an invalid or missing
+//! key), or guards it (`guarded.rs`).
 
 use std::{
     fmt,
@@ -8,7 +9,7 @@ use std::{
 };
 
 use bytes::Buf;
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use tower::Service;
 use tracing::Instrument;
@@ -21,26 +22,27 @@ use crate::{
     layer::future::ResponseFuture,
     layer::guarded::Guarded,
     layer::lock::LiveOps,
+    layer::mode::Mode,
     problem::ProblemKind,
-    store::IdempotencyStore,
 };
 
-/// The idempotency middleware around an inner service `S`, over store `St`.
+/// The idempotency middleware around an inner service `S`, in mode `M`: a store (the plain
+/// layer: any [`IdempotencyStore`](crate::store::IdempotencyStore)), or transactional mode.
 ///
 /// Built by [`IdempotencyLayer`](crate::IdempotencyLayer). The inner service receives a
 /// [`RequestBody`] (the original body, or the bytes the layer buffered) and the response body
 /// is a [`ResponseBody`]. Errors are the inner service's own: everything the layer decides
 /// itself is a response.
-pub struct Idempotency<S, St> {
+pub struct Idempotency<S, M> {
     inner: S,
-    store: Arc<St>,
+    mode: Arc<M>,
     config: Arc<Config>,
-    live: Option<LiveOps<St>>,
+    live: Option<LiveOps<M>>,
 }
 
-impl<S, St> Idempotency<S, St> {
-    pub(crate) fn new(inner: S, store: Arc<St>, config: Arc<Config>, live: Option<LiveOps<St>>) -> Self {
-        Self { inner, store, config, live }
+impl<S, M> Idempotency<S, M> {
+    pub(crate) fn new(inner: S, mode: Arc<M>, config: Arc<Config>, live: Option<LiveOps<M>>) -> Self {
+        Self { inner, mode, config, live }
     }
 
     /// The inner service.
@@ -49,24 +51,24 @@ impl<S, St> Idempotency<S, St> {
     }
 }
 
-impl<S: Clone, St> Clone for Idempotency<S, St> {
+impl<S: Clone, M> Clone for Idempotency<S, M> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), store: self.store.clone(), config: self.config.clone(), live: self.live }
+        Self { inner: self.inner.clone(), mode: self.mode.clone(), config: self.config.clone(), live: self.live }
     }
 }
 
-impl<S: fmt::Debug, St> fmt::Debug for Idempotency<S, St> {
+impl<S: fmt::Debug, M> fmt::Debug for Idempotency<S, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotency").field("inner", &self.inner).field("config", &self.config).finish_non_exhaustive()
     }
 }
 
-impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
+impl<S, M, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, M>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    St: IdempotencyStore,
+    M: Mode<S, ReqBody, ResBody>,
     ReqBody: Body + Send + 'static,
     ReqBody::Data: Buf + Send,
     ResBody: Body + Send + 'static,
@@ -82,29 +84,19 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let config = &self.config;
-        if !config.covers(request.method()) {
-            tracing::trace!(outcome = "bypassed", "idempotency: method not covered");
-            return ResponseFuture::bypass(self.inner.call(request.map(RequestBody::streaming)));
-        }
-        let key = match IdempotencyKey::from_headers(request.headers(), &config.header) {
-            Ok(Some(key)) => key,
-            Ok(None) if config.key_policy == KeyPolicy::Optional => {
-                tracing::trace!(outcome = "bypassed", "idempotency: no key");
-                return ResponseFuture::bypass(self.inner.call(request.map(RequestBody::streaming)));
+        let key = match admit(&self.config, &request) {
+            Admission::Pass => return M::pass(&self.mode, &mut self.inner, request, &self.config),
+            Admission::Refuse(kind) => {
+                return ResponseFuture::ready(problem_response(&self.config.answers, request.headers(), kind, None));
             }
-            Ok(None) => return problem_future(config, request.headers(), ProblemKind::MissingKey),
-            Err(invalid) => {
-                tracing::debug!(reason = %invalid, "idempotency: invalid key");
-                return problem_future(config, request.headers(), ProblemKind::InvalidKey);
-            }
+            Admission::Guard(key) => key,
         };
         // `poll_ready` readied `self.inner`; take that instance for this request and leave a
         // fresh clone behind, which the next `poll_ready` will drive.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let span = tracing::debug_span!("idempotency", method = %request.method(), path = request.uri().path());
-        let guarded = Guarded::new(inner, self.store.clone(), self.config.clone(), self.live);
+        let guarded = Guarded::new(inner, self.mode.clone(), self.config.clone(), self.live);
         let run = async move {
             let result = guarded.run(request, key).await;
             if let Ok(response) = &result {
@@ -117,6 +109,32 @@ where
     }
 }
 
-fn problem_future<F, B: Body, E>(config: &Config, request: &HeaderMap, kind: ProblemKind) -> ResponseFuture<F, B, E> {
-    ResponseFuture::ready(problem_response(&config.answers, request, kind, None))
+/// What the front of the path decides for a request, in every mode.
+pub(crate) enum Admission {
+    /// Not the layer's: an uncovered method, or no key where one is optional.
+    Pass,
+    /// A missing required key or an invalid one: answered at once.
+    Refuse(ProblemKind),
+    /// A valid key: guarded.
+    Guard(IdempotencyKey),
+}
+
+/// Admits a request: its method, then its key.
+pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
+    if !config.covers(request.method()) {
+        tracing::trace!(outcome = "bypassed", "idempotency: method not covered");
+        return Admission::Pass;
+    }
+    match IdempotencyKey::from_headers(request.headers(), &config.header) {
+        Ok(Some(key)) => Admission::Guard(key),
+        Ok(None) if config.key_policy == KeyPolicy::Optional => {
+            tracing::trace!(outcome = "bypassed", "idempotency: no key");
+            Admission::Pass
+        }
+        Ok(None) => Admission::Refuse(ProblemKind::MissingKey),
+        Err(invalid) => {
+            tracing::debug!(reason = %invalid, "idempotency: invalid key");
+            Admission::Refuse(ProblemKind::InvalidKey)
+        }
+    }
 }
