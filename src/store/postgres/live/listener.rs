@@ -96,7 +96,7 @@ pub(super) struct Memo {
 }
 
 /// A follower's interest in a key, from before its first read until it returns.
-pub(super) struct Subscription {
+pub(in crate::store::postgres) struct Subscription {
     shared: Arc<Shared>,
     id: KeyId,
     key: Arc<Key>,
@@ -118,7 +118,7 @@ impl Listener {
     }
 
     /// Starts following `id`: every notification for it from now on wakes the subscription.
-    pub(super) fn subscribe(&self, id: KeyId) -> Subscription {
+    pub(in crate::store::postgres) fn subscribe(&self, id: KeyId) -> Subscription {
         let mut keys = self.shared.keys();
         let key = match keys.get(&id).and_then(Weak::upgrade) {
             Some(key) => key,
@@ -140,7 +140,7 @@ impl Listener {
 
     /// Waits, at most `within`, until the listener listens (starting it if it is not running):
     /// a follower reads only then, so that nothing committed after its read goes unnoticed.
-    pub(super) async fn listening(&self, within: Duration) -> Result<(), StoreError> {
+    pub(in crate::store::postgres) async fn listening(&self, within: Duration) -> Result<(), StoreError> {
         self.ensure_started();
         let mut listening = self.shared.listening.subscribe();
         match tokio::time::timeout(within, listening.wait_for(|listening| *listening)).await {
@@ -234,7 +234,7 @@ impl Key {
 impl Subscription {
     /// Completes at the next notification for the key (or reconnection of the listener);
     /// `enable` it before reading, so that one arriving during the read counts.
-    pub(super) fn changed(&self) -> Notified<'_> {
+    pub(in crate::store::postgres) fn changed(&self) -> Notified<'_> {
         self.key.changed.notified()
     }
 

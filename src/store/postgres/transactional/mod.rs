@@ -209,25 +209,28 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
         let ready = |response| TransactionalResponseFuture { future: Box::pin(async move { Ok(response) }) };
-        let bypass = |inner: &mut S, request: Request<ReqBody>| {
-            let call = inner.call(request.map(RequestBody::streaming));
-            TransactionalResponseFuture { future: Box::pin(async move { Ok(call.await?.map(ResponseBody::inner)) }) }
-        };
-        if !config.covers(request.method()) {
-            return bypass(&mut self.inner, request);
-        }
-        let key = match IdempotencyKey::from_headers(request.headers(), &config.header) {
-            Ok(Some(key)) => key,
-            Ok(None) if config.key_policy == KeyPolicy::Optional => return bypass(&mut self.inner, request),
-            Ok(None) => return ready(problem_response(config, request.headers(), ProblemKind::MissingKey, None)),
-            Err(_) => return ready(problem_response(config, request.headers(), ProblemKind::InvalidKey, None)),
+        let key = if config.covers(request.method()) {
+            match IdempotencyKey::from_headers(request.headers(), &config.header) {
+                Ok(Some(key)) => Some(key),
+                Ok(None) if config.key_policy == KeyPolicy::Optional => None,
+                Ok(None) => return ready(problem_response(config, request.headers(), ProblemKind::MissingKey, None)),
+                Err(_) => return ready(problem_response(config, request.headers(), ProblemKind::InvalidKey, None)),
+            }
+        } else {
+            None
         };
         // As in the plain layer: take the readied instance, leave a fresh clone behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         let run = run::Run { inner, store: self.store.clone(), config: config.clone() };
-        let task = tokio::spawn(run.run(request, key));
+        // The request runs on a task of its own, so that its transaction ends as the layer
+        // decides even when the client leaves; unguarded requests (no key, an uncovered
+        // method) too, in a transaction of their own.
+        let task = match key {
+            Some(key) => tokio::spawn(run.run(request, key)),
+            None => tokio::spawn(run.run_unguarded(request)),
+        };
         TransactionalResponseFuture {
             future: Box::pin(async move {
                 match task.await {

@@ -1,20 +1,36 @@
-//! One request in transactional mode: take the key in a transaction, run the handler with it,
-//! record, commit, then answer.
+//! One request in transactional mode: take the key in a transaction (a duplicate in wait mode
+//! first waits for it outside any transaction), run the handler with it, record, commit, then
+//! answer. A request the layer does not guard (no key, an uncovered method) runs in a
+//! transaction of its own.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    any::Any,
+    future::Future,
+    panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Buf;
 use http::{Request, Response, request};
 use http_body::Body;
 use sha2::{Digest, Sha256};
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction, postgres::PgRow};
+use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
-use super::super::{PgTransaction, PostgresStore, begin_on, micros, scope_bytes};
+use super::super::{
+    BEGIN_ATTEMPTS, PgTransaction, PostgresStore, decode_begin,
+    live::key_id,
+    micros, scope_bytes,
+    sql::{notice, state},
+};
 use crate::{
     IdempotencyKey, Outcome,
     body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
-    config::{Config, InFlight, StoreFailure},
+    config::{Config, StoreFailure},
     events::marks_of,
     execute::stored_headers,
     headers::LAST_EVENT_ID,
@@ -24,8 +40,21 @@ use crate::{
     store::{Begin, Fingerprint, LockToken, Record, StoreKey, StoredResponse},
 };
 
-/// PostgreSQL's `lock_not_available`: a `lock_timeout` ran out.
-const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// PostgreSQL's `query_canceled`: a statement cut short by `statement_timeout` (or a cancel
+/// request). Not a failure of the store: the key is looked at again, or answered `409`.
+const QUERY_CANCELED: &str = "57014";
+
+/// PostgreSQL's `serialization_failure`: under `REPEATABLE READ` or `SERIALIZABLE`, the key's
+/// row changed after this transaction's snapshot was taken (a concurrent request committed
+/// it). A new transaction sees it.
+const SERIALIZATION_FAILURE: &str = "40001";
+
+/// How many times taking a key starts over after a serialization failure of the layer's own
+/// statements.
+const TAKE_ATTEMPTS: usize = 4;
+
+/// The `Retry-After` of a transaction that did not commit.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub(super) struct Run<S> {
     pub(super) inner: S,
@@ -33,14 +62,42 @@ pub(super) struct Run<S> {
     pub(super) config: Arc<Config>,
 }
 
-/// What taking the key in a transaction found.
+/// What taking the key found.
 enum Taken {
     /// The key is this transaction's: run the handler.
     Execute(Transaction<'static, Postgres>, LockToken),
     /// Replay, refuse or mismatch: the transaction was rolled back.
     Answer(Begin),
-    /// A duplicate is in flight (its advisory lock is held, or the wait timed out).
+    /// A duplicate is in flight (and, waiting, it did not end in time).
     Busy,
+    /// PostgreSQL failed (or did not answer within the operation timeout).
+    Failed(tower::BoxError),
+}
+
+/// What a look at the key outside any transaction found.
+enum Peek {
+    /// No live row and no request in flight: take it.
+    Free,
+    /// A request in flight holds the key's advisory lock.
+    Busy,
+    /// A live row: replay, mismatch, or a lock of the plain layer.
+    Answer(Begin),
+}
+
+/// How the commit went.
+enum Committed {
+    Yes,
+    /// The handler ended the transaction itself: nothing was recorded.
+    EndedByHandler,
+    Failed(sqlx::Error),
+}
+
+/// The unguarded `Retry-After`s the plain layer sends: its store-failure one.
+fn unavailable_retry_after(config: &Config) -> Duration {
+    match config.store_failure {
+        StoreFailure::FailClosed { retry_after } => retry_after,
+        _ => Duration::from_secs(1),
+    }
 }
 
 impl<S> Run<S> {
@@ -69,41 +126,39 @@ impl<S> Run<S> {
         };
         let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
         let key = StoreKey::new(config.scope.resolve(&head), key);
-        // The `Retry-After`s the plain layer sends: its in-flight setting, its store-failure one.
-        let in_flight_retry_after = config.in_flight_retry_after();
-        let unavailable_retry_after = match config.store_failure {
-            StoreFailure::FailClosed { retry_after } => retry_after,
-            _ => Duration::from_secs(1),
-        };
-        let retry_after = Duration::from_secs(1);
 
         store.ensure_reaper();
-        // Taking the key is bounded like every store operation (and, when waiting, by the wait
-        // timeout too); past it the transaction is dropped, so rolled back.
-        let bound = store.inner.operation_timeout
-            + match config.in_flight {
-                InFlight::Wait { timeout } | InFlight::Join { timeout } => timeout,
-                _ => Duration::ZERO,
-            };
-        let taken = tokio::time::timeout(bound, take(&store, &config, &key, fingerprint))
-            .await
-            .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
-        let (transaction, token) = match taken {
-            Ok(Taken::Execute(transaction, token)) => (transaction, token),
-            Ok(Taken::Answer(Begin::Completed(Record::Response(record)))) => {
+        let lock = Lock {
+            advisory: advisory_key(&store.inner.statements.table, &key),
+            id: key_id(&key),
+            store: &store,
+            config: &config,
+            key: &key,
+            fingerprint,
+        };
+        let (transaction, token) = match lock.take().await {
+            Taken::Execute(transaction, token) => (transaction, token),
+            Taken::Answer(Begin::Completed(Record::Response(record))) => {
                 return Ok(replay(record, head.headers.get(LAST_EVENT_ID)));
             }
-            Ok(Taken::Answer(Begin::Completed(_))) => {
+            Taken::Answer(Begin::Completed(_)) => {
                 return Ok(problem(&head, ProblemKind::ResponseNotRetained, None));
             }
-            Ok(Taken::Answer(Begin::Mismatch)) => return Ok(problem(&head, ProblemKind::KeyReused, None)),
-            Ok(Taken::Answer(_) | Taken::Busy) => {
-                return Ok(problem(&head, ProblemKind::InFlight, Some(in_flight_retry_after)));
+            Taken::Answer(Begin::Mismatch) => return Ok(problem(&head, ProblemKind::KeyReused, None)),
+            Taken::Answer(_) | Taken::Busy => {
+                return Ok(problem(&head, ProblemKind::InFlight, Some(config.in_flight_retry_after())));
             }
-            Err(error) => {
+            Taken::Failed(error) => {
                 tracing::warn!(%error, "idempotency: PostgreSQL failed before the handler ran; answering 503");
-                return Ok(problem(&head, ProblemKind::StoreUnavailable, Some(unavailable_retry_after)));
+                let retry_after = unavailable_retry_after(&config);
+                return Ok(problem(&head, ProblemKind::StoreUnavailable, Some(retry_after)));
             }
+        };
+        let ended = Ended {
+            store: store.clone(),
+            key: key.clone(),
+            token,
+            waits: config.in_flight.wait_timeout().is_some(),
         };
         let handle = PgTransaction::new(transaction);
         head.extensions.insert(handle.clone());
@@ -111,33 +166,38 @@ impl<S> Run<S> {
         let headers = request.headers().clone();
         let problem = |kind, retry_after| problem_response(&config, &headers, kind, retry_after);
 
-        // An error or a panic of the handler rolls back: the closer takes the transaction from
-        // every clone of the handle (one kept by a task the handler spawned included) and drops
-        // it, which sqlx rolls back.
-        let closer = RollBackOnDrop(Some(handle.clone()));
-        let response = inner.oneshot(request).await?;
-        closer.disarm();
+        let (handled, transaction) = handle_with(inner, request, handle).await;
+        let response = match handled {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                ended.roll_back(transaction).await;
+                return Err(error);
+            }
+            Err(panic) => {
+                ended.roll_back(transaction).await;
+                resume_unwind(panic)
+            }
+        };
         let (mut head, body) = response.into_parts();
-        let Some(transaction) = handle.close().await else { unreachable!("only this request closes its transaction") };
         if !config.predicate.should_record(&head) {
-            rollback(transaction).await;
+            ended.roll_back(transaction).await;
             head.extensions.insert(Outcome::Executed);
             return Ok(Response::from_parts(head, ResponseBody::inner(body)));
         }
         let (data, trailers) = match buffer(body, config.max_record).await {
             Ok(Buffered { data, trailers }) => (data, trailers),
             Err(BufferError::TooLarge) => {
-                rollback(transaction).await;
+                ended.roll_back(transaction).await;
                 tracing::warn!("idempotency: response over the record limit; its transaction was rolled back");
                 return Ok(problem(ProblemKind::ResponseTooLarge, None));
             }
             Err(BufferError::Unreadable) => {
-                rollback(transaction).await;
-                return Ok(problem(ProblemKind::TransactionFailed, Some(retry_after)));
+                ended.roll_back(transaction).await;
+                return Ok(problem(ProblemKind::TransactionFailed, Some(RETRY_AFTER)));
             }
         };
         if !config.predicate.should_record_trailers(trailers.as_ref()) {
-            rollback(transaction).await;
+            ended.roll_back(transaction).await;
             head.extensions.insert(Outcome::Executed);
             return Ok(Response::from_parts(head, ResponseBody::full(data, trailers)));
         }
@@ -148,21 +208,131 @@ impl<S> Run<S> {
         }
         // An event stream keeps its event ends, so a replay with `Last-Event-ID` resumes.
         record.marks = marks_of(&record.headers, &record.body);
-        if let Err(error) = record_and_commit(&store, transaction, &key, token, &record, config.ttl).await {
-            tracing::warn!(%error, "idempotency: the request's transaction did not commit; nothing was kept");
-            return Ok(problem(ProblemKind::TransactionFailed, Some(retry_after)));
+        match record_and_commit(&store, transaction, &key, token, &record, config.ttl).await {
+            Committed::Yes => {
+                if ended.waits {
+                    ended.spawn(notice::COMPLETED);
+                }
+            }
+            Committed::EndedByHandler => {
+                // Before the answer: the key is free once the client hears of it.
+                ended.run(notice::RELEASED).await;
+                tracing::error!(
+                    "idempotency: the handler ended the request's transaction itself (it ran its own COMMIT or \
+                     ROLLBACK on the connection it was lent); nothing was recorded and the key is free, but what \
+                     the handler committed itself stays. Let the layer commit: never end its transaction"
+                );
+                return Ok(problem(ProblemKind::TransactionEnded, None));
+            }
+            Committed::Failed(error) => {
+                ended.spawn(notice::RELEASED);
+                let kind = commit_failure(&error);
+                tracing::warn!(%error, problem = kind.slug(), "idempotency: the request's transaction did not commit; nothing was kept");
+                return Ok(problem(kind, Some(RETRY_AFTER)));
+            }
         }
         head.extensions.insert(Outcome::Executed);
         Ok(Response::from_parts(head, ResponseBody::full(data, trailers)))
     }
+
+    /// A request the layer does not guard (no key where one is optional, or an uncovered
+    /// method): the handler runs in a transaction of its own, committed when the cache
+    /// predicate accepts the response's head (before the head goes out), rolled back
+    /// otherwise. Nothing is recorded; the body streams.
+    pub(super) async fn run_unguarded<ReqBody, ResBody>(
+        self,
+        request: Request<ReqBody>,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        ReqBody: Body + Send + 'static,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Buf,
+        ResBody::Error: Into<tower::BoxError>,
+    {
+        let Self { inner, store, config } = self;
+        store.ensure_reaper();
+        let begun = tokio::time::timeout(store.inner.operation_timeout, store.inner.pool.begin()).await;
+        let transaction = match begun.unwrap_or(Err(sqlx::Error::PoolTimedOut)) {
+            Ok(transaction) => transaction,
+            Err(error) => {
+                tracing::warn!(%error, "idempotency: PostgreSQL failed before the handler ran; answering 503");
+                let retry_after = Some(unavailable_retry_after(&config));
+                return Ok(problem_response(&config, request.headers(), ProblemKind::StoreUnavailable, retry_after));
+            }
+        };
+        let (mut head, body) = request.into_parts();
+        let handle = PgTransaction::new(transaction);
+        head.extensions.insert(handle.clone());
+        let headers = head.headers.clone();
+        let request = Request::from_parts(head, RequestBody::streaming(body));
+        let (handled, transaction) = handle_with(inner, request, handle).await;
+        let response = match handled {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                rollback(transaction).await;
+                return Err(error);
+            }
+            Err(panic) => {
+                rollback(transaction).await;
+                resume_unwind(panic)
+            }
+        };
+        let (head, body) = response.into_parts();
+        if !config.predicate.should_record(&head) {
+            rollback(transaction).await;
+        } else if let Err(error) = transaction.commit().await {
+            let kind = commit_failure(&error);
+            tracing::warn!(%error, problem = kind.slug(), "idempotency: the request's transaction did not commit");
+            return Ok(problem_response(&config, &headers, kind, Some(RETRY_AFTER)));
+        }
+        Ok(Response::from_parts(head, ResponseBody::inner(body)))
+    }
 }
 
-/// Takes the request's transaction from every clone of its handle when dropped before the
-/// handler answered: on its error, on its panic (while unwinding), on cancellation.
+/// Runs the handler with the transaction behind `handle`, catching its panic, and takes the
+/// transaction back from every clone of the handle (waiting for a statement a clone runs).
+/// The caller commits or rolls back before it answers, also on an error or a panic: a retry
+/// sent the moment the answer arrives finds the key free.
+async fn handle_with<S, Req, Res>(
+    inner: S,
+    request: Req,
+    handle: PgTransaction,
+) -> (Result<Result<Res, S::Error>, Box<dyn Any + Send>>, Transaction<'static, Postgres>)
+where
+    S: Service<Req, Response = Res> + Send + 'static,
+    S::Future: Send + 'static,
+    Req: Send + 'static,
+{
+    // Cancelled (the runtime shuts down), the transaction is dropped from every clone.
+    let closer = RollBackOnDrop(Some(handle.clone()));
+    let handled = CatchUnwind(Box::pin(inner.oneshot(request))).await;
+    closer.disarm();
+    let Some(transaction) = handle.close().await else { unreachable!("only this request closes its transaction") };
+    (handled, transaction)
+}
+
+/// Polls a future, catching its panic.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// Drops the request's transaction from every clone of its handle if dropped armed: when the
+/// request's task is cancelled (the runtime shuts down).
 struct RollBackOnDrop(Option<PgTransaction>);
 
 impl RollBackOnDrop {
-    /// The handler answered: the layer decides what becomes of the transaction.
     fn disarm(mut self) {
         self.0 = None;
     }
@@ -176,91 +346,238 @@ impl Drop for RollBackOnDrop {
     }
 }
 
-/// PostgreSQL's `serialization_failure`: under `REPEATABLE READ` or `SERIALIZABLE`, the key's
-/// row changed after this transaction's snapshot was taken (a concurrent request committed
-/// it). A new transaction sees it.
-const SERIALIZATION_FAILURE: &str = "40001";
-
-/// How many times taking a key starts over after a serialization failure of the layer's own
-/// statements.
-const TAKE_ATTEMPTS: usize = 4;
-
-/// Opens a transaction and takes `key` in it (see the in-flight modes on
-/// [`TransactionalLayer`](super::TransactionalLayer)). Under `REPEATABLE READ` or
-/// `SERIALIZABLE`, a concurrent commit on the key fails the layer's statements with a
-/// serialization failure: the transaction is dropped (rolled back) and taken anew, and the
-/// new snapshot sees the committed row (a replay, a mismatch, or a lock in flight).
-async fn take(
-    store: &PostgresStore,
-    config: &Config,
-    key: &StoreKey,
+/// Taking one key.
+struct Lock<'a> {
+    store: &'a PostgresStore,
+    config: &'a Config,
+    key: &'a StoreKey,
     fingerprint: Fingerprint,
-) -> Result<Taken, sqlx::Error> {
-    let mut attempt = 1;
-    loop {
-        match take_once(store, config, key, fingerprint).await {
-            Err(sqlx::Error::Database(error))
-                if error.code().as_deref() == Some(SERIALIZATION_FAILURE) && attempt < TAKE_ATTEMPTS =>
-            {
-                attempt += 1;
+    /// The key's advisory lock.
+    advisory: i64,
+    /// The key's id in the live log table and in notifications.
+    id: [u8; 16],
+}
+
+/// `operation` within `within`; past it, a pool timeout.
+async fn bounded<T>(
+    within: Duration,
+    operation: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(within, operation).await.unwrap_or(Err(sqlx::Error::PoolTimedOut))
+}
+
+fn is_cancelled(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(error) if error.code().as_deref() == Some(QUERY_CANCELED))
+}
+
+impl Lock<'_> {
+    /// Takes the key in a transaction; a duplicate in flight is `409` at once, or in wait
+    /// mode waits for it (see [`wait`](Self::wait)).
+    async fn take(&self) -> Taken {
+        let first = self.take_in_transaction().await;
+        match (first, self.config.in_flight.wait_timeout()) {
+            (Taken::Busy, Some(timeout)) => self.wait(timeout).await,
+            (first, _) => first,
+        }
+    }
+
+    /// Waits, outside any transaction and holding no connection, for the request in flight
+    /// to end, then takes the key or answers with its record; `Busy` past `timeout` or over
+    /// the bound on waiters.
+    ///
+    /// The duplicate subscribes to the key on the store's listening connection, registers its
+    /// wait in the key's wait marker (committed), then looks at the key once more: the end of
+    /// the request in flight, which reads the marker after its commit or rollback, either sees
+    /// it and notifies, or came before that look, which then sees the end. It is woken by the
+    /// notification, and looks again at the latest after the store's follow recheck (an owner
+    /// whose process died sends nothing).
+    async fn wait(&self, timeout: Duration) -> Taken {
+        let Some(_slot) = self.config.waiting.enter(self.key) else { return Taken::Busy };
+        let until = Instant::now().checked_add(timeout).unwrap_or_else(|| Instant::now() + crate::config::MAX_DURATION);
+        let inner = &self.store.inner;
+        let subscription = inner.listener.subscribe(self.id);
+        if let Err(error) = inner.listener.listening(inner.operation_timeout).await {
+            return Taken::Failed(error.into());
+        }
+        loop {
+            let changed = subscription.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let mut peeked = self.peek().await;
+            if matches!(peeked, Ok(Peek::Busy)) {
+                match self.register().await {
+                    Err(error) if !is_cancelled(&error) => return Taken::Failed(error.into()),
+                    _ => peeked = self.peek().await,
+                }
             }
-            taken => return taken,
+            match peeked {
+                Ok(Peek::Free) => match self.take_in_transaction().await {
+                    // Another duplicate took it first: wait for that one.
+                    Taken::Busy => {}
+                    taken => return taken,
+                },
+                Ok(Peek::Answer(begin)) => return Taken::Answer(begin),
+                Ok(Peek::Busy) => {}
+                Err(error) if is_cancelled(&error) => {}
+                Err(error) => return Taken::Failed(error.into()),
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Taken::Busy;
+            }
+            let wake = until.min(now + inner.follow_recheck);
+            tokio::select! {
+                () = &mut changed => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Opens a transaction and takes the key in it. A serialization failure of the layer's
+    /// statements (`REPEATABLE READ`, `SERIALIZABLE`: a concurrent commit on the key) starts
+    /// over in a new transaction, whose snapshot sees the committed row. A cancelled
+    /// statement is `Busy`.
+    async fn take_in_transaction(&self) -> Taken {
+        let within = self.store.inner.operation_timeout;
+        let mut attempt = 1;
+        loop {
+            match bounded(within, self.take_once()).await {
+                Ok(taken) => return taken,
+                Err(sqlx::Error::Database(error))
+                    if error.code().as_deref() == Some(SERIALIZATION_FAILURE) && attempt < TAKE_ATTEMPTS =>
+                {
+                    attempt += 1;
+                }
+                Err(error) if is_cancelled(&error) => return Taken::Busy,
+                Err(error) => return Taken::Failed(error.into()),
+            }
+        }
+    }
+
+    async fn take_once(&self) -> Result<Taken, sqlx::Error> {
+        let inner = &self.store.inner;
+        let mut transaction = inner.pool.begin().await?;
+        let token = LockToken::new(self.fingerprint);
+        for _ in 0..BEGIN_ATTEMPTS {
+            let row = sqlx::query(AssertSqlSafe(inner.statements.tx_begin.clone()))
+                .bind(scope_bytes(self.key))
+                .bind(self.key.key().as_str())
+                .bind(&self.fingerprint.as_bytes()[..])
+                .bind(&token.id().to_be_bytes()[..])
+                .bind(micros(self.config.lease))
+                .bind(self.advisory)
+                .fetch_optional(&mut *transaction)
+                .await;
+            let row = match row {
+                Ok(Some(row)) => row,
+                // A concurrent `begin` committed the key after the statement's snapshot.
+                Ok(None) => continue,
+                Err(error) => {
+                    rollback(transaction).await;
+                    return Err(error);
+                }
+            };
+            return match answer(&row, token)? {
+                Peek::Free => Ok(Taken::Execute(transaction, token)),
+                Peek::Busy => {
+                    rollback(transaction).await;
+                    Ok(Taken::Busy)
+                }
+                Peek::Answer(begin) => {
+                    rollback(transaction).await;
+                    Ok(Taken::Answer(begin))
+                }
+            };
+        }
+        rollback(transaction).await;
+        Err(sqlx::Error::Protocol("begin kept racing concurrent writers of the same key".into()))
+    }
+
+    /// The key as `take` would find it, read outside any transaction (one statement).
+    async fn peek(&self) -> Result<Peek, sqlx::Error> {
+        let inner = &self.store.inner;
+        let query = sqlx::query(AssertSqlSafe(inner.statements.tx_peek.clone()))
+            .bind(scope_bytes(self.key))
+            .bind(self.key.key().as_str())
+            .bind(&self.fingerprint.as_bytes()[..])
+            .bind(self.advisory);
+        let row = bounded(inner.operation_timeout, query.fetch_one(&inner.pool)).await?;
+        answer(&row, LockToken::new(self.fingerprint))
+    }
+
+    /// Registers a wait in the key's wait marker (one statement, committed).
+    async fn register(&self) -> Result<(), sqlx::Error> {
+        let inner = &self.store.inner;
+        let query = sqlx::query(AssertSqlSafe(inner.statements.tx_wait.clone())).bind(&self.id[..]);
+        bounded(inner.operation_timeout, query.execute(&inner.pool)).await?;
+        Ok(())
+    }
+}
+
+/// What a `tx_begin` or `tx_peek` row says (`Free`: taken, or free to take).
+fn answer(row: &PgRow, token: LockToken) -> Result<Peek, sqlx::Error> {
+    let decode = |error| sqlx::Error::Decode(Box::new(error));
+    match row.try_get::<i32, _>(0)? {
+        state::BUSY => Ok(Peek::Busy),
+        _ => match decode_begin(row, token).map_err(decode)? {
+            Begin::Execute(_) => Ok(Peek::Free),
+            other => Ok(Peek::Answer(other)),
+        },
+    }
+}
+
+/// The end of a request's transaction, seen from outside it (`tx_end`): what is left of its
+/// lock goes (a handler's own `COMMIT` made it outlive the transaction), and the duplicates
+/// that registered a wait on the key are notified.
+#[derive(Clone)]
+struct Ended {
+    store: Arc<PostgresStore>,
+    key: StoreKey,
+    token: LockToken,
+    /// Whether duplicates may wait (wait or join mode): then a commit is followed by `tx_end`
+    /// too.
+    waits: bool,
+}
+
+impl Ended {
+    /// Rolls the transaction back, then runs `tx_end` off the answer's path.
+    async fn roll_back(&self, transaction: Transaction<'static, Postgres>) {
+        rollback(transaction).await;
+        self.spawn(notice::RELEASED);
+    }
+
+    fn spawn(&self, kind: u8) {
+        let ended = self.clone();
+        tokio::spawn(async move { ended.run(kind).await });
+    }
+
+    async fn run(&self, kind: u8) {
+        let inner = &self.store.inner;
+        let kind = [kind];
+        let kind = std::str::from_utf8(&kind).unwrap_or("r");
+        let query = sqlx::query(AssertSqlSafe(inner.statements.tx_end.clone()))
+            .bind(scope_bytes(&self.key))
+            .bind(self.key.key().as_str())
+            .bind(&self.token.id().to_be_bytes()[..])
+            .bind(&key_id(&self.key)[..])
+            .bind(kind);
+        if let Err(error) = bounded(inner.operation_timeout, query.fetch_one(&inner.pool)).await {
+            tracing::warn!(%error, "idempotency: could not notify the duplicates waiting for a key");
         }
     }
 }
 
-async fn take_once(
-    store: &PostgresStore,
-    config: &Config,
-    key: &StoreKey,
-    fingerprint: Fingerprint,
-) -> Result<Taken, sqlx::Error> {
-    let inner = &store.inner;
-    let mut transaction = inner.pool.begin().await?;
-    let token = LockToken::new(fingerprint);
-    let began = match config.in_flight {
-        InFlight::Reject { .. } => {
-            let lock = advisory_key(&inner.statements.table, key);
-            let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-                .bind(lock)
-                .fetch_one(&mut *transaction)
-                .await?;
-            if !taken {
-                rollback(transaction).await;
-                return Ok(Taken::Busy);
-            }
-            begin_on(&inner.statements, &mut transaction, key, token, config.lease).await
+/// The problem a commit that failed answers: an integrity constraint (SQLSTATE class `23`,
+/// e.g. a deferred unique or foreign key constraint) fails the same way on every retry, so it
+/// is final; anything else (a serialization failure, a deadlock, the connection lost) may
+/// pass on a retry.
+fn commit_failure(error: &sqlx::Error) -> ProblemKind {
+    match error {
+        sqlx::Error::Database(error) if error.code().is_some_and(|code| code.starts_with("23")) => {
+            ProblemKind::TransactionRejected
         }
-        // The response is released only once committed: nothing to join before, so a join waits.
-        InFlight::Wait { timeout } | InFlight::Join { timeout } => {
-            let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
-            set_lock_timeout(&mut transaction, &format!("'{millis}ms'")).await?;
-            let began = begin_on(&inner.statements, &mut transaction, key, token, config.lease).await;
-            if began.is_ok() {
-                set_lock_timeout(&mut transaction, "DEFAULT").await?;
-            }
-            began
-        }
-    };
-    match began {
-        Ok(Begin::Execute(token)) => Ok(Taken::Execute(transaction, token)),
-        Ok(other) => {
-            rollback(transaction).await;
-            Ok(Taken::Answer(other))
-        }
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
-            rollback(transaction).await;
-            Ok(Taken::Busy)
-        }
-        Err(error) => Err(error),
+        _ => ProblemKind::TransactionFailed,
     }
-}
-
-/// `SET LOCAL lock_timeout`: `value` is `'N ms'` with N a number this module formatted, or
-/// `DEFAULT`.
-async fn set_lock_timeout(connection: &mut PgConnection, value: &str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(AssertSqlSafe(format!("SET LOCAL lock_timeout = {value}"))).execute(connection).await?;
-    Ok(())
 }
 
 /// The advisory lock of `key` in `table`: the first 8 bytes of a SHA-256 over both. Two keys
@@ -280,7 +597,9 @@ fn advisory_key(table: &str, key: &StoreKey) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// Writes the record in the transaction that holds the key, then commits.
+/// Writes the record in the transaction that holds the key, then commits. The record's
+/// statement updates the lock row only if this very transaction wrote it: when the handler
+/// ended the transaction itself, it finds nothing, and nothing is recorded.
 async fn record_and_commit(
     store: &PostgresStore,
     mut transaction: Transaction<'static, Postgres>,
@@ -288,7 +607,7 @@ async fn record_and_commit(
     token: LockToken,
     record: &StoredResponse,
     ttl: Duration,
-) -> Result<(), sqlx::Error> {
+) -> Committed {
     let mut encoded = Vec::with_capacity(record.encoded_len());
     // A response with a field too large for the encoding cannot be kept: not retained.
     let encoded = record.encode_into(&mut encoded).map(|()| encoded);
@@ -299,13 +618,26 @@ async fn record_and_commit(
         .bind(encoded)
         .bind(micros(ttl))
         .execute(&mut *transaction)
-        .await?;
-    if written.rows_affected() != 1 {
-        return Err(sqlx::Error::Protocol("the transaction's own lock row was not found".into()));
+        .await;
+    match written {
+        Ok(written) if written.rows_affected() == 1 => match transaction.commit().await {
+            Ok(()) => Committed::Yes,
+            Err(error) => Committed::Failed(error),
+        },
+        Ok(_) => {
+            // Ends whatever transaction the handler left open (or warns that there is none).
+            rollback(transaction).await;
+            Committed::EndedByHandler
+        }
+        Err(error) => {
+            rollback(transaction).await;
+            Committed::Failed(error)
+        }
     }
-    transaction.commit().await
 }
 
+/// Rolls back, waiting for PostgreSQL's answer: the key's advisory lock and row are gone
+/// when it returns.
 async fn rollback(transaction: Transaction<'static, Postgres>) {
     if let Err(error) = transaction.rollback().await {
         tracing::debug!(%error, "idempotency: rollback failed (PostgreSQL rolls back on its own)");
