@@ -210,10 +210,9 @@ impl ProblemKind {
             Self::RequestBodyTooLarge => Outcome::BodyTooLarge,
             Self::KeyReused => Outcome::KeyReused,
             Self::StoreUnavailable => Outcome::StoreUnavailable,
-            Self::TransactionFailed
-            | Self::ResponseTooLarge
-            | Self::TransactionRejected
-            | Self::TransactionEnded => Outcome::RolledBack,
+            Self::TransactionFailed | Self::ResponseTooLarge | Self::TransactionRejected | Self::TransactionEnded => {
+                Outcome::RolledBack
+            }
         }
     }
 }

@@ -744,7 +744,11 @@ async fn after_a_handler_error_the_rollback_precedes_the_answer_so_an_immediate_
 /// The rows of the key's waits: the marker a duplicate leaves before it waits, which tells
 /// the request in flight to notify when it ends (`n` counts the duplicates that registered).
 async fn waits_registered(s: &Setup) -> i64 {
-    let sql = format!("SELECT coalesce(sum(n), 0)::int8 FROM {}.idempotency_live WHERE token = '\\x{}'", s.db.schema, "00".repeat(16));
+    let sql = format!(
+        "SELECT coalesce(sum(n), 0)::int8 FROM {}.idempotency_live WHERE token = '\\x{}'",
+        s.db.schema,
+        "00".repeat(16)
+    );
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&s.db.pool).await.unwrap()
 }
 
@@ -842,7 +846,10 @@ async fn a_handler_that_ends_the_transaction_itself_is_detected_before_recording
         let kept = i64::from(sql.starts_with("COMMIT"));
         assert_eq!(s.items().await, items + kept, "{sql}");
         // (What the handler committed itself is the application's to clean up.)
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("TRUNCATE {}.items", s.db.schema))).execute(&s.db.pool).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("TRUNCATE {}.items", s.db.schema)))
+            .execute(&s.db.pool)
+            .await
+            .unwrap();
         let retry = send(&s.router, &key, body, &[]).await;
         assert_eq!((retry.status, retry.outcome), (StatusCode::CREATED, Outcome::Executed), "{sql}: {}", retry.body);
         assert_eq!(s.keys().await, 1, "{sql}");

@@ -167,7 +167,11 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// A lock taken in [transactional mode](#transactional-mode) is never followed: its row is
 /// uncommitted until the commit that turns it into the record, so no follower can see or mark
 /// it (a follower finds nothing live, at once), and nothing is published (the response is
-/// buffered until the commit).
+/// buffered until the commit). Its duplicates wait on the same listening connection instead,
+/// for the end of its transaction: each registers its wait in the key's *wait marker*, a row
+/// of the live log table with an all-zero token (`seq` 0, `n` the waits registered), which the
+/// layer deletes, notifying, once the transaction ended (see
+/// [`TransactionalLayer`](crate::store::TransactionalLayer#waiting)).
 ///
 /// # Expiry and fencing
 ///

@@ -30,7 +30,6 @@ pub(super) mod state {
     pub(crate) const BUSY: i32 = 4;
 }
 
-
 /// The state column `follow`'s read answers with.
 pub(super) mod followed {
     /// A live lock for the fingerprint (and the cursor's token): its events after the cursor.

@@ -1,8 +1,9 @@
 //! Transactional mode: [`TransactionalLayer`] and its service, [`Transactional`].
 //!
-//! - `mod.rs`: the layer, the service (bypass or run), the response future;
-//! - `run.rs`: one request: take the key in a transaction, run the handler with it, record,
-//!   commit, answer.
+//! - `mod.rs`: the layer, the service (a guarded or an unguarded run, each on its task), the
+//!   response future;
+//! - `run.rs`: one request: take the key in a transaction (a waiting duplicate waits outside
+//!   it, woken by a notification), run the handler with it, record, commit, answer.
 
 use std::{
     fmt,
@@ -61,42 +62,97 @@ mod run;
 /// # How a request runs
 ///
 /// 1. The body is buffered and fingerprinted as in the plain layer. The layer opens a
-///    transaction on the store's pool and inserts the key's row in it: a completed record
-///    replays, another fingerprint is `422`, exactly as in the plain layer.
-/// 2. A duplicate of a request in flight cannot see its row (it is not committed). With
-///    [`InFlight::Reject`](crate::InFlight::Reject) (the default) the layer first takes a
-///    transaction-scoped advisory lock on the key (`pg_try_advisory_xact_lock`): a duplicate
-///    that cannot take it gets `409` at once. With [`InFlight::Wait`](crate::InFlight::Wait)
-///    its insert waits on the first request's uncommitted row (notified by PostgreSQL itself,
-///    no polling), bounded by the wait timeout as `lock_timeout`: when the first commits it
-///    replays the record, when the first rolls back it executes, past the timeout `409`.
-///    Either way it never sees a half-done attempt.
+///    transaction on the store's pool and, in one statement, reads the key's row: a completed
+///    record replays, another fingerprint is `422`, exactly as in the plain layer, and neither
+///    takes any lock (so any number of concurrent retries of a completed key all replay).
+///    Only a key without a row is taken: under a transaction-scoped advisory lock on the key
+///    (`pg_try_advisory_xact_lock`), the same statement inserts its row.
+/// 2. A duplicate of a request in flight cannot see its row (it is not committed), but finds
+///    the advisory lock held. With [`InFlight::Reject`](crate::InFlight::Reject) (the
+///    default) it gets `409` at once. With [`InFlight::Wait`](crate::InFlight::Wait) (and
+///    `Join`, which waits as `Wait` does here: nothing is released before the commit) it
+///    rolls back its transaction and waits **outside PostgreSQL**, holding no pool
+///    connection; at most [`with_max_waiters`](crate::IdempotencyLayer::with_max_waiters)
+///    duplicates of one key wait in one process, the others get `409`. It is woken by a
+///    notification when the first request's transaction ends (see *Waiting* below): when the
+///    first committed it replays the record, when the first rolled back it takes the key and
+///    executes, past the wait timeout `409`. Either way it never sees a half-done attempt.
 /// 3. The handler runs with the transaction. It runs to its end even if the client leaves
 ///    (the request runs on its own task).
 /// 4. A response the cache predicate rejects (by default any non-`2xx`), an error or a panic
-///    of the handler **rolls back**: the handler's writes are undone with the lock, and a retry
-///    executes again. A recordable response is buffered whole, **up to the record limit**
+///    of the handler **rolls back**, and the rollback is done before the answer (the error,
+///    the panic) leaves the layer: the handler's writes are undone with the lock, and a retry
+///    sent the moment the answer arrives executes again. A recordable response is buffered
+///    whole, **up to the record limit**
 ///    ([`with_max_record`](crate::IdempotencyLayer::with_max_record), default 1 MiB): a larger
 ///    one rolls back and the client gets `500` `response-too-large` (the response cannot be
 ///    streamed before the commit, and the plain layer's not-retained record would commit work whose
 ///    response no retry could ever see); a body that fails rolls back too (`503`
 ///    `transaction-failed`).
 /// 5. The record is written in the transaction, the transaction commits, then the response
-///    goes out. A commit that fails (a serialization failure, a deferred constraint, the
-///    connection lost) answers `503` `transaction-failed` with `Retry-After`: nothing was kept
-///    and the key is free. (A connection lost during the commit itself may hide a commit
-///    that happened: the retry then replays it.)
+///    goes out. The record's statement updates the key's row only if this very transaction
+///    wrote it (`xmin`): a handler that ended the transaction itself, with its own `COMMIT` or
+///    `ROLLBACK` on the connection it was lent, is caught there, before anything is recorded.
+///    The layer then rolls back whatever the handler left open, deletes the key's lock if the
+///    handler's `COMMIT` kept it, logs an error naming the cause, and answers `500`
+///    `transaction-ended` (final); the key is free. What the handler committed itself stays:
+///    never end the layer's transaction.
+/// 6. A commit that fails and may pass on a retry (a serialization failure, a deadlock, the
+///    connection lost) answers `503` `transaction-failed` with `Retry-After`: nothing was
+///    kept and the key is free. (A connection lost during the commit itself may hide a commit
+///    that happened: the retry then replays it.) A commit that broke an integrity constraint
+///    (SQLSTATE class `23`, e.g. a deferred unique or foreign key constraint) fails the same
+///    way on every retry: it answers `409` `transaction-rejected`, final
+///    (`x-should-retry: false`, no `Retry-After`), nothing kept, the key free.
 ///
-/// Round trips of a first request, besides the handler's own statements: `BEGIN`, the
-/// advisory lock (or, waiting, `SET LOCAL lock_timeout` before and after the insert), the
-/// key's insert, the record's update, `COMMIT`. A replay, a mismatch or a `409` ends after the
-/// insert (or the advisory lock) with a rollback.
+/// A request the layer does not guard, without a key where the key is optional (the
+/// default) or of a method it does not cover, still runs in a transaction of its own, so a
+/// handler can always take its [`PgTransaction`](super::PgTransaction) from the extensions: it
+/// commits before the response's head goes out when the cache predicate accepts the head (a
+/// `2xx` by default), and rolls back otherwise, as on an error or a panic. Nothing is recorded
+/// and the body streams. Require a key
+/// ([`KeyPolicy::Required`](crate::KeyPolicy::Required)) to refuse such requests with `400`
+/// instead.
+///
+/// # Waiting
+///
+/// A duplicate that finds the key's advisory lock held subscribes to the key on the store's
+/// listening connection (the one join mode uses, outside the pool: see
+/// [Responses in flight](super::PostgresStore#responses-in-flight)), registers its wait in the
+/// key's *wait marker* (a row of the live log table, committed, no WAL), and looks at the key
+/// once more, outside any transaction. Once the first request's transaction has ended
+/// (committed or rolled back), the layer that ran it deletes the marker, if there is one, and
+/// sends a `NOTIFY` for the key, in one statement on the pool, after the answer. The marker is
+/// read only after the end, so either it is seen and notified, or it was registered after the
+/// end, and the look that follows it sees the end. A key nobody waits for costs that
+/// statement nothing but a read of an index (no transaction id, no `NOTIFY`, so no
+/// database-wide notify lock). A duplicate also looks again at the store's
+/// [follow recheck](super::PostgresStoreBuilder::with_follow_recheck) (default 10 s) at the
+/// latest: a process that died mid-request sends nothing (PostgreSQL rolls its transaction
+/// back when its connection closes).
+///
+/// A statement of the layer's cancelled by `statement_timeout` (SQLSTATE `57014`) while it
+/// takes or looks at the key counts as a duplicate in flight: a waiting duplicate waits on,
+/// otherwise `409`; never `503` `store-unavailable`.
+///
+/// # Round trips
+///
+/// Besides the handler's own statements:
+///
+/// | request | round trips |
+/// | --- | --- |
+/// | first request (committed) | 4: `BEGIN`, the key's statement (read, advisory lock, insert), the record, `COMMIT`; in wait mode one more statement after the answer (the end, above) |
+/// | rolled back (predicate, error, panic, limit) | 3: `BEGIN`, the key's statement, `ROLLBACK`; one more after the answer (the end, above: it also deletes a lock a handler's own `COMMIT` kept) |
+/// | replay, mismatch, `409` | 3: `BEGIN`, the key's statement, `ROLLBACK` |
+/// | waiting duplicate | the 3 above, then 1 to register its wait and 1 to look again; 1 look per notification (or recheck), and 3 more to take the key when the first rolled back. Woken once by a commit: 6, then it replays |
+/// | request without a key | `BEGIN`, `COMMIT` or `ROLLBACK` |
 ///
 /// A store failure before the handler runs answers `503` `store-unavailable`; fail open
-/// is not available in transactional mode (the handler needs the transaction). Taking the key
-/// (a pool connection, `BEGIN`, the lock, the insert) is bounded by the store's
-/// [operation timeout](super::PostgresStoreBuilder::with_operation_timeout), plus the wait
-/// timeout when waiting; the commit is not (a commit cut short might still have happened).
+/// is not available in transactional mode (the handler needs the transaction). Each step of
+/// taking the key (a pool connection and `BEGIN`, the key's statement; a waiting duplicate's
+/// statements) is bounded by the store's
+/// [operation timeout](super::PostgresStoreBuilder::with_operation_timeout), and a wait by
+/// the wait timeout; the commit is not (a commit cut short might still have happened).
 ///
 /// The transaction has already run the layer's statements when the handler gets it, so set
 /// its isolation level for the pool's connections (`default_transaction_isolation`, e.g.
@@ -113,7 +169,10 @@ mod run;
 /// Set PostgreSQL's `idle_in_transaction_session_timeout` so that a process cut off from
 /// the database mid-request frees its key; a process that dies frees it at once (PostgreSQL
 /// rolls back the transaction of a closed connection). A handler that fails or panics rolls
-/// back at once, even when a task it started still holds a clone of its [`PgTransaction`](super::PgTransaction).
+/// back before its answer leaves, even when a task it started still holds a clone of its
+/// [`PgTransaction`](super::PgTransaction) (a statement that clone is running is waited for).
+///
+/// Needs PostgreSQL 13 or later (`pg_current_xact_id_if_assigned`).
 #[must_use]
 pub struct TransactionalLayer {
     store: Arc<PostgresStore>,

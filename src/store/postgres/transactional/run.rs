@@ -154,12 +154,8 @@ impl<S> Run<S> {
                 return Ok(problem(&head, ProblemKind::StoreUnavailable, Some(retry_after)));
             }
         };
-        let ended = Ended {
-            store: store.clone(),
-            key: key.clone(),
-            token,
-            waits: config.in_flight.wait_timeout().is_some(),
-        };
+        let ended =
+            Ended { store: store.clone(), key: key.clone(), token, waits: config.in_flight.wait_timeout().is_some() };
         let handle = PgTransaction::new(transaction);
         head.extensions.insert(handle.clone());
         let request = Request::from_parts(head, RequestBody::buffered(body));
@@ -400,6 +396,9 @@ impl Lock<'_> {
             return Taken::Failed(error.into());
         }
         loop {
+            if Instant::now() >= until {
+                return Taken::Busy;
+            }
             let changed = subscription.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -412,8 +411,8 @@ impl Lock<'_> {
             }
             match peeked {
                 Ok(Peek::Free) => match self.take_in_transaction().await {
-                    // Another duplicate took it first: wait for that one.
-                    Taken::Busy => {}
+                    // Another duplicate took it first: register for that one, then wait.
+                    Taken::Busy => continue,
                     taken => return taken,
                 },
                 Ok(Peek::Answer(begin)) => return Taken::Answer(begin),
