@@ -45,9 +45,10 @@
 //!
 //! # transaction-failed
 //! `503` with `Retry-After`, in transactional mode only (`store::TransactionalLayer`, feature `postgres`): the
-//! request's transaction did not commit (a serialization failure, a constraint checked at
-//! commit, a lost connection), so nothing the handler wrote was kept and the key is free.
-//! Retry: the retry executes against a database where this attempt never happened.
+//! request's transaction did not commit for a reason that may pass (a serialization failure,
+//! a deadlock, a lost connection), so nothing the handler wrote was kept and the key is free.
+//! Retry: the retry executes against a database where this attempt never happened. (A
+//! constraint the commit broke is `transaction-rejected`, final.)
 //!
 //! # response-too-large
 //! `500`, in transactional mode only (`store::TransactionalLayer`, feature `postgres`): the handler's response

@@ -78,6 +78,13 @@ async fn item(
         let mut tx = tx.lock().await.unwrap();
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.unwrap();
     }
+    if let Some(tables) = headers.get("x-tables") {
+        // Tables created in the transaction: an abort unlinks their files before it releases
+        // the transaction's locks, which makes the abort slow enough to watch.
+        let tables: usize = tables.to_str().unwrap().parse().unwrap();
+        let sql: String = (0..tables).map(|i| format!("CREATE TEMP TABLE t{i} (id int);")).collect();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx.lock().await.unwrap()).await.unwrap();
+    }
     if headers.contains_key("x-panic") {
         panic!("the handler panics after its insert");
     }
@@ -879,5 +886,79 @@ async fn a_request_without_a_key_gets_a_transaction_of_its_own() {
     // Each runs again (no key, no replay).
     assert_eq!(http_post(&client, addr, None, r#"{"id":3}"#, &[]).await.status, StatusCode::CREATED);
     assert_eq!((s.runs(), s.items().await), (3, 2));
+    s.db.drop().await;
+}
+
+/// A request in flight whose process died sends no notification (PostgreSQL only rolls its
+/// transaction back when its connection closes): its waiting duplicate looks again at the
+/// store's follow recheck, finds the key free and executes. The "process" here is a
+/// connection holding the key's advisory lock in a transaction, then terminated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_duplicate_of_a_request_whose_process_died_executes_after_a_recheck() {
+    use sha2::{Digest, Sha256};
+    let db = Db::new().await;
+    let sql = format!("CREATE TABLE {}.items (id bigint)", db.schema);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db.url()).await.unwrap();
+    let store = db.builder().with_follow_recheck(Duration::from_millis(200)).build(pool);
+    store.migrate().await.unwrap();
+    // The key's advisory lock, as the layer computes it (unscoped key `k1` in this table).
+    let mut digest = Sha256::new();
+    digest.update(b"tower-idempotency\0");
+    digest.update(store.table().as_bytes());
+    digest.update([0]);
+    digest.update([0]);
+    digest.update(b"k1");
+    let lock = i64::from_be_bytes(digest.finalize()[..8].try_into().unwrap());
+    let layer = IdempotencyLayer::with_store(store)
+        .with_scope(tower_idempotency::Scope::none())
+        .with_in_flight(InFlight::Wait { timeout: Duration::from_secs(60) })
+        .transactional();
+    let app = App::new(db.pool.clone());
+    let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
+    let mut dead = db.pool.acquire().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *dead).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut *dead).await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(lock).execute(&mut *dead).await.unwrap();
+    let waiter = tokio::spawn({
+        let router = router.clone();
+        async move { send(&router, "k1", r#"{"id":1}"#, &[]).await }
+    });
+    let marker = format!("SELECT count(*) FROM {}.idempotency_live", db.schema);
+    eventually(Duration::from_secs(10), "the duplicate waits", || async {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(marker.clone())).fetch_one(&db.pool).await.unwrap() == 1
+    })
+    .await;
+    assert!(!waiter.is_finished());
+    let killed: bool =
+        sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(pid).fetch_one(&db.pool).await.unwrap();
+    assert!(killed);
+    drop(dead);
+    let reply = waiter.await.unwrap();
+    assert_eq!((reply.status, reply.outcome), (StatusCode::CREATED, Outcome::Executed), "{}", reply.body);
+    assert_eq!((app.runs.load(Ordering::SeqCst), db.count("items").await), (1, 1));
+    db.drop().await;
+}
+
+/// After a commit that failed (a deferred constraint), the transaction's abort is over before
+/// the answer leaves: PostgreSQL reports the commit's error before it releases the key's
+/// advisory lock, so a retry sent the moment the answer arrived could find the key still held.
+/// The handler creates tables in the transaction, so the abort has files to unlink before it
+/// releases its locks. 15 times, the immediate retry executes again (and fails again), never
+/// `409` in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_commit_an_immediate_retry_executes() {
+    let s = setup(|layer| layer).await;
+    assert_eq!(send(&s.router, "first", r#"{"id":7}"#, &[]).await.status, StatusCode::CREATED);
+    for round in 0..15 {
+        let key = format!("k{round}");
+        for attempt in 0..2 {
+            let runs = s.runs();
+            let failed = send(&s.router, &key, r#"{"id":7}"#, &[("x-tables", "200")]).await;
+            assert!(failed.body.contains("transaction-rejected"), "round {round}, attempt {attempt}: {}", failed.body);
+            assert_eq!(s.runs(), runs + 1, "round {round}, attempt {attempt}: executed");
+        }
+    }
+    assert_eq!((s.items().await, s.keys().await), (1, 1));
     s.db.drop().await;
 }

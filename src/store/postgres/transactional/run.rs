@@ -619,9 +619,12 @@ async fn record_and_commit(
         .execute(&mut *transaction)
         .await;
     match written {
-        Ok(written) if written.rows_affected() == 1 => match transaction.commit().await {
+        Ok(written) if written.rows_affected() == 1 => match commit(&mut transaction).await {
             Ok(()) => Committed::Yes,
-            Err(error) => Committed::Failed(error),
+            Err(error) => {
+                rollback(transaction).await;
+                Committed::Failed(error)
+            }
         },
         Ok(_) => {
             // Ends whatever transaction the handler left open (or warns that there is none).
@@ -633,6 +636,16 @@ async fn record_and_commit(
             Committed::Failed(error)
         }
     }
+}
+
+/// Commits `transaction` in place: unlike `Transaction::commit`, a failure leaves it in the
+/// caller's hands, to [`rollback`], which waits until PostgreSQL has aborted it (its error
+/// arrives before the abort releases the key's advisory lock), so that the answer leaves
+/// only once a retry can take the key. Committed, the transaction has nothing left to roll
+/// back when dropped.
+async fn commit(transaction: &mut Transaction<'static, Postgres>) -> Result<(), sqlx::Error> {
+    use sqlx_core::transaction::TransactionManager;
+    sqlx::postgres::PgTransactionManager::commit(transaction).await
 }
 
 /// Rolls back, waiting for PostgreSQL's answer: the key's advisory lock and row are gone
