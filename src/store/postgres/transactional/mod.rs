@@ -99,7 +99,9 @@ mod run;
 ///    never end the layer's transaction.
 /// 6. A commit that fails and may pass on a retry (a serialization failure, a deadlock, the
 ///    connection lost) answers `503` `transaction-failed` with `Retry-After`: nothing was
-///    kept and the key is free. (A connection lost during the commit itself may hide a commit
+///    kept and the key is free (PostgreSQL reports a failed commit before it has released
+///    the key's lock, so the layer rolls back on the same connection, which waits for the
+///    abort, before it answers). (A connection lost during the commit itself may hide a commit
 ///    that happened: the retry then replays it.) A commit that broke an integrity constraint
 ///    (SQLSTATE class `23`, e.g. a deferred unique or foreign key constraint) fails the same
 ///    way on every retry: it answers `409` `transaction-rejected`, final
@@ -143,6 +145,7 @@ mod run;
 /// | --- | --- |
 /// | first request (committed) | 4: `BEGIN`, the key's statement (read, advisory lock, insert), the record, `COMMIT`; in wait mode one more statement after the answer (the end, above) |
 /// | rolled back (predicate, error, panic, limit) | 3: `BEGIN`, the key's statement, `ROLLBACK`; one more after the answer (the end, above: it also deletes a lock a handler's own `COMMIT` kept) |
+/// | failed commit | 5: the 4 of a first request, then `ROLLBACK` (the wait for the abort); one more after the answer (the end) |
 /// | replay, mismatch, `409` | 3: `BEGIN`, the key's statement, `ROLLBACK` |
 /// | waiting duplicate | the 3 above, then 1 to register its wait and 1 to look again; 1 look per notification (or recheck), and 3 more to take the key when the first rolled back. Woken once by a commit: 6, then it replays |
 /// | request without a key | `BEGIN`, `COMMIT` or `ROLLBACK` |
