@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower_idempotency::{
-    IdempotencyLayer, InFlight, Outcome,
+    IdempotencyLayer, Duplicates, Outcome,
     store::{PgTransaction, sqlx},
 };
 
@@ -169,7 +169,7 @@ async fn setup_pool(
         .with_follow_recheck(Duration::from_secs(3600))
         .build(pool.clone());
     store.migrate().await.unwrap();
-    let layer = configure(IdempotencyLayer::with_store(store)).transactional();
+    let layer = configure(IdempotencyLayer::from_store(store)).transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     Setup { db, app, router, pool }
@@ -376,7 +376,7 @@ async fn a_waiting_duplicate_replays_once_the_first_commits_or_executes_once_it_
 
 async fn waiting_duplicate(isolation: &str) {
     let s =
-        setup_with(isolation, |layer| layer.with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) })).await;
+        setup_with(isolation, |layer| layer.with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(10) })).await;
     for (round, first_status) in [(1, "201"), (2, "500")] {
         let key = format!("k{round}");
         let body: &'static str = if round == 1 { r#"{"id":1}"# } else { r#"{"id":2}"# };
@@ -417,7 +417,7 @@ async fn waiting_duplicate(isolation: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_duplicate_gets_409_past_the_wait_timeout() {
     let timeout = Duration::from_millis(300);
-    let s = setup(|layer| layer.with_in_flight(InFlight::Wait { timeout })).await;
+    let s = setup(|layer| layer.with_duplicates(Duplicates::Wait { timeout })).await;
     let router = s.router.clone();
     let first = tokio::spawn(async move { send(&router, "k1", r#"{"id":1}"#, &[("x-gate", "1")]).await });
     eventually(Duration::from_secs(5), "the first handler inserted", || async { s.runs() == 1 }).await;
@@ -458,9 +458,9 @@ async fn a_store_used_only_in_transactional_mode_reaps_expired_rows() {
     let sql = format!("CREATE TABLE {}.items (id bigint)", db.schema);
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db.url()).await.unwrap();
-    let store = db.builder().with_reap_interval(Duration::from_millis(50)).build(pool);
+    let store = db.builder().with_cleanup_interval(Duration::from_millis(50)).build(pool);
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::with_store(store).with_ttl(Duration::from_millis(100)).transactional();
+    let layer = IdempotencyLayer::from_store(store).with_ttl(Duration::from_millis(100)).transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app);
     for (n, body) in [(1, r#"{"id":1}"#), (2, r#"{"id":2}"#), (3, r#"{"id":3}"#)] {
@@ -488,7 +488,7 @@ async fn taking_the_key_is_bounded_by_the_operation_timeout() {
         .unwrap();
     let store = db.builder().with_operation_timeout(Duration::from_millis(200)).build(pool.clone());
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::with_store(store).transactional();
+    let layer = IdempotencyLayer::from_store(store).transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     let held = pool.acquire().await.unwrap();
@@ -505,7 +505,7 @@ async fn taking_the_key_is_bounded_by_the_operation_timeout() {
 /// A `409` in flight carries the `Retry-After` the layer was configured with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_409_in_flight_carries_the_configured_retry_after() {
-    let s = setup(|layer| layer.with_in_flight(InFlight::Reject { retry_after: Duration::from_secs(7) })).await;
+    let s = setup(|layer| layer.with_duplicates(Duplicates::Reject { retry_after: Duration::from_secs(7) })).await;
     let router = s.router.clone();
     let first = tokio::spawn(async move { send(&router, "k1", r#"{"id":1}"#, &[("x-gate", "1")]).await });
     s.app.at_gate.acquire().await.unwrap().forget();
@@ -722,7 +722,7 @@ async fn after_a_handler_error_the_rollback_precedes_the_answer_so_an_immediate_
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&db.url()).await.unwrap();
     let store = db.builder().build(pool);
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::with_store(store).transactional();
+    let layer = IdempotencyLayer::from_store(store).transactional();
     let handler = tower::service_fn(|request: Request<RequestBody<Body>>| async move {
         let tx = request.extensions().get::<PgTransaction>().unwrap().clone();
         let fail = request.headers().contains_key("x-fail");
@@ -769,8 +769,8 @@ fn in_use(s: &Setup) -> u32 {
 /// 9th duplicate gets `409` at once, and all 8 replay once the first commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_duplicates_hold_no_connection_and_respect_max_waiters() {
-    let wait = InFlight::Wait { timeout: Duration::from_secs(60) };
-    let s = setup_pool("", 4, |layer| layer.with_in_flight(wait).with_max_waiters(8)).await;
+    let wait = Duplicates::Wait { timeout: Duration::from_secs(60) };
+    let s = setup_pool("", 4, |layer| layer.with_duplicates(wait).with_max_waiters(8)).await;
     let (addr, _server) = serve(s.router.clone()).await;
     let client = client();
     let first = tokio::spawn({
@@ -814,8 +814,8 @@ async fn waiting_duplicates_hold_no_connection_and_respect_max_waiters() {
 /// `409`, and a retry after the first committed replays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_timeout_shorter_than_the_wait_is_not_store_unavailable() {
-    let wait = InFlight::Wait { timeout: Duration::from_secs(1) };
-    let s = setup_with("%20-c%20statement_timeout%3D200", |layer| layer.with_in_flight(wait)).await;
+    let wait = Duplicates::Wait { timeout: Duration::from_secs(1) };
+    let s = setup_with("%20-c%20statement_timeout%3D200", |layer| layer.with_duplicates(wait)).await;
     let (addr, _server) = serve(s.router.clone()).await;
     let client = client();
     let first = tokio::spawn({
@@ -910,9 +910,9 @@ async fn a_waiting_duplicate_of_a_request_whose_process_died_executes_after_a_re
     digest.update([0]);
     digest.update(b"k1");
     let lock = i64::from_be_bytes(digest.finalize()[..8].try_into().unwrap());
-    let layer = IdempotencyLayer::with_store(store)
+    let layer = IdempotencyLayer::from_store(store)
         .with_scope(tower_idempotency::Scope::none())
-        .with_in_flight(InFlight::Wait { timeout: Duration::from_secs(60) })
+        .with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(60) })
         .transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());

@@ -38,7 +38,7 @@ mod run;
 /// ```no_run
 /// use tower_idempotency::{IdempotencyLayer, store::PostgresStore};
 /// # fn layer(pool: tower_idempotency::store::sqlx::PgPool) {
-/// let layer = IdempotencyLayer::with_store(PostgresStore::new(pool)).transactional();
+/// let layer = IdempotencyLayer::from_store(PostgresStore::new(pool)).transactional();
 /// # let _ = layer;
 /// # }
 /// ```
@@ -68,8 +68,8 @@ mod run;
 ///    Only a key without a row is taken: under a transaction-scoped advisory lock on the key
 ///    (`pg_try_advisory_xact_lock`), the same statement inserts its row.
 /// 2. A duplicate of a request in flight cannot see its row (it is not committed), but finds
-///    the advisory lock held. With [`InFlight::Reject`](crate::InFlight::Reject) (the
-///    default) it gets `409` at once. With [`InFlight::Wait`](crate::InFlight::Wait) (and
+///    the advisory lock held. With [`Duplicates::Reject`](crate::Duplicates::Reject) (the
+///    default) it gets `409` at once. With [`Duplicates::Wait`](crate::Duplicates::Wait) (and
 ///    `Join`, which waits as `Wait` does here: nothing is released before the commit) it
 ///    rolls back its transaction and waits **outside PostgreSQL**, holding no pool
 ///    connection; at most [`with_max_waiters`](crate::IdempotencyLayer::with_max_waiters)

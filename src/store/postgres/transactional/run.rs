@@ -155,7 +155,7 @@ impl<S> Run<S> {
             }
         };
         let ended =
-            Ended { store: store.clone(), key: key.clone(), token, waits: config.in_flight.wait_timeout().is_some() };
+            Ended { store: store.clone(), key: key.clone(), token, waits: config.duplicates.wait_timeout().is_some() };
         let handle = PgTransaction::new(transaction);
         head.extensions.insert(handle.clone());
         let request = Request::from_parts(head, RequestBody::buffered(body));
@@ -371,7 +371,7 @@ impl Lock<'_> {
     /// mode waits for it (see [`wait`](Self::wait)).
     async fn take(&self) -> Taken {
         let first = self.take_in_transaction().await;
-        match (first, self.config.in_flight.wait_timeout()) {
+        match (first, self.config.duplicates.wait_timeout()) {
             (Taken::Busy, Some(timeout)) => self.wait(timeout).await,
             (first, _) => first,
         }
