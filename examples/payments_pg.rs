@@ -23,7 +23,8 @@ use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::{Value, json};
 use tower_idempotency::{
     IdempotencyLayer, KeyPolicy,
-    store::{PgTransaction, PostgresStore, sqlx},
+    store::{PostgresStore, sqlx},
+    transactional::PgTransaction,
 };
 
 /// Set in the child: it serves the payments API instead of telling the story.

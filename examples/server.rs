@@ -27,7 +27,10 @@ use std::{
 };
 
 #[cfg(feature = "postgres")]
-use tower_idempotency::store::{PgTransaction, PostgresStore, sqlx};
+use tower_idempotency::{
+    store::{PostgresStore, sqlx},
+    transactional::PgTransaction,
+};
 
 use axum::{
     Router,

@@ -33,6 +33,8 @@
 //! | `store-unavailable` | `503` | `UNAVAILABLE` (14) | transient: retry after the pushback |
 //! | `transaction-failed` | `503` | `UNAVAILABLE` (14) | transient: retry after the pushback |
 //! | `response-too-large` | `500` | `RESOURCE_EXHAUSTED` (8) | final: the response cannot be recorded |
+//! | `transaction-rejected` | `409` | `FAILED_PRECONDITION` (9) | final: the call's writes break a constraint of the database; retrying fails the same way |
+//! | `transaction-ended` | `500` | `INTERNAL` (13) | final: a fault of the server (its handler ended the call's transaction itself) |
 //!
 //! `ABORTED` rather than `ALREADY_EXISTS` for a duplicate in flight, because the gRPC status
 //! guide reserves `ALREADY_EXISTS` for "the entity a client tried to create already exists"
@@ -109,6 +111,8 @@ const fn code(kind: ProblemKind) -> u16 {
         ProblemKind::ResponseNotRetained => 9,
         ProblemKind::StoreUnavailable | ProblemKind::TransactionFailed => 14,
         ProblemKind::ResponseTooLarge => 8,
+        ProblemKind::TransactionRejected => 9,
+        ProblemKind::TransactionEnded => 13,
     }
 }
 
@@ -195,6 +199,8 @@ mod tests {
             (ProblemKind::StoreUnavailable, 14),
             (ProblemKind::TransactionFailed, 14),
             (ProblemKind::ResponseTooLarge, 8),
+            (ProblemKind::TransactionRejected, 9),
+            (ProblemKind::TransactionEnded, 13),
         ];
         assert_eq!(expected.len(), ProblemKind::ALL.len());
         for (kind, status) in expected {

@@ -10,7 +10,7 @@
 //! | --- | --- | --- |
 //! | retryable: `409` in flight, `503` store unavailable | `Retry-After: <seconds>` (rounded up) | RFC 9110; clients following the IETF draft; Stripe's Python SDK |
 //! | | `retry-after-ms: <milliseconds>` (at most the seconds × 1000) | the Stainless-generated SDKs (OpenAI, Anthropic), before `Retry-After` |
-//! | final: `400`, `413`, `422`, `409` response-not-retained | `x-should-retry: false` | the Stainless-generated SDKs, which otherwise retry every `409` |
+//! | final: `400`, `413`, `422`, `409` response-not-retained and transaction-rejected, `500` | `x-should-retry: false` | the Stainless-generated SDKs, which otherwise retry every `409` |
 //! | | `Stripe-Should-Retry: false` (not in the default set) | Stripe's SDKs, which otherwise retry every `409` |
 //!
 //! A Stripe-compatible API adds Stripe's header to the default set:

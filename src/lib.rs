@@ -200,6 +200,9 @@ pub mod problem;
 mod rt;
 mod scope;
 pub mod store;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod transactional;
 
 mod fingerprint;
 

@@ -44,16 +44,30 @@
 //! run (fail closed).
 //!
 //! # transaction-failed
-//! `503` with `Retry-After`, in transactional mode only (`store::TransactionalLayer`, feature `postgres`): the
-//! request's transaction did not commit (a serialization failure, a constraint checked at
-//! commit, a lost connection), so nothing the handler wrote was kept and the key is free.
-//! Retry: the retry executes against a database where this attempt never happened.
+//! `503` with `Retry-After`, in transactional mode only (`transactional`, feature `postgres`): the
+//! request's transaction did not commit for a reason that may pass (a serialization failure,
+//! a deadlock, a lost connection), so nothing the handler wrote was kept and the key is free.
+//! Retry: the retry executes against a database where this attempt never happened. (A
+//! constraint the commit broke is `transaction-rejected`, final.)
 //!
 //! # response-too-large
-//! `500`, in transactional mode only (`store::TransactionalLayer`, feature `postgres`): the handler's response
+//! `500`, in transactional mode only (`transactional`, feature `postgres`): the handler's response
 //! was larger than the record limit, so it could not be recorded in the request's
 //! transaction; the transaction was rolled back and nothing was written. Retrying will not
 //! help until the response fits the limit.
+//!
+//! # transaction-rejected
+//! `409` without `Retry-After`, in transactional mode only (`transactional`,
+//! feature `postgres`): the request's transaction broke an integrity constraint of the
+//! database when it committed (a deferred unique or foreign key constraint, for instance), so
+//! nothing it did was kept and the key is free. Retrying the same request fails the same way.
+//!
+//! # transaction-ended
+//! `500`, in transactional mode only (`transactional`, feature `postgres`): the
+//! handler ended the request's transaction itself (it ran its own `COMMIT` or `ROLLBACK` on
+//! the connection it was lent), so the response could not be recorded with it. Nothing was
+//! recorded and the key is free; what the handler committed itself stays. A fault of the
+//! server, not of the request: retrying does not help until the handler is fixed.
 
 use std::time::Duration;
 
@@ -168,6 +182,14 @@ problems! {
     RESPONSE_TOO_LARGE, /// `500`, final: the response was too large to record; nothing was kept.
     ResponseTooLarge = "response-too-large", 500, "Response too large",
         "The response was too large to record with the request's transaction, so the transaction was rolled back and nothing was kept.";
+    /// `type` of the `409` for a transaction that broke an integrity constraint at its commit.
+    TRANSACTION_REJECTED, /// `409`, final: the transaction broke an integrity constraint; nothing was kept.
+    TransactionRejected = "transaction-rejected", 409, "Transaction rejected",
+        "The request's transaction broke an integrity constraint of the database when it committed, so nothing it did was kept. Retrying the same request fails the same way.";
+    /// `type` of the `500` for a handler that ended the request's transaction itself.
+    TRANSACTION_ENDED, /// `500`, final: the handler ended the layer's transaction itself; nothing was recorded.
+    TransactionEnded = "transaction-ended", 500, "Transaction ended by the handler",
+        "The server ended the request's transaction before its response could be recorded with it, so nothing was recorded.";
 }
 
 impl ProblemKind {
@@ -189,7 +211,9 @@ impl ProblemKind {
             Self::RequestBodyTooLarge => Outcome::RequestBodyTooLarge,
             Self::KeyReused => Outcome::KeyReused,
             Self::StoreUnavailable => Outcome::StoreUnavailable,
-            Self::TransactionFailed | Self::ResponseTooLarge => Outcome::RolledBack,
+            Self::TransactionFailed | Self::ResponseTooLarge | Self::TransactionRejected | Self::TransactionEnded => {
+                Outcome::RolledBack
+            }
         }
     }
 }

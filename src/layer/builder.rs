@@ -80,10 +80,17 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         &self.store
     }
 
-    /// The store and the settings, for a layer built on this one's settings.
+    /// A layer in another mode over this one's store, with this one's settings (changed by
+    /// `settings` where the mode needs it).
     #[cfg(feature = "postgres")]
-    pub(crate) fn into_parts(self) -> (Arc<St>, Arc<Config>) {
-        (self.store, self.config)
+    pub(crate) fn into_mode<M>(
+        self,
+        mode: impl FnOnce(Arc<St>) -> M,
+        settings: impl FnOnce(&mut Config),
+    ) -> IdempotencyLayer<M> {
+        let mut config = self.config;
+        settings(Arc::make_mut(&mut config));
+        IdempotencyLayer { store: Arc::new(mode(self.store)), config, live: None }
     }
 
     /// The settings its services share.

@@ -108,7 +108,7 @@ pub enum Duplicates {
     ///   the response's path: while one publish is under way, what follows is batched into
     ///   the next. A response whose body is complete before its head goes out publishes
     ///   nothing at all.
-    /// - In transactional mode (`store::TransactionalLayer`, feature `postgres`), where the response is
+    /// - In transactional mode (`transactional`, feature `postgres`), where the response is
     ///   released only once committed, `Join` waits as `Wait` does.
     Join {
         /// How long to wait at most for the first request's head.

@@ -167,7 +167,7 @@ mod memory;
 mod record;
 // Not named `redis`: that name is the re-exported client crate below.
 #[cfg(feature = "postgres")]
-mod postgres;
+pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 mod redis_store;
 
@@ -186,10 +186,7 @@ pub use live::{Followed, LiveCursor, LiveEvent, LiveLog};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use postgres::{
-    PgTransaction, PgTransactionGuard, PostgresStore, PostgresStoreBuilder, TransactionClosed, Transactional,
-    TransactionalLayer, TransactionalResponseFuture,
-};
+pub use postgres::{PostgresStore, PostgresStoreBuilder};
 pub(crate) use record::EventMark;
 pub use record::{DecodeError, Record, StoredResponse};
 #[cfg(feature = "redis")]

@@ -6,8 +6,8 @@
 //! - `sql.rs`: the statement of each operation and the table's DDL;
 //! - `reaper.rs`: the background task deleting expired rows in batches;
 //! - `live/`: join mode, the live log (`publish`, `follow`) and the listening connection;
-//! - `transaction.rs`, `transactional/`: transactional mode, where the handler's own writes
-//!   and the record commit in one transaction.
+//! - the statements of transactional mode (`crate::transactional`, which runs them) are in
+//!   `sql.rs` with the others.
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -23,20 +23,16 @@ use crate::{
 };
 
 mod builder;
-mod live;
+pub(crate) mod live;
 mod reaper;
-mod sql;
-mod transaction;
-mod transactional;
+pub(crate) mod sql;
 
 pub use builder::PostgresStoreBuilder;
 use sql::{Statements, state};
-pub use transaction::{PgTransaction, PgTransactionGuard, TransactionClosed};
-pub use transactional::{Transactional, TransactionalLayer, TransactionalResponseFuture};
 
 /// How often `begin` runs its statement again when a concurrent `begin` of the same key
 /// committed while it ran (see `sql.rs`); each retry sees that row, so more than one is rare.
-const BEGIN_ATTEMPTS: usize = 8;
+pub(crate) const BEGIN_ATTEMPTS: usize = 8;
 
 /// An [`IdempotencyStore`] in PostgreSQL, on the application's [`PgPool`]: records survive
 /// restarts of every process, and many replicas share keys.
@@ -167,7 +163,11 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// A lock taken in [transactional mode](#transactional-mode) is never followed: its row is
 /// uncommitted until the commit that turns it into the record, so no follower can see or mark
 /// it (a follower finds nothing live, at once), and nothing is published (the response is
-/// buffered until the commit).
+/// buffered until the commit). Its duplicates wait on the same listening connection instead,
+/// for the end of its transaction: each registers its wait in the key's *wait marker*, a row
+/// of the live log table with an all-zero token (`seq` 0, `n` the waits registered), which the
+/// layer deletes, notifying, once the transaction ended (see
+/// [transactional mode](crate::transactional#waiting)).
 ///
 /// # Expiry and fencing
 ///
@@ -196,25 +196,25 @@ const BEGIN_ATTEMPTS: usize = 8;
 ///
 /// # Transactional mode
 ///
-/// With a [`TransactionalLayer`] the handler's own writes, the lock and the record commit in
+/// In [transactional mode](crate::transactional) the handler's own writes, the lock and the record commit in
 /// one transaction: see [`IdempotencyLayer::transactional`](crate::IdempotencyLayer::transactional).
 ///
 /// Cloning is cheap; clones share the pool, the reaper and the listening connection.
 #[derive(Clone)]
 pub struct PostgresStore {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    pool: PgPool,
-    statements: Statements,
-    operation_timeout: Duration,
+pub(crate) struct Inner {
+    pub(crate) pool: PgPool,
+    pub(crate) statements: Statements,
+    pub(crate) operation_timeout: Duration,
     reap_interval: Duration,
     reap_batch: i64,
     reaper: Background,
     /// The longest a follower waits without reading again.
-    follow_recheck: Duration,
-    listener: live::Listener,
+    pub(crate) follow_recheck: Duration,
+    pub(crate) listener: live::Listener,
 }
 
 impl PostgresStore {
@@ -293,7 +293,7 @@ impl PostgresStore {
         Ok(done.is_some())
     }
 
-    fn ensure_reaper(&self) {
+    pub(crate) fn ensure_reaper(&self) {
         let (store, every) = (Arc::downgrade(&self.inner), self.inner.reap_interval);
         self.inner.reaper.ensure(|running| reaper::reap_forever(store, every, running));
     }
@@ -310,12 +310,12 @@ fn store_error(error: sqlx::Error) -> StoreError {
 }
 
 /// The `scope` column of `key`: the 32-byte digest, or empty when unscoped.
-fn scope_bytes(key: &StoreKey) -> &[u8] {
+pub(crate) fn scope_bytes(key: &StoreKey) -> &[u8] {
     key.scope().map_or(&[][..], |scope| scope.as_bytes())
 }
 
 /// A duration as whole microseconds (at most a century, which the layer never exceeds).
-fn micros(duration: Duration) -> i64 {
+pub(crate) fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX).min(3_155_760_000_000_000)
 }
 
@@ -332,7 +332,7 @@ fn encode(record: &Record) -> Option<Vec<u8>> {
 }
 
 /// What `begin`'s row says.
-fn decode_begin(row: &PgRow, token: LockToken) -> Result<Begin, StoreError> {
+pub(crate) fn decode_begin(row: &PgRow, token: LockToken) -> Result<Begin, StoreError> {
     let corrupt = |error: sqlx::Error| StoreError::corrupt(error);
     match row.try_get::<i32, _>(0).map_err(corrupt)? {
         state::EXECUTE => Ok(Begin::Execute(token)),

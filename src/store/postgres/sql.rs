@@ -16,7 +16,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 /// The state column `begin` answers with.
-pub(super) mod state {
+pub(crate) mod state {
     /// The key was free and is now locked by the caller's token.
     pub(crate) const EXECUTE: i32 = 0;
     /// Locked or completed for another fingerprint.
@@ -25,6 +25,9 @@ pub(super) mod state {
     pub(crate) const IN_FLIGHT: i32 = 2;
     /// Completed for the same fingerprint: `response` holds the record, `NULL`: not retained.
     pub(crate) const COMPLETED: i32 = 3;
+    /// Transactional mode: no live row, and the key's advisory lock is held by another
+    /// transaction (a request in flight, its row not committed yet).
+    pub(crate) const BUSY: i32 = 4;
 }
 
 /// The state column `follow`'s read answers with.
@@ -38,7 +41,7 @@ pub(super) mod followed {
 }
 
 /// The first byte of a notification's payload: what happened to the lock.
-pub(super) mod notice {
+pub(crate) mod notice {
     /// Events were published.
     pub(crate) const PUBLISHED: u8 = b'p';
     /// A record replaced the lock.
@@ -52,25 +55,35 @@ pub(super) mod notice {
 /// Shared strings: handing one to `sqlx::query` copies nothing, and sqlx keeps each as a
 /// prepared statement per connection.
 #[derive(Debug)]
-pub(super) struct Statements {
+pub(crate) struct Statements {
     /// The quoted, possibly schema-qualified, table name.
-    pub(super) table: Arc<str>,
+    pub(crate) table: Arc<str>,
     /// The quoted, possibly schema-qualified, live log table (`{table}_live`).
-    pub(super) live: Arc<str>,
+    pub(crate) live: Arc<str>,
     /// The channel of the table's notifications (`tower_idempotency_` and 16 hex digits).
-    pub(super) channel: Arc<str>,
-    pub(super) begin: Arc<str>,
-    pub(super) complete: Arc<str>,
-    pub(super) renew: Arc<str>,
-    pub(super) release: Arc<str>,
+    pub(crate) channel: Arc<str>,
+    pub(crate) begin: Arc<str>,
+    pub(crate) complete: Arc<str>,
+    pub(crate) renew: Arc<str>,
+    pub(crate) release: Arc<str>,
     /// `complete` inside the transaction that took the key (transactional mode): the row is
-    /// the transaction's own, so no lease is checked.
-    pub(super) record_held: Arc<str>,
-    pub(super) publish: Arc<str>,
-    pub(super) follow: Arc<str>,
-    pub(super) reap: Arc<str>,
+    /// the transaction's own (written by this very transaction, checked with `xmin`), so no
+    /// lease is checked.
+    pub(crate) record_held: Arc<str>,
+    /// Transactional mode: `begin` in the request's transaction, under the key's advisory lock.
+    pub(crate) tx_begin: Arc<str>,
+    /// Transactional mode: what `tx_begin` would find, read outside any transaction.
+    pub(crate) tx_peek: Arc<str>,
+    /// Transactional mode: a duplicate registers its wait (the key's wait marker).
+    pub(crate) tx_wait: Arc<str>,
+    /// Transactional mode, after the request's transaction ended: what is left of its lock
+    /// goes, and the waits registered on the key are notified.
+    pub(crate) tx_end: Arc<str>,
+    pub(crate) publish: Arc<str>,
+    pub(crate) follow: Arc<str>,
+    pub(crate) reap: Arc<str>,
     /// The DDL of both migrations, in order.
-    pub(super) create: Arc<str>,
+    pub(crate) create: Arc<str>,
 }
 
 /// `name` as a quoted SQL identifier: any text is safe in it.
@@ -145,10 +158,101 @@ impl Statements {
              told AS (SELECT {notify_completed} FROM done WHERE followed) \
              SELECT (SELECT count(*) FROM told) AS told FROM done"
         );
+        // The row must be this transaction's own (`xmin`): a handler that ran its own `COMMIT`
+        // or `ROLLBACK` on the connection ended the transaction that wrote it, and the statement
+        // then runs in another transaction (or none), which finds nothing to update.
         let record_held = format!(
             "UPDATE {t} SET token = NULL, response = $4, \
                expires_at = clock_timestamp() + $5::float8 * interval '1 microsecond' \
-             WHERE scope = $1 AND key = $2 AND token = $3"
+             WHERE scope = $1 AND key = $2 AND token = $3 AND xmin = pg_current_xact_id_if_assigned()::xid"
+        );
+        // Transactional mode. $1 scope, $2 key, $3 fingerprint, $4 token, $5 lease in
+        // microseconds, $6 the key's advisory lock. As `begin`, in the request's transaction,
+        // except that a key without a live row is taken only under its advisory lock
+        // (`pg_try_advisory_xact_lock`, held until the transaction ends): the insert runs only
+        // once the lock is this transaction's, so it never waits on the uncommitted row of a
+        // request in flight (whose transaction holds the lock); without the lock, `BUSY`. A live
+        // row (a completed record) is answered without taking any lock, so concurrent retries
+        // of a completed key never collide. No row: a concurrent `begin` committed the key
+        // after the snapshot; run it again.
+        let tx_begin = format!(
+            "WITH now AS (SELECT clock_timestamp() AS t), \
+             held AS ( \
+               SELECT h.fingerprint, h.token, h.response FROM {t} AS h, now \
+               WHERE h.scope = $1 AND h.key = $2 AND h.expires_at > now.t \
+             ), \
+             locked AS MATERIALIZED ( \
+               SELECT pg_try_advisory_xact_lock($6) AS ok WHERE NOT EXISTS (SELECT 1 FROM held) \
+             ), \
+             taken AS ( \
+               INSERT INTO {t} AS r (scope, key, fingerprint, token, response, expires_at) \
+               SELECT $1, $2, $3, $4, NULL, now.t + $5::float8 * interval '1 microsecond' FROM now, locked \
+               WHERE locked.ok \
+               ON CONFLICT (scope, key) DO UPDATE \
+                 SET fingerprint = excluded.fingerprint, token = excluded.token, response = NULL, \
+                     expires_at = excluded.expires_at, followed = false \
+                 WHERE r.expires_at <= (SELECT t FROM now) \
+               RETURNING 1 \
+             ) \
+             SELECT {execute}::int4 AS state, NULL::bytea AS response FROM taken \
+             UNION ALL \
+             SELECT {busy}::int4, NULL::bytea FROM locked WHERE NOT locked.ok \
+             UNION ALL \
+             SELECT CASE WHEN held.fingerprint <> $3 THEN {mismatch} \
+                         WHEN held.token IS NOT NULL THEN {in_flight} ELSE {completed} END::int4, \
+                    CASE WHEN held.fingerprint = $3 AND held.token IS NULL THEN held.response END \
+             FROM held",
+            execute = state::EXECUTE,
+            busy = state::BUSY,
+            mismatch = state::MISMATCH,
+            in_flight = state::IN_FLIGHT,
+            completed = state::COMPLETED,
+        );
+        // Transactional mode, outside any transaction. $1 scope, $2 key, $3 fingerprint, $4 the
+        // key's advisory lock. The key's live row as `begin` answers it; without one, `BUSY`
+        // when the advisory lock is held (a request in flight), `EXECUTE` when it is free (the
+        // lock is released at once, with the statement: the caller then takes the key in a
+        // transaction).
+        let tx_peek = format!(
+            "WITH now AS (SELECT clock_timestamp() AS t), \
+             held AS ( \
+               SELECT h.fingerprint, h.token, h.response FROM {t} AS h, now \
+               WHERE h.scope = $1 AND h.key = $2 AND h.expires_at > now.t \
+             ) \
+             SELECT CASE WHEN held.fingerprint IS NULL THEN \
+                           CASE WHEN pg_try_advisory_xact_lock($4) THEN {execute} ELSE {busy} END \
+                         WHEN held.fingerprint <> $3 THEN {mismatch} \
+                         WHEN held.token IS NOT NULL THEN {in_flight} ELSE {completed} END::int4 AS state, \
+                    CASE WHEN held.fingerprint = $3 AND held.token IS NULL THEN held.response END AS response \
+             FROM (SELECT 1) AS one LEFT JOIN held ON true",
+            execute = state::EXECUTE,
+            busy = state::BUSY,
+            mismatch = state::MISMATCH,
+            in_flight = state::IN_FLIGHT,
+            completed = state::COMPLETED,
+        );
+        // $1 key id. The key's wait marker: a row of the live log table with the token
+        // `WAIT_MARKER`, whose `n` counts the waits registered since the key's last lock ended.
+        // Committed before the duplicate looks at the key again, so that the end of the
+        // transaction it waits for, which reads it after its commit or rollback (`tx_end`),
+        // either sees it and notifies, or ended before that look (which then sees the end).
+        // The table is unlogged: no WAL, no flush.
+        let marker = "'\\x00000000000000000000000000000000'::bytea";
+        let tx_wait = format!(
+            "INSERT INTO {live} AS l (key_id, token, seq, n, events) VALUES ($1, {marker}, 0, 1, ''::bytea) \
+             ON CONFLICT (key_id, token, seq) DO UPDATE SET n = l.n + 1"
+        );
+        // $1 scope, $2 key, $3 token, $4 key id, $5 the notification's kind (`c` or `r`). Run
+        // outside any transaction once the request's transaction ended. Deletes the lock's row
+        // if it is still locked by this token (it survives only when a handler committed the
+        // transaction itself), and the key's wait marker; when there was one, notifies its
+        // waiters. Without a marker it writes nothing (no transaction id, no `NOTIFY`, so no
+        // global notify lock). The number of waits notified.
+        let tx_end = format!(
+            "WITH lock AS (DELETE FROM {t} WHERE scope = $1 AND key = $2 AND token = $3), \
+             marker AS (DELETE FROM {live} WHERE key_id = $4 AND token = {marker} AND seq = 0 RETURNING n), \
+             told AS (SELECT pg_notify('{channel}', $5 || encode($4, 'hex') || encode($3, 'hex')) FROM marker) \
+             SELECT coalesce((SELECT sum(n) FROM marker), 0)::int8 AS waits, (SELECT count(*) FROM told) AS told"
         );
         // $1 scope, $2 key, $3 token, $4 lease in microseconds.
         let renew = format!(
@@ -278,6 +382,10 @@ impl Statements {
             renew: renew.into(),
             release: release.into(),
             record_held: record_held.into(),
+            tx_begin: tx_begin.into(),
+            tx_peek: tx_peek.into(),
+            tx_wait: tx_wait.into(),
+            tx_end: tx_end.into(),
             publish: publish.into(),
             follow: follow.into(),
             reap: reap.into(),

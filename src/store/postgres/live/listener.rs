@@ -37,7 +37,7 @@ use crate::{
 };
 
 /// A key's id in the live log and in notifications (see [`key_id`](super::key_id)).
-pub(super) type KeyId = [u8; 16];
+pub(crate) type KeyId = [u8; 16];
 
 /// The first pause before connecting again after a failure; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
@@ -52,7 +52,7 @@ const LINGER: Duration = Duration::from_secs(1);
 
 /// The listener of one store (shared by its clones). Its task starts with the first follower
 /// and ends when the store is dropped.
-pub(in crate::store::postgres) struct Listener {
+pub(crate) struct Listener {
     shared: Arc<Shared>,
     /// The application pool's connect options: the listener connects as the pool does, but on
     /// a connection of its own, never one of the pool's.
@@ -96,14 +96,14 @@ pub(super) struct Memo {
 }
 
 /// A follower's interest in a key, from before its first read until it returns.
-pub(super) struct Subscription {
+pub(crate) struct Subscription {
     shared: Arc<Shared>,
     id: KeyId,
     key: Arc<Key>,
 }
 
 impl Listener {
-    pub(in crate::store::postgres) fn new(
+    pub(crate) fn new(
         channel: Arc<str>,
         options: Arc<PgConnectOptions>,
         connect_timeout: Duration,
@@ -118,7 +118,7 @@ impl Listener {
     }
 
     /// Starts following `id`: every notification for it from now on wakes the subscription.
-    pub(super) fn subscribe(&self, id: KeyId) -> Subscription {
+    pub(crate) fn subscribe(&self, id: KeyId) -> Subscription {
         let mut keys = self.shared.keys();
         let key = match keys.get(&id).and_then(Weak::upgrade) {
             Some(key) => key,
@@ -140,7 +140,7 @@ impl Listener {
 
     /// Waits, at most `within`, until the listener listens (starting it if it is not running):
     /// a follower reads only then, so that nothing committed after its read goes unnoticed.
-    pub(super) async fn listening(&self, within: Duration) -> Result<(), StoreError> {
+    pub(crate) async fn listening(&self, within: Duration) -> Result<(), StoreError> {
         self.ensure_started();
         let mut listening = self.shared.listening.subscribe();
         match tokio::time::timeout(within, listening.wait_for(|listening| *listening)).await {
@@ -234,7 +234,7 @@ impl Key {
 impl Subscription {
     /// Completes at the next notification for the key (or reconnection of the listener);
     /// `enable` it before reading, so that one arriving during the read counts.
-    pub(super) fn changed(&self) -> Notified<'_> {
+    pub(crate) fn changed(&self) -> Notified<'_> {
         self.key.changed.notified()
     }
 

@@ -24,7 +24,7 @@ use crate::store::{Fingerprint, Followed, LiveCursor, LiveEvent, LockToken, Stor
 mod event;
 mod listener;
 
-pub(super) use listener::Listener;
+pub(crate) use listener::Listener;
 use listener::{KeyId, Memo};
 
 /// How long after the end of a lease, as PostgreSQL counted it at the last read, a follower
@@ -33,7 +33,7 @@ const LEASE_MARGIN: Duration = Duration::from_millis(5);
 
 /// The id of `key` in the live log and in notifications: the first 16 bytes of
 /// SHA-256(scope || 0x00 || key). The reaper computes the same in SQL (`sql.rs`).
-pub(super) fn key_id(key: &StoreKey) -> KeyId {
+pub(crate) fn key_id(key: &StoreKey) -> KeyId {
     let mut digest = Sha256::new();
     digest.update(scope_bytes(key));
     digest.update([0]);

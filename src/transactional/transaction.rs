@@ -10,19 +10,23 @@ use std::{
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
-/// The transaction of a request in [transactional mode](super::TransactionalLayer), in the
+/// The transaction of a request in [transactional mode](crate::transactional), in the
 /// request's extensions: everything the handler writes through it commits together with the
 /// key's record, or not at all.
 ///
 /// Take it from the extensions (with axum, the `Extension<PgTransaction>` extractor) and
 /// [`lock`](Self::lock) it to run statements; the guard derefs to a
 /// [`PgConnection`], so `sqlx::query(..).execute(&mut *tx)` works. The layer commits (or rolls
-/// back) after the handler answered: the handler never commits itself. A clone that outlives
-/// the request finds the transaction [closed](TransactionClosed).
+/// back) after the handler answered: the handler never commits itself. A handler that ends
+/// the transaction anyway (its own `COMMIT` or `ROLLBACK` on this connection) is caught before
+/// the response is recorded: the client gets `500` `transaction-ended` and the key is free,
+/// but what that `COMMIT` committed stays. (Savepoints are fine: `sqlx`'s nested `begin` on
+/// the guard makes one.) Every request through the layer has one, a request without a key
+/// too. A clone that outlives the request finds the transaction [closed](TransactionClosed).
 ///
 /// ```no_run
 /// use axum::{Extension, http::StatusCode};
-/// use tower_idempotency::store::{PgTransaction, sqlx};
+/// use tower_idempotency::{store::sqlx, transactional::PgTransaction};
 ///
 /// async fn charge(Extension(tx): Extension<PgTransaction>) -> Result<StatusCode, StatusCode> {
 ///     let mut tx = tx.lock().await.map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
