@@ -273,5 +273,15 @@ mod static_checks {
             send::<crate::store::RedisStore>();
             sync::<crate::store::RedisStore>();
         }
+        #[cfg(feature = "postgres")]
+        {
+            use crate::transactional::Transactional;
+            send::<Idempotency<Handler, Transactional>>();
+            sync::<Idempotency<Handler, Transactional>>();
+            clone::<Idempotency<Handler, Transactional>>();
+            send_value(service::<Idempotency<Handler, Transactional>>());
+            send::<IdempotencyLayer<Transactional>>();
+            clone::<IdempotencyLayer<Transactional>>();
+        }
     }
 }

@@ -61,6 +61,24 @@ fn the_bypass_path_allocates_nothing() {
     assert!(guarded > allocations(handler(), || req(Method::POST, Some("k"))));
 }
 
+/// Transactional mode takes the same path: a method it does not cover passes through
+/// untouched, allocating nothing (no database is needed to see it: the pool never connects).
+#[cfg(feature = "postgres")]
+#[test]
+fn the_transactional_pass_through_allocates_nothing() {
+    use tower_idempotency::store::{PostgresStore, sqlx::postgres::PgPoolOptions};
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let pool =
+        runtime.block_on(async { PgPoolOptions::new().connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap() });
+    let layer = IdempotencyLayer::from_store(PostgresStore::new(pool)).transactional();
+    for (case, method, key) in [("uncovered method", Method::GET, Some("k")), ("PUT", Method::PUT, None)] {
+        let bare = allocations(handler(), || req(method.clone(), key));
+        let layered = allocations(layer.layer(handler()), || req(method.clone(), key));
+        assert_eq!(layered, bare, "{case}: transactional mode added {} allocations", layered as i64 - bare as i64);
+    }
+}
+
 /// Allocations made by one guarded request (a fresh key) whose handler takes `takes` of
 /// paused tokio time: the fewest of three, after warm-up requests that start the layer's
 /// background tasks and give every shard of the store's map its table. (The handler answers

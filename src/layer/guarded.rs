@@ -133,8 +133,7 @@ where
                 Began::Answer(begin) => begin,
             };
             let waiting = config.duplicates.wait_timeout().map(|timeout| wait_until(started, timeout));
-            let Some(until) = waiting.filter(|until| matches!(begin, Begin::Locked) && Instant::now() < *until)
-            else {
+            let Some(until) = waiting.filter(|until| matches!(begin, Begin::Locked) && Instant::now() < *until) else {
                 return Ok(answer(&config, &head, begin));
             };
             if slot.is_none() {

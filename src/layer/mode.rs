@@ -36,7 +36,13 @@ pub(crate) enum Began<H> {
 /// What a duplicate that waited for the request in flight found.
 pub(crate) enum Followed {
     /// Join mode: the first request's head is there, with what followed it so far.
-    Head { status: StatusCode, headers: HeaderMap, events: Vec<LiveEvent>, cursor: LiveCursor, following: Arc<dyn StoreHandle> },
+    Head {
+        status: StatusCode,
+        headers: HeaderMap,
+        events: Vec<LiveEvent>,
+        cursor: LiveCursor,
+        following: Arc<dyn StoreHandle>,
+    },
     /// The request in flight ended (or the lock changed hands): ask `begin` again.
     Ended,
     /// The wait timed out.

@@ -81,14 +81,16 @@
 //!    way on every retry: it answers `409` `transaction-rejected`, final
 //!    (`x-should-retry: false`, no `Retry-After`), nothing kept, the key free.
 //!
-//! A request the layer does not guard, without a key where the key is optional (the
-//! default) or of a method it does not cover, still runs in a transaction of its own, so a
-//! handler can always take its [`PgTransaction`](PgTransaction) from the extensions: it
-//! commits before the response's head goes out when the cache predicate accepts the head (a
-//! `2xx` by default), and rolls back otherwise, as on an error or a panic. Nothing is recorded
-//! and the body streams. Require a key
+//! A covered request without a key (where the key is optional, the default) still runs in a
+//! transaction of its own, so a handler can always take its [`PgTransaction`] from the
+//! extensions: it commits before the response's head goes out when the cache predicate
+//! accepts the head (a `2xx` by default), and rolls back otherwise, as on an error or a panic.
+//! Nothing is recorded and the body streams. Require a key
 //! ([`KeyPolicy::Required`](crate::KeyPolicy::Required)) to refuse such requests with `400`
-//! instead.
+//! instead. A method the layer does not cover (by default anything but `POST` and `PATCH`)
+//! passes through untouched, as in the plain layer, allocating nothing: its handler gets no
+//! transaction (cover the method, with
+//! [`with_methods`](crate::IdempotencyLayer::with_methods), for one that needs it).
 //!
 //! # Waiting
 //!
@@ -159,11 +161,7 @@
 
 use std::{fmt, sync::Arc};
 
-use crate::{
-    IdempotencyLayer,
-    layer::config::StoreFailure,
-    store::PostgresStore,
-};
+use crate::{IdempotencyLayer, layer::config::StoreFailure, store::PostgresStore};
 
 mod run;
 mod transaction;
@@ -187,10 +185,13 @@ impl IdempotencyLayer<PostgresStore> {
     /// This layer in transactional mode, with all its settings (fail open excepted: a store
     /// failure answers `503`): see [`transactional`](crate::transactional).
     pub fn transactional(self) -> IdempotencyLayer<Transactional> {
-        self.into_mode(|store| Transactional { store }, |config| {
-            if config.store_failure == StoreFailure::FailOpen {
-                config.store_failure = StoreFailure::default();
-            }
-        })
+        self.into_mode(
+            |store| Transactional { store },
+            |config| {
+                if config.store_failure == StoreFailure::FailOpen {
+                    config.store_failure = StoreFailure::default();
+                }
+            },
+        )
     }
 }

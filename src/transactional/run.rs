@@ -99,7 +99,6 @@ fn unavailable_retry_after(config: &Config) -> Duration {
     }
 }
 
-
 /// The transaction that holds a guarded request's key, and its lock's token.
 pub(crate) struct Held {
     transaction: Transaction<'static, Postgres>,
@@ -119,13 +118,18 @@ where
 {
     type Held = Held;
 
-    /// A request the layer does not guard runs in a transaction of its own, on its own task.
+    /// A method the layer does not cover passes through untouched, as in the plain layer. A
+    /// covered request without a key (where the key is optional) runs in a transaction of its
+    /// own, on its own task, so its handler finds its `PgTransaction` as a guarded one does.
     fn pass(
         this: &Arc<Self>,
         inner: &mut S,
         request: Request<ReqBody>,
         config: &Arc<Config>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error> {
+        if !config.covers(request.method()) {
+            return ResponseFuture::bypass(inner.call(request.map(RequestBody::streaming)));
+        }
         // As on the guarded path: take the readied instance, leave a fresh clone behind.
         let clone = inner.clone();
         let inner = std::mem::replace(inner, clone);
@@ -330,7 +334,12 @@ where
         Err(error) => {
             tracing::warn!(%error, "idempotency: PostgreSQL failed before the handler ran; answering 503");
             let retry_after = Some(unavailable_retry_after(&config));
-            return Ok(problem_response(&config.answers, request.headers(), ProblemKind::StoreUnavailable, retry_after));
+            return Ok(problem_response(
+                &config.answers,
+                request.headers(),
+                ProblemKind::StoreUnavailable,
+                retry_after,
+            ));
         }
     };
     let (mut head, body) = request.into_parts();

@@ -23,11 +23,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
-use tower_idempotency::{
-    IdempotencyLayer, Duplicates, Outcome,
-    store::sqlx,
-    transactional::PgTransaction,
-};
+use tower_idempotency::{Duplicates, IdempotencyLayer, Outcome, store::sqlx, transactional::PgTransaction};
 
 use super::{Db, eventually};
 
@@ -376,8 +372,8 @@ async fn a_waiting_duplicate_replays_once_the_first_commits_or_executes_once_it_
 }
 
 async fn waiting_duplicate(isolation: &str) {
-    let s =
-        setup_with(isolation, |layer| layer.with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(10) })).await;
+    let s = setup_with(isolation, |layer| layer.with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(10) }))
+        .await;
     for (round, first_status) in [(1, "201"), (2, "500")] {
         let key = format!("k{round}");
         let body: &'static str = if round == 1 { r#"{"id":1}"# } else { r#"{"id":2}"# };

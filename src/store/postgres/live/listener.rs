@@ -103,11 +103,7 @@ pub(crate) struct Subscription {
 }
 
 impl Listener {
-    pub(crate) fn new(
-        channel: Arc<str>,
-        options: Arc<PgConnectOptions>,
-        connect_timeout: Duration,
-    ) -> Self {
+    pub(crate) fn new(channel: Arc<str>, options: Arc<PgConnectOptions>, connect_timeout: Duration) -> Self {
         let shared = Arc::new(Shared {
             channel,
             keys: Mutex::default(),
