@@ -1,4 +1,4 @@
-//! The orders API of the SPEC appendix: every behaviour of the layer, over real HTTP.
+//! A small orders API: every behaviour of the layer, over real HTTP.
 //!
 //! Run with: `cargo run --example server`
 //! (or `REDIS_URL=redis://127.0.0.1:6379 cargo run --example server --features redis` to share
@@ -115,7 +115,7 @@ fn finish(routes: Router<Arc<Stats>>, stats: Arc<Stats>) -> Router {
 fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     let required = layer.clone().with_key_policy(KeyPolicy::Required);
     let waiting = layer.clone().with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(30) });
-    // A duplicate of a stream in flight joins it (SPEC 2.9): the events so far at once, then
+    // A duplicate of a stream in flight joins it: the events so far at once, then
     // each one as it is produced; `Last-Event-ID` resumes after the event it names.
     let joining = layer.clone().with_duplicates(Duplicates::join());
     Router::new()

@@ -85,7 +85,7 @@ pub enum Duplicates {
         /// How long to wait at most.
         timeout: Duration,
     },
-    /// Join the first request's response as it is produced (SPEC 2.9): the duplicate gets its
+    /// Join the first request's response as it is produced: the duplicate gets its
     /// status and headers as soon as they exist, every body byte produced so far at once, then
     /// each further byte as it is produced, and ends when the first ends, with
     /// `Idempotent-Replayed: true`. The handler runs once, however many clients reconnect.

@@ -37,7 +37,7 @@ pub(crate) fn replay<B: Body>(
 /// when no one else holds the record (a store that decodes a record per lookup), cloned
 /// otherwise.
 ///
-/// No `Content-Length` where it does not belong (SPEC 2.8): on `1xx`, `204` and `304`
+/// No `Content-Length` where it does not belong: on `1xx`, `204` and `304`
 /// (RFC 9110 8.6), and on a replay with trailers, so that HTTP/1.1 sends it chunked, the
 /// only framing that carries trailers.
 pub(crate) fn parts(record: Arc<StoredResponse>) -> (response::Parts, Bytes, Option<HeaderMap>) {
@@ -80,7 +80,7 @@ mod tests {
         }
     }
 
-    /// SPEC 2.8: `Content-Length` is never added to `1xx`, `204` or `304` (RFC 9110 8.6: a
+    /// `Content-Length` is never added to `1xx`, `204` or `304` (RFC 9110 8.6: a
     /// server must not send it on `1xx` or `204`; on `304` it would describe another response).
     #[test]
     fn replay_adds_no_content_length_to_a_status_without_content() {

@@ -1,6 +1,6 @@
 //! `text/event-stream` event boundaries, found while a response is recorded, so that a
 //! duplicate sending `Last-Event-ID` resumes after the event with that id without a second
-//! parse (SPEC 2.9).
+//! parse.
 //!
 //! The grammar is the HTML standard's (`9.2.6 Interpreting an event stream`): lines end with
 //! CRLF, LF or CR; an empty line ends an event; a line `id: X` (one space after the colon

@@ -1,5 +1,5 @@
 //! Duplicates of a request in flight: waiting for its end, or joining its response as it is
-//! produced (SPEC 2.9). Both follow the lock's live log in the store, woken by the store.
+//! produced. Both follow the lock's live log in the store, woken by the store.
 //!
 //! - [`Waiting`]: how many duplicates of each key wait or join in this process (bounded).
 //! - [`wait_in_flight`]: follows the log until it ends (wait mode), or until the head is there

@@ -1,5 +1,5 @@
 //! [`Publisher`]: the live half of a recording in join mode. What the body has produced goes
-//! into the lock's live log in the store, for duplicates to follow (SPEC 2.9), without ever
+//! into the lock's live log in the store, for duplicates to follow, without ever
 //! holding the response back: at most one publish is under way, and what the body produces
 //! meanwhile is batched into the next.
 
