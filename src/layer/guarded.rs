@@ -17,9 +17,9 @@ use crate::{
         answer::problem_response,
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
         config::{Config, Duplicates, StoreFailure},
-        duplicates::{Joined, joined_head},
+        duplicates::{Joined, Waited, joined_head},
         lock::LiveOps,
-        mode::{Began, Followed, Inner, Mode, wait_until},
+        mode::{Began, Inner, Mode, wait_until},
         replay::replay,
     },
     problem::ProblemKind,
@@ -145,13 +145,13 @@ where
             inner.idle();
             let join = matches!(config.duplicates, Duplicates::Join { .. });
             match M::wait(&mode, live, &key, fingerprint, &config, until, join).await {
-                Ok(Followed::Head { status, headers, events, cursor, following }) => {
+                Ok(Waited::Head { status, headers, events, cursor, following }) => {
                     let Some(slot) = slot.take() else { unreachable!("entered above") };
                     let (parts, start) = joined_head(status, headers, head.headers.get(LAST_EVENT_ID), &events);
                     let joined = Joined::new(following, status, events, cursor, start, slot);
                     return Ok(Response::from_parts(parts, ResponseBody::joined(joined)));
                 }
-                Ok(Followed::Ended | Followed::TimedOut) => {}
+                Ok(Waited::Ended | Waited::TimedOut) => {}
                 Err(error) => return store_failed(inner, &config, error, head, body).await,
             }
         };

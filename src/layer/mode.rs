@@ -11,7 +11,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Buf;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body;
 use tokio::time::Instant;
 use tower::Service;
@@ -24,29 +24,13 @@ use super::{
     future::ResponseFuture,
     lock::{LiveOps, LockGuard, Locked, StoreHandle, follower},
 };
-use crate::store::{Begin, Fingerprint, IdempotencyStore, LiveCursor, LiveEvent, LockToken, StoreError, StoreKey};
+use crate::store::{Begin, Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey};
 
 /// What a mode's `begin` found: the key is now this request's (with what executing needs),
 /// or the store's answer otherwise (never [`Begin::Execute`]).
 pub(crate) enum Began<H> {
     Execute(H),
     Answer(Begin),
-}
-
-/// What a duplicate that waited for the request in flight found.
-pub(crate) enum Followed {
-    /// Join mode: the first request's head is there, with what followed it so far.
-    Head {
-        status: StatusCode,
-        headers: HeaderMap,
-        events: Vec<LiveEvent>,
-        cursor: LiveCursor,
-        following: Arc<dyn StoreHandle>,
-    },
-    /// The request in flight ended (or the lock changed hands): ask `begin` again.
-    Ended,
-    /// The wait timed out.
-    TimedOut,
 }
 
 /// A way of taking a key, waiting and executing: see the [module docs](self).
@@ -85,7 +69,7 @@ where
         config: &Config,
         until: Instant,
         join: bool,
-    ) -> impl Future<Output = Result<Followed, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Waited, StoreError>> + Send;
 
     /// Runs the handler with the key held, and answers. `inner` is readied here, once
     /// whatever must end with the request (the lock) is owned.
@@ -150,17 +134,11 @@ where
         config: &Config,
         until: Instant,
         join: bool,
-    ) -> Result<Followed, StoreError> {
+    ) -> Result<Waited, StoreError> {
         // Waiting and joining are set only over a store with a live log.
-        let Some(live) = live else { return Ok(Followed::TimedOut) };
+        let Some(live) = live else { return Ok(Waited::TimedOut) };
         let following = follower(this.clone(), key.clone(), fingerprint, config.lease, live);
-        Ok(match wait_in_flight(&following, until, join).await? {
-            Waited::Head { status, headers, events, cursor } => {
-                Followed::Head { status, headers, events, cursor, following }
-            }
-            Waited::Ended => Followed::Ended,
-            Waited::TimedOut => Followed::TimedOut,
-        })
+        wait_in_flight(&following, until, join).await
     }
 
     async fn execute(

@@ -28,10 +28,11 @@ use crate::{
         answer::problem_response,
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
         config::{Config, StoreFailure},
+        duplicates::Waited,
         execute::stored_headers,
         future::ResponseFuture,
         lock::LiveOps,
-        mode::{Began, Followed, Inner, Mode},
+        mode::{Began, Inner, Mode},
         sse::marks_of,
     },
     problem::ProblemKind,
@@ -169,7 +170,7 @@ where
         config: &Config,
         until: Instant,
         _join: bool,
-    ) -> Result<Followed, StoreError> {
+    ) -> Result<Waited, StoreError> {
         Lock::new(&this.store, config, key, fingerprint).wait(until).await
     }
 
@@ -456,7 +457,7 @@ impl<'a> Lock<'a> {
     }
 
     /// Waits, outside any transaction and holding no connection, until `until` at most, for
-    /// the request in flight to end: [`Followed::Ended`] once a look at the key finds it free
+    /// the request in flight to end: [`Waited::Ended`] once a look at the key finds it free
     /// or answered (the caller's `begin` then takes it, or replays).
     ///
     /// The duplicate subscribes to the key on the store's listening connection, registers its
@@ -465,13 +466,13 @@ impl<'a> Lock<'a> {
     /// it and notifies, or came before that look, which then sees the end. It is woken by the
     /// notification, and looks again at the latest after the store's follow recheck (an owner
     /// whose process died sends nothing).
-    async fn wait(&self, until: Instant) -> Result<Followed, StoreError> {
+    async fn wait(&self, until: Instant) -> Result<Waited, StoreError> {
         let inner = &self.store.inner;
         let subscription = inner.listener.subscribe(self.id);
         inner.listener.listening(inner.operation_timeout).await?;
         loop {
             if Instant::now() >= until {
-                return Ok(Followed::TimedOut);
+                return Ok(Waited::TimedOut);
             }
             let changed = subscription.changed();
             tokio::pin!(changed);
@@ -484,7 +485,7 @@ impl<'a> Lock<'a> {
                 }
             }
             match peeked {
-                Ok(Peek::Free | Peek::Answer(_)) => return Ok(Followed::Ended),
+                Ok(Peek::Free | Peek::Answer(_)) => return Ok(Waited::Ended),
                 Ok(Peek::Busy) => {}
                 // `statement_timeout` cut the look short: not a store failure, wait on.
                 Err(error) if is_cancelled(&error) => {}
@@ -492,7 +493,7 @@ impl<'a> Lock<'a> {
             }
             let now = Instant::now();
             if now >= until {
-                return Ok(Followed::TimedOut);
+                return Ok(Waited::TimedOut);
             }
             let wake = until.min(now + inner.follow_recheck);
             tokio::select! {

@@ -25,11 +25,18 @@ use crate::{
     store::{Followed, LiveCursor, LiveEvent, StoreError},
 };
 
-/// What a duplicate that waited found.
+/// What a duplicate that waited for the request in flight found.
 pub(crate) enum Waited {
-    /// Join mode: the first request's head is there, with what followed it so far.
-    Head { status: StatusCode, headers: HeaderMap, events: Vec<LiveEvent>, cursor: LiveCursor },
-    /// The log ended (or the lock changed hands): ask `begin` again.
+    /// Join mode: the first request's head is there, with what followed it so far, and the
+    /// handle to follow the rest with.
+    Head {
+        status: StatusCode,
+        headers: HeaderMap,
+        events: Vec<LiveEvent>,
+        cursor: LiveCursor,
+        following: Arc<dyn StoreHandle>,
+    },
+    /// The request in flight ended (or the lock changed hands): ask `begin` again.
     Ended,
     /// The wait timed out.
     TimedOut,
@@ -53,7 +60,8 @@ pub(crate) async fn wait_in_flight(
                 if join && cursor.is_none_or(|c: LiveCursor| c.read() == 0) {
                     let mut events = events.into_iter();
                     if let Some(LiveEvent::Head { status, headers }) = events.next() {
-                        return Ok(Waited::Head { status, headers, events: events.collect(), cursor: next });
+                        let (events, following) = (events.collect(), following.clone());
+                        return Ok(Waited::Head { status, headers, events, cursor: next, following });
                     }
                 }
                 cursor = Some(next);
