@@ -22,7 +22,7 @@ use super::{
     duplicates::{Waited, wait_in_flight},
     execute::execute,
     future::ResponseFuture,
-    lock::{LiveOps, LockGuard, Locked, StoreHandle, follower},
+    lock::{LiveOps, LockGuard, Locked, follower},
 };
 use crate::store::{Begin, Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey};
 
