@@ -20,6 +20,7 @@ use crate::{
     lock::{LockGuard, Locked},
     problem::ProblemKind,
     replay::replay,
+    secret::{Refused, refused_response},
     service::problem_response,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
 };
@@ -97,8 +98,13 @@ where
                 return Ok(problem_response(&config, &head.headers, ProblemKind::RequestBodyUnreadable, None));
             }
         };
-        let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
-        let key = StoreKey::new(config.scope.resolve(&head), key);
+        let keyed = match config.digests.ready(&*store, config.lease).await {
+            Ok(keyed) => keyed,
+            Err(Refused::Store(error)) => return store_failed(inner, &config, error, head, body).await,
+            Err(refused) => return Ok(refused_response(&config, &head.headers, &refused)),
+        };
+        let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &body.data);
+        let key = StoreKey::new(config.scope.resolve(&head, keyed), key);
 
         // In wait and join mode, a duplicate follows the lock's live log in the store, woken by
         // the store, until the first request ends (then `begin` again: replay, or execute if

@@ -17,6 +17,7 @@ use crate::{
     hints::RetryHint,
     lock::Keeper,
     problem::{Answers, ProblemRenderer},
+    secret::{Digests, Secret},
     store::IdempotencyStore,
     store::MemoryStore,
 };
@@ -54,6 +55,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             header: IDEMPOTENCY_KEY,
             key_policy: KeyPolicy::Optional,
             scope: Scope::authorization(),
+            digests: Digests::default_for(&store),
             fingerprint_headers: Vec::new(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_record: DEFAULT_MAX_RECORD,
@@ -119,7 +121,24 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.config(|c| c.key_policy = policy)
     }
 
-    /// Who a key belongs to. Default: [`Scope::authorization`], the SHA-256 digest of the
+    /// The deployment secret that keys the digests a store keeps: the scope and the request
+    /// fingerprint (HMAC-SHA-256), so that nothing a store keeps reveals a credential or a
+    /// secret in a request body. See [`secret`](crate::secret) for what it protects and how to
+    /// rotate it.
+    ///
+    /// Default: over a store that ends with the process ([`MemoryStore`]), a random secret
+    /// drawn once per process. Over a store that outlives it (Redis, PostgreSQL: see
+    /// [`IdempotencyStore::outlives_process`]) there is no default: set the same secret on
+    /// every replica, or every guarded request is refused with `503` (a random secret per
+    /// process would lose every record at a restart, and run its requests again). Such a
+    /// layer checks at its first guarded request that the store's other users have the same
+    /// secret, and refuses with `503` if not.
+    pub fn with_secret(self, secret: Secret) -> Self {
+        let digests = Digests::keyed(&secret, self.store.outlives_process());
+        self.config(|c| c.digests = digests)
+    }
+
+    /// Who a key belongs to. Default: [`Scope::authorization`], a keyed digest of the
     /// `Authorization` header.
     pub fn with_scope(self, scope: Scope) -> Self {
         self.config(|c| c.scope = scope)

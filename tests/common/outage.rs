@@ -60,6 +60,10 @@ impl<St: IdempotencyStore> Outage<St> {
 }
 
 impl<St: IdempotencyStore> IdempotencyStore for Outage<St> {
+    fn outlives_process(&self) -> bool {
+        self.inner.outlives_process()
+    }
+
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         self.inner.begin(key, fingerprint, lease).await
     }
@@ -123,6 +127,10 @@ pub struct Switch {
 }
 
 impl IdempotencyStore for Switch {
+    fn outlives_process(&self) -> bool {
+        self.inner.outlives_process()
+    }
+
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::unavailable("connection refused"));

@@ -34,6 +34,10 @@ impl Probe {
 }
 
 impl IdempotencyStore for Probe {
+    fn outlives_process(&self) -> bool {
+        false
+    }
+
     async fn begin(&self, _: &StoreKey, fingerprint: &Fingerprint, _: Duration) -> Result<Begin, StoreError> {
         *self.0.lock().unwrap() = Some(*fingerprint);
         Ok(Begin::InFlight)

@@ -131,7 +131,11 @@ impl Setup {
     }
 
     fn layer<St: IdempotencyStore>(self, store: St, lease: Duration, ttl: Duration) -> IdempotencyLayer<St> {
-        let layer = IdempotencyLayer::with_store(store).with_lease(lease).with_ttl(ttl).with_max_record(MAX_RECORD);
+        let layer = IdempotencyLayer::with_store(store)
+            .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+            .with_lease(lease)
+            .with_ttl(ttl)
+            .with_max_record(MAX_RECORD);
         match self.detach {
             Detach::Default => layer,
             Detach::Zero => layer.with_max_detached(0),

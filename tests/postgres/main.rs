@@ -9,6 +9,7 @@
 
 mod live;
 mod processes;
+mod secret;
 mod store;
 mod transactional;
 mod wire;

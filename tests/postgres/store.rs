@@ -188,7 +188,11 @@ async fn a_connection_killed_mid_operation_fails_closed() {
             async { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ran")))) }
         }
     });
-    let service = tower::Layer::layer(&IdempotencyLayer::with_store(store.clone()), handler);
+    let service = tower::Layer::layer(
+        &IdempotencyLayer::with_store(store.clone())
+            .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap()),
+        handler,
+    );
     let mut holder = db.pool.begin().await.unwrap();
     let blocked = fresh_key(None);
     let sql = format!(
@@ -237,7 +241,11 @@ async fn an_unreachable_database_is_a_store_error_and_a_503() {
     let handler = service_fn(|_request: Request<tower_idempotency::RequestBody<Full<Bytes>>>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ran"))))
     });
-    let service = tower::Layer::layer(&IdempotencyLayer::with_store(store), handler);
+    let service = tower::Layer::layer(
+        &IdempotencyLayer::with_store(store)
+            .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap()),
+        handler,
+    );
     let request =
         Request::post("/charge").header("idempotency-key", "k").body(Full::new(Bytes::from_static(b"{}"))).unwrap();
     let response = service.oneshot(request).await.unwrap();

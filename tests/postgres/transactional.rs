@@ -136,7 +136,11 @@ async fn setup_with(
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&url).await.unwrap();
     let store = tower_idempotency::store::PostgresStore::builder().with_schema(&db.schema).build(pool);
     store.migrate().await.unwrap();
-    let layer = configure(IdempotencyLayer::with_store(store)).transactional();
+    let layer = configure(
+        IdempotencyLayer::with_store(store)
+            .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap()),
+    )
+    .transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     Setup { db, app, router }
@@ -415,7 +419,10 @@ async fn a_store_used_only_in_transactional_mode_reaps_expired_rows() {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db.url()).await.unwrap();
     let store = db.builder().with_reap_interval(Duration::from_millis(50)).build(pool);
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::with_store(store).with_ttl(Duration::from_millis(100)).transactional();
+    let layer = IdempotencyLayer::with_store(store)
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+        .with_ttl(Duration::from_millis(100))
+        .transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app);
     for (n, body) in [(1, r#"{"id":1}"#), (2, r#"{"id":2}"#), (3, r#"{"id":3}"#)] {
@@ -443,7 +450,9 @@ async fn taking_the_key_is_bounded_by_the_operation_timeout() {
         .unwrap();
     let store = db.builder().with_operation_timeout(Duration::from_millis(200)).build(pool.clone());
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::with_store(store).transactional();
+    let layer = IdempotencyLayer::with_store(store)
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+        .transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     let held = pool.acquire().await.unwrap();

@@ -121,6 +121,10 @@ struct Tracked {
 }
 
 impl IdempotencyStore for Tracked {
+    fn outlives_process(&self) -> bool {
+        self.inner.outlives_process()
+    }
+
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         self.inner.begin(key, fingerprint, lease).await
     }
@@ -192,7 +196,9 @@ fn app(store: Tracked, counts: Arc<Counts>) -> App {
             Ok::<_, Infallible>(Response::builder().status(StatusCode::CREATED).body(body).unwrap())
         }
     });
-    let layer = IdempotencyLayer::with_store(store).with_lease(Duration::from_secs(1));
+    let layer = IdempotencyLayer::with_store(store)
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+        .with_lease(Duration::from_secs(1));
     BoxCloneService::new(tower::Layer::layer(&layer, handler))
 }
 

@@ -20,6 +20,7 @@ use crate::{
     headers::LAST_EVENT_ID,
     problem::ProblemKind,
     replay::replay,
+    secret::refused_response,
     service::problem_response,
     store::{Begin, Fingerprint, LockToken, Record, StoreKey, StoredResponse},
 };
@@ -67,8 +68,14 @@ impl<S> Run<S> {
             Err(BufferError::TooLarge) => return Ok(problem(&head, ProblemKind::RequestBodyTooLarge, None)),
             Err(BufferError::Unreadable) => return Ok(problem(&head, ProblemKind::RequestBodyUnreadable, None)),
         };
-        let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
-        let key = StoreKey::new(config.scope.resolve(&head), key);
+        // The same keyed digests as the plain layer, after the same once-per-layer check that the
+        // table's other users share the secret.
+        let keyed = match config.digests.ready(&*store, config.lease).await {
+            Ok(keyed) => keyed,
+            Err(refused) => return Ok(refused_response(&config, &head.headers, &refused)),
+        };
+        let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &body.data);
+        let key = StoreKey::new(config.scope.resolve(&head, keyed), key);
         // The `Retry-After`s the plain layer sends: its in-flight setting, its store-failure one.
         let in_flight_retry_after = config.in_flight_retry_after();
         let unavailable_retry_after = match config.store_failure {
