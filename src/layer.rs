@@ -164,7 +164,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// Which responses are recorded; the others release the key. Default: [`SuccessOnly`]
-    /// (`2xx`).
+    /// (`2xx`, and a gRPC call only when its `grpc-status` is `0`).
     pub fn with_cache_predicate(self, predicate: impl CachePredicate) -> Self {
         let predicate = Arc::new(predicate);
         self.config(|c| c.predicate = predicate)

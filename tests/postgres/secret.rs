@@ -55,8 +55,8 @@ async fn dump(db: &Db) -> Vec<Vec<u8>> {
          coalesce(response, ''::bytea) FROM {}.idempotency",
         db.schema
     );
-    let rows: Vec<(Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&db.pool).await.unwrap();
+    type Row = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>);
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&db.pool).await.unwrap();
     rows.into_iter().flat_map(|(a, b, c, d, e)| [a, b, c, d, e]).collect()
 }
 
