@@ -68,8 +68,10 @@ use crate::{
 /// The fewest bytes a [`Secret`] has: 16 (128 bits).
 pub const MIN_SECRET_LEN: usize = 16;
 
-/// The key of the check record: see the [module docs](self).
-pub(crate) const CHECK_KEY: &str = "tower-idempotency-secret-check";
+/// The idempotency key of the check record (in a scope of 32 zero bytes), which a layer over a
+/// store that outlives the process writes to prove its replicas share one secret: see the
+/// [module docs](self). Delete it to rotate the secret.
+pub const CHECK_KEY: &str = "tower-idempotency-secret-check";
 
 /// The deployment secret the layer keys its digests with (the scope and the request
 /// fingerprint). Set it with [`IdempotencyLayer::with_secret`](crate::IdempotencyLayer::with_secret).

@@ -74,6 +74,13 @@ impl Db {
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.pool).await.unwrap()
     }
 
+    /// The rows of the store's table, less the layer's secret-check record.
+    pub(crate) async fn keys(&self) -> i64 {
+        let sql = format!("SELECT count(*) FROM {}.idempotency WHERE key <> $1", self.schema);
+        let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(tower_idempotency::secret::CHECK_KEY);
+        query.fetch_one(&self.pool).await.unwrap()
+    }
+
     /// Drops the schema (a failed test leaves its schema behind, to look at).
     pub(crate) async fn drop(self) {
         let sql = format!("DROP SCHEMA {} CASCADE", self.schema);
