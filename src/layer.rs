@@ -49,6 +49,10 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// A layer with the defaults over `store`. To share keys between several layers (per-route
     /// layers with different settings, say), clone the layer and change the clone's settings:
     /// clones share the store.
+    ///
+    /// A store that outlives the process (Redis, PostgreSQL) also needs
+    /// [`with_secret`](Self::with_secret), the same on every replica; until it has one, every
+    /// guarded request is refused with `503`.
     pub fn with_store(store: St) -> Self {
         let config = Config {
             methods: vec![Method::POST, Method::PATCH],
