@@ -93,10 +93,11 @@ pub async fn fingerprint_of(method: http::Method, uri: &str, body: &'static [u8]
     probe.last().expect("the layer asked the store")
 }
 
-/// The store key and fingerprint a layer with the default settings and `secret` computes for a
-/// `POST` to `uri` with key `key`, `authorization` (if any) and `body`.
+/// The store key and fingerprint a layer with the default settings and `secret` (`None`: the
+/// default, this process's random secret) computes for a `POST` to `uri` with key `key`,
+/// `authorization` (if any) and `body`.
 pub async fn store_key_of(
-    secret: tower_idempotency::Secret,
+    secret: Option<tower_idempotency::Secret>,
     uri: &str,
     authorization: Option<&str>,
     key: &str,
@@ -105,7 +106,12 @@ pub async fn store_key_of(
     let probe = Probe::default();
     let handler =
         tower::service_fn(|_: Request<_>| async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) });
-    let service = IdempotencyLayer::with_store(probe.clone()).with_secret(secret).layer(handler);
+    let layer = IdempotencyLayer::with_store(probe.clone());
+    let service = match secret {
+        Some(secret) => layer.with_secret(secret),
+        None => layer,
+    }
+    .layer(handler);
     let mut request = Request::post(uri).header("idempotency-key", key);
     if let Some(authorization) = authorization {
         request = request.header("authorization", authorization);

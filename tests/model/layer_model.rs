@@ -748,7 +748,8 @@ fn secret() -> tower_idempotency::Secret {
 
 /// The store key and fingerprint the layer computes for `r`.
 async fn store_key(r: Req) -> (StoreKey, Fingerprint) {
-    common::probe::store_key_of(secret(), "/orders", SCOPES[r.scope], KEYS[r.key], PAYLOADS[r.payload].as_bytes()).await
+    common::probe::store_key_of(Some(secret()), "/orders", SCOPES[r.scope], KEYS[r.key], PAYLOADS[r.payload].as_bytes())
+        .await
 }
 
 fn begin_name(begin: &Begin) -> &'static str {
