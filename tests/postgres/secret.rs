@@ -77,6 +77,7 @@ async fn rows_reveal_neither_the_credential_nor_the_pin() {
     assert_eq!(dump.len(), 15);
     assert!(!dictionary::in_clear(&dump));
     assert_eq!(dictionary::attack(&dump), Recovered { password: None, pin: None });
+    db.drop().await;
 }
 
 #[tokio::test]
@@ -91,6 +92,7 @@ async fn two_replicas_with_the_same_secret_replay_each_others_keys() {
     assert_eq!(send_transactional(&b, &runs, dictionary::request("k-2")).await.1, Outcome::Executed);
     assert_eq!(send_transactional(&a, &runs, dictionary::request("k-2")).await.1, Outcome::Replayed);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+    db.drop().await;
 }
 
 #[tokio::test]
@@ -106,6 +108,7 @@ async fn a_replica_with_another_secret_is_refused_and_runs_nothing() {
     assert_eq!(send_transactional(&b, &runs, dictionary::request("k-1")).await, refused);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!(send_transactional(&a, &runs, dictionary::request("k-1")).await.1, Outcome::Replayed);
+    db.drop().await;
 }
 
 #[tokio::test]
@@ -118,4 +121,5 @@ async fn a_shared_store_without_a_secret_is_refused() {
     assert_eq!(send_transactional(&layer, &runs, dictionary::request("k-1")).await, refused);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     assert!(dump(&db).await.is_empty(), "nothing written");
+    db.drop().await;
 }

@@ -57,6 +57,15 @@ async fn send(
     (response.status(), Outcome::of(&response))
 }
 
+/// Deletes every key under `prefix` (the check record is kept for a century otherwise).
+async fn clean(url: &str, prefix: &str) {
+    let mut connection = raw(url).await;
+    let names: Vec<Vec<u8>> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut connection).await.unwrap();
+    for name in names {
+        let _: () = connection.del(name).await.unwrap();
+    }
+}
+
 /// Every key name under `prefix`, and every string value.
 async fn dump(url: &str, prefix: &str) -> Vec<Vec<u8>> {
     let mut connection = raw(url).await;
@@ -86,6 +95,7 @@ async fn key_names_and_values_reveal_neither_the_credential_nor_the_pin() {
     assert!(dump.len() >= 4, "{} items", dump.len());
     assert!(!dictionary::in_clear(&dump));
     assert_eq!(dictionary::attack(&dump), Recovered { password: None, pin: None });
+    clean(&url, &prefix).await;
 }
 
 #[tokio::test]
@@ -101,6 +111,7 @@ async fn two_replicas_with_the_same_secret_replay_each_others_keys() {
     assert_eq!(send(&b, &runs, dictionary::request("k-2")).await.1, Outcome::Executed);
     assert_eq!(send(&a, &runs, dictionary::request("k-2")).await.1, Outcome::Replayed);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+    clean(&url, &prefix).await;
 }
 
 #[tokio::test]
@@ -120,6 +131,7 @@ async fn a_replica_with_another_secret_is_refused_and_runs_nothing() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // The first replica goes on serving.
     assert_eq!(send(&a, &runs, dictionary::request("k-1")).await.1, Outcome::Replayed);
+    clean(&url, &prefix).await;
 }
 
 #[tokio::test]
