@@ -70,7 +70,7 @@ async fn serve() {
     // Every process sharing the table needs the same secret: `IDEMPOTENCY_SECRET`, or (this
     // demo only) a fixed one. Yours comes from a secret manager.
     let secret = std::env::var("IDEMPOTENCY_SECRET").unwrap_or_else(|_| "payments_pg demo: development secret".into());
-    let layer = IdempotencyLayer::with_store(store)
+    let layer = IdempotencyLayer::from_store(store)
         .with_secret(Secret::new(secret).expect("IDEMPOTENCY_SECRET has at least 16 bytes"))
         .with_key_policy(KeyPolicy::Required)
         .transactional();

@@ -206,7 +206,7 @@ impl Digests {
                 store.complete(&key, &token, Record::NotRetained, MAX_DURATION).await.map_err(Refused::Store)?
             }
             // Another replica is writing the same check record, or wrote it: the same secret.
-            Begin::InFlight | Begin::Completed(_) => true,
+            Begin::Locked | Begin::Completed(_) => true,
             Begin::Mismatch => return Err(Refused::OtherSecret),
         };
         // A completion that lost its lease checked nothing: the next request checks again.

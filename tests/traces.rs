@@ -107,9 +107,9 @@ async fn a_missing_or_different_secret_is_refused_with_an_error_naming_cause_and
     let store = Outage::new(MemoryStore::new()).outliving();
     let runs = Runs::default();
     let secret = |s: &str| Secret::new(format!("{s}: a secret of more than 16 bytes")).unwrap();
-    let first = service(IdempotencyLayer::with_store(store.clone()).with_secret(secret("first")), runs.clone());
-    let other = service(IdempotencyLayer::with_store(store.clone()).with_secret(secret("other")), runs.clone());
-    let none = service(IdempotencyLayer::with_store(store), runs.clone());
+    let first = service(IdempotencyLayer::from_store(store.clone()).with_secret(secret("first")), runs.clone());
+    let other = service(IdempotencyLayer::from_store(store.clone()).with_secret(secret("other")), runs.clone());
+    let none = service(IdempotencyLayer::from_store(store), runs.clone());
 
     assert_eq!(send(&first, post("/orders", "k1", "{}")).await.outcome, Outcome::Executed);
     for svc in [&other, &none] {

@@ -45,7 +45,7 @@ impl IdempotencyStore for Probe {
 
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, _: Duration) -> Result<Begin, StoreError> {
         *self.0.lock().unwrap() = Some((key.clone(), *fingerprint));
-        Ok(Begin::InFlight)
+        Ok(Begin::Locked)
     }
 
     async fn complete(&self, _: &StoreKey, _: &LockToken, _: Record, _: Duration) -> Result<bool, StoreError> {
@@ -81,7 +81,7 @@ pub async fn fingerprint_of(method: http::Method, uri: &str, body: &'static [u8]
     let probe = Probe::default();
     let handler =
         tower::service_fn(|_: Request<_>| async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) });
-    let service = IdempotencyLayer::with_store(probe.clone()).layer(handler);
+    let service = IdempotencyLayer::from_store(probe.clone()).layer(handler);
     let request = Request::builder()
         .method(method)
         .uri(uri)
@@ -106,7 +106,7 @@ pub async fn store_key_of(
     let probe = Probe::default();
     let handler =
         tower::service_fn(|_: Request<_>| async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) });
-    let layer = IdempotencyLayer::with_store(probe.clone());
+    let layer = IdempotencyLayer::from_store(probe.clone());
     let service = match secret {
         Some(secret) => layer.with_secret(secret),
         None => layer,

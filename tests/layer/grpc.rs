@@ -21,7 +21,7 @@ use tower_idempotency::{IdempotencyLayer, grpc::GrpcStatusOk};
 
 /// The layer with no configuration: its default cache predicate is right for gRPC.
 fn layer() -> IdempotencyLayer<Switch> {
-    IdempotencyLayer::with_store(Switch::default())
+    IdempotencyLayer::from_store(Switch::default())
 }
 
 /// The stricter predicate for gRPC-only layers.

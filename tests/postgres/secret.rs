@@ -63,7 +63,7 @@ async fn dump(db: &Db) -> Vec<Vec<u8>> {
 #[tokio::test]
 async fn rows_reveal_neither_the_credential_nor_the_pin() {
     let db = Db::new().await;
-    let layer = IdempotencyLayer::with_store(db.store().await).with_secret(secret("dictionary"));
+    let layer = IdempotencyLayer::from_store(db.store().await).with_secret(secret("dictionary"));
     let runs = Arc::new(AtomicUsize::new(0));
     assert_eq!(send(&layer, &runs, dictionary::request("transfer-1")).await.1, Outcome::Executed);
     assert_eq!(send_transactional(&layer, &runs, dictionary::request("transfer-2")).await.1, Outcome::Executed);
@@ -83,8 +83,8 @@ async fn rows_reveal_neither_the_credential_nor_the_pin() {
 #[tokio::test]
 async fn two_replicas_with_the_same_secret_replay_each_others_keys() {
     let db = Db::new().await;
-    let a = IdempotencyLayer::with_store(db.store().await).with_secret(secret("shared"));
-    let b = IdempotencyLayer::with_store(db.store().await).with_secret(secret("shared"));
+    let a = IdempotencyLayer::from_store(db.store().await).with_secret(secret("shared"));
+    let b = IdempotencyLayer::from_store(db.store().await).with_secret(secret("shared"));
     let runs = Arc::new(AtomicUsize::new(0));
 
     assert_eq!(send(&a, &runs, dictionary::request("k-1")).await, (StatusCode::CREATED, Outcome::Executed));
@@ -98,8 +98,8 @@ async fn two_replicas_with_the_same_secret_replay_each_others_keys() {
 #[tokio::test]
 async fn a_replica_with_another_secret_is_refused_and_runs_nothing() {
     let db = Db::new().await;
-    let a = IdempotencyLayer::with_store(db.store().await).with_secret(secret("first"));
-    let b = IdempotencyLayer::with_store(db.store().await).with_secret(secret("second"));
+    let a = IdempotencyLayer::from_store(db.store().await).with_secret(secret("first"));
+    let b = IdempotencyLayer::from_store(db.store().await).with_secret(secret("second"));
     let runs = Arc::new(AtomicUsize::new(0));
 
     assert_eq!(send(&a, &runs, dictionary::request("k-1")).await.1, Outcome::Executed);
@@ -114,7 +114,7 @@ async fn a_replica_with_another_secret_is_refused_and_runs_nothing() {
 #[tokio::test]
 async fn a_shared_store_without_a_secret_is_refused() {
     let db = Db::new().await;
-    let layer = IdempotencyLayer::with_store(db.store().await);
+    let layer = IdempotencyLayer::from_store(db.store().await);
     let runs = Arc::new(AtomicUsize::new(0));
     let refused = (StatusCode::SERVICE_UNAVAILABLE, Outcome::StoreUnavailable);
     assert_eq!(send(&layer, &runs, dictionary::request("k-1")).await, refused);

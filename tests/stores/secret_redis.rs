@@ -85,7 +85,7 @@ async fn dump(url: &str, prefix: &str) -> Vec<Vec<u8>> {
 async fn key_names_and_values_reveal_neither_the_credential_nor_the_pin() {
     let url = redis_or_skip!();
     let prefix = prefix();
-    let layer = IdempotencyLayer::with_store(store(&url, &prefix).await).with_secret(secret("dictionary"));
+    let layer = IdempotencyLayer::from_store(store(&url, &prefix).await).with_secret(secret("dictionary"));
     let runs = Arc::new(AtomicUsize::new(0));
     assert_eq!(send(&layer, &runs, dictionary::request("transfer-1")).await.1, Outcome::Executed);
     assert_eq!(send(&layer, &runs, dictionary::request("transfer-1")).await.1, Outcome::Replayed);
@@ -102,8 +102,8 @@ async fn key_names_and_values_reveal_neither_the_credential_nor_the_pin() {
 async fn two_replicas_with_the_same_secret_replay_each_others_keys() {
     let url = redis_or_skip!();
     let prefix = prefix();
-    let a = IdempotencyLayer::with_store(store(&url, &prefix).await).with_secret(secret("shared"));
-    let b = IdempotencyLayer::with_store(store(&url, &prefix).await).with_secret(secret("shared"));
+    let a = IdempotencyLayer::from_store(store(&url, &prefix).await).with_secret(secret("shared"));
+    let b = IdempotencyLayer::from_store(store(&url, &prefix).await).with_secret(secret("shared"));
     let runs = Arc::new(AtomicUsize::new(0));
 
     assert_eq!(send(&a, &runs, dictionary::request("k-1")).await, (StatusCode::CREATED, Outcome::Executed));
@@ -118,8 +118,8 @@ async fn two_replicas_with_the_same_secret_replay_each_others_keys() {
 async fn a_replica_with_another_secret_is_refused_and_runs_nothing() {
     let url = redis_or_skip!();
     let prefix = prefix();
-    let a = IdempotencyLayer::with_store(store(&url, &prefix).await).with_secret(secret("first"));
-    let b = IdempotencyLayer::with_store(store(&url, &prefix).await).with_secret(secret("second"));
+    let a = IdempotencyLayer::from_store(store(&url, &prefix).await).with_secret(secret("first"));
+    let b = IdempotencyLayer::from_store(store(&url, &prefix).await).with_secret(secret("second"));
     let runs = Arc::new(AtomicUsize::new(0));
 
     assert_eq!(send(&a, &runs, dictionary::request("k-1")).await.1, Outcome::Executed);
@@ -138,7 +138,7 @@ async fn a_replica_with_another_secret_is_refused_and_runs_nothing() {
 async fn a_shared_store_without_a_secret_is_refused() {
     let url = redis_or_skip!();
     let prefix = prefix();
-    let layer = IdempotencyLayer::with_store(store(&url, &prefix).await);
+    let layer = IdempotencyLayer::from_store(store(&url, &prefix).await);
     let runs = Arc::new(AtomicUsize::new(0));
     let (status, outcome) = send(&layer, &runs, dictionary::request("k-1")).await;
     assert_eq!((status, outcome), (StatusCode::SERVICE_UNAVAILABLE, Outcome::StoreUnavailable));
