@@ -43,7 +43,9 @@ fn bench(c: &mut Criterion) {
             Response::builder().header("content-type", "text/event-stream").body(StreamBody::new(Box::pin(stream)));
         Ok::<_, Infallible>(response.unwrap())
     });
-    let layer = IdempotencyLayer::from_store(store).with_max_waiters(8);
+    let layer = IdempotencyLayer::from_store(store)
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+        .with_max_waiters(8);
     let reject = layer.layer(handler);
     let join = layer.clone().with_duplicates(Duplicates::join()).layer(handler);
     let run = uuid::Uuid::new_v4().simple().to_string();

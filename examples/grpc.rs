@@ -5,8 +5,8 @@
 //! Run with: `cargo run --example grpc`
 //!
 //! It serves `orders.v1.Orders` on a free loopback port (HTTP/2), behind
-//! `IdempotencyLayer::new().with_cache_predicate(GrpcStatusOk)`, and calls it with a tonic
-//! client:
+//! `IdempotencyLayer::new()` with no configuration (its default cache predicate records a gRPC
+//! call only when its `grpc-status` is `0`), and calls it with a tonic client:
 //!
 //! 1. `Create` twice with one key: the second answer is the replay (the handler ran once).
 //! 2. `Watch` (a server stream) twice with one key: every message replayed.
@@ -55,7 +55,7 @@ use tonic::{
 };
 use tonic_prost::ProstCodec;
 use tower::BoxError;
-use tower_idempotency::{IdempotencyLayer, grpc::GrpcStatusOk, store::IdempotencyStore};
+use tower_idempotency::{IdempotencyLayer, store::IdempotencyStore};
 
 /// `orders.v1.CreateOrder`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -282,7 +282,7 @@ pub fn replayed(metadata: &tonic::metadata::MetadataMap) -> bool {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let server = serve(IdempotencyLayer::new().with_cache_predicate(GrpcStatusOk)).await?;
+    let server = serve(IdempotencyLayer::new()).await?;
     println!("serving orders.v1.Orders on http://{} (HTTP/2)", server.addr);
     let mut client = OrdersClient::connect(server.addr).await?;
     let book = || CreateOrder { sku: "book".into(), quantity: 1, ..CreateOrder::default() };

@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::{Value, json};
 use tower_idempotency::{
-    IdempotencyLayer, KeyPolicy,
+    IdempotencyLayer, KeyPolicy, Secret,
     store::{PostgresStore, sqlx},
     transactional::PgTransaction,
 };
@@ -68,7 +68,13 @@ async fn serve() {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&schema_url()).await.unwrap();
     let store = PostgresStore::new(pool);
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::from_store(store).with_key_policy(KeyPolicy::Required).transactional();
+    // Every process sharing the table needs the same secret: `IDEMPOTENCY_SECRET`, or (this
+    // demo only) a fixed one. Yours comes from a secret manager.
+    let secret = std::env::var("IDEMPOTENCY_SECRET").unwrap_or_else(|_| "payments_pg demo: development secret".into());
+    let layer = IdempotencyLayer::from_store(store)
+        .with_secret(Secret::new(secret).expect("IDEMPOTENCY_SECRET has at least 16 bytes"))
+        .with_key_policy(KeyPolicy::Required)
+        .transactional();
     let app = Router::new().route("/charges", post(charge).layer(layer));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("listening on http://{}", listener.local_addr().unwrap());

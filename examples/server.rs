@@ -8,7 +8,10 @@
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3000`, port `0` picks a free one),
 //! `IDEMPOTENCY_TTL_MS` (default: the library's 24 h), `REDIS_URL` or `DATABASE_URL` (not
-//! both). Prints `listening on http://HOST:PORT`.
+//! both), `IDEMPOTENCY_SECRET` (with Redis or PostgreSQL: the deployment secret that keys what
+//! the store keeps, at least 16 bytes, the same for every process; unset, a fixed development
+//! secret, with a warning, so processes started alike still share keys). Prints
+//! `listening on http://HOST:PORT`.
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'
@@ -44,7 +47,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_idempotency::{
-    Duplicates, IdempotencyLayer, KeyPolicy,
+    Duplicates, IdempotencyLayer, KeyPolicy, Secret,
     store::{IdempotencyStore, LiveLog},
 };
 
@@ -303,7 +306,7 @@ async fn postgres_app(url: &str, stats: Arc<Stats>) -> Router {
                         created_at timestamptz NOT NULL DEFAULT now())";
     sqlx::raw_sql(ledger_table).execute(&pool).await.unwrap_or_else(|error| exit("cannot create ledger", &error));
     let _ = stats.database.set(pool);
-    let layer = with_ttl(IdempotencyLayer::from_store(store));
+    let layer = configure(IdempotencyLayer::from_store(store));
     let transactional = layer.clone().transactional();
     finish(routes(layer).route("/ledger", post(ledger).layer(transactional)), stats)
 }
@@ -320,7 +323,36 @@ fn ttl_from_env() -> Option<Duration> {
     }
 }
 
-fn with_ttl<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> IdempotencyLayer<St> {
+/// The secret every process sharing a store must have, unless `IDEMPOTENCY_SECRET` says
+/// otherwise. Public, so anyone who reads a store keyed with it can test guesses: development
+/// only.
+const DEVELOPMENT_SECRET: &str = "tower-idempotency example server: development secret, never in production";
+
+/// `IDEMPOTENCY_SECRET`, or the development secret with a warning.
+fn secret_from_env() -> Secret {
+    let secret = match std::env::var("IDEMPOTENCY_SECRET") {
+        Ok(secret) => secret,
+        Err(_) => {
+            eprintln!(
+                "warning: IDEMPOTENCY_SECRET is not set: using a fixed development secret, which anyone \
+                 can read here; set IDEMPOTENCY_SECRET (at least 16 random bytes, the same for every \
+                 process) in production"
+            );
+            DEVELOPMENT_SECRET.to_owned()
+        }
+    };
+    Secret::new(secret).unwrap_or_else(|error| {
+        eprintln!("IDEMPOTENCY_SECRET: {error}");
+        std::process::exit(2);
+    })
+}
+
+/// The settings from the environment: the TTL, and, over a store shared by processes, the
+/// secret.
+fn configure<St: IdempotencyStore>(mut layer: IdempotencyLayer<St>) -> IdempotencyLayer<St> {
+    if layer.store().outlives_process() {
+        layer = layer.with_secret(secret_from_env());
+    }
     match ttl_from_env() {
         Some(ttl) => layer.with_ttl(ttl),
         None => layer,
@@ -350,9 +382,9 @@ pub async fn app_from_env(stats: Arc<Stats>) -> Router {
             std::process::exit(2);
         });
         let store = tower_idempotency::store::RedisStore::builder().build(client);
-        return app(with_ttl(IdempotencyLayer::from_store(store)), stats);
+        return app(configure(IdempotencyLayer::from_store(store)), stats);
     }
-    app(with_ttl(IdempotencyLayer::new()), stats)
+    app(configure(IdempotencyLayer::new()), stats)
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn`; `RUST_LOG=tower_idempotency=debug`

@@ -1,22 +1,24 @@
-//! What makes two requests "the same request": SHA-256 over method, path, query and body,
-//! plus any configured headers.
+//! What makes two requests "the same request": HMAC-SHA-256, under a key derived from the
+//! layer's [`Secret`](crate::Secret), over method, path, query and body, plus any configured
+//! headers. Keyed, so that a store reader cannot test guesses of a secret in a body (a PIN, a
+//! card's CVC) against the fingerprint the store keeps.
 //!
 //! Each part is length-prefixed, so no two different requests share an encoding (`/a?b` with
 //! body `c` is not `/a` with query `bc`).
 
+use hmac::Mac;
 use http::{HeaderName, request::Parts};
-use sha2::{Digest, Sha256};
 
-use crate::store::Fingerprint;
+use crate::{secret::Keyed, store::Fingerprint};
 
 impl Fingerprint {
     /// Fingerprints a request from its head, the headers to include and its buffered body.
     ///
     /// The body is hashed once, straight from the buffer.
-    pub(crate) fn compute(head: &Parts, headers: &[HeaderName], body: &[u8]) -> Self {
-        let mut hasher = Sha256::new();
+    pub(crate) fn compute(keyed: &Keyed, head: &Parts, headers: &[HeaderName], body: &[u8]) -> Self {
+        let mut hasher = keyed.fingerprint_mac();
         let mut part = |bytes: &[u8]| {
-            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(&(bytes.len() as u64).to_be_bytes());
             hasher.update(bytes);
         };
         part(head.method.as_str().as_bytes());
@@ -36,7 +38,7 @@ impl Fingerprint {
             }
         }
         part(body);
-        Self::from_bytes(hasher.finalize().into())
+        Self::from_bytes(hasher.finalize().into_bytes().into())
     }
 }
 
@@ -44,9 +46,19 @@ impl Fingerprint {
 mod tests {
     use super::*;
 
+    use crate::secret::test_keyed as keyed;
+
+    #[test]
+    fn keyed_by_the_secret() {
+        let (head, ()) = http::Request::post("/pin").body(()).unwrap().into_parts();
+        let one = Fingerprint::compute(&keyed(1), &head, &[], b"{\"pin\":\"1234\"}");
+        assert_eq!(one, Fingerprint::compute(&keyed(1), &head, &[], b"{\"pin\":\"1234\"}"));
+        assert_ne!(one, Fingerprint::compute(&keyed(2), &head, &[], b"{\"pin\":\"1234\"}"));
+    }
+
     fn fp(method: &str, uri: &str, body: &[u8]) -> Fingerprint {
         let (head, ()) = http::Request::builder().method(method).uri(uri).body(()).unwrap().into_parts();
-        Fingerprint::compute(&head, &[], body)
+        Fingerprint::compute(&keyed(1), &head, &[], body)
     }
 
     #[test]
@@ -66,10 +78,10 @@ mod tests {
         let name = HeaderName::from_static("x-account");
         let mk = |v: &str| {
             let (head, ()) = http::Request::post("/a").header(&name, v).body(()).unwrap().into_parts();
-            Fingerprint::compute(&head, std::slice::from_ref(&name), b"")
+            Fingerprint::compute(&keyed(1), &head, std::slice::from_ref(&name), b"")
         };
         assert_ne!(mk("1"), mk("2"));
         let (head, ()) = http::Request::post("/a").header(&name, "1").body(()).unwrap().into_parts();
-        assert_eq!(Fingerprint::compute(&head, &[], b""), fp("POST", "/a", b""));
+        assert_eq!(Fingerprint::compute(&keyed(1), &head, &[], b""), fp("POST", "/a", b""));
     }
 }

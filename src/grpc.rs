@@ -8,9 +8,11 @@
 //! - **The fingerprint** covers the method's path (`/package.Service/Method`) and the request
 //!   message as framed on the wire; metadata is not part of it, as headers are not.
 //! - **What is recorded**: a gRPC response is HTTP `200` whatever its outcome, which travels
-//!   in `grpc-status`. Use [`GrpcStatusOk`] as the cache predicate, so that only calls that
-//!   succeeded (`grpc-status: 0`) are recorded and every failed one releases its key:
-//!   `IdempotencyLayer::new().with_cache_predicate(GrpcStatusOk)`.
+//!   in `grpc-status`. The default cache predicate, [`SuccessOnly`](crate::SuccessOnly),
+//!   records a gRPC call only when it succeeded (`grpc-status: 0`, in the head of a
+//!   trailers-only answer or in the trailers after the messages); every failed call releases
+//!   its key, so a retry runs again. [`GrpcStatusOk`] is a stricter predicate for a layer in
+//!   front of gRPC only: it also refuses trailers with no `grpc-status` at all.
 //! - **Replays** of unary and server-streaming calls are byte for byte the first response:
 //!   the headers, every message frame, and the trailers (`grpc-status: 0`), plus
 //!   `idempotent-replayed: true` in the response metadata. A recorded stream is replayed at
@@ -41,10 +43,10 @@
 //! (here: a key bound to a different request) and names `ABORTED` for concurrency conflicts.
 //!
 //! ```
-//! use tower_idempotency::{IdempotencyLayer, grpc::GrpcStatusOk};
+//! use tower_idempotency::IdempotencyLayer;
 //!
 //! // tonic: Server::builder().layer(layer).add_service(OrdersServer::new(orders))
-//! let layer = IdempotencyLayer::new().with_cache_predicate(GrpcStatusOk);
+//! let layer = IdempotencyLayer::new();
 //! # let _ = layer;
 //! ```
 
@@ -56,11 +58,13 @@ use crate::{
     problem::{Problem, ProblemKind},
 };
 
-const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
 
-/// A [`CachePredicate`] for gRPC: records a call only when it succeeded, `grpc-status: 0`.
+/// A [`CachePredicate`] for a layer in front of gRPC only: records a call only when it
+/// succeeded, `grpc-status: 0`. The default, [`SuccessOnly`](crate::SuccessOnly), does the same
+/// for gRPC responses; this one also refuses trailers that carry no `grpc-status`.
 ///
 /// - A response head with a `grpc-status` is a trailers-only answer: recorded if that status
 ///   is `0`, released otherwise (this is how tonic answers a handler's `Err(Status)`).
@@ -82,12 +86,18 @@ impl CachePredicate for GrpcStatusOk {
         if !is_grpc(&head.headers) {
             return head.status.is_success();
         }
-        head.status == StatusCode::OK && head.headers.get(GRPC_STATUS).is_none_or(|status| status == "0")
+        succeeded(head)
     }
 
     fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
         trailers.is_none_or(|trailers| trailers.get(GRPC_STATUS).is_some_and(|status| status == "0"))
     }
+}
+
+/// Whether the head of a gRPC response is that of a call that may have succeeded: HTTP `200`,
+/// and no `grpc-status` in it or `grpc-status: 0` (a trailers-only success).
+pub(crate) fn succeeded(head: &response::Parts) -> bool {
+    head.status == StatusCode::OK && head.headers.get(GRPC_STATUS).is_none_or(|status| status == "0")
 }
 
 /// Whether `headers` (a request's or a response's) are gRPC's: content type
@@ -184,6 +194,29 @@ mod tests {
         // Not gRPC: 2xx.
         assert!(GrpcStatusOk.should_record(&head(201, &[("content-type", "application/json")])));
         assert!(!GrpcStatusOk.should_record(&head(500, &[])));
+    }
+
+    #[test]
+    fn the_default_predicate_records_only_grpc_status_0() {
+        use crate::SuccessOnly;
+        let grpc = ("content-type", "application/grpc+proto");
+        // Trailers-only: decided by the head.
+        assert!(SuccessOnly.should_record(&head(200, &[grpc, ("grpc-status", "0")])));
+        for failed in ["3", "9", "14"] {
+            assert!(!SuccessOnly.should_record(&head(200, &[grpc, ("grpc-status", failed)])), "{failed}");
+        }
+        assert!(!SuccessOnly.should_record(&head(503, &[grpc])));
+        // A stream: decided by its trailers.
+        assert!(SuccessOnly.should_record(&head(200, &[grpc])));
+        assert!(SuccessOnly.should_record_trailers(Some(&trailers(Some("0")))));
+        for failed in ["2", "13", "00"] {
+            assert!(!SuccessOnly.should_record_trailers(Some(&trailers(Some(failed)))), "{failed}");
+        }
+        // Not gRPC: 2xx, and trailers of its own change nothing.
+        assert!(SuccessOnly.should_record(&head(201, &[("content-type", "application/json")])));
+        assert!(!SuccessOnly.should_record(&head(500, &[])));
+        assert!(SuccessOnly.should_record_trailers(None));
+        assert!(SuccessOnly.should_record_trailers(Some(&trailers(None))));
     }
 
     #[test]

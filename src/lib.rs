@@ -109,12 +109,21 @@
 //!
 //! # Semantics worth knowing
 //!
-//! - **Scope.** The stored key is (scope, key); by default the scope is the SHA-256 digest of
+//! - **Scope.** The stored key is (scope, key); by default the scope is a keyed digest of
 //!   the `Authorization` header, so one tenant can never replay another's response. Requests
 //!   without `Authorization` share one namespace. See [`Scope`].
-//! - **Fingerprint.** SHA-256 over method, path, query and body (plus configured headers). The
-//!   body is buffered (up to the limit) to compute it, then handed to the handler with the
-//!   request's trailers, if it had any (trailers are not fingerprinted).
+//! - **Fingerprint.** A keyed digest over method, path, query and body (plus configured
+//!   headers). The body is buffered (up to the limit) to compute it, then handed to the
+//!   handler with the request's trailers, if it had any (trailers are not fingerprinted).
+//! - **Secret.** Both digests are HMAC-SHA-256 under the deployment [`Secret`], so nothing a
+//!   store keeps reveals a credential or a secret in a request body. [`store::MemoryStore`]
+//!   needs no configuration (a random secret per process); over Redis or PostgreSQL, set the
+//!   same secret on every replica with [`IdempotencyLayer::with_secret`]: without one the
+//!   layer refuses with `503`, and replicas with different secrets are detected and refused.
+//!   See [`secret`] for the threat model and rotation.
+//! - **Browsers.** A page calling the API through CORS reads `Idempotent-Replayed` (and the
+//!   retry hints) only if they are exposed: pass [`EXPOSE_HEADERS`] to tower-http's
+//!   `CorsLayer::expose_headers`.
 //! - **Streaming.** The handler's response streams to the client as produced while it is
 //!   recorded. The record is written before the client can see the end, however the server
 //!   reads the body (to its end, to `Content-Length`, to its trailers): the frame that ends it
@@ -153,9 +162,11 @@
 //!
 //! # gRPC
 //!
-//! In front of a tonic service the layer works as it is: the key is the `idempotency-key`
-//! metadata entry, the layer's own answers to a gRPC request are gRPC statuses, and
-//! [`grpc::GrpcStatusOk`] records only calls that succeeded (`grpc-status: 0`). See [`grpc`].
+//! In front of a tonic service the layer works as it is, with no configuration: the key is the
+//! `idempotency-key` metadata entry, the layer's own answers to a gRPC request are gRPC
+//! statuses, and the default cache predicate records only calls that succeeded
+//! (`grpc-status: 0`, in the head or in the trailers of a stream); a failed call releases its
+//! key. See [`grpc`].
 //!
 //! # Stores
 //!
@@ -168,7 +179,9 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Starts even while Redis is down; each request then answers per the store-failure mode.
 //! let store = tower_idempotency::store::RedisStore::builder().build(tower_idempotency::store::redis::Client::open("redis://127.0.0.1:6379")?);
-//! let layer = tower_idempotency::IdempotencyLayer::from_store(store);
+//! // The same secret on every replica (from the environment or a secret manager).
+//! let secret = tower_idempotency::Secret::new(std::env::var("IDEMPOTENCY_SECRET")?)?;
+//! let layer = tower_idempotency::IdempotencyLayer::from_store(store).with_secret(secret);
 //! # let _ = layer;
 //! # Ok(())
 //! # }
@@ -199,6 +212,7 @@ mod outcome;
 pub mod problem;
 mod rt;
 mod scope;
+pub mod secret;
 pub mod store;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -206,7 +220,7 @@ pub mod transactional;
 
 mod fingerprint;
 
-pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+pub use headers::{EXPOSE_HEADERS, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
 pub use layer::{
     CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
@@ -215,6 +229,7 @@ pub use layer::{
 };
 pub use outcome::Outcome;
 pub use scope::{MakeScope, Scope, ScopeId};
+pub use secret::Secret;
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis` and
 /// `postgres` features).

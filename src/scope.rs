@@ -1,22 +1,31 @@
 //! Who a key belongs to.
 //!
 //! The store key is the pair (scope, key), so a key sent by one tenant can never replay
-//! another tenant's response. The default scope is a SHA-256 digest of the `Authorization`
-//! header (the credential itself is never stored). Requests without that header share one
+//! another tenant's response. The default scope is a keyed digest (HMAC-SHA-256 under the
+//! layer's [`Secret`](crate::Secret)) of the `Authorization` header: neither the credential
+//! nor anything a guess of it could be tested against is stored. Every scope, a custom one
+//! included, is keyed so before it reaches the store. Requests without that header share one
 //! unscoped namespace: put an authentication layer in front and scope by the identity it
 //! establishes ([`Scope::from_fn`]) when anonymous callers must be kept apart too.
 
 use std::{fmt, sync::Arc};
 
+use hmac::Mac;
 use http::{HeaderName, header::AUTHORIZATION, request::Parts};
 use sha2::{Digest, Sha256};
 
-/// A scope: a 32-byte SHA-256 digest of whatever identifies the caller.
+use crate::secret::{Keyed, finish_scope};
+
+/// A scope: a 32-byte digest of whatever identifies the caller.
+///
+/// The layer keys it with its [`Secret`](crate::Secret) before it reaches the store, so the
+/// store never sees the value a scope function returns.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScopeId([u8; 32]);
 
 impl ScopeId {
-    /// The scope of `identity` (a tenant id, an API key, a user id...): its SHA-256 digest.
+    /// The scope of `identity` (a tenant id, an API key, a user id...): its SHA-256 digest,
+    /// which the layer keys with its secret before the store sees it.
     pub fn digest(identity: impl AsRef<[u8]>) -> Self {
         Self(Sha256::digest(identity.as_ref()).into())
     }
@@ -72,12 +81,14 @@ enum Kind {
 }
 
 impl Scope {
-    /// The default: the SHA-256 digest of the `Authorization` header, when present.
+    /// The default: a keyed digest (HMAC-SHA-256 under the layer's
+    /// [`Secret`](crate::Secret)) of the `Authorization` header, when present.
     pub fn authorization() -> Self {
         Self::header(AUTHORIZATION)
     }
 
-    /// The SHA-256 digest of the named header's value(s), when present.
+    /// A keyed digest (HMAC-SHA-256 under the layer's [`Secret`](crate::Secret)) of the named
+    /// header's value(s), when present.
     pub fn header(name: HeaderName) -> Self {
         Self(Kind::Header(name))
     }
@@ -106,22 +117,25 @@ impl Scope {
         Self(Kind::Custom(Arc::new(f)))
     }
 
-    pub(crate) fn resolve(&self, head: &Parts) -> Option<ScopeId> {
+    /// The scope the store sees for the request whose head is `head`: keyed by `keyed`.
+    pub(crate) fn resolve(&self, head: &Parts, keyed: &Keyed) -> Option<ScopeId> {
         match &self.0 {
             Kind::None => None,
             Kind::Header(name) => {
                 let mut values = head.headers.get_all(name).iter();
                 let first = values.next()?;
-                let mut hasher = Sha256::new();
-                hasher.update(first.as_bytes());
+                let mut mac = keyed.scope_mac();
+                // A first byte of its own (a custom scope's is `i`) keeps the two kinds apart.
+                mac.update(b"h");
+                mac.update(first.as_bytes());
                 for more in values {
                     // A separator no header value can contain keeps the encoding unambiguous.
-                    hasher.update(b"\n");
-                    hasher.update(more.as_bytes());
+                    mac.update(b"\n");
+                    mac.update(more.as_bytes());
                 }
-                Some(ScopeId(hasher.finalize().into()))
+                Some(finish_scope(mac))
             }
-            Kind::Custom(f) => f.make_scope(head),
+            Kind::Custom(f) => f.make_scope(head).map(|scope| keyed.key_scope(&scope)),
         }
     }
 }
@@ -154,13 +168,28 @@ mod tests {
         builder.body(()).unwrap().into_parts().0
     }
 
+    use crate::secret::test_keyed as keyed;
+
     #[test]
-    fn default_scope_is_the_authorization_digest() {
+    fn default_scope_is_a_keyed_digest_of_authorization() {
+        let (k1, k2) = (keyed(1), keyed(2));
         let scope = Scope::default();
-        assert_eq!(scope.resolve(&head(None)), None);
-        let a = scope.resolve(&head(Some("Bearer a"))).unwrap();
-        assert_eq!(a, ScopeId::digest("Bearer a"));
-        assert_ne!(Some(a), scope.resolve(&head(Some("Bearer b"))));
-        assert_eq!(Scope::none().resolve(&head(Some("Bearer a"))), None);
+        assert_eq!(scope.resolve(&head(None), &k1), None);
+        let a = scope.resolve(&head(Some("Bearer a")), &k1).unwrap();
+        assert_eq!(Some(a), scope.resolve(&head(Some("Bearer a")), &k1));
+        // Not the plain digest, and another secret gives another scope.
+        assert_ne!(a, ScopeId::digest("Bearer a"));
+        assert_ne!(Some(a), scope.resolve(&head(Some("Bearer a")), &k2));
+        assert_ne!(Some(a), scope.resolve(&head(Some("Bearer b")), &k1));
+        assert_eq!(Scope::none().resolve(&head(Some("Bearer a")), &k1), None);
+    }
+
+    #[test]
+    fn custom_scopes_are_keyed_too() {
+        let k1 = keyed(1);
+        let custom = Scope::from_fn(|_: &Parts| Some(ScopeId::digest("tenant-7")));
+        let scoped = custom.resolve(&head(None), &k1).unwrap();
+        assert_ne!(scoped, ScopeId::digest("tenant-7"));
+        assert_ne!(Some(scoped), custom.resolve(&head(None), &keyed(2)));
     }
 }

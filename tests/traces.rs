@@ -14,9 +14,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use common::{Runs, post, send, service};
-use http::Method;
-use tower_idempotency::IdempotencyLayer;
+use common::{Runs, outage::Outage, post, send, service};
+use http::{Method, StatusCode};
+use tower_idempotency::{IdempotencyLayer, Outcome, Secret, store::MemoryStore};
 use tracing::{
     Event, Subscriber,
     field::{Field, Visit},
@@ -96,4 +96,32 @@ async fn every_outcome_is_logged_in_a_span_without_the_key() {
     for (_, text, _) in &events {
         assert!(!text.contains(KEY), "a log line carries the key: {text}");
     }
+}
+
+/// Over a store shared by processes, a layer with no secret, or with a secret other than the
+/// one the store was set up with, refuses with `503` and says why and what to do, in an error.
+#[tokio::test]
+async fn a_missing_or_different_secret_is_refused_with_an_error_naming_cause_and_fix() {
+    let captured = Captured::default();
+    let _guard = tracing_subscriber::registry().with(captured.clone()).set_default();
+    let store = Outage::new(MemoryStore::new()).outliving();
+    let runs = Runs::default();
+    let secret = |s: &str| Secret::new(format!("{s}: a secret of more than 16 bytes")).unwrap();
+    let first = service(IdempotencyLayer::from_store(store.clone()).with_secret(secret("first")), runs.clone());
+    let other = service(IdempotencyLayer::from_store(store.clone()).with_secret(secret("other")), runs.clone());
+    let none = service(IdempotencyLayer::from_store(store), runs.clone());
+
+    assert_eq!(send(&first, post("/orders", "k1", "{}")).await.outcome, Outcome::Executed);
+    for svc in [&other, &none] {
+        let reply = send(svc, post("/orders", "k1", "{}")).await;
+        assert_eq!((reply.status, reply.outcome), (StatusCode::SERVICE_UNAVAILABLE, Outcome::StoreUnavailable));
+    }
+    assert_eq!(runs.get(), 1, "neither ran the request again");
+    assert_eq!(send(&first, post("/orders", "k1", "{}")).await.outcome, Outcome::Replayed);
+
+    let events = captured.0.lock().unwrap().clone();
+    let errors: Vec<&String> = events.iter().map(|(_, text, _)| text).filter(|t| t.contains("refusing")).collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].contains("another secret") && errors[0].contains("the same secret"), "{}", errors[0]);
+    assert!(errors[1].contains("no secret was set") && errors[1].contains("with_secret"), "{}", errors[1]);
 }

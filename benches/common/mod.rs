@@ -22,8 +22,8 @@ use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 use tower_idempotency::{
-    IdempotencyLayer, ScopeId,
-    store::{Begin, IdempotencyStore, MemoryStore, StoreKey},
+    IdempotencyLayer,
+    store::{Begin, IdempotencyStore, MemoryStore},
 };
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -234,8 +234,9 @@ pub fn routers(rt: &tokio::runtime::Runtime, store: MemoryStore) -> Routers {
     rt.block_on(async {
         let (status, _) = send(&layered, request(Method::POST, Some(REPLAYED))).await;
         assert_eq!(status, StatusCode::CREATED);
-        let fingerprint = probe::fingerprint_of(Method::POST, "/orders", ORDER.as_bytes()).await;
-        let key = StoreKey::new(Some(ScopeId::digest(AUTHORIZATION)), IN_FLIGHT.parse().unwrap());
+        // The store key and fingerprint the layer computes (keyed with this process's secret).
+        let (key, fingerprint) =
+            probe::store_key_of(None, "/orders", Some(AUTHORIZATION), IN_FLIGHT, ORDER.as_bytes()).await;
         let begin = store.begin(&key, &fingerprint, Duration::from_secs(24 * 3600)).await.unwrap();
         assert!(matches!(begin, Begin::Execute(_)));
     });

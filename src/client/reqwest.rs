@@ -44,6 +44,22 @@
 //! The response of a call whose key the middleware set (from the extension or the
 //! generator) carries it in its extensions:
 //! `response.extensions().get::<IdempotencyKey>()`.
+//!
+//! # With other middlewares
+//!
+//! A key the middleware generates is also put in the call's extensions (the
+//! `&mut Extensions` every middleware of the call shares), so a middleware registered before
+//! this one (outside it) that sends the request again, such as `reqwest-retry`'s
+//! `RetryTransientMiddleware` or a hedging middleware, sends it with the same key: one
+//! logical request, one key, whatever wraps it.
+//!
+//! Where to put it: this middleware already retries, with the key, by the server's hints. A
+//! retry middleware of your own is best left out; if you keep one, register it **before**
+//! (outside) this one, so that each of its attempts goes through this middleware and gets
+//! the call's key. A retry middleware registered after (inside) this one also reuses the key
+//! (it re-sends the request this middleware stamped), but then two retry loops multiply
+//! their attempts. Middlewares that must see every attempt (logging, metrics, auth that signs
+//! each request) go after (inside) it.
 
 use std::fmt;
 
@@ -119,8 +135,10 @@ impl<C, G> IdempotencyMiddleware<C, G> {
     }
 
     /// Sets the key of `request` unless it has one: the [`IdempotencyKey`] in `extensions`,
-    /// else the generator's. Returns the key it set.
-    fn stamp(&self, request: &mut Request, extensions: &Extensions) -> Option<IdempotencyKey>
+    /// else the generator's, which it then puts in `extensions`, so that a middleware outside
+    /// this one that sends the request again (a retry middleware, hedging) sends it with the
+    /// same key. Returns the key it set.
+    fn stamp(&self, request: &mut Request, extensions: &mut Extensions) -> Option<IdempotencyKey>
     where
         G: KeyGenerator,
     {
@@ -130,7 +148,13 @@ impl<C, G> IdempotencyMiddleware<C, G> {
         }
         let key = match extensions.get::<IdempotencyKey>() {
             Some(key) => key.clone(),
-            None => self.generator.generate(&head(request, extensions)),
+            None => {
+                let key = self.generator.generate(&head(request, extensions));
+                // The call's extensions outlive this attempt: an outer middleware that sends the
+                // request again passes them to us again, and the key is reused.
+                extensions.insert(key.clone());
+                key
+            }
         };
         let value =
             HeaderValue::from_str(key.as_str()).expect("a key is visible ASCII, which is always a valid header value");

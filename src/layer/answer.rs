@@ -8,8 +8,12 @@ use http::{HeaderMap, Response};
 use http_body::Body;
 
 use crate::{
-    layer::{body::ResponseBody, config::Answers},
+    layer::{
+        body::ResponseBody,
+        config::{Answers, Config, StoreFailure},
+    },
     problem::{Problem, ProblemKind},
+    secret::Refused,
 };
 
 /// The layer's own answer to a request with headers `request`: rendered by the configured
@@ -22,6 +26,37 @@ pub(crate) fn problem_response<B: Body>(
 ) -> Response<ResponseBody<B>> {
     let (head, body) = answers.render(Problem::new(kind, retry_after), crate::grpc::is_grpc(request));
     Response::from_parts(head, ResponseBody::full(body, None))
+}
+
+/// The answer to a guarded request the layer refuses for want of a secret the store's other
+/// users share: `503` (whatever the store-failure mode: running the request unprotected could
+/// run it twice), with an error log naming the cause and the fix.
+pub(crate) fn refused_response<B: http_body::Body>(
+    config: &Config,
+    request: &http::HeaderMap,
+    refused: &Refused,
+) -> Response<ResponseBody<B>> {
+    match refused {
+        Refused::NoSecret => tracing::error!(
+            "idempotency: refusing the request with 503: the store outlives the process (it is shared by \
+             replicas and kept across restarts) and no secret was set. Set the same secret on every \
+             replica with `IdempotencyLayer::with_secret(Secret::new(..)?)`"
+        ),
+        Refused::OtherSecret => tracing::error!(
+            key = crate::secret::CHECK_KEY,
+            "idempotency: refusing the request with 503: the store was set up with another secret (its \
+             secret-check record does not match this layer's). Another replica, or an earlier deployment, \
+             uses a different `IdempotencyLayer::with_secret`: give every replica the same secret, or, \
+             rotating on purpose with no traffic in flight, delete the check record (see the \
+             `tower_idempotency::secret` docs)"
+        ),
+        Refused::Store(error) => tracing::warn!(%error, "idempotency store failed during the secret check"),
+    }
+    let retry_after = match config.store_failure {
+        StoreFailure::FailClosed { retry_after } => retry_after,
+        _ => std::time::Duration::from_secs(1),
+    };
+    problem_response(&config.answers, request, ProblemKind::StoreUnavailable, Some(retry_after))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::{
     layer::duplicates::Waiting,
     layer::lock::{Keeper, LiveOps},
     problem::ProblemRenderer,
+    secret::{Digests, Secret},
     store::{IdempotencyStore, LiveLog, MemoryStore},
 };
 
@@ -51,12 +52,17 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// A layer with the defaults over `store`. To share keys between several layers (per-route
     /// layers with different settings, say), clone the layer and change the clone's settings:
     /// clones share the store.
+    ///
+    /// A store that outlives the process (Redis, PostgreSQL) also needs
+    /// [`with_secret`](Self::with_secret), the same on every replica; until it has one, every
+    /// guarded request is refused with `503`.
     pub fn from_store(store: St) -> Self {
         let config = Config {
             methods: vec![Method::POST, Method::PATCH],
             header: IDEMPOTENCY_KEY,
             key_policy: KeyPolicy::Optional,
             scope: Scope::authorization(),
+            digests: Digests::default_for(&store),
             fingerprint_headers: Vec::new(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_record: DEFAULT_MAX_RECORD,
@@ -129,7 +135,24 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.config(|c| c.key_policy = policy)
     }
 
-    /// Who a key belongs to. Default: [`Scope::authorization`], the SHA-256 digest of the
+    /// The deployment secret that keys the digests a store keeps: the scope and the request
+    /// fingerprint (HMAC-SHA-256), so that nothing a store keeps reveals a credential or a
+    /// secret in a request body. See [`secret`](crate::secret) for what it protects and how to
+    /// rotate it.
+    ///
+    /// Default: over a store that ends with the process ([`MemoryStore`]), a random secret
+    /// drawn once per process. Over a store that outlives it (Redis, PostgreSQL: see
+    /// [`IdempotencyStore::outlives_process`]) there is no default: set the same secret on
+    /// every replica, or every guarded request is refused with `503` (a random secret per
+    /// process would lose every record at a restart, and run its requests again). Such a
+    /// layer checks at its first guarded request that the store's other users have the same
+    /// secret, and refuses with `503` if not.
+    pub fn with_secret(self, secret: Secret) -> Self {
+        let digests = Digests::keyed(&secret, self.store.outlives_process());
+        self.config(|c| c.digests = digests)
+    }
+
+    /// Who a key belongs to. Default: [`Scope::authorization`], a keyed digest of the
     /// `Authorization` header.
     pub fn with_scope(self, scope: Scope) -> Self {
         self.config(|c| c.scope = scope)
@@ -155,7 +178,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     /// Which responses are recorded; the others release the key. Default: [`SuccessOnly`]
-    /// (`2xx`).
+    /// (`2xx`, and a gRPC call only when its `grpc-status` is `0`).
     pub fn with_cache_predicate(self, predicate: impl CachePredicate) -> Self {
         let predicate = Arc::new(predicate);
         self.config(|c| c.predicate = predicate)

@@ -13,13 +13,14 @@ use crate::{
     hints::RetryHint,
     layer::{duplicates::Waiting, lock::Keeper},
     problem::{Problem, ProblemRenderer, Rfc9457},
+    secret::Digests,
 };
 
 /// Decides whether a response becomes the key's record. Implemented for closures
 /// `Fn(&http::response::Parts) -> bool`.
 ///
 /// A response it rejects releases the key, so a retry executes again. The default,
-/// [`SuccessOnly`], records `2xx` responses only.
+/// [`SuccessOnly`], records `2xx` responses, and gRPC calls only when they succeeded.
 pub trait CachePredicate: Send + Sync + 'static {
     /// Whether to record the response whose head is `head`.
     fn should_record(&self, head: &response::Parts) -> bool;
@@ -45,13 +46,31 @@ where
     }
 }
 
-/// The default [`CachePredicate`]: record `2xx` responses.
+/// The default [`CachePredicate`]: record successes.
+///
+/// - An HTTP response is recorded when its status is `2xx`.
+/// - A gRPC response (content type `application/grpc*`) is recorded only when the call
+///   succeeded, `grpc-status: 0`: in the head of a trailers-only answer (how tonic answers a
+///   handler's `Err(Status)`), or in the trailers that end a stream (a stream that fails after
+///   its first messages, say). A failed call releases its key, so a retry runs again. Its HTTP
+///   status must be `200`, as gRPC requires.
+///
+/// Trailers without `grpc-status` (an HTTP response's own trailers) change nothing. For gRPC
+/// only, [`GrpcStatusOk`](crate::grpc::GrpcStatusOk) is stricter: trailers must carry
+/// `grpc-status: 0`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SuccessOnly;
 
 impl CachePredicate for SuccessOnly {
     fn should_record(&self, head: &response::Parts) -> bool {
+        if crate::grpc::is_grpc(&head.headers) {
+            return crate::grpc::succeeded(head);
+        }
         head.status.is_success()
+    }
+
+    fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
+        trailers.and_then(|trailers| trailers.get(crate::grpc::GRPC_STATUS)).is_none_or(|status| status == "0")
     }
 }
 
@@ -164,12 +183,20 @@ impl Default for StoreFailure {
 pub enum ConfigError {
     /// The header name is not a valid HTTP header name.
     InvalidHeaderName(String),
+    /// The [`Secret`](crate::Secret) has fewer than [`MIN_SECRET_LEN`](crate::secret::MIN_SECRET_LEN)
+    /// bytes (it had this many).
+    SecretTooShort(usize),
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid HTTP header name"),
+            Self::SecretTooShort(len) => write!(
+                f,
+                "the idempotency secret has {len} bytes; it needs at least {} (ideally 32 random bytes)",
+                crate::secret::MIN_SECRET_LEN
+            ),
         }
     }
 }
@@ -183,6 +210,8 @@ pub(crate) struct Config {
     pub(crate) header: HeaderName,
     pub(crate) key_policy: KeyPolicy,
     pub(crate) scope: Scope,
+    /// The keyed digests of the scope and the fingerprint.
+    pub(crate) digests: Digests,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) max_request_body: usize,
     pub(crate) max_record: usize,
@@ -223,6 +252,7 @@ impl fmt::Debug for Config {
             .field("header", &self.header)
             .field("key_policy", &self.key_policy)
             .field("scope", &self.scope)
+            .field("digests", &self.digests)
             .field("fingerprint_headers", &self.fingerprint_headers)
             .field("max_request_body", &self.max_request_body)
             .field("max_record", &self.max_record)

@@ -14,7 +14,7 @@ use crate::{
     IdempotencyKey, Outcome,
     headers::LAST_EVENT_ID,
     layer::{
-        answer::problem_response,
+        answer::{problem_response, refused_response},
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
         config::{Config, Duplicates, StoreFailure},
         duplicates::{Joined, Waited, joined_head},
@@ -23,7 +23,8 @@ use crate::{
         replay::replay,
     },
     problem::ProblemKind,
-    store::{Begin, Fingerprint, Record, StoreError, StoreKey},
+    secret::Refused,
+    store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
 };
 
 /// One guarded request: everything after the key was found valid.
@@ -43,30 +44,43 @@ pub(crate) struct Prepared {
     pub(crate) fingerprint: Fingerprint,
 }
 
-/// Buffers the body (up to the limit), fingerprints the request and resolves its scope; a body
-/// over the limit or that fails is answered at once.
-pub(crate) async fn prepare<ReqBody, ResBody>(
+/// Why a guarded request could not be prepared.
+pub(crate) enum Unprepared<B: Body> {
+    /// Answered at once: a body over the limit or that failed, a missing or other secret.
+    Answer(Response<ResponseBody<B>>),
+    /// The store failed while the layer checked its secret there.
+    Store(StoreError, request::Parts, Buffered),
+}
+
+/// Buffers the body (up to the limit), then fingerprints the request and resolves its scope
+/// with the layer's keyed digests (once per layer, after checking that `store` holds this
+/// secret's check record).
+pub(crate) async fn prepare<St, ReqBody, ResBody>(
     config: &Config,
+    store: &St,
     request: Request<ReqBody>,
     key: IdempotencyKey,
-) -> Result<Prepared, Response<ResponseBody<ResBody>>>
+) -> Result<Prepared, Unprepared<ResBody>>
 where
+    St: IdempotencyStore,
     ReqBody: Body,
     ReqBody::Data: Buf,
     ResBody: Body,
 {
     let (head, body) = request.into_parts();
+    let problem = |kind| Unprepared::Answer(problem_response(&config.answers, &head.headers, kind, None));
     let body = match buffer(body, config.max_request_body).await {
         Ok(body) => body,
-        Err(BufferError::TooLarge) => {
-            return Err(problem_response(&config.answers, &head.headers, ProblemKind::RequestBodyTooLarge, None));
-        }
-        Err(BufferError::Unreadable) => {
-            return Err(problem_response(&config.answers, &head.headers, ProblemKind::RequestBodyUnreadable, None));
-        }
+        Err(BufferError::TooLarge) => return Err(problem(ProblemKind::RequestBodyTooLarge)),
+        Err(BufferError::Unreadable) => return Err(problem(ProblemKind::RequestBodyUnreadable)),
     };
-    let fingerprint = Fingerprint::compute(&head, &config.fingerprint_headers, &body.data);
-    let key = StoreKey::new(config.scope.resolve(&head), key);
+    let keyed = match config.digests.ready(store, config.lease).await {
+        Ok(keyed) => keyed,
+        Err(Refused::Store(error)) => return Err(Unprepared::Store(error, head, body)),
+        Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
+    };
+    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &body.data);
+    let key = StoreKey::new(config.scope.resolve(&head, keyed), key);
     Ok(Prepared { head, body, key, fingerprint })
 }
 
@@ -112,9 +126,10 @@ where
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
         let Self { inner, mode, config, live, .. } = self;
         let mut inner = Inner::Ready(inner);
-        let Prepared { head, body, key, fingerprint } = match prepare(&config, request, key).await {
+        let Prepared { head, body, key, fingerprint } = match prepare(&config, M::store(&mode), request, key).await {
             Ok(prepared) => prepared,
-            Err(answered) => return Ok(answered),
+            Err(Unprepared::Answer(answered)) => return Ok(answered),
+            Err(Unprepared::Store(error, head, body)) => return store_failed(inner, &config, error, head, body).await,
         };
 
         // In wait and join mode, a duplicate waits for the request in flight (the mode says

@@ -42,6 +42,11 @@ where
     /// What executing needs once the key is this request's.
     type Held: Send;
 
+    /// The store the mode keeps its keys in (where the layer checks its secret).
+    type Store: IdempotencyStore;
+
+    fn store(this: &Arc<Self>) -> &Self::Store;
+
     /// The answer to a request the layer does not guard (an uncovered method, or no key
     /// where one is optional). `inner` was readied by `poll_ready`.
     fn pass(
@@ -100,6 +105,11 @@ where
     ResBody::Error: Into<tower::BoxError> + Send,
 {
     type Held = LockToken;
+    type Store = St;
+
+    fn store(this: &Arc<Self>) -> &St {
+        this
+    }
 
     fn pass(
         _: &Arc<Self>,

@@ -2,8 +2,9 @@
 
 use std::fmt;
 
-/// The SHA-256 fingerprint of a request: method, path, query, body and any headers the layer
-/// is told to include, each length-prefixed. The layer computes it; a store keeps it with a
+/// The fingerprint of a request: HMAC-SHA-256 under a key derived from the layer's
+/// [`Secret`](crate::Secret), over method, path, query, body and any headers the layer is told
+/// to include, each length-prefixed. The layer computes it; a store keeps it with a
 /// lock or a record and compares it on `begin`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);

@@ -232,6 +232,19 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Removes the caller's lock so the next request with the key executes again.
     /// `Ok(false)`, changing nothing, when it is no longer held.
     fn release(&self, key: &StoreKey, lock: &LockToken) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Whether what the store keeps outlives the process: shared by replicas, kept across a
+    /// restart. Default: `true`. [`MemoryStore`] says `false`; a store that wraps another
+    /// answers as the one it wraps.
+    ///
+    /// Over such a store the layer needs a deployment secret
+    /// ([`with_secret`](crate::IdempotencyLayer::with_secret)), the same in every process, and
+    /// checks once, with `begin` and `complete` on a reserved key, that the store's other
+    /// users have the same one (see [`secret`](crate::secret)). Over a store that ends with
+    /// the process, a random secret per process will do, and nothing is checked.
+    fn outlives_process(&self) -> bool {
+        true
+    }
 }
 
 /// What [`IdempotencyStore::begin`] found.

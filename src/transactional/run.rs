@@ -118,6 +118,11 @@ where
     ResBody::Error: Into<tower::BoxError> + Send,
 {
     type Held = Held;
+    type Store = PostgresStore;
+
+    fn store(this: &Arc<Self>) -> &PostgresStore {
+        &this.store
+    }
 
     /// A method the layer does not cover passes through untouched, as in the plain layer. A
     /// covered request without a key (where the key is optional) runs in a transaction of its

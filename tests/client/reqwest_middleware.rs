@@ -332,3 +332,44 @@ async fn a_custom_header_and_generator() {
     assert_eq!(script.sent("x-request-key"), [Some(HeaderValue::from_str(key.as_str()).unwrap())]);
     assert_eq!(script.keys(), [None], "not under the default header");
 }
+
+/// An outer middleware that sends the call again (reqwest-retry's, registered before ours, so
+/// outside it): every attempt it makes goes through our middleware, which must stamp the key
+/// it generated for the first one. The first response is lost after the handler ran; the
+/// outer re-send carries the same key, so the server replays instead of running it twice.
+#[tokio::test]
+async fn an_outer_retry_middleware_resends_with_the_same_key() {
+    use reqwest_retry::{RetryTransientMiddleware, policies::ExponentialBackoff as OuterBackoff};
+
+    let (server, faults) = TestServer::start_losing_responses(1).await;
+    let attempts = Attempts::default();
+    let outer = RetryTransientMiddleware::new_with_policy(
+        OuterBackoff::builder()
+            .retry_bounds(Duration::from_millis(10), Duration::from_millis(50))
+            .build_with_max_retries(2),
+    );
+    let client = ClientBuilder::new(reqwest::Client::new())
+        .with(outer)
+        // Ours sends each call once: the re-send is the outer middleware's.
+        .with(IdempotencyMiddleware::new().with_policy(policy().with_max_attempts(1)))
+        .with(attempts.clone())
+        .build();
+
+    let response = client
+        .post(server.uri("/orders"))
+        .header("content-type", "application/json")
+        .body(r#"{"sku":"A1"}"#)
+        .send()
+        .await
+        .expect("the outer retry recovers the lost response");
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.headers()["idempotent-replayed"], "true", "the re-send was a replay");
+    assert_eq!(attempts.get(), 2, "the outer middleware sent it twice");
+    assert_eq!(server.executions("orders"), 1, "the handler ran once");
+    let seen = faults.keys_seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].is_some() && seen[0] == seen[1], "one key for both attempts: {seen:?}");
+    let key = response.extensions().get::<IdempotencyKey>().expect("the response reports its key");
+    assert_eq!(seen[0].as_ref().unwrap(), key.as_str());
+}

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod dictionary;
 pub mod outage;
 pub mod probe;
 #[cfg(feature = "redis")]

@@ -24,6 +24,8 @@ pub struct Outage<St> {
     state: Arc<Mutex<State>>,
     pub completes: Arc<AtomicUsize>,
     pub failed_completes: Arc<AtomicUsize>,
+    /// Says it outlives the process, whatever `inner` says: a shared store, in process.
+    outlives: bool,
 }
 
 #[derive(Default)]
@@ -35,7 +37,19 @@ struct State {
 
 impl<St: IdempotencyStore> Outage<St> {
     pub fn new(inner: St) -> Self {
-        Self { inner, state: Arc::default(), completes: Arc::default(), failed_completes: Arc::default() }
+        Self {
+            inner,
+            state: Arc::default(),
+            completes: Arc::default(),
+            failed_completes: Arc::default(),
+            outlives: false,
+        }
+    }
+
+    /// Says it outlives the process, as a shared store (Redis, PostgreSQL) does.
+    pub fn outliving(mut self) -> Self {
+        self.outlives = true;
+        self
     }
 
     /// Every `complete` takes `delay` (tokio time) before it reaches the store.
@@ -60,6 +74,10 @@ impl<St: IdempotencyStore> Outage<St> {
 }
 
 impl<St: IdempotencyStore> IdempotencyStore for Outage<St> {
+    fn outlives_process(&self) -> bool {
+        self.outlives || self.inner.outlives_process()
+    }
+
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         self.inner.begin(key, fingerprint, lease).await
     }
@@ -125,6 +143,10 @@ pub struct Switch {
 }
 
 impl IdempotencyStore for Switch {
+    fn outlives_process(&self) -> bool {
+        self.inner.outlives_process()
+    }
+
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::unavailable("connection refused"));

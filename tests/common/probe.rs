@@ -22,18 +22,27 @@ use tower_idempotency::{
 /// A store that answers every `begin` with "in flight", after noting its fingerprint: the
 /// layer's path up to the store and back, with nothing kept.
 #[derive(Clone, Default, Debug)]
-pub struct Probe(Arc<Mutex<Option<Fingerprint>>>);
+pub struct Probe(Arc<Mutex<Option<(StoreKey, Fingerprint)>>>);
 
 impl Probe {
     /// The fingerprint of the last `begin`.
     pub fn last(&self) -> Option<Fingerprint> {
-        *self.0.lock().unwrap()
+        self.0.lock().unwrap().as_ref().map(|(_, fingerprint)| *fingerprint)
+    }
+
+    /// The store key and fingerprint of the last `begin`.
+    pub fn last_key(&self) -> Option<(StoreKey, Fingerprint)> {
+        self.0.lock().unwrap().clone()
     }
 }
 
 impl IdempotencyStore for Probe {
-    async fn begin(&self, _: &StoreKey, fingerprint: &Fingerprint, _: Duration) -> Result<Begin, StoreError> {
-        *self.0.lock().unwrap() = Some(*fingerprint);
+    fn outlives_process(&self) -> bool {
+        false
+    }
+
+    async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, _: Duration) -> Result<Begin, StoreError> {
+        *self.0.lock().unwrap() = Some((key.clone(), *fingerprint));
         Ok(Begin::Locked)
     }
 
@@ -66,4 +75,32 @@ pub async fn fingerprint_of(method: http::Method, uri: &str, body: &'static [u8]
     let response = service.oneshot(request).await.unwrap();
     assert_eq!(response.status(), 409, "the probe answers in flight");
     probe.last().expect("the layer asked the store")
+}
+
+/// The store key and fingerprint a layer with the default settings and `secret` (`None`: the
+/// default, this process's random secret) computes for a `POST` to `uri` with key `key`,
+/// `authorization` (if any) and `body`.
+pub async fn store_key_of(
+    secret: Option<tower_idempotency::Secret>,
+    uri: &str,
+    authorization: Option<&str>,
+    key: &str,
+    body: &'static [u8],
+) -> (StoreKey, Fingerprint) {
+    let probe = Probe::default();
+    let handler =
+        tower::service_fn(|_: Request<_>| async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) });
+    let layer = IdempotencyLayer::from_store(probe.clone());
+    let service = match secret {
+        Some(secret) => layer.with_secret(secret),
+        None => layer,
+    }
+    .layer(handler);
+    let mut request = Request::post(uri).header("idempotency-key", key);
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let response = service.oneshot(request.body(Full::new(Bytes::from_static(body))).unwrap()).await.unwrap();
+    assert_eq!(response.status(), 409, "the probe answers in flight");
+    probe.last_key().expect("the layer asked the store")
 }

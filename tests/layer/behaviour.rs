@@ -438,6 +438,10 @@ async fn streamed_responses_are_recorded_and_trailers_replayed() {
 struct DownStore;
 
 impl IdempotencyStore for DownStore {
+    fn outlives_process(&self) -> bool {
+        false
+    }
+
     async fn begin(
         &self,
         _: &tower_idempotency::store::StoreKey,

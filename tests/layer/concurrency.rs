@@ -17,7 +17,9 @@ async fn reject_mode_runs_the_handler_exactly_once() {
     for round in 0..ROUNDS {
         let runs = Runs::default();
         let svc = service(IdempotencyLayer::new(), runs.clone());
-        let replies = race(&[svc], &format!("reject-{round}"), TASKS, 20).await;
+        // The handler takes 100 ms, so that most duplicates arrive while it runs even on a loaded
+        // machine (with 20 ms, a 2-core machine at load 8 let half of them arrive after it).
+        let replies = race(&[svc], &format!("reject-{round}"), TASKS, 100).await;
         assert_eq!(runs.get(), 1, "round {round}: the handler ran {} times", runs.get());
         assert_executed_once(&replies, round);
         assert!(replies.iter().filter(|r| r.outcome == Outcome::InFlight).count() > TASKS / 2);

@@ -19,8 +19,14 @@ use prost::Message;
 use tonic::{Code, Status};
 use tower_idempotency::{IdempotencyLayer, grpc::GrpcStatusOk};
 
+/// The layer with no configuration: its default cache predicate is right for gRPC.
 fn layer() -> IdempotencyLayer<Switch> {
-    IdempotencyLayer::from_store(Switch::default()).with_cache_predicate(GrpcStatusOk)
+    IdempotencyLayer::from_store(Switch::default())
+}
+
+/// The stricter predicate for gRPC-only layers.
+fn strict() -> IdempotencyLayer<Switch> {
+    layer().with_cache_predicate(GrpcStatusOk)
 }
 
 async fn start(layer: IdempotencyLayer<Switch>) -> (Running, OrdersClient) {
@@ -61,7 +67,12 @@ async fn the_key_comes_from_the_idempotency_key_metadata_and_a_unary_call_runs_o
 
 #[tokio::test]
 async fn a_failed_call_is_not_recorded() {
-    let (server, mut client) = start(layer()).await;
+    a_failed_call_releases_its_key(layer()).await;
+    a_failed_call_releases_its_key(strict()).await;
+}
+
+async fn a_failed_call_releases_its_key(layer: IdempotencyLayer<Switch>) {
+    let (server, mut client) = start(layer).await;
     let failing = || keyed(CreateOrder { fail: true, ..book() }, "fail-1");
 
     // tonic answers `Err(Status)` trailers-only: `grpc-status: 9` in the head.
@@ -71,6 +82,11 @@ async fn a_failed_call_is_not_recorded() {
         assert_eq!(status.message(), "out of stock");
     }
     assert_eq!(creates(&server), 2, "the key was released: the retry ran again");
+    // Once the call succeeds, it is recorded and replayed.
+    let succeeding = || keyed(book(), "fail-1");
+    assert!(!replayed(client.create(succeeding()).await.unwrap().metadata()));
+    assert!(replayed(client.create(succeeding()).await.unwrap().metadata()));
+    assert_eq!(creates(&server), 3);
 }
 
 #[tokio::test]
@@ -93,7 +109,12 @@ async fn a_server_stream_is_replayed_message_for_message() {
 
 #[tokio::test]
 async fn a_stream_that_fails_in_its_trailers_is_not_recorded() {
-    let (server, mut client) = start(layer()).await;
+    a_stream_failing_in_its_trailers_releases_its_key(layer()).await;
+    a_stream_failing_in_its_trailers_releases_its_key(strict()).await;
+}
+
+async fn a_stream_failing_in_its_trailers_releases_its_key(layer: IdempotencyLayer<Switch>) {
+    let (server, mut client) = start(layer).await;
     let watch = || keyed(WatchOrder { id: "ord_1".into(), events: 4, fail_after: 2 }, "watch-2");
 
     for run in 1..=2 {

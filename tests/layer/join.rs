@@ -78,7 +78,9 @@ fn events(from: u64, to: u64) -> String {
 }
 
 fn join_layer<St: LiveLog>(store: St) -> IdempotencyLayer<St> {
-    IdempotencyLayer::from_store(store).with_duplicates(Duplicates::join())
+    IdempotencyLayer::from_store(store)
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+        .with_duplicates(Duplicates::join())
 }
 
 type Svc = tower::util::BoxCloneService<Request<Full<Bytes>>, Response<ResponseBody<Body>>, BoxError>;
@@ -323,6 +325,10 @@ struct Counting {
 }
 
 impl IdempotencyStore for Counting {
+    fn outlives_process(&self) -> bool {
+        self.inner.outlives_process()
+    }
+
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         self.begins.fetch_add(1, Ordering::SeqCst);
         self.inner.begin(key, fingerprint, lease).await

@@ -9,6 +9,7 @@ mod behaviour;
 mod common;
 mod completion;
 mod concurrency;
+mod cors;
 mod faults;
 mod flood;
 mod grpc;

@@ -156,6 +156,10 @@ impl FaultyStore {
 }
 
 impl IdempotencyStore for FaultyStore {
+    fn outlives_process(&self) -> bool {
+        self.inner.outlives_process()
+    }
+
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         self.faulty(self.inner.begin(key, fingerprint, lease)).await
     }

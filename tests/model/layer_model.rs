@@ -61,7 +61,7 @@ use tokio::{sync::Notify, time::Instant};
 use tower::{BoxError, ServiceBuilder, ServiceExt, util::BoxCloneService};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_idempotency::{
-    IdempotencyKey, IdempotencyLayer, RequestBody, ScopeId,
+    IdempotencyKey, IdempotencyLayer, RequestBody,
     store::{Begin, Fingerprint, IdempotencyStore, MemoryStore, StoreKey},
 };
 
@@ -131,7 +131,11 @@ impl Setup {
     }
 
     fn layer<St: IdempotencyStore>(self, store: St, lease: Duration, ttl: Duration) -> IdempotencyLayer<St> {
-        let layer = IdempotencyLayer::from_store(store).with_lease(lease).with_ttl(ttl).with_max_record(MAX_RECORD);
+        let layer = IdempotencyLayer::from_store(store)
+            .with_secret(secret())
+            .with_lease(lease)
+            .with_ttl(ttl)
+            .with_max_record(MAX_RECORD);
         match self.detach {
             Detach::Default => layer,
             Detach::Zero => layer.with_max_detached(0),
@@ -736,12 +740,16 @@ async fn send_and_read(app: App, request: Request<Full<Bytes>>, read: Read) -> G
     Got::Response { status: head.status, headers: head.headers, body, trailers, retry: None }
 }
 
+/// The secret of the layers under test (the Redis ones need one; the memory one too, so that
+/// the probe computes the same digests).
+fn secret() -> tower_idempotency::Secret {
+    tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap()
+}
+
 /// The store key and fingerprint the layer computes for `r`.
 async fn store_key(r: Req) -> (StoreKey, Fingerprint) {
-    let fingerprint =
-        common::probe::fingerprint_of(http::Method::POST, "/orders", PAYLOADS[r.payload].as_bytes()).await;
-    let scope = SCOPES[r.scope].map(ScopeId::digest);
-    (StoreKey::new(scope, IdempotencyKey::parse(KEYS[r.key].as_bytes()).unwrap()), fingerprint)
+    common::probe::store_key_of(Some(secret()), "/orders", SCOPES[r.scope], KEYS[r.key], PAYLOADS[r.payload].as_bytes())
+        .await
 }
 
 fn begin_name(begin: &Begin) -> &'static str {

@@ -9,6 +9,7 @@
 
 mod live;
 mod processes;
+mod secret;
 mod store;
 mod transactional;
 mod wire;
@@ -71,6 +72,13 @@ impl Db {
     pub(crate) async fn count(&self, table: &str) -> i64 {
         let sql = format!("SELECT count(*) FROM {}.{table}", self.schema);
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.pool).await.unwrap()
+    }
+
+    /// The rows of the store's table, less the layer's secret-check record.
+    pub(crate) async fn keys(&self) -> i64 {
+        let sql = format!("SELECT count(*) FROM {}.idempotency WHERE key <> $1", self.schema);
+        let query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(tower_idempotency::secret::CHECK_KEY);
+        query.fetch_one(&self.pool).await.unwrap()
     }
 
     /// Drops the schema (a failed test leaves its schema behind, to look at).

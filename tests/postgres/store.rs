@@ -80,7 +80,7 @@ async fn the_reaper_deletes_expired_rows_in_bounded_batches() {
     let live = fresh_key(None);
     lock(&store, &live, fp(1)).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(db.count("idempotency").await, 8);
+    assert_eq!(db.keys().await, 8);
     let mut batches = Vec::new();
     loop {
         let deleted = store.reap().await.unwrap();
@@ -91,7 +91,7 @@ async fn the_reaper_deletes_expired_rows_in_bounded_batches() {
     }
     assert_eq!(batches, [3, 3, 1, 0]);
     // The live lock stays.
-    assert_eq!(db.count("idempotency").await, 1);
+    assert_eq!(db.keys().await, 1);
     assert!(matches!(store.begin(&live, &fp(1), LEASE).await.unwrap(), Begin::Locked));
     db.drop().await;
 }
@@ -109,7 +109,7 @@ async fn the_background_reaper_frees_expired_rows_without_a_request_touching_the
     let live = fresh_key(None);
     let token = lock(&store, &live, fp(1)).await;
     assert!(store.complete(&live, &token, record(b"kept"), Duration::from_secs(3600)).await.unwrap());
-    eventually(Duration::from_secs(10), "expired rows reaped", || async { db.count("idempotency").await == 1 }).await;
+    eventually(Duration::from_secs(10), "expired rows reaped", || async { db.keys().await == 1 }).await;
     assert!(matches!(store.begin(&live, &fp(1), LEASE).await.unwrap(), Begin::Completed(_)));
     db.drop().await;
 }
@@ -189,7 +189,11 @@ async fn a_connection_killed_mid_operation_fails_closed() {
             async { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ran")))) }
         }
     });
-    let service = tower::Layer::layer(&IdempotencyLayer::from_store(store.clone()), handler);
+    let service = tower::Layer::layer(
+        &IdempotencyLayer::from_store(store.clone())
+            .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap()),
+        handler,
+    );
     let mut holder = db.pool.begin().await.unwrap();
     let blocked = fresh_key(None);
     let sql = format!(
@@ -238,7 +242,11 @@ async fn an_unreachable_database_is_a_store_error_and_a_503() {
     let handler = service_fn(|_request: Request<tower_idempotency::RequestBody<Full<Bytes>>>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ran"))))
     });
-    let service = tower::Layer::layer(&IdempotencyLayer::from_store(store), handler);
+    let service = tower::Layer::layer(
+        &IdempotencyLayer::from_store(store)
+            .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap()),
+        handler,
+    );
     let request =
         Request::post("/charge").header("idempotency-key", "k").body(Full::new(Bytes::from_static(b"{}"))).unwrap();
     let response = service.oneshot(request).await.unwrap();

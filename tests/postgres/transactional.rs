@@ -166,7 +166,11 @@ async fn setup_pool(
         .with_follow_recheck(Duration::from_secs(3600))
         .build(pool.clone());
     store.migrate().await.unwrap();
-    let layer = configure(IdempotencyLayer::from_store(store)).transactional();
+    let layer = configure(
+        IdempotencyLayer::from_store(store)
+            .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap()),
+    )
+    .transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     Setup { db, app, router, pool }
@@ -204,7 +208,7 @@ impl Setup {
     }
 
     async fn keys(&self) -> i64 {
-        self.db.count("idempotency").await
+        self.db.keys().await
     }
 }
 
@@ -457,16 +461,17 @@ async fn a_store_used_only_in_transactional_mode_reaps_expired_rows() {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db.url()).await.unwrap();
     let store = db.builder().with_cleanup_interval(Duration::from_millis(50)).build(pool);
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::from_store(store).with_ttl(Duration::from_millis(100)).transactional();
+    let layer = IdempotencyLayer::from_store(store)
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+        .with_ttl(Duration::from_millis(100))
+        .transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app);
     for (n, body) in [(1, r#"{"id":1}"#), (2, r#"{"id":2}"#), (3, r#"{"id":3}"#)] {
         assert_eq!(send(&router, &format!("k{n}"), body, &[]).await.status, StatusCode::CREATED);
     }
-    eventually(Duration::from_secs(10), "the reaper deleted the expired records", || async {
-        db.count("idempotency").await == 0
-    })
-    .await;
+    eventually(Duration::from_secs(10), "the reaper deleted the expired records", || async { db.keys().await == 0 })
+        .await;
     assert_eq!(db.count("items").await, 3, "the reaper deletes records, never the handler's rows");
     db.drop().await;
 }
@@ -485,7 +490,9 @@ async fn taking_the_key_is_bounded_by_the_operation_timeout() {
         .unwrap();
     let store = db.builder().with_operation_timeout(Duration::from_millis(200)).build(pool.clone());
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::from_store(store).transactional();
+    let layer = IdempotencyLayer::from_store(store)
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+        .transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     let held = pool.acquire().await.unwrap();

@@ -29,7 +29,9 @@ macro_rules! redis_or_skip {
 
 /// The layer over `store`, with a TTL short enough that the tests leave no keys behind.
 fn layer(store: RedisStore) -> IdempotencyLayer<RedisStore> {
-    IdempotencyLayer::from_store(store).with_ttl(Duration::from_secs(30))
+    IdempotencyLayer::from_store(store)
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
+        .with_ttl(Duration::from_secs(30))
 }
 
 /// A key no other test or run uses.
@@ -175,7 +177,8 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
     let closed = service(
         IdempotencyLayer::from_store(
             RedisStore::builder().build(tower_idempotency::store::redis::Client::open(nowhere.as_str()).unwrap()),
-        ),
+        )
+        .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap()),
         runs.clone(),
     );
     let reply = send(&closed, post("/orders", key(), "{}")).await;
@@ -186,6 +189,7 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
     let open_layer = IdempotencyLayer::from_store(
         RedisStore::builder().build(tower_idempotency::store::redis::Client::open(nowhere.as_str()).unwrap()),
     )
+    .with_secret(tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap())
     .with_store_failure(StoreFailure::FailOpen);
     let open = service(open_layer, runs.clone());
     let reply = send(&open, post("/orders", key(), "{}")).await;

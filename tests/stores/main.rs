@@ -13,3 +13,4 @@ mod redis_live;
 mod redis_processes;
 mod redis_restart;
 mod redis_store;
+mod secret_redis;

@@ -304,6 +304,10 @@ fn the_sweep_restarts_on_the_next_runtime() {
 struct NeverReleases(MemoryStore);
 
 impl tower_idempotency::store::IdempotencyStore for NeverReleases {
+    fn outlives_process(&self) -> bool {
+        false
+    }
+
     async fn begin(
         &self,
         key: &tower_idempotency::store::StoreKey,

@@ -368,6 +368,12 @@ impl Inner {
 }
 
 impl IdempotencyStore for MemoryStore {
+    /// `false`: its locks and records end with the process, so a random secret per process
+    /// keys the layer's digests and no configuration is needed.
+    fn outlives_process(&self) -> bool {
+        false
+    }
+
     async fn begin(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Result<Begin, StoreError> {
         self.ensure_sweeper();
         self.inner.begin(key, fingerprint, lease)
