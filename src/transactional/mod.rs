@@ -149,7 +149,7 @@
 //! the database mid-request frees its key; a process that dies frees it at once (PostgreSQL
 //! rolls back the transaction of a closed connection). A handler that fails or panics rolls
 //! back before its answer leaves, even when a task it started still holds a clone of its
-//! [`PgTransaction`](PgTransaction) (a statement that clone is running is waited for).
+//! [`PgTransaction`] (a statement that clone is running is waited for).
 //!
 //! Needs PostgreSQL 13 or later (`pg_current_xact_id_if_assigned`).
 //!
