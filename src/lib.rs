@@ -185,6 +185,9 @@
 //!   `store::sqlx`; no TLS added by this crate), and its transactional mode
 //!   (`IdempotencyLayer::transactional`): the handler's writes and the record commit in one
 //!   transaction.
+//! - `dynamodb`: `store::DynamoDbStore`, one DynamoDB table on the application's
+//!   `aws-sdk-dynamodb` client (re-exported as `store::aws_sdk_dynamodb`), for AWS Lambda
+//!   functions and replicas sharing keys.
 //! - `reqwest`: `client::reqwest::IdempotencyMiddleware`, the client half for `reqwest` (on
 //!   `reqwest-middleware`; `reqwest` without default features, so no TLS is added by this crate).
 #![cfg_attr(docsrs, feature(doc_cfg))]
