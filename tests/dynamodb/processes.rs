@@ -1,8 +1,9 @@
 //! Real processes: example servers (this test binary started again with
 //! `IDEM_DYNAMODB_CHILD` set runs the example server's `serve_from_env`) on one DynamoDB table,
 //! served by this process. Two of them replay each other's keys, keep a large response as not
-//! retained, and let a duplicate wait on one for the request running on the other; one started
-//! while DynamoDB is down answers `503` until it is back.
+//! retained, let a duplicate wait on one for the request running on the other, and join a
+//! stream running on the other; one started while DynamoDB is down answers `503` until it is
+//! back.
 
 use std::{
     io::{BufRead, BufReader},
@@ -175,4 +176,48 @@ async fn a_server_started_while_dynamodb_is_down_answers_503_until_it_is_back() 
     let (status, headers, _) = server.post("/orders", &orders).await;
     assert_eq!((status, replayed(&headers)), (StatusCode::CREATED, true));
     assert_eq!(server.executions("orders").await, 1);
+}
+
+fn event(i: usize) -> String {
+    format!("id: {i}\ndata: {i}\n\n")
+}
+
+/// A stream cut on one server is joined on the other: the retry, with `Last-Event-ID`, follows
+/// the generation still running on the first (by polling the table) and gets every later
+/// event once, as it is produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_stream_is_joined_on_the_other_server() {
+    let endpoint = dynamodb().await;
+    let table = format!("idem-{}", uuid::Uuid::new_v4().simple());
+    DynamoDbStore::builder().with_table(&table).build(client(endpoint)).create_table().await.unwrap();
+    let (one, two) = (Server::start(endpoint, &table), Server::start(endpoint, &table));
+    let key = format!("stream-{}", uuid::Uuid::new_v4());
+    const EVENTS: usize = 20;
+    let stream = |server: &Server, last: Option<&str>| {
+        let mut request = Request::post(format!("{}/stream?chunks={EVENTS}&chunk_delay_ms=50", server.url))
+            .header("idempotency-key", &key)
+            .header("content-type", "application/json");
+        if let Some(last) = last {
+            request = request.header("last-event-id", last);
+        }
+        request.body(Full::new(Bytes::from_static(b"{\"prompt\":\"hi\"}"))).unwrap()
+    };
+    {
+        let response = Client::builder(TokioExecutor::new()).build_http().request(stream(&one, None)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let mut seen = String::new();
+        while seen.matches("\n\n").count() < 3 {
+            let frame = body.frame().await.unwrap().unwrap();
+            seen.push_str(std::str::from_utf8(&frame.into_data().unwrap()).unwrap());
+        }
+        assert_eq!(seen, (0..3).map(event).collect::<String>());
+    }
+    let response = Client::builder(TokioExecutor::new()).build_http().request(stream(&two, Some("2"))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(replayed(response.headers()));
+    assert!(response.headers().get("content-length").is_none(), "joined, not replayed: {:?}", response.headers());
+    let rest = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert_eq!(rest, (3..EVENTS).map(event).collect::<String>(), "every event after the last seen, once");
+    assert_eq!((one.executions("stream").await, two.executions("stream").await), (1, 0));
 }

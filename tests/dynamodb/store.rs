@@ -17,7 +17,7 @@ use tower::{ServiceBuilder, ServiceExt};
 use tower_idempotency::{
     IdempotencyKey, IdempotencyLayer, RequestBody, ScopeId,
     store::{
-        Begin, IdempotencyStore, Record, StoreKey, StoredResponse,
+        Begin, Followed, IdempotencyStore, LiveEvent, LiveLog, Record, StoreKey, StoredResponse,
         conformance::{self, fp},
     },
 };
@@ -262,7 +262,10 @@ async fn a_begin_sent_again_after_a_lost_answer_executes() {
     let (proxy, sent) = losing_proxy(upstream, "DynamoDB_20120810.PutItem").await;
     let store = table.build(client(proxy));
     let key = conformance::fresh_key(None);
-    let token = conformance::lock(&store, &key, fp(1)).await;
+    // A lease longer than the SDK's backoff: the second request finds the first one's lock live.
+    let Begin::Execute(token) = store.begin(&key, &fp(1), Duration::from_secs(30)).await.unwrap() else {
+        panic!("the lock written by the first request is the caller's");
+    };
     assert_eq!(sent.load(Ordering::SeqCst), 2, "the SDK sent the lost `begin` again");
     assert!(matches!(conformance::begin(&direct, &key, fp(1)).await, Begin::Locked));
     assert!(store.complete(&key, &token, conformance::record(b"once"), conformance::TTL).await.unwrap());
@@ -278,12 +281,40 @@ async fn a_complete_sent_again_after_a_lost_answer_reports_success() {
     let (proxy, sent) = losing_proxy(upstream, "DynamoDB_20120810.UpdateItem").await;
     let store = table.build(client(proxy));
     let key = conformance::fresh_key(None);
-    let token = conformance::lock(&store, &key, fp(1)).await;
-    assert!(store.complete(&key, &token, conformance::record(b"once"), conformance::TTL * 10).await.unwrap());
+    let Begin::Execute(token) = store.begin(&key, &fp(1), Duration::from_secs(30)).await.unwrap() else {
+        panic!("the key is free");
+    };
+    assert!(store.complete(&key, &token, conformance::record(b"once"), Duration::from_secs(30)).await.unwrap());
     assert_eq!(sent.load(Ordering::SeqCst), 2, "the SDK sent the lost `complete` again");
-    assert!(!store.complete(&key, &token, conformance::record(b"twice"), conformance::TTL * 10).await.unwrap());
+    assert!(!store.complete(&key, &token, conformance::record(b"twice"), Duration::from_secs(30)).await.unwrap());
     match conformance::begin(&store, &key, fp(1)).await {
         Begin::Completed(Record::Response(got)) => assert_eq!(got.body(), &Bytes::from_static(b"once")),
         other => panic!("expected the record, got {other:?}"),
     }
+}
+
+/// The live log lives in the lock's item, so it has a byte bound: a publish past it appends
+/// nothing (nor does any later one, which would leave a gap), the log keeps what came before,
+/// and its followers learn of the end as usual and read the rest from the record.
+#[tokio::test]
+async fn the_live_log_stops_at_its_bound() {
+    let store = builder().with_live_log_limit(1024).build(client(dynamodb().await));
+    store.create_table().await.unwrap();
+    let key = conformance::fresh_key(None);
+    let token = conformance::lock(&store, &key, fp(1)).await;
+    let data = |len: usize| LiveEvent::Data(Bytes::from(vec![b'x'; len]));
+    store.publish(&key, &token, 0, vec![conformance::live_head(), data(600)]).await.unwrap();
+    store.publish(&key, &token, 2, vec![data(600)]).await.unwrap();
+    store.publish(&key, &token, 3, vec![data(10)]).await.unwrap();
+    let Followed::Live { events, cursor } =
+        conformance::follow(&store, &key, fp(1), None, Duration::from_millis(50)).await
+    else {
+        panic!("the lock is live");
+    };
+    assert_eq!(events, vec![conformance::live_head(), data(600)], "the log up to its bound");
+    assert!(store.complete(&key, &token, conformance::record(b"all of it"), conformance::TTL).await.unwrap());
+    assert_eq!(
+        conformance::follow(&store, &key, fp(1), Some(cursor), conformance::LEASE).await,
+        Followed::Ended { completed: true }
+    );
 }

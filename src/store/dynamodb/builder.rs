@@ -71,18 +71,11 @@ impl DynamoDbStoreBuilder {
     }
 
     /// A prefix of every partition key, so that several applications (or test runs) share one
-    /// table without sharing keys. Default: none. At most 1 KB: it counts against the item
-    /// limit.
+    /// table without sharing keys. Default: none. Keep it short: DynamoDB refuses a partition
+    /// key over 2 KB (a store key takes up to 320 bytes of it; every request would then fail),
+    /// and the prefix counts against the item limit.
     pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
-        let mut prefix = prefix.into();
-        if prefix.len() > 1024 {
-            let mut end = 1024;
-            while !prefix.is_char_boundary(end) {
-                end -= 1;
-            }
-            prefix.truncate(end);
-        }
-        self.key_prefix = prefix;
+        self.key_prefix = prefix.into();
         self
     }
 
@@ -113,7 +106,7 @@ impl DynamoDbStoreBuilder {
     /// Builds the store on the application's client. Sends nothing and needs no runtime: the
     /// table must exist by the first operation (see [`DynamoDbStore::create_table`]).
     pub fn build(self, client: Client) -> DynamoDbStore {
-        let room = ITEM_LIMIT - LOCK_OVERHEAD - self.key_prefix.len();
+        let room = ITEM_LIMIT.saturating_sub(LOCK_OVERHEAD + self.key_prefix.len());
         DynamoDbStore {
             inner: Arc::new(Inner {
                 client,

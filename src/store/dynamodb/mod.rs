@@ -143,7 +143,8 @@ use item::{
 /// owner's lease always has more than half of it left: a takeover while the owner runs needs
 /// `δ` above half the lease (15 s with the default lease of 30 s), less the time a renewal
 /// takes. Replicas synchronised by NTP or the Amazon Time Sync Service (Lambda and EC2 are) are
-/// within milliseconds. A clock behind does no harm but to keep keys a little longer. A
+/// within milliseconds. The same `δ` ends a record's TTL `δ` early on the replica ahead (and
+/// late on one behind): set the TTL with that margin. A
 /// takeover, whenever it happens, is fenced: the old owner's `complete`, `renew` and `release`
 /// carry its token, and change nothing once another lock holds the key.
 ///
@@ -231,7 +232,7 @@ impl DynamoDbStore {
     /// The largest encoded response kept as a record: the item limit less the other
     /// attributes. A larger one is kept as not retained.
     pub fn max_record(&self) -> usize {
-        ITEM_LIMIT - ITEM_OVERHEAD - self.inner.key_prefix.len()
+        ITEM_LIMIT.saturating_sub(ITEM_OVERHEAD + self.inner.key_prefix.len())
     }
 
     fn pk(&self, key: &StoreKey) -> AttributeValue {
