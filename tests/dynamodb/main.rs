@@ -8,6 +8,7 @@
 
 mod processes;
 mod store;
+mod units;
 
 use std::net::SocketAddr;
 

@@ -110,7 +110,10 @@ use item::{
 /// | one publish (join mode) | ⌈item with its log / 1 KB⌉ write units |
 ///
 /// A replay is charged by the size of the record it finds: for large responses, the
-/// [record limit](crate::IdempotencyLayer::with_max_record) bounds it.
+/// [record limit](crate::IdempotencyLayer::with_max_record) bounds it. (The crate's tests read
+/// the units of `begin`, `renew`, `complete`, `publish` and a poll back from
+/// `ReturnConsumedCapacity` on a local DynamoDB-compatible server; those of a failed
+/// conditional write come from DynamoDB's documented rules.)
 ///
 /// **Hot partitions.** Each key is its own partition key value, so keys spread over the
 /// table's partitions by themselves. One partition key value takes at most 1 000 write units
