@@ -230,9 +230,9 @@ pub use outcome::Outcome;
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use service::Idempotency;
 
-/// The README's code blocks, compiled as doctests (its store examples need the `redis` and
-/// `postgres` features).
-#[cfg(all(doctest, feature = "redis", feature = "postgres"))]
+/// The README's code blocks, compiled as doctests (its store examples need the `redis`,
+/// `postgres` and `dynamodb` features).
+#[cfg(all(doctest, feature = "redis", feature = "postgres", feature = "dynamodb"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
