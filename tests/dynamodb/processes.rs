@@ -221,3 +221,21 @@ async fn a_cut_stream_is_joined_on_the_other_server() {
     assert_eq!(rest, (3..EVENTS).map(event).collect::<String>(), "every event after the last seen, once");
     assert_eq!((one.executions("stream").await, two.executions("stream").await), (1, 0));
 }
+
+/// Two stores asked for: the example server refuses to start, saying why.
+#[test]
+fn the_server_refuses_two_stores() {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "processes::example_server_child", "--nocapture", "--test-threads", "1"])
+        .env(CHILD, "1")
+        .env("DYNAMODB_ENDPOINT", "http://127.0.0.1:9")
+        .env("REDIS_URL", "redis://127.0.0.1:9")
+        .env_remove("DATABASE_URL")
+        .env("ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("REDIS_URL and DYNAMODB_ENDPOINT are set"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&output.stdout).contains("listening on"));
+}

@@ -151,8 +151,9 @@ use item::{
 /// takeover, whenever it happens, is fenced: the old owner's `complete`, `renew` and `release`
 /// carry its token, and change nothing once another lock holds the key.
 ///
-/// **Retries of the SDK.** The client retries a request whose answer was lost (a timeout, a
-/// `5xx`, a throttle). A `begin` retried after its lock was written finds its own token in the
+/// **Retries of the SDK.** The client (with the standard retry configuration, which
+/// `aws_config` sets up) retries a request whose answer was lost (a timeout, a `5xx`, a
+/// throttle). A `begin` retried after its lock was written finds its own token in the
 /// item and executes; a `complete` retried after it was written finds its own call's number in
 /// `by` and reports success (a second `complete` call, with a number of its own, does not): a
 /// retry never turns into a second execution nor a spurious `409`.
