@@ -4,13 +4,18 @@
 //! (or `REDIS_URL=redis://127.0.0.1:6379 cargo run --example server --features redis` to share
 //! keys between several processes, or
 //! `DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo run --example server --features postgres`
-//! to keep them in PostgreSQL, with `POST /ledger` in transactional mode).
+//! to keep them in PostgreSQL, with `POST /ledger` in transactional mode, or
+//! `DYNAMODB_ENDPOINT=http://127.0.0.1:8000 cargo run --example server --features dynamodb`
+//! to keep them in a DynamoDB table, `DYNAMODB_TABLE`, default `idempotency`, created if
+//! missing).
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3000`, port `0` picks a free one),
-//! `IDEMPOTENCY_TTL_MS` (default: the library's 24 h), `REDIS_URL` or `DATABASE_URL` (not
-//! both), `IDEMPOTENCY_SECRET` (with Redis or PostgreSQL: the deployment secret that keys what
-//! the store keeps, at least 16 bytes, the same for every process; unset, a fixed development
-//! secret, with a warning, so processes started alike still share keys). Prints
+//! `IDEMPOTENCY_TTL_MS` (default: the library's 24 h), one of `REDIS_URL`, `DATABASE_URL` and
+//! `DYNAMODB_ENDPOINT` (with `DYNAMODB_TABLE`; credentials from `AWS_ACCESS_KEY_ID` and
+//! `AWS_SECRET_ACCESS_KEY`, placeholders when unset, the region from `AWS_REGION`, default
+//! `us-east-1`), `IDEMPOTENCY_SECRET` (with a shared store: the deployment secret that keys
+//! what the store keeps, at least 16 bytes, the same for every process; unset, a fixed
+//! development secret, with a warning, so processes started alike still share keys). Prints
 //! `listening on http://HOST:PORT`.
 //!
 //! ```text
@@ -359,16 +364,67 @@ fn configure<St: IdempotencyStore>(mut layer: IdempotencyLayer<St>) -> Idempoten
     }
 }
 
+/// The app over DynamoDB at `endpoint`: the table `DYNAMODB_TABLE` (default `idempotency`)
+/// created in the background, again and again until it can be (until then, and whenever the
+/// endpoint is down, each request gets `503`).
+#[cfg(feature = "dynamodb")]
+fn dynamodb_app(endpoint: &str, stats: Arc<Stats>) -> Router {
+    use tower_idempotency::store::{
+        DynamoDbStore,
+        aws_sdk_dynamodb::{
+            self,
+            config::{BehaviorVersion, Credentials, Region},
+        },
+    };
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    let credentials = Credentials::new(
+        var("AWS_ACCESS_KEY_ID", "local"),
+        var("AWS_SECRET_ACCESS_KEY", "local"),
+        std::env::var("AWS_SESSION_TOKEN").ok(),
+        None,
+        "environment",
+    );
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(var("AWS_REGION", "us-east-1")))
+        .endpoint_url(endpoint)
+        .credentials_provider(credentials)
+        // As `aws_config` sets it up: three attempts, with backoff.
+        .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::standard())
+        .build();
+    let store = DynamoDbStore::builder()
+        .with_table(var("DYNAMODB_TABLE", "idempotency"))
+        .build(aws_sdk_dynamodb::Client::from_conf(config));
+    let (creating, endpoint) = (store.clone(), endpoint.to_owned());
+    tokio::spawn(async move {
+        while let Err(error) = creating.create_table().await {
+            eprintln!("DYNAMODB_ENDPOINT ({endpoint}): cannot create the table {:?} yet: {error}", creating.table());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    app(configure(IdempotencyLayer::from_store(store)), stats)
+}
+
 /// The app over the store the environment asks for: the Redis store when built with
 /// `--features redis` and `REDIS_URL` is set, the PostgreSQL store when built with
-/// `--features postgres` and `DATABASE_URL` is set, the in-memory store otherwise.
+/// `--features postgres` and `DATABASE_URL` is set, the DynamoDB store when built with
+/// `--features dynamodb` and `DYNAMODB_ENDPOINT` is set, the in-memory store otherwise.
 pub async fn app_from_env(stats: Arc<Stats>) -> Router {
-    if std::env::var_os("REDIS_URL").is_some() && std::env::var_os("DATABASE_URL").is_some() {
+    let asked: Vec<_> = ["REDIS_URL", "DATABASE_URL", "DYNAMODB_ENDPOINT"]
+        .into_iter()
+        .filter(|name| std::env::var_os(name).is_some())
+        .collect();
+    if asked.len() > 1 {
         eprintln!(
-            "both REDIS_URL and DATABASE_URL are set: the server keeps its keys in one store, so unset one \
-             (REDIS_URL for Redis, DATABASE_URL for PostgreSQL)"
+            "{} are set: the server keeps its keys in one store, so unset all but one \
+             (REDIS_URL for Redis, DATABASE_URL for PostgreSQL, DYNAMODB_ENDPOINT for DynamoDB)",
+            asked.join(" and ")
         );
         std::process::exit(2);
+    }
+    #[cfg(feature = "dynamodb")]
+    if let Ok(endpoint) = std::env::var("DYNAMODB_ENDPOINT") {
+        return dynamodb_app(&endpoint, stats);
     }
     #[cfg(feature = "postgres")]
     if let Ok(url) = std::env::var("DATABASE_URL") {

@@ -198,6 +198,9 @@
 //!   `store::sqlx`; no TLS added by this crate), and its transactional mode
 //!   (`IdempotencyLayer::transactional`): the handler's writes and the record commit in one
 //!   transaction.
+//! - `dynamodb`: `store::DynamoDbStore`, one DynamoDB table on the application's
+//!   `aws-sdk-dynamodb` client (re-exported as `store::aws_sdk_dynamodb`), for AWS Lambda
+//!   functions and replicas sharing keys.
 //! - `reqwest`: `client::reqwest::IdempotencyMiddleware`, the client half for `reqwest` (on
 //!   `reqwest-middleware`; `reqwest` without default features, so no TLS is added by this crate).
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -231,9 +234,9 @@ pub use outcome::Outcome;
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use secret::Secret;
 
-/// The README's code blocks, compiled as doctests (its store examples need the `redis` and
-/// `postgres` features).
-#[cfg(all(doctest, feature = "redis", feature = "postgres"))]
+/// The README's code blocks, compiled as doctests (its store examples need the `redis`,
+/// `postgres` and `dynamodb` features).
+#[cfg(all(doctest, feature = "redis", feature = "postgres", feature = "dynamodb"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 

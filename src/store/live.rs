@@ -27,6 +27,8 @@ use super::{Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey};
 /// - **Woken, not polled.** A [`follow`](Self::follow) with nothing new to read waits until
 ///   something is published, or the log ends, or its timeout, and is woken by the store (a
 ///   notification, a blocking read): never by asking the store again every few milliseconds.
+///   A backend without any push channel polls instead, at a bounded interval its docs state
+///   with its cost (`DynamoDbStore`: every 250 ms by default).
 /// - **The end.** `complete`, `release` and the lease running out end the log and wake its
 ///   followers, who learn whether a record replaced the lock ([`Followed::Ended`]); a follower
 ///   then reads the rest of the response from the record (with `begin`).

@@ -6,7 +6,7 @@
 //! store. Waiting for a duplicate in flight and joining its response need one more, optional
 //! capability, the lock's live log ([`LiveLog`]).
 //!
-//! The crate ships three stores, each with both traits, and each passing the same conformance
+//! The crate ships four stores, each with both traits, and each passing the same conformance
 //! suite (`conformance`, feature `conformance`):
 //!
 //! | store | feature | for |
@@ -14,6 +14,7 @@
 //! | [`MemoryStore`] | (always) | one process |
 //! | `RedisStore` | `redis` (`redis-cluster` for Redis Cluster) | many replicas sharing a Redis |
 //! | `PostgresStore` | `postgres` | records in the application's own database, and transactional mode |
+//! | `DynamoDbStore` | `dynamodb` | AWS Lambda functions and replicas sharing one DynamoDB table (waiting and joining by polling) |
 //!
 //! # Implementing a store
 //!
@@ -161,6 +162,8 @@ use crate::{IdempotencyKey, ScopeId};
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
+#[cfg(feature = "dynamodb")]
+mod dynamodb;
 mod fingerprint;
 mod live;
 mod memory;
@@ -171,6 +174,11 @@ pub(crate) mod postgres;
 #[cfg(feature = "redis")]
 mod redis_store;
 
+/// The `aws-sdk-dynamodb` crate [`DynamoDbStore`] is built on, re-exported so that the
+/// `Client` you hand it comes from the same version.
+#[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
+pub use ::aws_sdk_dynamodb;
 /// The `redis` client crate [`RedisStore`] is built on, re-exported so that the `Client` or
 /// `ConnectionManager` you hand it comes from the same version.
 #[cfg(feature = "redis")]
@@ -181,6 +189,9 @@ pub use ::redis;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use ::sqlx;
+#[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
+pub use dynamodb::{DynamoDbStore, DynamoDbStoreBuilder};
 pub use fingerprint::Fingerprint;
 pub use live::{Followed, LiveCursor, LiveEvent, LiveLog};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
