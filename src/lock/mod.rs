@@ -12,7 +12,10 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -53,6 +56,8 @@ pub(crate) struct Lease {
     keeper: Keeper,
     /// The lock's id in `keeper`, set once it is registered.
     id: std::sync::OnceLock<usize>,
+    /// A write of the record failed at least once and is being retried.
+    retrying: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
@@ -91,6 +96,11 @@ impl Lease {
         if let Some(at) = renewed_from {
             times.renewed_at = times.renewed_at.max(at);
         }
+    }
+
+    /// Whether a write of the record failed and is being retried.
+    pub(crate) fn is_retrying(&self) -> bool {
+        self.retrying.load(Ordering::Acquire)
     }
 
     fn is_finished(&self) -> bool {
@@ -164,9 +174,11 @@ impl<St: IdempotencyStore> Held for StoreLock<St> {
                         token = ?self.token,
                         "idempotency record could not be stored within the lease; the key frees when it expires"
                     );
+                    self.lease.retrying.store(true, Ordering::Release);
                     break;
                 }
                 tracing::warn!(%error, attempt, "idempotency record not stored yet; retrying");
+                self.lease.retrying.store(true, Ordering::Release);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(COMPLETE_MAX_PAUSE);
             }
@@ -226,7 +238,13 @@ impl LockGuard {
     pub(crate) fn new<St: IdempotencyStore>(locked: Locked<St>, keeper: &Keeper) -> Self {
         let Locked { store, key, token, ttl, lease, began } = locked;
         let times = LeaseTimes { renewed_at: began, renewing: false, finished: false };
-        let lease = Lease { length: lease, times: Mutex::new(times), keeper: keeper.clone(), id: Default::default() };
+        let lease = Lease {
+            length: lease,
+            times: Mutex::new(times),
+            keeper: keeper.clone(),
+            id: Default::default(),
+            retrying: AtomicBool::new(false),
+        };
         let held: Arc<dyn Held> = Arc::new(StoreLock { store, key, token, ttl, lease });
         let _ = held.lease().id.set(keeper.register(&held));
         Self { held: Some(held), runtime: Handle::try_current().ok() }
@@ -246,7 +264,7 @@ impl LockGuard {
     /// the runtime, should it be dropped) and retried through store failures.
     pub(crate) fn complete(mut self, record: Record) -> Completion {
         match self.held.take() {
-            Some(held) => Completion::start(held.complete(record), self.runtime.take()),
+            Some(held) => Completion::start(held.clone().complete(record), self.runtime.take()).watching(held),
             None => Completion::done(),
         }
     }
