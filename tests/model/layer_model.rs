@@ -440,11 +440,7 @@ impl Model {
             Writes::Slow => matches!(outcome, Outcome::Created | Outcome::TrailersOnly | Outcome::Large),
             Writes::RoundTrip => matches!(
                 outcome,
-                Outcome::Created
-                    | Outcome::TrailersOnly
-                    | Outcome::Large
-                    | Outcome::ClientError
-                    | Outcome::ServerError
+                Outcome::Created | Outcome::TrailersOnly | Outcome::Large | Outcome::ClientError | Outcome::ServerError
             ),
         };
         let left = match client {
