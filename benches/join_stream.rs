@@ -21,7 +21,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::runtime::Runtime;
 use tower::{Layer, ServiceExt, service_fn};
-use tower_idempotency::{IdempotencyLayer, InFlight, RequestBody, store::RedisStore};
+use tower_idempotency::{IdempotencyLayer, Duplicates, RequestBody, store::RedisStore};
 
 const CHUNKS: usize = 20;
 
@@ -43,9 +43,9 @@ fn bench(c: &mut Criterion) {
             Response::builder().header("content-type", "text/event-stream").body(StreamBody::new(Box::pin(stream)));
         Ok::<_, Infallible>(response.unwrap())
     });
-    let layer = IdempotencyLayer::with_store(store).with_max_waiters(8);
+    let layer = IdempotencyLayer::from_store(store).with_max_waiters(8);
     let reject = layer.layer(handler);
-    let join = layer.clone().with_in_flight(InFlight::join()).layer(handler);
+    let join = layer.clone().with_duplicates(Duplicates::join()).layer(handler);
     let run = uuid::Uuid::new_v4().simple().to_string();
     let next = AtomicU64::new(0);
     let key = || format!("{run}-{}", next.fetch_add(1, Ordering::Relaxed));

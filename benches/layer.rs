@@ -71,7 +71,7 @@ fn fingerprint(c: &mut Criterion) {
     let handler = tower::service_fn(|_: Request<_>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::new())))
     });
-    let layered = tower::Layer::layer(&IdempotencyLayer::with_store(Probe::default()), handler);
+    let layered = tower::Layer::layer(&IdempotencyLayer::from_store(Probe::default()), handler);
     let mut group = c.benchmark_group("fingerprint");
     for size in [200, 64 * 1024, 1024 * 1024] {
         let body = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());

@@ -50,7 +50,7 @@ fn request(key: &str) -> Request<Full<Bytes>> {
 }
 
 fn bench<St: IdempotencyStore>(c: &mut Criterion, rt: &Runtime, name: &str, store: St) {
-    let service = IdempotencyLayer::with_store(store).layer(handler());
+    let service = IdempotencyLayer::from_store(store).layer(handler());
     let run = uuid::Uuid::new_v4().simple().to_string();
     let next = AtomicU64::new(0);
     let mut group = c.benchmark_group("layer_stores");

@@ -124,7 +124,7 @@ struct Rows {
 impl Rows {
     async fn store<St: IdempotencyStore>(&self, name: &str, store: Option<St>) {
         let app = match store {
-            Some(store) => routes().layer(IdempotencyLayer::with_store(store)),
+            Some(store) => routes().layer(IdempotencyLayer::from_store(store)),
             None => routes(),
         };
         for shape in SHAPES {

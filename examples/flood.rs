@@ -47,7 +47,7 @@ pub(crate) struct Figures {
     pub(crate) rss_end_kib: u64,
     /// RSS samples taken.
     pub(crate) samples: usize,
-    /// Held locks still held (renewable by their owner, `InFlight` to others) after the flood.
+    /// Held locks still held (renewable by their owner, `Duplicates` to others) after the flood.
     pub(crate) held_locks_kept: usize,
     /// Entries and bytes once the TTL passed.
     pub(crate) len_after_ttl: usize,
@@ -136,7 +136,7 @@ pub(crate) async fn flood_store(keys: usize) -> Figures {
     for (key, token) in &held {
         let seen = store.begin(key, &fingerprint, LONG_LEASE).await.expect("memory never fails");
         let renewed = store.renew(key, token, LONG_LEASE).await.expect("memory never fails");
-        if matches!(seen, Begin::InFlight) && renewed {
+        if matches!(seen, Begin::Locked) && renewed {
             figures.held_locks_kept += 1;
         }
     }

@@ -11,7 +11,7 @@
 //! 2. After five events the network drops the connection (the socket is closed for real). The
 //!    server keeps generating: the handler of a covered request runs to its end.
 //! 3. The client reconnects and retries with the same key and `Last-Event-ID` of the last event
-//!    it saw. The route is in join mode (`InFlight::join()`), so the retry joins the generation
+//!    it saw. The route is in join mode (`Duplicates::join()`), so the retry joins the generation
 //!    in flight: `Idempotent-Replayed: true`, the events produced while the client was away at
 //!    once, then each further one live, every event exactly once.
 //! 4. Once it ended, the same key is an ordinary replay, which `Last-Event-ID` resumes too.

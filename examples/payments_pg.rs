@@ -67,7 +67,7 @@ async fn serve() {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&schema_url()).await.unwrap();
     let store = PostgresStore::new(pool);
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::with_store(store).with_key_policy(KeyPolicy::Required).transactional();
+    let layer = IdempotencyLayer::from_store(store).with_key_policy(KeyPolicy::Required).transactional();
     let app = Router::new().route("/charges", post(charge).layer(layer));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("listening on http://{}", listener.local_addr().unwrap());

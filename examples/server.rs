@@ -41,7 +41,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_idempotency::{IdempotencyLayer, InFlight, KeyPolicy, store::IdempotencyStore};
+use tower_idempotency::{IdempotencyLayer, Duplicates, KeyPolicy, store::IdempotencyStore};
 
 /// The routes whose executions `GET /stats` counts.
 pub const ROUTES: [&str; 7] = ["orders", "payments", "jobs", "patch", "put", "stream", "large"];
@@ -109,10 +109,10 @@ fn finish(routes: Router<Arc<Stats>>, stats: Arc<Stats>) -> Router {
 /// Every route but `/stats` and `/ledger`.
 fn routes<St: IdempotencyStore>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     let required = layer.clone().with_key_policy(KeyPolicy::Required);
-    let waiting = layer.clone().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
+    let waiting = layer.clone().with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(30) });
     // A duplicate of a stream in flight joins it (SPEC 2.9): the events so far at once, then
     // each one as it is produced; `Last-Event-ID` resumes after the event it names.
-    let joining = layer.clone().with_in_flight(InFlight::join());
+    let joining = layer.clone().with_duplicates(Duplicates::join());
     Router::new()
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
@@ -298,7 +298,7 @@ async fn postgres_app(url: &str, stats: Arc<Stats>) -> Router {
                         created_at timestamptz NOT NULL DEFAULT now())";
     sqlx::raw_sql(ledger_table).execute(&pool).await.unwrap_or_else(|error| exit("cannot create ledger", &error));
     let _ = stats.database.set(pool);
-    let layer = with_ttl(IdempotencyLayer::with_store(store));
+    let layer = with_ttl(IdempotencyLayer::from_store(store));
     let transactional = layer.clone().transactional();
     finish(routes(layer).route("/ledger", post(ledger).layer(transactional)), stats)
 }
@@ -345,7 +345,7 @@ pub async fn app_from_env(stats: Arc<Stats>) -> Router {
                 eprintln!("REDIS_URL is not a valid Redis URL ({url:?}): {error}");
                 std::process::exit(2);
             });
-        return app(with_ttl(IdempotencyLayer::with_store(store)), stats);
+        return app(with_ttl(IdempotencyLayer::from_store(store)), stats);
     }
     app(with_ttl(IdempotencyLayer::new()), stats)
 }

@@ -159,7 +159,7 @@ where
 pin_project! {
     /// The response body the layer returns: the handler's body (streamed as it is produced,
     /// and recorded when the response is recordable), a body the layer made (a replay or a
-    /// problem), or the body of a joined response ([`InFlight::Join`](crate::InFlight::Join)).
+    /// problem), or the body of a joined response ([`Duplicates::Join`](crate::Duplicates::Join)).
     ///
     /// Its error is a [`tower::BoxError`]: the handler's body error, or, for a joined response, why
     /// it ended before the response it follows did.

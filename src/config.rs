@@ -59,10 +59,10 @@ pub enum KeyPolicy {
     Required,
 }
 
-/// What a duplicate of a request still in flight gets. Default: [`InFlight::Reject`].
+/// What a duplicate of a request still in flight gets. Default: [`Duplicates::Reject`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum InFlight {
+pub enum Duplicates {
     /// `409` with the `in-flight` problem and this `Retry-After` (rounded up to seconds).
     Reject {
         /// The `Retry-After` to send. Default: 1 s.
@@ -110,8 +110,8 @@ pub enum InFlight {
     },
 }
 
-impl InFlight {
-    /// [`InFlight::Join`] with a `timeout` of 30 s (the default lease).
+impl Duplicates {
+    /// [`Duplicates::Join`] with a `timeout` of 30 s (the default lease).
     pub const fn join() -> Self {
         Self::Join { timeout: DEFAULT_LEASE }
     }
@@ -125,7 +125,7 @@ impl InFlight {
     }
 }
 
-impl Default for InFlight {
+impl Default for Duplicates {
     fn default() -> Self {
         Self::Reject { retry_after: Duration::from_secs(1) }
     }
@@ -183,7 +183,7 @@ pub(crate) struct Config {
     pub(crate) predicate: Arc<dyn CachePredicate>,
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
-    pub(crate) in_flight: InFlight,
+    pub(crate) duplicates: Duplicates,
     pub(crate) store_failure: StoreFailure,
     pub(crate) unstored_headers: Vec<HeaderName>,
     pub(crate) detached: Arc<Semaphore>,
@@ -199,9 +199,9 @@ pub(crate) struct Config {
 impl Config {
     /// The `Retry-After` of a `409` in flight: the reject setting's, or 1 s past a wait.
     pub(crate) fn in_flight_retry_after(&self) -> Duration {
-        match self.in_flight {
-            InFlight::Reject { retry_after } => retry_after,
-            InFlight::Wait { .. } | InFlight::Join { .. } => Duration::from_secs(1),
+        match self.duplicates {
+            Duplicates::Reject { retry_after } => retry_after,
+            Duplicates::Wait { .. } | Duplicates::Join { .. } => Duration::from_secs(1),
         }
     }
 
@@ -222,7 +222,7 @@ impl fmt::Debug for Config {
             .field("max_record", &self.max_record)
             .field("ttl", &self.ttl)
             .field("lease", &self.lease)
-            .field("in_flight", &self.in_flight)
+            .field("in_flight", &self.duplicates)
             .field("store_failure", &self.store_failure)
             .field("unstored_headers", &self.unstored_headers)
             .field("max_detached", &self.max_detached)

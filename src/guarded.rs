@@ -13,7 +13,7 @@ use tower::Service;
 use crate::{
     IdempotencyKey, Outcome,
     body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
-    config::{Config, InFlight, MAX_DURATION, StoreFailure, WaitSlot},
+    config::{Config, Duplicates, MAX_DURATION, StoreFailure, WaitSlot},
     execute::execute,
     headers::LAST_EVENT_ID,
     join::{Follow, Following, Joined, Waited, joined_head, wait_in_flight},
@@ -112,9 +112,9 @@ where
                 Ok(begin) => begin,
                 Err(error) => return store_failed(inner, &config, error, head, body).await,
             };
-            let Some(timeout) = config.in_flight.wait_timeout() else { break (began, begin) };
+            let Some(timeout) = config.duplicates.wait_timeout() else { break (began, begin) };
             let until = started + timeout.min(MAX_DURATION);
-            if !matches!(begin, Begin::InFlight) || Instant::now() >= until {
+            if !matches!(begin, Begin::Locked) || Instant::now() >= until {
                 break (began, begin);
             }
             if waiter.is_none() {
@@ -125,7 +125,7 @@ where
             }
             let Some((_, following)) = &waiter else { unreachable!("set above") };
             inner.idle();
-            let join = matches!(config.in_flight, InFlight::Join { .. });
+            let join = matches!(config.duplicates, Duplicates::Join { .. });
             match wait_in_flight(following, until, join).await {
                 Ok(Waited::Head { status, headers, events, cursor }) => {
                     let Some((slot, following)) = waiter.take() else { unreachable!("set above") };
@@ -148,7 +148,7 @@ where
                 return Ok(problem_response(&config, &head.headers, ProblemKind::ResponseNotRetained, None));
             }
             Begin::Mismatch => return Ok(problem_response(&config, &head.headers, ProblemKind::KeyReused, None)),
-            Begin::InFlight => {
+            Begin::Locked => {
                 let retry_after = Some(in_flight_retry_after);
                 return Ok(problem_response(&config, &head.headers, ProblemKind::InFlight, retry_after));
             }

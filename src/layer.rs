@@ -10,7 +10,7 @@ use crate::{
     Idempotency, Scope,
     config::{
         CachePredicate, Config, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD,
-        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS, DEFAULT_TTL, InFlight, KeyPolicy, MAX_DURATION, StoreFailure,
+        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, KeyPolicy, MAX_DURATION, StoreFailure,
         SuccessOnly, Waiting,
     },
     headers::IDEMPOTENCY_KEY,
@@ -34,7 +34,7 @@ pub struct IdempotencyLayer<St = MemoryStore> {
 impl IdempotencyLayer<MemoryStore> {
     /// A layer with the defaults and a new in-memory store.
     pub fn new() -> Self {
-        Self::with_store(MemoryStore::new())
+        Self::from_store(MemoryStore::new())
     }
 }
 
@@ -48,7 +48,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// A layer with the defaults over `store`. To share keys between several layers (per-route
     /// layers with different settings, say), clone the layer and change the clone's settings:
     /// clones share the store.
-    pub fn with_store(store: St) -> Self {
+    pub fn from_store(store: St) -> Self {
         let config = Config {
             methods: vec![Method::POST, Method::PATCH],
             header: IDEMPOTENCY_KEY,
@@ -60,7 +60,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             predicate: Arc::new(SuccessOnly),
             ttl: DEFAULT_TTL,
             lease: DEFAULT_LEASE,
-            in_flight: InFlight::default(),
+            duplicates: Duplicates::default(),
             store_failure: StoreFailure::default(),
             unstored_headers: vec![http::header::SET_COOKIE],
             detached: Arc::new(Semaphore::new(DEFAULT_MAX_DETACHED)),
@@ -168,14 +168,14 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         })
     }
 
-    /// What a duplicate of an in-flight request gets. Default: [`InFlight::Reject`] with a 1 s
+    /// What a duplicate of an in-flight request gets. Default: [`Duplicates::Reject`] with a 1 s
     /// `Retry-After`.
-    pub fn with_in_flight(self, in_flight: InFlight) -> Self {
-        self.config(|c| c.in_flight = in_flight)
+    pub fn with_duplicates(self, in_flight: Duplicates) -> Self {
+        self.config(|c| c.duplicates = in_flight)
     }
 
-    /// The most duplicates of one key that wait for it ([`InFlight::Wait`]) or join it
-    /// ([`InFlight::Join`]) in this process at once; past it, `409` with `Retry-After`. Each
+    /// The most duplicates of one key that wait for it ([`Duplicates::Wait`]) or join it
+    /// ([`Duplicates::Join`]) in this process at once; past it, `409` with `Retry-After`. Each
     /// holds a connection and, when joined, its place in the shared response, until its body
     /// ends or its client leaves. Default: 64.
     pub fn with_max_waiters(self, max: usize) -> Self {

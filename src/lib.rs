@@ -97,7 +97,7 @@
 //! | body over the limit (default 2 MiB) | `413` `request-body-too-large` |
 //! | first time | handler runs; a `2xx` whose body ends normally is recorded |
 //! | same key, same request, completed | replay: same status, headers, body, plus `Idempotent-Replayed: true` |
-//! | same key, same request, still running | `409` `in-flight` with `Retry-After` (or wait, [`InFlight::Wait`], or join its response as it is produced, [`InFlight::Join`]) |
+//! | same key, same request, still running | `409` `in-flight` with `Retry-After` (or wait, [`Duplicates::Wait`], or join its response as it is produced, [`Duplicates::Join`]) |
 //! | same key, response was over the record limit (default 1 MiB) | `409` `response-not-retained`, no `Retry-After` |
 //! | same key, different request (method, path, query, body) | `422` `key-reused` |
 //! | store unreachable | `503` `store-unavailable` with `Retry-After` (or run unprotected, [`StoreFailure::FailOpen`]) |
@@ -178,7 +178,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Starts even while Redis is down; each request then answers per the store-failure mode.
 //! let store = tower_idempotency::store::RedisStore::builder().connect_lazy("redis://127.0.0.1:6379")?;
-//! let layer = tower_idempotency::IdempotencyLayer::with_store(store);
+//! let layer = tower_idempotency::IdempotencyLayer::from_store(store);
 //! # let _ = layer;
 //! # Ok(())
 //! # }
@@ -227,7 +227,7 @@ pub mod store;
 pub use body::{RequestBody, ResponseBody};
 pub use config::{
     CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
-    DEFAULT_MAX_WAITERS, DEFAULT_TTL, InFlight, KeyPolicy, StoreFailure, SuccessOnly,
+    DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, KeyPolicy, StoreFailure, SuccessOnly,
 };
 pub use future::ResponseFuture;
 pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};

@@ -25,12 +25,12 @@ pub enum Outcome {
     /// A recorded response was replayed; the handler did not run.
     Replayed,
     /// A duplicate joined the same request in flight: it got the first request's response as
-    /// it was produced ([`InFlight::Join`](crate::InFlight::Join)); the handler did not run.
+    /// it was produced ([`InFlight::Join`](crate::Duplicates::Join)); the handler did not run.
     Joined,
     /// `409`: the same request is still in flight.
     InFlight,
     /// `409`: the request ran, but its response was too large to keep.
-    NotRetained,
+    ResponseNotRetained,
     /// `422`: the key was used for a different request.
     KeyReused,
     /// `400`: the key is invalid.
@@ -38,9 +38,9 @@ pub enum Outcome {
     /// `400`: the key is required and missing.
     MissingKey,
     /// `400`: the request body failed while being read.
-    BodyUnreadable,
+    RequestBodyUnreadable,
     /// `413`: the request body is over the limit.
-    BodyTooLarge,
+    RequestBodyTooLarge,
     /// `503`: the store failed and the layer fails closed.
     StoreUnavailable,
     /// The store failed and the layer fails open: the handler ran without protection.
@@ -64,12 +64,12 @@ impl Outcome {
             Self::Replayed => "replayed",
             Self::Joined => "joined",
             Self::InFlight => "in_flight",
-            Self::NotRetained => "not_retained",
+            Self::ResponseNotRetained => "response_not_retained",
             Self::KeyReused => "key_reused",
             Self::InvalidKey => "invalid_key",
             Self::MissingKey => "missing_key",
-            Self::BodyUnreadable => "body_unreadable",
-            Self::BodyTooLarge => "body_too_large",
+            Self::RequestBodyUnreadable => "request_body_unreadable",
+            Self::RequestBodyTooLarge => "request_body_too_large",
             Self::StoreUnavailable => "store_unavailable",
             Self::Unprotected => "unprotected",
             Self::RolledBack => "rolled_back",

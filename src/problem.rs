@@ -183,10 +183,10 @@ impl ProblemKind {
         match self {
             Self::MissingKey => Outcome::MissingKey,
             Self::InvalidKey => Outcome::InvalidKey,
-            Self::RequestBodyUnreadable => Outcome::BodyUnreadable,
+            Self::RequestBodyUnreadable => Outcome::RequestBodyUnreadable,
             Self::InFlight => Outcome::InFlight,
-            Self::ResponseNotRetained => Outcome::NotRetained,
-            Self::RequestBodyTooLarge => Outcome::BodyTooLarge,
+            Self::ResponseNotRetained => Outcome::ResponseNotRetained,
+            Self::RequestBodyTooLarge => Outcome::RequestBodyTooLarge,
             Self::KeyReused => Outcome::KeyReused,
             Self::StoreUnavailable => Outcome::StoreUnavailable,
             Self::TransactionFailed | Self::ResponseTooLarge => Outcome::RolledBack,

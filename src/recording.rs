@@ -50,7 +50,7 @@ use tokio::{runtime::Handle, sync::OwnedSemaphorePermit, sync::Semaphore};
 use crate::{
     CachePredicate,
     body::into_bytes,
-    config::{Config, InFlight},
+    config::{Config, Duplicates},
     events::{EventMark, EventScanner, is_event_stream},
     lock::{Completion, LockGuard},
     publisher::Publisher,
@@ -187,7 +187,7 @@ where
         let (max_record, detach, predicate) = (config.max_record, config.detached.clone(), config.predicate.clone());
         let expected = expected.or_else(|| body.size_hint().exact());
         let events = is_event_stream(&headers).then(Default::default);
-        let join = matches!(config.in_flight, InFlight::Join { .. });
+        let join = matches!(config.duplicates, Duplicates::Join { .. });
         let tape =
             Tape { status, headers, chunks: Chunks::default(), size: 0, max: max_record, trailers: None, events };
         let streaming = Streaming {
@@ -682,7 +682,7 @@ mod tests {
 
     async fn state_of(store: &MemoryStore, key: &StoreKey) -> &'static str {
         match store.begin(key, &Fingerprint::from_bytes([1; 32]), Duration::from_secs(30)).await.unwrap() {
-            Begin::InFlight => "locked",
+            Begin::Locked => "locked",
             Begin::Completed(Record::Response(_)) => "recorded",
             Begin::Completed(Record::NotRetained) => "not-retained",
             Begin::Execute(_) => "free",

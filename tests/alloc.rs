@@ -197,7 +197,7 @@ fn lease_renewal_costs_nothing_until_a_request_outlives_its_first_renewal_period
 #[test]
 fn a_hundred_joiners_of_a_1_mib_stream_share_its_bytes() {
     use http_body_util::{BodyExt, StreamBody};
-    use tower_idempotency::InFlight;
+    use tower_idempotency::Duplicates;
 
     const CHUNK: usize = 64 * 1024;
     const CHUNKS: usize = 16;
@@ -216,7 +216,7 @@ fn a_hundred_joiners_of_a_1_mib_stream_share_its_bytes() {
         }
     });
     let layer = IdempotencyLayer::new()
-        .with_in_flight(InFlight::join())
+        .with_duplicates(Duplicates::join())
         .with_max_record(2 * CHUNK * CHUNKS)
         .with_max_waiters(JOINERS);
     let service = layer.layer(handler);

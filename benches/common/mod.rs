@@ -227,9 +227,9 @@ pub struct Routers {
 /// The routers, the layered one over `store`, with the replayed key completed and the
 /// in-flight key locked.
 pub fn routers(rt: &tokio::runtime::Runtime, store: MemoryStore) -> Routers {
-    let layer = IdempotencyLayer::with_store(store);
+    let layer = IdempotencyLayer::from_store(store);
     let store = layer.store().clone();
-    let joining = layered_router(layer.clone().with_in_flight(tower_idempotency::InFlight::join()));
+    let joining = layered_router(layer.clone().with_duplicates(tower_idempotency::Duplicates::join()));
     let layered = layered_router(layer);
     rt.block_on(async {
         let (status, _) = send(&layered, request(Method::POST, Some(REPLAYED))).await;

@@ -63,7 +63,7 @@ use super::{
 /// A `409` in flight counts as an attempt like any other. For a handler that runs longer than
 /// the defaults cover (5 attempts, 30 s; the server's in-flight `Retry-After` is 1 s by
 /// default), raise both bounds, or configure the server to hold a duplicate until the first
-/// request finishes ([`InFlight::Wait`](crate::InFlight::Wait)) so a retry gets the replay directly.
+/// request finishes ([`Duplicates::Wait`](crate::Duplicates::Wait)) so a retry gets the replay directly.
 ///
 /// # State
 ///

@@ -85,7 +85,7 @@ pub async fn free_key_is_locked_then_in_flight<S: IdempotencyStore>(store: S) {
     let key = fresh_key(None);
     let token = lock(&store, &key, fp(1)).await;
     assert_eq!(token.fingerprint(), &fp(1));
-    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Locked));
     assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
 }
 
@@ -136,7 +136,7 @@ pub async fn release_frees_the_key<S: IdempotencyStore>(store: S) {
     assert_ne!(first, second);
     // Releasing twice, or with the old token, changes nothing.
     assert!(!store.release(&key, &first).await.unwrap());
-    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::InFlight));
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Locked));
 }
 
 /// Only the lock's owner completes, renews or releases it; a completed record is final.
@@ -148,7 +148,7 @@ pub async fn only_the_owner_writes<S: IdempotencyStore>(store: S) {
     assert!(!store.complete(&key, &stranger, record(b"forged"), TTL).await.unwrap());
     assert!(!store.renew(&key, &stranger, LEASE).await.unwrap());
     assert!(!store.release(&key, &stranger).await.unwrap());
-    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Locked));
     assert!(store.complete(&key, &owner, record(b"real"), TTL).await.unwrap());
     // Once completed, no token can rewrite or remove the record.
     assert!(!store.complete(&key, &owner, record(b"again"), TTL).await.unwrap());
@@ -182,7 +182,7 @@ where
     let key = fresh_key(None);
     let stale = lock(&store, &key, fp(1)).await;
     advance(LEASE / 2).await;
-    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Locked));
     advance(LEASE).await;
     // The owner vanished without renewing: the key is free again.
     let fresh = lock(&store, &key, fp(1)).await;
@@ -191,7 +191,7 @@ where
     assert!(!store.renew(&key, &stale, LEASE).await.unwrap());
     assert!(!store.complete(&key, &stale, record(b"stale"), TTL).await.unwrap());
     assert!(!store.release(&key, &stale).await.unwrap());
-    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Locked));
     assert!(store.complete(&key, &fresh, record(b"fresh"), TTL).await.unwrap());
     match begin(&store, &key, fp(1)).await {
         Begin::Completed(Record::Response(got)) => assert_eq!(got.body, Bytes::from_static(b"fresh")),
@@ -231,7 +231,7 @@ where
         assert!(!store.complete(key, &old, record(b"late"), TTL).await.unwrap());
         assert!(!store.renew(key, &old, LEASE).await.unwrap());
         assert!(!store.release(key, &old).await.unwrap());
-        assert!(matches!(begin(&store, key, fp(1)).await, Begin::InFlight));
+        assert!(matches!(begin(&store, key, fp(1)).await, Begin::Locked));
     }
 }
 
@@ -249,7 +249,7 @@ where
         assert!(store.renew(&key, &token, LEASE).await.unwrap());
     }
     // Four lease-thirds past the original lease, still held.
-    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::InFlight));
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Locked));
     assert!(store.complete(&key, &token, record(b"slow"), TTL).await.unwrap());
 }
 
@@ -294,7 +294,7 @@ pub async fn race_begins<S: IdempotencyStore>(
     for task in tasks {
         match task.await.unwrap() {
             (replica, Begin::Execute(token)) => winners.push((replica, token)),
-            (_, Begin::InFlight) => {}
+            (_, Begin::Locked) => {}
             (_, other) => panic!("unexpected {other:?}"),
         }
     }

@@ -11,7 +11,7 @@
 //! | state | `begin` with the same fingerprint | with another fingerprint |
 //! | --- | --- | --- |
 //! | absent (or expired) | lock it: [`Begin::Execute`] | lock it: [`Begin::Execute`] |
-//! | locked, lease not expired | [`Begin::InFlight`] | [`Begin::Mismatch`] |
+//! | locked, lease not expired | [`Begin::Locked`] | [`Begin::Mismatch`] |
 //! | locked, lease expired | take it over: [`Begin::Execute`] with a new token | take it over |
 //! | completed | [`Begin::Completed`] | [`Begin::Mismatch`] |
 //!
@@ -158,7 +158,7 @@ pub enum Begin {
     /// The key holds a completed record for the same request.
     Completed(Record),
     /// The same request is being executed under a live lock.
-    InFlight,
+    Locked,
     /// The key is locked or completed for a different request.
     Mismatch,
 }

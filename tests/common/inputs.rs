@@ -173,7 +173,7 @@ pub fn layered() -> Layered {
             Ok::<_, Infallible>(response)
         }));
     let store = MemoryStore::builder().with_max_entries(64).build();
-    let layer = IdempotencyLayer::with_store(store)
+    let layer = IdempotencyLayer::from_store(store)
         .with_max_request_body(MAX_REQUEST_BODY)
         .with_max_record(MAX_RECORD)
         .with_lease(Duration::from_secs(5));
@@ -226,7 +226,7 @@ pub async fn check_layer(svc: &Layered, raw: &RawRequest) {
             assert_eq!(*second, Outcome::Replayed, "a recordable response received whole is replayed next");
             assert_eq!((status, body, trailers), (status2, body2, trailers2), "the replay differs from the original");
         } else if status.is_success() {
-            assert_eq!(*second, Outcome::NotRetained);
+            assert_eq!(*second, Outcome::ResponseNotRetained);
         } else {
             assert_eq!(*second, Outcome::Executed, "a {status} must release the key");
         }
@@ -311,10 +311,10 @@ async fn check_response(
                 assert!(!body.windows(needle.len()).any(|w| w == &needle[..]), "a problem echoes the request");
             }
             match outcome {
-                Outcome::InvalidKey | Outcome::MissingKey | Outcome::BodyUnreadable => assert_eq!(status, 400),
+                Outcome::InvalidKey | Outcome::MissingKey | Outcome::RequestBodyUnreadable => assert_eq!(status, 400),
                 Outcome::InFlight => assert_eq!(status, 409),
-                Outcome::NotRetained => assert_eq!(status, 409),
-                Outcome::BodyTooLarge => {
+                Outcome::ResponseNotRetained => assert_eq!(status, 409),
+                Outcome::RequestBodyTooLarge => {
                     assert_eq!(status, 413);
                     assert!(raw.body.len() > MAX_REQUEST_BODY);
                 }

@@ -36,7 +36,7 @@ impl Probe {
 impl IdempotencyStore for Probe {
     async fn begin(&self, _: &StoreKey, fingerprint: &Fingerprint, _: Duration) -> Result<Begin, StoreError> {
         *self.0.lock().unwrap() = Some(*fingerprint);
-        Ok(Begin::InFlight)
+        Ok(Begin::Locked)
     }
 
     async fn complete(&self, _: &StoreKey, _: &LockToken, _: Record, _: Duration) -> Result<bool, StoreError> {
@@ -72,7 +72,7 @@ pub async fn fingerprint_of(method: http::Method, uri: &str, body: &'static [u8]
     let probe = Probe::default();
     let handler =
         tower::service_fn(|_: Request<_>| async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) });
-    let service = IdempotencyLayer::with_store(probe.clone()).layer(handler);
+    let service = IdempotencyLayer::from_store(probe.clone()).layer(handler);
     let request = Request::builder()
         .method(method)
         .uri(uri)

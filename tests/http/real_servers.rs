@@ -912,7 +912,7 @@ async fn a_cut_stream_continues_under_the_same_key(proto: Proto) {
     const EVENTS: usize = 12;
     let executions = Arc::new(AtomicUsize::new(0));
     let runs = executions.clone();
-    let layer = IdempotencyLayer::new().with_in_flight(tower_idempotency::InFlight::join());
+    let layer = IdempotencyLayer::new().with_duplicates(tower_idempotency::Duplicates::join());
     let addr = serve(proto, layer, move |_request: HandlerRequest| {
         runs.fetch_add(1, Ordering::SeqCst);
         async move {

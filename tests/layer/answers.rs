@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::Full;
 use serde_json::{Value, json};
 use tower_idempotency::{
-    IdempotencyLayer, InFlight, KeyPolicy, Outcome, StoreFailure,
+    IdempotencyLayer, Duplicates, KeyPolicy, Outcome, StoreFailure,
     hints::{RetryHint, STRIPE_SHOULD_RETRY},
     problem::{Problem, ProblemKind},
 };
@@ -30,7 +30,7 @@ async fn answers(layer: IdempotencyLayer<Switch>) -> Vec<(&'static str, Reply)> 
     let layer = layer
         .with_max_request_body(64)
         .with_max_record(64)
-        .with_in_flight(InFlight::Reject { retry_after: Duration::from_millis(1500) })
+        .with_duplicates(Duplicates::Reject { retry_after: Duration::from_millis(1500) })
         .with_store_failure(StoreFailure::FailClosed { retry_after: Duration::from_millis(2500) });
     let svc = service(layer.clone(), runs.clone());
     let required = service(layer.clone().with_key_policy(KeyPolicy::Required), runs.clone());
@@ -86,7 +86,7 @@ const HINTS: [&str; 4] = ["retry-after", "retry-after-ms", "x-should-retry", "st
 
 #[tokio::test(start_paused = true)]
 async fn retryable_answers_carry_retry_after_in_seconds_and_milliseconds() {
-    let replies = answers(IdempotencyLayer::with_store(Switch::default())).await;
+    let replies = answers(IdempotencyLayer::from_store(Switch::default())).await;
     for (slug, reply) in &replies {
         let (secs, ms) = match *slug {
             "in-flight" => ("2", "1500"),
@@ -101,7 +101,7 @@ async fn retryable_answers_carry_retry_after_in_seconds_and_milliseconds() {
 
 #[tokio::test(start_paused = true)]
 async fn final_answers_carry_x_should_retry_false_and_no_wait() {
-    let replies = answers(IdempotencyLayer::with_store(Switch::default())).await;
+    let replies = answers(IdempotencyLayer::from_store(Switch::default())).await;
     let finals: Vec<_> = replies.iter().filter(|(slug, _)| FINAL.contains(slug)).collect();
     assert_eq!(finals.len(), FINAL.len());
     for (slug, reply) in finals {
@@ -115,7 +115,7 @@ async fn final_answers_carry_x_should_retry_false_and_no_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn executions_replays_and_bypasses_carry_no_hint() {
-    let replies = answers(IdempotencyLayer::with_store(Switch::default())).await;
+    let replies = answers(IdempotencyLayer::from_store(Switch::default())).await;
     for (slug, reply) in replies.iter().filter(|(slug, _)| NOT_ANSWERED_BY_THE_LAYER.contains(slug)) {
         for hint in HINTS {
             assert_eq!(header(reply, hint), None, "{slug} carries {hint}: {reply:?}");
@@ -130,7 +130,7 @@ async fn executions_replays_and_bypasses_carry_no_hint() {
 async fn the_hint_headers_are_configurable() {
     // A Stripe-compatible API: Stripe's SDKs read `Stripe-Should-Retry`.
     let stripe = RetryHint::DEFAULT.into_iter().chain([RetryHint::ShouldRetry(STRIPE_SHOULD_RETRY)]);
-    let replies = answers(IdempotencyLayer::with_store(Switch::default()).with_retry_hints(stripe)).await;
+    let replies = answers(IdempotencyLayer::from_store(Switch::default()).with_retry_hints(stripe)).await;
     for (slug, reply) in &replies {
         let expected = FINAL.contains(slug).then_some("false");
         assert_eq!(header(reply, "stripe-should-retry"), expected, "{slug}");
@@ -140,7 +140,7 @@ async fn the_hint_headers_are_configurable() {
 
     // Only the standard header.
     let replies =
-        answers(IdempotencyLayer::with_store(Switch::default()).with_retry_hints([RetryHint::RetryAfter])).await;
+        answers(IdempotencyLayer::from_store(Switch::default()).with_retry_hints([RetryHint::RetryAfter])).await;
     for (slug, reply) in &replies {
         assert_eq!(header(reply, "retry-after").is_some(), RETRYABLE.contains(slug), "{slug}");
         for hint in ["retry-after-ms", "x-should-retry", "stripe-should-retry"] {
@@ -149,7 +149,7 @@ async fn the_hint_headers_are_configurable() {
     }
 
     // None at all.
-    let replies = answers(IdempotencyLayer::with_store(Switch::default()).with_retry_hints([])).await;
+    let replies = answers(IdempotencyLayer::from_store(Switch::default()).with_retry_hints([])).await;
     for (slug, reply) in &replies {
         for hint in HINTS {
             assert_eq!(header(reply, hint), None, "{slug} carries {hint}");
@@ -159,7 +159,7 @@ async fn the_hint_headers_are_configurable() {
 
 #[tokio::test(start_paused = true)]
 async fn the_default_renderer_is_rfc_9457() {
-    let replies = answers(IdempotencyLayer::with_store(Switch::default())).await;
+    let replies = answers(IdempotencyLayer::from_store(Switch::default())).await;
     for (slug, reply) in replies.iter().filter(|(slug, _)| RETRYABLE.contains(slug) || FINAL.contains(slug)) {
         reply.assert_problem(reply.status.as_u16(), slug);
         assert_eq!(header(reply, "cache-control"), Some("no-store"), "{slug}");
@@ -180,7 +180,7 @@ async fn the_renderer_sees_each_problem_with_its_status_and_retry_hint() {
             Response::builder().status(problem.status()).body(Bytes::from_static(b"rendered")).unwrap()
         }
     };
-    let replies = answers(IdempotencyLayer::with_store(Switch::default()).with_problem_renderer(renderer)).await;
+    let replies = answers(IdempotencyLayer::from_store(Switch::default()).with_problem_renderer(renderer)).await;
     let seen = seen.lock().unwrap().clone();
     assert_eq!(
         seen,
@@ -223,7 +223,7 @@ fn stripe(problem: &Problem) -> Response<Bytes> {
 
 #[tokio::test(start_paused = true)]
 async fn a_renderer_answers_in_stripes_envelope() {
-    let layer = IdempotencyLayer::with_store(Switch::default())
+    let layer = IdempotencyLayer::from_store(Switch::default())
         .with_problem_renderer(stripe)
         .with_retry_hints(RetryHint::DEFAULT.into_iter().chain([RetryHint::ShouldRetry(STRIPE_SHOULD_RETRY)]));
     let replies = answers(layer).await;
@@ -272,7 +272,7 @@ fn openai(problem: &Problem) -> Response<Bytes> {
 
 #[tokio::test(start_paused = true)]
 async fn a_renderer_answers_in_openais_envelope() {
-    let replies = answers(IdempotencyLayer::with_store(Switch::default()).with_problem_renderer(openai)).await;
+    let replies = answers(IdempotencyLayer::from_store(Switch::default()).with_problem_renderer(openai)).await;
     for (slug, reply) in replies.iter().filter(|(slug, _)| RETRYABLE.contains(slug) || FINAL.contains(slug)) {
         assert_eq!(header(reply, "content-type"), Some("application/json"), "{slug}");
         let json: Value = serde_json::from_slice(&reply.body).unwrap();

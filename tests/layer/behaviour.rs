@@ -10,7 +10,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use tower::ServiceExt;
 use tower_idempotency::{
-    IdempotencyLayer, InFlight, KeyPolicy, Outcome, Scope, ScopeId, StoreFailure, problem,
+    IdempotencyLayer, Duplicates, KeyPolicy, Outcome, Scope, ScopeId, StoreFailure, problem,
     store::{IdempotencyStore, MemoryStore},
 };
 
@@ -248,7 +248,7 @@ async fn request_body_over_the_limit_answers_413() {
     let svc = service(IdempotencyLayer::new().with_max_request_body(16), runs.clone());
     let reply = send(&svc, post("/orders", "k", "this body is longer than sixteen bytes")).await;
     reply.assert_problem(413, "request-body-too-large");
-    assert_eq!(reply.outcome, Outcome::BodyTooLarge);
+    assert_eq!(reply.outcome, Outcome::RequestBodyTooLarge);
     assert_eq!(runs.get(), 0);
     // Exactly at the limit is fine, and the handler sees the whole body.
     let reply = send(&svc, post("/orders", "k2", "sixteen bytes!!!")).await;
@@ -381,7 +381,7 @@ async fn a_response_over_the_record_limit_leaves_a_not_retained_record() {
         let retry = send(&svc, post("/large", key, "{}")).await;
         retry.assert_problem(409, "response-not-retained");
         assert!(!retry.headers.contains_key("retry-after"));
-        assert_eq!(retry.outcome, Outcome::NotRetained);
+        assert_eq!(retry.outcome, Outcome::ResponseNotRetained);
         // A different payload is still a mismatch.
         send(&svc, post("/large", key, "other")).await.assert_problem(422, "key-reused");
     }
@@ -494,7 +494,7 @@ impl IdempotencyStore for DownStore {
 #[tokio::test]
 async fn store_failure_fails_closed_by_default() {
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(DownStore), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(DownStore), runs.clone());
     let reply = send(&svc, post("/orders", "k", "{}")).await;
     reply.assert_problem(503, "store-unavailable");
     assert_eq!(reply.headers["retry-after"], "1");
@@ -507,7 +507,7 @@ async fn store_failure_fails_closed_by_default() {
 #[tokio::test]
 async fn store_failure_can_fail_open() {
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(DownStore).with_store_failure(StoreFailure::FailOpen), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(DownStore).with_store_failure(StoreFailure::FailOpen), runs.clone());
     for _ in 0..2 {
         let reply = send(&svc, post("/orders", "k", "body")).await;
         assert_eq!(reply.status, StatusCode::CREATED);
@@ -524,7 +524,7 @@ async fn a_huge_retry_after_saturates() {
     const MOST: &str = "18446744073709551615"; // u64::MAX seconds
     let runs = Runs::default();
     for retry_after in [Duration::MAX, Duration::new(u64::MAX, 1), Duration::from_secs(u64::MAX)] {
-        let layer = IdempotencyLayer::new().with_in_flight(InFlight::Reject { retry_after });
+        let layer = IdempotencyLayer::new().with_duplicates(Duplicates::Reject { retry_after });
         let svc = service(layer, runs.clone());
         let mut slow = post("/slow", "k", "{}");
         slow.headers_mut().insert("x-delay-ms", "100".parse().unwrap());
@@ -536,7 +536,7 @@ async fn a_huge_retry_after_saturates() {
         assert_eq!(running.await.unwrap().status, StatusCode::CREATED);
 
         let down = service(
-            IdempotencyLayer::with_store(DownStore).with_store_failure(StoreFailure::FailClosed { retry_after }),
+            IdempotencyLayer::from_store(DownStore).with_store_failure(StoreFailure::FailClosed { retry_after }),
             runs.clone(),
         );
         let reply = send(&down, post("/orders", "k", "{}")).await;
@@ -553,10 +553,10 @@ async fn every_problem_is_problem_json_and_echoes_nothing() {
     const BODY: &str = "very-distinctive-body-0815";
     let runs = Runs::default();
     let store = MemoryStore::new();
-    let layer = IdempotencyLayer::with_store(store.clone()).with_max_request_body(64).with_max_record(8);
+    let layer = IdempotencyLayer::from_store(store.clone()).with_max_request_body(64).with_max_record(8);
     let svc = service(layer.clone(), runs.clone());
     let required = service(layer.clone().with_key_policy(KeyPolicy::Required), runs.clone());
-    let down = service(IdempotencyLayer::with_store(DownStore), runs.clone());
+    let down = service(IdempotencyLayer::from_store(DownStore), runs.clone());
 
     let key = |n: u8| -> &'static str { format!("{KEY}-{n}").leak() };
     let mut slow = post("/slow", key(1), BODY);
@@ -619,7 +619,7 @@ async fn records_expire_after_the_ttl_and_replays_do_not_extend_it() {
 #[tokio::test(start_paused = true)]
 async fn wait_mode_answers_duplicates_with_the_first_response() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) });
+    let layer = IdempotencyLayer::new().with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(10) });
     let svc = service(layer, runs.clone());
     let mut slow = post("/jobs", "k", "{}");
     slow.headers_mut().insert("x-delay-ms", "3000".parse().unwrap());

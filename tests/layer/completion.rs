@@ -23,7 +23,7 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
-use tower_idempotency::{IdempotencyLayer, InFlight, Outcome, RequestBody, store::MemoryStore};
+use tower_idempotency::{IdempotencyLayer, Duplicates, Outcome, RequestBody, store::MemoryStore};
 
 fn slow(key: &'static str, delay_ms: u32) -> Request<Full<Bytes>> {
     let mut request = post("/orders", key, "{}");
@@ -44,7 +44,7 @@ async fn a_client_gone_during_the_store_write_with_no_free_slot_still_gets_its_r
     let store = Outage::new(MemoryStore::new());
     store.slow_completes(Duration::from_millis(500));
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store.clone()).with_max_detached(0), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store.clone()).with_max_detached(0), runs.clone());
 
     // A body in memory: head and body wait for the record together (so they go out in one
     // write); the client gives up during that wait.
@@ -72,7 +72,7 @@ async fn the_record_is_written_before_the_body_end_is_seen() {
     let store = Outage::new(MemoryStore::new());
     store.slow_completes(Duration::from_millis(300));
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store.clone()), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store.clone()), runs.clone());
     let started = Instant::now();
     let first = send(&svc, post("/orders", "k", "{}")).await;
     assert!(started.elapsed() >= Duration::from_millis(300), "the body ended before its record was written");
@@ -88,7 +88,7 @@ async fn the_record_is_written_before_the_body_end_is_seen() {
 async fn outage_at_completion(length: Duration) -> (Reply, Reply, usize, Duration) {
     let store = Outage::new(MemoryStore::new());
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store.clone()).with_lease(Duration::from_secs(30)), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store.clone()).with_lease(Duration::from_secs(30)), runs.clone());
     // The store goes down just as the handler answers (it runs 100 ms).
     let outage = store.clone();
     tokio::spawn(async move {
@@ -131,7 +131,7 @@ async fn an_outage_longer_than_the_lease_gives_up_and_the_key_frees_with_the_lea
     // The documented limit: past the lease nothing holds the key, and a retry runs again.
     let store = Outage::new(MemoryStore::new());
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store.clone()).with_lease(Duration::from_secs(30)), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store.clone()).with_lease(Duration::from_secs(30)), runs.clone());
     store.down_for(Duration::from_secs(120));
     let first = send(&svc, post("/orders", "k", "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED, "the client still gets the handler's answer");
@@ -178,7 +178,7 @@ async fn abandoned_waiters_take_no_detach_slot() {
     let runs = Runs::default();
     let layer = IdempotencyLayer::new()
         .with_max_detached(1)
-        .with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
+        .with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(30) });
     let svc = service(layer, runs.clone());
     let first = tokio::spawn(send(&svc, slow("k", 10_000)));
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -201,7 +201,7 @@ async fn abandoned_waiters_take_no_detach_slot() {
 #[tokio::test(start_paused = true)]
 async fn a_waiting_duplicate_holds_no_inner_capacity() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
+    let layer = IdempotencyLayer::new().with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(30) });
     // Two requests at a time may reach the handler.
     let svc = ServiceBuilder::new().layer(layer).concurrency_limit(2).service(common::handler(runs.clone()));
     let first = tokio::spawn(send(&svc, slow("k", 20_000)));
@@ -224,7 +224,7 @@ async fn a_waiting_duplicate_holds_no_inner_capacity() {
 #[tokio::test(start_paused = true)]
 async fn a_waiter_that_ends_up_executing_acquires_capacity_again() {
     let runs = Runs::default();
-    let layer = IdempotencyLayer::new().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(30) });
+    let layer = IdempotencyLayer::new().with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(30) });
     let svc = ServiceBuilder::new().layer(layer).concurrency_limit(1).service(common::handler(runs.clone()));
     // The first fails after 1 s (released); the waiter then executes, through the limit.
     let mut failing = slow("k", 1_000);
@@ -297,7 +297,7 @@ async fn an_endless_stream_whose_client_left_is_drained_only_to_the_record_limit
     assert_eq!(polls.load(Ordering::SeqCst), settled, "the drain goes on past the record limit");
     assert!(settled <= 2 * 12, "{settled} polls for 1 000 bytes of 100-byte chunks");
     let retry = svc.clone().oneshot(post("/s", "k", "")).await.unwrap();
-    assert_eq!(Outcome::of(&retry), Outcome::NotRetained);
+    assert_eq!(Outcome::of(&retry), Outcome::ResponseNotRetained);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -400,7 +400,7 @@ async fn past_the_record_limit_the_end_waits_for_the_not_retained_record() {
     let store = Outage::new(MemoryStore::new());
     store.slow_completes(Duration::from_millis(300));
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store.clone()).with_max_record(8), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store.clone()).with_max_record(8), runs.clone());
     let big = || {
         let mut request = post("/orders", "big", "{}");
         request.headers_mut().insert("x-big", "64".parse().unwrap());
@@ -425,7 +425,7 @@ fn a_lock_left_by_a_runtime_that_ended_is_not_renewed_forever() {
     let store = Outage::new(MemoryStore::new());
     store.slow_releases(Duration::from_millis(100));
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store).with_lease(Duration::from_secs(3)), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store).with_lease(Duration::from_secs(3)), runs.clone());
     let first = paused_runtime();
     first.block_on(async {
         tokio::spawn(send(&svc, slow("k", 60_000)));

@@ -7,7 +7,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use common::{Runs, assert_executed_once, post, race, send, service};
 use http::StatusCode;
 use tokio::sync::Barrier;
-use tower_idempotency::{IdempotencyLayer, InFlight, Outcome};
+use tower_idempotency::{IdempotencyLayer, Duplicates, Outcome};
 
 const TASKS: usize = 200;
 const ROUNDS: usize = 25;
@@ -29,7 +29,7 @@ async fn wait_mode_gives_every_duplicate_the_same_response() {
     for round in 0..ROUNDS {
         let runs = Runs::default();
         let layer = IdempotencyLayer::new()
-            .with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) })
+            .with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(10) })
             .with_max_waiters(TASKS);
         let svc = service(layer, runs.clone());
         let replies = race(&[svc], &format!("wait-{round}"), TASKS, 20).await;

@@ -95,7 +95,7 @@ async fn orders_fingerprint() -> Fingerprint {
 async fn an_abandoned_lock_is_free_after_one_lease() {
     let store = MemoryStore::new();
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store.clone()).with_lease(Duration::from_secs(30)), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store.clone()).with_lease(Duration::from_secs(30)), runs.clone());
     // A process took the lock and crashed: nobody renews or releases it.
     let key = StoreKey::new(None, IdempotencyKey::parse(b"k").unwrap());
     assert!(matches!(
@@ -115,7 +115,7 @@ async fn an_abandoned_lock_is_free_after_one_lease() {
 async fn a_stale_owner_never_overwrites_the_new_owners_record() {
     let store = MemoryStore::new();
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store.clone()).with_lease(Duration::from_secs(30)), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store.clone()).with_lease(Duration::from_secs(30)), runs.clone());
     let key = StoreKey::new(None, IdempotencyKey::parse(b"k").unwrap());
     let Ok(Begin::Execute(stale)) = store.begin(&key, &orders_fingerprint().await, Duration::from_secs(30)).await
     else {
@@ -144,7 +144,7 @@ async fn a_stale_owner_never_overwrites_the_new_owners_record() {
 async fn a_replay_shares_the_stored_body_bytes() {
     let store = MemoryStore::new();
     let runs = Runs::default();
-    let svc = service(IdempotencyLayer::with_store(store.clone()), runs.clone());
+    let svc = service(IdempotencyLayer::from_store(store.clone()), runs.clone());
     send(&svc, post("/orders", "k", "{}")).await;
     let key = StoreKey::new(None, IdempotencyKey::parse(b"k").unwrap());
     let Ok(Begin::Completed(Record::Response(stored))) =
@@ -216,7 +216,7 @@ async fn durations_meaning_forever_do_not_panic() {
     let layer = IdempotencyLayer::new()
         .with_ttl(Duration::MAX)
         .with_lease(Duration::MAX)
-        .with_in_flight(tower_idempotency::InFlight::Wait { timeout: Duration::MAX });
+        .with_duplicates(tower_idempotency::Duplicates::Wait { timeout: Duration::MAX });
     let svc = service(layer, runs.clone());
     send(&svc, post("/orders", "k", "{}")).await;
     tokio::time::advance(Duration::from_secs(365 * 24 * 3600)).await;

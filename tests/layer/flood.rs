@@ -55,7 +55,7 @@ fn a_flood_through_the_layer_never_evicts_a_running_request() {
         const BOUND: usize = 1_000;
         let store = MemoryStore::builder().with_max_entries(BOUND).build();
         let runs = Runs::default();
-        let svc = service(IdempotencyLayer::with_store(store.clone()).with_ttl(Duration::from_secs(60)), runs.clone());
+        let svc = service(IdempotencyLayer::from_store(store.clone()).with_ttl(Duration::from_secs(60)), runs.clone());
         // Ten requests whose handlers run through the whole flood.
         let slow: Vec<_> = (0..10)
             .map(|i| {

@@ -20,7 +20,7 @@ use tonic::{Code, Status};
 use tower_idempotency::{IdempotencyLayer, grpc::GrpcStatusOk};
 
 fn layer() -> IdempotencyLayer<Switch> {
-    IdempotencyLayer::with_store(Switch::default()).with_cache_predicate(GrpcStatusOk)
+    IdempotencyLayer::from_store(Switch::default()).with_cache_predicate(GrpcStatusOk)
 }
 
 async fn start(layer: IdempotencyLayer<Switch>) -> (Running, OrdersClient) {

@@ -18,7 +18,7 @@ use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use tower::{BoxError, Service, ServiceExt};
 use tower_idempotency::{
-    IdempotencyLayer, InFlight, Outcome, RequestBody, ResponseBody,
+    IdempotencyLayer, Duplicates, Outcome, RequestBody, ResponseBody,
     store::{
         Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LockToken, MemoryStore, Record,
         StoreError, StoreKey,
@@ -78,7 +78,7 @@ fn events(from: u64, to: u64) -> String {
 }
 
 fn join_layer<St: IdempotencyStore>(store: St) -> IdempotencyLayer<St> {
-    IdempotencyLayer::with_store(store).with_in_flight(InFlight::join())
+    IdempotencyLayer::from_store(store).with_duplicates(Duplicates::join())
 }
 
 type Svc = tower::util::BoxCloneService<Request<Full<Bytes>>, Response<ResponseBody<Body>>, BoxError>;
@@ -377,8 +377,8 @@ impl IdempotencyStore for Counting {
 #[tokio::test(start_paused = true)]
 async fn a_30_s_wait_is_woken_by_the_store_not_polled() {
     let store = Counting::default();
-    let layer = IdempotencyLayer::with_store(store.clone())
-        .with_in_flight(InFlight::Wait { timeout: Duration::from_secs(60) })
+    let layer = IdempotencyLayer::from_store(store.clone())
+        .with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(60) })
         .with_lease(Duration::from_secs(120));
     let (svc, runs) = app(layer);
     let first = tokio::spawn({
@@ -424,7 +424,7 @@ async fn a_joined_10_s_stream_costs_one_follow_per_event_and_nothing_when_not_jo
 #[tokio::test(start_paused = true)]
 async fn waiters_are_bounded_too() {
     let layer =
-        IdempotencyLayer::new().with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) }).with_max_waiters(1);
+        IdempotencyLayer::new().with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(10) }).with_max_waiters(1);
     let (svc, runs) = app(layer);
     let first = tokio::spawn(call(&svc, request("w2", &[("x-json", "1"), ("x-head-ms", "1000")])));
     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -204,7 +204,7 @@ async fn one_write_with_the_record_before_it(shape: Shape) {
     store.slow_completes(Duration::from_millis(5));
     let handler =
         tower::service_fn(move |_: Request<RequestBody<Incoming>>| async move { Ok::<_, Infallible>(answer(shape)) });
-    let service = IdempotencyLayer::with_store(store.clone()).layer(handler);
+    let service = IdempotencyLayer::from_store(store.clone()).layer(handler);
     let writes = Arc::new(AtomicUsize::new(0));
     let addr = serve(service, writes.clone()).await;
     let mut sender = client(addr).await;

@@ -112,7 +112,7 @@ async fn an_endless_request_body_is_cut_at_the_limit() {
     let request = Request::post("/orders").header("idempotency-key", "k").body(endless).unwrap();
     let response = svc.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(Outcome::of(&response), Outcome::BodyTooLarge);
+    assert_eq!(Outcome::of(&response), Outcome::RequestBodyTooLarge);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(body.len() < 512, "a static problem body");
     assert_eq!(runs.load(Ordering::SeqCst), 0);

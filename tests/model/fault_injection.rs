@@ -223,7 +223,7 @@ fn store_key(key: &str) -> StoreKey {
 
 /// The handler: `x-delay-ms` before answering; `x-chunks` streams that many chunks 300 ms apart.
 fn app(seed: u64, runs: Arc<Runs>, failure: StoreFailure) -> (Arc<FaultyStore>, App) {
-    let layer = IdempotencyLayer::with_store(FaultyStore::new(seed))
+    let layer = IdempotencyLayer::from_store(FaultyStore::new(seed))
         .with_lease(LEASE)
         .with_ttl(Duration::from_secs(3600))
         .with_store_failure(failure);

@@ -57,7 +57,7 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 use tower::{BoxError, Layer, ServiceExt, limit::ConcurrencyLimitLayer, util::BoxCloneService};
 use tower_idempotency::{
-    IdempotencyKey, IdempotencyLayer, InFlight, Outcome, RequestBody, ResponseBody,
+    IdempotencyKey, IdempotencyLayer, Duplicates, Outcome, RequestBody, ResponseBody,
     store::{Begin, Fingerprint, IdempotencyStore, MemoryStore, StoreKey},
 };
 
@@ -612,7 +612,7 @@ impl Sim<'_> {
             // SPEC 2.7, 2.9: `409` response-not-retained, without `Retry-After`.
             Found::NotRetained => Some(Expect::Problem {
                 status: 409,
-                outcome: Outcome::NotRetained,
+                outcome: Outcome::ResponseNotRetained,
                 slug: "response-not-retained",
                 at: t,
             }),
@@ -891,8 +891,8 @@ fn check(expect: &Expect, got: &Got) -> Result<(), String> {
 /// The layer of `program`, over `store`.
 fn layer(program: &Program, store: MemoryStore) -> IdempotencyLayer<MemoryStore> {
     let timeout = Duration::from_millis(program.timeout.ms());
-    let mut layer = IdempotencyLayer::with_store(store)
-        .with_in_flight(InFlight::Join { timeout })
+    let mut layer = IdempotencyLayer::from_store(store)
+        .with_duplicates(Duplicates::Join { timeout })
         .with_lease(program.lease())
         .with_ttl(TTL);
     if let Ending::OverLimit(p) = program.ending {

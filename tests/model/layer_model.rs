@@ -131,7 +131,7 @@ impl Setup {
     }
 
     fn layer<St: IdempotencyStore>(self, store: St, lease: Duration, ttl: Duration) -> IdempotencyLayer<St> {
-        let layer = IdempotencyLayer::with_store(store).with_lease(lease).with_ttl(ttl).with_max_record(MAX_RECORD);
+        let layer = IdempotencyLayer::from_store(store).with_lease(lease).with_ttl(ttl).with_max_record(MAX_RECORD);
         match self.detach {
             Detach::Default => layer,
             Detach::Zero => layer.with_max_detached(0),
@@ -753,7 +753,7 @@ fn begin_name(begin: &Begin) -> &'static str {
     match begin {
         Begin::Execute(_) => "execute",
         Begin::Completed(_) => "completed",
-        Begin::InFlight => "in-flight",
+        Begin::Locked => "in-flight",
         Begin::Mismatch => "mismatch",
         other => unreachable!("a begin this model does not know: {other:?}"),
     }

@@ -437,7 +437,7 @@ async fn only_a_followed_lock_notifies_and_a_mark_orders_with_a_concurrent_publi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_lives_no_longer_than_its_lock() {
     let db = Db::new().await;
-    let store = db.builder().with_reap_interval(Duration::from_secs(3600)).build(db.pool.clone());
+    let store = db.builder().with_cleanup_interval(Duration::from_secs(3600)).build(db.pool.clone());
     store.migrate().await.unwrap();
     let live = "idempotency_live";
     assert!(store.live_table().ends_with("\"idempotency_live\""), "{}", store.live_table());

@@ -70,7 +70,7 @@ async fn rows_are_as_documented() {
 async fn the_reaper_deletes_expired_rows_in_bounded_batches() {
     let db = Db::new().await;
     // A reaper that never runs by itself during the test: `reap` is called by hand.
-    let store = db.builder().with_reap_batch(3).with_reap_interval(Duration::from_secs(3600)).build(db.pool.clone());
+    let store = db.builder().with_reap_batch(3).with_cleanup_interval(Duration::from_secs(3600)).build(db.pool.clone());
     store.migrate().await.unwrap();
     let short = Duration::from_millis(1);
     for _ in 0..7 {
@@ -91,14 +91,14 @@ async fn the_reaper_deletes_expired_rows_in_bounded_batches() {
     assert_eq!(batches, [3, 3, 1, 0]);
     // The live lock stays.
     assert_eq!(db.count("idempotency").await, 1);
-    assert!(matches!(store.begin(&live, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
+    assert!(matches!(store.begin(&live, &fp(1), LEASE).await.unwrap(), Begin::Locked));
     db.drop().await;
 }
 
 #[tokio::test]
 async fn the_background_reaper_frees_expired_rows_without_a_request_touching_them() {
     let db = Db::new().await;
-    let store = db.builder().with_reap_batch(2).with_reap_interval(Duration::from_millis(50)).build(db.pool.clone());
+    let store = db.builder().with_reap_batch(2).with_cleanup_interval(Duration::from_millis(50)).build(db.pool.clone());
     store.migrate().await.unwrap();
     for _ in 0..5 {
         let key = fresh_key(None);
@@ -188,7 +188,7 @@ async fn a_connection_killed_mid_operation_fails_closed() {
             async { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ran")))) }
         }
     });
-    let service = tower::Layer::layer(&IdempotencyLayer::with_store(store.clone()), handler);
+    let service = tower::Layer::layer(&IdempotencyLayer::from_store(store.clone()), handler);
     let mut holder = db.pool.begin().await.unwrap();
     let blocked = fresh_key(None);
     let sql = format!(
@@ -237,7 +237,7 @@ async fn an_unreachable_database_is_a_store_error_and_a_503() {
     let handler = service_fn(|_request: Request<tower_idempotency::RequestBody<Full<Bytes>>>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ran"))))
     });
-    let service = tower::Layer::layer(&IdempotencyLayer::with_store(store), handler);
+    let service = tower::Layer::layer(&IdempotencyLayer::from_store(store), handler);
     let request =
         Request::post("/charge").header("idempotency-key", "k").body(Full::new(Bytes::from_static(b"{}"))).unwrap();
     let response = service.oneshot(request).await.unwrap();

@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower_idempotency::{
-    IdempotencyLayer, InFlight, Outcome,
+    IdempotencyLayer, Duplicates, Outcome,
     store::{PgTransaction, sqlx},
 };
 
@@ -136,7 +136,7 @@ async fn setup_with(
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&url).await.unwrap();
     let store = tower_idempotency::store::PostgresStore::builder().with_schema(&db.schema).build(pool);
     store.migrate().await.unwrap();
-    let layer = configure(IdempotencyLayer::with_store(store)).transactional();
+    let layer = configure(IdempotencyLayer::from_store(store)).transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     Setup { db, app, router }
@@ -333,7 +333,7 @@ async fn a_waiting_duplicate_replays_once_the_first_commits_or_executes_once_it_
 
 async fn waiting_duplicate(isolation: &str) {
     let s =
-        setup_with(isolation, |layer| layer.with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) })).await;
+        setup_with(isolation, |layer| layer.with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(10) })).await;
     for (round, first_status) in [(1, "201"), (2, "500")] {
         let key = format!("k{round}");
         let body: &'static str = if round == 1 { r#"{"id":1}"# } else { r#"{"id":2}"# };
@@ -372,7 +372,7 @@ async fn waiting_duplicate(isolation: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_duplicate_gets_409_past_the_wait_timeout() {
     let timeout = Duration::from_millis(300);
-    let s = setup(|layer| layer.with_in_flight(InFlight::Wait { timeout })).await;
+    let s = setup(|layer| layer.with_duplicates(Duplicates::Wait { timeout })).await;
     let router = s.router.clone();
     let first = tokio::spawn(async move { send(&router, "k1", r#"{"id":1}"#, &[("x-gate", "1")]).await });
     eventually(Duration::from_secs(5), "the first handler inserted", || async { s.runs() == 1 }).await;
@@ -413,9 +413,9 @@ async fn a_store_used_only_in_transactional_mode_reaps_expired_rows() {
     let sql = format!("CREATE TABLE {}.items (id bigint)", db.schema);
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&db.url()).await.unwrap();
-    let store = db.builder().with_reap_interval(Duration::from_millis(50)).build(pool);
+    let store = db.builder().with_cleanup_interval(Duration::from_millis(50)).build(pool);
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::with_store(store).with_ttl(Duration::from_millis(100)).transactional();
+    let layer = IdempotencyLayer::from_store(store).with_ttl(Duration::from_millis(100)).transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app);
     for (n, body) in [(1, r#"{"id":1}"#), (2, r#"{"id":2}"#), (3, r#"{"id":3}"#)] {
@@ -443,7 +443,7 @@ async fn taking_the_key_is_bounded_by_the_operation_timeout() {
         .unwrap();
     let store = db.builder().with_operation_timeout(Duration::from_millis(200)).build(pool.clone());
     store.migrate().await.unwrap();
-    let layer = IdempotencyLayer::with_store(store).transactional();
+    let layer = IdempotencyLayer::from_store(store).transactional();
     let app = App::new(db.pool.clone());
     let router = Router::new().route("/items", post(item).layer(layer)).with_state(app.clone());
     let held = pool.acquire().await.unwrap();
@@ -460,7 +460,7 @@ async fn taking_the_key_is_bounded_by_the_operation_timeout() {
 /// A `409` in flight carries the `Retry-After` the layer was configured with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_409_in_flight_carries_the_configured_retry_after() {
-    let s = setup(|layer| layer.with_in_flight(InFlight::Reject { retry_after: Duration::from_secs(7) })).await;
+    let s = setup(|layer| layer.with_duplicates(Duplicates::Reject { retry_after: Duration::from_secs(7) })).await;
     let router = s.router.clone();
     let first = tokio::spawn(async move { send(&router, "k1", r#"{"id":1}"#, &[("x-gate", "1")]).await });
     s.app.at_gate.acquire().await.unwrap().forget();

@@ -15,7 +15,7 @@ use common::{
     send, service,
 };
 use http::StatusCode;
-use tower_idempotency::{IdempotencyLayer, InFlight, Outcome, StoreFailure, store::RedisStore};
+use tower_idempotency::{IdempotencyLayer, Duplicates, Outcome, StoreFailure, store::RedisStore};
 
 /// The URL of the Redis under test, or return from the test (skipped).
 macro_rules! redis_or_skip {
@@ -29,7 +29,7 @@ macro_rules! redis_or_skip {
 
 /// The layer over `store`, with a TTL short enough that the tests leave no keys behind.
 fn layer(store: RedisStore) -> IdempotencyLayer<RedisStore> {
-    IdempotencyLayer::with_store(store).with_ttl(Duration::from_secs(30))
+    IdempotencyLayer::from_store(store).with_ttl(Duration::from_secs(30))
 }
 
 /// A key no other test or run uses.
@@ -65,7 +65,7 @@ async fn waiting_duplicates_on_the_other_replica_get_the_same_response() {
     let url = redis_or_skip!();
     let runs = Runs::default();
     let wait =
-        |layer: IdempotencyLayer<RedisStore>| layer.with_in_flight(InFlight::Wait { timeout: Duration::from_secs(10) });
+        |layer: IdempotencyLayer<RedisStore>| layer.with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(10) });
     let replicas = replicas(&url, wait, &runs).await;
     let replies = race(&replicas, key(), 50, 100).await;
     assert_eq!(runs.get(), 1);
@@ -79,7 +79,7 @@ async fn waiting_duplicates_on_the_other_replica_get_the_same_response() {
 async fn a_duplicate_on_the_other_replica_joins_the_running_response() {
     let url = redis_or_skip!();
     let runs = Runs::default();
-    let [a, b] = replicas(&url, |layer| layer.with_in_flight(InFlight::join()), &runs).await;
+    let [a, b] = replicas(&url, |layer| layer.with_duplicates(Duplicates::join()), &runs).await;
     let key = key();
     // 20 chunks 50 ms apart on replica A; the duplicate lands on replica B mid-way.
     let mut slow = post("/orders", key, "{}");
@@ -172,7 +172,7 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
     let nowhere = format!("redis://{}", closed_port().await);
     let runs = Runs::default();
     let closed = service(
-        IdempotencyLayer::with_store(RedisStore::builder().connect_lazy(nowhere.as_str()).unwrap()),
+        IdempotencyLayer::from_store(RedisStore::builder().connect_lazy(nowhere.as_str()).unwrap()),
         runs.clone(),
     );
     let reply = send(&closed, post("/orders", key(), "{}")).await;
@@ -180,7 +180,7 @@ async fn redis_down_fails_closed_or_open_and_recovers_by_itself() {
     assert!(reply.headers.contains_key("retry-after"));
     assert_eq!(runs.get(), 0, "fail closed: the handler does not run");
 
-    let open_layer = IdempotencyLayer::with_store(RedisStore::builder().connect_lazy(nowhere.as_str()).unwrap())
+    let open_layer = IdempotencyLayer::from_store(RedisStore::builder().connect_lazy(nowhere.as_str()).unwrap())
         .with_store_failure(StoreFailure::FailOpen);
     let open = service(open_layer, runs.clone());
     let reply = send(&open, post("/orders", key(), "{}")).await;

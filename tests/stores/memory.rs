@@ -37,7 +37,7 @@ mod bounds {
 
     #[tokio::test(start_paused = true)]
     async fn expired_entries_are_reclaimed_without_a_request() {
-        let store = MemoryStore::builder().with_sweep_interval(Duration::from_secs(1)).build();
+        let store = MemoryStore::builder().with_cleanup_interval(Duration::from_secs(1)).build();
         for _ in 0..100 {
             let key = fresh_key(None);
             let token = lock(&store, &key, fp(1)).await;
@@ -92,7 +92,7 @@ mod bounds {
             assert!(refused.is_capacity());
         }
         for key in locked.iter().chain([&newest]) {
-            assert!(matches!(begin(&store, key, fp(1)).await, Begin::InFlight));
+            assert!(matches!(begin(&store, key, fp(1)).await, Begin::Locked));
         }
     }
 
@@ -101,7 +101,7 @@ mod bounds {
         let store = MemoryStore::builder().with_max_entries(1).build();
         lock(&store, &fresh_key(None), fp(1)).await;
         let runs = Runs::default();
-        let svc = service(tower_idempotency::IdempotencyLayer::with_store(store), runs.clone());
+        let svc = service(tower_idempotency::IdempotencyLayer::from_store(store), runs.clone());
         send(&svc, post("/orders", "k", "{}")).await.assert_problem(503, "store-unavailable");
         assert_eq!(runs.get(), 0);
     }
@@ -278,7 +278,7 @@ fn the_sweep_restarts_on_the_next_runtime() {
 
     const TTL: Duration = Duration::from_secs(5);
     let every = Duration::from_secs(1);
-    let store = MemoryStore::builder().with_sweep_interval(every).build();
+    let store = MemoryStore::builder().with_cleanup_interval(every).build();
     let record =
         Record::Response(Arc::new(StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"swept"))));
     for round in 0..3 {

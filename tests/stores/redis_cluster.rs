@@ -217,12 +217,12 @@ async fn redis_store_on_redis_cluster() {
     assert!(format!("{lazy:?}").contains("not yet connected"));
     let key = fresh_key(None);
     lock(&lazy, &key, fp(1)).await;
-    assert!(matches!(lazy.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
+    assert!(matches!(lazy.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::Locked));
 
     // A cluster that is not there: a store error, promptly, on every operation.
     let nowhere = format!("redis://{}", closed_port().await);
     let down = RedisStore::builder()
-        .with_command_timeout(Duration::from_millis(500))
+        .with_operation_timeout(Duration::from_millis(500))
         .build_cluster(ClusterClient::new(vec![nowhere]).unwrap());
     for _ in 0..2 {
         let started = Instant::now();

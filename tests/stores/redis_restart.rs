@@ -192,7 +192,7 @@ fn app(store: Tracked, counts: Arc<Counts>) -> App {
             Ok::<_, Infallible>(Response::builder().status(StatusCode::CREATED).body(body).unwrap())
         }
     });
-    let layer = IdempotencyLayer::with_store(store).with_lease(Duration::from_secs(1));
+    let layer = IdempotencyLayer::from_store(store).with_lease(Duration::from_secs(1));
     BoxCloneService::new(tower::Layer::layer(&layer, handler))
 }
 
@@ -218,7 +218,7 @@ async fn restart_under_load(durable: bool) -> Option<(Load, Arc<Counts>, App, Ar
     let completed = Arc::new(Mutex::new(HashSet::new()));
     let store = RedisStore::builder()
         .with_prefix(format!("restart-{}:", uuid::Uuid::new_v4().simple()))
-        .with_command_timeout(Duration::from_millis(300))
+        .with_operation_timeout(Duration::from_millis(300))
         .connect(redis.url())
         .await
         .expect("connect");

@@ -175,7 +175,7 @@ async fn a_crashed_replicas_lock_is_free_after_one_lease() {
         assert!(matches!(replica_a.begin(&key, &fp(1), lease).await.unwrap(), Begin::Execute(_)));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(matches!(replica_b.begin(&key, &fp(1), lease).await.unwrap(), Begin::InFlight));
+    assert!(matches!(replica_b.begin(&key, &fp(1), lease).await.unwrap(), Begin::Locked));
     assert!(matches!(replica_b.begin(&key, &fp(2), lease).await.unwrap(), Begin::Mismatch));
     tokio::time::sleep(lease.saturating_sub(started.elapsed()) + Duration::from_millis(50)).await;
     assert!(matches!(replica_b.begin(&key, &fp(1), lease).await.unwrap(), Begin::Execute(_)));
@@ -205,7 +205,7 @@ async fn a_record_completed_on_one_replica_replays_on_the_other() {
     let (replica_a, replica_b) = (store(&url).await, store(&url).await);
     let key = fresh_key(Some(ScopeId::digest("tenant")));
     let token = lock(&replica_a, &key, fp(1)).await;
-    assert!(matches!(replica_b.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
+    assert!(matches!(replica_b.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::Locked));
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
     let stored = response(b"\x00{\"id\":\"ord_1\"}\xff").with_trailers(trailers);
@@ -311,7 +311,7 @@ async fn unreachable_redis_fails_fast() {
 }
 
 #[tokio::test]
-async fn a_silent_redis_times_out_at_the_command_timeout() {
+async fn a_silent_redis_times_out_at_the_operation_timeout() {
     // Needs no Redis: a server that accepts connections and never answers.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -323,11 +323,11 @@ async fn a_silent_redis_times_out_at_the_command_timeout() {
     });
     let timeout = Duration::from_millis(300);
     let url = format!("redis://{addr}");
-    let ours = RedisStore::builder().with_command_timeout(timeout).connect_lazy(url.as_str()).unwrap();
+    let ours = RedisStore::builder().with_operation_timeout(timeout).connect_lazy(url.as_str()).unwrap();
     // A manager of the caller's that would wait forever: the command timeout still holds.
     let patient = ConnectionManagerConfig::new().set_connection_timeout(None).set_response_timeout(None);
     let manager = ConnectionManager::new_lazy_with_config(redis::Client::open(url).unwrap(), patient).unwrap();
-    let theirs = RedisStore::builder().with_command_timeout(timeout).build_with_manager(manager);
+    let theirs = RedisStore::builder().with_operation_timeout(timeout).build_with_manager(manager);
     let key = fresh_key(None);
     for store in [ours, theirs] {
         for _ in 0..2 {
@@ -349,7 +349,7 @@ async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
     // Built while Redis is down: no error, no connection yet.
     let store = RedisStore::builder()
         .with_prefix(run_prefix())
-        .with_command_timeout(Duration::from_millis(500))
+        .with_operation_timeout(Duration::from_millis(500))
         .build(redis::Client::open(through_proxy).unwrap());
     let key = fresh_key(None);
 
@@ -373,7 +373,7 @@ async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     proxy.up().await;
     // Again the first request after Redis is back works.
-    assert!(matches!(store.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
+    assert!(matches!(store.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::Locked));
     assert!(store.complete(&key, &token, record(b"back"), TTL).await.unwrap());
     assert!(matches!(store.begin(&key, &fp(1), LEASE).await.unwrap(), Begin::Completed(_)));
     proxy.take_down().await;
@@ -388,7 +388,7 @@ async fn a_slow_answer_times_out_and_later_replies_stay_in_order() {
     let timeout = Duration::from_millis(300);
     let store = RedisStore::builder()
         .with_prefix(run_prefix())
-        .with_command_timeout(timeout)
+        .with_operation_timeout(timeout)
         .connect(through_proxy)
         .await
         .unwrap();
@@ -409,7 +409,7 @@ async fn a_slow_answer_times_out_and_later_replies_stay_in_order() {
     assert!(matches!(store.begin(&done, &fp(1), LEASE).await.unwrap(), Begin::Completed(_)));
     // The timed-out begin did lock its key: a retry sees it in flight until the lease ends,
     // never a second execution.
-    assert!(matches!(store.begin(&slow, &fp(1), LEASE).await.unwrap(), Begin::InFlight));
+    assert!(matches!(store.begin(&slow, &fp(1), LEASE).await.unwrap(), Begin::Locked));
     proxy.take_down().await;
 }
 

@@ -38,7 +38,7 @@ impl MemoryStoreBuilder {
     }
 
     /// How often expired entries are freed in the background. Default: 1 s.
-    pub fn with_sweep_interval(mut self, every: Duration) -> Self {
+    pub fn with_cleanup_interval(mut self, every: Duration) -> Self {
         self.sweep_interval = every.max(Duration::from_millis(1));
         self
     }

@@ -38,7 +38,7 @@ use crate::background::{Background, Running};
 ///
 /// - **Expiry.** A background task (started on first use inside a tokio runtime, stopped when
 ///   the last clone of the store is dropped) frees expired records and abandoned locks every
-///   [sweep interval](MemoryStoreBuilder::with_sweep_interval), whether or not a request touches
+///   [sweep interval](MemoryStoreBuilder::with_cleanup_interval), whether or not a request touches
 ///   them. When the runtime it runs on shuts down, the next use of the store on another
 ///   runtime starts it again there. Expired entries are also treated as absent the moment
 ///   they expire, by every operation.
@@ -201,7 +201,7 @@ impl Inner {
             };
             return match (held_for == fingerprint, completed) {
                 (false, _) => Ok(Begin::Mismatch),
-                (true, None) => Ok(Begin::InFlight),
+                (true, None) => Ok(Begin::Locked),
                 (true, Some(record)) => record.to_record().map(Begin::Completed),
             };
         }

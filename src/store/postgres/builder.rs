@@ -85,7 +85,7 @@ impl PostgresStoreBuilder {
 
     /// The pause of the background reaper between rounds. Default: 60 s. A round deletes
     /// batches until one comes back short.
-    pub fn with_reap_interval(mut self, every: Duration) -> Self {
+    pub fn with_cleanup_interval(mut self, every: Duration) -> Self {
         self.reap_interval = every.max(Duration::from_millis(1));
         self
     }

@@ -50,7 +50,7 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// // Or run `migrations/0001_idempotency.sql` and `0002_idempotency_live.sql` with the
 /// // application's own migrations.
 /// store.migrate().await?;
-/// let layer = IdempotencyLayer::with_store(store);
+/// let layer = IdempotencyLayer::from_store(store);
 /// # let _ = layer;
 /// # Ok(())
 /// # }
@@ -113,7 +113,7 @@ const BEGIN_ATTEMPTS: usize = 8;
 ///
 /// # Responses in flight
 ///
-/// Join mode ([`InFlight::Join`](crate::InFlight)) publishes a response as it is produced,
+/// Join mode ([`Duplicates::Join`](crate::Duplicates)) publishes a response as it is produced,
 /// and duplicates follow it, on this replica or another (see [`LiveEvent`]); wait mode's
 /// duplicates follow the lock for its end only.
 ///
@@ -180,7 +180,7 @@ const BEGIN_ATTEMPTS: usize = 8;
 /// inside a tokio runtime, started again on the next runtime if that one ends, stopped when
 /// the last clone of the store is dropped), at most
 /// [`with_reap_batch`](PostgresStoreBuilder::with_reap_batch) rows per statement (default
-/// 1 000) every [`with_reap_interval`](PostgresStoreBuilder::with_reap_interval) (default
+/// 1 000) every [`with_cleanup_interval`](PostgresStoreBuilder::with_cleanup_interval) (default
 /// 60 s), at once again while batches come back full. Rows locked by a running transaction are
 /// skipped, never waited for. [`reap`](PostgresStore::reap) runs one batch now.
 ///
@@ -337,7 +337,7 @@ fn decode_begin(row: &PgRow, token: LockToken) -> Result<Begin, StoreError> {
     match row.try_get::<i32, _>(0).map_err(corrupt)? {
         state::EXECUTE => Ok(Begin::Execute(token)),
         state::MISMATCH => Ok(Begin::Mismatch),
-        state::IN_FLIGHT => Ok(Begin::InFlight),
+        state::IN_FLIGHT => Ok(Begin::Locked),
         state::COMPLETED => match row.try_get::<Option<Vec<u8>>, _>(1).map_err(corrupt)? {
             None => Ok(Begin::Completed(Record::NotRetained)),
             Some(encoded) => StoredResponse::decode(Bytes::from(encoded))

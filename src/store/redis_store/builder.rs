@@ -38,7 +38,7 @@ const DEFAULT_MAX_BLOCK: Duration = Duration::from_secs(10);
 #[must_use]
 pub struct RedisStoreBuilder {
     prefix: String,
-    command_timeout: Duration,
+    operation_timeout: Duration,
     max_blocking_connections: usize,
     max_block: Duration,
     /// Given with `with_blocking_client`: where the dedicated connections come from when the
@@ -50,7 +50,7 @@ impl Default for RedisStoreBuilder {
     fn default() -> Self {
         Self {
             prefix: DEFAULT_PREFIX.to_owned(),
-            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            operation_timeout: DEFAULT_COMMAND_TIMEOUT,
             max_blocking_connections: DEFAULT_MAX_BLOCKING_CONNECTIONS,
             max_block: DEFAULT_MAX_BLOCK,
             blocking: None,
@@ -71,8 +71,8 @@ impl RedisStoreBuilder {
     /// The longest one store operation may take, waiting for a connection included; past it
     /// the operation fails with [`StoreError::is_timeout`](crate::store::StoreError::is_timeout). Default: 1 s. It also bounds each
     /// connection attempt of the managers this builder makes.
-    pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
-        self.command_timeout = timeout.max(Duration::from_millis(1));
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -175,12 +175,12 @@ impl RedisStoreBuilder {
     ) -> Result<RedisStore, RedisError> {
         let nodes = nodes.into_iter().map(IntoConnectionInfo::into_connection_info).collect::<Result<Vec<_>, _>>()?;
         let client = ClusterClient::builder(nodes.clone())
-            .connection_timeout(self.command_timeout)
-            .response_timeout(self.command_timeout)
+            .connection_timeout(self.operation_timeout)
+            .response_timeout(self.operation_timeout)
             .build()?;
         // Blocking reads answer when they end: no response timeout (the store bounds them).
         let blocking = ClusterClient::builder(nodes)
-            .connection_timeout(self.command_timeout)
+            .connection_timeout(self.operation_timeout)
             .overall_response_timeout(None)
             .build()?;
         let connection = client.get_async_connection().await?;
@@ -217,8 +217,8 @@ impl RedisStoreBuilder {
     fn manager_config(&self) -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
             .set_number_of_retries(0)
-            .set_connection_timeout(Some(self.command_timeout))
-            .set_response_timeout(Some(self.command_timeout))
+            .set_connection_timeout(Some(self.operation_timeout))
+            .set_response_timeout(Some(self.operation_timeout))
     }
 
     /// The store on `connection`, with dedicated connections from `blocking` unless
@@ -229,12 +229,12 @@ impl RedisStoreBuilder {
         let readers = self
             .blocking
             .or(blocking)
-            .map(|source| Readers::new(source, self.max_blocking_connections, self.command_timeout));
+            .map(|source| Readers::new(source, self.max_blocking_connections, self.operation_timeout));
         RedisStore {
             inner: Arc::new(Inner {
                 connection,
                 prefix: self.prefix.into_bytes().into_boxed_slice(),
-                command_timeout: self.command_timeout,
+                operation_timeout: self.operation_timeout,
                 live: Live::new(readers, self.max_block),
             }),
         }

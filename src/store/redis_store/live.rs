@@ -231,7 +231,7 @@ impl RedisStore {
             let Some(reader) = held.as_mut() else { unreachable!("taken above") };
             let block = block_until.saturating_duration_since(now);
             let command = xread(&stream, cursor.read(), block);
-            let reply = tokio::time::timeout(block + self.inner.command_timeout, reader.read(&command)).await;
+            let reply = tokio::time::timeout(block + self.inner.operation_timeout, reader.read(&command)).await;
             match reply.map_err(|_| StoreError::timeout())?.map_err(store_error)? {
                 Value::Nil => {
                     if Instant::now() >= deadline {

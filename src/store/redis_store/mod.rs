@@ -55,7 +55,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// // `503` while Redis stays down and recovers by itself once Redis is back.
 /// let store = RedisStore::builder()
 ///     .with_prefix("orders-api:idem:")
-///     .with_command_timeout(Duration::from_millis(500))
+///     .with_operation_timeout(Duration::from_millis(500))
 ///     .connect_lazy("redis://127.0.0.1:6379")?;
 /// # let _ = store;
 /// # Ok(())
@@ -85,7 +85,7 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// # Failure
 ///
 /// Every operation, waiting for a connection included, is bounded by the
-/// [command timeout](RedisStoreBuilder::with_command_timeout) (default 1 s). Past it the operation
+/// [command timeout](RedisStoreBuilder::with_operation_timeout) (default 1 s). Past it the operation
 /// fails with [`StoreError::is_timeout`]; a refused or broken connection or an error reply
 /// fails with [`StoreError::is_unavailable`]; a value this crate cannot read fails with
 /// [`StoreError::is_corrupt`]. The layer answers all three as configured by its store failure
@@ -272,7 +272,7 @@ pub struct RedisStore {
 struct Inner {
     connection: Connection,
     prefix: Box<[u8]>,
-    command_timeout: Duration,
+    operation_timeout: Duration,
     live: Live,
 }
 
@@ -307,7 +307,7 @@ impl RedisStore {
             };
             reply.map_err(store_error)
         };
-        tokio::time::timeout(self.inner.command_timeout, attempt).await.unwrap_or_else(|_| Err(StoreError::timeout()))
+        tokio::time::timeout(self.inner.operation_timeout, attempt).await.unwrap_or_else(|_| Err(StoreError::timeout()))
     }
 }
 
@@ -342,7 +342,7 @@ impl IdempotencyStore for RedisStore {
         match <[Value; 2]>::try_from(replies) {
             Ok([Value::Int(0), _]) => Ok(Begin::Execute(token)),
             Ok([Value::Int(1), _]) => Ok(Begin::Mismatch),
-            Ok([Value::Int(2), _]) => Ok(Begin::InFlight),
+            Ok([Value::Int(2), _]) => Ok(Begin::Locked),
             Ok([Value::Int(3), Value::BulkString(value)]) => codec::decode_record(value).map(Begin::Completed),
             Ok([Value::Int(4), _]) => Err(StoreError::corrupt("the key holds a value this crate did not write")),
             Ok([Value::ServerError(error), _]) => Err(StoreError::unavailable(RedisError::from(error))),
@@ -418,7 +418,7 @@ impl fmt::Debug for RedisStore {
         };
         f.debug_struct("RedisStore")
             .field("prefix", &String::from_utf8_lossy(&self.inner.prefix))
-            .field("command_timeout", &self.inner.command_timeout)
+            .field("operation_timeout", &self.inner.operation_timeout)
             .field("connection", &connection)
             .field("blocking_reads", &blocking_reads)
             .field("max_block", &self.inner.live.max_block)

@@ -37,7 +37,7 @@ mod run;
 /// ```no_run
 /// use tower_idempotency::{IdempotencyLayer, store::PostgresStore};
 /// # fn layer(pool: tower_idempotency::store::sqlx::PgPool) {
-/// let layer = IdempotencyLayer::with_store(PostgresStore::new(pool)).transactional();
+/// let layer = IdempotencyLayer::from_store(PostgresStore::new(pool)).transactional();
 /// # let _ = layer;
 /// # }
 /// ```
@@ -64,9 +64,9 @@ mod run;
 ///    transaction on the store's pool and inserts the key's row in it: a completed record
 ///    replays, another fingerprint is `422`, exactly as in the plain layer.
 /// 2. A duplicate of a request in flight cannot see its row (it is not committed). With
-///    [`InFlight::Reject`](crate::InFlight::Reject) (the default) the layer first takes a
+///    [`Duplicates::Reject`](crate::Duplicates::Reject) (the default) the layer first takes a
 ///    transaction-scoped advisory lock on the key (`pg_try_advisory_xact_lock`): a duplicate
-///    that cannot take it gets `409` at once. With [`InFlight::Wait`](crate::InFlight::Wait)
+///    that cannot take it gets `409` at once. With [`Duplicates::Wait`](crate::Duplicates::Wait)
 ///    its insert waits on the first request's uncommitted row (notified by PostgreSQL itself,
 ///    no polling), bounded by the wait timeout as `lock_timeout`: when the first commits it
 ///    replays the record, when the first rolls back it executes, past the timeout `409`.

@@ -14,7 +14,7 @@ use super::super::{PgTransaction, PostgresStore, begin_on, micros, scope_bytes};
 use crate::{
     IdempotencyKey, Outcome,
     body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
-    config::{Config, InFlight, StoreFailure},
+    config::{Config, Duplicates, StoreFailure},
     events::marks_of,
     execute::stored_headers,
     headers::LAST_EVENT_ID,
@@ -81,8 +81,8 @@ impl<S> Run<S> {
         // Taking the key is bounded like every store operation (and, when waiting, by the wait
         // timeout too); past it the transaction is dropped, so rolled back.
         let bound = store.inner.operation_timeout
-            + match config.in_flight {
-                InFlight::Wait { timeout } | InFlight::Join { timeout } => timeout,
+            + match config.duplicates {
+                Duplicates::Wait { timeout } | Duplicates::Join { timeout } => timeout,
                 _ => Duration::ZERO,
             };
         let taken = tokio::time::timeout(bound, take(&store, &config, &key, fingerprint))
@@ -218,8 +218,8 @@ async fn take_once(
     let inner = &store.inner;
     let mut transaction = inner.pool.begin().await?;
     let token = LockToken::new(fingerprint);
-    let began = match config.in_flight {
-        InFlight::Reject { .. } => {
+    let began = match config.duplicates {
+        Duplicates::Reject { .. } => {
             let lock = advisory_key(&inner.statements.table, key);
             let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
                 .bind(lock)
@@ -232,7 +232,7 @@ async fn take_once(
             begin_on(&inner.statements, &mut transaction, key, token, config.lease).await
         }
         // The response is released only once committed: nothing to join before, so a join waits.
-        InFlight::Wait { timeout } | InFlight::Join { timeout } => {
+        Duplicates::Wait { timeout } | Duplicates::Join { timeout } => {
             let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
             set_lock_timeout(&mut transaction, &format!("'{millis}ms'")).await?;
             let began = begin_on(&inner.statements, &mut transaction, key, token, config.lease).await;
