@@ -5,7 +5,8 @@
 //!
 //! Same handler, same catch-panic layer, same runtime and logging as `examples/server.rs`; only
 //! the idempotency layer is missing. Environment: `ADDR` (default `127.0.0.1:3001`, port `0`
-//! picks a free one). Prints `listening on http://HOST:PORT`.
+//! picks a free one), `TCP_NODELAY` (default on; `0`: plain `axum::serve`, Nagle on). Prints
+//! `listening on http://HOST:PORT`.
 
 #[path = "server.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs, clippy::result_large_err)]
@@ -27,8 +28,14 @@ async fn main() -> std::io::Result<()> {
         .layer(CatchPanicLayer::new());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    // No Nagle: a response whose end waits for the store (the record is written before the
-    // last frame goes out) is two writes, and the second must not wait for a delayed ACK.
+    // `TCP_NODELAY=0`: plain `axum::serve`, Nagle's algorithm on (scripts/load.sh measures both).
+    if std::env::var("TCP_NODELAY").is_ok_and(|v| v == "0") {
+        return axum::serve(listener, app).await;
+    }
+    // No Nagle: chunks of a stream that come apart are small writes of their own, and Nagle's
+    // algorithm holds each one behind the client's delayed ACK of the one before (about 40 ms),
+    // with or without the layer. A response complete when the handler returns goes out in one
+    // write either way.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });

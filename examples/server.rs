@@ -9,7 +9,8 @@
 //! to keep them in a DynamoDB table, `DYNAMODB_TABLE`, default `idempotency`, created if
 //! missing).
 //!
-//! Environment: `ADDR` (default `127.0.0.1:3000`, port `0` picks a free one),
+//! Environment: `ADDR` (default `127.0.0.1:3000`, port `0` picks a free one), `TCP_NODELAY`
+//! (default on; `0` serves as plain `axum::serve`, Nagle on),
 //! `IDEMPOTENCY_TTL_MS` (default: the library's 24 h), one of `REDIS_URL`, `DATABASE_URL` and
 //! `DYNAMODB_ENDPOINT` (with `DYNAMODB_TABLE`; credentials from `AWS_ACCESS_KEY_ID` and
 //! `AWS_SECRET_ACCESS_KEY`, placeholders when unset, the region from `AWS_REGION`, default
@@ -465,8 +466,14 @@ pub async fn serve_from_env() -> std::io::Result<()> {
     let app = app_from_env(stats).await;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    // No Nagle: a response whose end waits for the store (the record is written before the
-    // last frame goes out) is two writes, and the second must not wait for a delayed ACK.
+    // `TCP_NODELAY=0`: plain `axum::serve`, Nagle's algorithm on (scripts/load.sh measures both).
+    if std::env::var("TCP_NODELAY").is_ok_and(|v| v == "0") {
+        return axum::serve(listener, app).await;
+    }
+    // No Nagle: chunks of a stream that come apart are small writes of their own, and Nagle's
+    // algorithm holds each one behind the client's delayed ACK of the one before (about 40 ms),
+    // with or without the layer. A response complete when the handler returns goes out in one
+    // write either way.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# Loopback load benchmark: requests/s of examples/server.rs (the layer) over each store asked
-# for, side by side in one run with examples/bare_server.rs (the same POST /orders handler, no
-# layer), measured with wrk; for the Redis store, what Redis itself saw (INFO).
+# Loopback load benchmark: requests/s and latency (p50, p99) of examples/server.rs (the layer)
+# over each store asked for, side by side in one run with examples/bare_server.rs (the same
+# POST /orders handler, no layer), each served both as plain `axum::serve` leaves its sockets
+# (Nagle's algorithm on) and with TCP_NODELAY, measured with wrk; for the Redis store, what
+# Redis itself saw (INFO).
 #
-# Usage: scripts/load.sh                            (the memory store; about a minute)
-#        STORES="memory redis" scripts/load.sh      (bare, memory and Redis side by side)
+# Usage: scripts/load.sh                            (the memory store, both sockets; about two minutes)
+#        STORES="memory redis postgres" scripts/load.sh   (every store side by side)
 #        STORE=redis scripts/load.sh                (bare and Redis)
+#        SOCKETS=nodelay scripts/load.sh            (TCP_NODELAY servers only)
 #
 # Environment:
 #   STORES       the layer servers, space-separated, from memory, redis, postgres (default
 #                memory; each is its own server process, the same binary: it serves Redis when
 #                started with REDIS_URL, PostgreSQL with DATABASE_URL, memory with neither)
 #   STORE        one store: shorthand for STORES (ignored when STORES is set)
+#   SOCKETS      plain (plain `axum::serve`: Nagle on), nodelay (TCP_NODELAY on each accepted
+#                socket), or both (default "plain nodelay"); every server runs once per socket
+#                kind. Servers are named STORE/plain or STORE/nodelay; each is compared with the
+#                bare router (and the memory store) of the same socket kind
 #   REDIS_URL    the Redis store's server and redis-cli's (default redis://127.0.0.1:6379)
 #   DATABASE_URL the PostgreSQL store's (default postgres://postgres@127.0.0.1:5432/test; its
 #                pool has 16 connections)
@@ -28,6 +35,7 @@
 #
 # Figures, first table (median over the rounds; the range is the rounds' min to max):
 #   req/s          wrk's Requests/sec
+#   p50, p99       wrk's latency distribution (--latency), in ms: the median over the rounds
 #   vs bare        the server's req/s over the bare router's, same scenario
 #   vs memory      over the memory store's (when memory is in STORES)
 #   requests       requests wrk completed ("N requests in"), summed over the rounds
@@ -66,6 +74,13 @@ REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 SCENARIOS=(miss replay no_key)
 read -r -a requested <<<"${STORES:-${STORE:-memory}}"
+read -r -a sockets <<<"${SOCKETS:-plain nodelay}"
+for socket in "${sockets[@]}"; do
+  case "$socket" in
+    plain | nodelay) ;;
+    *) echo "SOCKETS must list plain or nodelay, got $socket" >&2; exit 1 ;;
+  esac
+done
 
 stores=() features=()
 for store in "${requested[@]}"; do
@@ -77,7 +92,10 @@ for store in "${requested[@]}"; do
   [[ " ${stores[*]} " == *" $store "* ]] || stores+=("$store")
 done
 [ "${#stores[@]}" -gt 0 ] || { echo "STORES is empty" >&2; exit 1; }
-servers=(bare "${stores[@]}")
+servers=()
+for socket in "${sockets[@]}"; do
+  for store in bare "${stores[@]}"; do servers+=("$store/$socket"); done
+done
 redis_measured=false
 [[ " ${stores[*]} " == *" redis "* ]] && redis_measured=true
 
@@ -111,10 +129,14 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Starts one server (bare, memory, redis or postgres) on a free loopback port; sets url.
+# Starts one server (STORE/SOCKET: bare, memory, redis or postgres; plain or nodelay) on a
+# free loopback port; sets url.
 start() {
-  local name=$1 log="$workdir/$1.log" binary=server env=()
-  case "$name" in
+  local name=$1 log="$workdir/${1//\//.}.log" binary=server env=()
+  local nodelay=1
+  [ "${name#*/}" = plain ] && nodelay=0
+  env+=("TCP_NODELAY=$nodelay")
+  case "${name%/*}" in
     bare) binary=bare_server ;;
     redis) env=("REDIS_URL=$REDIS_URL" IDEMPOTENCY_TTL_MS=60000) ;;
     # A short TTL: the miss runs leave many rows, which the store's reaper then deletes.
@@ -136,7 +158,7 @@ start() {
 run_wrk() {
   local out=$1 url=$2 seconds=$3
   shift 3
-  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${seconds}s" -s scripts/load.lua "$url/orders" -- "$@" >"$out" 2>&1 &
+  taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"${seconds}s" --latency -s scripts/load.lua "$url/orders" -- "$@" >"$out" 2>&1 &
   running=$!
   wait "$running" || { running=""; echo "wrk failed on $url ($scenario):" >&2; cat "$out" >&2; exit 1; }
   running=""
@@ -166,18 +188,18 @@ for round in $(seq 1 "$ROUNDS"); do
   for scenario in "${SCENARIOS[@]}"; do
     for server in "${servers[@]}"; do
       url=${urls[$server]}
-      base="$workdir/$server.$scenario.$round"
+      base="$workdir/${server//\//.}.$scenario.$round"
       args=("$scenario")
-      if [ "$scenario" = replay ]; then args+=("load-replay-$server-$round-$(date +%s%N)"); fi
+      if [ "$scenario" = replay ]; then args+=("load-replay-${server//\//-}-$round-$(date +%s%N)"); fi
       run_wrk "$base.warmup" "$url" 1 "${args[@]}"
-      if [ "$server" = redis ]; then
+      if [ "${server%/*}" = redis ]; then
         redis_info "$base.before"
         # One connection for every sample: -r repeats INFO on it every 0.2 s.
         "${rcli[@]}" -r $((DURATION * 5)) -i 0.2 INFO clients >"$base.clients" 2>&1 &
         sampler=$!
       fi
       run_wrk "$base.wrk" "$url" "$DURATION" "${args[@]}"
-      if [ "$server" = redis ]; then
+      if [ "${server%/*}" = redis ]; then
         wait "$sampler" || true
         sampler=""
         redis_info "$base.after"
@@ -193,13 +215,18 @@ from collections import Counter
 
 workdir, rounds, scenarios, servers = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
 
+def ms(value, unit):
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
 def wrk(server, scenario, round):
-    text = open(f"{workdir}/{server}.{scenario}.{round}.wrk").read()
+    text = open(f"{workdir}/{server.replace('/', '.')}.{scenario}.{round}.wrk").read()
     rps = float(re.search(r"Requests/sec:\s*([\d.]+)", text).group(1))
     requests = int(re.search(r"(\d+) requests in", text).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    return rps, requests, int(non2xx.group(1)) if non2xx else 0, sum(map(int, sock.groups())) if sock else 0
+    latency = {p: ms(v, u) for p, v, u in re.findall(r"^\s*(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)}
+    return (rps, requests, int(non2xx.group(1)) if non2xx else 0, sum(map(int, sock.groups())) if sock else 0,
+            latency.get("50", float("nan")), latency.get("99", float("nan")))
 
 def info(path):
     stats, calls, errors = {}, Counter(), 0
@@ -221,32 +248,40 @@ median = {k: statistics.median(x[0] for x in v) for k, v in results.items()}
 def ratio(a, b):
     return f"{a / b:.2f}x" if b else "-"
 
-print(f"{'scenario':<8} {'server':<8} {'req/s':>9} {'range (rounds)':>17} {'vs bare':>8} {'vs memory':>9} "
-      f"{'requests':>10} {'non-2xx':>8} {'errors':>7}")
+print(f"{'scenario':<8} {'server':<16} {'req/s':>9} {'range (rounds)':>17} {'vs bare':>8} {'vs memory':>9} "
+      f"{'p50 ms':>8} {'p99 ms':>8} {'requests':>10} {'non-2xx':>8} {'errors':>7}")
 for c in scenarios:
     for s in servers:
+        store, socket = s.split("/")
+        bare, memory = f"bare/{socket}", f"memory/{socket}"
         runs = results[s, c]
         low, high = min(x[0] for x in runs), max(x[0] for x in runs)
         spread = f"{low:,.0f}-{high:,.0f}" if rounds > 1 else "-"
-        vs_bare = ratio(median[s, c], median["bare", c]) if s != "bare" else "-"
-        vs_memory = ratio(median[s, c], median["memory", c]) if s not in ("bare", "memory") and "memory" in servers else "-"
-        print(f"{c:<8} {s:<8} {median[s, c]:>9,.0f} {spread:>17} {vs_bare:>8} {vs_memory:>9} "
+        vs_bare = ratio(median[s, c], median[bare, c]) if store != "bare" else "-"
+        vs_memory = ratio(median[s, c], median[memory, c]) if store not in ("bare", "memory") and memory in servers else "-"
+        p50 = statistics.median(x[4] for x in runs)
+        p99 = statistics.median(x[5] for x in runs)
+        print(f"{c:<8} {s:<16} {median[s, c]:>9,.0f} {spread:>17} {vs_bare:>8} {vs_memory:>9} {p50:>8.2f} {p99:>8.2f} "
               f"{sum(x[1] for x in runs):>10,} {sum(x[2] for x in runs):>8,} {sum(x[3] for x in runs):>7,}")
 
-if "redis" not in servers:
+redis_servers = [s for s in servers if s.startswith("redis/")]
+if not redis_servers:
     sys.exit()
+# Redis's own figures for the first Redis server measured (the store's commands do not
+# depend on the socket kind).
+redis = redis_servers[0]
 
 SCRIPTS = {"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro"}
 print()
-print(f"Redis, per request wrk completed ({rounds} round(s) summed)")
+print(f"Redis ({redis}), per request wrk completed ({rounds} round(s) summed)")
 print(f"{'scenario':<8} {'cmds/req':>9} {'rt/req':>7} {'cmds/read':>10} {'rt/read':>8} {'clients':>8} {'redis errors':>13}")
 per_command = {}
 for c in scenarios:
     requests = commands = reads = errors = 0
     calls, clients = Counter(), 0
     for r in range(1, rounds + 1):
-        base = f"{workdir}/redis.{c}.{r}"
-        requests += results["redis", c][r - 1][1]
+        base = f"{workdir}/{redis.replace('/', '.')}.{c}.{r}"
+        requests += results[redis, c][r - 1][1]
         (s0, c0, e0), (s1, c1, e1) = info(base + ".before"), info(base + ".after")
         delta = c1 - c0  # Counter subtraction keeps the positive counts
         own = delta.pop("info", 0)  # this script's INFO calls (snapshots, sampler)

@@ -4,7 +4,9 @@
 # the ratio to the bare router, and where the miss path's extra instructions go.
 #
 # Usage: scripts/profile.sh [REQUESTS] [PATH...]   (default 2000 requests, every path)
-# Output files: target/profile/callgrind.PATH (open with callgrind_annotate or kcachegrind).
+# Output files: target/profile/callgrind.PATH (open with callgrind_annotate or kcachegrind),
+# target/profile/instructions.txt (one line a path: name, instructions per request, of which
+# SHA-256; what scripts/instructions.sh compares with the committed baseline).
 #
 # Caveat: valgrind's CPU has no SHA extensions, so SHA-256 runs in software here
 # (sha2::sha256::compress256, ~3 500 instructions per 64-byte block) where the real CPU uses
@@ -39,6 +41,12 @@ for path in "${paths[@]}"; do
   total[$path]=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }' <<<"$annotated")
   sha[$path]=$(awk '/compress256/ { gsub(",", "", $1); s += $1 } END { print s + 0 }' <<<"$annotated")
 done
+
+# Machine-readable: path, instructions per request, of which SHA-256 (read by
+# scripts/instructions.sh, the CI guard).
+for path in "${paths[@]}"; do
+  printf '%s %s %s\n' "$path" "$((total[$path] / requests))" "$((sha[$path] / requests))"
+done >"$out/instructions.txt"
 
 base="${total[bare_post]:-}"
 base_sha="${sha[bare_post]:-0}"

@@ -74,6 +74,10 @@
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
 //! loop {
 //!     let (stream, _) = listener.accept().await?;
+//!     // Streamed responses whose chunks come apart are small writes; without this, Nagle's
+//!     // algorithm holds each one until the client's delayed ACK (~40 ms). Answers complete
+//!     // when the handler returns go out in one write either way.
+//!     stream.set_nodelay(true)?;
 //!     let service = TowerToHyperService::new(service.clone());
 //!     tokio::spawn(async move {
 //!         let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
@@ -127,7 +131,13 @@
 //! - **Streaming.** The handler's response streams to the client as produced while it is
 //!   recorded. The record is written before the client can see the end, however the server
 //!   reads the body (to its end, to `Content-Length`, to its trailers): the frame that ends it
-//!   is held back until the record is stored. A failing store never holds back the head.
+//!   is held back until the record is stored. A body complete when the handler returns (a
+//!   JSON answer, a stream with every chunk ready) is recorded before its head goes out, so
+//!   head and body leave in one write: no second small write for Nagle's algorithm to hold
+//!   until the client's delayed ACK on a server without `TCP_NODELAY`. The head waits only for
+//!   the write's first attempt: a failing store holds back the body's end, not the head. A
+//!   stream whose chunks come apart is several writes whatever the layer does: serve it with
+//!   `TCP_NODELAY` (see the hyper quick start).
 //! - **Completion is owned.** Once the handler answered with a recordable response, its record
 //!   (or, past the record limit, a not-retained record) is written whatever happens to the client, and
 //!   failed writes are retried with backoff while the lease lasts. Only a crash, or a store

@@ -68,9 +68,12 @@ where
         }
         Answer::Recorded(mut recording) => {
             // A body already in memory ends here, and its record is written before anything
-            // is sent. The head waits for that only when it shows the end itself (nothing
-            // left to send after it); otherwise the last frame waits, so a failing store never
-            // holds back the head.
+            // is sent: the server then writes head and body together, in one write (were the
+            // body's end a small write of its own after the record, Nagle's algorithm would
+            // hold it until the client's delayed ACK). When the head shows the end itself
+            // (nothing left to send after it), it waits for the record however long that
+            // takes; otherwise only for the write's first attempt, so a failing store holds
+            // back the body's end, not the head. A body still streaming sends its head at once.
             std::future::poll_fn(|cx| {
                 recording.read_ahead(cx);
                 Poll::Ready(())
@@ -78,6 +81,8 @@ where
             .await;
             if recording.end_needs_the_head() {
                 std::future::poll_fn(|cx| recording.poll_completion(cx)).await;
+            } else {
+                std::future::poll_fn(|cx| recording.poll_first_attempt(cx)).await;
             }
             Ok(Response::from_parts(head, ResponseBody::recording(recording)))
         }

@@ -8,12 +8,21 @@
 //! trailers arrive — or from `None`, and that last frame is held back until the record is
 //! written. A client that received the whole response and retries gets the replay.
 //!
+//! The end travels with the bytes before it. Frames the body has ready are read ahead
+//! (up to [`READ_AHEAD_FRAMES`] at a time), before the head goes out and after each frame: a
+//! body whose end is ready ends there, and what was read with it is held back with the last
+//! frame. A body complete when the handler returns (a JSON answer) is recorded before its head
+//! goes out, and the server writes head and body at once, in one write; a stream whose end
+//! follows its last chunk at once sends that chunk and the end together. Were the end a write
+//! of its own after the record, Nagle's algorithm (a server without `TCP_NODELAY`) would hold
+//! it until the client's delayed ACK, about 40 ms.
+//!
 //! The states, in order (an explicit enum; see [`State`]):
 //!
 //! | state | what goes out | what the lock does |
 //! | --- | --- | --- |
-//! | `Streaming` | each frame as the handler makes it (one may be read ahead) | held, renewed by the keeper |
-//! | `Completing` | the last frame, once the record is written | replaced by the record |
+//! | `Streaming` | each frame as the handler makes it (those ready are read ahead) | held, renewed by the keeper |
+//! | `Completing` | the frames read with the end, once the record is written | replaced by the record |
 //! | `Passing` | the rest of a body past the record limit, unkept, once the not-retained record is written | replaced by a not-retained record at the limit |
 //! | `Failed` | the body's error | released |
 //! | `Done` | nothing | — |
@@ -24,6 +33,7 @@
 //! handler's answer still counts: a not-retained record is written, never a release.
 
 use std::{
+    collections::VecDeque,
     fmt,
     future::Future,
     panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
@@ -40,13 +50,17 @@ use tokio::sync::Semaphore;
 use crate::{
     CachePredicate,
     layer::config::{Config, Duplicates},
-    layer::duplicates::publisher::Publisher,
-    layer::lock::{Completion, LockGuard},
     layer::sse::{EventScanner, is_event_stream},
-    rt::{self, Detaching, into_bytes},
     store::EventMark,
+    rt::{self, Detaching, into_bytes},
+    layer::lock::{Completion, LockGuard},
+    layer::duplicates::publisher::Publisher,
     store::{Record, StoredResponse},
 };
+
+/// The most frames read ahead at a time (before the head, and after each frame sent): enough
+/// for a short stream produced at once, few enough that an endless ready stream still moves.
+const READ_AHEAD_FRAMES: usize = 16;
 
 /// A recordable response body on its way to the client.
 pub(crate) struct Recording<B: Body> {
@@ -66,14 +80,16 @@ enum State<B: Body> {
     /// `ResponseBody` on every path, a bypass included, is moved several times on its way to
     /// the server; boxed, it is a quarter of the size.
     Streaming(Box<Streaming<B>>),
-    /// The end was seen and the record is being written; `last` goes out once it is.
-    Completing { completion: Completion, last: Option<Frame<Bytes>> },
+    /// The end was seen and the record is being written; the frames read ahead with the end,
+    /// then `last`, go out once it is.
+    Completing { completion: Completion, ahead: VecDeque<Frame<Bytes>>, last: Option<Frame<Bytes>> },
     /// Past the record limit: a not-retained record is being written; the rest passes through unkept once
     /// it is (the frame that passed the limit may be the last, and the end must not be seen
     /// before the not-retained record exists).
-    Passing { body: Pin<Box<B>>, ahead: Option<Frame<Bytes>>, not_retained: Completion },
-    /// The body failed and the lock was released; its error goes out next.
-    Failed { error: Option<B::Error> },
+    Passing { body: Pin<Box<B>>, ahead: VecDeque<Frame<Bytes>>, not_retained: Completion },
+    /// The body failed and the lock was released; the frames read ahead before the failure,
+    /// then its error, go out next.
+    Failed { ahead: VecDeque<Frame<Bytes>>, error: Option<B::Error> },
     /// Everything went out.
     Done,
 }
@@ -82,8 +98,9 @@ struct Streaming<B> {
     body: Pin<Box<B>>,
     guard: LockGuard,
     tape: Tape,
-    /// A frame read before the head went out, not yet sent.
-    ahead: Option<Frame<Bytes>>,
+    /// Frames read ahead (before the head went out, or with the frame last sent), not yet
+    /// sent.
+    ahead: VecDeque<Frame<Bytes>>,
     /// The body's length when known (`Content-Length`, or an exact size hint): once that many
     /// bytes passed, the body is complete, as the server sees it.
     expected: Option<u64>,
@@ -178,7 +195,7 @@ where
             body: Box::pin(body),
             guard,
             tape,
-            ahead: None,
+            ahead: VecDeque::new(),
             expected,
             detached: false,
             join,
@@ -198,33 +215,45 @@ where
     B: Body,
     B::Data: Buf,
 {
-    /// Reads one frame if the body has one ready now, before the head goes out: a body already
-    /// in memory ends here, and its record is under way before anything is sent.
+    /// Reads the frames the body has ready now (up to [`READ_AHEAD_FRAMES`]), before the head
+    /// goes out: a body already in memory ends here, and its record is under way before
+    /// anything is sent.
     pub(crate) fn read_ahead(&mut self, cx: &mut Context<'_>) {
-        let State::Streaming(streaming) = &mut self.state else { return };
-        if streaming.ahead.is_some() {
-            return;
-        }
-        match self.poll_body(cx) {
-            Poll::Ready(Some(Ok(Step::Send(frame)))) => match &mut self.state {
-                State::Streaming(streaming) => {
-                    streaming.ahead = Some(frame);
-                    self.publish(cx);
+        for _ in 0..READ_AHEAD_FRAMES {
+            if !matches!(self.state, State::Streaming(_)) {
+                return;
+            }
+            match self.poll_body(cx) {
+                Poll::Ready(Some(Ok(Step::Send(frame)))) => match &mut self.state {
+                    State::Streaming(streaming) => streaming.ahead.push_back(frame),
+                    State::Passing { ahead, .. } => {
+                        ahead.push_back(frame);
+                        return;
+                    }
+                    _ => unreachable!("a frame to send leaves the recording streaming or passing"),
+                },
+                Poll::Ready(Some(Err(error))) => {
+                    if let State::Failed { error: failed, .. } = &mut self.state {
+                        *failed = Some(error);
+                    }
+                    return;
                 }
-                State::Passing { ahead, .. } => *ahead = Some(frame),
-                _ => unreachable!("a frame to send leaves the recording streaming or passing"),
-            },
-            Poll::Ready(Some(Err(error))) => self.state = State::Failed { error: Some(error) },
-            Poll::Ready(Some(Ok(Step::Ended)) | None) => {}
-            Poll::Pending => self.end_if_nothing_is_left(),
+                Poll::Ready(Some(Ok(Step::Ended)) | None) => return,
+                Poll::Pending => {
+                    self.end_if_nothing_is_left();
+                    return;
+                }
+            }
         }
+        // Still more ready: the body streams, and what it produced so far is published.
+        self.publish(cx);
     }
 
     /// A body of known length 0 that has nothing ready is complete as the server sees it:
     /// hyper never polls such a body on HTTP/1.1, so its end is now.
     fn end_if_nothing_is_left(&mut self) {
         if let State::Streaming(streaming) = &self.state {
-            if streaming.ahead.is_none() && streaming.expected == Some(streaming.tape.size as u64) {
+            if streaming.ahead.is_empty() && streaming.expected == Some(streaming.tape.size as u64) {
                 self.end(None);
             }
         }
@@ -235,8 +264,10 @@ where
     /// record.
     pub(crate) fn end_needs_the_head(&self) -> bool {
         match &self.state {
-            State::Completing { completion, last } => {
-                !completion.is_done() && last.as_ref().is_none_or(|frame| !frame.is_data())
+            State::Completing { completion, ahead, last } => {
+                !completion.is_done()
+                    && !ahead.iter().any(Frame::is_data)
+                    && last.as_ref().is_none_or(|frame| !frame.is_data())
             }
             _ => false,
         }
@@ -246,6 +277,18 @@ where
     pub(crate) fn poll_completion(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match &mut self.state {
             State::Completing { completion, .. } => Pin::new(completion).poll(cx),
+            _ => Poll::Ready(()),
+        }
+    }
+
+    /// Waits for the first attempt of the store write under way, if any (the record of a body
+    /// read to its end ahead, or a not-retained record): done, the head goes out with the body
+    /// in one write; failed, the head goes out at once and the body waits for the retries.
+    pub(crate) fn poll_first_attempt(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.state {
+            State::Completing { completion, .. } | State::Passing { not_retained: completion, .. } => {
+                completion.poll_first_attempt(cx)
+            }
             _ => Poll::Ready(()),
         }
     }
@@ -335,12 +378,12 @@ where
     /// lock), holding `last` back until that is done.
     fn end(&mut self, last: Option<Frame<Bytes>>) {
         let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Done) else { return };
-        let Streaming { guard, mut tape, .. } = *streaming;
+        let Streaming { guard, mut tape, ahead, .. } = *streaming;
         let completion = match self.predicate.should_record_trailers(tape.trailers.as_ref()) {
             true => guard.complete(tape.finish()),
             false => guard.release(),
         };
-        self.state = State::Completing { completion, last };
+        self.state = State::Completing { completion, ahead, last };
     }
 
     /// Past the record limit: keep a not-retained record now (the handler answered, so it must never run
@@ -354,8 +397,10 @@ where
 
     /// The body failed or panicked: release the lock, so a retry runs again.
     fn fail(&mut self) {
-        if let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Failed { error: None }) {
-            drop(streaming.guard.release());
+        if let State::Streaming(streaming) = std::mem::replace(&mut self.state, State::Done) {
+            let Streaming { guard, ahead, .. } = *streaming;
+            drop(guard.release());
+            self.state = State::Failed { ahead, error: None };
         }
     }
 
@@ -363,17 +408,21 @@ where
         loop {
             match &mut self.state {
                 State::Streaming(streaming) => {
-                    if let Some(frame) = streaming.ahead.take() {
+                    if let Some(frame) = streaming.ahead.pop_front() {
+                        self.publish(cx);
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     match std::task::ready!(self.poll_body(cx)) {
                         Some(Ok(Step::Send(frame))) => match &mut self.state {
                             // It passed the record limit: it goes out once the not-retained record is kept.
-                            State::Passing { ahead, .. } => *ahead = Some(frame),
-                            _ => {
-                                self.publish(cx);
-                                return Poll::Ready(Some(Ok(frame)));
+                            State::Passing { ahead, .. } => ahead.push_back(frame),
+                            State::Streaming(streaming) => {
+                                // Look further: if the end is ready right after this frame, the
+                                // frame waits for the record with it (one write, not two).
+                                streaming.ahead.push_back(frame);
+                                self.read_ahead(cx);
                             }
+                            _ => unreachable!("a frame to send leaves the recording streaming or passing"),
                         },
                         Some(Ok(Step::Ended)) | None => {}
                         Some(Err(error)) => {
@@ -382,15 +431,18 @@ where
                         }
                     }
                 }
-                State::Completing { completion, last } => {
+                State::Completing { completion, ahead, last } => {
                     std::task::ready!(Pin::new(completion).poll(cx));
+                    if let Some(frame) = ahead.pop_front() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                     let last = last.take();
                     self.state = State::Done;
                     return Poll::Ready(last.map(Ok));
                 }
                 State::Passing { body, ahead, not_retained } => {
                     std::task::ready!(Pin::new(not_retained).poll(cx));
-                    if let Some(frame) = ahead.take() {
+                    if let Some(frame) = ahead.pop_front() {
                         return Poll::Ready(Some(Ok(frame)));
                     }
                     let polled = std::task::ready!(body.as_mut().poll_frame(cx));
@@ -399,7 +451,10 @@ where
                     }
                     return Poll::Ready(polled.map(|frame| frame.map(into_bytes)));
                 }
-                State::Failed { error } => {
+                State::Failed { ahead, error } => {
+                    if let Some(frame) = ahead.pop_front() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
                     let error = error.take();
                     self.state = State::Done;
                     if let Some(error) = error {
@@ -435,30 +490,42 @@ where
     pub(crate) fn is_end_stream(&self) -> bool {
         match &self.state {
             State::Done => true,
-            State::Completing { completion, last } => last.is_none() && completion.is_done(),
-            State::Failed { error } => error.is_none(),
+            State::Completing { completion, ahead, last } => last.is_none() && ahead.is_empty() && completion.is_done(),
+            State::Failed { ahead, error } => ahead.is_empty() && error.is_none(),
             State::Streaming(_) | State::Passing { .. } => false,
         }
     }
 
     pub(crate) fn size_hint(&self) -> SizeHint {
         match &self.state {
-            State::Streaming(streaming) => {
-                let ahead = streaming.ahead.as_ref().and_then(Frame::data_ref).map_or(0, |d| d.len() as u64);
-                plus(streaming.body.size_hint(), ahead)
+            State::Streaming(streaming) => plus(streaming.body.size_hint(), data_len(&streaming.ahead)),
+            State::Completing { ahead, last, .. } => {
+                let len = data_len(ahead) + last.as_ref().and_then(Frame::data_ref).map_or(0, |d| d.len() as u64);
+                match last.as_ref().is_some_and(Frame::is_trailers) {
+                    false => SizeHint::with_exact(len),
+                    // Trailers still to send: no exact length, so HTTP/1.1 goes chunked and can
+                    // carry them.
+                    true => {
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(len);
+                        hint
+                    }
+                }
             }
-            State::Completing { last: Some(frame), .. } => match frame.data_ref() {
-                Some(data) => SizeHint::with_exact(data.len() as u64),
-                // Trailers still to send: no exact length, so HTTP/1.1 goes chunked and can
-                // carry them.
-                None => SizeHint::new(),
-            },
-            State::Passing { body, ahead, .. } => {
-                plus(body.size_hint(), ahead.as_ref().and_then(Frame::data_ref).map_or(0, |d| d.len() as u64))
+            State::Passing { body, ahead, .. } => plus(body.size_hint(), data_len(ahead)),
+            State::Failed { ahead, .. } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(data_len(ahead));
+                hint
             }
-            State::Completing { last: None, .. } | State::Failed { .. } | State::Done => SizeHint::with_exact(0),
+            State::Done => SizeHint::with_exact(0),
         }
     }
+}
+
+/// The data bytes of `frames`.
+fn data_len(frames: &VecDeque<Frame<Bytes>>) -> u64 {
+    frames.iter().filter_map(Frame::data_ref).map(|data| data.len() as u64).sum()
 }
 
 /// `hint` plus `more` bytes read ahead.

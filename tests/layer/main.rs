@@ -15,4 +15,5 @@ mod flood;
 mod grpc;
 mod inputs;
 mod join;
+mod one_write;
 mod security;

@@ -433,14 +433,19 @@ impl Model {
             _ => (answered, Keep::Free),
         };
         // The last frame waits for the record (past the limit, the frame that passes it waits
-        // for the not-retained record); the head waits for it too when it shows the end itself (nothing
-        // follows it), and for the release of a key it frees. A write is done at once only in
-        // an instant store ([`Writes::Slow`] slows down records and not-retained records alone).
+        // for the not-retained record); the head waits for it too when the body is complete
+        // before the head goes out (in memory, or nothing follows the head), or known to be
+        // over the limit (head and body then leave in one write), and for the release of a key
+        // it frees. A write is done at once only in an instant store ([`Writes::Slow`] slows
+        // down records and not-retained records alone).
         let delivered = if outcome.is_recorded() || outcome == Outcome::Large { at } else { answered };
         let head_waits = match self.setup.writes {
             Writes::Instant => false,
-            Writes::Slow => outcome == Outcome::TrailersOnly,
-            Writes::RoundTrip => matches!(outcome, Outcome::TrailersOnly | Outcome::ClientError | Outcome::ServerError),
+            Writes::Slow => matches!(outcome, Outcome::Created | Outcome::TrailersOnly | Outcome::Large),
+            Writes::RoundTrip => matches!(
+                outcome,
+                Outcome::Created | Outcome::TrailersOnly | Outcome::Large | Outcome::ClientError | Outcome::ServerError
+            ),
         };
         let left = match client {
             Client::Waits => None,
@@ -1062,7 +1067,7 @@ fn regression_a_response_read_like_hyper_is_recorded_before_its_end() {
 }
 
 /// With no detach slot and a slow store, a client gone once the handler answered — with the
-/// head, before the head (trailers only: the head waits for the record), or mid-write — leaves
+/// head, before the head (a body complete at once: the head waits for the record), or mid-write — leaves
 /// its key recorded: the next request replays, the handler ran once.
 #[test]
 fn regression_a_client_gone_during_the_write_with_no_slot_leaves_a_record() {

@@ -9,6 +9,9 @@ use std::{
 
 use tokio::runtime::Handle;
 
+use std::sync::Arc;
+
+use super::StoreHandle;
 use crate::rt::{self, BoxFuture};
 
 /// A store write (a record, a not-retained record, a release) that is owned, not hoped for.
@@ -23,13 +26,16 @@ pub(crate) struct Completion {
     /// Where the write goes on if its waiter drops it: the runtime of the request, so that a
     /// drop outside any runtime (a body dropped on another thread) still hands it over.
     runtime: Option<Handle>,
+    /// The lock a record's write replaces: it tells whether that write failed once and is
+    /// being retried (see [`poll_first_attempt`](Self::poll_first_attempt)).
+    held: Option<Arc<dyn StoreHandle>>,
 }
 
 impl Completion {
     /// Starts `write`, polling it once where a runtime is current (an in-memory store is done
     /// there and then), so the write is under way before anyone waits for it.
     pub(crate) fn start(write: BoxFuture<()>, runtime: Option<Handle>) -> Self {
-        let mut completion = Self { future: Some(write), runtime };
+        let mut completion = Self { future: Some(write), runtime, held: None };
         // Outside a runtime a store's future may not be polled at all (its timers would
         // panic); it then runs once handed to `runtime`.
         if Handle::try_current().is_ok() {
@@ -40,7 +46,27 @@ impl Completion {
 
     /// A write that had nothing to do.
     pub(crate) fn done() -> Self {
-        Self { future: None, runtime: None }
+        Self { future: None, runtime: None, held: None }
+    }
+
+    /// Watches `held`'s record write, for [`poll_first_attempt`](Self::poll_first_attempt).
+    pub(crate) fn watching(mut self, held: Arc<dyn StoreHandle>) -> Self {
+        if !self.is_done() {
+            self.held = Some(held);
+        }
+        self
+    }
+
+    /// Ready once the write is done, or once its first attempt failed (it goes on being
+    /// retried, and [`poll`](Future::poll) still waits for its end).
+    pub(crate) fn poll_first_attempt(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.poll_write(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        match &self.held {
+            Some(held) if held.lease().is_some_and(super::Lease::is_retrying) => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
     }
 
     /// Whether the write has finished (stored, or given up).

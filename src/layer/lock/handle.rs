@@ -184,9 +184,11 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
                         ?token,
                         "idempotency record could not be stored within the lease; the key frees when it expires"
                     );
+                    lease.retrying.store(true, std::sync::atomic::Ordering::Release);
                     break;
                 }
                 tracing::warn!(%error, attempt, "idempotency record not stored yet; retrying");
+                lease.retrying.store(true, std::sync::atomic::Ordering::Release);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(COMPLETE_MAX_PAUSE);
             }

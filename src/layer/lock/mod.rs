@@ -10,7 +10,10 @@
 
 use std::{
     fmt,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -37,6 +40,8 @@ pub(crate) struct Lease {
     keeper: Keeper,
     /// The lock's id in `keeper`, set once it is registered.
     id: std::sync::OnceLock<usize>,
+    /// A write of the record failed at least once and is being retried.
+    retrying: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
@@ -75,6 +80,11 @@ impl Lease {
         if let Some(at) = renewed_from {
             times.renewed_at = times.renewed_at.max(at);
         }
+    }
+
+    /// Whether a write of the record failed and is being retried.
+    pub(crate) fn is_retrying(&self) -> bool {
+        self.retrying.load(Ordering::Acquire)
     }
 
     fn is_finished(&self) -> bool {
@@ -117,7 +127,13 @@ impl LockGuard {
     pub(crate) fn new<St: IdempotencyStore>(locked: Locked<St>, keeper: &Keeper) -> Self {
         let Locked { store, key, token, ttl, lease, began, live } = locked;
         let times = LeaseTimes { renewed_at: began, renewing: false, finished: false };
-        let lease = Lease { length: lease, times: Mutex::new(times), keeper: keeper.clone(), id: Default::default() };
+        let lease = Lease {
+            length: lease,
+            times: Mutex::new(times),
+            keeper: keeper.clone(),
+            id: Default::default(),
+            retrying: AtomicBool::new(false),
+        };
         let held = handle::Handle::held(store, key, live, handle::Holding { token, ttl, lease });
         if let Some(lease) = held.lease() {
             let _ = lease.id.set(keeper.register(&held));
@@ -139,7 +155,7 @@ impl LockGuard {
     /// the runtime, should it be dropped) and retried through store failures.
     pub(crate) fn complete(mut self, record: Record) -> Completion {
         match self.held.take() {
-            Some(held) => Completion::start(held.complete(record), self.runtime.take()),
+            Some(held) => Completion::start(held.clone().complete(record), self.runtime.take()).watching(held),
             None => Completion::done(),
         }
     }
