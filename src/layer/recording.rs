@@ -50,11 +50,11 @@ use tokio::sync::Semaphore;
 use crate::{
     CachePredicate,
     layer::config::{Config, Duplicates},
-    layer::sse::{EventScanner, is_event_stream},
-    store::EventMark,
-    rt::{self, Detaching, into_bytes},
-    layer::lock::{Completion, LockGuard},
     layer::duplicates::publisher::Publisher,
+    layer::lock::{Completion, LockGuard},
+    layer::sse::{EventScanner, is_event_stream},
+    rt::{self, Detaching, into_bytes},
+    store::EventMark,
     store::{Record, StoredResponse},
 };
 
