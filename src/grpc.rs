@@ -51,63 +51,17 @@
 //! ```
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header::CONTENT_TYPE, response};
+use http::{HeaderName, HeaderValue, Response, header::CONTENT_TYPE};
 
+pub use crate::predicate::GrpcStatusOk;
+pub(crate) use crate::predicate::is_grpc;
 use crate::{
-    CachePredicate,
+    predicate::GRPC_STATUS,
     problem::{Problem, ProblemKind},
 };
 
-pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
-
-/// A [`CachePredicate`] for a layer in front of gRPC only: records a call only when it
-/// succeeded, `grpc-status: 0`. The default, [`SuccessOnly`](crate::SuccessOnly), does the same
-/// for gRPC responses; this one also refuses trailers that carry no `grpc-status`.
-///
-/// - A response head with a `grpc-status` is a trailers-only answer: recorded if that status
-///   is `0`, released otherwise (this is how tonic answers a handler's `Err(Status)`).
-/// - Otherwise the status comes in the trailers, after the messages: recorded if the trailers
-///   carry `grpc-status: 0`, released otherwise (a stream that failed mid-way, say). A body
-///   that ends with no trailers at all was decided by its head: that is the trailers-only
-///   form.
-/// - The HTTP status must be `200`, as gRPC requires.
-///
-/// A response that is not gRPC (its content type is not `application/grpc*`, as from an
-/// axum route beside the tonic service) is judged by its head as by
-/// [`SuccessOnly`](crate::SuccessOnly): a `2xx` is recorded. Its trailers, if it has any,
-/// must still carry `grpc-status: 0`, so give such routes a layer of their own.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcStatusOk;
-
-impl CachePredicate for GrpcStatusOk {
-    fn should_record(&self, head: &response::Parts) -> bool {
-        if !is_grpc(&head.headers) {
-            return head.status.is_success();
-        }
-        succeeded(head)
-    }
-
-    fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
-        trailers.is_none_or(|trailers| trailers.get(GRPC_STATUS).is_some_and(|status| status == "0"))
-    }
-}
-
-/// Whether the head of a gRPC response is that of a call that may have succeeded: HTTP `200`,
-/// and no `grpc-status` in it or `grpc-status: 0` (a trailers-only success).
-pub(crate) fn succeeded(head: &response::Parts) -> bool {
-    head.status == StatusCode::OK && head.headers.get(GRPC_STATUS).is_none_or(|status| status == "0")
-}
-
-/// Whether `headers` (a request's or a response's) are gRPC's: content type
-/// `application/grpc`, optionally followed by `+proto`, `+json`, `-web`, ...
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|value| {
-        let value = value.as_bytes();
-        value.len() >= 16 && value[..16].eq_ignore_ascii_case(b"application/grpc")
-    })
-}
 
 /// The gRPC status code for `kind`; see the module docs for the table.
 const fn code(kind: ProblemKind) -> u16 {
@@ -144,7 +98,10 @@ pub(crate) fn render(problem: &Problem) -> Response<Bytes> {
 mod tests {
     use std::time::Duration;
 
+    use http::{HeaderMap, StatusCode, response};
+
     use super::*;
+    use crate::CachePredicate;
 
     fn head(status: u16, headers: &[(&str, &str)]) -> response::Parts {
         let mut builder = Response::builder().status(status);

@@ -216,12 +216,14 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
+mod error;
 pub mod grpc;
 mod headers;
 pub mod hints;
 mod key;
 mod layer;
 mod outcome;
+mod predicate;
 pub mod problem;
 mod rt;
 mod scope;
@@ -233,14 +235,16 @@ pub mod transactional;
 
 mod fingerprint;
 
+pub use error::ConfigError;
 pub use headers::{EXPOSE_HEADERS, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
 pub use layer::{
-    CachePredicate, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY,
-    DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, Idempotency, IdempotencyLayer, KeyPolicy, RequestBody, ResponseBody,
-    ResponseFuture, StoreFailure, SuccessOnly,
+    DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS,
+    DEFAULT_TTL, Duplicates, Idempotency, IdempotencyLayer, KeyPolicy, RequestBody, ResponseBody, ResponseFuture,
+    StoreFailure,
 };
 pub use outcome::Outcome;
+pub use predicate::{CachePredicate, SuccessOnly};
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use secret::Secret;
 

@@ -10,11 +10,9 @@
 
 use std::{fmt, sync::Arc};
 
-use hmac::Mac;
+use hmac::{Hmac, Mac};
 use http::{HeaderName, header::AUTHORIZATION, request::Parts};
 use sha2::{Digest, Sha256};
-
-use crate::secret::{Keyed, finish_scope};
 
 /// A scope: a 32-byte digest of whatever identifies the caller.
 ///
@@ -117,14 +115,15 @@ impl Scope {
         Self(Kind::Custom(Arc::new(f)))
     }
 
-    /// The scope the store sees for the request whose head is `head`: keyed by `keyed`.
-    pub(crate) fn resolve(&self, head: &Parts, keyed: &Keyed) -> Option<ScopeId> {
+    /// The scope the store sees for the request whose head is `head`: keyed with `key`, the
+    /// layer's scope HMAC (keyed once, cloned here).
+    pub(crate) fn resolve(&self, head: &Parts, key: &Hmac<Sha256>) -> Option<ScopeId> {
         match &self.0 {
             Kind::None => None,
             Kind::Header(name) => {
                 let mut values = head.headers.get_all(name).iter();
                 let first = values.next()?;
-                let mut mac = keyed.scope_mac();
+                let mut mac = key.clone();
                 // A first byte of its own (a custom scope's is `i`) keeps the two kinds apart.
                 mac.update(b"h");
                 mac.update(first.as_bytes());
@@ -133,11 +132,24 @@ impl Scope {
                     mac.update(b"\n");
                     mac.update(more.as_bytes());
                 }
-                Some(finish_scope(mac))
+                Some(finish(mac))
             }
-            Kind::Custom(f) => f.make_scope(head).map(|scope| keyed.key_scope(&scope)),
+            // Keyed too, so that even a scope computed without a secret (an unkeyed
+            // `ScopeId::digest` of a tenant id) reaches the store keyed; a first byte of its
+            // own (a header scope's is `h`) keeps the two kinds apart.
+            Kind::Custom(f) => f.make_scope(head).map(|scope| {
+                let mut mac = key.clone();
+                mac.update(b"i");
+                mac.update(scope.as_bytes());
+                finish(mac)
+            }),
         }
     }
+}
+
+/// The scope id a finished scope HMAC makes.
+fn finish(mac: Hmac<Sha256>) -> ScopeId {
+    ScopeId::from_bytes(mac.finalize().into_bytes().into())
 }
 
 impl Default for Scope {
@@ -168,7 +180,10 @@ mod tests {
         builder.body(()).unwrap().into_parts().0
     }
 
-    use crate::secret::test_keyed as keyed;
+    /// A scope key made of 32 `byte`s (the layer derives its own from its secret).
+    fn keyed(byte: u8) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(&[byte; 32]).unwrap()
+    }
 
     #[test]
     fn default_scope_is_a_keyed_digest_of_authorization() {

@@ -58,7 +58,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::{
-    ConfigError, IdempotencyKey, ScopeId,
+    IdempotencyKey, ScopeId,
+    error::ConfigError,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
 };
 
@@ -66,7 +67,7 @@ use crate::{
 const CHECK_TTL: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// The fewest bytes a [`Secret`] has: 16 (128 bits).
-pub const MIN_SECRET_LEN: usize = 16;
+pub const MIN_SECRET_LEN: usize = crate::error::MIN_SECRET_LEN;
 
 /// The idempotency key of the check record (in a scope of 32 zero bytes), which a layer over a
 /// store that outlives the process writes to prove its replicas share one secret: see the
@@ -216,30 +217,15 @@ impl Digests {
 }
 
 impl Keyed {
-    /// A new HMAC for a scope: update it with the identity, then [`finish_scope`].
-    pub(crate) fn scope_mac(&self) -> Hmac<Sha256> {
-        self.scope.clone()
+    /// The scope HMAC, keyed: `Scope::resolve` clones it per request.
+    pub(crate) fn scope_key(&self) -> &Hmac<Sha256> {
+        &self.scope
     }
 
     /// A new HMAC for a request fingerprint.
     pub(crate) fn fingerprint_mac(&self) -> Hmac<Sha256> {
         self.fingerprint.clone()
     }
-
-    /// The scope kept in the store for `scope` as the scope function made it: keyed, so that
-    /// even a scope computed without a secret (an unkeyed [`ScopeId::digest`] of a tenant id)
-    /// reaches the store keyed.
-    pub(crate) fn key_scope(&self, scope: &ScopeId) -> ScopeId {
-        let mut mac = self.scope_mac();
-        // A first byte of its own (a header scope's is `h`) keeps the two kinds apart.
-        mac.update(b"i");
-        mac.update(scope.as_bytes());
-        finish_scope(mac)
-    }
-}
-
-pub(crate) fn finish_scope(mac: Hmac<Sha256>) -> ScopeId {
-    ScopeId::from_bytes(mac.finalize().into_bytes().into())
 }
 
 fn new_mac(key: &[u8]) -> Hmac<Sha256> {
@@ -286,7 +272,7 @@ mod tests {
     fn digests_depend_on_the_secret_and_on_their_purpose() {
         let mac = |digests: &Digests, scope: bool| {
             let Digests::Keyed(keyed) = digests else { unreachable!() };
-            let mut mac = if scope { keyed.scope_mac() } else { keyed.fingerprint_mac() };
+            let mut mac = if scope { keyed.scope_key().clone() } else { keyed.fingerprint_mac() };
             mac.update(b"Basic dXNlcjpwYXNz");
             mac.finalize().into_bytes()
         };

@@ -8,16 +8,17 @@ use tower::Layer;
 
 use crate::{
     Idempotency, Scope,
+    error::ConfigError,
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
     layer::config::Answers,
     layer::config::{
-        CachePredicate, Config, ConfigError, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD,
-        DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS, DEFAULT_TTL, Duplicates, KeyPolicy, MAX_DURATION, StoreFailure,
-        SuccessOnly,
+        Config, DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS,
+        DEFAULT_TTL, Duplicates, KeyPolicy, MAX_DURATION, StoreFailure,
     },
     layer::duplicates::Waiting,
     layer::lock::{Keeper, LiveOps},
+    predicate::{CachePredicate, SuccessOnly},
     problem::ProblemRenderer,
     secret::{Digests, Secret},
     store::{IdempotencyStore, LiveLog, MemoryStore},

@@ -1,78 +1,21 @@
-//! The settings the layer's services share, and the strategies they plug in: what is recorded
-//! ([`CachePredicate`]), what a missing key or a duplicate in flight gets, what a store failure
-//! does, and the defaults. [`IdempotencyLayer`](crate::IdempotencyLayer) builds them.
+//! The settings the layer's services share, and the strategies they plug in: what a missing
+//! key or a duplicate in flight gets, what a store failure does, and the defaults (what is
+//! recorded, the cache predicate, is `crate::predicate`). [`IdempotencyLayer`](crate::IdempotencyLayer) builds them.
 
 use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, header, response};
+use http::{HeaderName, HeaderValue, Method, header, response};
 use tokio::sync::Semaphore;
 
 use crate::{
     Scope,
     hints::RetryHint,
     layer::{duplicates::Waiting, lock::Keeper},
+    predicate::CachePredicate,
     problem::{Problem, ProblemRenderer, Rfc9457},
     secret::Digests,
 };
-
-/// Decides whether a response becomes the key's record. Implemented for closures
-/// `Fn(&http::response::Parts) -> bool`.
-///
-/// A response it rejects releases the key, so a retry executes again. The default,
-/// [`SuccessOnly`], records `2xx` responses, and gRPC calls only when they succeeded.
-pub trait CachePredicate: Send + Sync + 'static {
-    /// Whether to record the response whose head is `head`.
-    fn should_record(&self, head: &response::Parts) -> bool;
-
-    /// Whether a response whose head was accepted is still recorded once its body ended with
-    /// `trailers` (`None`: no trailers). Asked before the record is written, so the answer
-    /// can depend on a status sent in the trailers (gRPC's `grpc-status`). Default: `true`.
-    ///
-    /// A rejection releases the key. A body that passed the record limit was decided at the
-    /// limit (a not-retained record) and is not asked.
-    fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
-        let _ = trailers;
-        true
-    }
-}
-
-impl<F> CachePredicate for F
-where
-    F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
-{
-    fn should_record(&self, head: &response::Parts) -> bool {
-        self(head)
-    }
-}
-
-/// The default [`CachePredicate`]: record successes.
-///
-/// - An HTTP response is recorded when its status is `2xx`.
-/// - A gRPC response (content type `application/grpc*`) is recorded only when the call
-///   succeeded, `grpc-status: 0`: in the head of a trailers-only answer (how tonic answers a
-///   handler's `Err(Status)`), or in the trailers that end a stream (a stream that fails after
-///   its first messages, say). A failed call releases its key, so a retry runs again. Its HTTP
-///   status must be `200`, as gRPC requires.
-///
-/// Trailers without `grpc-status` (an HTTP response's own trailers) change nothing. For gRPC
-/// only, [`GrpcStatusOk`](crate::grpc::GrpcStatusOk) is stricter: trailers must carry
-/// `grpc-status: 0`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SuccessOnly;
-
-impl CachePredicate for SuccessOnly {
-    fn should_record(&self, head: &response::Parts) -> bool {
-        if crate::grpc::is_grpc(&head.headers) {
-            return crate::grpc::succeeded(head);
-        }
-        head.status.is_success()
-    }
-
-    fn should_record_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
-        trailers.and_then(|trailers| trailers.get(crate::grpc::GRPC_STATUS)).is_none_or(|status| status == "0")
-    }
-}
 
 /// What to do with a request that has no key. Default: [`KeyPolicy::Optional`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -176,32 +119,6 @@ impl Default for StoreFailure {
         Self::FailClosed { retry_after: Duration::from_secs(1) }
     }
 }
-
-/// An invalid configuration value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The header name is not a valid HTTP header name.
-    InvalidHeaderName(String),
-    /// The [`Secret`](crate::Secret) has fewer than [`MIN_SECRET_LEN`](crate::secret::MIN_SECRET_LEN)
-    /// bytes (it had this many).
-    SecretTooShort(usize),
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid HTTP header name"),
-            Self::SecretTooShort(len) => write!(
-                f,
-                "the idempotency secret has {len} bytes; it needs at least {} (ideally 32 random bytes)",
-                crate::secret::MIN_SECRET_LEN
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// Settings shared by every clone of the service.
 #[derive(Clone)]

@@ -80,7 +80,7 @@ where
         Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
     };
     let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &body.data);
-    let key = StoreKey::new(config.scope.resolve(&head, keyed), key);
+    let key = StoreKey::new(config.scope.resolve(&head, keyed.scope_key()), key);
     Ok(Prepared { head, body, key, fingerprint })
 }
 
@@ -166,6 +166,7 @@ where
                     let joined = Joined::new(following, status, events, cursor, start, slot);
                     return Ok(Response::from_parts(parts, ResponseBody::joined(joined)));
                 }
+                Ok(Waited::Answered(begin)) => return Ok(answer(&config, &head, begin)),
                 Ok(Waited::Ended | Waited::TimedOut) => {}
                 Err(error) => return store_failed(inner, &config, error, head, body).await,
             }

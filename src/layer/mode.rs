@@ -145,8 +145,12 @@ where
         until: Instant,
         join: bool,
     ) -> Result<Waited, StoreError> {
-        // Waiting and joining are set only over a store with a live log.
-        let Some(live) = live else { return Ok(Waited::TimedOut) };
+        // Waiting and joining are set only over a store with a live log; without one (never
+        // the case) the duplicate waits out its timeout rather than asking the store in a loop.
+        let Some(live) = live else {
+            tokio::time::sleep_until(until).await;
+            return Ok(Waited::TimedOut);
+        };
         let following = follower(this.clone(), key.clone(), fingerprint, config.lease, live);
         wait_in_flight(&following, until, join).await
     }

@@ -4,10 +4,14 @@
 //! response commit in that one transaction, before the response is released to the client.
 //!
 //! ```no_run
-//! use tower_idempotency::{IdempotencyLayer, store::PostgresStore};
-//! # fn layer(pool: tower_idempotency::store::sqlx::PgPool) {
-//! let layer = IdempotencyLayer::from_store(PostgresStore::new(pool)).transactional();
+//! use tower_idempotency::{IdempotencyLayer, Secret, store::PostgresStore};
+//! # fn layer(pool: tower_idempotency::store::sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! // The deployment secret, the same on every replica. Every setting of the layer,
+//! // the secret included, is made before `transactional()`.
+//! let secret = Secret::new(std::env::var("IDEMPOTENCY_SECRET")?)?;
+//! let layer = IdempotencyLayer::from_store(PostgresStore::new(pool)).with_secret(secret).transactional();
 //! # let _ = layer;
+//! # Ok(())
 //! # }
 //! ```
 //!

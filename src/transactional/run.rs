@@ -189,7 +189,8 @@ where
         request: Request<RequestBody<ReqBody>>,
         config: Arc<Config>,
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
-        let inner = inner.ready().await?;
+        // Readied on the request's own task too: a failure there (or a client gone while it
+        // waits) rolls the transaction back before anything else, like a handler's error.
         let run = execute(inner, this.store.clone(), key, held, request, config.clone());
         on_its_task(config, run).await
     }
@@ -222,7 +223,7 @@ where
 /// A guarded request whose transaction holds its key: the handler runs with it, then the
 /// record is written in it and it commits, before the answer leaves.
 async fn execute<S, ReqBody, ResBody>(
-    inner: S,
+    inner: Inner<S>,
     store: Arc<PostgresStore>,
     key: StoreKey,
     held: Held,
@@ -230,7 +231,7 @@ async fn execute<S, ReqBody, ResBody>(
     config: Arc<Config>,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
@@ -240,6 +241,13 @@ where
     let Held { transaction, token } = held;
     let ended =
         Ended { store: store.clone(), key: key.clone(), token, waits: config.duplicates.wait_timeout().is_some() };
+    let inner = match inner.ready().await {
+        Ok(inner) => inner,
+        Err(error) => {
+            ended.roll_back(transaction).await;
+            return Err(error);
+        }
+    };
     let (mut head, body) = request.into_parts();
     let handle = PgTransaction::new(transaction);
     head.extensions.insert(handle.clone());
@@ -463,7 +471,7 @@ impl<'a> Lock<'a> {
 
     /// Waits, outside any transaction and holding no connection, until `until` at most, for
     /// the request in flight to end: [`Waited::Ended`] once a look at the key finds it free
-    /// or answered (the caller's `begin` then takes it, or replays).
+    /// (the caller's `begin` then takes it), [`Waited::Answered`] when it finds the record.
     ///
     /// The duplicate subscribes to the key on the store's listening connection, registers its
     /// wait in the key's wait marker (committed), then looks at the key once more: the end of
@@ -483,14 +491,20 @@ impl<'a> Lock<'a> {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let mut peeked = self.peek().await;
-            if matches!(peeked, Ok(Peek::Busy)) {
+            if matches!(peeked, Ok(Peek::Busy | Peek::Answer(Begin::Locked))) {
                 match self.register().await {
                     Err(error) if !is_cancelled(&error) => return Err(StoreError::unavailable(error)),
                     _ => peeked = self.peek().await,
                 }
             }
             match peeked {
-                Ok(Peek::Free | Peek::Answer(_)) => return Ok(Waited::Ended),
+                Ok(Peek::Free) => return Ok(Waited::Ended),
+                // A committed lock still running (a plain layer's on the same table, or a
+                // handler that committed the layer's transaction itself): wait on, woken when
+                // it ends, as for an uncommitted one.
+                Ok(Peek::Answer(Begin::Locked)) => {}
+                // The record (or a mismatch): answered from this look, with no transaction.
+                Ok(Peek::Answer(begin)) => return Ok(Waited::Answered(begin)),
                 Ok(Peek::Busy) => {}
                 // `statement_timeout` cut the look short: not a store failure, wait on.
                 Err(error) if is_cancelled(&error) => {}

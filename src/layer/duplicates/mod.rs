@@ -38,6 +38,9 @@ pub(crate) enum Waited {
     },
     /// The request in flight ended (or the lock changed hands): ask `begin` again.
     Ended,
+    /// The request in flight ended, and the look that saw it found what the key now holds
+    /// (a record, another request's fingerprint): the answer, without asking `begin` again.
+    Answered(crate::store::Begin),
     /// The wait timed out.
     TimedOut,
 }

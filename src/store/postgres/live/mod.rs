@@ -59,7 +59,7 @@ enum Read {
 }
 
 impl PostgresStore {
-    /// [`IdempotencyStore::publish`](crate::store::IdempotencyStore::publish): one statement.
+    /// [`LiveLog::publish`](crate::store::LiveLog::publish): one statement.
     pub(super) async fn publish_events(
         &self,
         key: &StoreKey,
@@ -87,7 +87,7 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// [`IdempotencyStore::follow`](crate::store::IdempotencyStore::follow): reads, and while
+    /// [`LiveLog::follow`](crate::store::LiveLog::follow): reads, and while
     /// there is nothing new, waits to be woken and reads again, until `timeout`.
     pub(super) async fn follow_log(
         &self,

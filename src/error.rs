@@ -1,0 +1,32 @@
+//! [`ConfigError`]: an invalid configuration value, whichever setting it came from.
+
+use std::fmt;
+
+/// The fewest bytes a [`Secret`](crate::Secret) has: 16 (128 bits).
+pub(crate) const MIN_SECRET_LEN: usize = 16;
+
+/// An invalid configuration value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The header name is not a valid HTTP header name.
+    InvalidHeaderName(String),
+    /// The [`Secret`](crate::Secret) has fewer than [`MIN_SECRET_LEN`](crate::secret::MIN_SECRET_LEN)
+    /// bytes (it had this many).
+    SecretTooShort(usize),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid HTTP header name"),
+            Self::SecretTooShort(len) => write!(
+                f,
+                "the idempotency secret has {len} bytes; it needs at least {} (ideally 32 random bytes)",
+                MIN_SECRET_LEN
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
