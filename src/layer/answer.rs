@@ -75,20 +75,9 @@ mod tests {
 
     #[test]
     fn retry_after_headers_round_up_and_saturate() {
-        let cases = [
-            (Duration::ZERO, 1, 0),
-            (Duration::from_nanos(1), 1, 1),
-            (Duration::from_millis(1), 1, 1),
-            (Duration::from_secs(1), 1, 1000),
-            (Duration::from_millis(1500), 2, 1500),
-            (Duration::from_micros(1_500_001), 2, 1501),
-            (Duration::from_secs(2), 2, 2000),
-            (Duration::from_secs(u64::MAX / 1000), u64::MAX / 1000, u64::MAX / 1000 * 1000),
-            (Duration::from_secs(u64::MAX / 1000 + 1), u64::MAX / 1000 + 1, u64::MAX),
-            (Duration::from_secs(u64::MAX - 1) + Duration::from_nanos(1), u64::MAX, u64::MAX),
-            (Duration::from_secs(u64::MAX), u64::MAX, u64::MAX),
-            (Duration::MAX, u64::MAX, u64::MAX),
-        ];
+        // The rounding itself is `problem`'s (tested there): here, that the headers carry it.
+        let cases =
+            [(Duration::ZERO, 1, 0), (Duration::from_millis(1500), 2, 1500), (Duration::MAX, u64::MAX, u64::MAX)];
         for (after, secs, ms) in cases {
             let (head, _) = render(ProblemKind::InFlight, Some(after));
             assert_eq!(head.headers[header::RETRY_AFTER], secs.to_string().as_str(), "{after:?}");
