@@ -40,6 +40,8 @@ pub(crate) enum Waited {
     Ended,
     /// The request in flight ended, and the look that saw it found what the key now holds
     /// (a record, another request's fingerprint): the answer, without asking `begin` again.
+    /// (Transactional mode's waiters answer so; the plain mode's ask `begin`.)
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Answered(crate::store::Begin),
     /// The wait timed out.
     TimedOut,
