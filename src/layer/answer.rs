@@ -10,7 +10,7 @@ use http_body::Body;
 use crate::{
     layer::{
         body::ResponseBody,
-        config::{Answers, Config, StoreFailure},
+        config::{Answers, Config},
     },
     problem::{Problem, ProblemKind},
     secret::Refused,
@@ -52,11 +52,8 @@ pub(crate) fn refused_response<B: http_body::Body>(
         ),
         Refused::Store(error) => tracing::warn!(%error, "idempotency store failed during the secret check"),
     }
-    let retry_after = match config.store_failure {
-        StoreFailure::FailClosed { retry_after } => retry_after,
-        _ => std::time::Duration::from_secs(1),
-    };
-    problem_response(&config.answers, request, ProblemKind::StoreUnavailable, Some(retry_after))
+    let retry_after = Some(config.unavailable_retry_after());
+    problem_response(&config.answers, request, ProblemKind::StoreUnavailable, retry_after)
 }
 
 #[cfg(test)]

@@ -157,6 +157,16 @@ impl Config {
         }
     }
 
+    /// The `Retry-After` of a `503` store-unavailable: the fail-closed setting's, or 1 s where
+    /// the layer answers `503` although it would fail open (a secret the store's other users
+    /// do not share; transactional mode, which cannot run unprotected).
+    pub(crate) fn unavailable_retry_after(&self) -> Duration {
+        match self.store_failure {
+            StoreFailure::FailClosed { retry_after } => retry_after,
+            StoreFailure::FailOpen => Duration::from_secs(1),
+        }
+    }
+
     pub(crate) fn covers(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
     }

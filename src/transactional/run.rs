@@ -27,7 +27,7 @@ use crate::{
     layer::{
         answer::problem_response,
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
-        config::{Config, StoreFailure},
+        config::Config,
         duplicates::Waited,
         execute::stored_headers,
         future::ResponseFuture,
@@ -90,14 +90,6 @@ enum Committed {
     /// The handler ended the transaction itself: nothing was recorded.
     EndedByHandler,
     Failed(sqlx::Error),
-}
-
-/// The unguarded `Retry-After`s the plain layer sends: its store-failure one.
-fn unavailable_retry_after(config: &Config) -> Duration {
-    match config.store_failure {
-        StoreFailure::FailClosed { retry_after } => retry_after,
-        _ => Duration::from_secs(1),
-    }
 }
 
 /// The transaction that holds a guarded request's key, and its lock's token.
@@ -347,7 +339,7 @@ where
         Ok(transaction) => transaction,
         Err(error) => {
             tracing::warn!(%error, "idempotency: PostgreSQL failed before the handler ran; answering 503");
-            let retry_after = Some(unavailable_retry_after(&config));
+            let retry_after = Some(config.unavailable_retry_after());
             return Ok(problem_response(
                 &config.answers,
                 request.headers(),
