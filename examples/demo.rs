@@ -106,7 +106,10 @@ pub async fn run(say: Say) -> Result<(), Error> {
     check(status == StatusCode::UNPROCESSABLE_ENTITY, "a reused key must answer 422")?;
 
     let second = IdempotencyKey::random();
-    say(format!("4. A second request, Idempotency-Key: {}, and a duplicate of it sent while it generates", short(&second)));
+    say(format!(
+        "4. A second request, Idempotency-Key: {}, and a duplicate of it sent while it generates",
+        short(&second)
+    ));
     let slow = json!({ "model": "haiku-1", "prompt": "a slow haiku", "generation_ms": 1000 });
     let first = tokio::spawn({
         let (client, url, key, slow) = (client.clone(), url.clone(), second.clone(), slow.clone());
@@ -135,7 +138,12 @@ type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Ful
 /// Any failure of the demo.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-async fn send(client: &HttpClient, url: &str, key: &IdempotencyKey, body: &Value) -> Result<(StatusCode, bool, String), Error> {
+async fn send(
+    client: &HttpClient,
+    url: &str,
+    key: &IdempotencyKey,
+    body: &Value,
+) -> Result<(StatusCode, bool, String), Error> {
     let request = Request::post(url)
         .header("idempotency-key", key.as_str())
         .header("content-type", "application/json")
