@@ -106,10 +106,11 @@ pub async fn completed_record_is_returned_intact<S: IdempotencyStore>(store: S) 
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
     stored.trailers = Some(trailers);
-    let mut origin = Origin::default();
-    origin.completed_at = Some(UNIX_EPOCH + Duration::from_millis(1_796_000_000_123));
-    origin.caller = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
-    origin.span = TraceContext::new([0xab; 16], [0xcd; 8], 1);
+    let origin = Origin {
+        completed_at: Some(UNIX_EPOCH + Duration::from_millis(1_796_000_000_123)),
+        caller: TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        span: TraceContext::new([0xab; 16], [0xcd; 8], 1),
+    };
     stored = stored.with_origin(origin);
     assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
     match begin(&store, &key, fp(1)).await {
