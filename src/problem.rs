@@ -364,7 +364,7 @@ impl ProblemRenderer for Rfc9457 {
 }
 
 /// The [`ProblemRenderer`] of a JSON-RPC route
-/// ([`KeySource::json_rpc`](crate::KeySource::json_rpc) sets it): a JSON-RPC 2.0 error
+/// (`KeySource::json_rpc`, feature `json`, sets it): a JSON-RPC 2.0 error
 /// response, `application/json`, with the problem's HTTP status (so its retry hints keep
 /// their HTTP meaning):
 ///
