@@ -24,6 +24,7 @@ use crate::{
     layer::lock::LiveOps,
     layer::mode::Mode,
     problem::ProblemKind,
+    telemetry,
 };
 
 /// The idempotency middleware around an inner service `S`, in mode `M`: a store (the plain
@@ -86,10 +87,13 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let key = match admit(&self.config, &request) {
             Admission::Pass => {
+                telemetry::request(Outcome::Bypassed);
                 return M::pass(&self.mode, &mut self.inner, request.map(RequestBody::streaming), &self.config);
             }
             Admission::Refuse(kind) => {
-                return ResponseFuture::ready(problem_response(&self.config.answers, request.headers(), kind, None));
+                let response = problem_response(&self.config.answers, request.headers(), kind, None);
+                telemetry::request(Outcome::of(&response));
+                return ResponseFuture::ready(response);
             }
             Admission::Guard(key) => key,
         };
@@ -103,6 +107,7 @@ where
             let result = guarded.run(request, key).await;
             if let Ok(response) = &result {
                 let outcome = Outcome::of(response);
+                telemetry::request(outcome);
                 tracing::debug!(outcome = outcome.as_str(), status = response.status().as_u16(), "idempotency");
             }
             result
