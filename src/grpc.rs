@@ -27,7 +27,7 @@
 //!
 //! | problem | HTTP answer | gRPC status | why |
 //! | --- | --- | --- | --- |
-//! | `missing-key`, `invalid-key`, `request-body-unreadable` | `400` | `INVALID_ARGUMENT` (3) | the request is malformed; fix it, do not retry |
+//! | `missing-key`, `invalid-key`, `request-body-unreadable`, `request-body-not-json` | `400` | `INVALID_ARGUMENT` (3) | the request is malformed; fix it, do not retry |
 //! | `request-body-too-large` | `413` | `INVALID_ARGUMENT` (3) | as for `400`: the request message cannot be accepted as it is |
 //! | `in-flight` | `409` | `ABORTED` (10) | a concurrency conflict that ends by itself: retry after the pushback, with the same key |
 //! | `key-reused` | `422` | `ALREADY_EXISTS` (6) | the key already exists, bound to another request: use a new key |
@@ -71,6 +71,7 @@ const fn code(kind: ProblemKind) -> u16 {
         ProblemKind::MissingKey
         | ProblemKind::InvalidKey
         | ProblemKind::RequestBodyUnreadable
+        | ProblemKind::RequestBodyNotJson
         | ProblemKind::RequestBodyTooLarge => 3,
         ProblemKind::InFlight => 10,
         ProblemKind::KeyReused => 6,
@@ -191,6 +192,7 @@ mod tests {
             (ProblemKind::MissingKey, 3),
             (ProblemKind::InvalidKey, 3),
             (ProblemKind::RequestBodyUnreadable, 3),
+            (ProblemKind::RequestBodyNotJson, 3),
             (ProblemKind::InFlight, 10),
             (ProblemKind::ResponseNotRetained, 9),
             (ProblemKind::RequestBodyTooLarge, 3),
@@ -220,12 +222,13 @@ mod tests {
 
     #[test]
     fn the_messages_that_say_more_need_no_percent_encoding_either() {
-        let rules = [
+        let rules: [InvalidKey; 6] = [
             InvalidKey::Empty,
             InvalidKey::TooLong,
             InvalidKey::InvalidByte,
             InvalidKey::MalformedQuotedString,
             InvalidKey::Repeated,
+            InvalidKey::NotAString,
         ];
         let problems = rules.map(Problem::invalid_key).into_iter().chain([Problem::body_too_large(2 * 1024 * 1024)]);
         for problem in problems {
