@@ -219,6 +219,9 @@ pub mod client;
 mod error;
 pub mod grpc;
 mod headers;
+#[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+pub mod json;
 pub mod hints;
 mod key;
 mod layer;
@@ -236,6 +239,7 @@ pub mod transactional;
 mod fingerprint;
 
 pub use error::ConfigError;
+pub use fingerprint::BodyFingerprint;
 pub use headers::{EXPOSE_HEADERS, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
 pub use layer::{

@@ -24,6 +24,12 @@
 //! # request-body-unreadable
 //! `400`: the request body failed while the layer read it to fingerprint it.
 //!
+//! # invalid-json
+//! `400`: the route fingerprints its body as canonical JSON
+//! (`BodyFingerprint::canonical_json`, feature `json`) and the body
+//! is not I-JSON: not UTF-8 JSON, a member name given twice in one object, or a number no
+//! double can hold. The request did not run; fix the body, the key can be used again.
+//!
 //! # in-flight
 //! `409` with `Retry-After`: a request with this key and the same payload is still running.
 //! Retry after the given number of seconds.
@@ -154,6 +160,10 @@ problems! {
     REQUEST_BODY_UNREADABLE, /// `400`: the request body failed while the layer read it.
     RequestBodyUnreadable = "request-body-unreadable", 400, "Request body unreadable",
         "The request body could not be read.";
+    /// `type` of the `400` for a body that is not JSON on a route that fingerprints it as JSON.
+    INVALID_JSON, /// `400`: the route fingerprints its body as canonical JSON, and the body is not JSON.
+    InvalidJson = "invalid-json", 400, "Invalid JSON body",
+        "This endpoint takes a JSON body (UTF-8, no member name twice in one object, numbers within a double's range); the request did not run.";
     /// `type` of the `409` for a duplicate of a request still in flight (with `Retry-After`).
     IN_FLIGHT, /// `409`, retryable: a request with this key and payload is still running.
     InFlight = "in-flight", 409, "Request in flight",
@@ -206,6 +216,7 @@ impl ProblemKind {
             Self::MissingKey => Outcome::MissingKey,
             Self::InvalidKey => Outcome::InvalidKey,
             Self::RequestBodyUnreadable => Outcome::RequestBodyUnreadable,
+            Self::InvalidJson => Outcome::InvalidJson,
             Self::InFlight => Outcome::InFlight,
             Self::ResponseNotRetained => Outcome::ResponseNotRetained,
             Self::RequestBodyTooLarge => Outcome::RequestBodyTooLarge,

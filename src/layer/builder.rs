@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    Idempotency, Scope,
+    BodyFingerprint, Idempotency, Scope,
     error::ConfigError,
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
@@ -65,6 +65,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             scope: Scope::authorization(),
             digests: Digests::default_for(&store),
             fingerprint_headers: Vec::new(),
+            body_fingerprint: BodyFingerprint::raw(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_record: DEFAULT_MAX_RECORD,
             predicate: Arc::new(SuccessOnly),
@@ -164,6 +165,14 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     pub fn with_fingerprint_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         let headers = headers.into_iter().collect();
         self.config(|c| c.fingerprint_headers = headers)
+    }
+
+    /// How the body enters the request fingerprint: [`BodyFingerprint::raw`] (the default),
+    /// or, with the feature `json`, `BodyFingerprint::canonical_json` with
+    /// listed members left out, where a body that is not JSON gets `400`
+    /// [`invalid-json`](crate::problem::INVALID_JSON).
+    pub fn with_body_fingerprint(self, body: BodyFingerprint) -> Self {
+        self.config(|c| c.body_fingerprint = body)
     }
 
     /// The largest request body the layer buffers to fingerprint; larger gets `413`.

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Method, header, response};
 use tokio::sync::Semaphore;
 
 use crate::{
-    Scope,
+    BodyFingerprint, Scope,
     hints::RetryHint,
     layer::{duplicates::Waiting, lock::Keeper},
     predicate::CachePredicate,
@@ -130,6 +130,8 @@ pub(crate) struct Config {
     /// The keyed digests of the scope and the fingerprint.
     pub(crate) digests: Digests,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
+    /// How the body enters the fingerprint: raw bytes, or canonical JSON.
+    pub(crate) body_fingerprint: BodyFingerprint,
     pub(crate) max_request_body: usize,
     pub(crate) max_record: usize,
     pub(crate) predicate: Arc<dyn CachePredicate>,
@@ -181,6 +183,7 @@ impl fmt::Debug for Config {
             .field("scope", &self.scope)
             .field("digests", &self.digests)
             .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("body_fingerprint", &self.body_fingerprint)
             .field("max_request_body", &self.max_request_body)
             .field("max_record", &self.max_record)
             .field("ttl", &self.ttl)

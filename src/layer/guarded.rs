@@ -74,12 +74,16 @@ where
         Err(BufferError::TooLarge) => return Err(problem(ProblemKind::RequestBodyTooLarge)),
         Err(BufferError::Unreadable) => return Err(problem(ProblemKind::RequestBodyUnreadable)),
     };
+    // Before the store: a body its route cannot read is answered without touching it.
+    let Ok(fingerprinted) = config.body_fingerprint.read(&body.data) else {
+        return Err(problem(ProblemKind::InvalidJson));
+    };
     let keyed = match config.digests.ready(store, config.lease).await {
         Ok(keyed) => keyed,
         Err(Refused::Store(error)) => return Err(Unprepared::Store(error, head, body)),
         Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
     };
-    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &body.data);
+    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &fingerprinted);
     let key = StoreKey::new(config.scope.resolve(&head, keyed.scope_key()), key);
     Ok(Prepared { head, body, key, fingerprint })
 }
