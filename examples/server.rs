@@ -17,11 +17,14 @@
 //! `us-east-1`), `IDEMPOTENCY_SECRET` (with a shared store: the deployment secret that keys
 //! what the store keeps, at least 16 bytes, the same for every process; unset, a fixed
 //! development secret, with a warning, so processes started alike still share keys). Prints
-//! `listening on http://HOST:PORT`.
+//! `listening on http://HOST:PORT`. `POST /quotes` needs `--features json` (it fingerprints
+//! its body as canonical JSON).
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'   # replay
+//! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"amount":10,"client_time":"12:00"}'
+//! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"client_time":"12:01", "amount":1e1}'   # replay
 //! curl -s localhost:3000/stats
 //! ```
 
@@ -58,12 +61,12 @@ use tower_idempotency::{
 };
 
 /// The routes whose executions `GET /stats` counts.
-pub const ROUTES: [&str; 7] = ["orders", "payments", "jobs", "patch", "put", "stream", "large"];
+pub const ROUTES: [&str; 8] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "quotes"];
 
 /// Executions per route since start, and the id sequences.
 #[derive(Debug, Default)]
 pub struct Stats {
-    executions: [AtomicU64; 7],
+    executions: [AtomicU64; ROUTES.len()],
     next_id: AtomicU64,
     /// Executions of `POST /ledger` (with `DATABASE_URL`).
     #[cfg(feature = "postgres")]
@@ -133,7 +136,26 @@ fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
         .route("/jobs", post(create::<JOBS>).layer(waiting))
         .route("/orders/{id}", patch(update_order::<false>).put(update_order::<true>).layer(layer.clone()))
         .route("/stream", post(stream).layer(joining))
-        .route("/large", post(large).layer(layer))
+        .route("/large", post(large).layer(layer.clone()))
+        .merge(json_routes(layer))
+}
+
+/// `POST /quotes`: as `/orders`, but fingerprinted as canonical JSON (RFC 8785) without the
+/// member `client_time`, so a retry whose members come in another order, whose numbers are
+/// spelled otherwise, or whose `client_time` is newer is the same request. A body that is not
+/// JSON gets `400` `invalid-json` from the layer.
+#[cfg(feature = "json")]
+fn json_routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
+    use tower_idempotency::BodyFingerprint;
+
+    let canonical = BodyFingerprint::canonical_json(["/client_time"]).expect("a JSON Pointer");
+    Router::new().route("/quotes", post(create::<QUOTES>).layer(layer.with_body_fingerprint(canonical)))
+}
+
+/// Without the feature `json` there is no `/quotes` (`404`): it would fingerprint raw bytes.
+#[cfg(not(feature = "json"))]
+fn json_routes<St: LiveLog>(_: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
+    Router::new()
 }
 
 /// The query parameters every handler understands.
@@ -181,8 +203,10 @@ fn parse_json(body: &Bytes) -> Result<Value, Box<Response>> {
 pub const ORDERS: usize = 0;
 const PAYMENTS: usize = 1;
 const JOBS: usize = 2;
+#[cfg_attr(not(feature = "json"), allow(dead_code))]
+const QUOTES: usize = 7;
 
-/// `POST /orders`, `/payments`, `/jobs`: `ROUTE` indexes [`ROUTES`].
+/// `POST /orders`, `/payments`, `/jobs`, `/quotes`: `ROUTE` indexes [`ROUTES`].
 pub async fn create<const ROUTE: usize>(
     State(stats): State<Arc<Stats>>,
     Query(q): Query<Knobs>,
@@ -198,7 +222,12 @@ pub async fn create<const ROUTE: usize>(
         Ok(order) => order,
         Err(response) => return *response,
     };
-    let prefix = ["ord", "pay", "job"][ROUTE];
+    let prefix = match ROUTE {
+        ORDERS => "ord",
+        PAYMENTS => "pay",
+        JOBS => "job",
+        _ => "quo",
+    };
     let id = format!("{prefix}_{}", stats.next_id.fetch_add(1, Ordering::SeqCst) + 1);
     let location = format!("/{route}/{id}");
     (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(json!({"id": id, "order": order}))).into_response()

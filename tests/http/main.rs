@@ -3,6 +3,8 @@
 //!
 //! One binary per area (as tower groups its tests); each file is one former test binary.
 
+#[cfg(feature = "json")]
+mod example_quotes;
 mod example_server;
 mod example_stream;
 mod real_servers;
