@@ -274,7 +274,9 @@ mod tests {
 
     #[test]
     fn not_i_json_is_refused() {
-        for body in ["", "{", "{\"a\":1}x", "{\"a\":1,\"a\":1}", "[{\"b\":{\"c\":1,\"c\":2}}]", "1e400", "\"\\ud800\"", "NaN"] {
+        for body in
+            ["", "{", "{\"a\":1}x", "{\"a\":1,\"a\":1}", "[{\"b\":{\"c\":1,\"c\":2}}]", "1e400", "\"\\ud800\"", "NaN"]
+        {
             assert!(canonical(body.as_bytes(), &[]).is_err(), "{body:?}");
         }
         assert!(canonical(b"\xff", &[]).is_err());

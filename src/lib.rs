@@ -219,10 +219,10 @@ pub mod client;
 mod error;
 pub mod grpc;
 mod headers;
+pub mod hints;
 #[cfg(feature = "json")]
 #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
 pub mod json;
-pub mod hints;
 mod key;
 mod layer;
 mod outcome;
@@ -235,6 +235,7 @@ pub mod store;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod transactional;
+mod upload;
 
 mod fingerprint;
 
@@ -251,6 +252,7 @@ pub use outcome::Outcome;
 pub use predicate::{CachePredicate, SuccessOnly};
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use secret::Secret;
+pub use upload::UploadAppends;
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis`,
 /// `postgres` and `dynamodb` features).

@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    BodyFingerprint, Idempotency, Scope,
+    BodyFingerprint, Idempotency, Scope, UploadAppends,
     error::ConfigError,
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
@@ -62,6 +62,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             methods: vec![Method::POST, Method::PATCH],
             header: IDEMPOTENCY_KEY,
             key_policy: KeyPolicy::Optional,
+            upload_appends: UploadAppends::Pass,
             scope: Scope::authorization(),
             digests: Digests::default_for(&store),
             fingerprint_headers: Vec::new(),
@@ -135,6 +136,15 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// routes with a clone of this layer set to [`KeyPolicy::Required`].
     pub fn with_key_policy(self, policy: KeyPolicy) -> Self {
         self.config(|c| c.key_policy = policy)
+    }
+
+    /// What upload appends of the IETF resumable-upload draft get (`PATCH` with
+    /// `Upload-Offset`, or a body of type `application/partial-upload`): by default
+    /// ([`UploadAppends::Pass`]) they pass through untouched, with or without a key, as an
+    /// uncovered method does. The draft makes them safe to repeat itself, by their offset; see
+    /// [`UploadAppends`].
+    pub fn with_upload_appends(self, appends: UploadAppends) -> Self {
+        self.config(|c| c.upload_appends = appends)
     }
 
     /// The deployment secret that keys the digests a store keeps: the scope and the request

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Method, header, response};
 use tokio::sync::Semaphore;
 
 use crate::{
-    BodyFingerprint, Scope,
+    BodyFingerprint, Scope, UploadAppends,
     hints::RetryHint,
     layer::{duplicates::Waiting, lock::Keeper},
     predicate::CachePredicate,
@@ -126,6 +126,8 @@ pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) header: HeaderName,
     pub(crate) key_policy: KeyPolicy,
+    /// Whether upload appends of the resumable-upload draft pass untouched.
+    pub(crate) upload_appends: UploadAppends,
     pub(crate) scope: Scope,
     /// The keyed digests of the scope and the fingerprint.
     pub(crate) digests: Digests,
@@ -180,6 +182,7 @@ impl fmt::Debug for Config {
             .field("methods", &self.methods)
             .field("header", &self.header)
             .field("key_policy", &self.key_policy)
+            .field("upload_appends", &self.upload_appends)
             .field("scope", &self.scope)
             .field("digests", &self.digests)
             .field("fingerprint_headers", &self.fingerprint_headers)

@@ -125,6 +125,10 @@ pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
         tracing::trace!(outcome = "bypassed", "idempotency: method not covered");
         return Admission::Pass;
     }
+    if config.upload_appends.passes(request.method(), request.headers()) {
+        tracing::trace!(outcome = "bypassed", "idempotency: a resumable upload's append");
+        return Admission::Pass;
+    }
     match IdempotencyKey::from_headers(request.headers(), &config.header) {
         Ok(Some(key)) => Admission::Guard(key),
         Ok(None) if config.key_policy == KeyPolicy::Optional => {

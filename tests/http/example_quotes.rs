@@ -28,7 +28,11 @@ async fn a_retry_in_another_spelling_with_a_newer_client_time_replays() {
 
     // Another amount under the same key is another request.
     let other = r#"{"amount":10.51,"currency":"EUR","client_time":"2026-12-07T12:00:09Z"}"#;
-    server.post("/quotes").key(&k).body(other).send().await.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "key-reused", &[]);
+    server.post("/quotes").key(&k).body(other).send().await.assert_problem(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "key-reused",
+        &[],
+    );
     // `/orders` takes raw bytes: the same reordering there is another request.
     let k2 = key();
     server.post("/orders").key(&k2).body(body).send().await;

@@ -10,3 +10,4 @@ mod example_stream;
 mod real_servers;
 #[path = "../support/mod.rs"]
 mod support;
+mod uploads;

@@ -15,7 +15,8 @@ fn quotes() -> IdempotencyLayer {
 async fn the_same_json_in_another_spelling_is_the_same_request() {
     let runs = Runs::default();
     let svc = service(quotes(), runs.clone());
-    let first = send(&svc, post("/quotes", "q-1", r#"{"amount": 10.0, "currency": "EUR", "client_time": "12:00:00"}"#)).await;
+    let first =
+        send(&svc, post("/quotes", "q-1", r#"{"amount": 10.0, "currency": "EUR", "client_time": "12:00:00"}"#)).await;
     assert_eq!(first.status, StatusCode::CREATED);
     // Members in another order, no whitespace, `1e1` for `10.0`, another client time.
     let retry = send(&svc, post("/quotes", "q-1", r#"{"client_time":"12:00:07","currency":"EUR","amount":1e1}"#)).await;
