@@ -27,6 +27,15 @@
 //! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"client_time":"12:01", "amount":1e1}'   # replay
 //! curl -s localhost:3000/stats
 //! ```
+//!
+//! `POST /rpc` (with `--features json`) is a JSON-RPC 2.0 endpoint, keyed as MCP keys tool
+//! calls, in `params._meta.idempotencyKey`; a retry with a new `id` gets the recorded result
+//! with its own `id`:
+//!
+//! ```text
+//! curl -s localhost:3000/rpc -d '{"jsonrpc":"2.0","id":1,"method":"charge","params":{"_meta":{"idempotencyKey":"k2"}}}'
+//! curl -s localhost:3000/rpc -d '{"jsonrpc":"2.0","id":2,"method":"charge","params":{"_meta":{"idempotencyKey":"k2"}}}'
+//! ```
 
 use std::{
     collections::BTreeMap,
@@ -61,7 +70,7 @@ use tower_idempotency::{
 };
 
 /// The routes whose executions `GET /stats` counts.
-pub const ROUTES: [&str; 8] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "quotes"];
+pub const ROUTES: [&str; 9] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "rpc", "quotes"];
 
 /// Executions per route since start, and the id sequences.
 #[derive(Debug, Default)]
@@ -130,32 +139,26 @@ fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     // A duplicate of a stream in flight joins it: the events so far at once, then
     // each one as it is produced; `Last-Event-ID` resumes after the event it names.
     let joining = layer.clone().with_duplicates(Duplicates::join());
-    Router::new()
+    #[cfg(feature = "json")]
+    let rpc = layer.clone().with_key_source(tower_idempotency::KeySource::json_rpc());
+    // `POST /quotes`: as `/orders`, but fingerprinted as canonical JSON (RFC 8785) without the
+    // member `client_time`, so a retry whose members come in another order, whose numbers are
+    // spelled otherwise, or whose `client_time` is newer is the same request. A body that is
+    // not JSON gets `400` `request-body-not-json` from the layer.
+    #[cfg(feature = "json")]
+    let quotes = layer.clone().with_body_fingerprint(
+        tower_idempotency::BodyFingerprint::canonical_json(["/client_time"]).expect("a JSON Pointer"),
+    );
+    let router = Router::new();
+    #[cfg(feature = "json")]
+    let router = router.route("/rpc", post(rpc_call).layer(rpc)).route("/quotes", post(create::<QUOTES>).layer(quotes));
+    router
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
         .route("/jobs", post(create::<JOBS>).layer(waiting))
         .route("/orders/{id}", patch(update_order::<false>).put(update_order::<true>).layer(layer.clone()))
         .route("/stream", post(stream).layer(joining))
-        .route("/large", post(large).layer(layer.clone()))
-        .merge(json_routes(layer))
-}
-
-/// `POST /quotes`: as `/orders`, but fingerprinted as canonical JSON (RFC 8785) without the
-/// member `client_time`, so a retry whose members come in another order, whose numbers are
-/// spelled otherwise, or whose `client_time` is newer is the same request. A body that is not
-/// JSON gets `400` `invalid-json` from the layer.
-#[cfg(feature = "json")]
-fn json_routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
-    use tower_idempotency::BodyFingerprint;
-
-    let canonical = BodyFingerprint::canonical_json(["/client_time"]).expect("a JSON Pointer");
-    Router::new().route("/quotes", post(create::<QUOTES>).layer(layer.with_body_fingerprint(canonical)))
-}
-
-/// Without the feature `json` there is no `/quotes` (`404`): it would fingerprint raw bytes.
-#[cfg(not(feature = "json"))]
-fn json_routes<St: LiveLog>(_: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
-    Router::new()
+        .route("/large", post(large).layer(layer))
 }
 
 /// The query parameters every handler understands.
@@ -204,7 +207,7 @@ pub const ORDERS: usize = 0;
 const PAYMENTS: usize = 1;
 const JOBS: usize = 2;
 #[cfg_attr(not(feature = "json"), allow(dead_code))]
-const QUOTES: usize = 7;
+const QUOTES: usize = 8;
 
 /// `POST /orders`, `/payments`, `/jobs`, `/quotes`: `ROUTE` indexes [`ROUTES`].
 pub async fn create<const ROUTE: usize>(
@@ -272,6 +275,36 @@ async fn stream(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers
         Some((Ok::<_, Infallible>(Bytes::from(format!("id: {i}\ndata: {i}\n\n"))), i + 1))
     });
     ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(events)).into_response()
+}
+
+/// `POST /rpc` (feature `json`): JSON-RPC 2.0, method `charge` answers
+/// `{"charge":"rpc_N"}`; a notification gets `202`; its layer reads the key from
+/// `params._meta.idempotencyKey` and answers a retry with the retry's own `id`.
+#[cfg(feature = "json")]
+async fn rpc_call(
+    State(stats): State<Arc<Stats>>,
+    Query(q): Query<Knobs>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    stats.count("rpc");
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    let answer = |id: &Value, outcome: (&str, Value)| {
+        axum::Json(json!({"jsonrpc": "2.0", "id": id, outcome.0: outcome.1})).into_response()
+    };
+    let Ok(call) = serde_json::from_slice::<Value>(&body) else {
+        return answer(&Value::Null, ("error", json!({"code": -32700, "message": "Parse error"})));
+    };
+    let Some(id) = call.get("id") else { return StatusCode::ACCEPTED.into_response() };
+    match call["method"].as_str() {
+        Some("charge") => {
+            let charge = format!("rpc_{}", stats.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+            answer(id, ("result", json!({"charge": charge})))
+        }
+        _ => answer(id, ("error", json!({"code": -32601, "message": "Method not found"}))),
+    }
 }
 
 async fn large(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers: HeaderMap) -> Response {

@@ -14,7 +14,8 @@ pub enum ConfigError {
     /// The [`Secret`](crate::Secret) has fewer than [`MIN_SECRET_LEN`](crate::secret::MIN_SECRET_LEN)
     /// bytes (it had this many).
     SecretTooShort(usize),
-    /// The string is not a JSON Pointer (RFC 6901), or is one this setting cannot take.
+    /// The JSON Pointer is not one (RFC 6901: empty, or `/`-separated tokens where `~` is
+    /// followed by `0` or `1`).
     InvalidJsonPointer(String),
 }
 
@@ -27,10 +28,7 @@ impl fmt::Display for ConfigError {
                 "the idempotency secret has {len} bytes; it needs at least {} (ideally 32 random bytes)",
                 MIN_SECRET_LEN
             ),
-            Self::InvalidJsonPointer(pointer) => write!(
-                f,
-                "`{pointer}` is not a JSON Pointer to a member (empty, or `/` then names separated by `/`, with `~0` for `~` and `~1` for `/`)"
-            ),
+            Self::InvalidJsonPointer(pointer) => write!(f, "`{pointer}` is not a valid JSON Pointer (RFC 6901)"),
         }
     }
 }

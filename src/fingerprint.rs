@@ -48,7 +48,7 @@ impl BodyFingerprint {
     /// make none either, present or not.
     ///
     /// A body that is not I-JSON (RFC 7493: UTF-8 JSON, no member name twice in one object,
-    /// numbers a double can hold) gets `400` [`invalid-json`](crate::problem::INVALID_JSON),
+    /// numbers a double can hold) gets `400` [`request-body-not-json`](crate::problem::REQUEST_BODY_NOT_JSON),
     /// and the handler does not run. A pointer into an array may pass through an element
     /// (`/items/0/note`) but removes no element itself (that would move the ones after it).
     ///

@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    BodyFingerprint, Idempotency, Scope, UploadAppends,
+    BodyFingerprint, Idempotency, KeySource, Scope, UploadAppends,
     error::ConfigError,
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
@@ -61,6 +61,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         let config = Config {
             methods: vec![Method::POST, Method::PATCH],
             header: IDEMPOTENCY_KEY,
+            key_source: KeySource::header(),
             key_policy: KeyPolicy::Optional,
             upload_appends: UploadAppends::Pass,
             scope: Scope::authorization(),
@@ -124,6 +125,32 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.config(|c| c.header = name)
     }
 
+    /// Where the key is read: the header (the default), a field of a JSON body, or a JSON-RPC
+    /// request's `params._meta.idempotencyKey` (MCP); see [`KeySource`]. A JSON-RPC source
+    /// also makes the layer's own answers JSON-RPC errors ([`JsonRpc`](crate::problem::JsonRpc)
+    /// as the problem renderer; set another one after this to replace it).
+    ///
+    /// ```
+    /// # #[cfg(feature = "json")] {
+    /// use tower_idempotency::{IdempotencyLayer, KeySource};
+    ///
+    /// // An MCP server's `/mcp` endpoint: tool calls keyed by `params._meta.idempotencyKey`.
+    /// let mcp = IdempotencyLayer::new().with_key_source(KeySource::json_rpc());
+    /// # let _ = mcp;
+    /// # }
+    /// ```
+    pub fn with_key_source(self, source: KeySource) -> Self {
+        #[cfg(feature = "json")]
+        let json_rpc = matches!(source.0, crate::key::Source::JsonRpc(_));
+        self.config(|c| {
+            #[cfg(feature = "json")]
+            if json_rpc {
+                c.answers.renderer = Arc::new(crate::problem::JsonRpc);
+            }
+            c.key_source = source;
+        })
+    }
+
     /// [`with_header_name`](Self::with_header_name) from a string, with an error for an invalid
     /// name.
     pub fn try_with_header_name(self, name: &str) -> Result<Self, ConfigError> {
@@ -180,7 +207,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// How the body enters the request fingerprint: [`BodyFingerprint::raw`] (the default),
     /// or, with the feature `json`, `BodyFingerprint::canonical_json` with
     /// listed members left out, where a body that is not JSON gets `400`
-    /// [`invalid-json`](crate::problem::INVALID_JSON).
+    /// [`request-body-not-json`](crate::problem::REQUEST_BODY_NOT_JSON).
     pub fn with_body_fingerprint(self, body: BodyFingerprint) -> Self {
         self.config(|c| c.body_fingerprint = body)
     }

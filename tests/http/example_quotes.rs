@@ -42,12 +42,12 @@ async fn a_retry_in_another_spelling_with_a_newer_client_time_replays() {
 }
 
 #[tokio::test]
-async fn a_body_that_is_not_json_is_400_invalid_json_and_never_runs() {
+async fn a_body_that_is_not_json_is_400_and_never_runs() {
     let server = TestServer::start().await;
     let k = key();
     for body in ["{\"amount\": 10", "{\"amount\":1,\"amount\":2}", "secret-token-123"] {
         let reply = server.post("/quotes").key(&k).body(body).send().await;
-        reply.assert_problem(StatusCode::BAD_REQUEST, "invalid-json", &["secret-token-123"]);
+        reply.assert_problem(StatusCode::BAD_REQUEST, "request-body-not-json", &["secret-token-123"]);
         assert_eq!(reply.header("x-should-retry"), Some("false"));
     }
     assert_eq!(server.stats_json().await["quotes"], 0);

@@ -48,9 +48,9 @@ async fn a_body_that_is_not_json_is_400_and_never_runs() {
     let svc = service(quotes(), runs.clone());
     for body in ["", "not json", r#"{"amount":1"#, r#"{"amount":1,"amount":2}"#, "[1e400]"] {
         let reply = send(&svc, post("/quotes", "q-2", body)).await;
-        reply.assert_problem(400, "invalid-json");
+        reply.assert_problem(400, "request-body-not-json");
         assert_eq!(reply.headers["x-should-retry"], "false");
-        assert_eq!(reply.outcome, Outcome::InvalidJson);
+        assert_eq!(reply.outcome, Outcome::RequestBodyNotJson);
     }
     assert_eq!(runs.get(), 0);
     // Nothing was kept: the key is free for the corrected body.

@@ -17,5 +17,6 @@ mod flood;
 mod grpc;
 mod inputs;
 mod join;
+mod json_rpc;
 mod one_write;
 mod security;
