@@ -58,8 +58,9 @@ fn handler(
                 let produced = epoch.elapsed().as_micros();
                 Ok::<_, BoxError>(http_body::Frame::data(Bytes::from(format!("id: {i}\ndata: {produced}\n\n"))))
             });
-            let response =
-                Response::builder().header("content-type", "text/event-stream").body(BodyExt::boxed(StreamBody::new(stream)));
+            let response = Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(BodyExt::boxed(StreamBody::new(stream)));
             Ok(response.unwrap())
         }
     })
@@ -162,7 +163,8 @@ pub async fn a_slow_key_does_not_delay_a_joined_stream_on_another<St: LiveLog>(l
     let first = first.await.unwrap().unwrap();
     assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "slow done");
     for duplicate in duplicates {
-        let (replayed, outcome, body) = tokio::time::timeout(Duration::from_secs(10), duplicate).await.unwrap().unwrap();
+        let (replayed, outcome, body) =
+            tokio::time::timeout(Duration::from_secs(10), duplicate).await.unwrap().unwrap();
         assert!(replayed, "{outcome:?}");
         assert_eq!(body, "slow done");
     }
