@@ -720,8 +720,14 @@ async fn dedicated_connections_are_one_per_log_bounded_and_kept_for_the_next_fol
             let (events, completed, _) = tokio::time::timeout(Duration::from_secs(3), follower).await.unwrap().unwrap();
             assert_eq!((events, completed), (vec![live_head()], true), "round {round}");
         }
-        let idle = if round == 0 { 1 } else { 3 };
-        assert_eq!(clients(&mut admin).await, 1 + idle, "round {round}: the shared connection and {idle} idle");
+        // Kept open for the next follower: the shared connection and the dedicated ones (after
+        // round 0, a follower back first may have opened a second while the read's own was not
+        // given back yet).
+        let open = clients(&mut admin).await;
+        match round {
+            0 => assert!((1 + 1..=1 + 3).contains(&open), "round 0: {open} connections"),
+            _ => assert_eq!(open, 1 + 3, "round {round}: the shared connection and 3 idle"),
+        }
     }
     assert_eq!(peak.load(Ordering::SeqCst), 1 + 3, "never more than the bound");
 }

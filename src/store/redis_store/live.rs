@@ -85,7 +85,10 @@ enum Known {
 /// The blocking reads under way, one per lock and cursor: the first follower at a place sends
 /// the read ([`Board::Lead`]), the others wait for what it finds ([`Board::Follow`]).
 #[derive(Default)]
-struct Flights(Mutex<HashMap<(u128, u64), watch::Receiver<Option<Landed>>>>);
+struct Flights(Mutex<HashMap<Place, watch::Receiver<Option<Landed>>>>);
+
+/// A place in a log: the lock's id and the cursor's count of events read.
+type Place = (u128, u64);
 
 /// What a shared blocking read found.
 #[derive(Clone)]
@@ -110,7 +113,7 @@ enum Board<'a> {
 /// followers, if it never landed, find the channel closed and try again).
 struct Flight<'a> {
     flights: &'a Flights,
-    place: (u128, u64),
+    place: Place,
     landed: watch::Sender<Option<Landed>>,
     /// The map's receiver is a clone of it: how `drop` tells this flight's entry.
     own: watch::Receiver<Option<Landed>>,
