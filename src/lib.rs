@@ -229,6 +229,7 @@ mod rt;
 mod scope;
 pub mod secret;
 pub mod store;
+mod trace;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod transactional;
@@ -237,7 +238,7 @@ mod fingerprint;
 
 pub use error::ConfigError;
 pub use headers::{EXPOSE_HEADERS, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
-pub use key::{IdempotencyKey, InvalidKey, MAX_KEY_LEN};
+pub use key::{IdempotencyKey, InvalidKey, JSON_RPC_KEY_POINTER, KeySource, MAX_KEY_LEN};
 pub use layer::{
     DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS,
     DEFAULT_TTL, Duplicates, Idempotency, IdempotencyLayer, KeyPolicy, RequestBody, ResponseBody, ResponseFuture,
@@ -247,6 +248,7 @@ pub use outcome::Outcome;
 pub use predicate::{CachePredicate, SuccessOnly};
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use secret::Secret;
+pub use trace::{Origin, TraceContext};
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis`,
 /// `postgres` and `dynamodb` features).

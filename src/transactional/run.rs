@@ -45,6 +45,7 @@ use crate::{
             sql::{notice, state},
         },
     },
+    trace::{self, Origin},
 };
 
 /// PostgreSQL's `query_canceled`: a statement cut short by `statement_timeout` (or a cancel
@@ -122,11 +123,11 @@ where
     fn pass(
         this: &Arc<Self>,
         inner: &mut S,
-        request: Request<ReqBody>,
+        request: Request<RequestBody<ReqBody>>,
         config: &Arc<Config>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error> {
         if !config.covers(request.method()) {
-            return ResponseFuture::bypass(inner.call(request.map(RequestBody::streaming)));
+            return ResponseFuture::bypass(inner.call(request));
         }
         // As on the guarded path: take the readied instance, leave a fresh clone behind.
         let clone = inner.clone();
@@ -245,6 +246,7 @@ where
     head.extensions.insert(handle.clone());
     let request = Request::from_parts(head, body);
     let headers = request.headers().clone();
+    let caller = trace::caller(&headers);
     let problem = |kind, retry_after| problem_response(&config.answers, &headers, kind, retry_after);
     let (handled, transaction) = handle_with(inner, request, handle).await;
     let response = match handled {
@@ -288,6 +290,7 @@ where
     }
     // An event stream keeps its event ends, so a replay with `Last-Event-ID` resumes.
     record.marks = marks_of(&record.headers, &record.body);
+    record.origin = Origin { completed_at: Some(trace::completed_now()), caller, ..Origin::default() };
     match record_and_commit(&store, transaction, &key, token, &record, config.ttl).await {
         Committed::Yes => {
             if ended.waits {
@@ -323,7 +326,7 @@ async fn run_unguarded<S, ReqBody, ResBody>(
     inner: S,
     store: Arc<PostgresStore>,
     config: Arc<Config>,
-    request: Request<ReqBody>,
+    request: Request<RequestBody<ReqBody>>,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -352,7 +355,7 @@ where
     let handle = PgTransaction::new(transaction);
     head.extensions.insert(handle.clone());
     let headers = head.headers.clone();
-    let request = Request::from_parts(head, RequestBody::streaming(body));
+    let request = Request::from_parts(head, body);
     let (handled, transaction) = handle_with(inner, request, handle).await;
     let response = match handled {
         Ok(Ok(response)) => response,
