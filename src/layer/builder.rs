@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    BodyFingerprint, Idempotency, KeySource, Scope, UploadAppends,
+    BodyFingerprint, Idempotency, KeySource, Scope, TraceHook, UploadAppends,
     error::ConfigError,
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
@@ -81,6 +81,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             waiting: Waiting::new(DEFAULT_MAX_WAITERS),
             answers: Answers::default(),
             keeper: Keeper::new(DEFAULT_LEASE),
+            trace: None,
         };
         Self { store: Arc::new(store), config: Arc::new(config), live: None }
     }
@@ -269,6 +270,16 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     pub fn with_max_waiters(self, max: usize) -> Self {
         let waiting = Waiting::new(max);
         self.config(|c| c.waiting = waiting)
+    }
+
+    /// How the layer meets the application's tracing system (OpenTelemetry, say): the hook
+    /// names the span a request executes in, which its record keeps (with the caller's
+    /// `traceparent`, kept without a hook), and links a replayed request's span to it. Without
+    /// one, a replay's `idempotency` span still carries the original's ids as the fields
+    /// `original_trace_id` and `original_traceparent`. Default: none. See [`TraceHook`].
+    pub fn with_trace_hook(self, hook: impl TraceHook) -> Self {
+        let hook: Arc<dyn TraceHook> = Arc::new(hook);
+        self.config(|c| c.trace = Some(hook))
     }
 
     /// What happens when the store fails. Default: [`StoreFailure::FailClosed`] with a 1 s
