@@ -541,20 +541,24 @@ fn plus(hint: SizeHint, more: u64) -> SizeHint {
 impl Tape {
     fn finish(&mut self) -> Record {
         let body = self.chunks.concat(self.size);
-        Record::Response(Arc::new(StoredResponse {
-            status: self.status,
-            headers: std::mem::take(&mut self.headers),
-            body,
-            trailers: self.trailers.take(),
-            marks: self
-                .events
-                .take()
-                .map(|(mut scanner, mut marks)| {
-                    scanner.finish(|mark| marks.push(mark));
-                    marks
-                })
-                .unwrap_or_default(),
-        }))
+        Record::Response(Arc::new(
+            StoredResponse {
+                status: self.status,
+                headers: std::mem::take(&mut self.headers),
+                body,
+                trailers: self.trailers.take(),
+                marks: self
+                    .events
+                    .take()
+                    .map(|(mut scanner, mut marks)| {
+                        scanner.finish(|mark| marks.push(mark));
+                        marks
+                    })
+                    .unwrap_or_default(),
+                completed_at: None,
+            }
+            .with_completed_at(std::time::SystemTime::now()),
+        ))
     }
 }
 

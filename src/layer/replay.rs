@@ -64,7 +64,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         let status = StatusCode::from_u16(status).unwrap();
-        Arc::new(StoredResponse { status, headers, body: Bytes::from_static(body), trailers, marks: Vec::new() })
+        Arc::new(StoredResponse {
+            status,
+            headers,
+            body: Bytes::from_static(body),
+            trailers,
+            marks: Vec::new(),
+            completed_at: None,
+        })
     }
 
     #[test]

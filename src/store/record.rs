@@ -1,5 +1,7 @@
 //! The stored response: what a replay sends back, and its compact encoding.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
@@ -40,17 +42,37 @@ pub struct StoredResponse {
     /// For a `text/event-stream` body: the end of each event with an id, in order (where a
     /// replay with `Last-Event-ID` starts).
     pub(crate) marks: Vec<EventMark>,
+    /// When the response was complete, to the millisecond (what an operator inspecting the
+    /// key sees); `None` in a record made before records kept it.
+    pub(crate) completed_at: Option<SystemTime>,
 }
 
 /// Flag bits of the byte after the headers.
 const HAS_TRAILERS: u8 = 1;
 const HAS_MARKS: u8 = 2;
+const HAS_COMPLETED_AT: u8 = 8;
+/// Every flag bit this version reads.
+const KNOWN_FLAGS: u8 = HAS_TRAILERS | HAS_MARKS | HAS_COMPLETED_AT;
 
 impl StoredResponse {
     /// A record of a response without trailers. The headers are kept as given: the layer
     /// removes the ones it does not replay before it makes a record.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
-        Self { status, headers, body, trailers: None, marks: Vec::new() }
+        Self { status, headers, body, trailers: None, marks: Vec::new(), completed_at: None }
+    }
+
+    /// The same record, completed at `at` (kept to the millisecond). The layer sets it to the
+    /// time the response ended.
+    #[must_use]
+    pub fn with_completed_at(mut self, at: SystemTime) -> Self {
+        self.completed_at = Some(to_millis(at));
+        self
+    }
+
+    /// When the response was complete, to the millisecond, by the clock of the process that
+    /// recorded it; `None` for a record made without it (before records kept it).
+    pub fn completed_at(&self) -> Option<SystemTime> {
+        self.completed_at
     }
 
     /// The same record, with the trailers the response ended with.
@@ -99,15 +121,17 @@ impl StoredResponse {
     /// 2      status, big-endian
     /// 2      header field count N, big-endian
     /// N x    name length (u16 BE), name, value length (u32 BE), value
-    /// 1      flags: bit 0 trailers, bit 1 event marks
+    /// 1      flags: bit 0 trailers, bit 1 event marks, bit 3 completion time
     ///        trailers, if flagged: a count and fields as for the headers
     ///        event marks, if flagged: count M (u32 BE), then M x id length (u16 BE), id,
     ///        end offset in the body (u64 BE): where each `text/event-stream` event with an
     ///        id ends, so a replay with `Last-Event-ID` starts there without parsing the body
+    ///        completion time, if flagged: milliseconds since the Unix epoch (u64 BE)
     /// rest   the body, raw, up to the end
     /// ```
     ///
-    /// A record without event marks encodes as it did before they existed (flags 0 or 1).
+    /// A record without event marks or completion time encodes as it did before they existed
+    /// (flags 0 or 1), and a record written before them decodes with none.
     ///
     /// Every length is prefixed, so the encoding is unambiguous; [`decode`](Self::decode)
     /// reads it back without copying the body or the header values. Stores keep records in
@@ -130,7 +154,11 @@ impl StoredResponse {
         out.put_u16(self.status.as_u16());
         fields(out, &self.headers)?;
         let has_marks = !self.marks.is_empty();
-        out.put_u8(if self.trailers.is_some() { HAS_TRAILERS } else { 0 } | if has_marks { HAS_MARKS } else { 0 });
+        out.put_u8(
+            if self.trailers.is_some() { HAS_TRAILERS } else { 0 }
+                | if has_marks { HAS_MARKS } else { 0 }
+                | if self.completed_at.is_some() { HAS_COMPLETED_AT } else { 0 },
+        );
         if let Some(trailers) = &self.trailers {
             fields(out, trailers)?;
         }
@@ -141,6 +169,9 @@ impl StoredResponse {
                 out.put_slice(&mark.id);
                 out.put_u64(mark.end);
             }
+        }
+        if let Some(at) = self.completed_at {
+            out.put_u64(millis_since_epoch(at));
         }
         out.put_slice(&self.body);
         Some(())
@@ -155,7 +186,13 @@ impl StoredResponse {
             0 => 0,
             _ => 4 + self.marks.iter().map(|mark| 2 + mark.id.len() + 8).sum::<usize>(),
         };
-        2 + fields_len(&self.headers) + 1 + self.trailers.as_ref().map_or(0, fields_len) + marks + self.body.len()
+        let completed_at = if self.completed_at.is_some() { 8 } else { 0 };
+        2 + fields_len(&self.headers)
+            + 1
+            + self.trailers.as_ref().map_or(0, fields_len)
+            + marks
+            + completed_at
+            + self.body.len()
     }
 
     /// Reads back what [`encode_into`](Self::encode_into) wrote; header values and the body
@@ -187,7 +224,7 @@ impl StoredResponse {
         let status = StatusCode::from_u16(status).map_err(|_| DecodeError("invalid status"))?;
         let headers = fields(&mut encoded)?;
         let flags = encoded.try_get_u8().map_err(|_| DecodeError("truncated"))?;
-        if flags & !(HAS_TRAILERS | HAS_MARKS) != 0 {
+        if flags & !KNOWN_FLAGS != 0 {
             return Err(DecodeError("invalid flags"));
         }
         let trailers = if flags & HAS_TRAILERS != 0 { Some(fields(&mut encoded)?) } else { None };
@@ -209,11 +246,27 @@ impl StoredResponse {
                 marks.push(EventMark { id, end });
             }
         }
+        let completed_at = if flags & HAS_COMPLETED_AT != 0 {
+            let millis = encoded.try_get_u64().map_err(|_| DecodeError("truncated"))?;
+            Some(UNIX_EPOCH.checked_add(Duration::from_millis(millis)).ok_or(DecodeError("invalid completion time"))?)
+        } else {
+            None
+        };
         if marks.iter().any(|mark| mark.end > encoded.len() as u64) {
             return Err(DecodeError("event mark past the body"));
         }
-        Ok(Self { status, headers, body: encoded, trailers, marks })
+        Ok(Self { status, headers, body: encoded, trailers, marks, completed_at })
     }
+}
+
+/// Milliseconds from the Unix epoch to `at` (0 for a time before it).
+fn millis_since_epoch(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `at`, to the millisecond.
+fn to_millis(at: SystemTime) -> SystemTime {
+    UNIX_EPOCH.checked_add(Duration::from_millis(millis_since_epoch(at))).unwrap_or(at)
 }
 
 /// A buffer that is not a record [`StoredResponse::encode_into`] wrote.
@@ -270,6 +323,7 @@ mod tests {
                 body: Bytes::copy_from_slice(body),
                 trailers,
                 marks: Vec::new(),
+                completed_at: None,
             };
             let mut encoded = Vec::new();
             record.encode_into(&mut encoded).unwrap();
