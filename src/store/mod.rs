@@ -453,3 +453,26 @@ impl std::error::Error for StoreError {
         self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn a_token_says_when_it_was_taken_and_stays_unique() {
+        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+        let tokens: Vec<_> = (0..1000).map(|_| LockToken::new(Fingerprint::from_bytes([1; 32]))).collect();
+        let after = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+        for token in &tokens {
+            let since = token.since().unwrap().duration_since(UNIX_EPOCH).unwrap().as_millis();
+            assert!((before..=after).contains(&since), "{since} not within [{before}, {after}]");
+        }
+        let ids: std::collections::HashSet<_> = tokens.iter().map(LockToken::id).collect();
+        assert_eq!(ids.len(), tokens.len());
+        // An id that holds no time (a random prefix there) says none.
+        assert_eq!(LockToken::from_parts(u128::MAX, Fingerprint::from_bytes([1; 32])).since(), None);
+        assert_eq!(LockToken::from_parts(1, Fingerprint::from_bytes([1; 32])).since(), None);
+    }
+}

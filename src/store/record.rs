@@ -334,6 +334,27 @@ mod tests {
     }
 
     #[test]
+    fn the_completion_time_round_trips_to_the_millisecond() {
+        let at = UNIX_EPOCH + Duration::from_nanos(1_765_000_000_123_456_789);
+        let record =
+            StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"body")).with_completed_at(at);
+        assert_eq!(record.completed_at(), Some(UNIX_EPOCH + Duration::from_millis(1_765_000_000_123)));
+        let mut encoded = Vec::new();
+        record.encode_into(&mut encoded).unwrap();
+        assert_eq!(encoded.len(), record.encoded_len());
+        assert_eq!(encoded[4], HAS_COMPLETED_AT, "the flag, after a status and an empty header map");
+        let decoded = StoredResponse::decode(Bytes::from(encoded.clone())).unwrap();
+        assert_eq!(decoded, record);
+        assert_eq!(decoded.body(), "body");
+        // A time cut short is an error, not a panic.
+        assert!(StoredResponse::decode(Bytes::copy_from_slice(&encoded[..9])).is_err());
+        // A record without it decodes without it.
+        let mut untimed = Vec::new();
+        StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new()).encode_into(&mut untimed).unwrap();
+        assert_eq!(StoredResponse::decode(Bytes::from(untimed)).unwrap().completed_at(), None);
+    }
+
+    #[test]
     fn event_marks_round_trip_and_leave_old_records_readable() {
         let body = Bytes::from_static(b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n");
         let mut record = StoredResponse::new(StatusCode::OK, HeaderMap::new(), body.clone());
