@@ -18,6 +18,9 @@ pub enum ConfigError {
     /// [`Secret`](crate::Secret) ([`with_secret`](crate::IdempotencyLayer::with_secret)), so
     /// it has no keyed digests to compute a store key with.
     NoSecret,
+    /// The JSON Pointer is not one (RFC 6901: empty, or `/`-separated tokens where `~` is
+    /// followed by `0` or `1`).
+    InvalidJsonPointer(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -33,6 +36,7 @@ impl fmt::Display for ConfigError {
                 "the idempotency layer's store outlives the process and the layer has no secret: \
                  set the deployment secret with `with_secret`",
             ),
+            Self::InvalidJsonPointer(pointer) => write!(f, "`{pointer}` is not a valid JSON Pointer (RFC 6901)"),
         }
     }
 }

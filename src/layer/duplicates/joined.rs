@@ -14,6 +14,7 @@ use tower::BoxError;
 
 use crate::{
     IDEMPOTENT_REPLAYED, Outcome,
+    layer::body::Rewrite,
     layer::duplicates::WaitSlot,
     layer::lock::StoreHandle,
     layer::sse::is_event_stream,
@@ -82,6 +83,8 @@ pub(crate) struct Joined {
     ready: VecDeque<Bytes>,
     trailers: Option<HeaderMap>,
     step: JoinStep,
+    /// A change made to the body as it passes (a JSON-RPC retry's `id`).
+    rewrite: Option<Box<dyn Rewrite>>,
     /// This joiner's place among the key's waiters: given back when the body is dropped.
     _slot: WaitSlot,
 }
@@ -115,6 +118,7 @@ impl Joined {
             ready: VecDeque::new(),
             trailers: None,
             step: JoinStep::Following(None),
+            rewrite: None,
             _slot: slot,
         };
         joined.take(events);
@@ -137,7 +141,20 @@ impl Joined {
             return;
         }
         let skip = usize::try_from(self.start.saturating_sub(from)).unwrap_or(usize::MAX);
-        self.ready.push_back(data.slice(skip..));
+        let data = data.slice(skip..);
+        match &mut self.rewrite {
+            Some(rewrite) => rewrite.feed(data, &mut self.ready),
+            None => self.ready.push_back(data),
+        }
+    }
+
+    /// Applies `rewrite` to the body from its start (what is queued already included).
+    pub(crate) fn rewrite_with(&mut self, mut rewrite: Box<dyn Rewrite>) {
+        let queued = std::mem::take(&mut self.ready);
+        for data in queued {
+            rewrite.feed(data, &mut self.ready);
+        }
+        self.rewrite = Some(rewrite);
     }
 
     fn fail(&mut self, why: &'static str) {
@@ -190,7 +207,13 @@ impl Joined {
                     Ok(record) => self.finish(record),
                     Err(_) => self.fail("the store failed"),
                 },
-                JoinStep::Done => return Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t)))),
+                JoinStep::Done => {
+                    if let Some(mut rewrite) = self.rewrite.take() {
+                        rewrite.finish(&mut self.ready);
+                        continue;
+                    }
+                    return Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t))));
+                }
                 JoinStep::Failed(error) => return Poll::Ready(error.take().map(Err)),
             }
         }
@@ -199,7 +222,7 @@ impl Joined {
     pub(crate) fn is_end_stream(&self) -> bool {
         self.ready.is_empty()
             && match &self.step {
-                JoinStep::Done => self.trailers.is_none(),
+                JoinStep::Done => self.trailers.is_none() && self.rewrite.is_none(),
                 JoinStep::Failed(error) => error.is_none(),
                 _ => false,
             }
