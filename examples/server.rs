@@ -27,7 +27,8 @@
 //!
 //! - `GET /admin/keys/{key}`: `{"state": "unknown"}`, `{"state": "in_flight", "since_ms",
 //!   "lease_until_ms"}` or `{"state": "completed", "completed_at_ms", "status", "size",
-//!   "expires_at_ms", "retained"}` (times in milliseconds since the Unix epoch);
+//!   "expires_at_ms", "trace_id", "retained"}` (times in milliseconds since the Unix epoch;
+//!   `trace_id`, of the request that executed, in hex, or `null`);
 //! - `DELETE /admin/keys/{key}`: `204` when the record was purged (the next request with the
 //!   key executes), `404` when the key held nothing, `409` while a request holds it in flight
 //!   (purging then could run it twice at once).
@@ -37,6 +38,15 @@
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'   # replay
 //! curl -s localhost:3000/stats
 //! curl -s localhost:3000/admin/keys/k1 -H "Authorization: Bearer $IDEMPOTENCY_ADMIN_TOKEN"
+//! ```
+//!
+//! `POST /rpc` (with `--features json`) is a JSON-RPC 2.0 endpoint, keyed as MCP keys tool
+//! calls, in `params._meta.idempotencyKey`; a retry with a new `id` gets the recorded result
+//! with its own `id`:
+//!
+//! ```text
+//! curl -s localhost:3000/rpc -d '{"jsonrpc":"2.0","id":1,"method":"charge","params":{"_meta":{"idempotencyKey":"k2"}}}'
+//! curl -s localhost:3000/rpc -d '{"jsonrpc":"2.0","id":2,"method":"charge","params":{"_meta":{"idempotencyKey":"k2"}}}'
 //! ```
 
 use std::{
@@ -73,12 +83,12 @@ use tower_idempotency::{
 };
 
 /// The routes whose executions `GET /stats` counts.
-pub const ROUTES: [&str; 7] = ["orders", "payments", "jobs", "patch", "put", "stream", "large"];
+pub const ROUTES: [&str; 8] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "rpc"];
 
 /// Executions per route since start, and the id sequences.
 #[derive(Debug, Default)]
 pub struct Stats {
-    executions: [AtomicU64; 7],
+    executions: [AtomicU64; 8],
     next_id: AtomicU64,
     /// Executions of `POST /ledger` (with `DATABASE_URL`).
     #[cfg(feature = "postgres")]
@@ -246,6 +256,7 @@ async fn admin_key<St: Inspect>(
             "status": completed.status().map(|status| status.as_u16()),
             "size": completed.size(),
             "expires_at_ms": epoch_ms(completed.expires_at()),
+            "trace_id": completed.trace_id().map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>()),
             "retained": completed.is_retained(),
         }),
         _ => json!({"state": "unknown"}),
@@ -273,7 +284,12 @@ fn routes<St: LiveLog + Inspect>(layer: IdempotencyLayer<St>, admin_token: Optio
     // A duplicate of a stream in flight joins it: the events so far at once, then
     // each one as it is produced; `Last-Event-ID` resumes after the event it names.
     let joining = layer.clone().with_duplicates(Duplicates::join());
-    Router::new()
+    #[cfg(feature = "json")]
+    let rpc = layer.clone().with_key_source(tower_idempotency::KeySource::json_rpc());
+    let router = Router::new();
+    #[cfg(feature = "json")]
+    let router = router.route("/rpc", post(rpc_call).layer(rpc));
+    router
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
         .route("/jobs", post(create::<JOBS>).layer(waiting))
@@ -390,6 +406,36 @@ async fn stream(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers
         Some((Ok::<_, Infallible>(Bytes::from(format!("id: {i}\ndata: {i}\n\n"))), i + 1))
     });
     ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(events)).into_response()
+}
+
+/// `POST /rpc` (feature `json`): JSON-RPC 2.0, method `charge` answers
+/// `{"charge":"rpc_N"}`; a notification gets `202`; its layer reads the key from
+/// `params._meta.idempotencyKey` and answers a retry with the retry's own `id`.
+#[cfg(feature = "json")]
+async fn rpc_call(
+    State(stats): State<Arc<Stats>>,
+    Query(q): Query<Knobs>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    stats.count("rpc");
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    let answer = |id: &Value, outcome: (&str, Value)| {
+        axum::Json(json!({"jsonrpc": "2.0", "id": id, outcome.0: outcome.1})).into_response()
+    };
+    let Ok(call) = serde_json::from_slice::<Value>(&body) else {
+        return answer(&Value::Null, ("error", json!({"code": -32700, "message": "Parse error"})));
+    };
+    let Some(id) = call.get("id") else { return StatusCode::ACCEPTED.into_response() };
+    match call["method"].as_str() {
+        Some("charge") => {
+            let charge = format!("rpc_{}", stats.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+            answer(id, ("result", json!({"charge": charge})))
+        }
+        _ => answer(id, ("error", json!({"code": -32601, "message": "Method not found"}))),
+    }
 }
 
 async fn large(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers: HeaderMap) -> Response {

@@ -229,6 +229,7 @@ mod rt;
 mod scope;
 pub mod secret;
 pub mod store;
+mod trace;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod transactional;
@@ -247,6 +248,7 @@ pub use outcome::Outcome;
 pub use predicate::{CachePredicate, SuccessOnly};
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use secret::Secret;
+pub use trace::{Origin, TraceContext};
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis`,
 /// `postgres` and `dynamodb` features).

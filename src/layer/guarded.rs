@@ -57,9 +57,9 @@ pub(crate) enum Unprepared<B: Body> {
     Pass(request::Parts, Buffered),
 }
 
-/// The `id` a JSON-RPC request is answered with (nothing without the `json` feature).
+/// What a JSON-RPC request is answered with (its `id`) (nothing without the `json` feature).
 #[cfg(feature = "json")]
-pub(crate) type ReplyId = serde_json::Value;
+pub(crate) type ReplyId = crate::layer::json::Reply;
 #[cfg(not(feature = "json"))]
 pub(crate) type ReplyId = std::convert::Infallible;
 

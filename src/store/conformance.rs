@@ -32,14 +32,14 @@
 use std::{
     future::Future,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::{
-    IdempotencyKey, ScopeId,
+    IdempotencyKey, Origin, ScopeId, TraceContext,
     store::{
         Begin, Fingerprint, Followed, IdempotencyStore, Inspect, KeyState, LiveCursor, LiveEvent, LiveLog, LockToken,
         Purged, Record, StoreKey, StoredResponse,
@@ -98,7 +98,8 @@ pub async fn free_key_is_locked_then_in_flight<S: IdempotencyStore>(store: S) {
     assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
 }
 
-/// A completed record comes back byte for byte: status, repeated headers, binary body, trailers.
+/// A completed record comes back byte for byte: status, repeated headers, binary body,
+/// trailers, and its origin (completion time, trace contexts).
 pub async fn completed_record_is_returned_intact<S: IdempotencyStore>(store: S) {
     let key = fresh_key(None);
     let token = lock(&store, &key, fp(1)).await;
@@ -106,6 +107,12 @@ pub async fn completed_record_is_returned_intact<S: IdempotencyStore>(store: S) 
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
     stored.trailers = Some(trailers);
+    let origin = Origin {
+        completed_at: Some(UNIX_EPOCH + Duration::from_millis(1_796_000_000_123)),
+        caller: TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        span: TraceContext::new([0xab; 16], [0xcd; 8], 1),
+    };
+    stored = stored.with_origin(origin);
     assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
     match begin(&store, &key, fp(1)).await {
         Begin::Completed(Record::Response(got)) => assert_eq!(*got, stored),
@@ -549,15 +556,20 @@ pub async fn completed_key_is_shown_and_purged<S: Inspect>(store: S) {
     let key = fresh_key(Some(ScopeId::digest("tenant-a")));
     let other_scope = StoreKey::new(Some(ScopeId::digest("tenant-b")), key.key().clone());
     let token = lock(&store, &key, fp(1)).await;
-    let completed_at = SystemTime::now();
-    let stored = response(b"{\"charged\":true}").with_completed_at(completed_at);
+    let origin = Origin {
+        completed_at: Some(UNIX_EPOCH + Duration::from_millis(1_796_000_000_123)),
+        caller: TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ..Origin::default()
+    };
+    let stored = response(b"{\"charged\":true}").with_origin(origin);
     assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
     let KeyState::Completed(completed) = inspect(&store, &key).await else { panic!("the key is completed") };
     assert!(completed.is_retained());
     assert_eq!(completed.status(), Some(StatusCode::CREATED));
     assert_eq!(completed.size(), Some(stored.body().len()));
-    assert_eq!(completed.completed_at(), stored.completed_at());
-    assert_near(completed.completed_at().unwrap(), completed_at, Duration::from_millis(1), "completed at");
+    assert_eq!(completed.completed_at(), origin.completed_at);
+    assert_eq!(completed.origin(), Some(&origin));
+    assert_eq!(completed.trace_id(), Some(*b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36"));
     assert_near(completed.expires_at(), SystemTime::now() + TTL, SLACK, "expires at");
     assert!(matches!(completed.record(), Record::Response(got) if **got == stored), "the record, intact");
     assert_eq!(inspect(&store, &other_scope).await, KeyState::Unknown, "scopes are apart");
@@ -571,7 +583,7 @@ pub async fn completed_key_is_shown_and_purged<S: Inspect>(store: S) {
 }
 
 /// A not-retained record is shown as completed without a response, and purged like any
-/// record; a record made without a completion time shows none.
+/// record; a record made without an origin (before records kept one) shows none.
 pub async fn not_retained_and_untimed_records_are_shown<S: Inspect>(store: S) {
     let key = fresh_key(None);
     let token = lock(&store, &key, fp(1)).await;
@@ -590,6 +602,7 @@ pub async fn not_retained_and_untimed_records_are_shown<S: Inspect>(store: S) {
         (completed.status(), completed.size(), completed.completed_at()),
         (Some(StatusCode::CREATED), Some(0), None)
     );
+    assert_eq!(completed.trace_id(), None);
 }
 
 /// An expired lock or record is unknown, as it is for `begin`, and purging it removes no

@@ -6,6 +6,7 @@ use std::{future::Future, time::SystemTime};
 use http::StatusCode;
 
 use super::{IdempotencyStore, LockToken, Record, StoreError, StoreKey};
+use crate::Origin;
 
 /// What an operator needs to answer a support ticket ("did this charge go through, and what
 /// did we answer?") and to act on one key: its state ([`inspect`](Self::inspect)) and its
@@ -22,7 +23,7 @@ use super::{IdempotencyStore, LockToken, Record, StoreError, StoreKey};
 ///   [`KeyState::Unknown`], as it is for `begin`. Times are wall-clock times, to the
 ///   millisecond: a lock's start is written into its token by the process that took it
 ///   ([`LockToken::since`]), a record's completion into the record by the process that
-///   recorded it ([`StoredResponse::completed_at`](super::StoredResponse::completed_at)); the
+///   recorded it ([`Origin::completed_at`], with the trace of the request); the
 ///   end of a lease and of a record's TTL are the store's, converted with this process's
 ///   clock.
 /// - **Purging never runs a request twice at once.** `purge` removes a completed record, so
@@ -105,13 +106,26 @@ impl Completed {
         matches!(self.record, Record::Response(_))
     }
 
+    /// Where the record came from: when it completed, and the trace of the request that
+    /// executed; `None` for a record not retained.
+    pub fn origin(&self) -> Option<&Origin> {
+        match &self.record {
+            Record::Response(response) => Some(response.origin()),
+            Record::NotRetained => None,
+        }
+    }
+
     /// When the response was complete (by the recording process's clock); `None` for a record
     /// not retained or written before records kept the time.
     pub fn completed_at(&self) -> Option<SystemTime> {
-        match &self.record {
-            Record::Response(response) => response.completed_at(),
-            Record::NotRetained => None,
-        }
+        self.origin()?.completed_at
+    }
+
+    /// The trace id of the request that executed (what a trace viewer finds it by); `None` for
+    /// a record not retained, one written before records kept it, or a request that ran
+    /// outside any trace.
+    pub fn trace_id(&self) -> Option<[u8; 16]> {
+        self.origin()?.trace_id()
     }
 
     /// Until when the record is kept: past it, the key is free.

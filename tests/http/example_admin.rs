@@ -84,7 +84,16 @@ async fn an_operator_sees_a_completed_key_and_purges_it() {
     let server = server().await;
     let key = key();
     let before = now_ms();
-    let first = order(&server, &key, "A1").await;
+    // The caller's trace: the record keeps it, and the operator sees its trace id.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let first = server
+        .post("/orders")
+        .key(&key)
+        .header("authorization", CUSTOMER)
+        .header("traceparent", traceparent)
+        .json(&json!({"sku": "A1"}))
+        .send()
+        .await;
     assert_eq!(first.status, StatusCode::CREATED);
     let after = now_ms();
 
@@ -93,6 +102,7 @@ async fn an_operator_sees_a_completed_key_and_purges_it() {
     assert_eq!(seen["status"], 201);
     assert_eq!(seen["size"], first.body.len());
     assert_eq!(seen["retained"], true);
+    assert_eq!(seen["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_between(&seen["completed_at_ms"], before, after);
     // The library's default TTL: 24 h from completion.
     let day = 24 * 60 * 60 * 1000;

@@ -4,6 +4,7 @@
 //! One binary per area (as tower groups its tests); each file is one former test binary.
 
 mod example_admin;
+mod example_rpc;
 mod example_server;
 mod example_stream;
 mod readme;
