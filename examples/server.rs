@@ -490,24 +490,56 @@ async fn ledger(
 /// the store, and `POST /ledger` in transactional mode.
 #[cfg(feature = "postgres")]
 async fn postgres_app(url: &str, stats: Arc<Stats>) -> Router {
-    let exit = |what: &str, error: &dyn std::fmt::Display| -> ! {
-        eprintln!("DATABASE_URL ({url:?}): {what}: {error}");
-        std::process::exit(2)
-    };
+    // Lazy: the server starts even while PostgreSQL is down, answers `503` until it is up, and
+    // creates its tables once it can.
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(16)
-        .connect(url)
-        .await
-        .unwrap_or_else(|error| exit("cannot connect", &error));
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(url)
+        .unwrap_or_else(|error| {
+            eprintln!("DATABASE_URL is not a valid PostgreSQL URL ({url:?}): {error}");
+            std::process::exit(2);
+        });
     let store = PostgresStore::new(pool.clone());
-    store.migrate().await.unwrap_or_else(|error| exit("cannot create the idempotency table", &error));
-    let ledger_table = "CREATE TABLE IF NOT EXISTS ledger (id bigserial PRIMARY KEY, body text NOT NULL, \
-                        created_at timestamptz NOT NULL DEFAULT now())";
-    sqlx::raw_sql(ledger_table).execute(&pool).await.unwrap_or_else(|error| exit("cannot create ledger", &error));
+    // A database that answers has the tables before the first request; one that does not gets
+    // them from a task that tries until it answers.
+    let mut attempt = 0;
+    let created = loop {
+        attempt += 1;
+        match create_tables(&store).await {
+            // The database answered with an error: processes starting together race to
+            // create a table (`CREATE ... IF NOT EXISTS` is not atomic). Again.
+            Err(sqlx::Error::Database(_)) if attempt < 3 => continue,
+            created => break created,
+        }
+    };
+    if let Err(error) = created {
+        eprintln!("DATABASE_URL ({url:?}): cannot create the tables yet, answering 503 until then: {error}");
+        let (creating, url) = (store.clone(), url.to_owned());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match create_tables(&creating).await {
+                    Ok(()) => break eprintln!("DATABASE_URL ({url:?}): tables created"),
+                    Err(error) => eprintln!("DATABASE_URL ({url:?}): cannot create the tables yet: {error}"),
+                }
+            }
+        });
+    }
     let _ = stats.database.set(pool);
     let layer = configure(IdempotencyLayer::from_store(store));
     let transactional = layer.clone().transactional();
     finish(routes(layer, AdminToken::from_env()).route("/ledger", post(ledger).layer(transactional)), stats)
+}
+
+/// The example's `ledger` table, then the store's: once the store's exists (until then the
+/// layer answers `503`), `/ledger` finds its table.
+#[cfg(feature = "postgres")]
+async fn create_tables(store: &PostgresStore) -> Result<(), sqlx::Error> {
+    let ledger = "CREATE TABLE IF NOT EXISTS ledger (id bigserial PRIMARY KEY, body text NOT NULL, \
+                  created_at timestamptz NOT NULL DEFAULT now())";
+    sqlx::raw_sql(ledger).execute(store.pool()).await?;
+    store.migrate().await
 }
 
 /// `IDEMPOTENCY_TTL_MS`, when set.

@@ -14,7 +14,7 @@ use crate::{
     IdempotencyKey, Outcome,
     headers::LAST_EVENT_ID,
     layer::{
-        answer::{problem_response, refused_response},
+        answer::{problem_answer, problem_response, refused_response},
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
         config::{Config, Duplicates, StoreFailure},
         duplicates::{Joined, Waited, joined_head},
@@ -22,7 +22,7 @@ use crate::{
         mode::{Began, Inner, Mode, wait_until},
         replay::replay,
     },
-    problem::ProblemKind,
+    problem::{Problem, ProblemKind},
     secret::Refused,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
 };
@@ -84,7 +84,10 @@ where
     let problem = |kind| Unprepared::Answer(problem_response(&config.answers, &head.headers, kind, None));
     let body = match buffer(body, config.max_request_body).await {
         Ok(body) => body,
-        Err(BufferError::TooLarge) => return Err(problem(ProblemKind::RequestBodyTooLarge)),
+        Err(BufferError::TooLarge) => {
+            let too_large = Problem::body_too_large(config.max_request_body);
+            return Err(Unprepared::Answer(problem_answer(&config.answers, &head.headers, too_large)));
+        }
         Err(BufferError::Unreadable) => return Err(problem(ProblemKind::RequestBodyUnreadable)),
     };
     // The key from the body: the same rules, and a JSON-RPC request fingerprinted without
