@@ -493,16 +493,10 @@ mod tests {
         assert_eq!(error.to_string(), "idempotency store unavailable: query failed");
         assert_eq!(error.source().map(ToString::to_string).as_deref(), Some("broken pipe"));
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{SystemTime, UNIX_EPOCH};
-
-    use super::*;
 
     #[test]
     fn a_token_says_when_it_was_taken_and_stays_unique() {
+        use std::time::{SystemTime, UNIX_EPOCH};
         let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
         let tokens: Vec<_> = (0..1000).map(|_| LockToken::new(Fingerprint::from_bytes([1; 32]))).collect();
         let after = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
