@@ -18,7 +18,8 @@
 //! what the store keeps, at least 16 bytes, the same for every process; unset, a fixed
 //! development secret, with a warning, so processes started alike still share keys),
 //! `IDEMPOTENCY_ADMIN_TOKEN` (the bearer token of the admin routes below; unset, they are not
-//! served). Prints `listening on http://HOST:PORT`.
+//! served). Prints `listening on http://HOST:PORT`. `POST /quotes` needs `--features json` (it
+//! fingerprints its body as canonical JSON).
 //!
 //! Admin routes, for an operator answering "did this charge go through, and what did we
 //! answer?" (with `Authorization: Bearer $IDEMPOTENCY_ADMIN_TOKEN`; the customer's own
@@ -36,6 +37,8 @@
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'   # replay
+//! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"amount":10,"client_time":"12:00"}'
+//! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"client_time":"12:01", "amount":1e1}'   # replay
 //! curl -s localhost:3000/stats
 //! curl -s localhost:3000/admin/keys/k1 -H "Authorization: Bearer $IDEMPOTENCY_ADMIN_TOKEN"
 //! ```
@@ -83,12 +86,12 @@ use tower_idempotency::{
 };
 
 /// The routes whose executions `GET /stats` counts.
-pub const ROUTES: [&str; 8] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "rpc"];
+pub const ROUTES: [&str; 9] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "rpc", "quotes"];
 
 /// Executions per route since start, and the id sequences.
 #[derive(Debug, Default)]
 pub struct Stats {
-    executions: [AtomicU64; 8],
+    executions: [AtomicU64; ROUTES.len()],
     next_id: AtomicU64,
     /// Executions of `POST /ledger` (with `DATABASE_URL`).
     #[cfg(feature = "postgres")]
@@ -286,9 +289,17 @@ fn routes<St: LiveLog + Inspect>(layer: IdempotencyLayer<St>, admin_token: Optio
     let joining = layer.clone().with_duplicates(Duplicates::join());
     #[cfg(feature = "json")]
     let rpc = layer.clone().with_key_source(tower_idempotency::KeySource::json_rpc());
+    // `POST /quotes`: as `/orders`, but fingerprinted as canonical JSON (RFC 8785) without the
+    // member `client_time`, so a retry whose members come in another order, whose numbers are
+    // spelled otherwise, or whose `client_time` is newer is the same request. A body that is
+    // not JSON gets `400` `request-body-not-json` from the layer.
+    #[cfg(feature = "json")]
+    let quotes = layer.clone().with_body_fingerprint(
+        tower_idempotency::BodyFingerprint::canonical_json(["/client_time"]).expect("a JSON Pointer"),
+    );
     let router = Router::new();
     #[cfg(feature = "json")]
-    let router = router.route("/rpc", post(rpc_call).layer(rpc));
+    let router = router.route("/rpc", post(rpc_call).layer(rpc)).route("/quotes", post(create::<QUOTES>).layer(quotes));
     router
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
@@ -344,8 +355,10 @@ fn parse_json(body: &Bytes) -> Result<Value, Box<Response>> {
 pub const ORDERS: usize = 0;
 const PAYMENTS: usize = 1;
 const JOBS: usize = 2;
+#[cfg_attr(not(feature = "json"), allow(dead_code))]
+const QUOTES: usize = 8;
 
-/// `POST /orders`, `/payments`, `/jobs`: `ROUTE` indexes [`ROUTES`].
+/// `POST /orders`, `/payments`, `/jobs`, `/quotes`: `ROUTE` indexes [`ROUTES`].
 pub async fn create<const ROUTE: usize>(
     State(stats): State<Arc<Stats>>,
     Query(q): Query<Knobs>,
@@ -361,7 +374,12 @@ pub async fn create<const ROUTE: usize>(
         Ok(order) => order,
         Err(response) => return *response,
     };
-    let prefix = ["ord", "pay", "job"][ROUTE];
+    let prefix = match ROUTE {
+        ORDERS => "ord",
+        PAYMENTS => "pay",
+        JOBS => "job",
+        _ => "quo",
+    };
     let id = format!("{prefix}_{}", stats.next_id.fetch_add(1, Ordering::SeqCst) + 1);
     let location = format!("/{route}/{id}");
     (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(json!({"id": id, "order": order}))).into_response()

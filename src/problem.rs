@@ -29,7 +29,11 @@
 //!
 //! # request-body-not-json
 //! `400`: the route reads its request body as JSON (its key is in the body, or its fingerprint
-//! is taken from the JSON) and the body is not valid JSON.
+//! is taken from the JSON) and the body is not valid JSON. On a route that fingerprints its
+//! body as canonical JSON (`BodyFingerprint::canonical_json`, feature `json`), a body that is
+//! not I-JSON (a member name given twice in one object, a number no double can hold) is
+//! refused the same way: two bodies that differ only there must not share a fingerprint. The
+//! request did not run; the key can be used again with a corrected body.
 //!
 //! # in-flight
 //! `409` with `Retry-After`: a request with this key and the same payload is still running.

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Method, header, response};
 use tokio::sync::Semaphore;
 
 use crate::{
-    KeySource, Scope,
+    BodyFingerprint, KeySource, Scope, UploadAppends,
     hints::RetryHint,
     layer::{duplicates::Waiting, lock::Keeper},
     predicate::CachePredicate,
@@ -128,10 +128,14 @@ pub(crate) struct Config {
     /// Where the key is read: the header, or the body.
     pub(crate) key_source: KeySource,
     pub(crate) key_policy: KeyPolicy,
+    /// Whether upload appends of the resumable-upload draft pass untouched.
+    pub(crate) upload_appends: UploadAppends,
     pub(crate) scope: Scope,
     /// The keyed digests of the scope and the fingerprint.
     pub(crate) digests: Digests,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
+    /// How the body enters the fingerprint: raw bytes, or canonical JSON.
+    pub(crate) body_fingerprint: BodyFingerprint,
     pub(crate) max_request_body: usize,
     pub(crate) max_record: usize,
     pub(crate) predicate: Arc<dyn CachePredicate>,
@@ -151,6 +155,18 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// The store key of the request whose head is `head`: its scope, keyed with `keyed`, and
+    /// its idempotency key. The one formula of the request path and of
+    /// [`IdempotencyLayer::store_key`](crate::IdempotencyLayer::store_key).
+    pub(crate) fn store_key(
+        &self,
+        keyed: &crate::secret::Keyed,
+        head: &http::request::Parts,
+        key: crate::IdempotencyKey,
+    ) -> crate::store::StoreKey {
+        crate::store::StoreKey::new(self.scope.resolve(head, keyed.scope_key()), key)
+    }
+
     /// The `Retry-After` of a `409` in flight: the reject setting's, or 1 s past a wait.
     pub(crate) fn in_flight_retry_after(&self) -> Duration {
         match self.duplicates {
@@ -181,9 +197,11 @@ impl fmt::Debug for Config {
             .field("header", &self.header)
             .field("key_source", &self.key_source)
             .field("key_policy", &self.key_policy)
+            .field("upload_appends", &self.upload_appends)
             .field("scope", &self.scope)
             .field("digests", &self.digests)
             .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("body_fingerprint", &self.body_fingerprint)
             .field("max_request_body", &self.max_request_body)
             .field("max_record", &self.max_record)
             .field("ttl", &self.ttl)

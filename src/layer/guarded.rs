@@ -114,14 +114,18 @@ where
         #[cfg(not(feature = "json"))]
         None => unreachable!("a key in the body needs the `json` feature ({reply:?})"),
     };
+    // Before the store: a body its route fingerprints as canonical JSON and cannot read is
+    // answered without touching it.
+    let Ok(fingerprinted) = config.body_fingerprint.read(fingerprinted.as_deref().unwrap_or(&body.data)) else {
+        return Err(problem(ProblemKind::RequestBodyNotJson));
+    };
     let keyed = match config.digests.ready(store, config.lease).await {
         Ok(keyed) => keyed,
         Err(Refused::Store(error)) => return Err(Unprepared::Store(error, head, body)),
         Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
     };
-    let fingerprinted = fingerprinted.as_deref().unwrap_or(&body.data);
-    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, fingerprinted);
-    let key = StoreKey::new(config.scope.resolve(&head, keyed.scope_key()), key);
+    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &fingerprinted);
+    let key = config.store_key(keyed, &head, key);
     Ok(Prepared { head, body, key, fingerprint })
 }
 

@@ -127,6 +127,10 @@ pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
         tracing::trace!(outcome = "bypassed", "idempotency: method not covered");
         return Admission::Pass;
     }
+    if config.upload_appends.passes(request.method(), request.headers()) {
+        tracing::trace!(outcome = "bypassed", "idempotency: a resumable upload's append");
+        return Admission::Pass;
+    }
     if config.key_source.in_body() {
         return Admission::Guard(None);
     }

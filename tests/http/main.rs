@@ -4,6 +4,8 @@
 //! One binary per area (as tower groups its tests); each file is one former test binary.
 
 mod example_admin;
+#[cfg(feature = "json")]
+mod example_quotes;
 mod example_rpc;
 mod example_server;
 mod example_stream;
@@ -11,3 +13,4 @@ mod readme;
 mod real_servers;
 #[path = "../support/mod.rs"]
 mod support;
+mod uploads;
