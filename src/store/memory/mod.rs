@@ -83,6 +83,8 @@ struct Inner {
     sweeper: Background,
     max_entries: usize,
     max_bytes: usize,
+    /// The most a live log holds (its weight), per response.
+    max_live_log: usize,
     sweep_interval: Duration,
 }
 
@@ -157,6 +159,7 @@ impl fmt::Debug for MemoryStore {
             .field("bytes", &self.bytes())
             .field("max_entries", &self.inner.max_entries)
             .field("max_bytes", &self.inner.max_bytes)
+            .field("max_live_log", &self.inner.max_live_log)
             .finish()
     }
 }
@@ -208,7 +211,7 @@ impl Inner {
         }
         // Expired: take the key over in place. A stale queue element is skipped later.
         self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
-        slot.end_live(false);
+        slot.end_live(false, &self.counts.0.bytes);
         let token = LockToken::new(*fingerprint);
         *slot = Slot::Locked { token, lease_until: later(now, lease), live: None };
         Ok(Begin::Execute(token))
@@ -273,7 +276,7 @@ impl Inner {
             }
             let fingerprint = *lock.fingerprint();
             let completed = Slot::Completed { fingerprint, record: stored, expires_at: later(now, ttl), seq, weight };
-            std::mem::replace(&mut *slot, completed).end_live(true);
+            std::mem::replace(&mut *slot, completed).end_live(true, &self.counts.0.bytes);
             held = self.counts.0.bytes.fetch_add(weight, Ordering::AcqRel) + weight;
         }
         self.completed.push(id, seq);
@@ -300,8 +303,28 @@ impl Inner {
         let removed = self.map.remove_if(&self.id(key), |_, slot| slot.is_live_lock(lock, now));
         let Some((_, slot)) = removed else { return false };
         self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
-        slot.end_live(false);
+        slot.end_live(false, &self.counts.0.bytes);
         true
+    }
+
+    /// A new live log, counted in the store's bytes.
+    fn new_live(&self) -> Arc<Live> {
+        self.counts.0.bytes.fetch_add(live::EMPTY_WEIGHT, Ordering::AcqRel);
+        Live::new()
+    }
+
+    /// Appends `events` to `lock`'s live log: the store's byte bound made room for them first
+    /// (evicting the oldest records), and the log's own bound holds. Refused (`capacity`)
+    /// past either.
+    fn publish(&self, key: &StoreKey, lock: &LockToken, from: u64, events: Vec<LiveEvent>) -> Result<(), StoreError> {
+        let Some(live) = self.live_of(key, lock) else { return Ok(()) };
+        let growth = live.growth_of(&events);
+        while self.counts.0.bytes.load(Ordering::Acquire) + growth > self.max_bytes {
+            if !self.evict_oldest() {
+                return Err(StoreError::capacity());
+            }
+        }
+        live.publish(from, events, self.max_live_log, &self.counts.0.bytes).map_err(|live::Full| StoreError::capacity())
     }
 
     /// The live log of `lock`, made if it has none yet; `None` when the lock is not held.
@@ -309,7 +332,7 @@ impl Inner {
         let now = Instant::now();
         match self.map.get_mut(&self.id(key)).as_deref_mut() {
             Some(Slot::Locked { token, lease_until, live }) if token == lock && *lease_until > now => {
-                Some(live.get_or_insert_with(Live::new).clone())
+                Some(live.get_or_insert_with(|| self.new_live()).clone())
             }
             _ => None,
         }
@@ -332,7 +355,7 @@ impl Inner {
                     && cursor.is_none_or(|cursor| cursor.lock() == token.id()) =>
             {
                 let cursor = cursor.unwrap_or(LiveCursor::new(token.id(), 0));
-                Ok((live.get_or_insert_with(Live::new).clone(), cursor, *lease_until))
+                Ok((live.get_or_insert_with(|| self.new_live()).clone(), cursor, *lease_until))
             }
             Slot::Completed { fingerprint: completed, expires_at, .. }
                 if completed == fingerprint && *expires_at > now =>
@@ -350,7 +373,7 @@ impl Inner {
             }
             self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
             self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
-            slot.end_live(false);
+            slot.end_live(false, &self.counts.0.bytes);
             false
         });
         // Drop queue elements whose record is gone (expired, or its key taken over): those at
@@ -406,10 +429,7 @@ impl LiveLog for MemoryStore {
         from: u64,
         events: Vec<LiveEvent>,
     ) -> Result<(), StoreError> {
-        if let Some(live) = self.inner.live_of(key, lock) {
-            live.publish(from, events);
-        }
-        Ok(())
+        self.inner.publish(key, lock, from, events)
     }
 
     async fn follow(
