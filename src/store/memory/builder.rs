@@ -33,8 +33,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The most bytes of recorded responses (bodies, headers, trailers) the store holds.
-    /// Default: 256 MiB.
+    /// The most bytes of recorded responses (bodies, headers, trailers) and live logs the
+    /// store holds. Default: 256 MiB.
     pub fn with_max_bytes(mut self, max: usize) -> Self {
         self.max_bytes = max;
         self

@@ -44,7 +44,8 @@ use crate::rt::{Background, Running};
 ///   runtime starts it again there. Expired entries are also treated as absent the moment
 ///   they expire, by every operation.
 /// - **Bounds.** At most [`with_max_entries`](MemoryStoreBuilder::with_max_entries) entries and
-///   [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) of recorded responses. Past either, the
+///   [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) of recorded responses and live logs
+///   (see [live logs](#live-logs)). Past either, the
 ///   oldest completed records are evicted first (in completion order across the whole store;
 ///   with several threads completing at once, the order is that of a sequence number taken as
 ///   each record is written, so a completion preempted in between counts as later); an
@@ -62,6 +63,27 @@ use crate::rt::{Background, Running};
 ///   ([`StoredResponse`](super::StoredResponse) encoded, body included) that replays decode without copying. A
 ///   record then costs its body and header bytes plus under 200 bytes (see
 ///   `cargo bench --bench memory`).
+///
+/// # Live logs
+///
+/// A lock's live log (what a response in flight publishes for duplicates to join,
+/// [`Duplicates::Join`](crate::Duplicates::Join)) is counted in the byte bound from its first
+/// publish or follower until the lock ends, when it is freed: **40 bytes per event** (each body
+/// chunk, and each end of a `text/event-stream` event with an id), grown by doubling, **plus
+/// the event's bytes**, plus under 200 bytes for the log itself. Measured by a counting
+/// allocator (test `alloc::a_memory_live_log_holds_what_the_store_counts`), the store counts
+/// exactly what the log holds: 10,000 events of 5 bytes hold 705 KB (65.5 bytes per event
+/// beyond its bytes: 14× the body), of 20 bytes 855 KB (4.3×), 2,000 events of 500 bytes
+/// 1.08 MB (1.08×). The body bytes are shared with the response that published them; followers
+/// share them too.
+///
+/// Each log is bounded: at most [`with_max_live_log`](MemoryStoreBuilder::with_max_live_log)
+/// (default 4 MiB) per response. A publish that would take a log past its bound, or the store
+/// past [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) once no record is left to evict,
+/// is refused ([`StoreError::is_capacity`]), and nothing more is appended to that log: the layer
+/// then keeps the response as not retained, as past its record limit (joined bodies end with
+/// an error, later duplicates get `409` `response-not-retained`, the response itself goes on to
+/// its client).
 ///
 /// Cloning is cheap and clones share the same entries.
 #[derive(Clone)]
@@ -119,7 +141,8 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](super::StoredResponse::weight)).
+    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](super::StoredResponse::weight)),
+    /// and of the live logs of locks (see [live logs](MemoryStore#live-logs)).
     pub fn bytes(&self) -> usize {
         self.inner.counts.0.bytes.load(Ordering::Acquire)
     }
