@@ -106,7 +106,13 @@ impl Live {
     /// Appends the events from index `from` on that the log does not hold yet, counting what
     /// they add in `bytes`; refused when that would take the log past `max` (and every publish
     /// after it).
-    pub(super) fn publish(&self, from: u64, events: Vec<LiveEvent>, max: usize, bytes: &AtomicUsize) -> Result<(), Full> {
+    pub(super) fn publish(
+        &self,
+        from: u64,
+        events: Vec<LiveEvent>,
+        max: usize,
+        bytes: &AtomicUsize,
+    ) -> Result<(), Full> {
         let mut log = self.log();
         if log.ended.is_some() {
             return Ok(());
