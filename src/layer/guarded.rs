@@ -14,7 +14,7 @@ use crate::{
     IdempotencyKey, Outcome,
     headers::LAST_EVENT_ID,
     layer::{
-        answer::{problem_response, refused_response},
+        answer::{problem_answer, problem_response, refused_response},
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
         config::{Config, Duplicates, StoreFailure},
         duplicates::{Joined, Waited, joined_head},
@@ -22,9 +22,10 @@ use crate::{
         mode::{Began, Inner, Mode, wait_until},
         replay::replay,
     },
-    problem::ProblemKind,
+    problem::{Problem, ProblemKind},
     secret::Refused,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
+    telemetry,
 };
 
 /// One guarded request: everything after the key was found valid.
@@ -84,7 +85,10 @@ where
     let problem = |kind| Unprepared::Answer(problem_response(&config.answers, &head.headers, kind, None));
     let body = match buffer(body, config.max_request_body).await {
         Ok(body) => body,
-        Err(BufferError::TooLarge) => return Err(problem(ProblemKind::RequestBodyTooLarge)),
+        Err(BufferError::TooLarge) => {
+            let too_large = Problem::body_too_large(config.max_request_body);
+            return Err(Unprepared::Answer(problem_answer(&config.answers, &head.headers, too_large)));
+        }
         Err(BufferError::Unreadable) => return Err(problem(ProblemKind::RequestBodyUnreadable)),
     };
     // The key from the body: the same rules, and a JSON-RPC request fingerprinted without
@@ -111,13 +115,17 @@ where
         #[cfg(not(feature = "json"))]
         None => unreachable!("a key in the body needs the `json` feature ({reply:?})"),
     };
+    // Before the store: a body its route fingerprints as canonical JSON and cannot read is
+    // answered without touching it.
+    let Ok(fingerprinted) = config.body_fingerprint.read(fingerprinted.as_deref().unwrap_or(&body.data)) else {
+        return Err(problem(ProblemKind::RequestBodyNotJson));
+    };
     let keyed = match config.digests.ready(store, config.lease).await {
         Ok(keyed) => keyed,
         Err(Refused::Store(error)) => return Err(Unprepared::Store(error, head, body)),
         Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
     };
-    let fingerprinted = fingerprinted.as_deref().unwrap_or(&body.data);
-    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, fingerprinted);
+    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &fingerprinted);
     let key = StoreKey::new(config.scope.resolve(&head, keyed.scope_key()), key);
     Ok(Prepared { head, body, key, fingerprint })
 }
@@ -130,7 +138,10 @@ pub(crate) fn answer<ResBody: Body>(
 ) -> Response<ResponseBody<ResBody>> {
     let problem = |kind, retry_after| problem_response(&config.answers, &head.headers, kind, retry_after);
     match begin {
-        Begin::Completed(Record::Response(record)) => replay(record, head.headers.get(LAST_EVENT_ID)),
+        Begin::Completed(Record::Response(record)) => {
+            telemetry::replayed(record.origin());
+            replay(record, head.headers.get(LAST_EVENT_ID))
+        }
         Begin::Completed(Record::NotRetained) => problem(ProblemKind::ResponseNotRetained, None),
         Begin::Mismatch => problem(ProblemKind::KeyReused, None),
         // A lock (its owner still running), or a store answer this layer does not know: the
@@ -220,9 +231,13 @@ where
             }
             inner.idle();
             let join = matches!(config.duplicates, Duplicates::Join { .. });
-            match M::wait(&mode, live, &key, fingerprint, &config, until, join).await {
+            let waiting_since = Instant::now();
+            let waited = M::wait(&mode, live, &key, fingerprint, &config, until, join).await;
+            telemetry::waited(join, waiting_since);
+            match waited {
                 Ok(Waited::Head { status, headers, events, cursor, following }) => {
-                    let Some(slot) = slot.take() else { unreachable!("entered above") };
+                    let Some(mut slot) = slot.take() else { unreachable!("entered above") };
+                    slot.join();
                     let (parts, start) = joined_head(status, headers, head.headers.get(LAST_EVENT_ID), &events);
                     let joined = Joined::new(following, status, events, cursor, start, slot);
                     return Ok(Response::from_parts(parts, ResponseBody::joined(joined)));

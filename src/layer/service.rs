@@ -16,14 +16,15 @@ use tracing::Instrument;
 
 use crate::{
     IdempotencyKey, Outcome,
-    layer::answer::problem_response,
+    layer::answer::problem_answer,
     layer::body::{RequestBody, ResponseBody},
     layer::config::{Config, KeyPolicy},
     layer::future::ResponseFuture,
     layer::guarded::Guarded,
     layer::lock::LiveOps,
     layer::mode::Mode,
-    problem::ProblemKind,
+    problem::{Problem, ProblemKind},
+    telemetry,
 };
 
 /// The idempotency middleware around an inner service `S`, in mode `M`: a store (the plain
@@ -86,10 +87,13 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let key = match admit(&self.config, &request) {
             Admission::Pass => {
+                telemetry::request(Outcome::Bypassed);
                 return M::pass(&self.mode, &mut self.inner, request.map(RequestBody::streaming), &self.config);
             }
-            Admission::Refuse(kind) => {
-                return ResponseFuture::ready(problem_response(&self.config.answers, request.headers(), kind, None));
+            Admission::Refuse(problem) => {
+                let response = problem_answer(&self.config.answers, request.headers(), problem);
+                telemetry::request(Outcome::of(&response));
+                return ResponseFuture::ready(response);
             }
             Admission::Guard(key) => key,
         };
@@ -103,6 +107,7 @@ where
             let result = guarded.run(request, key).await;
             if let Ok(response) = &result {
                 let outcome = Outcome::of(response);
+                telemetry::request(outcome);
                 tracing::debug!(outcome = outcome.as_str(), status = response.status().as_u16(), "idempotency");
             }
             result
@@ -116,7 +121,7 @@ pub(crate) enum Admission {
     /// Not the layer's: an uncovered method, or no key where one is optional.
     Pass,
     /// A missing required key or an invalid one: answered at once.
-    Refuse(ProblemKind),
+    Refuse(Problem),
     /// A valid key (`None`: the key is in the body, read once it is buffered): guarded.
     Guard(Option<IdempotencyKey>),
 }
@@ -125,6 +130,10 @@ pub(crate) enum Admission {
 pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
     if !config.covers(request.method()) {
         tracing::trace!(outcome = "bypassed", "idempotency: method not covered");
+        return Admission::Pass;
+    }
+    if config.upload_appends.passes(request.method(), request.headers()) {
+        tracing::trace!(outcome = "bypassed", "idempotency: a resumable upload's append");
         return Admission::Pass;
     }
     if config.key_source.in_body() {
@@ -136,10 +145,10 @@ pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
             tracing::trace!(outcome = "bypassed", "idempotency: no key");
             Admission::Pass
         }
-        Ok(None) => Admission::Refuse(ProblemKind::MissingKey),
+        Ok(None) => Admission::Refuse(Problem::new(ProblemKind::MissingKey, None)),
         Err(invalid) => {
             tracing::debug!(reason = %invalid, "idempotency: invalid key");
-            Admission::Refuse(ProblemKind::InvalidKey)
+            Admission::Refuse(Problem::invalid_key(invalid))
         }
     }
 }

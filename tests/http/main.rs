@@ -3,6 +3,8 @@
 //!
 //! One binary per area (as tower groups its tests); each file is one former test binary.
 
+#[cfg(feature = "json")]
+mod example_quotes;
 mod example_rpc;
 mod example_server;
 mod example_stream;
@@ -10,3 +12,4 @@ mod readme;
 mod real_servers;
 #[path = "../support/mod.rs"]
 mod support;
+mod uploads;

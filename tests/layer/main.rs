@@ -5,6 +5,8 @@
 
 mod answers;
 mod behaviour;
+#[cfg(feature = "json")]
+mod canonical;
 #[path = "../common/mod.rs"]
 mod common;
 mod completion;
@@ -16,5 +18,7 @@ mod grpc;
 mod inputs;
 mod join;
 mod json_rpc;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod one_write;
 mod security;
