@@ -23,7 +23,7 @@ paths=("$@")
 target="${CARGO_TARGET_DIR:-target}"
 # Line tables make the profile readable; they do not change the code generated.
 export CARGO_PROFILE_BENCH_DEBUG=line-tables-only
-binary=$(cargo bench --bench profile_paths --no-run --message-format=json 2>/dev/null |
+binary=$(cargo bench -p tests-integration --bench profile_paths --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
