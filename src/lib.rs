@@ -278,7 +278,7 @@ pub use outcome::Outcome;
 pub use predicate::{CachePredicate, SuccessOnly};
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use secret::Secret;
-pub use trace::{Origin, TraceContext};
+pub use trace::{Origin, TraceContext, TraceHook};
 pub use upload::UploadAppends;
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis`,
