@@ -6,5 +6,8 @@
 mod example_server;
 mod example_stream;
 mod real_servers;
+#[path = "../common/resume.rs"]
+mod resume;
+mod resume_exactly;
 #[path = "../support/mod.rs"]
 mod support;
