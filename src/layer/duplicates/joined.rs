@@ -36,8 +36,9 @@ pub(crate) fn joined_head(status: StatusCode, mut headers: HeaderMap) -> http::r
 }
 
 /// How long a joined duplicate whose `Last-Event-ID` names no event of the log yet waits for
-/// that event to be published, once it has read the whole log, before it takes the id for
-/// unknown and gets the whole stream.
+/// that event to be published, once it has read all the log holds, before it takes the id for
+/// unknown and gets the whole stream (the wait ends with a read that finds nothing new past
+/// it: reads that bring events are catching up, however long they take).
 ///
 /// The first request's client gets each frame before the publish that carries it reaches the
 /// store (one round trip later, batched). A client that reconnects faster than that, to this
@@ -55,7 +56,8 @@ enum Start {
     /// After the event whose id is `id` (`Last-Event-ID`), not yet found. The body read
     /// meanwhile is held. First the log is read to its end as it is now, without waiting
     /// (`until` is `None` meanwhile), and the last event with the id there is taken; if there
-    /// is none, the first one published within [`RESUME_WAIT`] after that (`until`). Should
+    /// is none, the first one published after that, within [`RESUME_WAIT`] of nothing new
+    /// (`until`). Should
     /// the log end first, the record decides, as a replay does.
     Seeking { id: Bytes, found: Option<u64>, until: Option<Instant> },
 }
@@ -195,8 +197,9 @@ impl Joined {
             // Caught up: the last event with the id read so far, or wait for one.
             (None, Some(offset)) if !news => self.resolve(offset),
             (None, None) if !news => *until = Some(Instant::now() + RESUME_WAIT),
-            // Waited long enough: an id the stream does not have gets the whole stream.
-            (Some(until), _) if Instant::now() >= until => self.resolve(0),
+            // Nothing new for as long as it waits: an id the stream does not have gets the
+            // whole stream. (While reads bring events, it is still catching up.)
+            (Some(until), _) if !news && Instant::now() >= until => self.resolve(0),
             _ => {}
         }
     }
@@ -227,8 +230,8 @@ impl Joined {
         }
         if let Start::Seeking { id, .. } = &self.start {
             // The whole response is known: where a replay would start.
-            let resumed = resume_in_body(&record.body, &record.marks, id).map_or(0, |rest| rest.len());
-            let offset = (record.body.len() - resumed) as u64;
+            let resumed = resume_in_body(&record.body, &record.marks, id);
+            let offset = resumed.map_or(0, |rest| (record.body.len() - rest.len()) as u64);
             self.ready.clear();
             self.position = 0;
             self.start = Start::At { offset, after_cr: false };
