@@ -354,7 +354,13 @@ pub async fn resume_exactly<St: LiveLog + Clone>(stores: [St; 2], shape: Shape) 
     let joined_at = started.elapsed();
     for (k, body) in joined {
         let body = body.await.unwrap();
-        assert!(body == stream.after(k), "{}: got {} bytes, {}", what(k, "joined"), body.len(), diff(&body, &stream.after(k)));
+        assert!(
+            body == stream.after(k),
+            "{}: got {} bytes, {}",
+            what(k, "joined"),
+            body.len(),
+            diff(&body, &stream.after(k))
+        );
     }
 
     // After the end: replays.
@@ -374,6 +380,13 @@ pub async fn resume_exactly<St: LiveLog + Clone>(stores: [St; 2], shape: Shape) 
 /// Where two bodies first differ, for a failure message.
 fn diff(got: &[u8], expected: &[u8]) -> String {
     let at = got.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(got.len().min(expected.len()));
-    let around = |bytes: &[u8]| String::from_utf8_lossy(&bytes[at.saturating_sub(20)..(at + 40).min(bytes.len())]).into_owned();
-    format!("{} vs {} bytes expected, first difference at {at}: {:?} vs {:?}", got.len(), expected.len(), around(got), around(expected))
+    let around =
+        |bytes: &[u8]| String::from_utf8_lossy(&bytes[at.saturating_sub(20)..(at + 40).min(bytes.len())]).into_owned();
+    format!(
+        "{} vs {} bytes expected, first difference at {at}: {:?} vs {:?}",
+        got.len(),
+        expected.len(),
+        around(got),
+        around(expected)
+    )
 }

@@ -60,7 +60,8 @@ mod postgres {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn postgres_resumes_exactly() {
-        let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let url =
+            std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
         let schema = format!("idem_resume_{}", uuid::Uuid::new_v4().simple());
         let pool = || PgPoolOptions::new().max_connections(16).connect(&url);
         let admin = pool().await.expect("PostgreSQL answers (DATABASE_URL)");
@@ -99,7 +100,9 @@ impl HoldingProxy {
                 tokio::spawn(async move {
                     let mut buf = vec![0; 64 * 1024];
                     while let Ok(n @ 1..) = client_read.read(&mut buf).await {
-                        if held.wait_for(|held| !held).await.is_err() || server_write.write_all(&buf[..n]).await.is_err() {
+                        if held.wait_for(|held| !held).await.is_err()
+                            || server_write.write_all(&buf[..n]).await.is_err()
+                        {
                             return;
                         }
                     }
@@ -143,7 +146,8 @@ async fn a_reconnect_faster_than_the_publish_resumes_after_the_event_it_saw() {
                 Response::builder().header(header::CONTENT_TYPE, "text/event-stream").body(body).unwrap()
             }
         });
-        let replicas = [serve(resume::join_layer(a), handler.clone()).await, serve(resume::join_layer(b), handler).await];
+        let replicas =
+            [serve(resume::join_layer(a), handler.clone()).await, serve(resume::join_layer(b), handler).await];
         let key = format!("resume-{}", uuid::Uuid::new_v4());
 
         // Events 0..=8 produced, and in the shared log: a joiner on B got them.
@@ -152,14 +156,18 @@ async fn a_reconnect_faster_than_the_publish_resumes_after_the_event_it_saw() {
         let mut probe = post(Proto::Http2, replicas[1], &key, None).await;
         let mut probed = Vec::new();
         while probed.len() < stream.ends[8] {
-            probed.extend_from_slice(&http_body_util::BodyExt::frame(&mut probe.body).await.unwrap().unwrap().into_data().unwrap());
+            probed.extend_from_slice(
+                &http_body_util::BodyExt::frame(&mut probe.body).await.unwrap().unwrap().into_data().unwrap(),
+            );
         }
         // A's writes held: event 9 reaches A's client, its publish does not reach Redis.
         proxy.hold(true);
         gate.release(10);
         let mut seen = Vec::new();
         while seen.len() < stream.ends[9] {
-            seen.extend_from_slice(&http_body_util::BodyExt::frame(&mut first.body).await.unwrap().unwrap().into_data().unwrap());
+            seen.extend_from_slice(
+                &http_body_util::BodyExt::frame(&mut first.body).await.unwrap().unwrap().into_data().unwrap(),
+            );
         }
         drop(first);
         let reconnect = post(Proto::Http1, replicas[1], &key, Some("9")).await;
