@@ -6,7 +6,10 @@
 //! `IdempotencyLayer`. The network cuts the connection after the first request's handler ran;
 //! the client retries with the same `Idempotency-Key` and gets the recorded response instead
 //! of a second generation. Then it shows a key reused for a different prompt (`422`) and a
-//! duplicate sent while the first is still generating (`409`).
+//! duplicate sent while a second request is still generating (`409`).
+//!
+//! What it prints is the README's transcript, word for word (checked by `tests/http/readme.rs`,
+//! which runs [`run`]).
 
 use std::{
     convert::Infallible,
@@ -25,17 +28,24 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tower::{Layer, Service};
-use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer};
+
+/// Where the demo's lines go: stdout here, a list in the README's test.
+pub type Say = Arc<dyn Fn(String) + Send + Sync>;
 
 /// What the provider has charged, as the billing system sees it.
-#[derive(Default)]
 struct Billing {
     generations: AtomicU64,
     tokens: AtomicU64,
+    /// How many generations have started (the client waits for the second one).
+    started: watch::Sender<u64>,
+    say: Say,
 }
 
 async fn complete(State(billing): State<Arc<Billing>>, Json(request): Json<Value>) -> (StatusCode, Json<Value>) {
+    billing.started.send_modify(|n| *n += 1);
     let prompt = request["prompt"].as_str().unwrap_or_default().to_owned();
     let delay = request["generation_ms"].as_u64().unwrap_or(100);
     tokio::time::sleep(Duration::from_millis(delay)).await; // the model thinks
@@ -43,13 +53,23 @@ async fn complete(State(billing): State<Arc<Billing>>, Json(request): Json<Value
     let tokens = 7 + text.split_whitespace().count() as u64;
     let n = billing.generations.fetch_add(1, Ordering::SeqCst) + 1;
     billing.tokens.fetch_add(tokens, Ordering::SeqCst);
-    println!("   server: generation #{n} ran and billed {tokens} tokens");
+    (billing.say)(format!("   server: generation #{n} ran and billed {tokens} tokens"));
     (StatusCode::OK, Json(json!({ "id": format!("cmpl_{n}"), "text": text, "usage": { "total_tokens": tokens } })))
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let billing = Arc::new(Billing::default());
+async fn main() -> Result<(), Error> {
+    run(Arc::new(|line| println!("{line}"))).await
+}
+
+/// The whole demo, each line of its transcript handed to `say`.
+pub async fn run(say: Say) -> Result<(), Error> {
+    let billing = Arc::new(Billing {
+        generations: AtomicU64::new(0),
+        tokens: AtomicU64::new(0),
+        started: watch::Sender::new(0),
+        say: say.clone(),
+    });
     let cut_next = Arc::new(AtomicBool::new(false));
     let app = Router::new()
         .route("/v1/completions", post(complete))
@@ -59,58 +79,73 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .layer(CutConnectionLayer { cut_next: cut_next.clone() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/v1/completions", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 
-    let key = uuid::Uuid::new_v4().to_string();
+    // One key per logical request, made before its first attempt and sent with every retry.
+    let key = IdempotencyKey::random();
     let prompt = json!({ "model": "haiku-1", "prompt": "a haiku about retries", "generation_ms": 200 });
-    println!("1. POST /v1/completions with Idempotency-Key: {key}");
+    say(format!("1. POST /v1/completions with Idempotency-Key: {}", short(&key)));
     cut_next.store(true, Ordering::SeqCst);
-    match send(&client, &url, &key, &prompt).await {
-        Err(error) => println!("   client: the connection was cut before the response arrived ({error})"),
-        Ok((status, ..)) => return Err(format!("expected a cut connection, got {status}").into()),
+    if let Ok((status, ..)) = send(&client, &url, &key, &prompt).await {
+        return Err(format!("expected a cut connection, got {status}").into());
     }
+    say("   client: the connection was cut before the response arrived".into());
 
-    println!("2. The client retries with the same key");
-    let (status, replayed, body) = retry_until_answered(&client, &url, &key, &prompt).await?;
-    println!("   client: {status}, Idempotent-Replayed: {replayed}");
-    println!("   client: {body}");
+    say("2. The client retries with the same key".into());
+    let (status, replayed, _) = retry_until_answered(&client, &url, &key, &prompt).await?;
+    say(format!("   client: {status}, Idempotent-Replayed: {replayed}"));
     let (generations, tokens) = (billing.generations.load(Ordering::SeqCst), billing.tokens.load(Ordering::SeqCst));
-    println!("   billing: {generations} generation, {tokens} tokens: the retry was a replay, billed once");
+    say(format!("   billing: {generations} generation, {tokens} tokens: the retry was a replay, billed once"));
     check(status == StatusCode::OK && replayed && generations == 1, "the retry must be a replay")?;
 
-    println!("3. The same key with a different prompt");
+    say("3. The same key with a different prompt".into());
     let other = json!({ "model": "haiku-1", "prompt": "a haiku about caching" });
     let (status, _, body) = send(&client, &url, &key, &other).await?;
-    println!("   client: {status} {}", serde_json::from_str::<Value>(&body)?["title"]);
+    say(format!("   client: {status} {}", serde_json::from_str::<Value>(&body)?["title"]));
     check(status == StatusCode::UNPROCESSABLE_ENTITY, "a reused key must answer 422")?;
 
-    println!("4. A duplicate sent while the first request is still generating");
-    let slow_key = uuid::Uuid::new_v4().to_string();
-    let slow = json!({ "model": "haiku-1", "prompt": "a slow haiku", "generation_ms": 500 });
+    let second = IdempotencyKey::random();
+    say(format!(
+        "4. A second request, Idempotency-Key: {}, and a duplicate of it sent while it generates",
+        short(&second)
+    ));
+    let slow = json!({ "model": "haiku-1", "prompt": "a slow haiku", "generation_ms": 1000 });
     let first = tokio::spawn({
-        let (client, url, key, slow) = (client.clone(), url.clone(), slow_key.clone(), slow.clone());
+        let (client, url, key, slow) = (client.clone(), url.clone(), second.clone(), slow.clone());
         async move { send(&client, &url, &key, &slow).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (status, _, body) = send(&client, &url, &slow_key, &slow).await?;
-    println!("   client: {status} {}", serde_json::from_str::<Value>(&body)?["title"]);
+    billing.started.subscribe().wait_for(|started| *started == 2).await?;
+    let (status, _, body) = send(&client, &url, &second, &slow).await?;
+    say(format!("   client: the duplicate got {status} {}", serde_json::from_str::<Value>(&body)?["title"]));
     check(status == StatusCode::CONFLICT, "a concurrent duplicate must answer 409")?;
     let (status, ..) = first.await??;
-    println!("   client: the first request finished with {status}");
+    say(format!("   client: the second request got {status}"));
 
     let generations = billing.generations.load(Ordering::SeqCst);
-    println!("Done: 2 logical requests, {generations} generations billed.");
-    check(generations == 2, "each logical request is billed once")?;
+    say(format!("Done: 2 keys, {generations} generations billed, one per key."));
+    check(generations == 2, "each key is billed once")?;
+    server.abort();
     Ok(())
 }
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-type Error = Box<dyn std::error::Error + Send + Sync>;
+/// The first characters of a key: enough to tell two apart in the transcript.
+fn short(key: &IdempotencyKey) -> String {
+    format!("{}…", &key.as_str()[..4])
+}
 
-async fn send(client: &HttpClient, url: &str, key: &str, body: &Value) -> Result<(StatusCode, bool, String), Error> {
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+/// Any failure of the demo.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+async fn send(
+    client: &HttpClient,
+    url: &str,
+    key: &IdempotencyKey,
+    body: &Value,
+) -> Result<(StatusCode, bool, String), Error> {
     let request = Request::post(url)
-        .header("idempotency-key", key)
+        .header("idempotency-key", key.as_str())
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))?;
     let response = client.request(request).await?;
@@ -125,7 +160,7 @@ async fn send(client: &HttpClient, url: &str, key: &str, body: &Value) -> Result
 async fn retry_until_answered(
     client: &HttpClient,
     url: &str,
-    key: &str,
+    key: &IdempotencyKey,
     body: &Value,
 ) -> Result<(StatusCode, bool, String), Error> {
     for _ in 0..10 {

@@ -24,6 +24,15 @@
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'   # replay
 //! curl -s localhost:3000/stats
 //! ```
+//!
+//! `POST /rpc` (with `--features json`) is a JSON-RPC 2.0 endpoint, keyed as MCP keys tool
+//! calls, in `params._meta.idempotencyKey`; a retry with a new `id` gets the recorded result
+//! with its own `id`:
+//!
+//! ```text
+//! curl -s localhost:3000/rpc -d '{"jsonrpc":"2.0","id":1,"method":"charge","params":{"_meta":{"idempotencyKey":"k2"}}}'
+//! curl -s localhost:3000/rpc -d '{"jsonrpc":"2.0","id":2,"method":"charge","params":{"_meta":{"idempotencyKey":"k2"}}}'
+//! ```
 
 use std::{
     collections::BTreeMap,
@@ -58,12 +67,12 @@ use tower_idempotency::{
 };
 
 /// The routes whose executions `GET /stats` counts.
-pub const ROUTES: [&str; 7] = ["orders", "payments", "jobs", "patch", "put", "stream", "large"];
+pub const ROUTES: [&str; 8] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "rpc"];
 
 /// Executions per route since start, and the id sequences.
 #[derive(Debug, Default)]
 pub struct Stats {
-    executions: [AtomicU64; 7],
+    executions: [AtomicU64; 8],
     next_id: AtomicU64,
     /// Executions of `POST /ledger` (with `DATABASE_URL`).
     #[cfg(feature = "postgres")]
@@ -127,7 +136,12 @@ fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     // A duplicate of a stream in flight joins it: the events so far at once, then
     // each one as it is produced; `Last-Event-ID` resumes after the event it names.
     let joining = layer.clone().with_duplicates(Duplicates::join());
-    Router::new()
+    #[cfg(feature = "json")]
+    let rpc = layer.clone().with_key_source(tower_idempotency::KeySource::json_rpc());
+    let router = Router::new();
+    #[cfg(feature = "json")]
+    let router = router.route("/rpc", post(rpc_call).layer(rpc));
+    router
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
         .route("/jobs", post(create::<JOBS>).layer(waiting))
@@ -243,6 +257,36 @@ async fn stream(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers
         Some((Ok::<_, Infallible>(Bytes::from(format!("id: {i}\ndata: {i}\n\n"))), i + 1))
     });
     ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(events)).into_response()
+}
+
+/// `POST /rpc` (feature `json`): JSON-RPC 2.0, method `charge` answers
+/// `{"charge":"rpc_N"}`; a notification gets `202`; its layer reads the key from
+/// `params._meta.idempotencyKey` and answers a retry with the retry's own `id`.
+#[cfg(feature = "json")]
+async fn rpc_call(
+    State(stats): State<Arc<Stats>>,
+    Query(q): Query<Knobs>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    stats.count("rpc");
+    if let Some(response) = knobs(&q, &headers).await {
+        return response;
+    }
+    let answer = |id: &Value, outcome: (&str, Value)| {
+        axum::Json(json!({"jsonrpc": "2.0", "id": id, outcome.0: outcome.1})).into_response()
+    };
+    let Ok(call) = serde_json::from_slice::<Value>(&body) else {
+        return answer(&Value::Null, ("error", json!({"code": -32700, "message": "Parse error"})));
+    };
+    let Some(id) = call.get("id") else { return StatusCode::ACCEPTED.into_response() };
+    match call["method"].as_str() {
+        Some("charge") => {
+            let charge = format!("rpc_{}", stats.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+            answer(id, ("result", json!({"charge": charge})))
+        }
+        _ => answer(id, ("error", json!({"code": -32601, "message": "Method not found"}))),
+    }
 }
 
 async fn large(State(stats): State<Arc<Stats>>, Query(q): Query<Knobs>, headers: HeaderMap) -> Response {

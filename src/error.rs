@@ -14,6 +14,9 @@ pub enum ConfigError {
     /// The [`Secret`](crate::Secret) has fewer than [`MIN_SECRET_LEN`](crate::secret::MIN_SECRET_LEN)
     /// bytes (it had this many).
     SecretTooShort(usize),
+    /// The JSON Pointer is not one (RFC 6901: empty, or `/`-separated tokens where `~` is
+    /// followed by `0` or `1`).
+    InvalidJsonPointer(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -25,6 +28,7 @@ impl fmt::Display for ConfigError {
                 "the idempotency secret has {len} bytes; it needs at least {} (ideally 32 random bytes)",
                 MIN_SECRET_LEN
             ),
+            Self::InvalidJsonPointer(pointer) => write!(f, "`{pointer}` is not a valid JSON Pointer (RFC 6901)"),
         }
     }
 }

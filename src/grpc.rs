@@ -27,7 +27,7 @@
 //!
 //! | problem | HTTP answer | gRPC status | why |
 //! | --- | --- | --- | --- |
-//! | `missing-key`, `invalid-key`, `request-body-unreadable` | `400` | `INVALID_ARGUMENT` (3) | the request is malformed; fix it, do not retry |
+//! | `missing-key`, `invalid-key`, `request-body-unreadable`, `request-body-not-json` | `400` | `INVALID_ARGUMENT` (3) | the request is malformed; fix it, do not retry |
 //! | `request-body-too-large` | `413` | `INVALID_ARGUMENT` (3) | as for `400`: the request message cannot be accepted as it is |
 //! | `in-flight` | `409` | `ABORTED` (10) | a concurrency conflict that ends by itself: retry after the pushback, with the same key |
 //! | `key-reused` | `422` | `ALREADY_EXISTS` (6) | the key already exists, bound to another request: use a new key |
@@ -69,6 +69,7 @@ const fn code(kind: ProblemKind) -> u16 {
         ProblemKind::MissingKey
         | ProblemKind::InvalidKey
         | ProblemKind::RequestBodyUnreadable
+        | ProblemKind::RequestBodyNotJson
         | ProblemKind::RequestBodyTooLarge => 3,
         ProblemKind::InFlight => 10,
         ProblemKind::KeyReused => 6,
@@ -182,6 +183,7 @@ mod tests {
             (ProblemKind::MissingKey, 3),
             (ProblemKind::InvalidKey, 3),
             (ProblemKind::RequestBodyUnreadable, 3),
+            (ProblemKind::RequestBodyNotJson, 3),
             (ProblemKind::InFlight, 10),
             (ProblemKind::ResponseNotRetained, 9),
             (ProblemKind::RequestBodyTooLarge, 3),

@@ -8,6 +8,9 @@ use std::fmt;
 
 use http::{HeaderMap, HeaderName};
 
+#[cfg(feature = "json")]
+use crate::error::ConfigError;
+
 /// The longest key accepted, in bytes (after unquoting).
 pub const MAX_KEY_LEN: usize = 255;
 
@@ -36,6 +39,14 @@ impl IdempotencyKey {
     pub(crate) fn from_valid(key: String) -> Self {
         debug_assert!(validate(key.as_bytes()).is_ok());
         Self(key.into_boxed_str())
+    }
+
+    /// A key read from a request body (a JSON string): the same rules as the header's bare
+    /// form, 1 to 255 visible ASCII bytes (no quoted form: the JSON string is the value).
+    #[cfg_attr(not(feature = "json"), allow(dead_code))]
+    pub(crate) fn from_body(value: &str) -> Result<Self, InvalidKey> {
+        validate(value.as_bytes())?;
+        Ok(Self(value.into()))
     }
 
     /// The key's bytes as a string (the unquoted form).
@@ -87,6 +98,9 @@ pub enum InvalidKey {
     MalformedQuotedString,
     /// More than one `Idempotency-Key` field was sent.
     Repeated,
+    /// The key in a JSON body is not a string, or is in a JSON-RPC batch (one key cannot
+    /// stand for several calls).
+    NotAString,
 }
 
 impl fmt::Display for InvalidKey {
@@ -97,11 +111,115 @@ impl fmt::Display for InvalidKey {
             Self::InvalidByte => "the idempotency key may only hold visible ASCII characters",
             Self::MalformedQuotedString => "the idempotency key is a malformed quoted string",
             Self::Repeated => "more than one idempotency key was sent",
+            Self::NotAString => "the idempotency key in the body is not a string, or is in a batch",
         })
     }
 }
 
 impl std::error::Error for InvalidKey {}
+
+/// Where a route reads its idempotency key. Default: [`KeySource::header`].
+///
+/// A key from the body has every guarantee a header key has (scope, fingerprint, lock, wait,
+/// join, replay, streaming) and the same rules (1 to 255 visible ASCII bytes); only where it is
+/// read differs. Reading it needs the body, so on such a route every request of a covered
+/// method is buffered (up to
+/// [`with_max_request_body`](crate::IdempotencyLayer::with_max_request_body)) and parsed as
+/// JSON, keyed or not; a body that is not JSON gets `400`
+/// [`request-body-not-json`](crate::problem::REQUEST_BODY_NOT_JSON). A field that is absent or
+/// `null` is no key (the [`KeyPolicy`](crate::KeyPolicy) decides); any other value than a
+/// string is an invalid key.
+///
+/// Set it with [`IdempotencyLayer::with_key_source`](crate::IdempotencyLayer::with_key_source).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeySource(pub(crate) Source);
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum Source {
+    #[default]
+    Header,
+    /// The string at this JSON Pointer in a JSON body.
+    #[cfg(feature = "json")]
+    Json(Box<str>),
+    /// A JSON-RPC 2.0 request's key, at this JSON Pointer (under `/params`).
+    #[cfg(feature = "json")]
+    JsonRpc(Box<str>),
+}
+
+/// Where MCP carries an idempotency key in a JSON-RPC request: `params._meta.idempotencyKey`.
+pub const JSON_RPC_KEY_POINTER: &str = "/params/_meta/idempotencyKey";
+
+impl KeySource {
+    /// The request header named by
+    /// [`with_header_name`](crate::IdempotencyLayer::with_header_name) (default
+    /// `Idempotency-Key`). A request without it is not buffered unless it is guarded.
+    pub const fn header() -> Self {
+        Self(Source::Header)
+    }
+
+    /// The string at `pointer` (RFC 6901, such as `/idempotency_key` or `/meta/key`) in a JSON
+    /// request body. The body is fingerprinted as the layer's fingerprint setting says (the
+    /// key in it is the same for every retry). Feature `json`.
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, KeySource};
+    ///
+    /// let layer = IdempotencyLayer::new().with_key_source(KeySource::json_pointer("/idempotency_key")?);
+    /// # let _ = layer;
+    /// assert!(KeySource::json_pointer("idempotency_key").is_err());
+    /// # Ok::<(), tower_idempotency::ConfigError>(())
+    /// ```
+    #[cfg(feature = "json")]
+    pub fn json_pointer(pointer: &str) -> Result<Self, ConfigError> {
+        check_pointer(pointer)?;
+        Ok(Self(Source::Json(pointer.into())))
+    }
+
+    /// A JSON-RPC 2.0 request's `params._meta.idempotencyKey`, where MCP tool calls carry it
+    /// ([`JSON_RPC_KEY_POINTER`]). Feature `json`. What such a route does:
+    ///
+    /// - A request (an object with `method` and `id`) with a key is guarded. Its fingerprint
+    ///   is the request without its `id` and without `params._meta` (a retry carries a new
+    ///   `id`, and MCP clients put per-attempt data such as a progress token in `_meta`), as
+    ///   compact JSON with sorted member names, so whitespace and member order do not matter
+    ///   either.
+    /// - A replay, and a joined response, answer with the retry's `id`: in an
+    ///   `application/json` body, and in each JSON-RPC response of a `text/event-stream` body
+    ///   (MCP's Streamable HTTP). Server-to-client requests and notifications in the stream
+    ///   pass as recorded.
+    /// - Notifications (no `id`) and client responses (no `method`) run through unguarded,
+    ///   even when they carry a key and even under [`KeyPolicy::Required`](crate::KeyPolicy):
+    ///   JSON-RPC gives them no answer to replay or to refuse with.
+    /// - A batch (an array) runs through unguarded when none of its calls carries a key; one
+    ///   that carries a key, or any batch where keys are required, is refused with `400`
+    ///   `invalid-key` (JSON-RPC `-32602`): one key cannot stand for several calls, and
+    ///   MCP no longer has batches.
+    /// - The layer's own answers are JSON-RPC error responses
+    ///   ([`JsonRpc`](crate::problem::JsonRpc) becomes the problem renderer; a later
+    ///   [`with_problem_renderer`](crate::IdempotencyLayer::with_problem_renderer) replaces
+    ///   it) carrying the request's `id` (`null` where it could not be read), with the HTTP
+    ///   status and retry hints of the problem.
+    #[cfg(feature = "json")]
+    pub fn json_rpc() -> Self {
+        Self(Source::JsonRpc(JSON_RPC_KEY_POINTER.into()))
+    }
+
+    /// Whether the key is in the request body.
+    pub(crate) fn in_body(&self) -> bool {
+        !matches!(self.0, Source::Header)
+    }
+}
+
+/// Checks an RFC 6901 JSON Pointer: empty, or `/` then tokens where `~` escapes `0` or `1`.
+#[cfg(feature = "json")]
+fn check_pointer(pointer: &str) -> Result<(), ConfigError> {
+    let escapes_ok = pointer.split('~').skip(1).all(|rest| rest.starts_with(['0', '1']));
+    if (pointer.is_empty() || pointer.starts_with('/')) && escapes_ok {
+        Ok(())
+    } else {
+        Err(ConfigError::InvalidJsonPointer(pointer.to_owned()))
+    }
+}
 
 /// Checks the unquoted form: 1..=255 bytes of `0x21..=0x7E`.
 pub(crate) fn validate(key: &[u8]) -> Result<(), InvalidKey> {
@@ -192,6 +310,26 @@ mod tests {
         assert!(IdempotencyKey::from_headers(&headers, &name).unwrap().is_some());
         headers.append(&name, "a".parse().unwrap());
         assert_eq!(IdempotencyKey::from_headers(&headers, &name), Err(InvalidKey::Repeated));
+    }
+
+    #[test]
+    fn body_keys_follow_the_bare_rules() {
+        assert_eq!(IdempotencyKey::from_body("abc-123").unwrap().as_str(), "abc-123");
+        assert_eq!(IdempotencyKey::from_body("\"abc\"").unwrap().as_str(), "\"abc\"");
+        assert_eq!(IdempotencyKey::from_body(""), Err(InvalidKey::Empty));
+        assert_eq!(IdempotencyKey::from_body("a b"), Err(InvalidKey::InvalidByte));
+        assert_eq!(IdempotencyKey::from_body(&"a".repeat(256)), Err(InvalidKey::TooLong));
+    }
+
+    #[cfg(feature = "json")]
+    #[test]
+    fn json_pointers() {
+        for good in ["", "/", "/a", "/a/b", "/a~0b/~1c", "/params/_meta/idempotencyKey"] {
+            assert!(KeySource::json_pointer(good).is_ok(), "{good}");
+        }
+        for bad in ["a", "a/b", "/a~", "/a~2", "~0"] {
+            assert_eq!(KeySource::json_pointer(bad), Err(ConfigError::InvalidJsonPointer(bad.into())), "{bad}");
+        }
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum Outcome {
     MissingKey,
     /// `400`: the request body failed while being read.
     RequestBodyUnreadable,
+    /// `400`: the route reads its body as JSON and it is not valid JSON.
+    RequestBodyNotJson,
     /// `413`: the request body is over the limit.
     RequestBodyTooLarge,
     /// `503`: the store failed and the layer fails closed.
@@ -69,6 +71,7 @@ impl Outcome {
             Self::InvalidKey => "invalid_key",
             Self::MissingKey => "missing_key",
             Self::RequestBodyUnreadable => "request_body_unreadable",
+            Self::RequestBodyNotJson => "request_body_not_json",
             Self::RequestBodyTooLarge => "request_body_too_large",
             Self::StoreUnavailable => "store_unavailable",
             Self::Unprotected => "unprotected",

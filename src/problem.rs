@@ -24,6 +24,10 @@
 //! # request-body-unreadable
 //! `400`: the request body failed while the layer read it to fingerprint it.
 //!
+//! # request-body-not-json
+//! `400`: the route reads its request body as JSON (its key is in the body, or its fingerprint
+//! is taken from the JSON) and the body is not valid JSON.
+//!
 //! # in-flight
 //! `409` with `Retry-After`: a request with this key and the same payload is still running.
 //! Retry after the given number of seconds.
@@ -154,6 +158,10 @@ problems! {
     REQUEST_BODY_UNREADABLE, /// `400`: the request body failed while the layer read it.
     RequestBodyUnreadable = "request-body-unreadable", 400, "Request body unreadable",
         "The request body could not be read.";
+    /// `type` of the `400` for a request body that is not JSON on a route that reads it as JSON.
+    REQUEST_BODY_NOT_JSON, /// `400`: the route reads its body as JSON and it is not valid JSON.
+    RequestBodyNotJson = "request-body-not-json", 400, "Request body not JSON",
+        "This endpoint reads the request body as JSON, and it is not valid JSON.";
     /// `type` of the `409` for a duplicate of a request still in flight (with `Retry-After`).
     IN_FLIGHT, /// `409`, retryable: a request with this key and payload is still running.
     InFlight = "in-flight", 409, "Request in flight",
@@ -206,6 +214,7 @@ impl ProblemKind {
             Self::MissingKey => Outcome::MissingKey,
             Self::InvalidKey => Outcome::InvalidKey,
             Self::RequestBodyUnreadable => Outcome::RequestBodyUnreadable,
+            Self::RequestBodyNotJson => Outcome::RequestBodyNotJson,
             Self::InFlight => Outcome::InFlight,
             Self::ResponseNotRetained => Outcome::ResponseNotRetained,
             Self::RequestBodyTooLarge => Outcome::RequestBodyTooLarge,
@@ -354,6 +363,70 @@ impl ProblemRenderer for Rfc9457 {
     }
 }
 
+/// The [`ProblemRenderer`] of a JSON-RPC route
+/// (`KeySource::json_rpc`, feature `json`, sets it): a JSON-RPC 2.0 error
+/// response, `application/json`, with the problem's HTTP status (so its retry hints keep
+/// their HTTP meaning):
+///
+/// ```json
+/// {"jsonrpc":"2.0","id":null,"error":{"code":-32001,"message":"Request in flight",
+///  "data":{"type":"https://docs.rs/…#in-flight","status":409,"retryAfterMs":1000}}}
+/// ```
+///
+/// `message` is the problem's title, `data.type` its `type` URI, `data.retryAfterMs` is there
+/// for a retryable problem. The layer sets `id` to the request's (it stays `null` when the
+/// request's id could not be read: a body not JSON, too large, or a batch).
+/// The codes ([`ProblemKind::json_rpc_code`]): `-32700` (parse error) for a body that is not
+/// JSON, `-32600` (invalid request) for a body too large or unreadable, `-32602` (invalid
+/// params) for a missing or invalid key, and from `-32001` down the server errors: `-32001`
+/// in flight, `-32002` key reused, `-32003` response not retained, `-32004` store unavailable,
+/// `-32005` transaction failed, `-32006` response too large, `-32007` transaction rejected,
+/// `-32008` transaction ended; `-32000` for a problem without a code of its own.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonRpc;
+
+impl ProblemKind {
+    /// The JSON-RPC error code of the [`JsonRpc`] renderer.
+    #[must_use]
+    pub const fn json_rpc_code(self) -> i32 {
+        #[allow(unreachable_patterns)]
+        match self {
+            Self::RequestBodyNotJson => -32700,
+            Self::RequestBodyTooLarge | Self::RequestBodyUnreadable => -32600,
+            Self::MissingKey | Self::InvalidKey => -32602,
+            Self::InFlight => -32001,
+            Self::KeyReused => -32002,
+            Self::ResponseNotRetained => -32003,
+            Self::StoreUnavailable => -32004,
+            Self::TransactionFailed => -32005,
+            Self::ResponseTooLarge => -32006,
+            Self::TransactionRejected => -32007,
+            Self::TransactionEnded => -32008,
+            _ => -32000,
+        }
+    }
+}
+
+impl ProblemRenderer for JsonRpc {
+    fn render(&self, problem: &Problem) -> Response<Bytes> {
+        let kind = problem.kind;
+        let retry = problem.retry_after_ms().map(|ms| format!(r#","retryAfterMs":{ms}"#)).unwrap_or_default();
+        // The title and type URI are static JSON-safe text (the RFC 9457 bodies embed them too).
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":null,"error":{{"code":{},"message":"{}","data":{{"type":"{}","status":{}{}}}}}}}"#,
+            kind.json_rpc_code(),
+            kind.title(),
+            kind.type_uri(),
+            problem.status().as_u16(),
+            retry,
+        );
+        let mut response = Response::new(Bytes::from(body));
+        *response.status_mut() = problem.status();
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}
+
 /// `Retry-After` in whole seconds: rounded up, at least 1, saturating at `u64::MAX` (so a
 /// `Duration::MAX` never overflows).
 fn retry_after_secs(after: Duration) -> u64 {
@@ -392,6 +465,27 @@ mod tests {
             assert_eq!(retry_after_ms(after), ms, "{after:?}");
             assert!(ms <= secs.saturating_mul(1000), "{after:?}");
         }
+    }
+
+    #[test]
+    fn json_rpc_errors_are_json_rpc_responses() {
+        for &kind in ProblemKind::ALL {
+            let problem = Problem::new(kind, Some(Duration::from_millis(1500)));
+            let response = JsonRpc.render(&problem);
+            assert_eq!(response.status(), kind.status());
+            assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+            let json: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+            assert_eq!(json["jsonrpc"], "2.0");
+            assert!(json["id"].is_null());
+            assert_eq!(json["error"]["code"], kind.json_rpc_code());
+            assert_eq!(json["error"]["message"], kind.title());
+            assert_eq!(json["error"]["data"]["type"], kind.type_uri());
+            assert_eq!(json["error"]["data"]["status"], kind.status().as_u16());
+            let retry = json["error"]["data"].get("retryAfterMs");
+            assert_eq!(retry.is_some(), kind.is_retryable(), "{kind:?}");
+        }
+        let codes: std::collections::HashSet<_> = ProblemKind::ALL.iter().map(|kind| kind.json_rpc_code()).collect();
+        assert!(codes.contains(&-32700) && codes.contains(&-32602) && codes.contains(&-32001));
     }
 
     #[test]

@@ -117,6 +117,95 @@
 //! | the caller may crash and retry later (a job queue, a saga) | [`IdempotencyKey::random`](crate::IdempotencyKey::random), stored with the job before the first attempt, set on the request |
 //! | the request has a natural identity | [`KeyDeriver`]: `KeyDeriver::new("generate").part(user).part(prompt).part(model).finish()` |
 //! | one operation sent as many requests | a batch key, and [`for_item(i)`](crate::IdempotencyKey::for_item) per item |
+//!
+//! # Other clients: the SDKs of Stripe, OpenAI and Anthropic
+//!
+//! The rule for every client, whatever its language: make the key once per logical call, before
+//! the first attempt, and send the same key on every retry of that call. A new key per attempt
+//! makes each attempt a new request, and the server runs each one. What the layer tells clients
+//! (on the answers it makes itself, never on a handler's response or a replay): retryable answers
+//! (`409` in flight, `503`) carry `Retry-After` (seconds, rounded up) and `retry-after-ms`; final
+//! ones (`400`, `413`, `422`, `409` response-not-retained) carry `x-should-retry: false`
+//! ([`crate::hints`]).
+//!
+//! ## Stripe's SDKs
+//!
+//! Stripe's SDKs put an `Idempotency-Key` on every `POST` themselves, generated once per call and
+//! reused by their automatic retries (`stripe-python`: `max_network_retries`, default 2;
+//! `stripe-node`: `maxNetworkRetries`). Pass your own key to keep it across process restarts:
+//!
+//! ```python
+//! from stripe import StripeClient
+//!
+//! client = StripeClient("sk_test_...", max_network_retries=2)
+//! intent = client.v1.payment_intents.create(
+//!     params={"amount": 1999, "currency": "usd"},
+//!     options={"idempotency_key": f"order-{order.id}"},  # one key per logical payment
+//! )
+//! # The older module-level API: stripe.PaymentIntent.create(..., idempotency_key="...")
+//! ```
+//!
+//! ```js
+//! const stripe = require('stripe')('sk_test_...', { maxNetworkRetries: 2 });
+//! const intent = await stripe.paymentIntents.create(
+//!   { amount: 1999, currency: 'usd' },
+//!   { idempotencyKey: `order-${order.id}` },
+//! );
+//! ```
+//!
+//! They retry connection errors, `409` and `5xx`, and obey `Stripe-Should-Retry: true` / `false`
+//! before the status; `stripe-python` also waits a `Retry-After` of up to 60 s. So a
+//! Stripe-compatible API behind this layer adds `RetryHint::ShouldRetry(STRIPE_SHOULD_RETRY)`:
+//! without it, they would retry the final `409` response-not-retained.
+//!
+//! ## OpenAI's and Anthropic's SDKs (Stainless-generated)
+//!
+//! The Python and JS SDKs of OpenAI and Anthropic retry 2 times by default (`max_retries` /
+//! `maxRetries`): connection errors, `408`, `409`, `429` and `≥ 500`, with `x-should-retry: true`
+//! / `false` overriding the status. They wait `retry-after-ms`, else `Retry-After`, when it is
+//! short (up to about a minute; the exact bound differs per SDK), else their own backoff (0.5 s
+//! doubling to 8 s). They send no idempotency key of their own, so pass one per call; the headers
+//! of a call are sent again on each of its retries:
+//!
+//! ```python
+//! import uuid
+//! from openai import OpenAI
+//!
+//! client = OpenAI(base_url="https://llm.example.com/v1")  # your OpenAI-compatible API
+//! key = str(uuid.uuid4())  # once per logical call, stored with the job if it must survive a crash
+//! completion = client.chat.completions.create(
+//!     model="gpt-5.5",
+//!     messages=[{"role": "user", "content": "Write a haiku about retries."}],
+//!     extra_headers={"Idempotency-Key": key},
+//! )
+//! ```
+//!
+//! ```python
+//! from anthropic import Anthropic
+//!
+//! client = Anthropic(base_url="https://llm.example.com")
+//! message = client.messages.create(
+//!     model="claude-opus-4-6",
+//!     max_tokens=1024,
+//!     messages=[{"role": "user", "content": "Write a haiku about retries."}],
+//!     extra_headers={"Idempotency-Key": key},
+//! )
+//! ```
+//!
+//! ```js
+//! import OpenAI from 'openai';            // or: import Anthropic from '@anthropic-ai/sdk';
+//!
+//! const client = new OpenAI({ baseURL: 'https://llm.example.com/v1' });
+//! const completion = await client.chat.completions.create(
+//!   { model: 'gpt-5.5', messages: [{ role: 'user', content: 'Write a haiku about retries.' }] },
+//!   { headers: { 'Idempotency-Key': crypto.randomUUID() } },
+//! );
+//! ```
+//!
+//! They retry every `409`: the layer's `x-should-retry: false` on the final ones (and `retry-after-ms` on
+//! the in-flight one) is what makes them give up, or wait, correctly. Each retry also carries an
+//! `X-Stainless-Retry-Count` that changes per attempt, so never add it to
+//! `with_fingerprint_headers`.
 
 mod backoff;
 mod classify;

@@ -216,6 +216,46 @@ impl<B: Body> ResponseBody<B> {
     }
 }
 
+/// A change made, chunk by chunk, to a body the layer answers with (on a JSON-RPC route: the
+/// retry's `id`, `layer/json.rs`).
+pub(crate) trait Rewrite: Send + Sync + 'static {
+    /// Takes the next chunk; pushes what is ready onto `out`.
+    fn feed(&mut self, chunk: Bytes, out: &mut std::collections::VecDeque<Bytes>);
+    /// The body ended: pushes the rest.
+    fn finish(&mut self, out: &mut std::collections::VecDeque<Bytes>);
+}
+
+impl<B: Body> ResponseBody<B> {
+    /// The body with `rewrite` applied, if the layer made it (a replay, a problem: rewritten
+    /// at once, with its new length; a joined body: as it passes). The handler's own body is
+    /// left alone.
+    #[cfg_attr(not(feature = "json"), allow(dead_code))]
+    pub(crate) fn rewritten(mut self, mut rewrite: Box<dyn Rewrite>) -> (Self, Option<usize>) {
+        let len = match &mut self.kind {
+            ResponseKind::Full { data, .. } => {
+                let mut out = std::collections::VecDeque::new();
+                if let Some(data) = data.take() {
+                    rewrite.feed(data, &mut out);
+                }
+                rewrite.finish(&mut out);
+                let whole: Bytes = match out.len() {
+                    0 | 1 => out.pop_front().unwrap_or_default(),
+                    _ => out.iter().flat_map(|chunk| chunk.iter().copied()).collect::<Vec<u8>>().into(),
+                };
+                let len = whole.len();
+                *data = (!whole.is_empty()).then_some(whole);
+                Some(len)
+            }
+            ResponseKind::Joined { joined } => {
+                joined.rewrite_with(rewrite);
+                None
+            }
+            ResponseKind::Inner { .. } | ResponseKind::Recording { .. } => None,
+        };
+        (self, len)
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body,

@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    Idempotency, Scope,
+    Idempotency, KeySource, Scope,
     error::ConfigError,
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
@@ -61,6 +61,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         let config = Config {
             methods: vec![Method::POST, Method::PATCH],
             header: IDEMPOTENCY_KEY,
+            key_source: KeySource::header(),
             key_policy: KeyPolicy::Optional,
             scope: Scope::authorization(),
             digests: Digests::default_for(&store),
@@ -120,6 +121,32 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// The header carrying the key. Default: `Idempotency-Key`.
     pub fn with_header_name(self, name: HeaderName) -> Self {
         self.config(|c| c.header = name)
+    }
+
+    /// Where the key is read: the header (the default), a field of a JSON body, or a JSON-RPC
+    /// request's `params._meta.idempotencyKey` (MCP); see [`KeySource`]. A JSON-RPC source
+    /// also makes the layer's own answers JSON-RPC errors ([`JsonRpc`](crate::problem::JsonRpc)
+    /// as the problem renderer; set another one after this to replace it).
+    ///
+    /// ```
+    /// # #[cfg(feature = "json")] {
+    /// use tower_idempotency::{IdempotencyLayer, KeySource};
+    ///
+    /// // An MCP server's `/mcp` endpoint: tool calls keyed by `params._meta.idempotencyKey`.
+    /// let mcp = IdempotencyLayer::new().with_key_source(KeySource::json_rpc());
+    /// # let _ = mcp;
+    /// # }
+    /// ```
+    pub fn with_key_source(self, source: KeySource) -> Self {
+        #[cfg(feature = "json")]
+        let json_rpc = matches!(source.0, crate::key::Source::JsonRpc(_));
+        self.config(|c| {
+            #[cfg(feature = "json")]
+            if json_rpc {
+                c.answers.renderer = Arc::new(crate::problem::JsonRpc);
+            }
+            c.key_source = source;
+        })
     }
 
     /// [`with_header_name`](Self::with_header_name) from a string, with an error for an invalid

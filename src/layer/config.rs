@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Method, header, response};
 use tokio::sync::Semaphore;
 
 use crate::{
-    Scope,
+    KeySource, Scope,
     hints::RetryHint,
     layer::{duplicates::Waiting, lock::Keeper},
     predicate::CachePredicate,
@@ -132,6 +132,8 @@ impl Default for StoreFailure {
 pub(crate) struct Config {
     pub(crate) methods: Vec<Method>,
     pub(crate) header: HeaderName,
+    /// Where the key is read: the header, or the body.
+    pub(crate) key_source: KeySource,
     pub(crate) key_policy: KeyPolicy,
     pub(crate) scope: Scope,
     /// The keyed digests of the scope and the fingerprint.
@@ -184,6 +186,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("methods", &self.methods)
             .field("header", &self.header)
+            .field("key_source", &self.key_source)
             .field("key_policy", &self.key_policy)
             .field("scope", &self.scope)
             .field("digests", &self.digests)

@@ -47,20 +47,33 @@ pub(crate) struct Prepared {
 
 /// Why a guarded request could not be prepared.
 pub(crate) enum Unprepared<B: Body> {
-    /// Answered at once: a body over the limit or that failed, a missing or other secret.
+    /// Answered at once: a body over the limit or that failed, a missing or other secret, a
+    /// key in the body that is missing (where required) or invalid.
     Answer(Response<ResponseBody<B>>),
     /// The store failed while the layer checked its secret there.
     Store(StoreError, request::Parts, Buffered),
+    /// Its body holds no key (where keys are optional), or it is not a call the layer guards
+    /// (a JSON-RPC notification): it runs through as a request without a key does.
+    #[cfg_attr(not(feature = "json"), allow(dead_code))]
+    Pass(request::Parts, Buffered),
 }
 
-/// Buffers the body (up to the limit), then fingerprints the request and resolves its scope
-/// with the layer's keyed digests (once per layer, after checking that `store` holds this
-/// secret's check record).
+/// The `id` a JSON-RPC request is answered with (nothing without the `json` feature).
+#[cfg(feature = "json")]
+pub(crate) type ReplyId = serde_json::Value;
+#[cfg(not(feature = "json"))]
+pub(crate) type ReplyId = std::convert::Infallible;
+
+/// Buffers the body (up to the limit), reads the key there if it is in the body (`key` is
+/// `None`; a JSON-RPC request's id goes to `reply`), then fingerprints the request and
+/// resolves its scope with the layer's keyed digests (once per layer, after checking that
+/// `store` holds this secret's check record).
 pub(crate) async fn prepare<St, ReqBody, ResBody>(
     config: &Config,
     store: &St,
     request: Request<ReqBody>,
-    key: IdempotencyKey,
+    key: Option<IdempotencyKey>,
+    reply: &mut Option<ReplyId>,
 ) -> Result<Prepared, Unprepared<ResBody>>
 where
     St: IdempotencyStore,
@@ -75,12 +88,37 @@ where
         Err(BufferError::TooLarge) => return Err(problem(ProblemKind::RequestBodyTooLarge)),
         Err(BufferError::Unreadable) => return Err(problem(ProblemKind::RequestBodyUnreadable)),
     };
+    // The key from the body: the same rules, and a JSON-RPC request fingerprinted without
+    // what a retry changes (its id).
+    let (key, fingerprinted) = match key {
+        Some(key) => (key, None::<Vec<u8>>),
+        #[cfg(feature = "json")]
+        None => {
+            use crate::layer::{
+                config::KeyPolicy,
+                json::{BodyKey, read},
+            };
+            let (found, id) = read(&config.key_source, &body.data, config.key_policy == KeyPolicy::Required);
+            *reply = id;
+            match found {
+                BodyKey::Key(key, fingerprinted) => (key, fingerprinted),
+                BodyKey::Missing if config.key_policy == KeyPolicy::Required => {
+                    return Err(problem(ProblemKind::MissingKey));
+                }
+                BodyKey::Missing | BodyKey::Through => return Err(Unprepared::Pass(head, body)),
+                BodyKey::Refuse(kind) => return Err(problem(kind)),
+            }
+        }
+        #[cfg(not(feature = "json"))]
+        None => unreachable!("a key in the body needs the `json` feature ({reply:?})"),
+    };
     let keyed = match config.digests.ready(store, config.lease).await {
         Ok(keyed) => keyed,
         Err(Refused::Store(error)) => return Err(Unprepared::Store(error, head, body)),
         Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
     };
-    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &body.data);
+    let fingerprinted = fingerprinted.as_deref().unwrap_or(&body.data);
+    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, fingerprinted);
     let key = StoreKey::new(config.scope.resolve(&head, keyed.scope_key()), key);
     Ok(Prepared { head, body, key, fingerprint })
 }
@@ -120,17 +158,40 @@ where
     ResBody::Data: Buf,
     ResBody::Error: Into<tower::BoxError> + Send,
 {
+    /// Guards `request` (its `key`, or `None`: in its body). A JSON-RPC request's replay or
+    /// refusal answers with its own `id`.
     pub(crate) async fn run(
         self,
         request: Request<ReqBody>,
-        key: IdempotencyKey,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
+        let mut reply = None;
+        let response = self.guard(request, key, &mut reply).await?;
+        #[cfg(feature = "json")]
+        if let Some(id) = reply {
+            return Ok(crate::layer::json::with_reply_id(response, &id));
+        }
+        Ok(response)
+    }
+
+    async fn guard(
+        self,
+        request: Request<ReqBody>,
+        key: Option<IdempotencyKey>,
+        reply: &mut Option<ReplyId>,
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
         let Self { inner, mode, config, live, .. } = self;
         let mut inner = Inner::Ready(inner);
-        let Prepared { head, body, key, fingerprint } = match prepare(&config, M::store(&mode), request, key).await {
+        let prepared = prepare(&config, M::store(&mode), request, key, reply).await;
+        let Prepared { head, body, key, fingerprint } = match prepared {
             Ok(prepared) => prepared,
             Err(Unprepared::Answer(answered)) => return Ok(answered),
             Err(Unprepared::Store(error, head, body)) => return store_failed(inner, &config, error, head, body).await,
+            Err(Unprepared::Pass(head, body)) => {
+                let mut inner = inner.ready().await?;
+                let request = Request::from_parts(head, RequestBody::buffered(body));
+                return M::pass(&mode, &mut inner, request, &config).await;
+            }
         };
 
         // In wait and join mode, a duplicate waits for the request in flight (the mode says

@@ -31,6 +31,8 @@ pub(crate) mod duplicates;
 pub(crate) mod execute;
 pub(crate) mod future;
 pub(crate) mod guarded;
+#[cfg(feature = "json")]
+pub(crate) mod json;
 pub(crate) mod lock;
 pub(crate) mod mode;
 pub(crate) mod recording;

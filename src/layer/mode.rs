@@ -48,11 +48,12 @@ where
     fn store(this: &Arc<Self>) -> &Self::Store;
 
     /// The answer to a request the layer does not guard (an uncovered method, or no key
-    /// where one is optional). `inner` was readied by `poll_ready`.
+    /// where one is optional: its body streaming, or buffered where the key was looked for
+    /// in it). `inner` is ready.
     fn pass(
         this: &Arc<Self>,
         inner: &mut S,
-        request: Request<ReqBody>,
+        request: Request<RequestBody<ReqBody>>,
         config: &Arc<Config>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>;
 
@@ -114,10 +115,10 @@ where
     fn pass(
         _: &Arc<Self>,
         inner: &mut S,
-        request: Request<ReqBody>,
+        request: Request<RequestBody<ReqBody>>,
         _: &Arc<Config>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error> {
-        ResponseFuture::bypass(inner.call(request.map(RequestBody::streaming)))
+        ResponseFuture::bypass(inner.call(request))
     }
 
     async fn begin(

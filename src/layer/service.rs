@@ -85,7 +85,9 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let key = match admit(&self.config, &request) {
-            Admission::Pass => return M::pass(&self.mode, &mut self.inner, request, &self.config),
+            Admission::Pass => {
+                return M::pass(&self.mode, &mut self.inner, request.map(RequestBody::streaming), &self.config);
+            }
             Admission::Refuse(kind) => {
                 return ResponseFuture::ready(problem_response(&self.config.answers, request.headers(), kind, None));
             }
@@ -115,8 +117,8 @@ pub(crate) enum Admission {
     Pass,
     /// A missing required key or an invalid one: answered at once.
     Refuse(ProblemKind),
-    /// A valid key: guarded.
-    Guard(IdempotencyKey),
+    /// A valid key (`None`: the key is in the body, read once it is buffered): guarded.
+    Guard(Option<IdempotencyKey>),
 }
 
 /// Admits a request: its method, then its key.
@@ -125,8 +127,11 @@ pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
         tracing::trace!(outcome = "bypassed", "idempotency: method not covered");
         return Admission::Pass;
     }
+    if config.key_source.in_body() {
+        return Admission::Guard(None);
+    }
     match IdempotencyKey::from_headers(request.headers(), &config.header) {
-        Ok(Some(key)) => Admission::Guard(key),
+        Ok(Some(key)) => Admission::Guard(Some(key)),
         Ok(None) if config.key_policy == KeyPolicy::Optional => {
             tracing::trace!(outcome = "bypassed", "idempotency: no key");
             Admission::Pass

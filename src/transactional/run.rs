@@ -122,11 +122,11 @@ where
     fn pass(
         this: &Arc<Self>,
         inner: &mut S,
-        request: Request<ReqBody>,
+        request: Request<RequestBody<ReqBody>>,
         config: &Arc<Config>,
     ) -> ResponseFuture<S::Future, ResBody, S::Error> {
         if !config.covers(request.method()) {
-            return ResponseFuture::bypass(inner.call(request.map(RequestBody::streaming)));
+            return ResponseFuture::bypass(inner.call(request));
         }
         // As on the guarded path: take the readied instance, leave a fresh clone behind.
         let clone = inner.clone();
@@ -323,7 +323,7 @@ async fn run_unguarded<S, ReqBody, ResBody>(
     inner: S,
     store: Arc<PostgresStore>,
     config: Arc<Config>,
-    request: Request<ReqBody>,
+    request: Request<RequestBody<ReqBody>>,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -352,7 +352,7 @@ where
     let handle = PgTransaction::new(transaction);
     head.extensions.insert(handle.clone());
     let headers = head.headers.clone();
-    let request = Request::from_parts(head, RequestBody::streaming(body));
+    let request = Request::from_parts(head, body);
     let (handled, transaction) = handle_with(inner, request, handle).await;
     let response = match handled {
         Ok(Ok(response)) => response,

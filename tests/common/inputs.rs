@@ -311,7 +311,10 @@ async fn check_response(
                 assert!(!body.windows(needle.len()).any(|w| w == &needle[..]), "a problem echoes the request");
             }
             match outcome {
-                Outcome::InvalidKey | Outcome::MissingKey | Outcome::RequestBodyUnreadable => assert_eq!(status, 400),
+                Outcome::InvalidKey
+                | Outcome::MissingKey
+                | Outcome::RequestBodyUnreadable
+                | Outcome::RequestBodyNotJson => assert_eq!(status, 400),
                 Outcome::InFlight => assert_eq!(status, 409),
                 Outcome::ResponseNotRetained => assert_eq!(status, 409),
                 Outcome::RequestBodyTooLarge => {

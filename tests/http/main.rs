@@ -1,10 +1,12 @@
 //! The layer behind real hyper servers on loopback (HTTP/1.1 and HTTP/2), and the example
-//! server (SPEC appendix) driven as a black box.
+//! server driven as a black box.
 //!
 //! One binary per area (as tower groups its tests); each file is one former test binary.
 
+mod example_rpc;
 mod example_server;
 mod example_stream;
+mod readme;
 mod real_servers;
 #[path = "../common/resume.rs"]
 mod resume;

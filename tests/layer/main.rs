@@ -15,5 +15,6 @@ mod flood;
 mod grpc;
 mod inputs;
 mod join;
+mod json_rpc;
 mod one_write;
 mod security;

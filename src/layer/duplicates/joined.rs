@@ -15,6 +15,7 @@ use tower::BoxError;
 
 use crate::{
     IDEMPOTENT_REPLAYED, Outcome,
+    layer::body::Rewrite,
     layer::duplicates::WaitSlot,
     layer::lock::StoreHandle,
     layer::sse::{resume_in_body, skips_lf},
@@ -86,6 +87,8 @@ pub(crate) struct Joined {
     ready: VecDeque<Bytes>,
     trailers: Option<HeaderMap>,
     step: JoinStep,
+    /// A change made to the body as it passes (a JSON-RPC retry's `id`).
+    rewrite: Option<Box<dyn Rewrite>>,
     /// This joiner's place among the key's waiters: given back when the body is dropped.
     _slot: WaitSlot,
 }
@@ -126,6 +129,7 @@ impl Joined {
             ready: VecDeque::new(),
             trailers: None,
             step: JoinStep::Following(None),
+            rewrite: None,
             _slot: slot,
         };
         joined.take(events);
@@ -173,8 +177,28 @@ impl Joined {
             skip += 1;
         }
         if skip < data.len() {
-            self.ready.push_back(data.slice(skip..));
+            self.push(data.slice(skip..));
         }
+    }
+
+    /// Queues bytes to send, through the rewrite if there is one.
+    fn push(&mut self, data: Bytes) {
+        match &mut self.rewrite {
+            Some(rewrite) => rewrite.feed(data, &mut self.ready),
+            None => self.ready.push_back(data),
+        }
+    }
+
+    /// Applies `rewrite` to the body from its start (what is queued already included; what is
+    /// held while seeking, once it is sent).
+    pub(crate) fn rewrite_with(&mut self, mut rewrite: Box<dyn Rewrite>) {
+        if matches!(self.start, Start::At { .. }) {
+            let queued = std::mem::take(&mut self.ready);
+            for data in queued {
+                rewrite.feed(data, &mut self.ready);
+            }
+        }
+        self.rewrite = Some(rewrite);
     }
 
     /// The place to start is known: `offset`, within the bytes taken so far. What was held
@@ -279,7 +303,13 @@ impl Joined {
                     Ok(record) => self.finish(record),
                     Err(_) => self.fail("the store failed"),
                 },
-                JoinStep::Done => return Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t)))),
+                JoinStep::Done => {
+                    if let Some(mut rewrite) = self.rewrite.take() {
+                        rewrite.finish(&mut self.ready);
+                        continue;
+                    }
+                    return Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t))));
+                }
                 JoinStep::Failed(error) => return Poll::Ready(error.take().map(Err)),
             }
         }
@@ -306,7 +336,7 @@ impl Joined {
     pub(crate) fn is_end_stream(&self) -> bool {
         self.ready.is_empty()
             && match &self.step {
-                JoinStep::Done => self.trailers.is_none(),
+                JoinStep::Done => self.trailers.is_none() && self.rewrite.is_none(),
                 JoinStep::Failed(error) => error.is_none(),
                 _ => false,
             }

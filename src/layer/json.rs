@@ -1,0 +1,401 @@
+//! Keys read from a JSON body (feature `json`), and JSON-RPC 2.0: the key of a request, what
+//! its fingerprint leaves out, and the retry's `id` set on what the layer answers with (a
+//! replay, a joined response, the layer's own errors).
+//!
+//! A JSON-RPC replay must carry the retry's `id`, not the original's: the client matches the
+//! answer to its call by it. The record keeps the original's response as it was sent; the id
+//! is changed on the way out, in an `application/json` body (one message) and in each event
+//! of a `text/event-stream` body (MCP's Streamable HTTP), as the events pass.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Response, header};
+use http_body::Body;
+use serde_json::Value;
+
+use crate::{
+    IdempotencyKey, KeySource, Outcome,
+    key::Source,
+    layer::{
+        body::{ResponseBody, Rewrite},
+        sse::is_event_stream,
+    },
+    problem::ProblemKind,
+};
+
+/// What a request body says about its key.
+#[derive(Debug)]
+pub(crate) enum BodyKey {
+    /// A key; for a JSON-RPC request, the bytes to fingerprint instead of the body (the
+    /// request without its `id` and its `params._meta`).
+    Key(IdempotencyKey, Option<Vec<u8>>),
+    /// No key (the key policy decides).
+    Missing,
+    /// Not a call the layer guards: a JSON-RPC notification or response, or a batch without
+    /// keys where keys are optional. It runs through.
+    Through,
+    /// Refused at once.
+    Refuse(ProblemKind),
+}
+
+/// Reads the key of a request whose key `source` says is in its `body`; `required`: the route
+/// requires keys. Also gives a JSON-RPC request's `id` (the layer answers with it).
+pub(crate) fn read(source: &KeySource, body: &[u8], required: bool) -> (BodyKey, Option<Value>) {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return (BodyKey::Refuse(ProblemKind::RequestBodyNotJson), None);
+    };
+    match &source.0 {
+        Source::Header => (BodyKey::Missing, None),
+        Source::Json(pointer) => (key_at(&value, pointer), None),
+        Source::JsonRpc(pointer) => json_rpc(value, pointer, required),
+    }
+}
+
+/// The key at `pointer`: absent or `null` is none, a string is checked, anything else is
+/// invalid.
+fn key_at(value: &Value, pointer: &str) -> BodyKey {
+    match value.pointer(pointer) {
+        None | Some(Value::Null) => BodyKey::Missing,
+        Some(Value::String(key)) => match IdempotencyKey::from_body(key) {
+            Ok(key) => BodyKey::Key(key, None),
+            Err(invalid) => {
+                tracing::debug!(reason = %invalid, "idempotency: invalid key in the body");
+                BodyKey::Refuse(ProblemKind::InvalidKey)
+            }
+        },
+        Some(_) => BodyKey::Refuse(ProblemKind::InvalidKey),
+    }
+}
+
+fn json_rpc(mut value: Value, pointer: &str, required: bool) -> (BodyKey, Option<Value>) {
+    let request = match &mut value {
+        Value::Array(calls) => {
+            let keyed = calls.iter().any(|call| !matches!(key_at(call, pointer), BodyKey::Missing));
+            if keyed || required {
+                tracing::debug!(keyed, "idempotency: a JSON-RPC batch on a route with keys: refused");
+                return (BodyKey::Refuse(ProblemKind::InvalidKey), None);
+            }
+            return (BodyKey::Through, None);
+        }
+        Value::Object(request) if request.contains_key("method") => request,
+        // A response from the client, or not JSON-RPC at all: the handler's to answer.
+        _ => return (BodyKey::Through, None),
+    };
+    // A notification has no `id` and gets no answer: nothing to replay or to refuse with.
+    let Some(id) = request.remove("id") else { return (BodyKey::Through, None) };
+    let request = Value::Object(std::mem::take(request));
+    match key_at(&request, pointer) {
+        BodyKey::Key(key, _) => (BodyKey::Key(key, Some(fingerprinted(request))), Some(id)),
+        other => (other, Some(id)),
+    }
+}
+
+/// A JSON-RPC request's fingerprinted form: without `id` and `params._meta`, compact, with
+/// sorted member names.
+fn fingerprinted(mut request: Value) -> Vec<u8> {
+    if let Some(Value::Object(params)) = request.get_mut("params") {
+        params.remove("_meta");
+    }
+    serde_json::to_vec(&sorted(request)).unwrap_or_default()
+}
+
+/// `value` with the members of every object in name order (whatever order `serde_json`'s map
+/// keeps).
+fn sorted(value: Value) -> Value {
+    match value {
+        Value::Object(members) => {
+            let mut members: Vec<(String, Value)> = members.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(members.into_iter().collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+        other => other,
+    }
+}
+
+/// `response`, answering a JSON-RPC request with `id`: a replay, a joined response or one of
+/// the layer's own answers gets `id` in its JSON-RPC responses; the handler's own response is
+/// left alone.
+pub(crate) fn with_reply_id<B: Body>(response: Response<ResponseBody<B>>, id: &Value) -> Response<ResponseBody<B>> {
+    if matches!(Outcome::of(&response), Outcome::Executed | Outcome::Bypassed | Outcome::Unprotected) {
+        return response;
+    }
+    let (mut head, body) = response.into_parts();
+    let Some(rewrite) = IdRewrite::new(&head.headers, id) else { return Response::from_parts(head, body) };
+    let (body, len) = body.rewritten(Box::new(rewrite));
+    if let Some(len) = len.filter(|_| head.headers.contains_key(header::CONTENT_LENGTH)) {
+        head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Response::from_parts(head, body)
+}
+
+/// Sets an `id` on the JSON-RPC responses of a body: one JSON message, or events.
+struct IdRewrite {
+    id: Value,
+    events: bool,
+    pending: BytesMut,
+}
+
+impl IdRewrite {
+    /// For a body of type `application/json` (or `+json`) or `text/event-stream`; `None` for
+    /// any other.
+    fn new(headers: &HeaderMap, id: &Value) -> Option<Self> {
+        let events = is_event_stream(headers);
+        if !events && !is_json(headers) {
+            return None;
+        }
+        Some(Self { id: id.clone(), events, pending: BytesMut::new() })
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+impl Rewrite for IdRewrite {
+    fn feed(&mut self, chunk: Bytes, out: &mut VecDeque<Bytes>) {
+        if self.events && self.pending.is_empty() && event_end(&chunk) == Some(chunk.len()) {
+            // One whole event, as streams are usually written: no copy into `pending`.
+            out.push_back(rewrite_event(chunk, &self.id));
+            return;
+        }
+        self.pending.extend_from_slice(&chunk);
+        while self.events {
+            let Some(end) = event_end(&self.pending) else { break };
+            let event = self.pending.split_to(end).freeze();
+            out.push_back(rewrite_event(event, &self.id));
+        }
+    }
+
+    fn finish(&mut self, out: &mut VecDeque<Bytes>) {
+        let rest = self.pending.split().freeze();
+        if rest.is_empty() {
+            return;
+        }
+        out.push_back(match self.events {
+            true => rewrite_event(rest, &self.id),
+            false => rewrite_message(&rest, &self.id).map_or(rest, Bytes::from),
+        });
+    }
+}
+
+/// The end of the first whole event in `buf` (after the empty line that ends it), if there is
+/// one. Lines end with CRLF, LF or CR; a CR at the very end waits for the next byte.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let (mut at, mut line_start) = (0, 0);
+    while at < buf.len() {
+        if buf[at] != b'\n' && buf[at] != b'\r' {
+            at += 1;
+            continue;
+        }
+        let mut next = at + 1;
+        if buf[at] == b'\r' {
+            match buf.get(next) {
+                None => return None,
+                Some(b'\n') => next += 1,
+                Some(_) => {}
+            }
+        }
+        if at == line_start {
+            return Some(next);
+        }
+        (at, line_start) = (next, next);
+    }
+    None
+}
+
+/// One event: if its data is a JSON-RPC response, the same event with `id` in it (its data in
+/// one `data:` line where the first was); any other event as it was.
+fn rewrite_event(event: Bytes, id: &Value) -> Bytes {
+    let lines = lines(&event);
+    let data: Vec<&[u8]> = lines.iter().filter_map(|&(start, end, _)| data_value(&event[start..end])).collect();
+    if data.is_empty() {
+        return event;
+    }
+    let Some(message) = rewrite_message(&data.join(&b'\n'), id) else { return event };
+    let mut out = Vec::with_capacity(event.len() + 16);
+    let mut first = true;
+    for &(start, end, line_end) in &lines {
+        if data_value(&event[start..end]).is_none() {
+            out.extend_from_slice(&event[start..line_end]);
+        } else if std::mem::take(&mut first) {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&message);
+            out.extend_from_slice(&event[end..line_end]);
+        }
+    }
+    Bytes::from(out)
+}
+
+/// The lines of `event`: (start, end of content, end with its line ending).
+fn lines(event: &[u8]) -> Vec<(usize, usize, usize)> {
+    let mut lines = Vec::new();
+    let (mut at, mut start) = (0, 0);
+    while at < event.len() {
+        match event[at] {
+            b'\r' | b'\n' => {
+                let crlf = event[at] == b'\r' && event.get(at + 1) == Some(&b'\n');
+                let next = at + 1 + usize::from(crlf);
+                lines.push((start, at, next));
+                (at, start) = (next, next);
+            }
+            _ => at += 1,
+        }
+    }
+    if start < event.len() {
+        lines.push((start, event.len(), event.len()));
+    }
+    lines
+}
+
+/// The value of a `data` field line (one space after the colon stripped).
+fn data_value(line: &[u8]) -> Option<&[u8]> {
+    if line == b"data" {
+        return Some(b"");
+    }
+    let value = line.strip_prefix(b"data:")?;
+    Some(value.strip_prefix(b" ").unwrap_or(value))
+}
+
+/// A JSON-RPC response (an object with `id` and `result` or `error`, no `method`) with `id` in
+/// it; `None` for anything else, or when it already has it.
+fn rewrite_message(message: &[u8], id: &Value) -> Option<Vec<u8>> {
+    let mut value: Value = serde_json::from_slice(message).ok()?;
+    let object = value.as_object_mut()?;
+    let is_response = !object.contains_key("method")
+        && (object.contains_key("result") || object.contains_key("error"))
+        && object.get("id").is_some_and(|old| old != id);
+    if !is_response {
+        return None;
+    }
+    object.insert("id".to_owned(), id.clone());
+    serde_json::to_vec(&value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json_rpc_source() -> KeySource {
+        KeySource::json_rpc()
+    }
+
+    fn all(rewrite: &mut IdRewrite, chunks: &[&[u8]]) -> String {
+        let mut out = VecDeque::new();
+        for chunk in chunks {
+            rewrite.feed(Bytes::copy_from_slice(chunk), &mut out);
+        }
+        rewrite.finish(&mut out);
+        out.iter().map(|b| String::from_utf8(b.to_vec()).unwrap()).collect()
+    }
+
+    fn rewrite(content_type: &str, id: Value) -> IdRewrite {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+        IdRewrite::new(&headers, &id).unwrap()
+    }
+
+    #[test]
+    fn a_json_response_gets_the_new_id() {
+        let body = br#"{"jsonrpc":"2.0","id":1,"result":{"charge":"rpc_1"}}"#;
+        let got = all(&mut rewrite("application/json", Value::from(7)), &[&body[..10], &body[10..]]);
+        let got: Value = serde_json::from_str(&got).unwrap();
+        assert_eq!(got, serde_json::json!({"jsonrpc":"2.0","id":7,"result":{"charge":"rpc_1"}}));
+        // An error response too; a request or a notification is left as it was.
+        let error = br#"{"jsonrpc":"2.0","id":"a","error":{"code":1,"message":"m"}}"#;
+        let got = all(&mut rewrite("application/json; charset=utf-8", Value::from("b")), &[error]);
+        assert_eq!(serde_json::from_str::<Value>(&got).unwrap()["id"], "b");
+        for other in [&br#"{"jsonrpc":"2.0","id":1,"method":"x"}"#[..], br#"{"jsonrpc":"2.0","method":"x"}"#, b"[1]"] {
+            assert_eq!(all(&mut rewrite("application/json", Value::from(7)), &[other]).as_bytes(), other);
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert!(IdRewrite::new(&headers, &Value::Null).is_none());
+    }
+
+    #[test]
+    fn each_response_event_of_a_stream_gets_the_new_id_at_any_split() {
+        let stream = concat!(
+            "id: 0\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n",
+            ": a comment\r\n\r\n",
+            "id: 1\r\ndata: {\"id\":\"call-1\",\r\ndata: \"jsonrpc\":\"2.0\",\"result\":{\"content\":[]}}\r\n\r\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":\"srv-1\",\"method\":\"sampling/createMessage\"}\r\r",
+        );
+        let expected = concat!(
+            "id: 0\nevent: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1}}\n\n",
+            ": a comment\r\n\r\n",
+            "id: 1\r\ndata: {\"id\":\"call-2\",\"jsonrpc\":\"2.0\",\"result\":{\"content\":[]}}\r\n\r\n",
+            "data: {\"jsonrpc\":\"2.0\",\"id\":\"srv-1\",\"method\":\"sampling/createMessage\"}\r\r",
+        );
+        let id = Value::from("call-2");
+        assert_eq!(all(&mut rewrite("text/event-stream", id.clone()), &[stream.as_bytes()]), expected);
+        for at in 0..stream.len() {
+            let (a, b) = stream.as_bytes().split_at(at);
+            assert_eq!(all(&mut rewrite("text/event-stream", id.clone()), &[a, b]), expected, "split at {at}");
+        }
+        let bytes: Vec<&[u8]> = stream.as_bytes().chunks(1).collect();
+        assert_eq!(all(&mut rewrite("text/event-stream", id), &bytes), expected);
+    }
+
+    #[test]
+    fn json_rpc_requests_notifications_responses_and_batches() {
+        let read = |body: &str, required| read(&json_rpc_source(), body.as_bytes(), required);
+        let call =
+            r#"{"jsonrpc":"2.0","id":3,"method":"charge","params":{"_meta":{"idempotencyKey":"k-1"},"amount":5}}"#;
+        let (key, id) = read(call, false);
+        assert!(matches!(key, BodyKey::Key(ref key, _) if key.as_str() == "k-1"), "{key:?}");
+        assert_eq!(id, Some(Value::from(3)));
+        // No key: the policy decides, and the answer carries the id.
+        let (key, id) = read(r#"{"jsonrpc":"2.0","id":"x","method":"charge","params":{}}"#, true);
+        assert!(matches!(key, BodyKey::Missing));
+        assert_eq!(id, Some(Value::from("x")));
+        for bad in [r#""""#, r#""a b""#, "5", "{}"] {
+            let body =
+                format!(r#"{{"jsonrpc":"2.0","id":1,"method":"m","params":{{"_meta":{{"idempotencyKey":{bad}}}}}}}"#);
+            assert!(matches!(read(&body, false).0, BodyKey::Refuse(ProblemKind::InvalidKey)), "{bad}");
+        }
+        // A notification, even keyed, and a client's response run through.
+        let notification = r#"{"jsonrpc":"2.0","method":"m","params":{"_meta":{"idempotencyKey":"k"}}}"#;
+        assert!(matches!(read(notification, true), (BodyKey::Through, None)));
+        assert!(matches!(read(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#, true), (BodyKey::Through, None)));
+        // A batch: through without keys where they are optional, refused otherwise.
+        let unkeyed = r#"[{"jsonrpc":"2.0","id":1,"method":"m"},{"jsonrpc":"2.0","method":"n"}]"#;
+        assert!(matches!(read(unkeyed, false), (BodyKey::Through, None)));
+        assert!(matches!(read(unkeyed, true), (BodyKey::Refuse(ProblemKind::InvalidKey), None)));
+        let keyed = format!("[{call}]");
+        assert!(matches!(read(&keyed, false), (BodyKey::Refuse(ProblemKind::InvalidKey), None)));
+        assert!(matches!(read("{nope", false), (BodyKey::Refuse(ProblemKind::RequestBodyNotJson), None)));
+    }
+
+    #[test]
+    fn a_retry_with_another_id_and_meta_fingerprints_the_same() {
+        let print = |body: &str| match read(&json_rpc_source(), body.as_bytes(), false).0 {
+            BodyKey::Key(_, Some(bytes)) => bytes,
+            other => panic!("{other:?}"),
+        };
+        let first = print(
+            r#"{"jsonrpc":"2.0","id":1,"method":"charge","params":{"amount":5,"_meta":{"idempotencyKey":"k","progressToken":1}}}"#,
+        );
+        let retry = print(
+            r#"{ "method":"charge","params":{"_meta":{"progressToken":9,"idempotencyKey":"k"},"amount":5},"jsonrpc":"2.0","id":"r"}"#,
+        );
+        assert_eq!(first, retry);
+        let other =
+            print(r#"{"jsonrpc":"2.0","id":1,"method":"charge","params":{"amount":6,"_meta":{"idempotencyKey":"k"}}}"#);
+        assert_ne!(first, other);
+    }
+
+    #[test]
+    fn keys_at_a_json_pointer() {
+        let source = KeySource::json_pointer("/meta/key").unwrap();
+        let read = |body: &str| read(&source, body.as_bytes(), false).0;
+        assert!(matches!(read(r#"{"meta":{"key":"k"}}"#), BodyKey::Key(ref key, None) if key.as_str() == "k"));
+        assert!(matches!(read(r#"{"meta":{"key":null}}"#), BodyKey::Missing));
+        assert!(matches!(read(r#"{"meta":{}}"#), BodyKey::Missing));
+        assert!(matches!(read(r#"{"meta":{"key":1}}"#), BodyKey::Refuse(ProblemKind::InvalidKey)));
+        assert!(matches!(read(""), BodyKey::Refuse(ProblemKind::RequestBodyNotJson)));
+    }
+}
