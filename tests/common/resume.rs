@@ -44,7 +44,7 @@ use tower_idempotency::{Duplicates, IdempotencyLayer, RequestBody, ResponseBody,
 pub type BoxBody = UnsyncBoxBody<Bytes, Infallible>;
 
 /// How long one reconnect may take, start to end, before the test fails.
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The line ending of every line of a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
