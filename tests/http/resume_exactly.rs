@@ -27,10 +27,12 @@ mod redis {
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
     }
 
-    /// A replica's store: its own connections (enough blocking readers for every joiner).
+    /// A replica's store: its own connections (enough blocking readers for every joiner), and
+    /// an operation timeout a loaded test machine does not reach.
     pub(super) async fn store(url: impl redis::IntoConnectionInfo, prefix: &str) -> RedisStore {
         RedisStore::builder()
             .with_prefix(prefix)
+            .with_operation_timeout(Duration::from_secs(30))
             .with_max_blocking_connections(128)
             .connect(url)
             .await
