@@ -17,11 +17,14 @@
 //! `us-east-1`), `IDEMPOTENCY_SECRET` (with a shared store: the deployment secret that keys
 //! what the store keeps, at least 16 bytes, the same for every process; unset, a fixed
 //! development secret, with a warning, so processes started alike still share keys). Prints
-//! `listening on http://HOST:PORT`.
+//! `listening on http://HOST:PORT`. `POST /quotes` needs `--features json` (it fingerprints
+//! its body as canonical JSON).
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'   # replay
+//! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"amount":10,"client_time":"12:00"}'
+//! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"client_time":"12:01", "amount":1e1}'   # replay
 //! curl -s localhost:3000/stats
 //! ```
 //!
@@ -67,12 +70,12 @@ use tower_idempotency::{
 };
 
 /// The routes whose executions `GET /stats` counts.
-pub const ROUTES: [&str; 8] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "rpc"];
+pub const ROUTES: [&str; 9] = ["orders", "payments", "jobs", "patch", "put", "stream", "large", "rpc", "quotes"];
 
 /// Executions per route since start, and the id sequences.
 #[derive(Debug, Default)]
 pub struct Stats {
-    executions: [AtomicU64; 8],
+    executions: [AtomicU64; ROUTES.len()],
     next_id: AtomicU64,
     /// Executions of `POST /ledger` (with `DATABASE_URL`).
     #[cfg(feature = "postgres")]
@@ -138,9 +141,17 @@ fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
     let joining = layer.clone().with_duplicates(Duplicates::join());
     #[cfg(feature = "json")]
     let rpc = layer.clone().with_key_source(tower_idempotency::KeySource::json_rpc());
+    // `POST /quotes`: as `/orders`, but fingerprinted as canonical JSON (RFC 8785) without the
+    // member `client_time`, so a retry whose members come in another order, whose numbers are
+    // spelled otherwise, or whose `client_time` is newer is the same request. A body that is
+    // not JSON gets `400` `request-body-not-json` from the layer.
+    #[cfg(feature = "json")]
+    let quotes = layer.clone().with_body_fingerprint(
+        tower_idempotency::BodyFingerprint::canonical_json(["/client_time"]).expect("a JSON Pointer"),
+    );
     let router = Router::new();
     #[cfg(feature = "json")]
-    let router = router.route("/rpc", post(rpc_call).layer(rpc));
+    let router = router.route("/rpc", post(rpc_call).layer(rpc)).route("/quotes", post(create::<QUOTES>).layer(quotes));
     router
         .route("/orders", post(create::<ORDERS>).layer(layer.clone()))
         .route("/payments", post(create::<PAYMENTS>).layer(required))
@@ -195,8 +206,10 @@ fn parse_json(body: &Bytes) -> Result<Value, Box<Response>> {
 pub const ORDERS: usize = 0;
 const PAYMENTS: usize = 1;
 const JOBS: usize = 2;
+#[cfg_attr(not(feature = "json"), allow(dead_code))]
+const QUOTES: usize = 8;
 
-/// `POST /orders`, `/payments`, `/jobs`: `ROUTE` indexes [`ROUTES`].
+/// `POST /orders`, `/payments`, `/jobs`, `/quotes`: `ROUTE` indexes [`ROUTES`].
 pub async fn create<const ROUTE: usize>(
     State(stats): State<Arc<Stats>>,
     Query(q): Query<Knobs>,
@@ -212,7 +225,12 @@ pub async fn create<const ROUTE: usize>(
         Ok(order) => order,
         Err(response) => return *response,
     };
-    let prefix = ["ord", "pay", "job"][ROUTE];
+    let prefix = match ROUTE {
+        ORDERS => "ord",
+        PAYMENTS => "pay",
+        JOBS => "job",
+        _ => "quo",
+    };
     let id = format!("{prefix}_{}", stats.next_id.fetch_add(1, Ordering::SeqCst) + 1);
     let location = format!("/{route}/{id}");
     (StatusCode::CREATED, [(header::LOCATION, location)], axum::Json(json!({"id": id, "order": order}))).into_response()
@@ -341,24 +359,56 @@ async fn ledger(
 /// the store, and `POST /ledger` in transactional mode.
 #[cfg(feature = "postgres")]
 async fn postgres_app(url: &str, stats: Arc<Stats>) -> Router {
-    let exit = |what: &str, error: &dyn std::fmt::Display| -> ! {
-        eprintln!("DATABASE_URL ({url:?}): {what}: {error}");
-        std::process::exit(2)
-    };
+    // Lazy: the server starts even while PostgreSQL is down, answers `503` until it is up, and
+    // creates its tables once it can.
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(16)
-        .connect(url)
-        .await
-        .unwrap_or_else(|error| exit("cannot connect", &error));
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(url)
+        .unwrap_or_else(|error| {
+            eprintln!("DATABASE_URL is not a valid PostgreSQL URL ({url:?}): {error}");
+            std::process::exit(2);
+        });
     let store = PostgresStore::new(pool.clone());
-    store.migrate().await.unwrap_or_else(|error| exit("cannot create the idempotency table", &error));
-    let ledger_table = "CREATE TABLE IF NOT EXISTS ledger (id bigserial PRIMARY KEY, body text NOT NULL, \
-                        created_at timestamptz NOT NULL DEFAULT now())";
-    sqlx::raw_sql(ledger_table).execute(&pool).await.unwrap_or_else(|error| exit("cannot create ledger", &error));
+    // A database that answers has the tables before the first request; one that does not gets
+    // them from a task that tries until it answers.
+    let mut attempt = 0;
+    let created = loop {
+        attempt += 1;
+        match create_tables(&store).await {
+            // The database answered with an error: processes starting together race to
+            // create a table (`CREATE ... IF NOT EXISTS` is not atomic). Again.
+            Err(sqlx::Error::Database(_)) if attempt < 3 => continue,
+            created => break created,
+        }
+    };
+    if let Err(error) = created {
+        eprintln!("DATABASE_URL ({url:?}): cannot create the tables yet, answering 503 until then: {error}");
+        let (creating, url) = (store.clone(), url.to_owned());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match create_tables(&creating).await {
+                    Ok(()) => break eprintln!("DATABASE_URL ({url:?}): tables created"),
+                    Err(error) => eprintln!("DATABASE_URL ({url:?}): cannot create the tables yet: {error}"),
+                }
+            }
+        });
+    }
     let _ = stats.database.set(pool);
     let layer = configure(IdempotencyLayer::from_store(store));
     let transactional = layer.clone().transactional();
     finish(routes(layer).route("/ledger", post(ledger).layer(transactional)), stats)
+}
+
+/// The example's `ledger` table, then the store's: once the store's exists (until then the
+/// layer answers `503`), `/ledger` finds its table.
+#[cfg(feature = "postgres")]
+async fn create_tables(store: &PostgresStore) -> Result<(), sqlx::Error> {
+    let ledger = "CREATE TABLE IF NOT EXISTS ledger (id bigserial PRIMARY KEY, body text NOT NULL, \
+                  created_at timestamptz NOT NULL DEFAULT now())";
+    sqlx::raw_sql(ledger).execute(store.pool()).await?;
+    store.migrate().await
 }
 
 /// `IDEMPOTENCY_TTL_MS`, when set.

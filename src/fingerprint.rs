@@ -6,10 +6,90 @@
 //! Each part is length-prefixed, so no two different requests share an encoding (`/a?b` with
 //! body `c` is not `/a` with query `bc`).
 
+use std::borrow::Cow;
+
 use hmac::Mac;
 use http::{HeaderName, request::Parts};
 
+#[cfg(feature = "json")]
+use crate::{error::ConfigError, json::JsonPointer};
 use crate::{secret::Keyed, store::Fingerprint};
+
+/// How a request's body enters its fingerprint: its raw bytes (the default), or, with the
+/// feature `json`, its canonical JSON form without listed members (`canonical_json`). Set per layer with
+/// [`IdempotencyLayer::with_body_fingerprint`](crate::IdempotencyLayer::with_body_fingerprint)
+/// (a route of its own: a clone of the layer).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BodyFingerprint(BodyForm);
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum BodyForm {
+    #[default]
+    Raw,
+    #[cfg(feature = "json")]
+    CanonicalJson(Vec<JsonPointer>),
+}
+
+/// The body is not what its route's [`BodyFingerprint`] reads: not I-JSON on a canonical
+/// JSON route.
+#[derive(Debug)]
+pub(crate) struct Unreadable;
+
+impl BodyFingerprint {
+    /// The body's bytes as they are: one byte of whitespace makes another request.
+    pub const fn raw() -> Self {
+        Self(BodyForm::Raw)
+    }
+
+    /// The body as canonical JSON (RFC 8785, the JSON Canonicalization Scheme), without the
+    /// object members `excluded` points at (JSON Pointers, RFC 6901: `/client_time`,
+    /// `/meta/trace_id`). Member order, whitespace and the spelling of numbers (`10`, `10.0`,
+    /// `1e1`) then make no difference; the excluded members (a client timestamp, a trace id)
+    /// make none either, present or not.
+    ///
+    /// A body that is not I-JSON (RFC 7493: UTF-8 JSON, no member name twice in one object,
+    /// numbers a double can hold) gets `400` [`request-body-not-json`](crate::problem::REQUEST_BODY_NOT_JSON),
+    /// and the handler does not run. A pointer into an array may pass through an element
+    /// (`/items/0/note`) but removes no element itself (that would move the ones after it).
+    ///
+    /// An error for a string that is not a JSON Pointer, or for the empty pointer (the whole
+    /// body).
+    ///
+    /// ```
+    /// use tower_idempotency::{BodyFingerprint, IdempotencyLayer};
+    ///
+    /// let quotes = IdempotencyLayer::new()
+    ///     .with_body_fingerprint(BodyFingerprint::canonical_json(["/client_time"]).unwrap());
+    /// # let _ = quotes;
+    /// ```
+    #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+    pub fn canonical_json<I>(excluded: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let excluded = excluded
+            .into_iter()
+            .map(|pointer| match pointer.as_ref() {
+                "" => Err(ConfigError::InvalidJsonPointer(String::new())),
+                pointer => JsonPointer::parse(pointer),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self(BodyForm::CanonicalJson(excluded)))
+    }
+
+    /// The bytes the fingerprint takes for `body`.
+    pub(crate) fn read<'b>(&self, body: &'b [u8]) -> Result<Cow<'b, [u8]>, Unreadable> {
+        match &self.0 {
+            BodyForm::Raw => Ok(Cow::Borrowed(body)),
+            #[cfg(feature = "json")]
+            BodyForm::CanonicalJson(excluded) => {
+                crate::json::canonical(body, excluded).map(Cow::Owned).map_err(|_| Unreadable)
+            }
+        }
+    }
+}
 
 impl Fingerprint {
     /// Fingerprints a request from its head, the headers to include and its buffered body.

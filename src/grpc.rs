@@ -50,6 +50,8 @@
 //! # let _ = layer;
 //! ```
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Response, header::CONTENT_TYPE};
 
@@ -81,14 +83,21 @@ const fn code(kind: ProblemKind) -> u16 {
     }
 }
 
-/// The trailers-only gRPC answer to `problem`. Its message is the problem's static `detail`,
-/// which needs no percent-encoding (printable ASCII without `%`; a unit test checks).
+/// The trailers-only gRPC answer to `problem`. Its message is the problem's `detail`, which
+/// needs no percent-encoding (printable ASCII without `%`; a unit test checks).
 pub(crate) fn render(problem: &Problem) -> Response<Bytes> {
     let mut response = Response::new(Bytes::new());
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(GRPC_STATUS, HeaderValue::from(code(problem.kind())));
-    headers.insert(GRPC_MESSAGE, HeaderValue::from_static(problem.detail()));
+    let message = match problem.detail() {
+        Cow::Borrowed(detail) => HeaderValue::from_static(detail),
+        // Printable ASCII (the limit's digits in a static sentence): always a valid value.
+        Cow::Owned(detail) => {
+            HeaderValue::try_from(detail).unwrap_or_else(|_| HeaderValue::from_static(problem.kind().detail()))
+        }
+    };
+    headers.insert(GRPC_MESSAGE, message);
     if let Some(ms) = problem.retry_after_ms() {
         headers.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(ms));
     }
@@ -102,7 +111,7 @@ mod tests {
     use http::{HeaderMap, StatusCode, response};
 
     use super::*;
-    use crate::CachePredicate;
+    use crate::{CachePredicate, InvalidKey};
 
     fn head(status: u16, headers: &[(&str, &str)]) -> response::Parts {
         let mut builder = Response::builder().status(status);
@@ -208,6 +217,25 @@ mod tests {
             assert!(message.bytes().all(|b| (0x20..=0x7e).contains(&b) && b != b'%'), "{kind:?}");
             let pushback = headers.get(GRPC_RETRY_PUSHBACK_MS).map(|v| v.to_str().unwrap());
             assert_eq!(pushback, kind.is_retryable().then_some("1200"), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn the_messages_that_say_more_need_no_percent_encoding_either() {
+        let rules: [InvalidKey; 6] = [
+            InvalidKey::Empty,
+            InvalidKey::TooLong,
+            InvalidKey::InvalidByte,
+            InvalidKey::MalformedQuotedString,
+            InvalidKey::Repeated,
+            InvalidKey::NotAString,
+        ];
+        let problems = rules.map(Problem::invalid_key).into_iter().chain([Problem::body_too_large(2 * 1024 * 1024)]);
+        for problem in problems {
+            let response = render(&problem);
+            let message = response.headers()[GRPC_MESSAGE].to_str().unwrap();
+            assert_eq!(message, problem.detail(), "{problem:?}");
+            assert!(message.bytes().all(|b| (0x20..=0x7e).contains(&b) && b != b'%'), "{problem:?}");
         }
     }
 }

@@ -37,5 +37,8 @@ pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry")
 /// `Stripe-Should-Retry`: Stripe's name for [`X_SHOULD_RETRY`], obeyed by Stripe's SDKs.
 pub const STRIPE_SHOULD_RETRY: HeaderName = HeaderName::from_static("stripe-should-retry");
 
+/// `traceparent`: the W3C trace context of the caller's span.
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// `Last-Event-ID`: the id of the last `text/event-stream` event a reconnecting client saw.
 pub(crate) const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");

@@ -185,8 +185,9 @@ impl KeySource {
     ///   either.
     /// - A replay, and a joined response, answer with the retry's `id`: in an
     ///   `application/json` body, and in each JSON-RPC response of a `text/event-stream` body
-    ///   (MCP's Streamable HTTP). Server-to-client requests and notifications in the stream
-    ///   pass as recorded.
+    ///   (MCP's Streamable HTTP), and progress notifications there carry the retry's
+    ///   `params._meta.progressToken` (if it sent one). Server-to-client requests and other
+    ///   notifications in the stream pass as recorded.
     /// - Notifications (no `id`) and client responses (no `method`) run through unguarded,
     ///   even when they carry a key and even under [`KeyPolicy::Required`](crate::KeyPolicy):
     ///   JSON-RPC gives them no answer to replay or to refuse with.

@@ -220,6 +220,9 @@ mod error;
 pub mod grpc;
 mod headers;
 pub mod hints;
+#[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+pub mod json;
 mod key;
 mod layer;
 mod outcome;
@@ -229,13 +232,16 @@ mod rt;
 mod scope;
 pub mod secret;
 pub mod store;
+mod trace;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod transactional;
+mod upload;
 
 mod fingerprint;
 
 pub use error::ConfigError;
+pub use fingerprint::BodyFingerprint;
 pub use headers::{EXPOSE_HEADERS, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, JSON_RPC_KEY_POINTER, KeySource, MAX_KEY_LEN};
 pub use layer::{
@@ -247,6 +253,8 @@ pub use outcome::Outcome;
 pub use predicate::{CachePredicate, SuccessOnly};
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use secret::Secret;
+pub use trace::{Origin, TraceContext};
+pub use upload::UploadAppends;
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis`,
 /// `postgres` and `dynamodb` features).

@@ -1,9 +1,10 @@
 //! The responses the layer makes itself: RFC 9457 problem details by default.
 //!
 //! Every error the layer answers is, by default ([`Rfc9457`]), `application/problem+json` with
-//! a stable `type` URI (one per problem, listed below), a `title`, the `status` and a `detail`.
-//! None of them echoes the key, the body or any other part of the request. The bodies are
-//! static: making one costs no allocation beyond the response itself.
+//! a stable `type` URI (one per problem, listed below), a `title`, the `status` and a `detail`
+//! that says what went wrong: for `invalid-key`, the rule the key broke; for
+//! `request-body-too-large`, the limit. None of them echoes the key, the body or any other part
+//! of the request.
 //!
 //! An API with an error envelope of its own answers in it through a [`ProblemRenderer`]
 //! ([`IdempotencyLayer::with_problem_renderer`](crate::IdempotencyLayer::with_problem_renderer)).
@@ -19,14 +20,20 @@
 //!
 //! # invalid-key
 //! `400`: the key is empty, longer than 255 bytes, holds a byte that is not visible ASCII, is a
-//! malformed quoted string, or the header was sent more than once.
+//! malformed quoted string, or the header was sent more than once. The `detail` names which
+//! ([`Problem::key_rule`] gives it to a renderer), for example `"The idempotency key is
+//! longer than 255 bytes."`.
 //!
 //! # request-body-unreadable
 //! `400`: the request body failed while the layer read it to fingerprint it.
 //!
 //! # request-body-not-json
 //! `400`: the route reads its request body as JSON (its key is in the body, or its fingerprint
-//! is taken from the JSON) and the body is not valid JSON.
+//! is taken from the JSON) and the body is not valid JSON. On a route that fingerprints its
+//! body as canonical JSON (`BodyFingerprint::canonical_json`, feature `json`), a body that is
+//! not I-JSON (a member name given twice in one object, a number no double can hold) is
+//! refused the same way: two bodies that differ only there must not share a fingerprint. The
+//! request did not run; the key can be used again with a corrected body.
 //!
 //! # in-flight
 //! `409` with `Retry-After`: a request with this key and the same payload is still running.
@@ -38,7 +45,10 @@
 //! run twice for one key.
 //!
 //! # request-body-too-large
-//! `413`: the request body is larger than the limit the layer buffers to fingerprint it.
+//! `413`: the request body is larger than the limit the layer buffers to fingerprint it
+//! ([`IdempotencyLayer::with_max_request_body`](crate::IdempotencyLayer::with_max_request_body));
+//! the `detail` states the limit ([`Problem::limit`]), for example `"The request body is larger
+//! than 2097152 bytes, the most this endpoint accepts."`.
 //!
 //! # key-reused
 //! `422`: the key was already used for a different request (method, path, query or body).
@@ -73,12 +83,12 @@
 //! recorded and the key is free; what the handler committed itself stays. A fault of the
 //! server, not of the request: retrying does not help until the handler is fixed.
 
-use std::time::Duration;
+use std::{borrow::Cow, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::Outcome;
+use crate::{InvalidKey, Outcome};
 
 macro_rules! problems {
     ($(
@@ -233,6 +243,16 @@ impl ProblemKind {
 pub struct Problem {
     kind: ProblemKind,
     retry_after: Option<Duration>,
+    cause: Option<Cause>,
+}
+
+/// What exactly went wrong, where the kind alone does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// The rule an invalid key broke.
+    Key(InvalidKey),
+    /// The limit a request body passed, in bytes.
+    Limit(usize),
 }
 
 impl Problem {
@@ -240,7 +260,39 @@ impl Problem {
     /// [retryable](ProblemKind::is_retryable) kind only.
     #[must_use]
     pub const fn new(kind: ProblemKind, retry_after: Option<Duration>) -> Self {
-        Self { kind, retry_after: if kind.is_retryable() { retry_after } else { None } }
+        Self { kind, retry_after: if kind.is_retryable() { retry_after } else { None }, cause: None }
+    }
+
+    /// The `invalid-key` problem of a key that broke `rule`: its [`detail`](Self::detail)
+    /// names the rule.
+    #[must_use]
+    pub const fn invalid_key(rule: InvalidKey) -> Self {
+        Self { kind: ProblemKind::InvalidKey, retry_after: None, cause: Some(Cause::Key(rule)) }
+    }
+
+    /// The `request-body-too-large` problem of a body over `limit` bytes: its
+    /// [`detail`](Self::detail) states the limit.
+    #[must_use]
+    pub const fn body_too_large(limit: usize) -> Self {
+        Self { kind: ProblemKind::RequestBodyTooLarge, retry_after: None, cause: Some(Cause::Limit(limit)) }
+    }
+
+    /// For an `invalid-key` problem, the rule the key broke.
+    #[must_use]
+    pub const fn key_rule(&self) -> Option<InvalidKey> {
+        match self.cause {
+            Some(Cause::Key(rule)) => Some(rule),
+            _ => None,
+        }
+    }
+
+    /// For a `request-body-too-large` problem, the limit the body passed, in bytes.
+    #[must_use]
+    pub const fn limit(&self) -> Option<usize> {
+        match self.cause {
+            Some(Cause::Limit(limit)) => Some(limit),
+            _ => None,
+        }
     }
 
     /// Which problem it is.
@@ -268,10 +320,18 @@ impl Problem {
         self.kind.title()
     }
 
-    /// The `detail` ([`ProblemKind::detail`]).
+    /// The `detail`: what went wrong and what the client can do. The kind's own
+    /// ([`ProblemKind::detail`]), or, where the problem knows more, one that says it: the rule
+    /// an invalid key broke, the limit a request body passed. Never request content.
     #[must_use]
-    pub const fn detail(&self) -> &'static str {
-        self.kind.detail()
+    pub fn detail(&self) -> Cow<'static, str> {
+        match self.cause {
+            None => Cow::Borrowed(self.kind.detail()),
+            Some(Cause::Key(rule)) => Cow::Borrowed(key_rule_detail(rule)),
+            Some(Cause::Limit(limit)) => {
+                Cow::Owned(format!("The request body is larger than {limit} bytes, the most this endpoint accepts."))
+            }
+        }
     }
 
     /// The `Retry-After` value: [`retry_after`](Self::retry_after) in whole seconds, rounded
@@ -356,11 +416,52 @@ pub struct Rfc9457;
 
 impl ProblemRenderer for Rfc9457 {
     fn render(&self, problem: &Problem) -> Response<Bytes> {
-        let mut response = Response::new(Bytes::from_static(problem.kind.body().as_bytes()));
+        let body = match problem.cause {
+            None => Bytes::from_static(problem.kind.body().as_bytes()),
+            Some(_) => Bytes::from(rfc9457_body(problem)),
+        };
+        let mut response = Response::new(body);
         *response.status_mut() = problem.status();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         response
     }
+}
+
+/// The `detail` of an invalid key, per rule: which one it broke, and what a key is.
+const fn key_rule_detail(rule: InvalidKey) -> &'static str {
+    match rule {
+        InvalidKey::Empty => "The idempotency key is empty. A key holds 1 to 255 visible ASCII characters.",
+        InvalidKey::TooLong => "The idempotency key is longer than 255 bytes.",
+        InvalidKey::InvalidByte => {
+            "The idempotency key holds a character that is not visible ASCII (a space, a control character or a non-ASCII byte)."
+        }
+        InvalidKey::MalformedQuotedString => {
+            "The idempotency key starts with a double quote but is not a well-formed quoted string: one closing quote at the end, only a quote or a backslash escaped inside."
+        }
+        InvalidKey::Repeated => "The idempotency key header was sent more than once; send it once.",
+        InvalidKey::NotAString => {
+            "The idempotency key in the request body is not a string, or is in a batch (one key cannot stand for several calls)."
+        }
+    }
+}
+
+/// The RFC 9457 body of a problem whose detail is its own (the other bodies are static).
+fn rfc9457_body(problem: &Problem) -> String {
+    let mut body = format!(
+        r#"{{"type":"{}","title":"{}","status":{},"detail":""#,
+        problem.kind.type_uri(),
+        problem.kind.title(),
+        problem.status().as_u16()
+    );
+    for c in problem.detail().chars() {
+        match c {
+            '"' => body.push_str("\\\""),
+            '\\' => body.push_str("\\\\"),
+            c => body.push(c),
+        }
+    }
+    body.push_str("\"}");
+    body
 }
 
 /// The [`ProblemRenderer`] of a JSON-RPC route

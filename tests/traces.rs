@@ -11,10 +11,14 @@ mod common;
 
 use std::{
     fmt::Debug,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicBool},
 };
 
-use common::{Runs, outage::Outage, post, send, service};
+use common::{
+    Runs,
+    outage::{Outage, Switch},
+    post, send, service,
+};
 use http::{Method, StatusCode};
 use tower_idempotency::{IdempotencyLayer, Outcome, Secret, store::MemoryStore};
 use tracing::{
@@ -124,4 +128,20 @@ async fn a_missing_or_different_secret_is_refused_with_an_error_naming_cause_and
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(errors[0].contains("another secret") && errors[0].contains("the same secret"), "{}", errors[0]);
     assert!(errors[1].contains("no secret was set") && errors[1].contains("with_secret"), "{}", errors[1]);
+}
+
+/// The log line of a request failed closed carries the store's own error (here the
+/// "connection refused" the store answered), not only "unavailable".
+#[tokio::test]
+async fn a_failing_store_is_logged_with_its_own_error() {
+    let captured = Captured::default();
+    let _guard = tracing_subscriber::registry().with(captured.clone()).set_default();
+    let store = Switch { inner: MemoryStore::new(), down: Arc::new(AtomicBool::new(true)) };
+    let svc = service(IdempotencyLayer::from_store(store), Runs::default());
+    let reply = send(&svc, post("/orders", "k1", "{}")).await;
+    assert_eq!((reply.status, reply.outcome), (StatusCode::SERVICE_UNAVAILABLE, Outcome::StoreUnavailable));
+
+    let events = captured.0.lock().unwrap().clone();
+    let line = events.iter().map(|(_, text, _)| text).find(|t| t.contains("failing closed")).expect("a log line");
+    assert!(line.contains("idempotency store unavailable: connection refused"), "{line}");
 }

@@ -12,7 +12,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, request::Parts};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::{IdempotencyKey, headers::IDEMPOTENCY_KEY};
+use crate::{IdempotencyKey, UploadAppends, headers::IDEMPOTENCY_KEY};
 
 /// Makes the key for a request that has none.
 ///
@@ -65,7 +65,11 @@ impl KeyGenerator for RandomKey {
 /// A [`Layer`] that stamps an idempotency key on each covered request that lacks one.
 ///
 /// - Covered: the methods `POST` and `PATCH` by default ([`with_methods`](Self::with_methods)).
-///   Other requests pass through untouched.
+///   Other requests pass through untouched, and so do the upload appends of the IETF
+///   resumable-upload draft (`PATCH` with `Upload-Offset` or `application/partial-upload`,
+///   see [`UploadAppends`](crate::UploadAppends); [`with_upload_appends`](Self::with_upload_appends)):
+///   the draft makes them safe to repeat by their offset, and without a key the retry policy
+///   does not repeat them blindly.
 /// - A request that already has the header keeps it, whatever its value: the caller chose that
 ///   key (to keep it across restarts, or derived from the body).
 /// - Otherwise the [generator](KeyGenerator) makes a key, which is set as the header's value
@@ -93,6 +97,7 @@ pub struct SetIdempotencyKeyLayer<G = RandomKey> {
 struct Config {
     header: HeaderName,
     methods: Vec<Method>,
+    upload_appends: UploadAppends,
 }
 
 impl SetIdempotencyKeyLayer {
@@ -100,7 +105,11 @@ impl SetIdempotencyKeyLayer {
     #[must_use]
     pub fn new() -> Self {
         Self {
-            config: Arc::new(Config { header: IDEMPOTENCY_KEY, methods: vec![Method::POST, Method::PATCH] }),
+            config: Arc::new(Config {
+                header: IDEMPOTENCY_KEY,
+                methods: vec![Method::POST, Method::PATCH],
+                upload_appends: UploadAppends::Pass,
+            }),
             generator: RandomKey,
         }
     }
@@ -123,6 +132,14 @@ impl<G> SetIdempotencyKeyLayer<G> {
     #[must_use]
     pub fn with_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         Arc::make_mut(&mut self.config).methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Whether upload appends of the resumable-upload draft get a key (default:
+    /// [`UploadAppends::Pass`], they do not).
+    #[must_use]
+    pub fn with_upload_appends(mut self, appends: UploadAppends) -> Self {
+        Arc::make_mut(&mut self.config).upload_appends = appends;
         self
     }
 
@@ -191,8 +208,11 @@ where
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
-        let Config { header, methods } = &*self.config;
-        if !methods.contains(request.method()) || request.headers().contains_key(header) {
+        let Config { header, methods, upload_appends } = &*self.config;
+        if !methods.contains(request.method())
+            || request.headers().contains_key(header)
+            || upload_appends.passes(request.method(), request.headers())
+        {
             return ResponseFuture { inner: self.inner.call(request), key: None };
         }
         let (mut head, body) = request.into_parts();

@@ -24,7 +24,17 @@ pub(crate) fn problem_response<B: Body>(
     kind: ProblemKind,
     retry_after: Option<Duration>,
 ) -> Response<ResponseBody<B>> {
-    let (head, body) = answers.render(Problem::new(kind, retry_after), crate::grpc::is_grpc(request));
+    problem_answer(answers, request, Problem::new(kind, retry_after))
+}
+
+/// The layer's own answer `problem` to a request with headers `request` (one that says more
+/// than its kind: the rule an invalid key broke, the limit a body passed).
+pub(crate) fn problem_answer<B: Body>(
+    answers: &Answers,
+    request: &HeaderMap,
+    problem: Problem,
+) -> Response<ResponseBody<B>> {
+    let (head, body) = answers.render(problem, crate::grpc::is_grpc(request));
     Response::from_parts(head, ResponseBody::full(body, None))
 }
 

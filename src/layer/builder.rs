@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    Idempotency, KeySource, Scope,
+    BodyFingerprint, Idempotency, KeySource, Scope, UploadAppends,
     error::ConfigError,
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
@@ -63,9 +63,11 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             header: IDEMPOTENCY_KEY,
             key_source: KeySource::header(),
             key_policy: KeyPolicy::Optional,
+            upload_appends: UploadAppends::Pass,
             scope: Scope::authorization(),
             digests: Digests::default_for(&store),
             fingerprint_headers: Vec::new(),
+            body_fingerprint: BodyFingerprint::raw(),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
             max_record: DEFAULT_MAX_RECORD,
             predicate: Arc::new(SuccessOnly),
@@ -163,6 +165,15 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.config(|c| c.key_policy = policy)
     }
 
+    /// What upload appends of the IETF resumable-upload draft get (`PATCH` with
+    /// `Upload-Offset`, or a body of type `application/partial-upload`): by default
+    /// ([`UploadAppends::Pass`]) they pass through untouched, with or without a key, as an
+    /// uncovered method does. The draft makes them safe to repeat itself, by their offset; see
+    /// [`UploadAppends`].
+    pub fn with_upload_appends(self, appends: UploadAppends) -> Self {
+        self.config(|c| c.upload_appends = appends)
+    }
+
     /// The deployment secret that keys the digests a store keeps: the scope and the request
     /// fingerprint (HMAC-SHA-256), so that nothing a store keeps reveals a credential or a
     /// secret in a request body. See [`secret`](crate::secret) for what it protects and how to
@@ -191,6 +202,14 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     pub fn with_fingerprint_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         let headers = headers.into_iter().collect();
         self.config(|c| c.fingerprint_headers = headers)
+    }
+
+    /// How the body enters the request fingerprint: [`BodyFingerprint::raw`] (the default),
+    /// or, with the feature `json`, `BodyFingerprint::canonical_json` with
+    /// listed members left out, where a body that is not JSON gets `400`
+    /// [`request-body-not-json`](crate::problem::REQUEST_BODY_NOT_JSON).
+    pub fn with_body_fingerprint(self, body: BodyFingerprint) -> Self {
+        self.config(|c| c.body_fingerprint = body)
     }
 
     /// The largest request body the layer buffers to fingerprint; larger gets `413`.

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, Method, header, response};
 use tokio::sync::Semaphore;
 
 use crate::{
-    KeySource, Scope,
+    BodyFingerprint, KeySource, Scope, UploadAppends,
     hints::RetryHint,
     layer::{duplicates::Waiting, lock::Keeper},
     predicate::CachePredicate,
@@ -135,10 +135,14 @@ pub(crate) struct Config {
     /// Where the key is read: the header, or the body.
     pub(crate) key_source: KeySource,
     pub(crate) key_policy: KeyPolicy,
+    /// Whether upload appends of the resumable-upload draft pass untouched.
+    pub(crate) upload_appends: UploadAppends,
     pub(crate) scope: Scope,
     /// The keyed digests of the scope and the fingerprint.
     pub(crate) digests: Digests,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
+    /// How the body enters the fingerprint: raw bytes, or canonical JSON.
+    pub(crate) body_fingerprint: BodyFingerprint,
     pub(crate) max_request_body: usize,
     pub(crate) max_record: usize,
     pub(crate) predicate: Arc<dyn CachePredicate>,
@@ -188,9 +192,11 @@ impl fmt::Debug for Config {
             .field("header", &self.header)
             .field("key_source", &self.key_source)
             .field("key_policy", &self.key_policy)
+            .field("upload_appends", &self.upload_appends)
             .field("scope", &self.scope)
             .field("digests", &self.digests)
             .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("body_fingerprint", &self.body_fingerprint)
             .field("max_request_body", &self.max_request_body)
             .field("max_record", &self.max_record)
             .field("ttl", &self.ttl)

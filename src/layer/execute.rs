@@ -22,6 +22,7 @@ use crate::{
     layer::lock::{Completion, LockGuard},
     layer::recording::Recording,
     rt::{self, Undetached},
+    trace::{self, Origin},
 };
 
 /// Runs the handler under `guard` and turns its answer into the response.
@@ -39,6 +40,7 @@ where
     ResBody::Data: Buf,
     ResBody::Error: Into<tower::BoxError> + Send,
 {
+    let origin = Origin { caller: trace::caller(request.headers()), ..Origin::default() };
     let future = match catch_unwind(AssertUnwindSafe(|| inner.call(request))) {
         Ok(future) => future,
         Err(panic) => {
@@ -46,7 +48,7 @@ where
             resume_unwind(panic)
         }
     };
-    let (handled, guard) = Executing::new(Box::pin(future), guard, config.clone()).await;
+    let (handled, guard) = Executing::new(Box::pin(future), guard, config.clone(), origin).await;
     let response = match handled {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
@@ -58,7 +60,7 @@ where
             resume_unwind(panic)
         }
     };
-    let (mut head, answer) = answer(response, guard, &config);
+    let (mut head, answer) = answer(response, guard, origin, &config);
     head.extensions.insert(Outcome::Executed);
     match answer {
         Answer::Passed(body, release) => {
@@ -97,7 +99,7 @@ enum Answer<B: Body> {
     Recorded(Recording<B>),
 }
 
-fn answer<B>(response: Response<B>, guard: LockGuard, config: &Config) -> (response::Parts, Answer<B>)
+fn answer<B>(response: Response<B>, guard: LockGuard, origin: Origin, config: &Config) -> (response::Parts, Answer<B>)
 where
     B: Body + Send + 'static,
     B::Data: Buf,
@@ -109,7 +111,7 @@ where
     }
     let headers = stored_headers(&head.headers, &config.unstored_headers);
     let expected = content_length(&head.headers);
-    let recording = Recording::new(body, guard, head.status, headers, expected, config);
+    let recording = Recording::new(body, guard, head.status, headers, expected, origin, config);
     (head, Answer::Recorded(recording))
 }
 
@@ -140,6 +142,8 @@ where
     future: Option<Pin<Box<F>>>,
     guard: Option<LockGuard>,
     config: Arc<Config>,
+    /// Kept in the record, detached or not.
+    origin: Origin,
 }
 
 impl<F, B, E> Executing<F, B, E>
@@ -150,8 +154,8 @@ where
     B::Error: Send,
     E: Send + 'static,
 {
-    fn new(future: Pin<Box<F>>, guard: LockGuard, config: Arc<Config>) -> Self {
-        Self { future: Some(future), guard: Some(guard), config }
+    fn new(future: Pin<Box<F>>, guard: LockGuard, config: Arc<Config>, origin: Origin) -> Self {
+        Self { future: Some(future), guard: Some(guard), config, origin }
     }
 }
 
@@ -199,14 +203,14 @@ where
             }
         };
         tracing::debug!("client went away; finishing the request in the background");
-        let config = self.config.clone();
+        let (config, origin) = (self.config.clone(), self.origin);
         detaching.spawn(async move {
-            let (handled, guard) = Executing::<F, B, E>::new(future, guard, config.clone()).await;
+            let (handled, guard) = Executing::<F, B, E>::new(future, guard, config.clone(), origin).await;
             let Ok(Ok(response)) = handled else {
                 guard.release().await;
                 return;
             };
-            match answer(response, guard, &config).1 {
+            match answer(response, guard, origin, &config).1 {
                 // Not recordable: its body is not read, only the lock released.
                 Answer::Passed(_, release) => release.await,
                 Answer::Recorded(recording) => recording.drain().await,

@@ -14,7 +14,7 @@ use crate::{
     IdempotencyKey, Outcome,
     headers::LAST_EVENT_ID,
     layer::{
-        answer::{problem_response, refused_response},
+        answer::{problem_answer, problem_response, refused_response},
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
         config::{Config, Duplicates, StoreFailure},
         duplicates::{Joined, Waited, joined_head},
@@ -23,7 +23,7 @@ use crate::{
         replay::replay,
         sse::is_event_stream,
     },
-    problem::ProblemKind,
+    problem::{Problem, ProblemKind},
     secret::Refused,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
 };
@@ -58,9 +58,9 @@ pub(crate) enum Unprepared<B: Body> {
     Pass(request::Parts, Buffered),
 }
 
-/// The `id` a JSON-RPC request is answered with (nothing without the `json` feature).
+/// What a JSON-RPC request is answered with (its `id`) (nothing without the `json` feature).
 #[cfg(feature = "json")]
-pub(crate) type ReplyId = serde_json::Value;
+pub(crate) type ReplyId = crate::layer::json::Reply;
 #[cfg(not(feature = "json"))]
 pub(crate) type ReplyId = std::convert::Infallible;
 
@@ -85,7 +85,10 @@ where
     let problem = |kind| Unprepared::Answer(problem_response(&config.answers, &head.headers, kind, None));
     let body = match buffer(body, config.max_request_body).await {
         Ok(body) => body,
-        Err(BufferError::TooLarge) => return Err(problem(ProblemKind::RequestBodyTooLarge)),
+        Err(BufferError::TooLarge) => {
+            let too_large = Problem::body_too_large(config.max_request_body);
+            return Err(Unprepared::Answer(problem_answer(&config.answers, &head.headers, too_large)));
+        }
         Err(BufferError::Unreadable) => return Err(problem(ProblemKind::RequestBodyUnreadable)),
     };
     // The key from the body: the same rules, and a JSON-RPC request fingerprinted without
@@ -112,13 +115,17 @@ where
         #[cfg(not(feature = "json"))]
         None => unreachable!("a key in the body needs the `json` feature ({reply:?})"),
     };
+    // Before the store: a body its route fingerprints as canonical JSON and cannot read is
+    // answered without touching it.
+    let Ok(fingerprinted) = config.body_fingerprint.read(fingerprinted.as_deref().unwrap_or(&body.data)) else {
+        return Err(problem(ProblemKind::RequestBodyNotJson));
+    };
     let keyed = match config.digests.ready(store, config.lease).await {
         Ok(keyed) => keyed,
         Err(Refused::Store(error)) => return Err(Unprepared::Store(error, head, body)),
         Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
     };
-    let fingerprinted = fingerprinted.as_deref().unwrap_or(&body.data);
-    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, fingerprinted);
+    let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &fingerprinted);
     let key = StoreKey::new(config.scope.resolve(&head, keyed.scope_key()), key);
     Ok(Prepared { head, body, key, fingerprint })
 }

@@ -39,9 +39,17 @@ pub(crate) enum BodyKey {
     Refuse(ProblemKind),
 }
 
+/// What a JSON-RPC request is answered with: its `id`, and the progress token of its
+/// `params._meta`, set on the progress notifications of a stream replayed or joined to it.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Reply {
+    pub(crate) id: Value,
+    progress_token: Option<Value>,
+}
+
 /// Reads the key of a request whose key `source` says is in its `body`; `required`: the route
-/// requires keys. Also gives a JSON-RPC request's `id` (the layer answers with it).
-pub(crate) fn read(source: &KeySource, body: &[u8], required: bool) -> (BodyKey, Option<Value>) {
+/// requires keys. Also gives what a JSON-RPC request is answered with.
+pub(crate) fn read(source: &KeySource, body: &[u8], required: bool) -> (BodyKey, Option<Reply>) {
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
         return (BodyKey::Refuse(ProblemKind::RequestBodyNotJson), None);
     };
@@ -68,7 +76,7 @@ fn key_at(value: &Value, pointer: &str) -> BodyKey {
     }
 }
 
-fn json_rpc(mut value: Value, pointer: &str, required: bool) -> (BodyKey, Option<Value>) {
+fn json_rpc(mut value: Value, pointer: &str, required: bool) -> (BodyKey, Option<Reply>) {
     let request = match &mut value {
         Value::Array(calls) => {
             let keyed = calls.iter().any(|call| !matches!(key_at(call, pointer), BodyKey::Missing));
@@ -85,9 +93,10 @@ fn json_rpc(mut value: Value, pointer: &str, required: bool) -> (BodyKey, Option
     // A notification has no `id` and gets no answer: nothing to replay or to refuse with.
     let Some(id) = request.remove("id") else { return (BodyKey::Through, None) };
     let request = Value::Object(std::mem::take(request));
+    let reply = Reply { id, progress_token: request.pointer("/params/_meta/progressToken").cloned() };
     match key_at(&request, pointer) {
-        BodyKey::Key(key, _) => (BodyKey::Key(key, Some(fingerprinted(request))), Some(id)),
-        other => (other, Some(id)),
+        BodyKey::Key(key, _) => (BodyKey::Key(key, Some(fingerprinted(request))), Some(reply)),
+        other => (other, Some(reply)),
     }
 }
 
@@ -114,10 +123,10 @@ fn sorted(value: Value) -> Value {
     }
 }
 
-/// `response`, answering a JSON-RPC request with `id`: a replay, a joined response or one of
-/// the layer's own answers gets `id` in its JSON-RPC responses; the handler's own response is
-/// left alone.
-pub(crate) fn with_reply_id<B: Body>(response: Response<ResponseBody<B>>, id: &Value) -> Response<ResponseBody<B>> {
+/// `response`, answering a JSON-RPC request: a replay, a joined response or one of the layer's
+/// own answers gets the request's `id` in its JSON-RPC responses (and its progress token in
+/// its progress notifications); the handler's own response is left alone.
+pub(crate) fn with_reply_id<B: Body>(response: Response<ResponseBody<B>>, id: &Reply) -> Response<ResponseBody<B>> {
     if matches!(Outcome::of(&response), Outcome::Executed | Outcome::Bypassed | Outcome::Unprotected) {
         return response;
     }
@@ -132,7 +141,7 @@ pub(crate) fn with_reply_id<B: Body>(response: Response<ResponseBody<B>>, id: &V
 
 /// Sets an `id` on the JSON-RPC responses of a body: one JSON message, or events.
 struct IdRewrite {
-    id: Value,
+    id: Reply,
     events: bool,
     pending: BytesMut,
 }
@@ -140,12 +149,13 @@ struct IdRewrite {
 impl IdRewrite {
     /// For a body of type `application/json` (or `+json`) or `text/event-stream`; `None` for
     /// any other.
-    fn new(headers: &HeaderMap, id: &Value) -> Option<Self> {
+    fn new(headers: &HeaderMap, id: &Reply) -> Option<Self> {
         let events = is_event_stream(headers);
         if !events && !is_json(headers) {
             return None;
         }
-        Some(Self { id: id.clone(), events, pending: BytesMut::new() })
+        let id = Reply { id: id.id.clone(), progress_token: id.progress_token.clone() };
+        Some(Self { id, events, pending: BytesMut::new() })
     }
 }
 
@@ -209,7 +219,7 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 
 /// One event: if its data is a JSON-RPC response, the same event with `id` in it (its data in
 /// one `data:` line where the first was); any other event as it was.
-fn rewrite_event(event: Bytes, id: &Value) -> Bytes {
+fn rewrite_event(event: Bytes, id: &Reply) -> Bytes {
     let lines = lines(&event);
     let data: Vec<&[u8]> = lines.iter().filter_map(|&(start, end, _)| data_value(&event[start..end])).collect();
     if data.is_empty() {
@@ -260,19 +270,37 @@ fn data_value(line: &[u8]) -> Option<&[u8]> {
     Some(value.strip_prefix(b" ").unwrap_or(value))
 }
 
-/// A JSON-RPC response (an object with `id` and `result` or `error`, no `method`) with `id` in
-/// it; `None` for anything else, or when it already has it.
-fn rewrite_message(message: &[u8], id: &Value) -> Option<Vec<u8>> {
+/// A JSON-RPC response (an object with `id` and `result` or `error`, no `method`) with the
+/// reply's `id` in it, or a progress notification with its progress token; `None` for
+/// anything else, or when nothing changes.
+fn rewrite_message(message: &[u8], reply: &Reply) -> Option<Vec<u8>> {
     let mut value: Value = serde_json::from_slice(message).ok()?;
     let object = value.as_object_mut()?;
-    let is_response = !object.contains_key("method")
-        && (object.contains_key("result") || object.contains_key("error"))
-        && object.get("id").is_some_and(|old| old != id);
-    if !is_response {
+    let changed = match object.get("method") {
+        None if object.contains_key("result") || object.contains_key("error") => set(object, "id", &reply.id),
+        Some(method) if method == "notifications/progress" => {
+            match (&reply.progress_token, object.get_mut("params").and_then(Value::as_object_mut)) {
+                (Some(token), Some(params)) => set(params, "progressToken", token),
+                _ => false,
+            }
+        }
+        _ => false,
+    };
+    if !changed {
         return None;
     }
-    object.insert("id".to_owned(), id.clone());
     serde_json::to_vec(&value).ok()
+}
+
+/// Sets the member `name` of `object` to `value` if it is there with another value.
+fn set(object: &mut serde_json::Map<String, Value>, name: &str, value: &Value) -> bool {
+    match object.get_mut(name) {
+        Some(old) if old != value => {
+            *old = value.clone();
+            true
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -295,7 +323,7 @@ mod tests {
     fn rewrite(content_type: &str, id: Value) -> IdRewrite {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
-        IdRewrite::new(&headers, &id).unwrap()
+        IdRewrite::new(&headers, &Reply { id, progress_token: None }).unwrap()
     }
 
     #[test]
@@ -313,7 +341,7 @@ mod tests {
         }
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
-        assert!(IdRewrite::new(&headers, &Value::Null).is_none());
+        assert!(IdRewrite::new(&headers, &Reply { id: Value::Null, progress_token: None }).is_none());
     }
 
     #[test]
@@ -341,17 +369,40 @@ mod tests {
     }
 
     #[test]
+    fn progress_notifications_get_the_retrys_progress_token() {
+        let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"_meta":{"idempotencyKey":"k","progressToken":"p-2"}}}"#;
+        let (_, reply) = read(&json_rpc_source(), call.as_bytes(), false);
+        let reply = reply.unwrap();
+        assert_eq!(reply.progress_token, Some(Value::from("p-2")));
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "text/event-stream".parse().unwrap());
+        let mut rewrite = IdRewrite::new(&headers, &reply).unwrap();
+        let stream = concat!(
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1,\"progressToken\":\"p-1\"}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"progressToken\":\"p-1\"}}\n\n",
+            "data: {\"id\":1,\"jsonrpc\":\"2.0\",\"result\":{}}\n\n",
+        );
+        let got = all(&mut rewrite, &[stream.as_bytes()]);
+        let expected = concat!(
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1,\"progressToken\":\"p-2\"}}\n\n",
+            "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"progressToken\":\"p-1\"}}\n\n",
+            "data: {\"id\":2,\"jsonrpc\":\"2.0\",\"result\":{}}\n\n",
+        );
+        assert_eq!(got, expected);
+    }
+
+    #[test]
     fn json_rpc_requests_notifications_responses_and_batches() {
         let read = |body: &str, required| read(&json_rpc_source(), body.as_bytes(), required);
         let call =
             r#"{"jsonrpc":"2.0","id":3,"method":"charge","params":{"_meta":{"idempotencyKey":"k-1"},"amount":5}}"#;
         let (key, id) = read(call, false);
         assert!(matches!(key, BodyKey::Key(ref key, _) if key.as_str() == "k-1"), "{key:?}");
-        assert_eq!(id, Some(Value::from(3)));
+        assert_eq!(id, Some(Reply { id: Value::from(3), progress_token: None }));
         // No key: the policy decides, and the answer carries the id.
         let (key, id) = read(r#"{"jsonrpc":"2.0","id":"x","method":"charge","params":{}}"#, true);
         assert!(matches!(key, BodyKey::Missing));
-        assert_eq!(id, Some(Value::from("x")));
+        assert_eq!(id.map(|reply| reply.id), Some(Value::from("x")));
         for bad in [r#""""#, r#""a b""#, "5", "{}"] {
             let body =
                 format!(r#"{{"jsonrpc":"2.0","id":1,"method":"m","params":{{"_meta":{{"idempotencyKey":{bad}}}}}}}"#);

@@ -56,6 +56,7 @@ use crate::{
     rt::{self, Detaching, into_bytes},
     store::EventMark,
     store::{Record, StoredResponse},
+    trace::{Origin, completed_now},
 };
 
 /// The most frames read ahead at a time (before the head, and after each frame sent): enough
@@ -122,6 +123,8 @@ struct Tape {
     trailers: Option<HeaderMap>,
     /// A `text/event-stream` body: where its events with an id end.
     events: Option<(EventScanner, Vec<EventMark>)>,
+    /// The executing request's trace contexts (the completion time is set at the end).
+    origin: Origin,
 }
 
 /// The body's chunks so far: the first one inline (most recorded bodies are one chunk, so
@@ -183,14 +186,23 @@ where
         status: StatusCode,
         headers: HeaderMap,
         expected: Option<u64>,
+        origin: Origin,
         config: &Config,
     ) -> Self {
         let (max_record, detach, predicate) = (config.max_record, config.detached.clone(), config.predicate.clone());
         let expected = expected.or_else(|| body.size_hint().exact());
         let events = is_event_stream(&headers).then(Default::default);
         let join = matches!(config.duplicates, Duplicates::Join { .. });
-        let tape =
-            Tape { status, headers, chunks: Chunks::default(), size: 0, max: max_record, trailers: None, events };
+        let tape = Tape {
+            status,
+            headers,
+            chunks: Chunks::default(),
+            size: 0,
+            max: max_record,
+            trailers: None,
+            events,
+            origin,
+        };
         let streaming = Streaming {
             body: Box::pin(body),
             guard,
@@ -547,6 +559,7 @@ impl Tape {
             body,
             trailers: self.trailers.take(),
             marks: self.events.take().map(|(_, marks)| marks).unwrap_or_default(),
+            origin: Origin { completed_at: Some(completed_now()), ..self.origin },
         }))
     }
 }
@@ -670,7 +683,15 @@ mod tests {
         let locked =
             Locked { store: Arc::new(store.clone()), key: key.clone(), token, ttl: lease, lease, began, live: None };
         let guard = LockGuard::new(locked, &Keeper::new(lease));
-        let recording = Recording::new(body, guard, StatusCode::OK, HeaderMap::new(), expected, layer.settings());
+        let recording = Recording::new(
+            body,
+            guard,
+            StatusCode::OK,
+            HeaderMap::new(),
+            expected,
+            Origin::default(),
+            layer.settings(),
+        );
         (recording, key)
     }
 
@@ -702,6 +723,39 @@ mod tests {
         assert_eq!(next(&mut recording).await.unwrap().into_data().unwrap(), "cd");
         assert_eq!(state_of(&store, &key).await, "recorded");
         assert!(recording.is_end_stream());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_record_keeps_its_origin_and_when_it_was_completed() {
+        let store = MemoryStore::new();
+        let key = StoreKey::new(None, IdempotencyKey::parse(b"k").unwrap());
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let lease = Duration::from_secs(30);
+        let Ok(Begin::Execute(token)) = store.begin(&key, &fingerprint, lease).await else { panic!("the key is free") };
+        let locked = Locked {
+            store: Arc::new(store.clone()),
+            key: key.clone(),
+            token,
+            ttl: lease,
+            lease,
+            began: Instant::now(),
+            live: None,
+        };
+        let guard = LockGuard::new(locked, &Keeper::new(lease));
+        let caller = crate::TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let origin = Origin { caller, ..Origin::default() };
+        let body = http_body_util::Full::new(Bytes::from_static(b"ok"));
+        let layer = crate::IdempotencyLayer::new();
+        let before = std::time::SystemTime::now() - Duration::from_millis(1);
+        let mut recording =
+            Recording::new(body, guard, StatusCode::OK, HeaderMap::new(), Some(2), origin, layer.settings());
+        assert_eq!(next(&mut recording).await.unwrap().into_data().unwrap(), "ok");
+        let Begin::Completed(Record::Response(record)) = store.begin(&key, &fingerprint, lease).await.unwrap() else {
+            panic!("recorded")
+        };
+        assert_eq!(record.origin().caller, caller);
+        let at = record.origin().completed_at.unwrap();
+        assert!(before <= at && at <= std::time::SystemTime::now(), "{at:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -67,7 +67,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         let status = StatusCode::from_u16(status).unwrap();
-        Arc::new(StoredResponse { status, headers, body: Bytes::from_static(body), trailers, marks: Vec::new() })
+        Arc::new(StoredResponse { trailers, ..StoredResponse::new(status, headers, Bytes::from_static(body)) })
     }
 
     #[test]

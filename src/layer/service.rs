@@ -16,14 +16,14 @@ use tracing::Instrument;
 
 use crate::{
     IdempotencyKey, Outcome,
-    layer::answer::problem_response,
+    layer::answer::problem_answer,
     layer::body::{RequestBody, ResponseBody},
     layer::config::{Config, KeyPolicy},
     layer::future::ResponseFuture,
     layer::guarded::Guarded,
     layer::lock::LiveOps,
     layer::mode::Mode,
-    problem::ProblemKind,
+    problem::{Problem, ProblemKind},
 };
 
 /// The idempotency middleware around an inner service `S`, in mode `M`: a store (the plain
@@ -88,8 +88,8 @@ where
             Admission::Pass => {
                 return M::pass(&self.mode, &mut self.inner, request.map(RequestBody::streaming), &self.config);
             }
-            Admission::Refuse(kind) => {
-                return ResponseFuture::ready(problem_response(&self.config.answers, request.headers(), kind, None));
+            Admission::Refuse(problem) => {
+                return ResponseFuture::ready(problem_answer(&self.config.answers, request.headers(), problem));
             }
             Admission::Guard(key) => key,
         };
@@ -116,7 +116,7 @@ pub(crate) enum Admission {
     /// Not the layer's: an uncovered method, or no key where one is optional.
     Pass,
     /// A missing required key or an invalid one: answered at once.
-    Refuse(ProblemKind),
+    Refuse(Problem),
     /// A valid key (`None`: the key is in the body, read once it is buffered): guarded.
     Guard(Option<IdempotencyKey>),
 }
@@ -125,6 +125,10 @@ pub(crate) enum Admission {
 pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
     if !config.covers(request.method()) {
         tracing::trace!(outcome = "bypassed", "idempotency: method not covered");
+        return Admission::Pass;
+    }
+    if config.upload_appends.passes(request.method(), request.headers()) {
+        tracing::trace!(outcome = "bypassed", "idempotency: a resumable upload's append");
         return Admission::Pass;
     }
     if config.key_source.in_body() {
@@ -136,10 +140,10 @@ pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
             tracing::trace!(outcome = "bypassed", "idempotency: no key");
             Admission::Pass
         }
-        Ok(None) => Admission::Refuse(ProblemKind::MissingKey),
+        Ok(None) => Admission::Refuse(Problem::new(ProblemKind::MissingKey, None)),
         Err(invalid) => {
             tracing::debug!(reason = %invalid, "idempotency: invalid key");
-            Admission::Refuse(ProblemKind::InvalidKey)
+            Admission::Refuse(Problem::invalid_key(invalid))
         }
     }
 }

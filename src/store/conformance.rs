@@ -28,13 +28,17 @@
 //!
 //! [`MemoryStore`]: super::MemoryStore
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::{
-    IdempotencyKey, ScopeId,
+    IdempotencyKey, Origin, ScopeId, TraceContext,
     store::{
         Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreKey,
         StoredResponse,
@@ -93,7 +97,8 @@ pub async fn free_key_is_locked_then_in_flight<S: IdempotencyStore>(store: S) {
     assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Mismatch));
 }
 
-/// A completed record comes back byte for byte: status, repeated headers, binary body, trailers.
+/// A completed record comes back byte for byte: status, repeated headers, binary body,
+/// trailers, and its origin (completion time, trace contexts).
 pub async fn completed_record_is_returned_intact<S: IdempotencyStore>(store: S) {
     let key = fresh_key(None);
     let token = lock(&store, &key, fp(1)).await;
@@ -101,6 +106,12 @@ pub async fn completed_record_is_returned_intact<S: IdempotencyStore>(store: S) 
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", HeaderValue::from_static("0"));
     stored.trailers = Some(trailers);
+    let origin = Origin {
+        completed_at: Some(UNIX_EPOCH + Duration::from_millis(1_796_000_000_123)),
+        caller: TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        span: TraceContext::new([0xab; 16], [0xcd; 8], 1),
+    };
+    stored = stored.with_origin(origin);
     assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
     match begin(&store, &key, fp(1)).await {
         Begin::Completed(Record::Response(got)) => assert_eq!(*got, stored),

@@ -409,6 +409,10 @@ impl fmt::Debug for StoreError {
     }
 }
 
+/// What went wrong, then the store's own error: `idempotency store unavailable: Connection
+/// refused (os error 111)`. A log line (`%error`) therefore carries the store's error whatever
+/// the subscriber; as with `std::io::Error`, [`source`](std::error::Error::source) is then the
+/// store error's own source, so that a chain is printed once.
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.kind {
@@ -416,12 +420,49 @@ impl fmt::Display for StoreError {
             ErrorKind::Timeout => "idempotency store timed out",
             ErrorKind::Capacity => "idempotency store is full of in-flight requests",
             ErrorKind::Corrupt => "idempotency store returned unreadable data",
-        })
+        })?;
+        match &self.source {
+            Some(source) => write!(f, ": {source}"),
+            None => Ok(()),
+        }
     }
 }
 
 impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+        self.source.as_deref().and_then(std::error::Error::source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_store_error_says_what_the_store_said_once() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let error = StoreError::unavailable(refused);
+        assert_eq!(error.to_string(), "idempotency store unavailable: Connection refused (os error 111)");
+        // The store's error is in the text: its own source (none here) comes next in a chain.
+        assert!(error.source().is_none());
+        assert_eq!(StoreError::timeout().to_string(), "idempotency store timed out");
+
+        #[derive(Debug)]
+        struct Wrapped(std::io::Error);
+        impl fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("query failed")
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = StoreError::unavailable(Wrapped(std::io::Error::other("broken pipe")));
+        assert_eq!(error.to_string(), "idempotency store unavailable: query failed");
+        assert_eq!(error.source().map(ToString::to_string).as_deref(), Some("broken pipe"));
     }
 }

@@ -1,7 +1,11 @@
 //! The stored response: what a replay sends back, and its compact encoding.
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use bytes::{Buf, BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::trace::{self, Origin, TraceContext};
 
 /// The end of a `text/event-stream` event with an id, as a record keeps it: where a duplicate
 /// that saw the event resumes (`Last-Event-ID`). The layer finds them while recording.
@@ -40,17 +44,25 @@ pub struct StoredResponse {
     /// For a `text/event-stream` body: the end of each event with an id, in order (where a
     /// replay with `Last-Event-ID` starts).
     pub(crate) marks: Vec<EventMark>,
+    /// When it was completed, and the trace of the request that executed.
+    pub(crate) origin: Origin,
 }
 
 /// Flag bits of the byte after the headers.
 const HAS_TRAILERS: u8 = 1;
 const HAS_MARKS: u8 = 2;
+const HAS_ORIGIN: u8 = 4;
+
+/// Bits of the origin's own flag byte: which of its fields follow.
+const ORIGIN_COMPLETED_AT: u8 = 1;
+const ORIGIN_CALLER: u8 = 2;
+const ORIGIN_SPAN: u8 = 4;
 
 impl StoredResponse {
     /// A record of a response without trailers. The headers are kept as given: the layer
     /// removes the ones it does not replay before it makes a record.
     pub fn new(status: StatusCode, headers: HeaderMap, body: Bytes) -> Self {
-        Self { status, headers, body, trailers: None, marks: Vec::new() }
+        Self { status, headers, body, trailers: None, marks: Vec::new(), origin: Origin::default() }
     }
 
     /// The same record, with the trailers the response ended with.
@@ -58,6 +70,19 @@ impl StoredResponse {
     pub fn with_trailers(mut self, trailers: HeaderMap) -> Self {
         self.trailers = Some(trailers);
         self
+    }
+
+    /// The same record, with where it came from (the layer sets it on every record it makes).
+    #[must_use]
+    pub fn with_origin(mut self, origin: Origin) -> Self {
+        self.origin = origin;
+        self
+    }
+
+    /// When the record was completed, and the trace contexts of the request that executed
+    /// (empty for a record written before they were kept).
+    pub fn origin(&self) -> &Origin {
+        &self.origin
     }
 
     /// The response status.
@@ -99,15 +124,20 @@ impl StoredResponse {
     /// 2      status, big-endian
     /// 2      header field count N, big-endian
     /// N x    name length (u16 BE), name, value length (u32 BE), value
-    /// 1      flags: bit 0 trailers, bit 1 event marks
+    /// 1      flags: bit 0 trailers, bit 1 event marks, bit 2 origin
     ///        trailers, if flagged: a count and fields as for the headers
     ///        event marks, if flagged: count M (u32 BE), then M x id length (u16 BE), id,
     ///        end offset in the body (u64 BE): where each `text/event-stream` event with an
     ///        id ends, so a replay with `Last-Event-ID` starts there without parsing the body
+    ///        origin, if flagged: 1 byte of bits (0 completed-at, 1 caller, 2 span), then
+    ///        those present: completed-at as milliseconds since the Unix epoch (u64 BE);
+    ///        the caller's and the span's trace context, 25 bytes each (trace id 16,
+    ///        span id 8, trace flags 1)
     /// rest   the body, raw, up to the end
     /// ```
     ///
-    /// A record without event marks encodes as it did before they existed (flags 0 or 1).
+    /// A record without event marks or origin encodes as it did before they existed (flags 0
+    /// or 1), and such records, already stored, decode as before (with an empty origin).
     ///
     /// Every length is prefixed, so the encoding is unambiguous; [`decode`](Self::decode)
     /// reads it back without copying the body or the header values. Stores keep records in
@@ -130,7 +160,12 @@ impl StoredResponse {
         out.put_u16(self.status.as_u16());
         fields(out, &self.headers)?;
         let has_marks = !self.marks.is_empty();
-        out.put_u8(if self.trailers.is_some() { HAS_TRAILERS } else { 0 } | if has_marks { HAS_MARKS } else { 0 });
+        let has_origin = !self.origin.is_empty();
+        out.put_u8(
+            if self.trailers.is_some() { HAS_TRAILERS } else { 0 }
+                | if has_marks { HAS_MARKS } else { 0 }
+                | if has_origin { HAS_ORIGIN } else { 0 },
+        );
         if let Some(trailers) = &self.trailers {
             fields(out, trailers)?;
         }
@@ -141,6 +176,9 @@ impl StoredResponse {
                 out.put_slice(&mark.id);
                 out.put_u64(mark.end);
             }
+        }
+        if has_origin {
+            encode_origin(&self.origin, out);
         }
         out.put_slice(&self.body);
         Some(())
@@ -155,7 +193,13 @@ impl StoredResponse {
             0 => 0,
             _ => 4 + self.marks.iter().map(|mark| 2 + mark.id.len() + 8).sum::<usize>(),
         };
-        2 + fields_len(&self.headers) + 1 + self.trailers.as_ref().map_or(0, fields_len) + marks + self.body.len()
+        let origin = if self.origin.is_empty() { 0 } else { origin_len(&self.origin) };
+        2 + fields_len(&self.headers)
+            + 1
+            + self.trailers.as_ref().map_or(0, fields_len)
+            + marks
+            + origin
+            + self.body.len()
     }
 
     /// Reads back what [`encode_into`](Self::encode_into) wrote; header values and the body
@@ -187,7 +231,7 @@ impl StoredResponse {
         let status = StatusCode::from_u16(status).map_err(|_| DecodeError("invalid status"))?;
         let headers = fields(&mut encoded)?;
         let flags = encoded.try_get_u8().map_err(|_| DecodeError("truncated"))?;
-        if flags & !(HAS_TRAILERS | HAS_MARKS) != 0 {
+        if flags & !(HAS_TRAILERS | HAS_MARKS | HAS_ORIGIN) != 0 {
             return Err(DecodeError("invalid flags"));
         }
         let trailers = if flags & HAS_TRAILERS != 0 { Some(fields(&mut encoded)?) } else { None };
@@ -209,11 +253,58 @@ impl StoredResponse {
                 marks.push(EventMark { id, end });
             }
         }
+        let origin = if flags & HAS_ORIGIN != 0 { decode_origin(&mut encoded)? } else { Origin::default() };
         if marks.iter().any(|mark| mark.end > encoded.len() as u64) {
             return Err(DecodeError("event mark past the body"));
         }
-        Ok(Self { status, headers, body: encoded, trailers, marks })
+        Ok(Self { status, headers, body: encoded, trailers, marks, origin })
     }
+}
+
+fn origin_len(origin: &Origin) -> usize {
+    1 + if origin.completed_at.is_some() { 8 } else { 0 }
+        + [origin.caller, origin.span].iter().flatten().count() * trace::ENCODED_LEN
+}
+
+fn encode_origin(origin: &Origin, out: &mut Vec<u8>) {
+    let bit = |present: bool, bit: u8| if present { bit } else { 0 };
+    out.put_u8(
+        bit(origin.completed_at.is_some(), ORIGIN_COMPLETED_AT)
+            | bit(origin.caller.is_some(), ORIGIN_CALLER)
+            | bit(origin.span.is_some(), ORIGIN_SPAN),
+    );
+    if let Some(at) = origin.completed_at {
+        // Before the epoch (a clock set far back) reads as the epoch itself.
+        let millis = at.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_millis());
+        out.put_u64(u64::try_from(millis).unwrap_or(u64::MAX));
+    }
+    for context in [origin.caller, origin.span].iter().flatten() {
+        context.encode_into(out);
+    }
+}
+
+fn decode_origin(encoded: &mut Bytes) -> Result<Origin, DecodeError> {
+    let bits = encoded.try_get_u8().map_err(|_| DecodeError("truncated"))?;
+    if bits & !(ORIGIN_COMPLETED_AT | ORIGIN_CALLER | ORIGIN_SPAN) != 0 {
+        return Err(DecodeError("invalid origin flags"));
+    }
+    let mut origin = Origin::default();
+    if bits & ORIGIN_COMPLETED_AT != 0 {
+        let millis = encoded.try_get_u64().map_err(|_| DecodeError("truncated"))?;
+        origin.completed_at = UNIX_EPOCH.checked_add(Duration::from_millis(millis));
+    }
+    let mut context = |present: bool| -> Result<Option<TraceContext>, DecodeError> {
+        if !present {
+            return Ok(None);
+        }
+        let bytes = encoded.get(..trace::ENCODED_LEN).ok_or(DecodeError("truncated"))?;
+        let context = TraceContext::decode(bytes).ok_or(DecodeError("invalid trace context"))?;
+        encoded.advance(trace::ENCODED_LEN);
+        Ok(Some(context))
+    };
+    origin.caller = context(bits & ORIGIN_CALLER != 0)?;
+    origin.span = context(bits & ORIGIN_SPAN != 0)?;
+    Ok(origin)
 }
 
 /// A buffer that is not a record [`StoredResponse::encode_into`] wrote.
@@ -270,6 +361,7 @@ mod tests {
                 body: Bytes::copy_from_slice(body),
                 trailers,
                 marks: Vec::new(),
+                origin: Origin::default(),
             };
             let mut encoded = Vec::new();
             record.encode_into(&mut encoded).unwrap();
@@ -305,6 +397,60 @@ mod tests {
         record.marks[1].end = 99;
         record.encode_into(&mut bad).unwrap();
         assert!(StoredResponse::decode(Bytes::from(bad)).is_err());
-        assert!(StoredResponse::decode(Bytes::from_static(b"\x00\xc8\x00\x00\x04")).is_err());
+        assert!(StoredResponse::decode(Bytes::from_static(b"\x00\xc8\x00\x00\x08")).is_err());
+    }
+
+    #[test]
+    fn the_origin_round_trips_and_records_without_one_keep_their_layout() {
+        let caller = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let span = TraceContext::new([7; 16], [9; 8], 0).unwrap();
+        let body = Bytes::from_static(b"id: 1\ndata: a\n\n");
+        let mut record = StoredResponse::new(StatusCode::CREATED, HeaderMap::new(), body.clone());
+        record.marks = vec![EventMark { id: Bytes::from_static(b"1"), end: 15 }];
+        let at = trace::completed_now();
+        let origins = [
+            Origin { completed_at: Some(at), caller: Some(caller), span: Some(span) },
+            Origin { completed_at: Some(at), caller: None, span: None },
+            Origin { completed_at: None, caller: None, span: Some(span) },
+            Origin { completed_at: Some(UNIX_EPOCH), caller: Some(caller), span: None },
+        ];
+        for origin in origins {
+            for trailers in [None, Some(HeaderMap::from_iter([(header::ETAG, HeaderValue::from_static("x"))]))] {
+                let record = record.clone().with_origin(origin);
+                let record = StoredResponse { trailers, ..record };
+                let mut encoded = Vec::new();
+                record.encode_into(&mut encoded).unwrap();
+                assert_eq!(encoded.len(), record.encoded_len());
+                let decoded = StoredResponse::decode(Bytes::from(encoded)).unwrap();
+                assert_eq!(decoded, record);
+                assert_eq!(decoded.origin().trace_id(), origin.span.or(origin.caller).map(|c| c.trace_id()));
+                assert_eq!(decoded.body(), &body);
+            }
+        }
+        // A record stored before origins existed (these bytes are what the encoding wrote
+        // then): it decodes, with nothing known of its origin.
+        let old = b"\x00\xc9\x00\x01\x00\x04etag\x00\x00\x00\x01x\x00{}";
+        let decoded = StoredResponse::decode(Bytes::from_static(old)).unwrap();
+        assert!(decoded.origin().is_empty());
+        assert_eq!(
+            (decoded.status(), decoded.body().as_ref(), &decoded.headers()["etag"]),
+            (StatusCode::CREATED, &b"{}"[..], &HeaderValue::from_static("x"))
+        );
+        let mut encoded = Vec::new();
+        decoded.encode_into(&mut encoded).unwrap();
+        assert_eq!(encoded, old);
+        // Damaged origins are errors: an unknown bit, a context cut short, an all-zero id.
+        let mut encoded = Vec::new();
+        StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::new())
+            .with_origin(Origin { completed_at: None, caller: Some(caller), span: None })
+            .encode_into(&mut encoded)
+            .unwrap();
+        let mut unknown = encoded.clone();
+        unknown[5] |= 0x80;
+        assert!(StoredResponse::decode(Bytes::from(unknown)).is_err());
+        assert!(StoredResponse::decode(Bytes::from(encoded[..20].to_vec())).is_err());
+        let mut zero = encoded.clone();
+        zero[6..22].fill(0);
+        assert!(StoredResponse::decode(Bytes::from(zero)).is_err());
     }
 }

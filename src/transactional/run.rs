@@ -45,6 +45,7 @@ use crate::{
             sql::{notice, state},
         },
     },
+    trace::{self, Origin},
 };
 
 /// PostgreSQL's `query_canceled`: a statement cut short by `statement_timeout` (or a cancel
@@ -245,6 +246,7 @@ where
     head.extensions.insert(handle.clone());
     let request = Request::from_parts(head, body);
     let headers = request.headers().clone();
+    let caller = trace::caller(&headers);
     let problem = |kind, retry_after| problem_response(&config.answers, &headers, kind, retry_after);
     let (handled, transaction) = handle_with(inner, request, handle).await;
     let response = match handled {
@@ -288,6 +290,7 @@ where
     }
     // An event stream keeps its event ends, so a replay with `Last-Event-ID` resumes.
     record.marks = marks_of(&record.headers, &record.body);
+    record.origin = Origin { completed_at: Some(trace::completed_now()), caller, ..Origin::default() };
     match record_and_commit(&store, transaction, &key, token, &record, config.ttl).await {
         Committed::Yes => {
             if ended.waits {

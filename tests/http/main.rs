@@ -3,6 +3,8 @@
 //!
 //! One binary per area (as tower groups its tests); each file is one former test binary.
 
+#[cfg(feature = "json")]
+mod example_quotes;
 mod example_rpc;
 mod example_server;
 mod example_stream;
@@ -13,3 +15,4 @@ mod resume;
 mod resume_exactly;
 #[path = "../support/mod.rs"]
 mod support;
+mod uploads;

@@ -260,7 +260,7 @@ fn openai(problem: &Problem) -> Response<Bytes> {
     };
     let message = match problem.retry_after() {
         Some(after) => format!("{} Retry after {} ms.", problem.detail(), after.as_millis()),
-        None => problem.detail().to_owned(),
+        None => problem.detail().into_owned(),
     };
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": problem.kind().slug().replace('-', "_")}});
     Response::builder()
@@ -289,4 +289,40 @@ async fn a_renderer_answers_in_openais_envelope() {
     assert_eq!(json["error"]["type"], "conflict_error");
     assert!(json["error"]["message"].as_str().unwrap().ends_with("Retry after 1500 ms."), "{json}");
     assert_eq!(header(in_flight, "retry-after-ms"), Some("1500"));
+}
+
+/// An invalid key is told which rule it broke, and a body over the limit the limit, without
+/// echoing the request.
+#[tokio::test]
+async fn an_invalid_key_hears_the_rule_it_broke_and_a_large_body_the_limit() {
+    let runs = Runs::default();
+    let svc = service(IdempotencyLayer::new().with_max_request_body(1000), runs.clone());
+    let long = "k".repeat(256);
+    let cases: [(&[&str], &str); 5] = [
+        (&[""], "is empty"),
+        (&[&long], "longer than 255 bytes"),
+        (&["has space"], "not visible ASCII"),
+        (&["\"open-quote"], "not a well-formed quoted string"),
+        (&["first-key", "second-key"], "sent more than once"),
+    ];
+    for (values, rule) in cases {
+        let mut request = post("/orders", "placeholder", "{}");
+        request.headers_mut().remove("idempotency-key");
+        for value in values {
+            request.headers_mut().append("idempotency-key", value.parse().unwrap());
+        }
+        let reply = send(&svc, request).await;
+        reply.assert_problem(400, "invalid-key");
+        let detail = reply.problem()["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains(rule), "{values:?}: {detail}");
+        for value in values.iter().filter(|v| v.len() > 3) {
+            assert!(!reply.text().contains(value.trim_start_matches('"')), "the answer echoes the key: {detail}");
+        }
+    }
+
+    let reply = send(&svc, post("/orders", "big-1", "x".repeat(1001).leak())).await;
+    reply.assert_problem(413, "request-body-too-large");
+    let detail = reply.problem()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("1000 bytes"), "{detail}");
+    assert_eq!(runs.get(), 0);
 }

@@ -5,6 +5,8 @@
 
 mod answers;
 mod behaviour;
+#[cfg(feature = "json")]
+mod canonical;
 #[path = "../common/mod.rs"]
 mod common;
 mod completion;

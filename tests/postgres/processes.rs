@@ -38,10 +38,15 @@ struct Server {
 
 impl Server {
     fn start(db: &Db) -> Self {
+        Self::start_at(&db.url())
+    }
+
+    /// One example server process on `DATABASE_URL` = `database`.
+    fn start_at(database: &str) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "processes::example_server_child", "--nocapture", "--test-threads", "1"])
             .env(CHILD, "1")
-            .env("DATABASE_URL", db.url())
+            .env("DATABASE_URL", database)
             .env_remove("REDIS_URL")
             .env("ADDR", "127.0.0.1:0")
             .stdout(Stdio::piped())
@@ -195,6 +200,65 @@ async fn a_process_aborted_before_its_commit_leaves_nothing_and_the_retry_runs_o
     let stats = server.stats().await;
     assert_eq!((stats["ledger"].as_u64(), stats["ledger_rows"].as_i64()), (Some(1), Some(1)), "{stats}");
     assert_eq!(db.count("ledger").await, 1);
+    server.kill();
+    db.drop().await;
+}
+
+/// Started while PostgreSQL does not answer (its port closed), the example server starts
+/// anyway and answers `503` per request, the transactional route too; once the database
+/// answers (a proxy opens the port), it creates its tables and serves, each key once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_while_postgres_is_down_answers_503_until_it_is_back() {
+    let db = Db::new().await;
+    let options: sqlx::postgres::PgConnectOptions = super::database_url().parse().unwrap();
+    let upstream = format!("{}:{}", options.get_host(), options.get_port());
+    // A port nothing listens on yet: the database as the server will reach it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = db.url();
+    let through_port = if url.contains(&upstream) {
+        url.replacen(&upstream, &format!("127.0.0.1:{port}"), 1)
+    } else {
+        url.replacen(&format!("@{}", options.get_host()), &format!("@127.0.0.1:{port}"), 1)
+    };
+    let server = Server::start_at(&through_port);
+
+    let orders = format!("{}/orders", server.url);
+    let ledger = format!("{}/ledger", server.url);
+    let key = |url: &str| if url.ends_with("/orders") { "down-order" } else { "down-charge" };
+    for url in [&orders, &ledger] {
+        let down = post(url, key(url), &[], r#"{"sku":"A1"}"#).await.unwrap();
+        assert_eq!(down.status, 503, "{url} while PostgreSQL is down: {:?}", down.body);
+    }
+    assert_eq!(server.stats().await["orders"], 0);
+
+    // The database appears on the port.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    for url in [&orders, &ledger] {
+        let mut answered = None;
+        for _ in 0..120 {
+            let reply = post(url, key(url), &[], r#"{"sku":"A1"}"#).await.unwrap();
+            if reply.status != 503 {
+                answered = Some((reply.status, reply.replayed));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(answered, Some((201, false)), "{url} once PostgreSQL is back");
+        let again = post(url, key(url), &[], r#"{"sku":"A1"}"#).await.unwrap();
+        assert_eq!((again.status, again.replayed), (201, true), "{url}");
+    }
+    assert_eq!(server.stats().await["orders"], 1);
+    assert_eq!(db.count("ledger").await, 1, "the server created its ledger table, and wrote one row");
+    assert_eq!(db.keys().await, 2);
     server.kill();
     db.drop().await;
 }

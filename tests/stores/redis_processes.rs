@@ -7,6 +7,7 @@
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
-use crate::common::redis::redis_url;
+use crate::common::redis::{Proxy, redis_url, tcp_addr};
 
 #[path = "../../examples/server.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs, clippy::result_large_err)]
@@ -122,4 +123,53 @@ async fn a_cut_stream_continues_on_another_replica() {
     let rest = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert_eq!(rest, (3..EVENTS).map(event).collect::<String>(), "every event after the last seen, once");
     assert_eq!((one.stream_executions().await, two.stream_executions().await), (1, 0), "one generation");
+}
+
+/// `POST url` with `key`: the status, and whether it was a replay.
+async fn post(url: &str, key: &str) -> (u16, bool) {
+    let request = Request::post(url)
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"sku\":\"A1\"}")))
+        .unwrap();
+    let response = Client::builder(TokioExecutor::new()).build_http().request(request).await.unwrap();
+    let replayed = response.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+    (response.status().as_u16(), replayed)
+}
+
+/// Started while Redis does not answer (its port closed), the example server starts anyway
+/// and answers `503` per request; once Redis answers (a proxy opens the port), it serves, each
+/// key once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_while_redis_is_down_answers_503_until_it_is_back() {
+    let Some(redis) = redis_url().await else { return };
+    let mut proxy = Proxy::down(tcp_addr(&redis)).await;
+    // The same URL (database, credentials), at the proxy's closed port.
+    let authority_start = redis.find("://").map_or(0, |i| i + 3);
+    let authority_end = redis[authority_start..].find('/').map_or(redis.len(), |i| i + authority_start);
+    let host_start =
+        redis[authority_start..authority_end].rfind('@').map_or(authority_start, |i| i + authority_start + 1);
+    let through_proxy = format!("{}{}{}", &redis[..host_start], proxy.addr, &redis[authority_end..]);
+    let server = Server::start(&through_proxy);
+    let orders = format!("{}/orders", server.url);
+    let key = format!("down-{}", uuid::Uuid::new_v4());
+    for _ in 0..2 {
+        assert_eq!(post(&orders, &key).await, (503, false), "while Redis is down");
+    }
+
+    proxy.up().await;
+    let mut answered = None;
+    for _ in 0..120 {
+        match post(&orders, &key).await {
+            (503, _) => tokio::time::sleep(Duration::from_millis(250)).await,
+            other => {
+                answered = Some(other);
+                break;
+            }
+        }
+    }
+    assert_eq!(answered, Some((201, false)), "served once Redis is back");
+    assert_eq!(post(&orders, &key).await, (201, true));
+    drop(server);
+    proxy.take_down().await;
 }
