@@ -159,6 +159,8 @@ pub(crate) struct Config {
     pub(crate) answers: Answers,
     /// Renews the leases of this configuration's locks.
     pub(crate) keeper: Keeper,
+    /// Names the executing span in a record, and links a replay's span to it.
+    pub(crate) trace: Option<Arc<dyn crate::TraceHook>>,
 }
 
 impl Config {
@@ -205,6 +207,7 @@ impl fmt::Debug for Config {
             .field("store_failure", &self.store_failure)
             .field("unstored_headers", &self.unstored_headers)
             .field("max_detached", &self.max_detached)
+            .field("trace", &self.trace.is_some())
             .field("max_waiters", &self.waiting.max)
             .field("retry_hints", &self.answers.hints)
             .finish_non_exhaustive()

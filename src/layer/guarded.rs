@@ -26,7 +26,7 @@ use crate::{
     problem::{Problem, ProblemKind},
     secret::Refused,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
-    telemetry,
+    telemetry, trace,
 };
 
 /// One guarded request: everything after the key was found valid.
@@ -141,6 +141,7 @@ pub(crate) fn answer<ResBody: Body>(
     match begin {
         Begin::Completed(Record::Response(record)) => {
             telemetry::replayed(record.origin());
+            trace::link(config.trace.as_deref(), record.origin());
             replay(record, head.headers.get(LAST_EVENT_ID))
         }
         Begin::Completed(Record::NotRetained) => problem(ProblemKind::ResponseNotRetained, None),

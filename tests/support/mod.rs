@@ -1,4 +1,4 @@
-//! Black-box harness: the example server (SPEC appendix) on a loopback port, driven by a real
+//! Black-box harness: the example server on a loopback port, driven by a real
 //! HTTP client (hyper-util's legacy client).
 #![allow(dead_code, unreachable_pub)]
 

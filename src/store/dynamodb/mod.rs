@@ -33,7 +33,7 @@ use item::{
 };
 
 /// An [`IdempotencyStore`] in one DynamoDB table, on the application's
-/// [`aws_sdk_dynamodb::Client`]: many replicas, and any number of AWS Lambda instances, share
+/// [`aws_sdk_dynamodb::Client`](https://docs.rs/aws-sdk-dynamodb/1/aws_sdk_dynamodb/client/struct.Client.html): many replicas, and any number of AWS Lambda instances, share
 /// keys; a miss and a replay are one round trip each.
 ///
 /// ```no_run

@@ -34,7 +34,7 @@ use sql::{Statements, state};
 /// committed while it ran (see `sql.rs`); each retry sees that row, so more than one is rare.
 pub(crate) const BEGIN_ATTEMPTS: usize = 8;
 
-/// An [`IdempotencyStore`] in PostgreSQL, on the application's [`PgPool`]: records survive
+/// An [`IdempotencyStore`] in PostgreSQL, on the application's [`PgPool`](https://docs.rs/sqlx/0.9/sqlx/type.PgPool.html): records survive
 /// restarts of every process, and many replicas share keys.
 ///
 /// ```no_run
