@@ -7,7 +7,7 @@ use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::{
-    BodyFingerprint, Idempotency, KeySource, Scope, TraceHook, UploadAppends,
+    BodyFingerprint, Idempotency, IdempotencyKey, KeySource, Scope, TraceHook, UploadAppends,
     error::ConfigError,
     headers::IDEMPOTENCY_KEY,
     hints::RetryHint,
@@ -21,7 +21,7 @@ use crate::{
     predicate::{CachePredicate, SuccessOnly},
     problem::ProblemRenderer,
     secret::{Digests, Secret},
-    store::{IdempotencyStore, LiveLog, MemoryStore},
+    store::{IdempotencyStore, LiveLog, MemoryStore, StoreKey},
 };
 
 /// The layer that makes covered requests idempotent. See the [crate docs](crate).
@@ -99,6 +99,33 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// The store this layer uses.
     pub fn store(&self) -> &Arc<St> {
         &self.store
+    }
+
+    /// The store key of the request whose head is `head` with idempotency key `key`, as this
+    /// layer computes it: its [scope](Self::with_scope), keyed with its
+    /// [secret](Self::with_secret). What an operator looks up with the store's
+    /// [`Inspect`](crate::store::Inspect) capability: `head` needs only what the scope reads
+    /// (the `Authorization` header, by default; the extension or header a custom scope reads).
+    ///
+    /// [`ConfigError::NoSecret`] over a store that outlives the process without a secret (such
+    /// a layer refuses every guarded request, so it has keyed nothing).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyKey, IdempotencyLayer, store::{Inspect, KeyState}};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let layer = IdempotencyLayer::new();
+    /// // The head of the customer's request: what the scope reads (by default `Authorization`).
+    /// let head = http::Request::post("/orders").header("authorization", "Bearer cust_42").body(())?.into_parts().0;
+    /// let key = layer.store_key(&head, &IdempotencyKey::parse(b"order-77")?)?;
+    /// assert_eq!(layer.store().inspect(&key).await?, KeyState::Unknown);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn store_key(&self, head: &http::request::Parts, key: &IdempotencyKey) -> Result<StoreKey, ConfigError> {
+        let keyed = self.config.digests.unchecked().ok_or(ConfigError::NoSecret)?;
+        Ok(self.config.store_key(keyed, head, key.clone()))
     }
 
     /// A layer in another mode over this one's store, with this one's settings (changed by

@@ -164,6 +164,18 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// The store key of the request whose head is `head`: its scope, keyed with `keyed`, and
+    /// its idempotency key. The one formula of the request path and of
+    /// [`IdempotencyLayer::store_key`](crate::IdempotencyLayer::store_key).
+    pub(crate) fn store_key(
+        &self,
+        keyed: &crate::secret::Keyed,
+        head: &http::request::Parts,
+        key: crate::IdempotencyKey,
+    ) -> crate::store::StoreKey {
+        crate::store::StoreKey::new(self.scope.resolve(head, keyed.scope_key()), key)
+    }
+
     /// The `Retry-After` of a `409` in flight: the reject setting's, or 1 s past a wait.
     pub(crate) fn in_flight_retry_after(&self) -> Duration {
         match self.duplicates {

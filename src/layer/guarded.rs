@@ -127,7 +127,7 @@ where
         Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
     };
     let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &fingerprinted);
-    let key = StoreKey::new(config.scope.resolve(&head, keyed.scope_key()), key);
+    let key = config.store_key(keyed, &head, key);
     Ok(Prepared { head, body, key, fingerprint })
 }
 
