@@ -415,7 +415,7 @@ impl Inner {
         let (_, slot) = slot.remove_entry();
         self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
         self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
-        slot.end_live(false);
+        slot.end_live(false, &self.counts.0.bytes);
         purged
     }
 
