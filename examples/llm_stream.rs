@@ -144,7 +144,9 @@ async fn main() -> Result<(), Error> {
         (response.status(), is_replayed(&response), header_text(&response, header::CONTENT_LENGTH));
     let replay = Events::default().push(&response.into_body().collect().await?.to_bytes());
     let replay: Vec<String> = replay.iter().map(|event| event.id.clone()).collect();
-    println!("   client: {status}, Idempotent-Replayed: {replayed}, Content-Length: {length}: a replay of events {replay:?}");
+    println!(
+        "   client: {status}, Idempotent-Replayed: {replayed}, Content-Length: {length}: a replay of events {replay:?}"
+    );
     check(status == StatusCode::OK && replayed, "the retry after the end is a replay")?;
     check(replay == expected[expected.len() - 2..], "the replay resumes after Last-Event-ID")?;
 
@@ -152,7 +154,9 @@ async fn main() -> Result<(), Error> {
     let executions = stream_executions(&authority).await? - executions_before;
     println!("   server: \"stream\": {executions} execution for this key");
     check(executions == 1, "one generation for the completion, its two retries and its replay")?;
-    println!("Done: one completion of {EVENTS} events, two dropped connections, three retries: generated and billed once.");
+    println!(
+        "Done: one completion of {EVENTS} events, two dropped connections, three retries: generated and billed once."
+    );
     Ok(())
 }
 
