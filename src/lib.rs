@@ -232,6 +232,7 @@ mod rt;
 mod scope;
 pub mod secret;
 pub mod store;
+mod telemetry;
 mod trace;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -108,8 +108,11 @@ impl Detaching {
     /// runtime that has shut down the work is dropped at once (the process is ending).
     pub(crate) fn spawn(self, work: impl Future<Output = ()> + Send + 'static) {
         let Self { runtime, permit } = self;
+        // Bounded work is a detached handler or its body's drain: counted while it runs.
+        let tracked = permit.is_some().then(|| crate::telemetry::Tracked::new(crate::telemetry::Held::Detached));
         drop(runtime.spawn(async move {
             let _permit = permit;
+            let _tracked = tracked;
             work.await;
         }));
     }

@@ -369,6 +369,10 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
     type Service = Idempotency<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let config = &self.config;
+        crate::telemetry::bounds(config.lease, config.waiting.max, config.max_detached);
+        let config = &self.config;
+        crate::telemetry::bounds(config.lease, config.waiting.max, config.max_detached);
         Idempotency::new(inner, self.store.clone(), self.config.clone(), self.live)
     }
 }

@@ -25,6 +25,7 @@ use crate::{
     problem::{Problem, ProblemKind},
     secret::Refused,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
+    telemetry,
 };
 
 /// One guarded request: everything after the key was found valid.
@@ -137,7 +138,10 @@ pub(crate) fn answer<ResBody: Body>(
 ) -> Response<ResponseBody<ResBody>> {
     let problem = |kind, retry_after| problem_response(&config.answers, &head.headers, kind, retry_after);
     match begin {
-        Begin::Completed(Record::Response(record)) => replay(record, head.headers.get(LAST_EVENT_ID)),
+        Begin::Completed(Record::Response(record)) => {
+            telemetry::replayed(record.origin());
+            replay(record, head.headers.get(LAST_EVENT_ID))
+        }
         Begin::Completed(Record::NotRetained) => problem(ProblemKind::ResponseNotRetained, None),
         Begin::Mismatch => problem(ProblemKind::KeyReused, None),
         Begin::Expired => {
@@ -234,9 +238,13 @@ where
             }
             inner.idle();
             let join = matches!(config.duplicates, Duplicates::Join { .. });
-            match M::wait(&mode, live, &key, fingerprint, &config, until, join).await {
+            let waiting_since = Instant::now();
+            let waited = M::wait(&mode, live, &key, fingerprint, &config, until, join).await;
+            telemetry::waited(join, waiting_since);
+            match waited {
                 Ok(Waited::Head { status, headers, events, cursor, following }) => {
-                    let Some(slot) = slot.take() else { unreachable!("entered above") };
+                    let Some(mut slot) = slot.take() else { unreachable!("entered above") };
+                    slot.join();
                     let (parts, start) = joined_head(status, headers, head.headers.get(LAST_EVENT_ID), &events);
                     let joined = Joined::new(following, status, events, cursor, start, slot);
                     return Ok(Response::from_parts(parts, ResponseBody::joined(joined)));

@@ -24,7 +24,10 @@ use super::{
     future::ResponseFuture,
     lock::{LiveOps, LockGuard, Locked, follower},
 };
-use crate::store::{Begin, Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey};
+use crate::{
+    store::{Begin, Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey},
+    telemetry::{self, Operation},
+};
 
 /// What a mode's `begin` found: the key is now this request's (with what executing needs),
 /// or the store's answer otherwise (never [`Begin::Execute`]).
@@ -128,9 +131,11 @@ where
         config: &Config,
     ) -> Result<(Instant, Began<LockToken>), StoreError> {
         let began = Instant::now();
+        let begun = this.begin(key, fingerprint, config.lease).await;
+        telemetry::store_operation(Operation::Begin, began);
         Ok((
             began,
-            match this.begin(key, fingerprint, config.lease).await? {
+            match begun? {
                 Begin::Execute(token) => Began::Execute(token),
                 other => Began::Answer(other),
             },

@@ -24,6 +24,7 @@ use crate::{
     layer::lock::LiveOps,
     layer::mode::Mode,
     problem::{Problem, ProblemKind},
+    telemetry,
 };
 
 /// The idempotency middleware around an inner service `S`, in mode `M`: a store (the plain
@@ -86,10 +87,13 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let key = match admit(&self.config, &request) {
             Admission::Pass => {
+                telemetry::request(Outcome::Bypassed);
                 return M::pass(&self.mode, &mut self.inner, request.map(RequestBody::streaming), &self.config);
             }
             Admission::Refuse(problem) => {
-                return ResponseFuture::ready(problem_answer(&self.config.answers, request.headers(), problem));
+                let response = problem_answer(&self.config.answers, request.headers(), problem);
+                telemetry::request(Outcome::of(&response));
+                return ResponseFuture::ready(response);
             }
             Admission::Guard(key) => key,
         };
@@ -103,6 +107,7 @@ where
             let result = guarded.run(request, key).await;
             if let Ok(response) = &result {
                 let outcome = Outcome::of(response);
+                telemetry::request(outcome);
                 tracing::debug!(outcome = outcome.as_str(), status = response.status().as_u16(), "idempotency");
             }
             result

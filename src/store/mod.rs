@@ -422,6 +422,13 @@ impl StoreError {
     pub fn is_corrupt(&self) -> bool {
         self.kind == ErrorKind::Corrupt
     }
+
+    /// The same error for another caller of an operation shared by several (its source as
+    /// text).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn duplicate(&self) -> Self {
+        Self { kind: self.kind, source: self.source.as_ref().map(|source| source.to_string().into()) }
+    }
 }
 
 impl fmt::Debug for StoreError {

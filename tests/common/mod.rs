@@ -6,6 +6,7 @@
 pub mod conformance;
 pub mod dictionary;
 pub mod outage;
+pub mod pace;
 pub mod probe;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -19,5 +19,7 @@ mod grpc;
 mod inputs;
 mod join;
 mod json_rpc;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod one_write;
 mod security;

@@ -232,4 +232,13 @@ async fn redis_store_on_redis_cluster() {
         assert!(error.is_unavailable() || error.is_timeout(), "{error:?}");
         assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
     }
+
+    // Keys do not starve each other: 64 duplicates waiting on a slow key (over two replicas)
+    // leave a joined stream on another key its pace.
+    let secret = || tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap();
+    let layers = vec![
+        tower_idempotency::IdempotencyLayer::from_store(self::store(&urls).await).with_secret(secret()),
+        tower_idempotency::IdempotencyLayer::from_store(self::store(&urls).await).with_secret(secret()),
+    ];
+    common::pace::a_slow_key_does_not_delay_a_joined_stream_on_another(layers).await;
 }

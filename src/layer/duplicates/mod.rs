@@ -23,6 +23,7 @@ use crate::{
     layer::lock::StoreHandle,
     store::StoreKey,
     store::{Followed, LiveCursor, LiveEvent, StoreError},
+    telemetry::{self, Held, Tracked},
 };
 
 /// What a duplicate that waited for the request in flight found.
@@ -95,7 +96,8 @@ impl Waiting {
             return None;
         }
         *count += 1;
-        Some(WaitSlot { waiting: self.clone(), key: key.clone() })
+        let tracked = Tracked::new(Held::Waiter);
+        Some(WaitSlot { waiting: self.clone(), key: key.clone(), tracked, joined_at: None })
     }
 }
 
@@ -103,10 +105,25 @@ impl Waiting {
 pub(crate) struct WaitSlot {
     waiting: Arc<Waiting>,
     key: StoreKey,
+    /// Counted as a waiter, then as a joiner.
+    tracked: Tracked,
+    /// When it started following a joined response.
+    joined_at: Option<Instant>,
+}
+
+impl WaitSlot {
+    /// The duplicate stops waiting and follows a joined response (with this place).
+    pub(crate) fn join(&mut self) {
+        self.tracked = Tracked::new(Held::Joiner);
+        self.joined_at = Some(Instant::now());
+    }
 }
 
 impl Drop for WaitSlot {
     fn drop(&mut self) {
+        if let Some(at) = self.joined_at {
+            telemetry::joined(at);
+        }
         let mut keys = self.waiting.keys.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(count) = keys.get_mut(&self.key) {
             *count -= 1;

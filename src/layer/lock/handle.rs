@@ -17,6 +17,7 @@ use crate::store::{
     Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
     StoreKey, StoredResponse,
 };
+use crate::telemetry::{self, Operation};
 
 /// One key of one store, its type erased. See the [module docs](self).
 pub(crate) trait StoreHandle: Send + Sync + 'static {
@@ -144,10 +145,16 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
             let Some(Holding { token, lease, .. }) = &self.holding else { return };
             let started = Instant::now();
             let renewed = self.store.renew(&self.key, token, lease.length).await;
+            telemetry::store_operation(Operation::Renew, started);
             let lost = !lease.is_finished();
             match &renewed {
                 Ok(true) => tracing::trace!(?token, "idempotency lease renewed"),
-                Ok(false) if lost => tracing::warn!(?token, "idempotency lock lost while in flight"),
+                Ok(false) if lost => {
+                    if !lease.lost.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        telemetry::lease_taken_over();
+                    }
+                    tracing::warn!(?token, "idempotency lock lost while in flight");
+                }
                 Ok(false) => {}
                 Err(error) => tracing::warn!(%error, ?token, "idempotency lease renewal failed"),
             }
@@ -165,12 +172,14 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
             let started = Instant::now();
             let mut pause = COMPLETE_FIRST_PAUSE;
             for attempt in 1u32.. {
-                let written = if grace.is_zero() {
+                let attempted = Instant::now();
+                let completed = if grace.is_zero() {
                     self.store.complete(&self.key, token, record.clone(), *ttl).await
                 } else {
                     self.store.complete_with_grace(&self.key, token, record.clone(), *ttl, *grace).await
                 };
-                let error = match written {
+                telemetry::store_operation(Operation::Complete, attempted);
+                let error = match completed {
                     Ok(true) => {
                         tracing::trace!(?token, "idempotency record completed");
                         break;
@@ -178,6 +187,7 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
                     Ok(false) => {
                         // Either an earlier attempt did write (its answer was lost) or the
                         // lease expired and the key was taken over.
+                        telemetry::fenced_write_rejected();
                         tracing::warn!(?token, "idempotency lock no longer held at completion");
                         break;
                     }
@@ -192,8 +202,10 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
                         "idempotency record could not be stored within the lease; the key frees when it expires"
                     );
                     lease.retrying.store(true, std::sync::atomic::Ordering::Release);
+                    telemetry::record_write_failed();
                     break;
                 }
+                telemetry::record_write_retried();
                 tracing::warn!(%error, attempt, "idempotency record not stored yet; retrying");
                 lease.retrying.store(true, std::sync::atomic::Ordering::Release);
                 tokio::time::sleep(pause).await;
@@ -206,7 +218,10 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
     fn release(self: Arc<Self>) -> BoxFuture<()> {
         Box::pin(async move {
             let Some(Holding { token, lease, .. }) = &self.holding else { return };
-            match self.store.release(&self.key, token).await {
+            let started = Instant::now();
+            let released = self.store.release(&self.key, token).await;
+            telemetry::store_operation(Operation::Release, started);
+            match released {
                 Ok(_) => tracing::trace!(?token, "idempotency lock released"),
                 Err(error) => tracing::warn!(
                     %error,

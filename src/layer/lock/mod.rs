@@ -19,7 +19,10 @@ use std::{
 
 use tokio::{runtime::Handle, time::Instant};
 
-use crate::store::{IdempotencyStore, LockToken, Record, StoreKey};
+use crate::{
+    store::{IdempotencyStore, LockToken, Record, StoreKey},
+    telemetry::{self, Held, Tracked},
+};
 
 mod completion;
 mod handle;
@@ -42,6 +45,12 @@ pub(crate) struct Lease {
     id: std::sync::OnceLock<usize>,
     /// A write of the record failed at least once and is being retried.
     retrying: AtomicBool,
+    /// A renewal found the lock lost while its request was in flight (counted once).
+    lost: AtomicBool,
+    /// When the `begin` that took the lock was sent.
+    began: Instant,
+    /// Counted among the locks this process holds, while the lease lives.
+    _tracked: Tracked,
 }
 
 #[derive(Clone, Copy)]
@@ -93,7 +102,9 @@ impl Lease {
 
     /// The lock is completed or released: stop renewing it.
     fn finish(&self) {
-        self.times().finished = true;
+        if !std::mem::replace(&mut self.times().finished, true) {
+            telemetry::lock_held(self.began);
+        }
         if let Some(id) = self.id.get() {
             self.keeper.forget(*id);
         }
@@ -135,6 +146,9 @@ impl LockGuard {
             keeper: keeper.clone(),
             id: Default::default(),
             retrying: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
+            began,
+            _tracked: Tracked::new(Held::Lock),
         };
         let held = handle::Handle::held(store, key, live, handle::Holding { token, ttl, grace, lease });
         if let Some(lease) = held.lease() {

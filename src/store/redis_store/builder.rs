@@ -76,13 +76,17 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The most dedicated connections the store opens for blocking reads, the followers of
-    /// in-flight requests (join and wait mode) that wait at once. Default: 32. At least 1.
+    /// The most dedicated connections the store opens for blocking reads: how many live logs
+    /// of in-flight requests (join and wait mode) its followers wait on at once. Default: 32.
+    /// At least 1.
     ///
-    /// A follower waits for a new event on a connection of its own (`XREAD BLOCK`), so that
-    /// the shared connection is never blocked. Past the bound, a follower waits for one of them
-    /// to be free (reading what it missed once it has one); connections are kept open, idle,
-    /// for the next follower.
+    /// Followers wait for a new event on a connection of their own (`XREAD BLOCK`), so that
+    /// the shared connection is never blocked; the followers of one log at one place (a
+    /// request's duplicates waiting for its head, its joiners at the end of what it produced)
+    /// share one read, however many they are, so one key's duplicates cannot take the
+    /// connections other keys' followers need. Past the bound, a follower waits for one of
+    /// them to be free (reading what it missed once it has one); connections are kept open,
+    /// idle, for the next follower.
     pub fn with_max_blocking_connections(mut self, max: usize) -> Self {
         self.max_blocking_connections = max.max(1);
         self

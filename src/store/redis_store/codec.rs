@@ -119,7 +119,7 @@ pub(super) fn encode_event(event: LiveEvent) -> Option<(&'static [u8], Bytes)> {
 }
 
 /// One entry of a live log, as read back.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum Entry {
     /// The placeholder a follower opens the log with.
     Open,

@@ -15,11 +15,20 @@
 //! [`ENDED_TTL`], longer than `TRUSTED`: a read sent within `TRUSTED` of a check finds the end
 //! marker if the lock ended meanwhile, and a lock that expires unended stops the read when the
 //! lease runs out.
+//!
+//! One blocking read per log and place: followers of one lock at one cursor (the duplicates of
+//! a request waiting for its head, joiners at the end of its log) share one `XREAD BLOCK`, sent
+//! by the first of them, and each takes what it found ([`Flights`]). However many duplicates
+//! one key has, it holds one dedicated connection, and leaves the others to the other keys.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use ::redis::{Cmd, Value};
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 
 use super::{
     RedisStore, codec,
@@ -53,6 +62,7 @@ pub(super) struct Live {
     /// The longest one blocking read waits.
     pub(super) max_block: Duration,
     seen: Mutex<HashMap<u128, Seen>>,
+    flights: Flights,
 }
 
 /// What a follower last learned of a lock.
@@ -72,9 +82,75 @@ enum Known {
     Unknown,
 }
 
+/// The blocking reads under way, one per lock and cursor: the first follower at a place sends
+/// the read ([`Board::Lead`]), the others wait for what it finds ([`Board::Follow`]).
+#[derive(Default)]
+struct Flights(Mutex<HashMap<Place, watch::Receiver<Option<Landed>>>>);
+
+/// A place in a log: the lock's id and the cursor's count of events read.
+type Place = (u128, u64);
+
+/// What a shared blocking read found.
+#[derive(Clone)]
+enum Landed {
+    /// The entries after the cursor.
+    Entries(Arc<[Entry]>),
+    /// Nothing before the read's block ended.
+    Nothing,
+    /// The read failed.
+    Failed(Arc<StoreError>),
+}
+
+enum Board<'a> {
+    /// No read is under way at this place: send it, and land what it finds.
+    Lead(Flight<'a>),
+    /// A read is under way: its answer, once it comes (the channel closes without one when
+    /// its follower gave up before sending it, or was cancelled).
+    Follow(watch::Receiver<Option<Landed>>),
+}
+
+/// The read of the follower that leads at a place; dropped, it leaves the place (and its
+/// followers, if it never landed, find the channel closed and try again).
+struct Flight<'a> {
+    flights: &'a Flights,
+    place: Place,
+    landed: watch::Sender<Option<Landed>>,
+    /// The map's receiver is a clone of it: how `drop` tells this flight's entry.
+    own: watch::Receiver<Option<Landed>>,
+}
+
+impl Flights {
+    fn board(&self, lock: u128, read: u64) -> Board<'_> {
+        let mut flights = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let place = (lock, read);
+        if let Some(landed) = flights.get(&place).filter(|landed| landed.has_changed().is_ok()) {
+            return Board::Follow(landed.clone());
+        }
+        let (landed, receiver) = watch::channel(None);
+        flights.insert(place, receiver.clone());
+        Board::Lead(Flight { flights: self, place, landed, own: receiver })
+    }
+}
+
+impl Flight<'_> {
+    /// Hands what the read found to the followers waiting on it.
+    fn land(self, landed: Landed) {
+        self.landed.send_replace(Some(landed));
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.flights.0.lock().unwrap_or_else(|e| e.into_inner());
+        if flights.get(&self.place).is_some_and(|landed| self.own.same_channel(landed)) {
+            flights.remove(&self.place);
+        }
+    }
+}
+
 impl Live {
     pub(super) fn new(readers: Option<Readers>, max_block: Duration) -> Self {
-        Self { readers, max_block, seen: Mutex::new(HashMap::new()) }
+        Self { readers, max_block, seen: Mutex::new(HashMap::new()), flights: Flights::default() }
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<u128, Seen>> {
@@ -201,6 +277,7 @@ impl RedisStore {
                     Checked::Live { lease_left, entries } => {
                         let now = Instant::now();
                         live.checked(lock, &record_key, fingerprint, now, lease_left);
+                        let entries = entries.into_iter().map(codec::decode_entry).collect::<Result<Vec<_>, _>>()?;
                         if let Some(followed) = read(live, entries, &mut cursor)? {
                             return Ok(followed);
                         }
@@ -218,33 +295,60 @@ impl RedisStore {
                 live.forget(lock);
                 continue;
             };
-            if held.is_none() {
-                held = readers.try_take();
-                if held.is_none() {
-                    // All in use: wait for one, then check again before reading (what the
-                    // check saw may be old by then).
-                    held = readers.take_until(block_until).await;
-                    live.forget(lock);
-                    continue;
+            let landed = match live.flights.board(lock, cursor.read()) {
+                Board::Follow(mut landed) => {
+                    // Another follower reads at this place: no connection of our own meanwhile.
+                    held = None;
+                    match tokio::time::timeout_at(deadline, landed.wait_for(Option::is_some)).await {
+                        Err(_) => return Ok(Followed::Live { events: Vec::new(), cursor }),
+                        Ok(Ok(landed)) => landed.clone().unwrap_or(Landed::Nothing),
+                        // It gave up before reading: one of its followers reads instead.
+                        Ok(Err(_)) => continue,
+                    }
                 }
-            }
-            let Some(reader) = held.as_mut() else { unreachable!("taken above") };
-            let block = block_until.saturating_duration_since(now);
-            let command = xread(&stream, cursor.read(), block);
-            let reply = tokio::time::timeout(block + self.inner.operation_timeout, reader.read(&command)).await;
-            match reply.map_err(|_| StoreError::timeout())?.map_err(store_error)? {
-                Value::Nil => {
+                Board::Lead(flight) => {
+                    if held.is_none() {
+                        held = readers.try_take();
+                        if held.is_none() {
+                            // All in use: wait for one, then check again before reading (what
+                            // the check saw may be old by then). The place stays ours meanwhile.
+                            held = readers.take_until(block_until).await;
+                            live.forget(lock);
+                            continue;
+                        }
+                    }
+                    let Some(reader) = held.as_mut() else { unreachable!("taken above") };
+                    let block = block_until.saturating_duration_since(now);
+                    let command = xread(&stream, cursor.read(), block);
+                    let reply = tokio::time::timeout(block + self.inner.operation_timeout, reader.read(&command)).await;
+                    let landed = match reply.map_err(|_| StoreError::timeout()).and_then(|r| r.map_err(store_error)) {
+                        Ok(Value::Nil) => Landed::Nothing,
+                        Ok(reply) => match stream_entries(reply)
+                            .and_then(|entries| entries.into_iter().map(codec::decode_entry).collect())
+                        {
+                            Ok(entries) => Landed::Entries(entries),
+                            Err(error) => Landed::Failed(Arc::new(error)),
+                        },
+                        Err(error) => Landed::Failed(Arc::new(error)),
+                    };
+                    flight.land(landed.clone());
+                    landed
+                }
+            };
+            match landed {
+                Landed::Nothing => {
                     if Instant::now() >= deadline {
                         return Ok(Followed::Live { events: Vec::new(), cursor });
                     }
                     // The lease seen, or the block limit, ran out: check the lock again.
                     live.forget(lock);
                 }
-                reply => {
-                    if let Some(followed) = read(live, stream_entries(reply)?, &mut cursor)? {
+                Landed::Entries(entries) => {
+                    if let Some(followed) = read(live, entries.iter().cloned(), &mut cursor)? {
                         return Ok(followed);
                     }
                 }
+                Landed::Failed(error) => return Err(error.duplicate()),
             }
         }
     }
@@ -324,11 +428,15 @@ fn stream_entries(reply: Value) -> Result<Vec<Value>, StoreError> {
 
 /// What the entries after `cursor` give a follower: the events (the cursor moved past them),
 /// or the end; `None` when there is nothing new.
-fn read(live: &Live, entries: Vec<Value>, cursor: &mut LiveCursor) -> Result<Option<Followed>, StoreError> {
+fn read(
+    live: &Live,
+    entries: impl IntoIterator<Item = Entry>,
+    cursor: &mut LiveCursor,
+) -> Result<Option<Followed>, StoreError> {
     let mut events = Vec::new();
     let mut ended = None;
     for entry in entries {
-        match codec::decode_entry(entry)? {
+        match entry {
             Entry::Open => {}
             Entry::Event(index, event) if index == cursor.read() + events.len() as u64 => events.push(event),
             Entry::Event(..) => return Err(StoreError::corrupt("a live log with a gap")),

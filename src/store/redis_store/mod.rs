@@ -253,8 +253,11 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// `Client` or `ClusterClient` it was built on, or the one given to
 /// [`with_blocking_client`](RedisStoreBuilder::with_blocking_client)), at most
 /// [32](RedisStoreBuilder::with_max_blocking_connections) at once, and keeps them open, idle,
-/// for the next follower. A follower that finds them all in use waits for one, then checks
-/// before reading. One cancelled in the middle of a read closes its connection (which ends the
+/// for the next follower. The followers of one log at one cursor share one blocking read: the
+/// first sends it, and each takes what it finds, so a key's duplicates hold one connection
+/// however many they are (64 duplicates waiting on one slow request leave a joined stream on
+/// another key within a few ms of its pace: test `a_slow_key_does_not_delay_a_joined_stream_on_another`).
+/// A follower that finds them all in use waits for one, then checks before reading. One cancelled in the middle of a read closes its connection (which ends the
 /// read in Redis) instead of giving it back. A store built on a connection of yours with no
 /// client ([`build`](RedisStoreBuilder::build) on a `ConnectionManager` or a
 /// `ClusterConnection`) has no
