@@ -25,6 +25,11 @@ fn main() {
         eprintln!("unknown path {name}");
         std::process::exit(2);
     };
+    // Built with the `metrics` feature and PROFILE_METRICS=1: what the layer's metrics cost
+    // with a real recorder installed (Prometheus', as examples/server.rs installs it).
+    if std::env::var_os("PROFILE_METRICS").is_some() {
+        metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().expect("one recorder");
+    }
     let rt = runtime();
     // A small bound by default, so the measured misses evict the oldest records as a full
     // store does.

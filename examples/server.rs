@@ -16,9 +16,23 @@
 //! `AWS_SECRET_ACCESS_KEY`, placeholders when unset, the region from `AWS_REGION`, default
 //! `us-east-1`), `IDEMPOTENCY_SECRET` (with a shared store: the deployment secret that keys
 //! what the store keeps, at least 16 bytes, the same for every process; unset, a fixed
-//! development secret, with a warning, so processes started alike still share keys). Prints
-//! `listening on http://HOST:PORT`. `POST /quotes` needs `--features json` (it fingerprints
-//! its body as canonical JSON).
+//! development secret, with a warning, so processes started alike still share keys),
+//! `IDEMPOTENCY_ADMIN_TOKEN` (the bearer token of the admin routes below; unset, they are not
+//! served). Prints `listening on http://HOST:PORT`. `POST /quotes` needs `--features json` (it
+//! fingerprints its body as canonical JSON).
+//!
+//! Admin routes, for an operator answering "did this charge go through, and what did we
+//! answer?" (with `Authorization: Bearer $IDEMPOTENCY_ADMIN_TOKEN`; the customer's own
+//! `Authorization` value, which the layer scopes keys by, in `X-Scope-Authorization`, or none
+//! for the unscoped namespace):
+//!
+//! - `GET /admin/keys/{key}`: `{"state": "unknown"}`, `{"state": "in_flight", "since_ms",
+//!   "lease_until_ms"}` or `{"state": "completed", "completed_at_ms", "status", "size",
+//!   "expires_at_ms", "trace_id", "retained"}` (times in milliseconds since the Unix epoch;
+//!   `trace_id`, of the request that executed, in hex, or `null`);
+//! - `DELETE /admin/keys/{key}`: `204` when the record was purged (the next request with the
+//!   key executes), `404` when the key held nothing, `409` while a request holds it in flight
+//!   (purging then could run it twice at once).
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: k1' -d '{"sku":"A1"}'
@@ -26,6 +40,7 @@
 //! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"amount":10,"client_time":"12:00"}'
 //! curl -i -X POST localhost:3000/quotes -H 'Idempotency-Key: q1' -d '{"client_time":"12:01", "amount":1e1}'   # replay
 //! curl -s localhost:3000/stats
+//! curl -s localhost:3000/admin/keys/k1 -H "Authorization: Bearer $IDEMPOTENCY_ADMIN_TOKEN"
 //! ```
 //!
 //! `POST /rpc` (with `--features json`) is a JSON-RPC 2.0 endpoint, keyed as MCP keys tool
@@ -57,16 +72,17 @@ use axum::{
     Router,
     body::{Body, Bytes},
     extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, patch, post},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::Digest as _;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_idempotency::{
-    Duplicates, IdempotencyLayer, KeyPolicy, Secret,
-    store::{IdempotencyStore, LiveLog},
+    Duplicates, IdempotencyKey, IdempotencyLayer, KeyPolicy, Secret,
+    store::{IdempotencyStore, Inspect, KeyState, LiveLog, Purged},
 };
 
 /// The routes whose executions `GET /stats` counts.
@@ -118,9 +134,137 @@ impl Stats {
 }
 
 /// The app over any store: `layer` carries the store and the shared settings (TTL); each
-/// route gets it with its own key policy and in-flight behaviour.
-pub fn app<St: LiveLog>(layer: IdempotencyLayer<St>, stats: Arc<Stats>) -> Router {
-    finish(routes(layer), stats)
+/// route gets it with its own key policy and in-flight behaviour. No admin routes.
+pub fn app<St: LiveLog + Inspect>(layer: IdempotencyLayer<St>, stats: Arc<Stats>) -> Router {
+    app_with_admin(layer, stats, None)
+}
+
+/// [`app`], with the admin routes when `admin` is set.
+pub fn app_with_admin<St: LiveLog + Inspect>(
+    layer: IdempotencyLayer<St>,
+    stats: Arc<Stats>,
+    admin: Option<AdminToken>,
+) -> Router {
+    finish(routes(layer, admin), stats)
+}
+
+/// The bearer token of the admin routes. Compared in constant time: the comparison takes as
+/// long whatever the guess, so its timing tells an attacker nothing about the token.
+#[derive(Clone)]
+pub struct AdminToken(Arc<[u8; 32]>);
+
+impl AdminToken {
+    /// The token `token` (its SHA-256 is kept: guesses of any length compare in equal time).
+    pub fn new(token: &str) -> Self {
+        Self(Arc::new(sha2::Sha256::digest(token.as_bytes()).into()))
+    }
+
+    /// `IDEMPOTENCY_ADMIN_TOKEN`, when set and not empty.
+    fn from_env() -> Option<Self> {
+        let token = std::env::var("IDEMPOTENCY_ADMIN_TOKEN").ok().filter(|token| !token.is_empty())?;
+        Some(Self::new(&token))
+    }
+
+    /// Whether `headers` carry `Authorization: Bearer <the token>`. Every byte of the digests is
+    /// compared, whatever the first difference.
+    fn allows(&self, headers: &HeaderMap) -> bool {
+        let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+            return false;
+        };
+        let given: [u8; 32] = sha2::Sha256::digest(given).into();
+        let difference = given.iter().zip(self.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(difference) == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
+}
+
+/// `GET` and `DELETE /admin/keys/{key}` over `layer`'s store, behind `token`.
+fn admin<St: Inspect>(layer: IdempotencyLayer<St>, token: AdminToken) -> Router<Arc<Stats>> {
+    let handler = move |method: Method, Path(key): Path<String>, headers: HeaderMap| {
+        let (layer, token) = (layer.clone(), token.clone());
+        async move { admin_key(&layer, &token, method, &key, &headers).await }
+    };
+    Router::new().route("/admin/keys/{key}", get(handler.clone()).delete(handler))
+}
+
+/// A problem answer of the admin routes.
+fn admin_problem(status: StatusCode, detail: &str) -> Response {
+    let title = status.canonical_reason().unwrap_or("Error");
+    let body = json!({"type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail});
+    (status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+}
+
+/// Milliseconds since the Unix epoch.
+fn epoch_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
+}
+
+/// One admin request: authorized, the store key computed as the layer computes it for the
+/// customer's requests, then the store inspected or purged.
+async fn admin_key<St: Inspect>(
+    layer: &IdempotencyLayer<St>,
+    token: &AdminToken,
+    method: Method,
+    key: &str,
+    headers: &HeaderMap,
+) -> Response {
+    if !token.allows(headers) {
+        let mut response = admin_problem(StatusCode::UNAUTHORIZED, "a valid admin bearer token is required");
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let Ok(key) = IdempotencyKey::parse(key.as_bytes()) else {
+        return admin_problem(StatusCode::BAD_REQUEST, "not a valid idempotency key");
+    };
+    // The head of a customer's request, as far as the scope reads it: their `Authorization`.
+    let mut customer = axum::http::Request::new(());
+    if let Some(scope) = headers.get("x-scope-authorization") {
+        customer.headers_mut().insert(header::AUTHORIZATION, scope.clone());
+    }
+    let store_key = match layer.store_key(&customer.into_parts().0, &key) {
+        Ok(store_key) => store_key,
+        Err(error) => return admin_problem(StatusCode::SERVICE_UNAVAILABLE, &error.to_string()),
+    };
+    let unavailable =
+        |error: &dyn std::fmt::Display| admin_problem(StatusCode::SERVICE_UNAVAILABLE, &error.to_string());
+    if method == Method::DELETE {
+        return match layer.store().purge(&store_key).await {
+            Ok(Purged::Removed) => StatusCode::NO_CONTENT.into_response(),
+            Ok(Purged::Locked) => admin_problem(
+                StatusCode::CONFLICT,
+                "a request holds this key in flight: purging it could run the request twice at once",
+            ),
+            Ok(_) => admin_problem(StatusCode::NOT_FOUND, "the key holds nothing"),
+            Err(error) => unavailable(&error),
+        };
+    }
+    let state = match layer.store().inspect(&store_key).await {
+        Ok(state) => state,
+        Err(error) => return unavailable(&error),
+    };
+    let body = match state {
+        KeyState::Locked(in_flight) => json!({
+            "state": "in_flight",
+            "since_ms": in_flight.since().map(epoch_ms),
+            "lease_until_ms": epoch_ms(in_flight.lease_until()),
+        }),
+        KeyState::Completed(completed) => json!({
+            "state": "completed",
+            "completed_at_ms": completed.completed_at().map(epoch_ms),
+            "status": completed.status().map(|status| status.as_u16()),
+            "size": completed.size(),
+            "expires_at_ms": epoch_ms(completed.expires_at()),
+            "trace_id": completed.trace_id().map(|id| id.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            "retained": completed.is_retained(),
+        }),
+        _ => json!({"state": "unknown"}),
+    };
+    axum::Json(body).into_response()
 }
 
 /// The state, and a catch-panic layer outside every route.
@@ -132,8 +276,12 @@ fn finish(routes: Router<Arc<Stats>>, stats: Arc<Stats>) -> Router {
         .layer(CatchPanicLayer::new())
 }
 
-/// Every route but `/stats` and `/ledger`.
-fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
+/// Every route but `/stats` and `/ledger`; the admin routes with a token.
+fn routes<St: LiveLog + Inspect>(layer: IdempotencyLayer<St>, admin_token: Option<AdminToken>) -> Router<Arc<Stats>> {
+    let admin_routes = match admin_token {
+        Some(token) => admin(layer.clone(), token),
+        None => Router::new(),
+    };
     let required = layer.clone().with_key_policy(KeyPolicy::Required);
     let waiting = layer.clone().with_duplicates(Duplicates::Wait { timeout: Duration::from_secs(30) });
     // A duplicate of a stream in flight joins it: the events so far at once, then
@@ -159,6 +307,7 @@ fn routes<St: LiveLog>(layer: IdempotencyLayer<St>) -> Router<Arc<Stats>> {
         .route("/orders/{id}", patch(update_order::<false>).put(update_order::<true>).layer(layer.clone()))
         .route("/stream", post(stream).layer(joining))
         .route("/large", post(large).layer(layer))
+        .merge(admin_routes)
 }
 
 /// The query parameters every handler understands.
@@ -398,7 +547,7 @@ async fn postgres_app(url: &str, stats: Arc<Stats>) -> Router {
     let _ = stats.database.set(pool);
     let layer = configure(IdempotencyLayer::from_store(store));
     let transactional = layer.clone().transactional();
-    finish(routes(layer).route("/ledger", post(ledger).layer(transactional)), stats)
+    finish(routes(layer, AdminToken::from_env()).route("/ledger", post(ledger).layer(transactional)), stats)
 }
 
 /// The example's `ledger` table, then the store's: once the store's exists (until then the
@@ -497,7 +646,7 @@ fn dynamodb_app(endpoint: &str, stats: Arc<Stats>) -> Router {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    app(configure(IdempotencyLayer::from_store(store)), stats)
+    app_with_admin(configure(IdempotencyLayer::from_store(store)), stats, AdminToken::from_env())
 }
 
 /// The app over the store the environment asks for: the Redis store when built with
@@ -533,9 +682,9 @@ pub async fn app_from_env(stats: Arc<Stats>) -> Router {
             std::process::exit(2);
         });
         let store = tower_idempotency::store::RedisStore::builder().build(client);
-        return app(configure(IdempotencyLayer::from_store(store)), stats);
+        return app_with_admin(configure(IdempotencyLayer::from_store(store)), stats, AdminToken::from_env());
     }
-    app(configure(IdempotencyLayer::new()), stats)
+    app_with_admin(configure(IdempotencyLayer::new()), stats, AdminToken::from_env())
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `warn`; `RUST_LOG=tower_idempotency=debug`

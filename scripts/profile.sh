@@ -4,6 +4,8 @@
 # the ratio to the bare router, and where the miss path's extra instructions go.
 #
 # Usage: scripts/profile.sh [REQUESTS] [PATH...]   (default 2000 requests, every path)
+# Environment: FEATURES (cargo features of the build, e.g. metrics), PROFILE_METRICS=1 (with
+# the metrics feature: a Prometheus recorder installed, so the metrics are really recorded).
 # Output files: target/profile/callgrind.PATH (open with callgrind_annotate or kcachegrind),
 # target/profile/instructions.txt (one line a path: name, instructions per request, of which
 # SHA-256; what scripts/instructions.sh compares with the committed baseline).
@@ -23,7 +25,8 @@ paths=("$@")
 target="${CARGO_TARGET_DIR:-target}"
 # Line tables make the profile readable; they do not change the code generated.
 export CARGO_PROFILE_BENCH_DEBUG=line-tables-only
-binary=$(cargo bench --bench profile_paths --no-run --message-format=json 2>/dev/null |
+# FEATURES=metrics builds the layer with its metrics (add PROFILE_METRICS=1 for a recorder).
+binary=$(cargo bench --bench profile_paths ${FEATURES:+--features "$FEATURES"} --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)

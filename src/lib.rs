@@ -5,6 +5,10 @@
 //! key, so a network timeout never charges a card, places an order or bills an LLM generation
 //! twice. It follows the IETF `Idempotency-Key` draft and Stripe's semantics.
 //!
+//! **The [guide]** is the contract in one page: the path of a request through the layer, every
+//! outcome, the guarantees, and where they stop. This page gets you started; each setting of
+//! [`IdempotencyLayer`] and of each store's builder has an example on its own page.
+//!
 //! # Quick start (axum)
 //!
 //! ```
@@ -180,9 +184,17 @@
 //!
 //! # Stores
 //!
-//! [`store::MemoryStore`] (default) for one process; `store::RedisStore` (feature `redis`) for many
-//! replicas: a retry that lands on another replica replays the same record. Both implement
-//! [`store::IdempotencyStore`] and pass the same conformance suite.
+//! | store | feature | for |
+//! | --- | --- | --- |
+//! | [`store::MemoryStore`] | (always; the default) | one process |
+//! | `store::RedisStore` | `redis` (`redis-cluster` for Redis Cluster) | many replicas sharing a Redis |
+//! | `store::PostgresStore` | `postgres` | records in the application's own PostgreSQL, and transactional mode (`IdempotencyLayer::transactional`): the handler's writes and the record in one transaction |
+//! | `store::DynamoDbStore` | `dynamodb` | AWS Lambda functions and replicas sharing one DynamoDB table |
+//!
+//! A retry that lands on another replica replays the same record. Every store implements
+//! [`store::IdempotencyStore`] (and [`store::LiveLog`], for waiting and joining) and passes
+//! the same conformance suite; [`store`] shows how to write one of your own. A store shared
+//! by processes needs the same [`Secret`] on every replica:
 //!
 //! ```no_run
 //! # #[cfg(feature = "redis")]
@@ -213,11 +225,18 @@
 //!   functions and replicas sharing keys.
 //! - `reqwest`: `client::reqwest::IdempotencyMiddleware`, the client half for `reqwest` (on
 //!   `reqwest-middleware`; `reqwest` without default features, so no TLS is added by this crate).
+//! - `json`: keys read from a JSON body or a JSON-RPC request ([`KeySource`], for MCP tool calls),
+//!   with `serde_json`.
+//! - `conformance`: `store::conformance`, the suite every store passes, for a store crate of
+//!   your own to run against its store in its tests.
+//!
+//! No feature is on by default: the layer, the client half and `MemoryStore` need none.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;
 mod error;
 pub mod grpc;
+pub mod guide;
 mod headers;
 pub mod hints;
 #[cfg(feature = "json")]
@@ -254,7 +273,7 @@ pub use outcome::Outcome;
 pub use predicate::{CachePredicate, SuccessOnly};
 pub use scope::{MakeScope, Scope, ScopeId};
 pub use secret::Secret;
-pub use trace::{Origin, TraceContext};
+pub use trace::{Origin, TraceContext, TraceHook};
 pub use upload::UploadAppends;
 
 /// The README's code blocks, compiled as doctests (its store examples need the `redis`,

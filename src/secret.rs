@@ -185,6 +185,14 @@ impl Digests {
         Self::Keyed(Arc::new(Keyed { scope, fingerprint, check }))
     }
 
+    /// The keyed digests, unchecked: `None` without a secret.
+    pub(crate) fn unchecked(&self) -> Option<&Keyed> {
+        match self {
+            Self::Keyed(keyed) => Some(keyed),
+            Self::Missing => None,
+        }
+    }
+
     /// The keyed digests, once the store is known to hold this secret's check record (checked
     /// once per layer, at its first guarded request).
     pub(crate) async fn ready<St: IdempotencyStore>(

@@ -101,6 +101,63 @@ impl TraceContext {
     }
 }
 
+/// How the layer meets the application's tracing system, which it does not depend on: it
+/// names the span a request executes in (kept in its record, with the caller's
+/// `traceparent`), and links a replayed request's span to that span. Set with
+/// [`IdempotencyLayer::with_trace_hook`](crate::IdempotencyLayer::with_trace_hook).
+///
+/// Both methods are called inside the layer's `idempotency` span, the current span then. With
+/// `tracing-opentelemetry`, a hook is a few lines:
+///
+/// ```text
+/// use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+/// use tracing_opentelemetry::OpenTelemetrySpanExt;
+///
+/// struct Otel;
+///
+/// impl TraceHook for Otel {
+///     fn current(&self) -> Option<TraceContext> {
+///         let context = tracing::Span::current().context();
+///         let span = context.span();
+///         let span = span.span_context();
+///         TraceContext::new(span.trace_id().to_bytes(), span.span_id().to_bytes(), span.trace_flags().to_u8())
+///     }
+///
+///     fn link(&self, origin: &Origin) {
+///         if let Some(original) = origin.span.or(origin.caller) {
+///             let (trace, span) = (TraceId::from_bytes(original.trace_id()), SpanId::from_bytes(original.span_id()));
+///             let flags = TraceFlags::new(original.flags());
+///             let context = SpanContext::new(trace, span, flags, true, TraceState::default());
+///             tracing::Span::current().add_link(context);
+///         }
+///     }
+/// }
+/// ```
+///
+/// (`tests/otel.rs` runs this one against a real OpenTelemetry pipeline.)
+pub trait TraceHook: Send + Sync + 'static {
+    /// The context of the span the handler is about to run in; `None` if there is none.
+    fn current(&self) -> Option<TraceContext>;
+
+    /// A replayed request's span is current: link it to `origin`, the request that executed.
+    /// The default does nothing (the span's fields carry the original's ids anyway).
+    fn link(&self, origin: &Origin) {
+        let _ = origin;
+    }
+}
+
+/// Marks the current span (a replay's `idempotency` span) with the trace of the request that
+/// executed, and hands it to the hook to link.
+pub(crate) fn link(hook: Option<&dyn TraceHook>, origin: &Origin) {
+    let Some(original) = origin.span.or(origin.caller) else { return };
+    let span = tracing::Span::current();
+    span.record("original_trace_id", tracing::field::display(original.trace_id_hex()));
+    span.record("original_traceparent", tracing::field::display(original));
+    if let Some(hook) = hook {
+        hook.link(origin);
+    }
+}
+
 /// The caller's trace context: a request's valid `traceparent` header.
 pub(crate) fn caller(headers: &HeaderMap) -> Option<TraceContext> {
     TraceContext::parse(headers.get(TRACEPARENT)?.to_str().ok()?)
@@ -151,8 +208,8 @@ pub struct Origin {
     pub completed_at: Option<SystemTime>,
     /// The `traceparent` header the executing request arrived with: the caller's span.
     pub caller: Option<TraceContext>,
-    /// The span the handler ran in, when the application's tracing can name it (the layer
-    /// itself knows only `tracing`'s process-local span ids).
+    /// The span the handler ran in, as the layer's [`TraceHook`] named it (without a hook,
+    /// `None`: the layer itself knows only `tracing`'s process-local span ids).
     pub span: Option<TraceContext>,
 }
 

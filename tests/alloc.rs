@@ -209,7 +209,7 @@ fn lease_renewal_costs_nothing_until_a_request_outlives_its_first_renewal_period
     assert!(renewed > within, "the renewal of a slow request is not counted ({renewed} vs {within})");
 }
 
-/// SPEC 2.9: joiners share one buffer. A 1 MiB stream in flight (16 chunks of 64 KiB, all
+/// Guide, step 9: joiners share one buffer. A 1 MiB stream in flight (16 chunks of 64 KiB, all
 /// produced), then 100 joiners that each receive all of it at once: the bytes they allocate
 /// between them are a small fraction of one copy of the stream, let alone of 100.
 #[test]

@@ -1,4 +1,4 @@
-//! SPEC 5: a `tracing` event for every outcome, inside an `idempotency` span on the guarded
+//! A `tracing` event for every outcome, inside an `idempotency` span on the guarded
 //! path, and never the key itself.
 //!
 //! A binary of its own: `tracing` caches each callsite's interest process-wide, and a test

@@ -1,7 +1,7 @@
 //! The client half: make keys, stamp them on requests, retry with the same key.
 //!
 //! The server layer makes a request safe to repeat; this module repeats it. It works with any
-//! [`tower::Service`] that sends `http::Request`s (a `hyper_util` client, a `reqwest`-like
+//! [`tower::Service`](https://docs.rs/tower/0.5/tower/trait.Service.html) that sends `http::Request`s (a `hyper_util` client, a `reqwest`-like
 //! service, an in-process router in tests):
 //!
 //! - **Keys**: [`IdempotencyKey::random`](crate::IdempotencyKey::random) (UUID v4) for a request
@@ -11,7 +11,7 @@
 //!   batch.
 //! - **Stamping**: [`SetIdempotencyKeyLayer`] gives each `POST`/`PATCH` that has no
 //!   `Idempotency-Key` a fresh one (or one from your [`KeyGenerator`]).
-//! - **Retrying**: [`RetryPolicy`] is a [`tower::retry::Policy`] that retries transient
+//! - **Retrying**: [`RetryPolicy`] is a [`tower::retry::Policy`](https://docs.rs/tower/0.5/tower/retry/trait.Policy.html) that retries transient
 //!   outcomes ([`DefaultClassifier`]: errors, `408`, `409` in flight, `425`, `429`, `5xx`)
 //!   with [`ExponentialBackoff`] and full jitter, waits what the server asks
 //!   (`retry-after-ms`, else `Retry-After`), never retries what the server marks
@@ -31,7 +31,7 @@
 //!            (stamp once)            (attempt 1, 2, ... same key)
 //! ```
 //!
-//! With [`tower::ServiceBuilder`], the first layer added is the outermost:
+//! With [`tower::ServiceBuilder`](https://docs.rs/tower/0.5/tower/struct.ServiceBuilder.html), the first layer added is the outermost:
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};

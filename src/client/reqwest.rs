@@ -1,4 +1,4 @@
-//! The client half for `reqwest`: a [`reqwest_middleware`] middleware that stamps one key per
+//! The client half for `reqwest`: a [`reqwest_middleware`](https://docs.rs/reqwest-middleware/0.5/reqwest_middleware/) middleware that stamps one key per
 //! logical request and retries with it (cargo feature `reqwest`).
 //!
 //! [`IdempotencyMiddleware`] is [`SetIdempotencyKeyLayer`](super::SetIdempotencyKeyLayer) and a
@@ -72,7 +72,7 @@ use crate::IdempotencyKey;
 pub use ::reqwest;
 pub use ::reqwest_middleware;
 
-/// A [`reqwest_middleware::Middleware`] that stamps an idempotency key once per logical
+/// A [`reqwest_middleware::Middleware`](https://docs.rs/reqwest-middleware/0.5/reqwest_middleware/trait.Middleware.html) that stamps an idempotency key once per logical
 /// request and retries with it; see the [module docs](self).
 ///
 /// `C` is the policy's [classifier](Classify), `G` the [`KeyGenerator`] for calls that bring

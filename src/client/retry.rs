@@ -20,10 +20,10 @@ use super::{
     classify::{Attempt, Classification, Classify, DefaultClassifier, retry_after},
 };
 
-/// A [`tower::retry::Policy`] that retries transient failures of HTTP requests, sending
+/// A [`tower::retry::Policy`](https://docs.rs/tower/0.5/tower/retry/trait.Policy.html) that retries transient failures of HTTP requests, sending
 /// every attempt with the same idempotency key.
 ///
-/// Put it in a [`tower::retry::RetryLayer`] *inside* an
+/// Put it in a [`tower::retry::RetryLayer`](https://docs.rs/tower/0.5/tower/retry/struct.RetryLayer.html) *inside* an
 /// [`SetIdempotencyKeyLayer`](super::SetIdempotencyKeyLayer), so the key is stamped once and each
 /// attempt is a copy of the stamped request (see the [module docs](super) for the stack).
 ///
@@ -52,7 +52,7 @@ use super::{
 /// its `retry-after-ms`, else its `Retry-After` (seconds or an HTTP-date); see
 /// [`retry_after`](super::retry_after). A date is compared with the system clock ([`SystemTime::now`]), the
 /// clock the server's date refers to; everything else, the waiting and the time budget, runs on
-/// [`tokio::time`], so tests drive it with `tokio::time::pause`.
+/// [`tokio::time`](https://docs.rs/tokio/1/tokio/time/index.html), so tests drive it with `tokio::time::pause`.
 ///
 /// No wait ends after the time budget: a backoff delay is shortened to end at the deadline,
 /// and a `Retry-After` that ends after it stops the retries (coming back before the server
@@ -67,7 +67,7 @@ use super::{
 ///
 /// # State
 ///
-/// [`tower::retry::Retry`] clones the policy for every request, so attempts and the start time
+/// [`tower::retry::Retry`](https://docs.rs/tower/0.5/tower/retry/struct.Retry.html) clones the policy for every request, so attempts and the start time
 /// are counted per logical request. Each logical request draws a new jitter seed: from the OS
 /// (through a process-wide counter) by default, so clones of one policy jitter independently,
 /// or from the stream set with [`with_seed`](Self::with_seed) for reproducible tests.

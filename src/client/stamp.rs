@@ -62,7 +62,7 @@ impl KeyGenerator for RandomKey {
     }
 }
 
-/// A [`Layer`] that stamps an idempotency key on each covered request that lacks one.
+/// A [`Layer`](https://docs.rs/tower/0.5/tower/trait.Layer.html) that stamps an idempotency key on each covered request that lacks one.
 ///
 /// - Covered: the methods `POST` and `PATCH` by default ([`with_methods`](Self::with_methods)).
 ///   Other requests pass through untouched, and so do the upload appends of the IETF
@@ -169,7 +169,7 @@ impl<G> fmt::Debug for SetIdempotencyKeyLayer<G> {
     }
 }
 
-/// The [`Service`] made by [`SetIdempotencyKeyLayer`]: stamps a key, then calls the inner service.
+/// The [`Service`](https://docs.rs/tower/0.5/tower/trait.Service.html) made by [`SetIdempotencyKeyLayer`]: stamps a key, then calls the inner service.
 #[derive(Clone)]
 pub struct SetIdempotencyKey<S, G = RandomKey> {
     inner: S,

@@ -156,7 +156,7 @@ pin_project! {
     /// and recorded when the response is recordable), a body the layer made (a replay or a
     /// problem), or the body of a joined response ([`Duplicates::Join`](crate::Duplicates::Join)).
     ///
-    /// Its error is a [`tower::BoxError`]: the handler's body error, or, for a joined response, why
+    /// Its error is a [`tower::BoxError`](https://docs.rs/tower/0.5/tower/type.BoxError.html): the handler's body error, or, for a joined response, why
     /// it ended before the response it follows did.
     pub struct ResponseBody<B>
     where

@@ -156,9 +156,23 @@ pub(crate) struct Config {
     pub(crate) answers: Answers,
     /// Renews the leases of this configuration's locks.
     pub(crate) keeper: Keeper,
+    /// Names the executing span in a record, and links a replay's span to it.
+    pub(crate) trace: Option<Arc<dyn crate::TraceHook>>,
 }
 
 impl Config {
+    /// The store key of the request whose head is `head`: its scope, keyed with `keyed`, and
+    /// its idempotency key. The one formula of the request path and of
+    /// [`IdempotencyLayer::store_key`](crate::IdempotencyLayer::store_key).
+    pub(crate) fn store_key(
+        &self,
+        keyed: &crate::secret::Keyed,
+        head: &http::request::Parts,
+        key: crate::IdempotencyKey,
+    ) -> crate::store::StoreKey {
+        crate::store::StoreKey::new(self.scope.resolve(head, keyed.scope_key()), key)
+    }
+
     /// The `Retry-After` of a `409` in flight: the reject setting's, or 1 s past a wait.
     pub(crate) fn in_flight_retry_after(&self) -> Duration {
         match self.duplicates {
@@ -212,6 +226,7 @@ impl fmt::Debug for Config {
             .field("store_failure", &self.store_failure)
             .field("unstored_headers", &self.unstored_headers)
             .field("max_detached", &self.max_detached)
+            .field("trace", &self.trace.is_some())
             .field("max_waiters", &self.waiting.max)
             .field("retry_hints", &self.answers.hints)
             .finish_non_exhaustive()

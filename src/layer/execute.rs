@@ -40,7 +40,8 @@ where
     ResBody::Data: Buf,
     ResBody::Error: Into<tower::BoxError> + Send,
 {
-    let origin = Origin { caller: trace::caller(request.headers()), ..Origin::default() };
+    let span = config.trace.as_ref().and_then(|hook| hook.current());
+    let origin = Origin { caller: trace::caller(request.headers()), span, ..Origin::default() };
     let future = match catch_unwind(AssertUnwindSafe(|| inner.call(request))) {
         Ok(future) => future,
         Err(panic) => {

@@ -25,7 +25,7 @@ use crate::{
     problem::{Problem, ProblemKind},
     secret::Refused,
     store::{Begin, Fingerprint, IdempotencyStore, Record, StoreError, StoreKey},
-    telemetry,
+    telemetry, trace,
 };
 
 /// One guarded request: everything after the key was found valid.
@@ -126,7 +126,7 @@ where
         Err(refused) => return Err(Unprepared::Answer(refused_response(config, &head.headers, &refused))),
     };
     let fingerprint = Fingerprint::compute(keyed, &head, &config.fingerprint_headers, &fingerprinted);
-    let key = StoreKey::new(config.scope.resolve(&head, keyed.scope_key()), key);
+    let key = config.store_key(keyed, &head, key);
     Ok(Prepared { head, body, key, fingerprint })
 }
 
@@ -140,6 +140,7 @@ pub(crate) fn answer<ResBody: Body>(
     match begin {
         Begin::Completed(Record::Response(record)) => {
             telemetry::replayed(record.origin());
+            trace::link(config.trace.as_deref(), record.origin());
             replay(record, head.headers.get(LAST_EVENT_ID))
         }
         Begin::Completed(Record::NotRetained) => problem(ProblemKind::ResponseNotRetained, None),

@@ -101,7 +101,14 @@ where
         // fresh clone behind, which the next `poll_ready` will drive.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let span = tracing::debug_span!("idempotency", method = %request.method(), path = request.uri().path());
+        let span = tracing::debug_span!(
+            "idempotency",
+            method = %request.method(),
+            path = request.uri().path(),
+            // A replay's: the request that executed (see `TraceHook`).
+            original_trace_id = tracing::field::Empty,
+            original_traceparent = tracing::field::Empty,
+        );
         let guarded = Guarded::new(inner, self.mode.clone(), self.config.clone(), self.live);
         let run = async move {
             let result = guarded.run(request, key).await;

@@ -3,7 +3,8 @@
 //!
 //! [`run`] runs every check of the core ([`IdempotencyStore`]), each against a fresh store from
 //! `make`, and names the check that failed; [`run_live`] does the same for the live log
-//! ([`LiveLog`]), for a store that has one, and [`run_expired`] for the grace of expired keys
+//! ([`LiveLog`]), for a store that has one, [`run_inspect`] for the operator's look at one
+//! key ([`Inspect`]), and [`run_expired`] for the grace of expired keys
 //! ([`complete_with_grace`](IdempotencyStore::complete_with_grace)), for a store that keeps
 //! marks. Time-based checks move the store's clock with `advance`: `tokio::time::advance` on
 //! paused time for a store that reads `tokio::time::Instant` (like [`MemoryStore`]), a real
@@ -25,7 +26,7 @@
 //!
 //! Inside a test: `#[tokio::test(start_paused = true)] async fn conforms() { conformance::run(..).await }`.
 //! Each check is also public, for a store that needs one on its own (a real cluster, say);
-//! [`run`] and [`run_live`] are the ones to call, so that a check added later never skips a
+//! [`run`], [`run_live`] and [`run_inspect`] are the ones to call, so that a check added later never skips a
 //! store.
 //!
 //! [`MemoryStore`]: super::MemoryStore
@@ -33,7 +34,7 @@
 use std::{
     future::Future,
     sync::Arc,
-    time::{Duration, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -42,8 +43,8 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use crate::{
     IdempotencyKey, Origin, ScopeId, TraceContext,
     store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreKey,
-        StoredResponse,
+        Begin, Fingerprint, Followed, IdempotencyStore, Inspect, KeyState, LiveCursor, LiveEvent, LiveLog, LockToken,
+        Purged, Record, StoreKey, StoredResponse,
     },
 };
 
@@ -530,6 +531,168 @@ where
     assert_eq!(follow(&store, &key, fp(1), None, LEASE).await, Followed::Ended { completed: false });
 }
 
+/// `inspect` unwrapped.
+pub async fn inspect<S: Inspect>(store: &S, key: &StoreKey) -> KeyState {
+    store.inspect(key).await.unwrap()
+}
+
+/// `purge` unwrapped.
+pub async fn purge<S: Inspect>(store: &S, key: &StoreKey) -> Purged {
+    store.purge(key).await.unwrap()
+}
+
+/// Asserts that `at` lies within `slack` of `expected` (times a store converts from its own
+/// clock, or from a remaining duration, to this process's).
+fn assert_near(at: SystemTime, expected: SystemTime, slack: Duration, what: &str) {
+    let off = at.duration_since(expected).or_else(|early| Ok::<_, ()>(early.duration())).unwrap();
+    assert!(off <= slack, "{what}: {at:?} is {off:?} away from {expected:?}");
+}
+
+/// How far a time an inspection reports may be from the one expected: stores that convert a
+/// remaining duration read their clock a little after the store did.
+const SLACK: Duration = Duration::from_millis(250);
+
+/// A key nobody used is unknown, and purging it removes nothing.
+pub async fn unknown_key_is_unknown<S: Inspect>(store: S) {
+    let key = fresh_key(None);
+    assert_eq!(inspect(&store, &key).await, KeyState::Unknown);
+    assert_eq!(purge(&store, &key).await, Purged::Unknown);
+    // Purging wrote nothing: the key is free.
+    lock(&store, &key, fp(1)).await;
+}
+
+/// A key in flight says since when (the token's time) and until when its lease runs; purging
+/// it is refused and changes nothing: the owner still completes, and its record is then
+/// what the key holds.
+pub async fn in_flight_key_is_shown_and_kept<S: Inspect>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    let KeyState::Locked(in_flight) = inspect(&store, &key).await else { panic!("the key is in flight") };
+    let since = token.since().expect("a new token holds its time");
+    assert_eq!(in_flight.since(), Some(since));
+    assert_near(since, SystemTime::now(), SLACK, "since");
+    assert_near(in_flight.lease_until(), SystemTime::now() + LEASE, SLACK, "lease until");
+    assert_eq!(purge(&store, &key).await, Purged::Locked);
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Locked), "a refused purge leaves the lock");
+    assert!(store.renew(&key, &token, LEASE).await.unwrap());
+    assert!(store.complete(&key, &token, record(b"done"), TTL).await.unwrap(), "the owner still completes");
+    assert!(matches!(inspect(&store, &key).await, KeyState::Completed(_)));
+}
+
+/// A completed key shows its record (status, size, completion time) and until when it is
+/// kept; purged, it is unknown and the next request executes. Another scope's key is apart.
+pub async fn completed_key_is_shown_and_purged<S: Inspect>(store: S) {
+    let key = fresh_key(Some(ScopeId::digest("tenant-a")));
+    let other_scope = StoreKey::new(Some(ScopeId::digest("tenant-b")), key.key().clone());
+    let token = lock(&store, &key, fp(1)).await;
+    let origin = Origin {
+        completed_at: Some(UNIX_EPOCH + Duration::from_millis(1_796_000_000_123)),
+        caller: TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ..Origin::default()
+    };
+    let stored = response(b"{\"charged\":true}").with_origin(origin);
+    assert!(store.complete(&key, &token, Record::Response(Arc::new(stored.clone())), TTL).await.unwrap());
+    let KeyState::Completed(completed) = inspect(&store, &key).await else { panic!("the key is completed") };
+    assert!(completed.is_retained());
+    assert_eq!(completed.status(), Some(StatusCode::CREATED));
+    assert_eq!(completed.size(), Some(stored.body().len()));
+    assert_eq!(completed.completed_at(), origin.completed_at);
+    assert_eq!(completed.origin(), Some(&origin));
+    assert_eq!(completed.trace_id(), Some(*b"\x4b\xf9\x2f\x35\x77\xb3\x4d\xa6\xa3\xce\x92\x9d\x0e\x0e\x47\x36"));
+    assert_near(completed.expires_at(), SystemTime::now() + TTL, SLACK, "expires at");
+    assert!(matches!(completed.record(), Record::Response(got) if **got == stored), "the record, intact");
+    assert_eq!(inspect(&store, &other_scope).await, KeyState::Unknown, "scopes are apart");
+    assert_eq!(purge(&store, &other_scope).await, Purged::Unknown);
+
+    assert_eq!(purge(&store, &key).await, Purged::Removed);
+    assert_eq!(inspect(&store, &key).await, KeyState::Unknown);
+    assert_eq!(purge(&store, &key).await, Purged::Unknown, "purged once");
+    // The next request executes, even with another payload.
+    lock(&store, &key, fp(2)).await;
+}
+
+/// A not-retained record is shown as completed without a response, and purged like any
+/// record; a record made without an origin (before records kept one) shows none.
+pub async fn not_retained_and_untimed_records_are_shown<S: Inspect>(store: S) {
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    assert!(store.complete(&key, &token, Record::NotRetained, TTL).await.unwrap());
+    let KeyState::Completed(completed) = inspect(&store, &key).await else { panic!("the key is completed") };
+    assert!(!completed.is_retained());
+    assert_eq!((completed.status(), completed.size(), completed.completed_at()), (None, None, None));
+    assert_eq!(purge(&store, &key).await, Purged::Removed);
+    lock(&store, &key, fp(1)).await;
+
+    let untimed = fresh_key(None);
+    let token = lock(&store, &untimed, fp(1)).await;
+    assert!(store.complete(&untimed, &token, record(b""), TTL).await.unwrap());
+    let KeyState::Completed(completed) = inspect(&store, &untimed).await else { panic!("the key is completed") };
+    assert_eq!(
+        (completed.status(), completed.size(), completed.completed_at()),
+        (Some(StatusCode::CREATED), Some(0), None)
+    );
+    assert_eq!(completed.trace_id(), None);
+}
+
+/// An expired lock or record is unknown, as it is for `begin`, and purging it removes no
+/// record.
+pub async fn expired_keys_are_unknown<F, Fut, S>(store: S, advance: &F)
+where
+    S: Inspect,
+    F: Fn(Duration) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let (locked, completed) = (fresh_key(None), fresh_key(None));
+    lock(&store, &locked, fp(1)).await;
+    let token = lock(&store, &completed, fp(1)).await;
+    assert!(store.complete(&completed, &token, record(b"x"), LEASE).await.unwrap());
+    advance(LEASE + LEASE / 2).await;
+    for key in [&locked, &completed] {
+        assert_eq!(inspect(&store, key).await, KeyState::Unknown);
+        assert_eq!(purge(&store, key).await, Purged::Unknown);
+        lock(&store, key, fp(2)).await;
+    }
+}
+
+/// `purge` races the owner's `complete`: the purge is refused (the record then stays), or
+/// it removes the record just written; never does it remove the lock.
+pub async fn purge_never_removes_a_lock_racing_its_completion<S: Inspect>(store: S) {
+    let store = Arc::new(store);
+    let (mut refused, mut removed) = (0, 0);
+    for _round in 0..40 {
+        let key = fresh_key(None);
+        let token = lock(&*store, &key, fp(1)).await;
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let owner = {
+            let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.complete(&key, &token, record(b"raced"), TTL).await.unwrap()
+            })
+        };
+        let operator = {
+            let (store, key, barrier) = (store.clone(), key.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                purge(&*store, &key).await
+            })
+        };
+        assert!(owner.await.unwrap(), "a purge never takes the lock from its owner");
+        match operator.await.unwrap() {
+            Purged::Locked => {
+                refused += 1;
+                assert!(matches!(inspect(&*store, &key).await, KeyState::Completed(_)));
+            }
+            Purged::Removed => {
+                removed += 1;
+                assert_eq!(inspect(&*store, &key).await, KeyState::Unknown);
+            }
+            Purged::Unknown => panic!("the key held a lock or a record throughout"),
+        }
+    }
+    assert_eq!(refused + removed, 40);
+}
+
 /// Names the check being run in the panic output when it fails.
 struct Running(&'static str);
 
@@ -591,6 +754,28 @@ where
     AdvanceFut: Future<Output = ()>,
 {
     checks!(make, advance, expired_key_is_told_apart_for_its_grace(advance),);
+}
+
+/// Runs every check of the operator's look at one key ([`Inspect`]), for a store that has it,
+/// as [`run`] does for the core.
+pub async fn run_inspect<S, M, MakeFut, A, AdvanceFut>(make: M, advance: A)
+where
+    S: Inspect,
+    M: Fn() -> MakeFut,
+    MakeFut: Future<Output = S>,
+    A: Fn(Duration) -> AdvanceFut,
+    AdvanceFut: Future<Output = ()>,
+{
+    checks!(
+        make,
+        advance,
+        unknown_key_is_unknown,
+        in_flight_key_is_shown_and_kept,
+        completed_key_is_shown_and_purged,
+        not_retained_and_untimed_records_are_shown,
+        expired_keys_are_unknown(advance),
+        purge_never_removes_a_lock_racing_its_completion,
+    );
 }
 
 /// Runs every check of the live log ([`LiveLog`]), for a store that has one, as [`run`] does

@@ -4,10 +4,11 @@
 //! `release`), each one atomic in the store, and every state change after
 //! [`begin`](IdempotencyStore::begin) fenced by the lock's [`LockToken`]. That is a complete
 //! store. Waiting for a duplicate in flight and joining its response need one more, optional
-//! capability, the lock's live log ([`LiveLog`]).
+//! capability, the lock's live log ([`LiveLog`]); an operator's look at one key, and its purge,
+//! another ([`Inspect`]), which the layer never needs.
 //!
-//! The crate ships four stores, each with both traits, and each passing the same conformance
-//! suite (`conformance`, feature `conformance`):
+//! The crate ships four stores, each with all three traits, and each passing the same
+//! conformance suite (`conformance`, feature `conformance`):
 //!
 //! | store | feature | for |
 //! | --- | --- | --- |
@@ -166,6 +167,7 @@ pub mod conformance;
 #[cfg(feature = "dynamodb")]
 mod dynamodb;
 mod fingerprint;
+mod inspect;
 mod live;
 mod memory;
 mod record;
@@ -194,6 +196,7 @@ pub use ::sqlx;
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use dynamodb::{DynamoDbStore, DynamoDbStoreBuilder};
 pub use fingerprint::Fingerprint;
+pub use inspect::{Completed, Inspect, KeyState, Locked, Purged};
 pub use live::{Followed, LiveCursor, LiveEvent, LiveLog};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
@@ -325,22 +328,47 @@ impl StoreKey {
 /// Proof of holding a key's lock: a token unique to one `begin`, plus the fingerprint of the
 /// request it locked for. Stores compare the token on every write, so a stale owner can never
 /// overwrite a newer one.
+///
+/// Its id also says when the lock was taken ([`since`](Self::since)), so that every store
+/// that keeps the id of a lock can tell an operator since when the key is in flight
+/// ([`Inspect`]) without keeping anything more.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LockToken {
     id: u128,
     fingerprint: Fingerprint,
 }
 
+/// Bits of a token id below its time: a per-process random part and a counter.
+const TOKEN_TIME_SHIFT: u32 = 80;
+
 impl LockToken {
-    /// A new token for a lock taken for `fingerprint`.
+    /// A new token for a lock taken for `fingerprint` now.
     ///
-    /// Unique across processes: a random per-process prefix (drawn once) and a counter.
+    /// The id is the time in milliseconds since the Unix epoch (48 bits, the process's wall
+    /// clock), a random per-process part drawn once (48 bits) and a counter (32 bits): unique
+    /// across processes, since two ids could only meet in the same millisecond, with the same
+    /// random part (a 2^-48 chance per pair of processes) and the same count.
     pub fn new(fingerprint: Fingerprint) -> Self {
-        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static PROCESS: OnceLock<u64> = OnceLock::new();
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        Self { id: (u128::from(prefix) << 64) | u128::from(n), fingerprint }
+        let process = *PROCESS.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0) & 0xffff_ffff_ffff;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64 & 0xffff_ffff_ffff);
+        let id = (u128::from(millis) << TOKEN_TIME_SHIFT) | (u128::from(process) << 32) | u128::from(n);
+        Self { id, fingerprint }
+    }
+
+    /// When the lock was taken: the time [`new`](Self::new) wrote into the id, to the
+    /// millisecond, by the clock of the process that took it. `None` for an id that holds no
+    /// time (one from before tokens held it, a lock taken under a version that wrote a random
+    /// prefix there: anything before 2020 or after 2200 is taken as that).
+    pub fn since(&self) -> Option<std::time::SystemTime> {
+        const FROM: u64 = 1_577_836_800_000; // 2020-01-01
+        const UNTIL: u64 = 7_258_118_400_000; // 2200-01-01
+        let millis = (self.id >> TOKEN_TIME_SHIFT) as u64;
+        (FROM..UNTIL).contains(&millis).then(|| std::time::UNIX_EPOCH + Duration::from_millis(millis))
     }
 
     /// Rebuilds a token from its parts (for stores that keep it elsewhere).
@@ -497,5 +525,22 @@ mod tests {
         let error = StoreError::unavailable(Wrapped(std::io::Error::other("broken pipe")));
         assert_eq!(error.to_string(), "idempotency store unavailable: query failed");
         assert_eq!(error.source().map(ToString::to_string).as_deref(), Some("broken pipe"));
+    }
+
+    #[test]
+    fn a_token_says_when_it_was_taken_and_stays_unique() {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+        let tokens: Vec<_> = (0..1000).map(|_| LockToken::new(Fingerprint::from_bytes([1; 32]))).collect();
+        let after = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+        for token in &tokens {
+            let since = token.since().unwrap().duration_since(UNIX_EPOCH).unwrap().as_millis();
+            assert!((before..=after).contains(&since), "{since} not within [{before}, {after}]");
+        }
+        let ids: std::collections::HashSet<_> = tokens.iter().map(LockToken::id).collect();
+        assert_eq!(ids.len(), tokens.len());
+        // An id that holds no time (a random prefix there) says none.
+        assert_eq!(LockToken::from_parts(u128::MAX, Fingerprint::from_bytes([1; 32])).since(), None);
+        assert_eq!(LockToken::from_parts(1, Fingerprint::from_bytes([1; 32])).since(), None);
     }
 }

@@ -247,6 +247,7 @@ where
     let request = Request::from_parts(head, body);
     let headers = request.headers().clone();
     let caller = trace::caller(&headers);
+    let span = config.trace.as_ref().and_then(|hook| hook.current());
     let problem = |kind, retry_after| problem_response(&config.answers, &headers, kind, retry_after);
     let (handled, transaction) = handle_with(inner, request, handle).await;
     let response = match handled {
@@ -290,7 +291,7 @@ where
     }
     // An event stream keeps its event ends, so a replay with `Last-Event-ID` resumes.
     record.marks = marks_of(&record.headers, &record.body);
-    record.origin = Origin { completed_at: Some(trace::completed_now()), caller, ..Origin::default() };
+    record.origin = Origin { completed_at: Some(trace::completed_now()), caller, span };
     match record_and_commit(&store, transaction, &key, token, &record, config.ttl).await {
         Committed::Yes => {
             if ended.waits {

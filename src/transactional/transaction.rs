@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, MutexGuard};
 ///
 /// Take it from the extensions (with axum, the `Extension<PgTransaction>` extractor) and
 /// [`lock`](Self::lock) it to run statements; the guard derefs to a
-/// [`PgConnection`], so `sqlx::query(..).execute(&mut *tx)` works. The layer commits (or rolls
+/// [`PgConnection`](https://docs.rs/sqlx/0.9/sqlx/postgres/struct.PgConnection.html), so `sqlx::query(..).execute(&mut *tx)` works. The layer commits (or rolls
 /// back) after the handler answered: the handler never commits itself. A handler that ends
 /// the transaction anyway (its own `COMMIT` or `ROLLBACK` on this connection) is caught before
 /// the response is recorded: the client gets `500` `transaction-ended` and the key is free,
@@ -42,7 +42,7 @@ pub struct PgTransaction {
     inner: Arc<Mutex<Option<Transaction<'static, Postgres>>>>,
 }
 
-/// The locked transaction: derefs to its [`PgConnection`]. Hold it only while running
+/// The locked transaction: derefs to its [`PgConnection`](https://docs.rs/sqlx/0.9/sqlx/postgres/struct.PgConnection.html). Hold it only while running
 /// statements; the layer waits for it before it commits.
 pub struct PgTransactionGuard<'a> {
     guard: MutexGuard<'a, Option<Transaction<'static, Postgres>>>,

@@ -288,7 +288,7 @@ async fn check_response(
         }
         Outcome::Replayed => {
             assert_eq!(head.headers["idempotent-replayed"], "true");
-            // `Content-Length` is recomputed, except where it does not belong (SPEC 2.8).
+            // `Content-Length` is recomputed, except where it does not belong (guide, step 8).
             let no_content = head.status.is_informational() || status == 204 || status == 304;
             let length = head.headers.get("content-length").map(|v| v.to_str().unwrap().to_owned());
             let expected = (!no_content && trailers.is_none()).then(|| body.len().to_string());

@@ -46,6 +46,14 @@ async fn conforms_live() {
     conformance::run_expired(|| async { table.clone().build(client(addr)) }, sleep).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conforms_inspect() {
+    let addr = dynamodb().await;
+    let table = builder();
+    table.clone().build(client(addr)).create_table().await.unwrap();
+    conformance::run_inspect(|| async { table.clone().build(client(addr)) }, sleep).await;
+}
+
 /// The longest key the layer accepts, in a scope: the largest partition key.
 fn longest_key() -> StoreKey {
     StoreKey::new(Some(ScopeId::digest("tenant")), IdempotencyKey::parse(&[b'k'; 255]).unwrap())

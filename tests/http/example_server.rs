@@ -1,5 +1,6 @@
-//! Black-box tests of the SPEC (section 2 and the appendix): the example server over real HTTP
-//! on loopback, driven by a real client. Every expectation comes from the SPEC text.
+//! Black-box tests of the guide's request path and of the example server's documented routes,
+//! over real HTTP
+//! on loopback, driven by a real client. Every expectation comes from the docs.
 
 use crate::support;
 
@@ -23,7 +24,7 @@ fn note(order: &Value) -> String {
     order["note"].as_str().unwrap().to_owned()
 }
 
-/// Headers a replay regenerates or never stores (SPEC 2.8), and the replay marker.
+/// Headers a replay regenerates or never stores (guide, step 8), and the replay marker.
 const NOT_COMPARED: [&str; 5] = ["date", "content-length", "transfer-encoding", "connection", "idempotent-replayed"];
 
 /// Asserts `replay` is a replay of `first`: same status, same end-to-end headers, same body,

@@ -1,4 +1,4 @@
-//! SPEC 2.9 on the example server (appendix, `POST /stream`), over real HTTP on loopback,
+//! Guide, step 9 on the example server (`POST /stream`), over real HTTP on loopback,
 //! HTTP/1.1 and HTTP/2 (prior knowledge): a duplicate of a stream still in flight joins it and
 //! gets every event exactly once, in order; `Last-Event-ID` resumes after the event it names;
 //! after the end, a duplicate is an ordinary replay (which `Last-Event-ID` resumes too). The

@@ -3,6 +3,7 @@
 //!
 //! One binary per area (as tower groups its tests); each file is one former test binary.
 
+mod example_admin;
 #[cfg(feature = "json")]
 mod example_quotes;
 mod example_rpc;

@@ -1,15 +1,15 @@
 //! Acceptance tests over real hyper 1 servers and clients on loopback, each over HTTP/1.1 and
 //! HTTP/2 (prior knowledge), one connection per test, requests sent one after another.
 //!
-//! - SPEC 2.7: the record exists before the client can see the response end, for every body
+//! - guide, step 7: the record exists before the client can see the response end, for every body
 //!   shape hyper stops reading early (at `Content-Length`, at the trailers, at an exact
 //!   `size_hint`, at `is_end_stream`), so a retry sent right after the whole response was read
 //!   always replays and never sees `409` in flight.
-//! - SPEC 2.8: replays are faithful on the wire (status, body, trailers, `Content-Length` only
+//! - guide, step 8: replays are faithful on the wire (status, body, trailers, `Content-Length` only
 //!   where the status allows a body and no trailers need chunked framing).
-//! - SPEC 2.4: the guarded handler receives the request's trailers.
+//! - guide, step 3: the guarded handler receives the request's trailers.
 //!
-//! Every expectation comes from the SPEC text, not from what the current code does.
+//! Every expectation comes from the docs, not from what the current code does.
 //! `REAL_SERVER_PAIRS` (default 1000) sets the number of first/retry pairs per body kind.
 
 use std::{
@@ -402,7 +402,7 @@ impl RawClient {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SPEC 2.7: the record exists before the client can see the response end
+// Guide, step 7: the record exists before the client can see the response end
 // ---------------------------------------------------------------------------------------------
 
 /// The shapes of response body the handler answers with.
@@ -527,7 +527,7 @@ fn check_first(kind: Kind, status: StatusCode, first: &Got) -> Result<(), (Strin
     Ok(())
 }
 
-/// Checks `retry` replays `first` (SPEC 2.7, 2.8).
+/// Checks `retry` replays `first` (guide, steps 7, 8).
 fn check_retry(first: &Got, retry: &Got) -> Result<(), (String, String)> {
     let fail = |reason: String| Err((reason, retry.describe()));
     if retry.status != first.status {
@@ -556,7 +556,7 @@ fn check_retry(first: &Got, retry: &Got) -> Result<(), (String, String)> {
 }
 
 /// `pairs` times: a fresh key, the request, its whole response, then at once the same request
-/// again, which must replay the first (SPEC 2.7 second bullet, 2.8). The handler runs once per
+/// again, which must replay the first (guide, steps 7 and 8). The handler runs once per
 /// pair.
 async fn record_before_end(proto: Proto, kind: Kind, pairs: usize) {
     let label = format!("{kind:?} body over {proto:?}");
@@ -634,7 +634,7 @@ over_both_protocols! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SPEC 2.8: replays are faithful on the wire
+// Guide, step 8: replays are faithful on the wire
 // ---------------------------------------------------------------------------------------------
 
 /// Routes of the wire tests: `/no-content` (204), `/not-modified` (304, recorded by the
@@ -791,7 +791,7 @@ over_both_protocols! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// SPEC 2.4: request trailers reach the guarded handler
+// Guide, step 3: request trailers reach the guarded handler
 // ---------------------------------------------------------------------------------------------
 
 /// A chunked request body with a trailers frame and an `Idempotency-Key`: the handler sees the
@@ -843,7 +843,7 @@ over_both_protocols! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A client that hangs up mid-stream (SPEC 2.6–2.7)
+// A client that hangs up mid-stream (guide, steps 6-7)
 // ---------------------------------------------------------------------------------------------
 
 /// The client reads the first chunk of a streamed `201` and closes its connection: hyper drops
@@ -896,7 +896,7 @@ over_both_protocols! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Join an in-flight event stream (SPEC 2.9)
+// Join an in-flight event stream (guide, step 9)
 // ---------------------------------------------------------------------------------------------
 
 /// `id: I\ndata: token-I\n\n`.

@@ -1,4 +1,4 @@
-//! The layer's own answers (SPEC 2.10): the retry hints they carry, and the renderer that
+//! The layer's own answers (the guide's outcomes, and `hints`): the retry hints they carry, and the renderer that
 //! makes their bodies.
 
 use crate::common;

@@ -1,4 +1,4 @@
-//! Every rule of SPEC section 2, driven through `tower::ServiceExt`.
+//! Every rule of the guide's request path, driven through `tower::ServiceExt`.
 
 use crate::common;
 

@@ -1,4 +1,4 @@
-//! Completion is owned, not hoped for (SPEC 2.5–2.7): once the handler answered, the record or
+//! Completion is owned, not hoped for (guide, steps 5-7): once the handler answered, the record or
 //! not-retained record is written whatever the client, the detach bound or the store does; leases hold
 //! whether or not the request is polled; duplicates hold nothing they do not use; a detached
 //! body is read only while it can still be recorded.

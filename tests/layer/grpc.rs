@@ -1,4 +1,4 @@
-//! gRPC (SPEC 5): a real tonic server (`examples/grpc.rs`) behind the layer and a real tonic
+//! gRPC (the `grpc` docs): a real tonic server (`examples/grpc.rs`) behind the layer and a real tonic
 //! client, over HTTP/2 on loopback; and a raw HTTP/2 client for what is on the wire.
 
 use crate::common;

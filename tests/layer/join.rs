@@ -1,4 +1,4 @@
-//! Join mode (SPEC 2.9), in process on paused time: a duplicate of a request in flight follows
+//! Join mode (guide, step 9), in process on paused time: a duplicate of a request in flight follows
 //! its response as it is produced; `Last-Event-ID` resumes an event stream; failures, the
 //! bound and the record limit; and waiting and joining are woken by the store, not polled.
 

@@ -1,5 +1,5 @@
-//! Model-based test of join mode (SPEC 2.9): random programs on one key against the real layer,
-//! checked against a reference model written from the SPEC, not from the code.
+//! Model-based test of join mode (guide, step 9): random programs on one key against the real layer,
+//! checked against a reference model written from the guide, not from the code.
 //!
 //! A program is one first request and up to eight duplicates of it, all with the same key,
 //! through `IdempotencyLayer` in join mode over `MemoryStore`, on paused tokio time. The first
@@ -17,14 +17,14 @@
 //! the handler with its own headers: a stream of the same N events that completes, its head at
 //! the next whole [`GAP_MS`].
 //!
-//! The model ([`Sim`]), a few lines per SPEC rule, says for every request when its head comes,
+//! The model ([`Sim`]), a few lines per rule of the guide, says for every request when its head comes,
 //! what it is (executed, joined, replayed, a `409` or `422`, given up), which events it gets
 //! and when each must reach it, and how its body ends (and when); also when the handler starts
 //! each time it runs, and what the store holds past every lease (the record or not-retained
 //! record, if any: no lock) and past the TTL (nothing). Everything is checked at the end,
 //! including the instants: a joiner gets what was produced so far at once, then each event as
 //! it is produced (on paused time, the same instant), and ends when the first ends. The one
-//! choice the SPEC leaves open — which of several waiting duplicates executes when the first
+//! choice the guide leaves open — which of several waiting duplicates executes when the first
 //! fails before its head — is left open: the run must match the model for one of them.
 //!
 //! Determinism by design: the first request arrives at 0; event I of an execution whose head
@@ -35,7 +35,7 @@
 //! (`sleep_until`), and the handler sleeps until absolute instants, so nothing drifts.
 //!
 //! A second property runs the same programs with the handler behind `ConcurrencyLimit(1)`,
-//! which SPEC 2.5 says changes nothing (a request that only waits, joins, replays or is refused
+//! which the guide (step 5) says changes nothing (a request that only waits, joins, replays or is refused
 //! holds no capacity of the inner service). The layer disagrees — its `poll_ready` is the inner
 //! service's, so every request waits for a permit before the layer sees it — a known issue left
 //! open; the limited runs are not part of this suite until it is fixed.
@@ -113,7 +113,7 @@ enum Timeout {
     /// [`LONG_TIMEOUT`]: never reached.
     Long,
     /// `k` gaps and a quarter gap. Only with endings that never hand the key over before a
-    /// head (the SPEC does not say whether a waiter's timeout restarts when it does).
+    /// head (the guide does not say whether a waiter's timeout restarts when it does).
     Short(u64),
 }
 
@@ -245,7 +245,7 @@ fn program() -> impl Strategy<Value = Program> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The reference model, written from SPEC 2.5, 2.7, 2.8 and 2.9 (times in ms from the start).
+// The reference model, written from the guide, steps 5, 7, 8 and 9 (times in ms from the start).
 
 /// One run of the handler.
 #[derive(Debug, Clone, Copy)]
@@ -302,7 +302,7 @@ impl Exec {
         }
     }
 
-    /// SPEC 2.5, 2.7, 2.9: the key's state at `t` while this is its last execution.
+    /// Guide, steps 5, 7, 9: the key's state at `t` while this is its last execution.
     fn found(&self, t: u64) -> Found {
         if t < self.head {
             return Found::BeforeHead;
@@ -338,7 +338,7 @@ enum Term {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Expect {
     /// A `200` event stream: the head at `head_at`; then `events` (id, when it reaches the
-    /// client), then maybe `maybe` (the event that passed the record limit: the SPEC does not
+    /// client), then maybe `maybe` (the event that passed the record limit: the guide does not
     /// say whether joiners get it), then the body ends as `end` says, at its instant. A
     /// client that `leaves` stops once it has that many events. `length`: the
     /// `Content-Length` a replay carries.
@@ -418,7 +418,7 @@ fn model(program: &Program, choice: Option<usize>) -> World {
         candidates: Vec::new(),
         chosen: None,
     };
-    // SPEC 2.6: a client gone before the head changes nothing but its own answer.
+    // Guide, step 6: a client gone before the head changes nothing but its own answer.
     sim.expects[0] = Some(match program.first_gives_up_at() {
         _ if program.ending == Ending::Crashes => Expect::Locked,
         Some(_) => Expect::Dropped,
@@ -462,7 +462,7 @@ fn own(exec: &Exec, leaves: Option<u64>) -> Expect {
     }
 }
 
-/// SPEC 2.9: joining `exec` at `at`. Everything produced so far at once, then each event as it
+/// Guide, step 9: joining `exec` at `at`. Everything produced so far at once, then each event as it
 /// is produced, from after the `Last-Event-ID` event if it had been produced by then; the body
 /// ends with the first's: normally once recorded, with an error if it failed or passed the
 /// record limit. Also when the joiner leaves (its place is free again).
@@ -484,7 +484,7 @@ fn joined(exec: &Exec, at: u64, id: Option<u64>, leaves: Option<u64>) -> (Expect
     (Expect::Stream { outcome: Outcome::Joined, payload, head_at: at, events, maybe, end, leaves, length: None }, until)
 }
 
-/// SPEC 2.8, 2.9: a replay at `at` of the recorded stream, resumed after the `Last-Event-ID`
+/// Guide, steps 8, 9: a replay at `at` of the recorded stream, resumed after the `Last-Event-ID`
 /// event if the stream has it.
 fn replayed(exec: &Exec, at: u64, id: Option<u64>, leaves: Option<u64>) -> Expect {
     let start = id.filter(|i| *i < exec.events).map_or(0, |i| i + 1);
@@ -514,7 +514,7 @@ impl Sim<'_> {
         holder.2 = Some(until);
     }
 
-    /// Duplicates waiting or joined at `t` (SPEC 2.9: their number per key is bounded).
+    /// Duplicates waiting or joined at `t` (guide, step 9: their number per key is bounded).
     fn holding(&self, t: u64) -> usize {
         self.holders.iter().filter(|(_, from, until)| *from < t && until.is_none_or(|u| u > t)).count()
     }
@@ -546,9 +546,9 @@ impl Sim<'_> {
                 return;
             }
             if let Ending::Rejects(_) | Ending::Crashes = exec.ending {
-                // SPEC 2.9: failed before its head, the key is released and one waiting
-                // duplicate executes (which one, the SPEC leaves open); the others wait on,
-                // for its head. SPEC 2.6: a crashed owner's lock frees the key one lease
+                // Guide, step 9: failed before its head, the key is released and one waiting
+                // duplicate executes (which one, the guide leaves open); the others wait on,
+                // for its head. Guide, step 6: a crashed owner's lock frees the key one lease
                 // after it was taken, a failure before the head too.
                 self.candidates = self.pending.clone();
                 let executor = self.choice.filter(|c| self.pending.contains(c)).unwrap_or(self.pending[0]);
@@ -556,7 +556,7 @@ impl Sim<'_> {
                 self.chosen = Some(executor);
                 self.hold_until(executor, exec.head);
                 let next = dup_exec(exec.head, self.program.dups[executor - 1].payload, self.program.events);
-                // Gone before its own head: its handler goes on, detached (SPEC 2.6).
+                // Gone before its own head: its handler goes on, detached (guide, step 6).
                 self.expects[executor] = Some(match self.gives_up_at(executor) {
                     Some(at) if at < next.head => Expect::Dropped,
                     _ => own(&next, self.leaves(executor)),
@@ -590,11 +590,11 @@ impl Sim<'_> {
         let full = self.program.max_waiters.is_some_and(|max| self.holding(t) >= max);
         let found = exec.found(t);
         self.expects[request] = match found {
-            // SPEC 2.5: a lock or record of another request under the key: `422`.
+            // Guide, step 5: a lock or record of another request under the key: `422`.
             _ if found != Found::Free && exec.payload != dup.payload => {
                 Some(Expect::Problem { status: 422, outcome: Outcome::KeyReused, slug: "key-reused", at: t })
             }
-            // SPEC 2.9: past the bound, `409` (with `Retry-After`).
+            // Guide, step 9: past the bound, `409` (with `Retry-After`).
             Found::BeforeHead | Found::Streaming if full => {
                 Some(Expect::Problem { status: 409, outcome: Outcome::InFlight, slug: "in-flight", at: t })
             }
@@ -609,14 +609,14 @@ impl Sim<'_> {
                 Some(expect)
             }
             Found::Done => Some(replayed(&exec, t, id, dup.leaves)),
-            // SPEC 2.7, 2.9: `409` response-not-retained, without `Retry-After`.
+            // Guide, steps 7, 9: `409` response-not-retained, without `Retry-After`.
             Found::NotRetained => Some(Expect::Problem {
                 status: 409,
                 outcome: Outcome::ResponseNotRetained,
                 slug: "response-not-retained",
                 at: t,
             }),
-            // SPEC 2.7: released, so this one executes.
+            // Guide, step 7: released, so this one executes.
             Found::Free => {
                 let next = dup_exec(t, dup.payload, events);
                 self.execs.push(next);
@@ -687,7 +687,7 @@ fn app(layer: IdempotencyLayer<MemoryStore>, starts: Arc<Mutex<Vec<u64>>>, t0: I
             Ok(response)
         }
     });
-    // SPEC 2.5: a request that waits, joins, replays or is refused holds no capacity of the
+    // Guide, step 5: a request that waits, joins, replays or is refused holds no capacity of the
     // inner service, so one permit is enough for the one execution at a time a key allows,
     // and changes nothing the model says.
     if limited {
@@ -951,7 +951,7 @@ async fn run_program(program: &Program, limited: bool) -> Result<(), String> {
     for (r, task) in tasks.into_iter().enumerate() {
         got.push(task.await.map_err(|e| format!("request {r}: its task failed: {e}"))?);
     }
-    // The one choice the SPEC leaves open: which waiting duplicate executes when the first
+    // The one choice the guide leaves open: which waiting duplicate executes when the first
     // fails before its head. The run must match the model for one of them (or for the only
     // world there is).
     let worlds: Vec<World> = match &world.candidates[..] {

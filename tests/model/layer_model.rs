@@ -17,14 +17,14 @@
 //! `with_max_detached(0)`) and whether each record's write takes a while (a slow store).
 //!
 //! Every program runs against the real stack — `CatchPanicLayer` outside `IdempotencyLayer` over
-//! `MemoryStore`, on paused tokio time — and against [`Model`], a few lines per SPEC rule: a map
+//! `MemoryStore`, on paused tokio time — and against [`Model`], a few lines per rule of the guide: a map
 //! from (scope, key) to `Free | InFlight | Done`, and per execution when its key is decided and
 //! how (a record, a not-retained record, or freed). Every observable outcome must agree: status,
 //! `Idempotent-Replayed`, body, trailers, problem type, and how often the handler ran for each
 //! (scope, key). A client that received a whole `2xx` the handler made sends the same request
 //! again at once, before anything else runs: that retry must replay it (or, over the record
 //! limit, get `409` response-not-retained), never find it in flight, under either way of
-//! reading (SPEC 2.7). A client gone after the handler answered, during the write and with no
+//! reading (guide, step 7). A client gone after the handler answered, during the write and with no
 //! detach slot free, leaves its key recorded or marked not retained, never released. At the end, past
 //! every lease and TTL, the store must be empty: no lock is ever left behind.
 //!
@@ -301,7 +301,7 @@ fn program() -> impl Strategy<Value = Program> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The reference model, written from SPEC section 2.5-2.8.
+// The reference model, written from the guide, steps 5-8.
 
 /// (scope, key) in the model.
 type Slot = (usize, usize);
@@ -388,7 +388,7 @@ impl Model {
         }
     }
 
-    /// SPEC 2.5: replay, 422, 409, or lock and execute.
+    /// Guide, step 5: replay, 422, 409, or lock and execute.
     fn send(&mut self, r: Req, outcome: Outcome, delay: Delay, client: Client, now: Instant) -> Expect {
         let slot = (r.scope, r.key);
         match self.state(slot, now) {
@@ -410,7 +410,7 @@ impl Model {
         }
     }
 
-    /// SPEC 2.6-2.7 for one execution: what its client gets, and when and how its key is
+    /// Guide, steps 6-7 for one execution: what its client gets, and when and how its key is
     /// decided.
     fn execute(
         &mut self,
@@ -471,7 +471,7 @@ impl Model {
         let retry = match outcome {
             _ if client == Client::Leaves => None,
             _ if outcome.is_recorded() => Some(Box::new(Expect::Replayed(content.clone()))),
-            // SPEC 2.7: the not-retained record, too, is written before the client sees the end.
+            // Guide, step 7: the not-retained record, too, is written before the client sees the end.
             Outcome::Large => Some(Box::new(Expect::Problem { status: 409, slug: "response-not-retained" })),
             _ => None,
         };
@@ -499,7 +499,7 @@ impl Model {
         }
     }
 
-    /// SPEC 2.7: executions decided by `now` leave a record (TTL from its write), a not-retained record,
+    /// Guide, step 7: executions decided by `now` leave a record (TTL from its write), a not-retained record,
     /// or a free key.
     fn advance_to(&mut self, now: Instant) {
         while self.deciding.first().is_some_and(|(at, ..)| *at <= now) {
@@ -1108,7 +1108,7 @@ fn regression_no_slot_cancels_a_running_handler_and_marks_an_unread_body_not_ret
     );
 }
 
-/// Found by this model: SPEC 2.7 says a sequential retry sent after the client received a
+/// Found by this model: the guide (step 7) says a sequential retry sent after the client received a
 /// whole response over the record limit gets `409` response-not-retained, never `409` in
 /// flight. The layer used to start the not-retained record's write when the body passed the limit
 /// without holding back the body's end for it, so with a store whose write takes a while (here

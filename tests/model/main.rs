@@ -1,4 +1,4 @@
-//! Random programs against a model of the SPEC, and random faults under load.
+//! Random programs against a model of the documented behaviour (the `guide` page), and random faults under load.
 //!
 //! One binary per area (as tower groups its tests); each file is one former test binary.
 

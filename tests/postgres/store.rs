@@ -24,6 +24,7 @@ async fn postgres_store_passes_the_conformance_suite() {
     conformance::run(|| async { store.clone() }, tokio::time::sleep).await;
     conformance::run_live(|| async { store.clone() }, tokio::time::sleep).await;
     conformance::run_expired(|| async { store.clone() }, tokio::time::sleep).await;
+    conformance::run_inspect(|| async { store.clone() }, tokio::time::sleep).await;
     db.drop().await;
 }
 

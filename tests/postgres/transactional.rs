@@ -225,7 +225,7 @@ async fn the_handlers_writes_and_the_record_commit_together() {
     s.db.drop().await;
 }
 
-/// SPEC 2.9: an event stream recorded in transactional mode keeps its event ends, so a replay
+/// Guide, step 9: an event stream recorded in transactional mode keeps its event ends, so a replay
 /// with `Last-Event-ID` sends only the events after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_event_stream_resumes_after_its_last_event_id() {

@@ -11,6 +11,12 @@ async fn memory_store_passes_the_conformance_suite() {
     common::conformance::run(|| async { MemoryStore::new() }, tokio::time::advance).await;
     common::conformance::run_live(|| async { MemoryStore::new() }, tokio::time::advance).await;
     common::conformance::run_expired(|| async { MemoryStore::new() }, tokio::time::advance).await;
+    common::conformance::run_inspect(|| async { MemoryStore::new() }, tokio::time::advance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purge_races_completion_on_threads() {
+    common::conformance::purge_never_removes_a_lock_racing_its_completion(MemoryStore::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

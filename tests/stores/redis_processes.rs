@@ -1,4 +1,4 @@
-//! SPEC 2.9 across replicas: two example server processes sharing one Redis. A generation
+//! Guide, step 9 across replicas: two example server processes sharing one Redis. A generation
 //! started on one is cut after a few events; the retry, sent to the other process with the
 //! same key and `Last-Event-ID`, joins the generation still running there and gets the rest,
 //! exactly once, as it is produced. Real processes: this test binary started again with

@@ -36,6 +36,7 @@ async fn redis_store_passes_the_conformance_suite() {
     conformance::run(|| store(&url), tokio::time::sleep).await;
     conformance::run_live(|| store(&url), tokio::time::sleep).await;
     conformance::run_expired(|| store(&url), tokio::time::sleep).await;
+    conformance::run_inspect(|| store(&url), tokio::time::sleep).await;
 }
 
 /// The URL of the Redis under test, or return from the test (skipped).

@@ -1,4 +1,4 @@
-//! Black-box harness: the example server (SPEC appendix) on a loopback port, driven by a real
+//! Black-box harness: the example server on a loopback port, driven by a real
 //! HTTP client (hyper-util's legacy client).
 #![allow(dead_code, unreachable_pub)]
 
@@ -59,8 +59,14 @@ impl TestServer {
 
     /// The example server over `layer`.
     pub async fn start_with(layer: IdempotencyLayer<MemoryStore>) -> Self {
+        Self::start_with_admin(layer, None).await
+    }
+
+    /// The example server over `layer`, with its admin routes behind `admin_token` (none: not
+    /// served).
+    pub async fn start_with_admin(layer: IdempotencyLayer<MemoryStore>, admin_token: Option<&str>) -> Self {
         let stats = Arc::new(Stats::default());
-        let app = server::app(layer, stats.clone());
+        let app = server::app_with_admin(layer, stats.clone(), admin_token.map(server::AdminToken::new));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let task = tokio::spawn(async move {

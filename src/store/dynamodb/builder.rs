@@ -65,6 +65,13 @@ impl Default for DynamoDbStoreBuilder {
 
 impl DynamoDbStoreBuilder {
     /// The table's name (or ARN). Default: `idempotency`.
+    ///
+    /// ```
+    /// use tower_idempotency::store::DynamoDbStore;
+    ///
+    /// let builder = DynamoDbStore::builder().with_table("orders-idempotency");
+    /// # let _ = builder;
+    /// ```
     pub fn with_table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -74,6 +81,14 @@ impl DynamoDbStoreBuilder {
     /// table without sharing keys. Default: none. Keep it short: DynamoDB refuses a partition
     /// key over 2 KB (a store key takes up to 320 bytes of it; every request would then fail),
     /// and the prefix counts against the item limit.
+    ///
+    /// ```
+    /// use tower_idempotency::store::DynamoDbStore;
+    ///
+    /// // Two services sharing one table keep their keys apart.
+    /// let builder = DynamoDbStore::builder().with_key_prefix("orders/");
+    /// # let _ = builder;
+    /// ```
     pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
@@ -82,6 +97,15 @@ impl DynamoDbStoreBuilder {
     /// The longest one store operation may take, the SDK's own retries included; past it the
     /// operation fails with [`StoreError::is_timeout`](crate::store::StoreError::is_timeout).
     /// Default: 5 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::DynamoDbStore;
+    ///
+    /// // Within a Lambda function's timeout, with room for the handler.
+    /// let builder = DynamoDbStore::builder().with_operation_timeout(Duration::from_secs(2));
+    /// # let _ = builder;
+    /// ```
     pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -90,6 +114,15 @@ impl DynamoDbStoreBuilder {
     /// The pause between two reads of a duplicate waiting for, or joining, a response in
     /// flight: each read costs ⌈item / 4 KB⌉ read units, so 4 read units per waiting second at
     /// the default, 250 ms. Clamped to 10 ms ..= 10 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::DynamoDbStore;
+    ///
+    /// // Fewer read units per waiting duplicate, later wake-ups.
+    /// let builder = DynamoDbStore::builder().with_follow_interval(Duration::from_secs(1));
+    /// # let _ = builder;
+    /// ```
     pub fn with_follow_interval(mut self, every: Duration) -> Self {
         self.follow_interval = every.clamp(MIN_FOLLOW_INTERVAL, MAX_FOLLOW_INTERVAL);
         self
@@ -98,6 +131,13 @@ impl DynamoDbStoreBuilder {
     /// The most bytes of events one lock's live log holds (join mode): past it nothing more is
     /// published, and followers get the rest from the record. Default: 64 KB; at most what the
     /// 400 KB item leaves.
+    ///
+    /// ```
+    /// use tower_idempotency::store::DynamoDbStore;
+    ///
+    /// let builder = DynamoDbStore::builder().with_live_log_limit(128 * 1024);
+    /// # let _ = builder;
+    /// ```
     pub fn with_live_log_limit(mut self, bytes: usize) -> Self {
         self.live_log_limit = bytes;
         self
@@ -105,6 +145,16 @@ impl DynamoDbStoreBuilder {
 
     /// Builds the store on the application's client. Sends nothing and needs no runtime: the
     /// table must exist by the first operation (see [`DynamoDbStore::create_table`]).
+    ///
+    /// ```
+    /// use tower_idempotency::store::{DynamoDbStore, aws_sdk_dynamodb};
+    ///
+    /// # async fn run() {
+    /// let config = aws_config::load_from_env().await; // the application's configuration
+    /// let store = DynamoDbStore::builder().build(aws_sdk_dynamodb::Client::new(&config));
+    /// # let _ = store;
+    /// # }
+    /// ```
     pub fn build(self, client: Client) -> DynamoDbStore {
         let room = ITEM_LIMIT.saturating_sub(LOCK_OVERHEAD + self.key_prefix.len());
         DynamoDbStore {

@@ -159,6 +159,12 @@ impl Item<'_> {
         Ok(self.expired(now)? && self.u64(GRACE)?.is_some_and(|end| now < end))
     }
 
+    /// When the item's lease or TTL runs out.
+    pub(super) fn expires_at(&self) -> Result<SystemTime, StoreError> {
+        let expires = self.u64(EXPIRES)?.ok_or_else(|| Self::corrupt("no expiry"))?;
+        UNIX_EPOCH.checked_add(Duration::from_millis(expires)).ok_or_else(|| Self::corrupt(EXPIRES))
+    }
+
     /// How many events the live log holds.
     pub(super) fn log_len(&self) -> Result<u64, StoreError> {
         Ok(self.u64(LOG_LEN)?.unwrap_or(0))

@@ -13,12 +13,12 @@ use aws_sdk_dynamodb::{
     Client,
     error::{ProvideErrorMetadata, SdkError},
     operation::{delete_item::DeleteItemError, put_item::PutItemError, update_item::UpdateItemError},
-    types::{AttributeValue, ReturnValuesOnConditionCheckFailure},
+    types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure},
 };
 
 use crate::store::{
-    Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
-    StoreKey,
+    Begin, Completed, Fingerprint, Followed, IdempotencyStore, Inspect, KeyState, LiveCursor, LiveEvent, LiveLog,
+    LockToken, Locked, Purged, Record, StoreError, StoreKey,
 };
 
 mod builder;
@@ -33,7 +33,7 @@ use item::{
 };
 
 /// An [`IdempotencyStore`] in one DynamoDB table, on the application's
-/// [`aws_sdk_dynamodb::Client`]: many replicas, and any number of AWS Lambda instances, share
+/// [`aws_sdk_dynamodb::Client`](https://docs.rs/aws-sdk-dynamodb/1/aws_sdk_dynamodb/client/struct.Client.html): many replicas, and any number of AWS Lambda instances, share
 /// keys; a miss and a replay are one round trip each.
 ///
 /// ```no_run
@@ -515,6 +515,56 @@ impl IdempotencyStore for DynamoDbStore {
                 Ok(_) => Ok(true),
                 Err(SdkError::ServiceError(failed)) => match failed.into_err() {
                     DeleteItemError::ConditionalCheckFailedException(_) => Ok(false),
+                    error => Err(service_error(error)),
+                },
+                Err(error) => Err(sdk_error(error)),
+            }
+        })
+        .await
+    }
+}
+
+/// One strongly consistent `GetItem` (`inspect`) or one conditional `DeleteItem` (`purge`).
+/// Expiry is the `exp` attribute, on the clocks of the processes that wrote it.
+impl Inspect for DynamoDbStore {
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let request =
+            self.inner.client.get_item().table_name(&self.inner.table).key(PK, self.pk(key)).consistent_read(true);
+        let found = self.run(async { request.send().await.map_err(sdk_error) }).await?;
+        let Some(found) = found.item else { return Ok(KeyState::Unknown) };
+        let item = Item(&found);
+        let now = now_ms();
+        if item.0.is_empty() || item.expired(now)? {
+            return Ok(KeyState::Unknown);
+        }
+        let until = item.expires_at()?;
+        Ok(match item.token()? {
+            Some(id) => KeyState::Locked(Locked::new(&LockToken::from_parts(id, item.fingerprint()?), until)),
+            None => KeyState::Completed(Completed::new(item.record()?, until)),
+        })
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<Purged, StoreError> {
+        let now = now_ms();
+        let request = self
+            .inner
+            .client
+            .delete_item()
+            .table_name(&self.inner.table)
+            .key(PK, self.pk(key))
+            .condition_expression("attribute_not_exists(#tok) OR #exp <= :now")
+            .expression_attribute_names("#tok", TOKEN)
+            .expression_attribute_names("#exp", EXPIRES)
+            .expression_attribute_values(":now", number(now))
+            .return_values(ReturnValue::AllOld);
+        self.run(async {
+            match request.send().await {
+                Ok(deleted) => match deleted.attributes {
+                    Some(old) if !old.is_empty() && !Item(&old).expired(now)? => Ok(Purged::Removed),
+                    _ => Ok(Purged::Unknown),
+                },
+                Err(SdkError::ServiceError(failed)) => match failed.into_err() {
+                    DeleteItemError::ConditionalCheckFailedException(_) => Ok(Purged::Locked),
                     error => Err(service_error(error)),
                 },
                 Err(error) => Err(sdk_error(error)),

@@ -25,6 +25,13 @@ pub struct MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// The most entries (locks plus completed records) the store holds. Default: 100 000.
+    ///
+    /// ```
+    /// use tower_idempotency::store::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder().with_max_entries(10_000).build();
+    /// # let _ = store;
+    /// ```
     pub fn with_max_entries(mut self, max: usize) -> Self {
         self.max_entries = max.max(1);
         self
@@ -32,18 +39,40 @@ impl MemoryStoreBuilder {
 
     /// The most bytes of recorded responses (bodies, headers, trailers) the store holds.
     /// Default: 256 MiB.
+    ///
+    /// ```
+    /// use tower_idempotency::store::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder().with_max_bytes(64 * 1024 * 1024).build();
+    /// # let _ = store;
+    /// ```
     pub fn with_max_bytes(mut self, max: usize) -> Self {
         self.max_bytes = max;
         self
     }
 
     /// How often expired entries are freed in the background. Default: 1 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder().with_cleanup_interval(Duration::from_secs(10)).build();
+    /// # let _ = store;
+    /// ```
     pub fn with_cleanup_interval(mut self, every: Duration) -> Self {
         self.sweep_interval = every.max(Duration::from_millis(1));
         self
     }
 
     /// Builds the store.
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, store::MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::from_store(MemoryStore::builder().with_max_entries(1_000).build());
+    /// # let _ = layer;
+    /// ```
     pub fn build(self) -> MemoryStore {
         // The map has sixteen shards per core (a power of two; `dashmap`'s default is four), so
         // that two cores working on distinct keys rarely wait on one shard's lock.

@@ -30,8 +30,8 @@ use eviction::{Padded, Queues};
 use live::Live;
 
 use super::{
-    Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
-    StoreKey,
+    Begin, Completed, Fingerprint, Followed, IdempotencyStore, Inspect, KeyState, LiveCursor, LiveEvent, LiveLog,
+    LockToken, Locked, Purged, Record, StoreError, StoreKey,
 };
 use crate::rt::{Background, Running};
 
@@ -350,6 +350,38 @@ impl Inner {
         }
     }
 
+    fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let now = Instant::now();
+        let Some(slot) = self.map.get(&self.id(key)) else { return Ok(KeyState::Unknown) };
+        if slot.expired(now) {
+            return Ok(KeyState::Unknown);
+        }
+        Ok(match &*slot {
+            Slot::Locked { token, lease_until, .. } => KeyState::Locked(Locked::new(token, wall(*lease_until, now))),
+            // Past its TTL, within a grace: its record is no longer the key's.
+            Slot::Completed { expires_at, .. } if *expires_at <= now => KeyState::Unknown,
+            Slot::Completed { record, expires_at, .. } => {
+                KeyState::Completed(Completed::new(record.to_record()?, wall(*expires_at, now)))
+            }
+        })
+    }
+
+    fn purge(&self, key: &StoreKey) -> Purged {
+        let now = Instant::now();
+        let Entry::Occupied(slot) = self.map.entry(self.id(key)) else { return Purged::Unknown };
+        let purged = match slot.get() {
+            _ if slot.get().expired(now) => Purged::Unknown,
+            Slot::Locked { .. } => return Purged::Locked,
+            Slot::Completed { .. } => Purged::Removed,
+        };
+        // A stale queue element is skipped later, as for an expired record.
+        let (_, slot) = slot.remove_entry();
+        self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
+        self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
+        slot.end_live(false);
+        purged
+    }
+
     fn sweep(&self, now: Instant) {
         self.map.retain(|_, slot| {
             if !slot.expired(now) {
@@ -415,6 +447,25 @@ impl IdempotencyStore for MemoryStore {
 
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
         Ok(self.inner.release(key, lock))
+    }
+}
+
+/// `at` on the wall clock, `now` being this process's `SystemTime::now()`.
+fn wall(at: Instant, now: Instant) -> std::time::SystemTime {
+    let wall_now = std::time::SystemTime::now();
+    match at.checked_duration_since(now) {
+        Some(ahead) => wall_now + ahead,
+        None => wall_now - now.duration_since(at),
+    }
+}
+
+impl Inspect for MemoryStore {
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        self.inner.inspect(key)
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<Purged, StoreError> {
+        Ok(self.inner.purge(key))
     }
 }
 

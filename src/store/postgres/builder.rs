@@ -63,6 +63,13 @@ impl Default for PostgresStoreBuilder {
 impl PostgresStoreBuilder {
     /// The table's name. Default: `idempotency`. Any text: it is always quoted, so it is
     /// case-sensitive (`"Idem"` is not `idem`).
+    ///
+    /// ```
+    /// use tower_idempotency::store::PostgresStore;
+    ///
+    /// let builder = PostgresStore::builder().with_table("idempotency_keys");
+    /// # let _ = builder;
+    /// ```
     pub fn with_table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -70,6 +77,14 @@ impl PostgresStoreBuilder {
 
     /// The schema the table is in. Default: none, so the connection's `search_path` decides
     /// (`public` unless configured otherwise). Quoted like the table.
+    ///
+    /// ```
+    /// use tower_idempotency::store::PostgresStore;
+    ///
+    /// // The table `billing.idempotency`.
+    /// let builder = PostgresStore::builder().with_schema("billing");
+    /// # let _ = builder;
+    /// ```
     pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = Some(schema.into());
         self
@@ -78,6 +93,14 @@ impl PostgresStoreBuilder {
     /// The longest one store operation may take, waiting for a pooled connection included;
     /// past it the operation fails with
     /// [`StoreError::is_timeout`](crate::store::StoreError::is_timeout). Default: 5 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::PostgresStore;
+    ///
+    /// let builder = PostgresStore::builder().with_operation_timeout(Duration::from_secs(2));
+    /// # let _ = builder;
+    /// ```
     pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -85,12 +108,27 @@ impl PostgresStoreBuilder {
 
     /// The pause of the background reaper between rounds. Default: 60 s. A round deletes
     /// batches until one comes back short.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::PostgresStore;
+    ///
+    /// let builder = PostgresStore::builder().with_cleanup_interval(Duration::from_secs(300));
+    /// # let _ = builder;
+    /// ```
     pub fn with_cleanup_interval(mut self, every: Duration) -> Self {
         self.reap_interval = every.max(Duration::from_millis(1));
         self
     }
 
     /// The most expired rows one reaper statement deletes. Default: 1 000 (at least 1).
+    ///
+    /// ```
+    /// use tower_idempotency::store::PostgresStore;
+    ///
+    /// let builder = PostgresStore::builder().with_reap_batch(10_000);
+    /// # let _ = builder;
+    /// ```
     pub fn with_reap_batch(mut self, rows: usize) -> Self {
         self.reap_batch = rows.max(1);
         self
@@ -100,6 +138,14 @@ impl PostgresStoreBuilder {
     /// without reading the log again. Default: 10 s. Followers are woken by notifications, and
     /// read again at the end of the lock's lease; this bound only matters when a notification
     /// is lost without a sign (the listening connection cut off without being closed).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::PostgresStore;
+    ///
+    /// let builder = PostgresStore::builder().with_follow_recheck(Duration::from_millis(500));
+    /// # let _ = builder;
+    /// ```
     pub fn with_follow_recheck(mut self, every: Duration) -> Self {
         self.follow_recheck = every.max(Duration::from_millis(1));
         self
@@ -107,6 +153,17 @@ impl PostgresStoreBuilder {
 
     /// Builds the store on the application's pool. Connects nothing and needs no runtime:
     /// the table must exist by the first operation (see [`PostgresStore::migrate`]).
+    ///
+    /// ```
+    /// use tower_idempotency::store::{PostgresStore, sqlx::PgPool};
+    ///
+    /// # async fn run(pool: PgPool) -> Result<(), tower_idempotency::store::sqlx::Error> {
+    /// // `pool`: the application's own.
+    /// let store = PostgresStore::builder().with_table("idempotency_keys").build(pool);
+    /// store.migrate().await?; // or run the DDL of `migrations/` with your own migrations
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn build(self, pool: PgPool) -> PostgresStore {
         let statements = Statements::new(self.schema.as_deref(), &self.table);
         let listener = Listener::new(statements.channel.clone(), pool.connect_options(), self.operation_timeout);

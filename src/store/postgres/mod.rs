@@ -17,8 +17,8 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row, postgres::PgRow};
 use crate::{
     rt::Background,
     store::{
-        Begin, Fingerprint, Followed, IdempotencyStore, LiveCursor, LiveEvent, LiveLog, LockToken, Record, StoreError,
-        StoreKey, StoredResponse,
+        Begin, Completed, Fingerprint, Followed, IdempotencyStore, Inspect, KeyState, LiveCursor, LiveEvent, LiveLog,
+        LockToken, Locked, Purged, Record, StoreError, StoreKey, StoredResponse,
     },
 };
 
@@ -34,7 +34,7 @@ use sql::{Statements, state};
 /// committed while it ran (see `sql.rs`); each retry sees that row, so more than one is rare.
 pub(crate) const BEGIN_ATTEMPTS: usize = 8;
 
-/// An [`IdempotencyStore`] in PostgreSQL, on the application's [`PgPool`]: records survive
+/// An [`IdempotencyStore`] in PostgreSQL, on the application's [`PgPool`](https://docs.rs/sqlx/0.9/sqlx/type.PgPool.html): records survive
 /// restarts of every process, and many replicas share keys.
 ///
 /// ```no_run
@@ -333,6 +333,16 @@ fn encode(record: &Record) -> Option<Vec<u8>> {
     }
 }
 
+/// A `response` column read back: the record, or not retained when `NULL`.
+fn decode_record(encoded: Option<Vec<u8>>) -> Result<Record, StoreError> {
+    match encoded {
+        None => Ok(Record::NotRetained),
+        Some(encoded) => StoredResponse::decode(Bytes::from(encoded))
+            .map(|response| Record::Response(Arc::new(response)))
+            .map_err(|error| StoreError::corrupt(format!("PostgreSQL row: {}", error.0))),
+    }
+}
+
 /// What `begin`'s row says.
 pub(crate) fn decode_begin(row: &PgRow, token: LockToken) -> Result<Begin, StoreError> {
     let corrupt = |error: sqlx::Error| StoreError::corrupt(error);
@@ -341,12 +351,7 @@ pub(crate) fn decode_begin(row: &PgRow, token: LockToken) -> Result<Begin, Store
         state::MISMATCH => Ok(Begin::Mismatch),
         state::IN_FLIGHT => Ok(Begin::Locked),
         state::EXPIRED => Ok(Begin::Expired),
-        state::COMPLETED => match row.try_get::<Option<Vec<u8>>, _>(1).map_err(corrupt)? {
-            None => Ok(Begin::Completed(Record::NotRetained)),
-            Some(encoded) => StoredResponse::decode(Bytes::from(encoded))
-                .map(|response| Begin::Completed(Record::Response(Arc::new(response))))
-                .map_err(|error| StoreError::corrupt(format!("PostgreSQL row: {}", error.0))),
-        },
+        state::COMPLETED => decode_record(row.try_get(1).map_err(corrupt)?).map(Begin::Completed),
         _ => Err(StoreError::corrupt("PostgreSQL row: unknown state")),
     }
 }
@@ -442,6 +447,55 @@ impl IdempotencyStore for PostgresStore {
             .bind(&lock.id().to_be_bytes()[..])
             .bind(&live::key_id(key)[..]);
         self.owner_end(query).await
+    }
+}
+
+/// The end of a lease or of a TTL is the database's: `inspect` reads the time left and adds
+/// it to this process's clock. In transactional mode a request in flight holds its row in its
+/// own uncommitted transaction, so it shows (and purging is refused) only once committed: a
+/// key that `inspect` calls unknown may be in flight there.
+impl Inspect for PostgresStore {
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.inner.statements.inspect.clone()))
+            .bind(scope_bytes(key))
+            .bind(key.key().as_str());
+        let row = self.run(async { query.fetch_optional(&self.inner.pool).await.map_err(store_error) }).await?;
+        let Some(row) = row else { return Ok(KeyState::Unknown) };
+        let corrupt = |error: sqlx::Error| StoreError::corrupt(error);
+        let left = u64::try_from(row.try_get::<i64, _>("left_us").map_err(corrupt)?).unwrap_or(0);
+        let until = std::time::SystemTime::now() + Duration::from_micros(left);
+        match row.try_get::<Option<Vec<u8>>, _>("token").map_err(corrupt)? {
+            Some(token) => {
+                let id = <[u8; 16]>::try_from(token.as_slice())
+                    .map_err(|_| StoreError::corrupt("PostgreSQL row: a token of another length"))?;
+                let fingerprint = <[u8; 32]>::try_from(row.try_get::<Vec<u8>, _>("fingerprint").map_err(corrupt)?)
+                    .map_err(|_| StoreError::corrupt("PostgreSQL row: a fingerprint of another length"))?;
+                let lock = LockToken::from_parts(u128::from_be_bytes(id), Fingerprint::from_bytes(fingerprint));
+                Ok(KeyState::Locked(Locked::new(&lock, until)))
+            }
+            None => Ok(KeyState::Completed(Completed::new(
+                decode_record(row.try_get("response").map_err(corrupt)?)?,
+                until,
+            ))),
+        }
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<Purged, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.inner.statements.purge.clone()))
+            .bind(scope_bytes(key))
+            .bind(key.key().as_str())
+            .bind(&live::key_id(key)[..]);
+        let row = self.run(async { query.fetch_one(&self.inner.pool).await.map_err(store_error) }).await?;
+        let corrupt = |error: sqlx::Error| StoreError::corrupt(error);
+        let (removed, in_flight) = (
+            row.try_get::<bool, _>("removed").map_err(corrupt)?,
+            row.try_get::<bool, _>("in_flight").map_err(corrupt)?,
+        );
+        Ok(match (removed, in_flight) {
+            (true, _) => Purged::Removed,
+            (false, true) => Purged::Locked,
+            (false, false) => Purged::Unknown,
+        })
     }
 }
 

@@ -84,6 +84,10 @@ pub(crate) struct Statements {
     pub(crate) publish: Arc<str>,
     pub(crate) follow: Arc<str>,
     pub(crate) reap: Arc<str>,
+    /// The operator's look at one key: its live row.
+    pub(crate) inspect: Arc<str>,
+    /// The operator's removal of a key's record, unless a lock holds it.
+    pub(crate) purge: Arc<str>,
     /// The DDL of both migrations, in order.
     pub(crate) create: Arc<str>,
 }
@@ -386,6 +390,33 @@ impl Statements {
              ) \
              SELECT count(*) FROM gone"
         );
+        // $1 scope, $2 key. The key's live row, and the microseconds left of its lease or TTL
+        // (added to the reader's clock: the database's clock decides expiry, the reader's
+        // tells the time).
+        let inspect = format!(
+            "SELECT token, response, fingerprint, \
+                    (extract(epoch FROM expires_at - clock_timestamp()) * 1000000)::int8 AS left_us \
+             FROM {t} WHERE scope = $1 AND key = $2 AND expires_at > clock_timestamp()"
+        );
+        // $1 scope, $2 key, $3 key id. Deletes the key's row if it is a record or expired,
+        // never a live lock, in one statement; the live log of an expired lock goes with it.
+        // `removed`: whether a live record went; `in_flight`: whether a live lock stays. A lock
+        // that completes meanwhile is still a lock in this statement's snapshot: `in_flight`.
+        let purge = format!(
+            "WITH now AS (SELECT clock_timestamp() AS t), \
+             gone AS ( \
+               DELETE FROM {t} WHERE scope = $1 AND key = $2 \
+                 AND (token IS NULL OR expires_at <= (SELECT t FROM now)) \
+               RETURNING token IS NULL AND expires_at > (SELECT t FROM now) AS live \
+             ), \
+             log AS (DELETE FROM {live} WHERE key_id = $3 AND EXISTS (SELECT 1 FROM gone)), \
+             held AS ( \
+               SELECT 1 FROM {t} WHERE scope = $1 AND key = $2 AND token IS NOT NULL \
+                 AND expires_at > (SELECT t FROM now) \
+             ) \
+             SELECT coalesce((SELECT bool_or(live) FROM gone), false) AS removed, \
+                    EXISTS (SELECT 1 FROM held) AS in_flight"
+        );
         let create =
             format!("{}{}{}", create_table(schema, table), create_live(schema, table), create_grace(schema, table));
         Self {
@@ -404,6 +435,8 @@ impl Statements {
             publish: publish.into(),
             follow: follow.into(),
             reap: reap.into(),
+            inspect: inspect.into(),
+            purge: purge.into(),
             create: create.into(),
         }
     }

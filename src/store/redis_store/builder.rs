@@ -63,6 +63,13 @@ impl RedisStoreBuilder {
     ///
     /// Give each service (or environment) sharing one Redis its own prefix. Avoid `{` and `}`
     /// in it: on Redis Cluster they would make it a hash tag and put every key in one slot.
+    ///
+    /// ```
+    /// use tower_idempotency::store::RedisStore;
+    ///
+    /// let builder = RedisStore::builder().with_prefix("orders-api:idem:");
+    /// # let _ = builder;
+    /// ```
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -71,6 +78,14 @@ impl RedisStoreBuilder {
     /// The longest one store operation may take, waiting for a connection included; past it
     /// the operation fails with [`StoreError::is_timeout`](crate::store::StoreError::is_timeout). Default: 1 s. It also bounds each
     /// connection attempt of the managers this builder makes.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::RedisStore;
+    ///
+    /// let builder = RedisStore::builder().with_operation_timeout(Duration::from_millis(250));
+    /// # let _ = builder;
+    /// ```
     pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -87,6 +102,13 @@ impl RedisStoreBuilder {
     /// connections other keys' followers need. Past the bound, a follower waits for one of
     /// them to be free (reading what it missed once it has one); connections are kept open,
     /// idle, for the next follower.
+    ///
+    /// ```
+    /// use tower_idempotency::store::RedisStore;
+    ///
+    /// let builder = RedisStore::builder().with_max_blocking_connections(8);
+    /// # let _ = builder;
+    /// ```
     pub fn with_max_blocking_connections(mut self, max: usize) -> Self {
         self.max_blocking_connections = max.max(1);
         self
@@ -99,6 +121,15 @@ impl RedisStoreBuilder {
     /// crashed owner is noticed as its lease expires whatever this is; this bounds the rest
     /// (a live log lost to eviction or a failover), and keeps a blocked connection from
     /// looking idle for longer to a proxy or load balancer that cuts idle connections.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::RedisStore;
+    ///
+    /// // Behind a proxy that cuts connections idle for 5 s.
+    /// let builder = RedisStore::builder().with_max_block(Duration::from_secs(4));
+    /// # let _ = builder;
+    /// ```
     pub fn with_max_block(mut self, max: Duration) -> Self {
         self.max_block = max.max(Duration::from_millis(1));
         self
@@ -111,6 +142,18 @@ impl RedisStoreBuilder {
     /// Without it such a store has no dedicated connections, and its followers check their
     /// lock every 100 ms instead of being woken. The other ways to build a store have a client
     /// (the URL's, or the one given) and use it; this one overrides it.
+    ///
+    /// ```
+    /// use tower_idempotency::store::{RedisStore, redis};
+    ///
+    /// # async fn run() -> Result<(), redis::RedisError> {
+    /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
+    /// let manager = redis::aio::ConnectionManager::new(client.clone()).await?; // the application's
+    /// let store = RedisStore::builder().with_blocking_client(client).build(manager);
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn with_blocking_client(mut self, client: Client) -> Self {
         self.blocking = Some(Source::Single(client));
         self
@@ -121,6 +164,19 @@ impl RedisStoreBuilder {
     /// ([`build`](Self::build) on a `ClusterConnection`); see
     /// [`with_blocking_client`](Self::with_blocking_client). Give it no response timeout
     /// shorter than the [block limit](Self::with_max_block).
+    ///
+    /// ```
+    /// use tower_idempotency::store::{RedisStore, redis};
+    ///
+    /// # async fn run() -> Result<(), redis::RedisError> {
+    /// let nodes = ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379", "redis://10.0.0.3:6379"];
+    /// let client = redis::cluster::ClusterClient::new(nodes.to_vec())?;
+    /// let connection = client.get_async_connection().await?; // the application's
+    /// let store = RedisStore::builder().with_blocking_cluster_client(client).build(connection);
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
     #[cfg(feature = "redis-cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn with_blocking_cluster_client(mut self, client: ClusterClient) -> Self {
@@ -132,15 +188,26 @@ impl RedisStoreBuilder {
     /// needs a TLS feature of the `redis` crate) and builds the store.
     ///
     /// Fails when the URL is invalid or Redis does not answer within the command timeout.
+    ///
+    /// ```
+    /// use tower_idempotency::store::{RedisStore, redis::RedisError};
+    ///
+    /// # async fn run() -> Result<(), RedisError> {
+    /// // Fails at once if Redis does not answer (`build` would start anyway).
+    /// let store = RedisStore::builder().connect("redis://127.0.0.1:6379").await?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn connect(self, url: impl IntoConnectionInfo) -> Result<RedisStore, RedisError> {
         let client = Client::open(url)?;
         let manager = ConnectionManager::new_with_config(client.clone(), self.manager_config()).await?;
         Ok(self.finish(Connection::Given(manager), Some(Source::Single(client))))
     }
 
-    /// Builds the store on `connection` without waiting for Redis: a [`Client`] or a Redis
+    /// Builds the store on `connection` without waiting for Redis: a [`Client`](https://docs.rs/redis/1/redis/struct.Client.html) or a Redis
     /// Cluster `ClusterClient` (the store connects on first use), or a connection of your own (a
-    /// [`ConnectionManager`], whose reconnection settings apply, or a `ClusterConnection`).
+    /// [`ConnectionManager`](https://docs.rs/redis/1/redis/aio/struct.ConnectionManager.html), whose reconnection settings apply, or a `ClusterConnection`).
     /// Needs no tokio runtime.
     ///
     /// A service built on a client starts while Redis is down; its requests then fail as
@@ -187,6 +254,16 @@ impl RedisStoreBuilder {
     /// Connects to the Redis Cluster that `nodes` belong to (one or more of its nodes'
     /// URLs) and builds the store. Each connection attempt and each answer is bounded by the
     /// command timeout. Fails when no node answers.
+    ///
+    /// ```
+    /// use tower_idempotency::store::{RedisStore, redis::RedisError};
+    ///
+    /// # async fn run() -> Result<(), RedisError> {
+    /// let store = RedisStore::builder().connect_cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]).await?;
+    /// # let _ = store;
+    /// # Ok(())
+    /// # }
+    /// ```
     #[cfg(feature = "redis-cluster")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub async fn connect_cluster<T: IntoConnectionInfo>(
@@ -244,7 +321,7 @@ impl RedisStore {
     }
 }
 
-/// What [`RedisStoreBuilder::build`] builds a store on: a [`Client`], a [`ConnectionManager`]
+/// What [`RedisStoreBuilder::build`] builds a store on: a [`Client`](https://docs.rs/redis/1/redis/struct.Client.html), a [`ConnectionManager`](https://docs.rs/redis/1/redis/aio/struct.ConnectionManager.html)
 /// and, with the `redis-cluster` feature, a `ClusterClient` or a `ClusterConnection` (each
 /// converts into it).
 pub struct RedisConnection(Given);

@@ -83,6 +83,16 @@ fn not_retained(fingerprint: &Fingerprint) -> Vec<u8> {
     out
 }
 
+/// The lock a lock value holds.
+pub(super) fn decode_lock(value: &[u8]) -> Result<LockToken, StoreError> {
+    if value.len() != LOCK_LEN || value[0] != LOCK {
+        return Err(corrupt("not a lock value"));
+    }
+    let fingerprint: [u8; 32] = value[1..PREFIX_LEN].try_into().expect("32 bytes");
+    let id: [u8; 16] = value[PREFIX_LEN..].try_into().expect("16 bytes");
+    Ok(LockToken::from_parts(u128::from_be_bytes(id), Fingerprint::from_bytes(fingerprint)))
+}
+
 /// Decodes a completed record (a response or a not-retained record). The body and header values are
 /// slices of `value`, not copies.
 pub(super) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {

@@ -13,7 +13,9 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use ::redis::{Pipeline, RedisError, Value};
 
-use super::{Begin, IdempotencyStore, LiveLog, LockToken, StoreError, StoreKey};
+use super::{
+    Begin, Completed, IdempotencyStore, Inspect, KeyState, LiveLog, LockToken, Locked, Purged, StoreError, StoreKey,
+};
 use crate::store::{Fingerprint, Followed, LiveCursor, LiveEvent, Record};
 
 mod builder;
@@ -27,7 +29,7 @@ mod slot;
 pub use builder::{RedisConnection, RedisStoreBuilder};
 use connection::{Command, Connection, Handle, store_error};
 use live::{ENDED_TTL, Live};
-use scripts::{BEGIN, COMPLETE, RELEASE, RENEW};
+use scripts::{BEGIN, COMPLETE, INSPECT, PURGE, RELEASE, RENEW};
 
 /// The longest lease or TTL sent to Redis, in ms (about 31 700 years): Redis rejects an
 /// expiry past `i64::MAX` ms from now.
@@ -408,6 +410,39 @@ impl IdempotencyStore for RedisStore {
         let mut invocation = RELEASE.key(key);
         invocation.key(stream).arg(&codec::lock_value(lock)[..]).arg(millis(ENDED_TTL));
         written(self.run(Command::Script(&invocation)).await?)
+    }
+}
+
+/// A lock's lease and a record's TTL are Redis key expiry: `inspect` reads the time left
+/// (`PTTL`) and adds it to this process's clock.
+impl Inspect for RedisStore {
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let invocation = INSPECT.key(self.redis_key(key));
+        let reply = self.run(Command::Script(&invocation)).await?;
+        let Value::Array(reply) = reply else { return Err(StoreError::corrupt("unexpected reply to inspect")) };
+        let (ttl, value) = match <[Value; 2]>::try_from(reply) {
+            Ok([Value::Int(ttl), Value::BulkString(value)]) => (ttl, value),
+            Err(empty) if empty.is_empty() => return Ok(KeyState::Unknown),
+            _ => return Err(StoreError::corrupt("unexpected reply to inspect")),
+        };
+        // `-1`: no expiry, which this crate never writes; shown as the longest it would.
+        let left = Duration::from_millis(u64::try_from(ttl).unwrap_or(MAX_EXPIRY_MS));
+        let until = std::time::SystemTime::now().checked_add(left).unwrap_or(std::time::SystemTime::now());
+        match value.first() {
+            Some(&codec::LOCK) => Ok(KeyState::Locked(Locked::new(&codec::decode_lock(&value)?, until))),
+            _ => Ok(KeyState::Completed(Completed::new(codec::decode_record(value)?, until))),
+        }
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<Purged, StoreError> {
+        let invocation = PURGE.key(self.redis_key(key));
+        match self.run(Command::Script(&invocation)).await? {
+            Value::Int(0) => Ok(Purged::Unknown),
+            Value::Int(1) => Ok(Purged::Removed),
+            Value::Int(2) => Ok(Purged::Locked),
+            Value::Int(3) => Err(StoreError::corrupt("the key holds a value this crate did not write")),
+            _ => Err(StoreError::corrupt("unexpected reply to purge")),
+        }
     }
 }
 

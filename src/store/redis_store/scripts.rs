@@ -166,6 +166,35 @@ end
 return {2, ttl, redis.call('XRANGE', KEYS[2], ARGV[2], '+', 'COUNT', ARGV[3])}
 ";
 
+/// `inspect`: the key's remaining time to live in ms and its value, read in one step.
+/// Returns `{}` when the key is absent (or expired).
+const INSPECT_LUA: &str = r"
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then
+  return {}
+end
+return {ttl, redis.call('GET', KEYS[1])}
+";
+
+/// `purge`: remove the key's record, unless a lock holds it. Returns 0 (absent or expired), 1
+/// (a record removed), 2 (a lock: nothing changed) or 3 (a value this crate did not write:
+/// nothing changed). The live log of the lock the record replaced ended with it, and expires
+/// on its own.
+const PURGE_LUA: &str = r"
+local tag = redis.call('GETRANGE', KEYS[1], 0, 0)
+if tag == '' then
+  return 0
+end
+if tag == 'L' then
+  return 2
+end
+if tag ~= 'R' and tag ~= 'T' then
+  return 3
+end
+redis.call('DEL', KEYS[1])
+return 1
+";
+
 pub(super) static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(BEGIN_LUA));
 pub(super) static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(COMPLETE_LUA));
 pub(super) static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LUA));
@@ -173,3 +202,5 @@ pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEA
 pub(super) static PUBLISH: LazyLock<Script> = LazyLock::new(|| Script::new(PUBLISH_LUA));
 pub(super) static LOOKUP: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP_LUA));
 pub(super) static FOLLOW: LazyLock<Script> = LazyLock::new(|| Script::new(FOLLOW_LUA));
+pub(super) static INSPECT: LazyLock<Script> = LazyLock::new(|| Script::new(INSPECT_LUA));
+pub(super) static PURGE: LazyLock<Script> = LazyLock::new(|| Script::new(PURGE_LUA));
