@@ -489,8 +489,8 @@ fn rfc9457_body(problem: &Problem) -> String {
 ///  "data":{"type":"https://docs.rs/…#in-flight","status":409,"retryAfterMs":1000}}}
 /// ```
 ///
-/// `message` is the problem's title, `data.type` its `type` URI, `data.retryAfterMs` is there
-/// for a retryable problem. The layer sets `id` to the request's (it stays `null` when the
+/// `message` is the problem's title, `data.type` its `type` URI, `data.detail` what went wrong
+/// (a missing key: where it goes), `data.retryAfterMs` is there for a retryable problem. The layer sets `id` to the request's (it stays `null` when the
 /// request's id could not be read: a body not JSON, too large, or a batch).
 /// The codes ([`ProblemKind::json_rpc_code`]): `-32700` (parse error) for a body that is not
 /// JSON, `-32600` (invalid request) for a body too large or unreadable, `-32602` (invalid
@@ -528,13 +528,21 @@ impl ProblemRenderer for JsonRpc {
     fn render(&self, problem: &Problem) -> Response<Bytes> {
         let kind = problem.kind;
         let retry = problem.retry_after_ms().map(|ms| format!(r#","retryAfterMs":{ms}"#)).unwrap_or_default();
+        // A JSON-RPC call carries its key in `params._meta`, not in a header.
+        let detail = match kind {
+            ProblemKind::MissingKey => Cow::Borrowed(
+                "This method requires an idempotency key in params._meta.idempotencyKey (a call without an id, a notification, needs none).",
+            ),
+            _ => problem.detail(),
+        };
         // The title and type URI are static JSON-safe text (the RFC 9457 bodies embed them too).
         let body = format!(
-            r#"{{"jsonrpc":"2.0","id":null,"error":{{"code":{},"message":"{}","data":{{"type":"{}","status":{}{}}}}}}}"#,
+            r#"{{"jsonrpc":"2.0","id":null,"error":{{"code":{},"message":"{}","data":{{"type":"{}","status":{},"detail":"{}"{}}}}}}}"#,
             kind.json_rpc_code(),
             kind.title(),
             kind.type_uri(),
             problem.status().as_u16(),
+            json_escaped(&detail),
             retry,
         );
         let mut response = Response::new(Bytes::from(body));
@@ -542,6 +550,14 @@ impl ProblemRenderer for JsonRpc {
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     }
+}
+
+/// `text` as the inside of a JSON string (the details are ASCII without control characters).
+fn json_escaped(text: &str) -> Cow<'_, str> {
+    if !text.contains(['"', '\\']) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// `Retry-After` in whole seconds: rounded up, at least 1, saturating at `u64::MAX` (so a
@@ -598,9 +614,20 @@ mod tests {
             assert_eq!(json["error"]["message"], kind.title());
             assert_eq!(json["error"]["data"]["type"], kind.type_uri());
             assert_eq!(json["error"]["data"]["status"], kind.status().as_u16());
+            assert!(json["error"]["data"]["detail"].as_str().is_some_and(|detail| !detail.is_empty()));
             let retry = json["error"]["data"].get("retryAfterMs");
             assert_eq!(retry.is_some(), kind.is_retryable(), "{kind:?}");
         }
+        let detail = |problem: Problem| {
+            let json: serde_json::Value = serde_json::from_slice(JsonRpc.render(&problem).body()).unwrap();
+            json["error"]["data"]["detail"].as_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            detail(Problem::invalid_key(crate::InvalidKey::TooLong)),
+            "The idempotency key is longer than 255 bytes."
+        );
+        assert!(detail(Problem::new(ProblemKind::MissingKey, None)).contains("params._meta.idempotencyKey"));
+        assert_eq!(json_escaped(r#"a "b" \c"#), r#"a \"b\" \\c"#);
         let codes: std::collections::HashSet<_> = ProblemKind::ALL.iter().map(|kind| kind.json_rpc_code()).collect();
         assert!(codes.contains(&-32700) && codes.contains(&-32602) && codes.contains(&-32001));
     }

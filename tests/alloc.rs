@@ -278,3 +278,49 @@ fn a_hundred_joiners_of_a_1_mib_stream_share_its_bytes() {
     });
     assert_eq!(rest, JOINERS, "every joined body ends when the first does");
 }
+
+/// What a live log of `MemoryStore` holds, measured by the allocator, against what the store
+/// counts in its byte bound: per event and per byte, for token-sized and larger events.
+#[test]
+fn a_memory_live_log_holds_what_the_store_counts() {
+    use tower_idempotency::{
+        IdempotencyKey,
+        store::{Begin, Fingerprint, IdempotencyStore, LiveEvent, LiveLog, MemoryStore, StoreKey},
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    for (events, size) in [(10_000usize, 5usize), (10_000, 20), (2_000, 500)] {
+        let store = MemoryStore::builder().with_max_live_log(usize::MAX).build();
+        let key = StoreKey::new(None, IdempotencyKey::parse(b"a-live-log").unwrap());
+        let fingerprint = Fingerprint::from_bytes([7; 32]);
+        let Ok(Begin::Execute(token)) =
+            runtime.block_on(store.begin(&key, &fingerprint, std::time::Duration::from_secs(60)))
+        else {
+            panic!("a free key")
+        };
+        let before = store.bytes();
+        // Published as the layer does: a batch at a time (16 events), each event's bytes its own.
+        let held = allocation_counter::measure(|| {
+            runtime.block_on(async {
+                for from in (0..events).step_by(16) {
+                    let batch = (from..(from + 16).min(events))
+                        .map(|_| LiveEvent::Data(Bytes::from(vec![b'x'; size])))
+                        .collect();
+                    store.publish(&key, &token, from as u64, batch).await.unwrap();
+                }
+            })
+        })
+        .bytes_current as u64;
+        let counted = (store.bytes() - before) as u64;
+        let body = (events * size) as u64;
+        let per_event = (held - body) as f64 / events as f64;
+        println!(
+            "{events} events of {size} bytes: the log holds {held} bytes ({per_event:.1} per event beyond its \
+             bytes, {:.2}x the body); the store counts {counted}",
+            held as f64 / body as f64
+        );
+        assert!(counted >= held, "the store counts {counted} bytes, the log holds {held}");
+        assert!(counted <= held + held / 4, "the store counts {counted} bytes, the log holds {held}");
+        assert!(runtime.block_on(store.release(&key, &token)).unwrap());
+        assert_eq!(store.bytes(), 0, "the ended log is no longer counted");
+    }
+}

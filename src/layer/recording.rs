@@ -346,6 +346,11 @@ where
         }
         if let Some(publisher) = &mut streaming.publisher {
             publisher.flush(cx, streaming.tape.status, &streaming.tape.headers);
+            if publisher.full() {
+                // The store keeps no more of its live log: as past the record limit, the
+                // response is not retained (joiners end, duplicates get the answer for it).
+                self.pass();
+            }
         }
     }
 

@@ -11,7 +11,12 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use crate::{layer::lock::StoreHandle, rt::BoxFuture, store::EventMark, store::LiveEvent};
+use crate::{
+    layer::lock::{Published, StoreHandle},
+    rt::BoxFuture,
+    store::EventMark,
+    store::LiveEvent,
+};
 
 pub(crate) struct Publisher {
     held: Arc<dyn StoreHandle>,
@@ -20,7 +25,9 @@ pub(crate) struct Publisher {
     /// Events not yet acknowledged by the store (the ones being sent first).
     queue: Vec<LiveEvent>,
     /// The publish under way, and how many events of `queue` it carries.
-    sending: Option<(BoxFuture<bool>, usize)>,
+    sending: Option<(BoxFuture<Published>, usize)>,
+    /// The store refused a publish for the log's bound: nothing more is published.
+    full: bool,
     /// The head is queued (it is made at the first flush: a response that never publishes,
     /// complete before its head went out, never copies its headers).
     head_queued: bool,
@@ -34,7 +41,7 @@ impl Publisher {
         recorded: impl IntoIterator<Item = &'a Bytes>,
         marks: &[EventMark],
     ) -> Self {
-        let mut publisher = Self { held, next: 0, queue: Vec::new(), sending: None, head_queued: false };
+        let mut publisher = Self { held, next: 0, queue: Vec::new(), sending: None, head_queued: false, full: false };
         let (mut offset, mut marks) = (0u64, marks.iter().peekable());
         for data in recorded {
             let end = offset + data.len() as u64;
@@ -64,22 +71,36 @@ impl Publisher {
         }
     }
 
+    /// Whether the store refused a publish for the log's bound: the response cannot be joined.
+    pub(crate) fn full(&self) -> bool {
+        self.full
+    }
+
     /// Moves publishing on: finishes the publish under way if it is done, and starts the next
     /// with everything queued since, the response head (`status`, `headers`) first. Never
     /// waits (`cx` is woken when a publish finishes).
     pub(crate) fn flush(&mut self, cx: &mut Context<'_>, status: StatusCode, headers: &HeaderMap) {
+        if self.full {
+            return;
+        }
         if !self.head_queued {
             self.queue.insert(0, LiveEvent::Head { status, headers: headers.clone() });
             self.head_queued = true;
         }
         loop {
             if let Some((sending, count)) = &mut self.sending {
-                let Poll::Ready(stored) = sending.as_mut().poll(cx) else { return };
+                let Poll::Ready(published) = sending.as_mut().poll(cx) else { return };
                 let count = *count;
                 self.sending = None;
-                if !stored {
+                match published {
+                    Published::Stored => {}
                     // Sent again at the next flush, with whatever joined the queue.
-                    return;
+                    Published::Failed => return,
+                    Published::Full => {
+                        self.full = true;
+                        self.queue = Vec::new();
+                        return;
+                    }
                 }
                 self.queue.drain(..count);
                 self.next += count as u64;

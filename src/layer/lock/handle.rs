@@ -29,9 +29,9 @@ pub(crate) trait StoreHandle: Send + Sync + 'static {
     fn complete(self: Arc<Self>, record: Record) -> BoxFuture<()>;
     /// Removes the lock.
     fn release(self: Arc<Self>) -> BoxFuture<()>;
-    /// Appends `events` to the lock's live log from index `from`; `false` if the store failed
-    /// (the caller sends them again).
-    fn publish(self: Arc<Self>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<bool>;
+    /// Appends `events` to the lock's live log from index `from`: stored, failed (the caller
+    /// sends them again), or refused for the log's bound.
+    fn publish(self: Arc<Self>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<Published>;
     /// Reads the key's live log after `cursor`, waiting up to `timeout` (see
     /// [`LiveLog::follow`]).
     fn follow(
@@ -51,7 +51,19 @@ pub(crate) struct LiveOps<St> {
     follow: FollowFn<St>,
 }
 
-type PublishFn<St> = fn(Arc<Handle<St>>, u64, Vec<LiveEvent>) -> BoxFuture<bool>;
+type PublishFn<St> = fn(Arc<Handle<St>>, u64, Vec<LiveEvent>) -> BoxFuture<Published>;
+
+/// What became of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Published {
+    /// The store has the events (or the lock is gone, and nothing is to be written).
+    Stored,
+    /// The store failed: send them again.
+    Failed,
+    /// The store refused them for the log's bound ([`StoreError::is_capacity`]): the response
+    /// cannot be joined, and is kept as not retained.
+    Full,
+}
 type FollowFn<St> = fn(Arc<Handle<St>>, Option<LiveCursor>, Duration) -> BoxFuture<Result<Followed, StoreError>>;
 
 impl<St: LiveLog> LiveOps<St> {
@@ -68,14 +80,18 @@ impl<St> Clone for LiveOps<St> {
 
 impl<St> Copy for LiveOps<St> {}
 
-fn publish<St: LiveLog>(handle: Arc<Handle<St>>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<bool> {
+fn publish<St: LiveLog>(handle: Arc<Handle<St>>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<Published> {
     Box::pin(async move {
-        let Some(holding) = &handle.holding else { return true };
+        let Some(holding) = &handle.holding else { return Published::Stored };
         match handle.store.publish(&handle.key, &holding.token, from, events).await {
-            Ok(()) => true,
+            Ok(()) => Published::Stored,
+            Err(error) if error.is_capacity() => {
+                tracing::debug!(token = ?holding.token, "idempotency live log full; the response is not retained");
+                Published::Full
+            }
             Err(error) => {
                 tracing::debug!(%error, token = ?holding.token, "idempotency live publish failed; sending it again");
-                false
+                Published::Failed
             }
         }
     })
@@ -233,11 +249,11 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
         })
     }
 
-    fn publish(self: Arc<Self>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<bool> {
+    fn publish(self: Arc<Self>, from: u64, events: Vec<LiveEvent>) -> BoxFuture<Published> {
         match self.live {
             Some(live) => (live.publish)(self, from, events),
             // Only join mode publishes, and it is set only over a store with a live log.
-            None => Box::pin(async { true }),
+            None => Box::pin(async { Published::Stored }),
         }
     }
 

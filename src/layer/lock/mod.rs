@@ -29,7 +29,7 @@ mod handle;
 mod keeper;
 
 pub(crate) use completion::Completion;
-pub(crate) use handle::{LiveOps, StoreHandle, follower};
+pub(crate) use handle::{LiveOps, Published, StoreHandle, follower};
 pub(crate) use keeper::Keeper;
 
 /// The pause after the first failed completion; it doubles after each, up to the next.

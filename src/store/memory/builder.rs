@@ -11,6 +11,8 @@ use crate::rt::Background;
 const DEFAULT_MAX_ENTRIES: usize = 100_000;
 /// Default bound on the bytes held by completed records (bodies and headers).
 const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
+/// Default bound on one live log (what a response in flight publishes for join mode).
+const DEFAULT_MAX_LIVE_LOG: usize = 4 * 1024 * 1024;
 /// Default period of the background sweep that frees expired entries.
 const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -20,6 +22,7 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub struct MemoryStoreBuilder {
     max_entries: usize,
     max_bytes: usize,
+    max_live_log: usize,
     sweep_interval: Duration,
 }
 
@@ -37,8 +40,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The most bytes of recorded responses (bodies, headers, trailers) the store holds.
-    /// Default: 256 MiB.
+    /// The most bytes of recorded responses (bodies, headers, trailers) and live logs the
+    /// store holds. Default: 256 MiB.
     ///
     /// ```
     /// use tower_idempotency::store::MemoryStore;
@@ -48,6 +51,27 @@ impl MemoryStoreBuilder {
     /// ```
     pub fn with_max_bytes(mut self, max: usize) -> Self {
         self.max_bytes = max;
+        self
+    }
+
+    /// The most memory one live log holds: what a response in flight publishes for duplicates
+    /// to join ([`Duplicates::Join`](crate::Duplicates::Join)), counted as the
+    /// [store's docs](MemoryStore#live-logs) say (40 bytes per event plus its bytes). Default:
+    /// 4 MiB.
+    ///
+    /// Past it the store refuses the response's next publish; the layer then keeps the
+    /// response as not retained, as past its record limit: its joined bodies end with an
+    /// error and later duplicates get `409` `response-not-retained`, while the response itself
+    /// goes on to its client.
+    ///
+    /// ```
+    /// use tower_idempotency::store::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder().with_max_live_log(1024 * 1024).build();
+    /// # let _ = store;
+    /// ```
+    pub fn with_max_live_log(mut self, max: usize) -> Self {
+        self.max_live_log = max;
         self
     }
 
@@ -86,6 +110,7 @@ impl MemoryStoreBuilder {
                 sweeper: Background::default(),
                 max_entries: self.max_entries,
                 max_bytes: self.max_bytes,
+                max_live_log: self.max_live_log,
                 sweep_interval: self.sweep_interval,
             }),
         }
@@ -94,6 +119,11 @@ impl MemoryStoreBuilder {
 
 impl Default for MemoryStoreBuilder {
     fn default() -> Self {
-        Self { max_entries: DEFAULT_MAX_ENTRIES, max_bytes: DEFAULT_MAX_BYTES, sweep_interval: DEFAULT_SWEEP_INTERVAL }
+        Self {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_live_log: DEFAULT_MAX_LIVE_LOG,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        }
     }
 }

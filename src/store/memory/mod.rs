@@ -44,7 +44,8 @@ use crate::rt::{Background, Running};
 ///   runtime starts it again there. Expired entries are also treated as absent the moment
 ///   they expire, by every operation.
 /// - **Bounds.** At most [`with_max_entries`](MemoryStoreBuilder::with_max_entries) entries and
-///   [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) of recorded responses. Past either, the
+///   [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) of recorded responses and live logs
+///   (see [live logs](#live-logs)). Past either, the
 ///   oldest completed records are evicted first (in completion order across the whole store;
 ///   with several threads completing at once, the order is that of a sequence number taken as
 ///   each record is written, so a completion preempted in between counts as later); an
@@ -62,6 +63,27 @@ use crate::rt::{Background, Running};
 ///   ([`StoredResponse`](super::StoredResponse) encoded, body included) that replays decode without copying. A
 ///   record then costs its body and header bytes plus under 200 bytes (see
 ///   `cargo bench --bench memory`).
+///
+/// # Live logs
+///
+/// A lock's live log (what a response in flight publishes for duplicates to join,
+/// [`Duplicates::Join`](crate::Duplicates::Join)) is counted in the byte bound from its first
+/// publish or follower until the lock ends, when it is freed: **40 bytes per event** (each body
+/// chunk, and each end of a `text/event-stream` event with an id), grown by doubling, **plus
+/// the event's bytes**, plus under 200 bytes for the log itself. Measured by a counting
+/// allocator (test `alloc::a_memory_live_log_holds_what_the_store_counts`), the store counts
+/// exactly what the log holds: 10,000 events of 5 bytes hold 705 KB (65.5 bytes per event
+/// beyond its bytes: 14× the body), of 20 bytes 855 KB (4.3×), 2,000 events of 500 bytes
+/// 1.08 MB (1.08×). The body bytes are shared with the response that published them; followers
+/// share them too.
+///
+/// Each log is bounded: at most [`with_max_live_log`](MemoryStoreBuilder::with_max_live_log)
+/// (default 4 MiB) per response. A publish that would take a log past its bound, or the store
+/// past [`with_max_bytes`](MemoryStoreBuilder::with_max_bytes) once no record is left to evict,
+/// is refused ([`StoreError::is_capacity`]), and nothing more is appended to that log: the layer
+/// then keeps the response as not retained, as past its record limit (joined bodies end with
+/// an error, later duplicates get `409` `response-not-retained`, the response itself goes on to
+/// its client).
 ///
 /// Cloning is cheap and clones share the same entries.
 #[derive(Clone)]
@@ -83,6 +105,8 @@ struct Inner {
     sweeper: Background,
     max_entries: usize,
     max_bytes: usize,
+    /// The most a live log holds (its weight), per response.
+    max_live_log: usize,
     sweep_interval: Duration,
 }
 
@@ -117,7 +141,8 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](super::StoredResponse::weight)).
+    /// Bytes of recorded responses held now (see [`StoredResponse::weight`](super::StoredResponse::weight)),
+    /// and of the live logs of locks (see [live logs](MemoryStore#live-logs)).
     pub fn bytes(&self) -> usize {
         self.inner.counts.0.bytes.load(Ordering::Acquire)
     }
@@ -157,6 +182,7 @@ impl fmt::Debug for MemoryStore {
             .field("bytes", &self.bytes())
             .field("max_entries", &self.inner.max_entries)
             .field("max_bytes", &self.inner.max_bytes)
+            .field("max_live_log", &self.inner.max_live_log)
             .finish()
     }
 }
@@ -213,7 +239,7 @@ impl Inner {
         }
         // Expired: take the key over in place. A stale queue element is skipped later.
         self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
-        slot.end_live(false);
+        slot.end_live(false, &self.counts.0.bytes);
         let token = LockToken::new(*fingerprint);
         *slot = Slot::Locked { token, lease_until: later(now, lease), live: None };
         Ok(Begin::Execute(token))
@@ -280,7 +306,7 @@ impl Inner {
             let expires_at = later(now, ttl);
             let grace_until = later(expires_at, grace);
             let completed = Slot::Completed { fingerprint, record: stored, expires_at, grace_until, seq, weight };
-            std::mem::replace(&mut *slot, completed).end_live(true);
+            std::mem::replace(&mut *slot, completed).end_live(true, &self.counts.0.bytes);
             held = self.counts.0.bytes.fetch_add(weight, Ordering::AcqRel) + weight;
         }
         self.completed.push(id, seq);
@@ -307,8 +333,28 @@ impl Inner {
         let removed = self.map.remove_if(&self.id(key), |_, slot| slot.is_live_lock(lock, now));
         let Some((_, slot)) = removed else { return false };
         self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
-        slot.end_live(false);
+        slot.end_live(false, &self.counts.0.bytes);
         true
+    }
+
+    /// A new live log, counted in the store's bytes.
+    fn new_live(&self) -> Arc<Live> {
+        self.counts.0.bytes.fetch_add(live::EMPTY_WEIGHT, Ordering::AcqRel);
+        Live::new()
+    }
+
+    /// Appends `events` to `lock`'s live log: the store's byte bound made room for them first
+    /// (evicting the oldest records), and the log's own bound holds. Refused (`capacity`)
+    /// past either.
+    fn publish(&self, key: &StoreKey, lock: &LockToken, from: u64, events: Vec<LiveEvent>) -> Result<(), StoreError> {
+        let Some(live) = self.live_of(key, lock) else { return Ok(()) };
+        let growth = live.growth_of(&events);
+        while self.counts.0.bytes.load(Ordering::Acquire) + growth > self.max_bytes {
+            if !self.evict_oldest() {
+                return Err(StoreError::capacity());
+            }
+        }
+        live.publish(from, events, self.max_live_log, &self.counts.0.bytes).map_err(|live::Full| StoreError::capacity())
     }
 
     /// The live log of `lock`, made if it has none yet; `None` when the lock is not held.
@@ -316,7 +362,7 @@ impl Inner {
         let now = Instant::now();
         match self.map.get_mut(&self.id(key)).as_deref_mut() {
             Some(Slot::Locked { token, lease_until, live }) if token == lock && *lease_until > now => {
-                Some(live.get_or_insert_with(Live::new).clone())
+                Some(live.get_or_insert_with(|| self.new_live()).clone())
             }
             _ => None,
         }
@@ -339,7 +385,7 @@ impl Inner {
                     && cursor.is_none_or(|cursor| cursor.lock() == token.id()) =>
             {
                 let cursor = cursor.unwrap_or(LiveCursor::new(token.id(), 0));
-                Ok((live.get_or_insert_with(Live::new).clone(), cursor, *lease_until))
+                Ok((live.get_or_insert_with(|| self.new_live()).clone(), cursor, *lease_until))
             }
             Slot::Completed { fingerprint: completed, expires_at, .. }
                 if completed == fingerprint && *expires_at > now =>
@@ -378,7 +424,7 @@ impl Inner {
         let (_, slot) = slot.remove_entry();
         self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
         self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
-        slot.end_live(false);
+        slot.end_live(false, &self.counts.0.bytes);
         purged
     }
 
@@ -389,7 +435,7 @@ impl Inner {
             }
             self.counts.0.entries.fetch_sub(1, Ordering::AcqRel);
             self.counts.0.bytes.fetch_sub(slot.weight(), Ordering::AcqRel);
-            slot.end_live(false);
+            slot.end_live(false, &self.counts.0.bytes);
             false
         });
         // Drop queue elements whose record is gone (expired, or its key taken over): those at
@@ -477,10 +523,7 @@ impl LiveLog for MemoryStore {
         from: u64,
         events: Vec<LiveEvent>,
     ) -> Result<(), StoreError> {
-        if let Some(live) = self.inner.live_of(key, lock) {
-            live.publish(from, events);
-        }
-        Ok(())
+        self.inner.publish(key, lock, from, events)
     }
 
     async fn follow(

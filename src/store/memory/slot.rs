@@ -1,6 +1,10 @@
 //! What the map holds for a store key: a lock or a completed record.
 
-use std::{hash::Hasher, sync::Arc, time::Duration};
+use std::{
+    hash::Hasher,
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -115,13 +119,15 @@ impl Slot {
         matches!(self, Self::Locked { token, lease_until, .. } if token == lock && *lease_until > now)
     }
 
-    /// Wakes the followers of the lock this slot held, now that it is replaced or removed.
-    pub(super) fn end_live(&self, completed: bool) {
+    /// Wakes the followers of the lock this slot held, now that it is replaced or removed, and
+    /// frees its log (no longer counted in `bytes`).
+    pub(super) fn end_live(&self, completed: bool, bytes: &AtomicUsize) {
         if let Self::Locked { live: Some(live), .. } = self {
-            live.end(completed);
+            live.end(completed, bytes);
         }
     }
 
+    /// The bytes of its record (a lock's live log counts its own, until it ends).
     pub(super) fn weight(&self) -> usize {
         match self {
             Self::Locked { .. } => 0,
