@@ -2,7 +2,8 @@
 //! replayed to a retry with the same `idempotency-key` metadata, and the layer's own answers
 //! as gRPC statuses.
 //!
-//! Run with: `cargo run --example grpc`
+//! Run with: `cargo run -p tests-integration --example grpc` (a target of the `tests-integration`
+//! workspace member, so that tonic is built only for it)
 //!
 //! It serves `orders.v1.Orders` on a free loopback port (HTTP/2), behind
 //! `IdempotencyLayer::new()` with no configuration (its default cache predicate records a gRPC

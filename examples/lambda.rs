@@ -2,8 +2,8 @@
 //! with the idempotency layer on a DynamoDB table, so a retried `POST /orders` is replayed
 //! instead of creating a second order, whichever instance of the function the retry reaches.
 //!
-//! Build with: `cargo build --example lambda --features dynamodb` (deploy with cargo-lambda:
-//! `cargo lambda build --release --example lambda --features dynamodb`). Outside Lambda it
+//! Build with: `cargo build -p tests-integration --example lambda --features dynamodb` (deploy with cargo-lambda:
+//! `cargo lambda build -p tests-integration --release --example lambda --features dynamodb`). Outside Lambda it
 //! exits at once, saying so.
 //!
 //! The function's environment: `IDEMPOTENCY_TABLE` (default `idempotency`), made by the

@@ -1,21 +1,25 @@
-//! A streamed completion that survives a dropped connection: the retry joins the generation
-//! still running, gets the rest as it is produced, and the generation is billed once.
+//! A streamed completion that survives dropped connections: each retry joins the generation
+//! still running, gets exactly the events after the last one it saw, and the generation is
+//! billed once.
 //!
 //! Run with: `cargo run --example llm_stream`. It starts the example server's app in process on
 //! a free loopback port; to talk to a server you started yourself (`cargo run --example
 //! server`), give its address: `SERVER=http://127.0.0.1:3000 cargo run --example llm_stream`.
 //!
 //! The story, over real HTTP/1.1 connections:
-//! 1. `POST /stream?chunks=20&chunk_delay_ms=100` with an `Idempotency-Key`: a "completion" of
-//!    20 server-sent events, `id: I` / `data: I`, one every 100 ms.
-//! 2. After five events the network drops the connection (the socket is closed for real). The
+//! 1. `POST /stream?chunks=600&chunk_delay_ms=4` with an `Idempotency-Key`: a "completion" of
+//!    600 server-sent events (token-sized: `id: I` / `data: I`), one every 4 ms.
+//! 2. After event 149 the network drops the connection (the socket is closed for real). The
 //!    server keeps generating: the handler of a covered request runs to its end.
-//! 3. The client reconnects and retries with the same key and `Last-Event-ID` of the last event
-//!    it saw. The route is in join mode (`Duplicates::join()`), so the retry joins the generation
-//!    in flight: `Idempotent-Replayed: true`, the events produced while the client was away at
-//!    once, then each further one live, every event exactly once.
-//! 4. Once it ended, the same key is an ordinary replay, which `Last-Event-ID` resumes too.
-//! 5. `GET /stats`: one execution of `/stream` for the whole story, billed once.
+//! 3. The client reconnects and retries with the same key and `Last-Event-ID: 149`. The route
+//!    is in join mode (`Duplicates::join()`), so the retry joins the generation in flight:
+//!    `Idempotent-Replayed: true`, the events produced while the client was away at once, then
+//!    each further one live.
+//! 4. After event 411 the connection drops again.
+//! 5. The client retries with `Last-Event-ID: 411` and reads to the end.
+//! 6. Every event `0..=599` arrived exactly once, in order, over the three connections.
+//! 7. Once it ended, the same key is an ordinary replay, which `Last-Event-ID` resumes too.
+//! 8. `GET /stats`: one execution of `/stream` for the whole story, billed once.
 //!
 //! It checks every step and exits non-zero if one is off.
 
@@ -35,121 +39,124 @@ mod server;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// The completion: 20 events, 100 ms apart (about 2 s).
-const EVENTS: u64 = 20;
-const PATH: &str = "/stream?chunks=20&chunk_delay_ms=100";
-/// Events the client sees before its connection is dropped.
-const SEEN_BEFORE_THE_CUT: u64 = 5;
+/// The completion: 600 events, 4 ms apart (about 2.4 s).
+const EVENTS: u64 = 600;
+const PATH: &str = "/stream?chunks=600&chunk_delay_ms=4";
+/// The last event each connection sees before the network drops it (the third reads to the
+/// end).
+const CUTS: [u64; 2] = [149, 411];
 /// How long the client takes to notice and reconnect.
-const RECONNECT_AFTER: Duration = Duration::from_millis(300);
-/// Events that arrive sooner than this after the retry's head are the backlog, sent at once.
-const BACKLOG: Duration = Duration::from_millis(50);
-const PROMPT: &str = r#"{"model":"haiku-1","prompt":"a haiku about retries","stream":true}"#;
+const RECONNECT_AFTER: Duration = Duration::from_millis(200);
+/// Events that arrive sooner than this after a retry's head are the backlog, sent at once.
+const BACKLOG: Duration = Duration::from_millis(20);
+const PROMPT: &str = r#"{"model":"haiku-1","prompt":"a long answer about retries","stream":true}"#;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let authority = server().await?;
     let key = uuid::Uuid::new_v4().to_string();
     let executions_before = stream_executions(&authority).await?;
-
-    println!("1. POST {PATH} with Idempotency-Key: {key}");
-    let mut connection = Connection::open(&authority).await?;
     let started = Instant::now();
-    let response = connection.post(PATH, &key, None).await?;
-    println!("   client: {}, content-type: {}", response.status(), header_text(&response, header::CONTENT_TYPE));
-    check(response.status() == StatusCode::OK, "the completion answers 200")?;
-    check(!is_replayed(&response), "the first request is no replay")?;
-    let mut body = response.into_body();
-    let mut events = Events::default();
-    let mut seen = Vec::new();
-    while (seen.len() as u64) < SEEN_BEFORE_THE_CUT {
-        let Some(chunk) = body.frame().await.transpose()?.and_then(|frame| frame.into_data().ok()) else {
-            return Err("the stream ended before the cut".into());
-        };
-        for event in events.push(&chunk) {
-            println!("   {:>5} ms  event {:>2}  (data: {})", started.elapsed().as_millis(), event.id, event.data);
-            seen.push(event);
+    let mut received: Vec<Event> = Vec::new();
+
+    // Three connections: the first and two retries, each cut after its event in `CUTS` but the
+    // last, which reads to the end.
+    for (attempt, cut) in CUTS.iter().map(Some).chain([None]).enumerate() {
+        let last_seen = received.last().map(|event| event.id.clone());
+        match &last_seen {
+            None => println!("1. POST {PATH} with Idempotency-Key: {key}"),
+            Some(id) => println!(
+                "{}. {} ms later the client reconnects: the same key, Last-Event-ID: {id}",
+                attempt * 2 + 1,
+                RECONNECT_AFTER.as_millis()
+            ),
+        }
+        let mut connection = Connection::open(&authority).await?;
+        let asked = Instant::now();
+        let response = connection.post(PATH, &key, last_seen.as_deref()).await?;
+        let joined = response.headers().get(header::CONTENT_LENGTH).is_none();
+        println!(
+            "   client: {}, Idempotent-Replayed: {}, {}",
+            response.status(),
+            header_text(&response, "idempotent-replayed"),
+            match (attempt, joined) {
+                (0, _) => "the generation starts",
+                (_, true) => "no Content-Length: joined the generation in flight",
+                (_, false) => "a finished replay",
+            }
+        );
+        check(response.status() == StatusCode::OK, "the completion answers 200")?;
+        check(is_replayed(&response) == (attempt > 0), "only the retries carry Idempotent-Replayed: true")?;
+        check(joined, "each retry joins the generation still running (a replay after its end has a Content-Length)")?;
+        let mut body = response.into_body();
+        let mut events = Events::default();
+        let (mut got, mut backlog) = (Vec::new(), 0);
+        'reading: while let Some(frame) = body.frame().await.transpose()? {
+            let Ok(chunk) = frame.into_data() else { continue };
+            for event in events.push(&chunk) {
+                // What the server produced while the client was away comes at once, right
+                // after the head; the rest as it is produced.
+                backlog += usize::from(asked.elapsed() < BACKLOG);
+                let done = cut.is_some_and(|cut| event.id == cut.to_string());
+                got.push(event);
+                if done {
+                    break 'reading;
+                }
+            }
+        }
+        let (first, last) = (&got[0].id, &got[got.len() - 1].id);
+        print!("   client: events {first}..={last} ({} events", got.len());
+        if attempt > 0 {
+            print!(", {backlog} of them produced while the client was away, the rest live");
+        }
+        println!(")");
+        received.extend(got);
+        match cut {
+            Some(cut) => {
+                println!("{}. The network drops the connection after event {cut}", attempt * 2 + 2);
+                drop(body);
+                connection.cut();
+                println!("   client: connection closed; the server keeps generating");
+                tokio::time::sleep(RECONNECT_AFTER).await;
+            }
+            None => check(events.is_empty(), "the stream ends with a whole event")?,
         }
     }
-    let last_seen = seen.last().map(|event| event.id.clone()).unwrap_or_default();
 
-    println!("2. The network drops the connection after event {last_seen}");
-    drop(body);
-    connection.cut();
-    println!("   client: connection closed; the server keeps generating (the handler runs to its end)");
-    tokio::time::sleep(RECONNECT_AFTER).await;
-
+    let ids: Vec<String> = received.iter().map(|event| event.id.clone()).collect();
+    let expected: Vec<String> = (0..EVENTS).map(|i| i.to_string()).collect();
+    let twice = ids.len() - ids.iter().collect::<std::collections::BTreeSet<_>>().len();
+    let missing = expected.iter().filter(|id| !ids.contains(id)).count();
     println!(
-        "3. {} ms later the client reconnects and retries with the same key and Last-Event-ID: {last_seen}",
-        RECONNECT_AFTER.as_millis()
+        "6. Over three connections in {} ms: {} events received, {missing} missing, {twice} twice",
+        started.elapsed().as_millis(),
+        ids.len()
     );
-    let mut connection = Connection::open(&authority).await?;
-    let retried = Instant::now();
-    let response = connection.post(PATH, &key, Some(&last_seen)).await?;
-    let joined = response.headers().get(header::CONTENT_LENGTH).is_none();
-    println!(
-        "   client: {}, Idempotent-Replayed: {}, {}",
-        response.status(),
-        header_text(&response, "idempotent-replayed"),
-        if joined { "no Content-Length: joined the generation in flight" } else { "a finished replay" }
-    );
-    check(response.status() == StatusCode::OK, "the retry answers 200")?;
-    check(is_replayed(&response), "the retry carries Idempotent-Replayed: true")?;
-    check(joined, "the retry joins the generation still running (a replay after its end has a Content-Length)")?;
-    let mut body = response.into_body();
-    let mut events = Events::default();
-    let (mut rest, mut live) = (Vec::new(), 0);
-    while let Some(frame) = body.frame().await.transpose()? {
-        let Ok(chunk) = frame.into_data() else { continue };
-        for event in events.push(&chunk) {
-            // What the server produced while the client was away comes at once, right after
-            // the head; the rest comes as it is produced, about 100 ms apart.
-            let at = retried.elapsed();
-            let how = if at < BACKLOG { "produced while the client was away" } else { "live" };
-            live += usize::from(at >= BACKLOG);
-            println!("   {:>5} ms  event {:>2}  (data: {}, {how})", at.as_millis(), event.id, event.data);
-            rest.push(event);
-        }
-    }
-    check(events.is_empty(), "the stream ends with a whole event")?;
-    let ids = |events: &[Event]| events.iter().map(|event| event.id.clone()).collect::<Vec<_>>();
-    let expected = |from: u64, to: u64| (from..to).map(|i| i.to_string()).collect::<Vec<_>>();
-    check(ids(&seen) == expected(0, SEEN_BEFORE_THE_CUT), "events 0..5 before the cut")?;
-    check(
-        ids(&rest) == expected(SEEN_BEFORE_THE_CUT, EVENTS),
-        &format!(
-            "the retry gets events {SEEN_BEFORE_THE_CUT}..{} once each, in order: got {:?}",
-            EVENTS - 1,
-            ids(&rest)
-        ),
-    )?;
-    check(seen.iter().chain(&rest).all(|event| event.data == event.id), "each event's data is its id")?;
-    check(live > 0, "the rest arrives live, as it is produced, not all at once")?;
-    println!(
-        "   client: events {SEEN_BEFORE_THE_CUT}..{} once each, in order: with the first {SEEN_BEFORE_THE_CUT}, the \
-         whole completion, no event missing or twice",
-        EVENTS - 1
-    );
+    check(ids == expected, &format!("every event 0..{EVENTS} exactly once, in order: got {} events", ids.len()))?;
+    check(received.iter().all(|event| event.data == event.id), "each event's data is its id")?;
+    println!("   client: every event of the completion arrived exactly once, in order");
 
     let resume = (EVENTS - 3).to_string();
-    println!("4. After the end, the same key once more, with Last-Event-ID: {resume}");
+    println!("7. After the end, the same key once more, with Last-Event-ID: {resume}");
     let mut connection = Connection::open(&authority).await?;
     let response = connection.post(PATH, &key, Some(&resume)).await?;
     let (status, replayed, length) =
         (response.status(), is_replayed(&response), header_text(&response, header::CONTENT_LENGTH));
     let replay = Events::default().push(&response.into_body().collect().await?.to_bytes());
+    let replay: Vec<String> = replay.iter().map(|event| event.id.clone()).collect();
     println!(
-        "   client: {status}, Idempotent-Replayed: {replayed}, Content-Length: {length}: a replay of events {:?}",
-        ids(&replay)
+        "   client: {status}, Idempotent-Replayed: {replayed}, Content-Length: {length}: a replay of events {replay:?}"
     );
     check(status == StatusCode::OK && replayed, "the retry after the end is a replay")?;
-    check(ids(&replay) == expected(EVENTS - 2, EVENTS), "the replay resumes after Last-Event-ID")?;
+    check(replay == expected[expected.len() - 2..], "the replay resumes after Last-Event-ID")?;
 
-    println!("5. GET /stats");
+    println!("8. GET /stats");
     let executions = stream_executions(&authority).await? - executions_before;
     println!("   server: \"stream\": {executions} execution for this key");
-    check(executions == 1, "one generation for the completion, its retry and its replay")?;
-    println!("Done: one completion, a dropped connection, two retries: generated and billed once.");
+    check(executions == 1, "one generation for the completion, its two retries and its replay")?;
+    println!(
+        "Done: one completion of {EVENTS} events, two dropped connections, three retries: generated and billed once."
+    );
     Ok(())
 }
 

@@ -19,7 +19,8 @@
 //! development secret, with a warning, so processes started alike still share keys),
 //! `IDEMPOTENCY_ADMIN_TOKEN` (the bearer token of the admin routes below; unset, they are not
 //! served). Prints `listening on http://HOST:PORT`. `POST /quotes` needs `--features json` (it
-//! fingerprints its body as canonical JSON).
+//! fingerprints its body as canonical JSON). With `--features metrics`, `GET /metrics` serves
+//! the layer's metrics in the Prometheus text format.
 //!
 //! Admin routes, for an operator answering "did this charge go through, and what did we
 //! answer?" (with `Authorization: Bearer $IDEMPOTENCY_ADMIN_TOKEN`; the customer's own
@@ -269,11 +270,35 @@ async fn admin_key<St: Inspect>(
 
 /// The state, and a catch-panic layer outside every route.
 fn finish(routes: Router<Arc<Stats>>, stats: Arc<Stats>) -> Router {
+    // The recorder before the first request, so every series is counted from the start.
+    #[cfg(feature = "metrics")]
+    prometheus();
+    #[cfg(feature = "metrics")]
+    let routes = routes.route(
+        "/metrics",
+        get(|| async {
+            let handle = prometheus();
+            // The recorder installed without its HTTP listener: its upkeep (histogram windows)
+            // is run here, on each scrape.
+            handle.run_upkeep();
+            handle.render()
+        }),
+    );
     routes
         .route("/stats", get(|State(stats): State<Arc<Stats>>| async move { axum::Json(stats.report().await) }))
         .with_state(stats)
         // Outside the idempotency layer: a panic releases the key, then becomes a 500 here.
         .layer(CatchPanicLayer::new())
+}
+
+/// With `--features metrics`: the process's Prometheus recorder, installed on first use, which
+/// every layer's metrics go to and `GET /metrics` renders in the Prometheus text format.
+#[cfg(feature = "metrics")]
+pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().expect("no other metrics recorder")
+    })
 }
 
 /// Every route but `/stats` and `/ledger`; the admin routes with a token.
@@ -699,6 +724,9 @@ pub fn init_tracing() {
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     init_tracing();
+    // Installed before the first request, so every series is there from the start.
+    #[cfg(feature = "metrics")]
+    prometheus();
     serve_from_env().await
 }
 

@@ -37,12 +37,12 @@ PY
 if [ "${1:-}" = "--no-run" ]; then
   collect "$criterion" 1
 else
-  cargo bench --bench layer --no-run >&2
+  cargo bench -p tests-integration --bench layer --no-run >&2
   for round in $(seq 1 "$ROUNDS"); do
     echo "run $round of $ROUNDS" >&2
     # Each run into a directory of its own: only its results count, and criterion's own
     # history (target/criterion, baselines) is left alone.
-    CRITERION_HOME="$rounds_dir/criterion.$round" cargo bench --bench layer -- "$@" >&2
+    CRITERION_HOME="$rounds_dir/criterion.$round" cargo bench -p tests-integration --bench layer -- "$@" >&2
     collect "$rounds_dir/criterion.$round" "$round"
   done
 fi

@@ -26,7 +26,7 @@ target="${CARGO_TARGET_DIR:-target}"
 # Line tables make the profile readable; they do not change the code generated.
 export CARGO_PROFILE_BENCH_DEBUG=line-tables-only
 # FEATURES=metrics builds the layer with its metrics (add PROFILE_METRICS=1 for a recorder).
-binary=$(cargo bench --bench profile_paths ${FEATURES:+--features "$FEATURES"} --no-run --message-format=json 2>/dev/null |
+binary=$(cargo bench -p tests-integration --bench profile_paths ${FEATURES:+--features "$FEATURES"} --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)

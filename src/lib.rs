@@ -231,6 +231,11 @@
 //!   your own to run against its store in its tests.
 //!
 //! No feature is on by default: the layer, the client half and `MemoryStore` need none.
+//!
+//! # Minimum Rust version
+//!
+//! Rust 1.85 (edition 2024) for the crate and every feature, except `postgres`: 1.94, what
+//! sqlx 0.9 needs.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod client;

@@ -60,8 +60,15 @@ pub enum Duplicates {
     /// - A response over the record limit cannot be joined: once it passes the limit, joined
     ///   bodies end with an error and new duplicates get `409` `response-not-retained`.
     /// - `text/event-stream`: a duplicate that sends `Last-Event-ID: X` gets only the events
-    ///   after the one whose `id:` is `X` (an id not seen yet: the whole stream). Replays
-    ///   honour it too.
+    ///   after the one whose `id:` is `X`, exactly, whatever the stream's length, line endings
+    ///   or chunks, on every store and replica. Replays honour it too. Event ids are meant to
+    ///   be unique; if `X` repeats, the resume is after its last occurrence in what is
+    ///   published when the duplicate arrives (in a replay, in the whole response).
+    /// - Seen means resumable: a client may get an event before its publish reaches the store
+    ///   (one round trip later). A joiner whose `X` is not in the log yet waits for it, up to
+    ///   1 s, woken by the store, at no cost in round trips; an `X` the stream never has costs
+    ///   that second before the body starts, then gets the whole stream (a replay of an
+    ///   unknown `X` gets it at once).
     /// - At most [`with_max_waiters`](crate::IdempotencyLayer::with_max_waiters) duplicates of
     ///   one key join in one process; past that, `409` with `Retry-After`.
     /// - Across replicas: the executing request publishes its response to the store as it is

@@ -4,7 +4,7 @@
 
 use std::{marker::PhantomData, sync::Arc};
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use http::{Request, Response, request};
 use http_body::Body;
 use tokio::time::Instant;
@@ -21,6 +21,7 @@ use crate::{
         lock::LiveOps,
         mode::{Began, Inner, Mode, wait_until},
         replay::replay,
+        sse::is_event_stream,
     },
     problem::{Problem, ProblemKind},
     secret::Refused,
@@ -246,8 +247,10 @@ where
                 Ok(Waited::Head { status, headers, events, cursor, following }) => {
                     let Some(mut slot) = slot.take() else { unreachable!("entered above") };
                     slot.join();
-                    let (parts, start) = joined_head(status, headers, head.headers.get(LAST_EVENT_ID), &events);
-                    let joined = Joined::new(following, status, events, cursor, start, slot);
+                    let last_event_id = head.headers.get(LAST_EVENT_ID).filter(|_| is_event_stream(&headers));
+                    let last_event_id = last_event_id.map(|id| Bytes::copy_from_slice(id.as_bytes()));
+                    let parts = joined_head(status, headers);
+                    let joined = Joined::new(following, status, events, cursor, last_event_id, slot);
                     return Ok(Response::from_parts(parts, ResponseBody::joined(joined)));
                 }
                 Ok(Waited::Answered(begin)) => return Ok(answer(&config, &head, begin)),

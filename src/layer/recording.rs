@@ -563,14 +563,7 @@ impl Tape {
             headers: std::mem::take(&mut self.headers),
             body,
             trailers: self.trailers.take(),
-            marks: self
-                .events
-                .take()
-                .map(|(mut scanner, mut marks)| {
-                    scanner.finish(|mark| marks.push(mark));
-                    marks
-                })
-                .unwrap_or_default(),
+            marks: self.events.take().map(|(_, marks)| marks).unwrap_or_default(),
             origin: Origin { completed_at: Some(completed_now()), ..self.origin },
         }))
     }

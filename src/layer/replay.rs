@@ -8,7 +8,7 @@ use http_body::Body;
 
 use crate::{
     IDEMPOTENT_REPLAYED, Outcome, ResponseBody,
-    layer::sse::{is_event_stream, resume_offset},
+    layer::sse::{is_event_stream, resume_in_body},
     store::StoredResponse,
 };
 
@@ -19,13 +19,16 @@ pub(crate) fn replay<B: Body>(
     record: Arc<StoredResponse>,
     last_event_id: Option<&HeaderValue>,
 ) -> Response<ResponseBody<B>> {
-    let record = match last_event_id.and_then(|id| resume_offset(&record.marks, id.as_bytes())) {
-        Some(offset) if is_event_stream(&record.headers) => {
+    let resumed = last_event_id
+        .filter(|_| is_event_stream(&record.headers))
+        .and_then(|id| resume_in_body(&record.body, &record.marks, id.as_bytes()));
+    let record = match resumed {
+        Some(body) => {
             let mut resumed = Arc::unwrap_or_clone(record);
-            resumed.body = resumed.body.slice(usize::try_from(offset).unwrap_or(usize::MAX).min(resumed.body.len())..);
+            resumed.body = body;
             Arc::new(resumed)
         }
-        _ => record,
+        None => record,
     };
     let (mut head, body, trailers) = parts(record);
     head.extensions.insert(Outcome::Replayed);

@@ -5,6 +5,11 @@
 //! The grammar is the HTML standard's (`9.2.6 Interpreting an event stream`): lines end with
 //! CRLF, LF or CR; an empty line ends an event; a line `id: X` (one space after the colon
 //! stripped) gives the event its id. An event id containing NUL is ignored, as browsers do.
+//!
+//! An event ends at the line ending of its empty line. When that line ending is a CR, the
+//! event is marked at the CR, at once (a CR that ends a chunk is not held until the next byte
+//! says whether an LF follows); a resumed stream then skips the LF that may follow it, the
+//! second half of that same CRLF ([`skips_lf`]).
 
 use bytes::Bytes;
 use http::{HeaderMap, header};
@@ -36,9 +41,6 @@ pub(crate) struct EventScanner {
     after_cr: bool,
     /// The id of the event being read, if it has an `id:` line.
     id: Option<Bytes>,
-    /// An event ended by an empty line whose CR may still be followed by its LF: its mark
-    /// waits for the next byte, so that a resumed stream never starts with a stray LF.
-    after_cr_mark: Option<EventMark>,
 }
 
 impl EventScanner {
@@ -46,12 +48,6 @@ impl EventScanner {
     pub(crate) fn feed(&mut self, chunk: &[u8], mut found: impl FnMut(EventMark)) {
         for &byte in chunk {
             self.offset += 1;
-            if let Some(mut mark) = self.after_cr_mark.take() {
-                if byte == b'\n' {
-                    mark.end += 1;
-                }
-                found(mark);
-            }
             match byte {
                 b'\n' if self.after_cr => self.after_cr = false,
                 b'\r' | b'\n' => {
@@ -78,11 +74,7 @@ impl EventScanner {
         if !self.line_started {
             // An empty line: the event ends here.
             if let Some(id) = self.id.take() {
-                let mark = EventMark { id, end: self.offset };
-                match self.after_cr {
-                    true => self.after_cr_mark = Some(mark),
-                    false => found(mark),
-                }
+                found(EventMark { id, end: self.offset });
             }
         } else if !self.line_ignored && self.line.len() >= 3 {
             let value = &self.line[3..];
@@ -97,15 +89,6 @@ impl EventScanner {
     }
 }
 
-impl EventScanner {
-    /// The body ended: the mark still waiting for a byte after its CR is final.
-    pub(crate) fn finish(&mut self, mut found: impl FnMut(EventMark)) {
-        if let Some(mark) = self.after_cr_mark.take() {
-            found(mark);
-        }
-    }
-}
-
 /// The event marks of a whole body: none unless `headers` announce an event stream.
 /// (Transactional mode buffers its responses whole.)
 #[cfg(any(feature = "postgres", test))]
@@ -114,7 +97,6 @@ pub(crate) fn marks_of(headers: &HeaderMap, body: &[u8]) -> Vec<EventMark> {
     if is_event_stream(headers) {
         let mut scanner = EventScanner::default();
         scanner.feed(body, |mark| marks.push(mark));
-        scanner.finish(|mark| marks.push(mark));
     }
     marks
 }
@@ -122,6 +104,22 @@ pub(crate) fn marks_of(headers: &HeaderMap, body: &[u8]) -> Vec<EventMark> {
 /// Where to resume after the event whose id is `last`: the end of its last occurrence.
 pub(crate) fn resume_offset(marks: &[EventMark], last: &[u8]) -> Option<u64> {
     marks.iter().rev().find(|mark| mark.id == last).map(|mark| mark.end)
+}
+
+/// Whether a stream resumed at an event end skips the byte there: `before`, the byte just
+/// before the end, is the CR of the event's empty line, and `at`, the byte at the end, is an
+/// LF, the rest of that CRLF (it would end no line of the resumed stream's own).
+pub(crate) fn skips_lf(before: Option<u8>, at: u8) -> bool {
+    before == Some(b'\r') && at == b'\n'
+}
+
+/// The body of a whole record resumed after the event whose id is `last` (the end of its last
+/// occurrence, an LF completing its CRLF skipped): `None` when no event has that id.
+pub(crate) fn resume_in_body(body: &Bytes, marks: &[EventMark], last: &[u8]) -> Option<Bytes> {
+    let end = usize::try_from(resume_offset(marks, last)?).unwrap_or(usize::MAX).min(body.len());
+    let before = end.checked_sub(1).map(|at| body[at]);
+    let skip = usize::from(body.get(end).is_some_and(|&at| skips_lf(before, at)));
+    Some(body.slice(end + skip..))
 }
 
 #[cfg(test)]
@@ -135,7 +133,6 @@ mod tests {
         for chunk in chunks {
             scanner.feed(chunk, &mut push);
         }
-        scanner.finish(&mut push);
         found
     }
 
@@ -153,13 +150,41 @@ mod tests {
         for body in [lf, crlf, cr] {
             let whole = marks(&[&body]);
             assert_eq!(whole.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["a", "b"], "{body:?}");
-            assert_eq!(whole.last().unwrap().1, body.len() as u64);
-            // Split at every byte: the same marks.
+            // Split at every byte, and one byte at a time: the same marks.
             for at in 0..body.len() {
                 assert_eq!(marks(&[&body[..at], &body[at..]]), whole, "split at {at} of {body:?}");
             }
             let bytes: Vec<&[u8]> = body.chunks(1).collect();
             assert_eq!(marks(&bytes), whole);
+            // Resumed after each: the next event exactly, with no stray LF.
+            let found = marks_of_stream(&body);
+            let body = Bytes::from(body);
+            let after_a = resume_in_body(&body, &found, b"a").unwrap();
+            assert!(after_a.starts_with(b"data: no id"), "{after_a:?}");
+            assert_eq!(resume_in_body(&body, &found, b"b").unwrap(), "");
+            assert_eq!(resume_in_body(&body, &found, b"c"), None);
+        }
+    }
+
+    fn marks_of_stream(body: &[u8]) -> Vec<EventMark> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "text/event-stream".parse().unwrap());
+        marks_of(&headers, body)
+    }
+
+    /// An event whose empty line's CR ends a chunk is marked with that chunk, not when the
+    /// next byte comes (a client that saw it may reconnect while the stream pauses there).
+    #[test]
+    fn a_cr_that_ends_a_chunk_marks_its_event_at_once() {
+        for (first, rest) in [(&b"id: 1\rdata: a\r\r"[..], &b"id: 2\r\r"[..]), (b"id: 1\r\n\r", b"\nid: 2\r\n\r\n")] {
+            let mut scanner = EventScanner::default();
+            let mut found = Vec::new();
+            scanner.feed(first, |mark| found.push(mark));
+            assert_eq!(found, [EventMark { id: Bytes::from_static(b"1"), end: first.len() as u64 }]);
+            scanner.feed(rest, |mark| found.push(mark));
+            assert_eq!(found.len(), 2);
+            let body = Bytes::from([first, rest].concat());
+            assert!(resume_in_body(&body, &found, b"1").unwrap().starts_with(b"id: 2"));
         }
     }
 

@@ -60,6 +60,10 @@ pub trait LiveLog: IdempotencyStore {
     /// of whichever lock holds the key now, from its start), waiting up to `timeout` for a new
     /// event or for the log to end.
     ///
+    /// A `timeout` of zero reads without waiting: the events after `cursor` the store has (a
+    /// store woken by notifications may answer "nothing new" from having had none since its
+    /// last read; it never answers so merely because the wait is over).
+    ///
     /// The wait is woken by the store, not by asking it again every few milliseconds:
     /// `publish`, `complete`, `release` and the lease running out each wake the lock's
     /// followers. [`Followed::Ended`] when the log of `cursor`'s lock ended, or no live lock

@@ -11,6 +11,9 @@ mod example_server;
 mod example_stream;
 mod readme;
 mod real_servers;
+#[path = "../common/resume.rs"]
+mod resume;
+mod resume_exactly;
 #[path = "../support/mod.rs"]
 mod support;
 mod uploads;

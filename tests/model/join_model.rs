@@ -69,6 +69,12 @@ const MAX_EVENTS: u64 = 8;
 const SLOTS: u64 = 16;
 /// The most duplicates in a program.
 const MAX_DUPS: usize = 8;
+/// How long a joiner waits for a `Last-Event-ID` not produced yet (the layer's documented
+/// bound). Never a whole multiple of [`GAP_MS`] away from an instant events come at, for the
+/// streams of up to [`MAX_EVENTS`] here.
+const RESUME_WAIT_MS: u64 = 1000;
+/// The id a duplicate sends that the stream never has (`nope`).
+const UNKNOWN: u64 = u64::MAX;
 /// The bytes of one event.
 const EVENT_LEN: usize = 15;
 /// The layer's leases: most streams outlive the first, all outlive the second, so only
@@ -463,17 +469,35 @@ fn own(exec: &Exec, leaves: Option<u64>) -> Expect {
 }
 
 /// Guide, step 9: joining `exec` at `at`. Everything produced so far at once, then each event as it
-/// is produced, from after the `Last-Event-ID` event if it had been produced by then; the body
-/// ends with the first's: normally once recorded, with an error if it failed or passed the
-/// record limit. Also when the joiner leaves (its place is free again).
+/// is produced, from after the `Last-Event-ID` event (`id`; [`UNKNOWN`] for an id the stream
+/// never has); the body ends with the first's: normally once recorded, with an error if it
+/// failed or passed the record limit. Also when the joiner leaves (its place is free again).
+///
+/// Seen means resumable: an id not produced yet when the joiner comes is waited for, up to
+/// [`RESUME_WAIT_MS`], nothing sent meanwhile; found, the joiner resumes after it; not found
+/// in time, it gets the whole stream from then on; the stream ending first decides (its
+/// record: the whole stream at its end; a failure: the error, nothing before it).
 fn joined(exec: &Exec, at: u64, id: Option<u64>, leaves: Option<u64>) -> (Expect, u64) {
-    let start = id.filter(|i| *i < exec.produced_by(at)).map_or(0, |i| i + 1);
-    let when = |i: u64| (i, exec.event_at(i).max(at));
-    let (events, maybe, end): (Vec<_>, _, _) = match exec.ending {
-        Ending::Completes => ((start..exec.events).map(when).collect(), None, (Term::End, exec.end())),
-        Ending::FailsAfter(k) => ((start..k).map(when).collect(), None, (Term::Error, exec.event_at(k))),
-        Ending::OverLimit(p) => ((start..p).map(when).collect(), Some(when(p)), (Term::Error, exec.event_at(p))),
+    let (published, end) = match exec.ending {
+        Ending::Completes => (exec.events, (Term::End, exec.end())),
+        Ending::FailsAfter(k) => (k, (Term::Error, exec.event_at(k))),
+        Ending::OverLimit(p) => (p, (Term::Error, exec.event_at(p))),
         Ending::Rejects(_) | Ending::Crashes => unreachable!("model: no head to join"),
+    };
+    let deadline = at + RESUME_WAIT_MS;
+    // The first event sent, and the instant sending starts.
+    let (start, from) = match id {
+        None => (0, at),
+        Some(i) if i < published && exec.event_at(i) < deadline => (i + 1, at),
+        Some(_) if end.1 < deadline && exec.ending == Ending::Completes => (0, end.1),
+        Some(_) if end.1 < deadline => (exec.events, end.1),
+        Some(_) => (0, deadline),
+    };
+    let when = |i: u64| (i, exec.event_at(i).max(from));
+    let events: Vec<_> = (start.min(published)..published).map(when).collect();
+    let maybe = match exec.ending {
+        Ending::OverLimit(p) if start <= p => Some(when(p)),
+        _ => None,
     };
     let until = match leaves {
         Some(0) => at,
@@ -583,10 +607,11 @@ impl Sim<'_> {
             LastId::Produced(_) => (Some(0), None),
             LastId::Future(s) if produced < events => (Some(produced + u64::from(s) % (events - produced)), None),
             LastId::Future(s) => (Some(events + u64::from(s) % 3), None),
-            LastId::Unknown => (None, Some("nope".to_owned())),
+            LastId::Unknown => (Some(UNKNOWN), Some("nope".to_owned())),
         };
         self.ids[request] = id;
         self.last_ids[request] = header.or(id.map(|i| i.to_string()));
+        debug_assert!(self.last_ids[request].is_some() == id.is_some());
         let full = self.program.max_waiters.is_some_and(|max| self.holding(t) >= max);
         let found = exec.found(t);
         self.expects[request] = match found {

@@ -8,7 +8,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
 use crate::{
@@ -17,6 +17,9 @@ use crate::{
     store::EventMark,
     store::LiveEvent,
 };
+
+/// The most bytes of body pieces joined into one log event.
+const MAX_JOINED: usize = 4 * 1024;
 
 pub(crate) struct Publisher {
     held: Arc<dyn StoreHandle>,
@@ -31,6 +34,9 @@ pub(crate) struct Publisher {
     /// The head is queued (it is made at the first flush: a response that never publishes,
     /// complete before its head went out, never copies its headers).
     head_queued: bool,
+    /// Body bytes not queued yet (see `push_data`), and how many.
+    pending: Vec<Bytes>,
+    pending_len: usize,
 }
 
 impl Publisher {
@@ -41,7 +47,16 @@ impl Publisher {
         recorded: impl IntoIterator<Item = &'a Bytes>,
         marks: &[EventMark],
     ) -> Self {
-        let mut publisher = Self { held, next: 0, queue: Vec::new(), sending: None, head_queued: false, full: false };
+        let mut publisher = Self {
+            held,
+            next: 0,
+            queue: Vec::new(),
+            sending: None,
+            head_queued: false,
+            full: false,
+            pending: Vec::new(),
+            pending_len: 0,
+        };
         let (mut offset, mut marks) = (0u64, marks.iter().peekable());
         for data in recorded {
             let end = offset + data.len() as u64;
@@ -61,14 +76,43 @@ impl Publisher {
         let mut at = 0;
         for (id, end) in marks {
             if end > at {
-                self.queue.push(LiveEvent::Data(data.slice(at..end)));
+                self.push_data(data.slice(at..end));
                 at = end;
             }
+            self.seal();
             self.queue.push(LiveEvent::EventEnd(id));
         }
         if at < data.len() {
-            self.queue.push(LiveEvent::Data(data.slice(at..)));
+            self.push_data(data.slice(at..));
         }
+    }
+
+    /// Body bytes, held with those before them until an event end, the start of the next
+    /// publish or [`MAX_JOINED`] bytes, then queued as one log event: a body of token-sized
+    /// chunks makes one log event per publish between two event ends, not one per chunk.
+    fn push_data(&mut self, data: Bytes) {
+        self.pending_len += data.len();
+        self.pending.push(data);
+        if self.pending_len >= MAX_JOINED {
+            self.seal();
+        }
+    }
+
+    /// Queues the held body bytes (copied into one piece if there are several).
+    fn seal(&mut self) {
+        let data = match self.pending.len() {
+            0 => return,
+            1 => self.pending.pop().unwrap_or_default(),
+            _ => {
+                let mut joined = BytesMut::with_capacity(self.pending_len);
+                for piece in self.pending.drain(..) {
+                    joined.extend_from_slice(&piece);
+                }
+                joined.freeze()
+            }
+        };
+        self.pending_len = 0;
+        self.queue.push(LiveEvent::Data(data));
     }
 
     /// Whether the store refused a publish for the log's bound: the response cannot be joined.
@@ -99,12 +143,15 @@ impl Publisher {
                     Published::Full => {
                         self.full = true;
                         self.queue = Vec::new();
+                        (self.pending, self.pending_len) = (Vec::new(), 0);
                         return;
                     }
                 }
                 self.queue.drain(..count);
                 self.next += count as u64;
             }
+            // No publish under way: the bytes held go with the next.
+            self.seal();
             if self.queue.is_empty() {
                 return;
             }

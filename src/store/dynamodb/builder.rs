@@ -149,11 +149,10 @@ impl DynamoDbStoreBuilder {
     /// ```
     /// use tower_idempotency::store::{DynamoDbStore, aws_sdk_dynamodb};
     ///
-    /// # async fn run() {
-    /// let config = aws_config::load_from_env().await; // the application's configuration
-    /// let store = DynamoDbStore::builder().build(aws_sdk_dynamodb::Client::new(&config));
-    /// # let _ = store;
-    /// # }
+    /// // `config`: the application's, e.g. `aws_config::load_from_env().await`.
+    /// fn store(config: &aws_sdk_dynamodb::Config) -> DynamoDbStore {
+    ///     DynamoDbStore::builder().build(aws_sdk_dynamodb::Client::from_conf(config.clone()))
+    /// }
     /// ```
     pub fn build(self, client: Client) -> DynamoDbStore {
         let room = ITEM_LIMIT.saturating_sub(LOCK_OVERHEAD + self.key_prefix.len());

@@ -39,10 +39,10 @@ use item::{
 /// ```no_run
 /// use tower_idempotency::{IdempotencyLayer, store::{DynamoDbStore, aws_sdk_dynamodb}};
 ///
-/// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
-/// // The application's own configuration: credentials, region, retries, HTTP client.
-/// let config = aws_config::load_from_env().await;
-/// let store = DynamoDbStore::new(aws_sdk_dynamodb::Client::new(&config));
+/// // `config`: the application's own configuration (credentials, region, retries, HTTP
+/// // client), e.g. `aws_config::load_from_env().await`.
+/// # async fn run(config: aws_sdk_dynamodb::Config) -> Result<(), tower_idempotency::store::StoreError> {
+/// let store = DynamoDbStore::new(aws_sdk_dynamodb::Client::from_conf(config));
 /// // Or create the table with the application's infrastructure code (see "The table").
 /// store.create_table().await?;
 /// let layer = IdempotencyLayer::from_store(store);

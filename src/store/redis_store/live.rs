@@ -262,8 +262,15 @@ impl RedisStore {
         let stream = self.stream_key(&record_key, lock);
         let lock_value = codec::lock_value(&LockToken::from_parts(lock, *fingerprint));
         let mut held: Option<Held<'_>> = None;
+        // A follow that may not wait (a zero timeout) still reads once: what a recent check
+        // trusts says the lock lives, not that nothing was published since.
+        let mut must_read = Instant::now() >= deadline;
         loop {
-            let lease_until = match live.known(lock, &record_key, fingerprint, Instant::now()) {
+            let known = match live.known(lock, &record_key, fingerprint, Instant::now()) {
+                Known::Live(_) if std::mem::take(&mut must_read) => Known::Unknown,
+                known => known,
+            };
+            let lease_until = match known {
                 Known::Ended(completed) => {
                     live.forget(lock);
                     return Ok(Followed::Ended { completed });
