@@ -32,6 +32,7 @@
 //! | `in-flight` | `409` | `ABORTED` (10) | a concurrency conflict that ends by itself: retry after the pushback, with the same key |
 //! | `key-reused` | `422` | `ALREADY_EXISTS` (6) | the key already exists, bound to another request: use a new key |
 //! | `response-not-retained` | `409` | `FAILED_PRECONDITION` (9) | the call ran, but its response was not kept: retrying cannot get it |
+//! | `key-expired` | `410` | `FAILED_PRECONDITION` (9) | the call ran, and its record expired: retrying cannot get it |
 //! | `store-unavailable` | `503` | `UNAVAILABLE` (14) | transient: retry after the pushback |
 //! | `transaction-failed` | `503` | `UNAVAILABLE` (14) | transient: retry after the pushback |
 //! | `response-too-large` | `500` | `RESOURCE_EXHAUSTED` (8) | final: the response cannot be recorded |
@@ -75,7 +76,7 @@ const fn code(kind: ProblemKind) -> u16 {
         | ProblemKind::RequestBodyTooLarge => 3,
         ProblemKind::InFlight => 10,
         ProblemKind::KeyReused => 6,
-        ProblemKind::ResponseNotRetained => 9,
+        ProblemKind::ResponseNotRetained | ProblemKind::KeyExpired => 9,
         ProblemKind::StoreUnavailable | ProblemKind::TransactionFailed => 14,
         ProblemKind::ResponseTooLarge => 8,
         ProblemKind::TransactionRejected => 9,
@@ -197,6 +198,7 @@ mod tests {
             (ProblemKind::ResponseNotRetained, 9),
             (ProblemKind::RequestBodyTooLarge, 3),
             (ProblemKind::KeyReused, 6),
+            (ProblemKind::KeyExpired, 9),
             (ProblemKind::StoreUnavailable, 14),
             (ProblemKind::TransactionFailed, 14),
             (ProblemKind::ResponseTooLarge, 8),

@@ -42,3 +42,13 @@ pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent"
 
 /// `Last-Event-ID`: the id of the last `text/event-stream` event a reconnecting client saw.
 pub(crate) const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+
+/// `Idempotency-Key-Retention`: how long the layer keeps what a key did, sent on a route with
+/// a grace for expired keys ([`with_expired_grace`](crate::IdempotencyLayer::with_expired_grace))
+/// on its recorded responses (and so their replays) and on its `key-expired` answers. An RFC
+/// 9651 Dictionary of whole seconds: `ttl=86400, grace=604800` (the record is replayed for
+/// `ttl` after the request ran; for `grace` after that the key gets `410` `key-expired`; then
+/// it is free). Named after the field whose lifetime it describes: the IETF draft that defines
+/// `Idempotency-Key` asks servers to publish their expiry policy but names no field for it,
+/// and RFC 6648 advises against an `X-` prefix.
+pub const IDEMPOTENCY_KEY_RETENTION: HeaderName = HeaderName::from_static("idempotency-key-retention");

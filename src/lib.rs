@@ -267,7 +267,7 @@ mod fingerprint;
 
 pub use error::ConfigError;
 pub use fingerprint::BodyFingerprint;
-pub use headers::{EXPOSE_HEADERS, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+pub use headers::{EXPOSE_HEADERS, IDEMPOTENCY_KEY, IDEMPOTENCY_KEY_RETENTION, IDEMPOTENT_REPLAYED};
 pub use key::{IdempotencyKey, InvalidKey, JSON_RPC_KEY_POINTER, KeySource, MAX_KEY_LEN};
 pub use layer::{
     DEFAULT_LEASE, DEFAULT_MAX_DETACHED, DEFAULT_MAX_RECORD, DEFAULT_MAX_REQUEST_BODY, DEFAULT_MAX_WAITERS,

@@ -31,6 +31,8 @@ pub enum Outcome {
     InFlight,
     /// `409`: the request ran, but its response was too large to keep.
     ResponseNotRetained,
+    /// `410`: the key's record expired, within the grace the layer keeps expired keys for.
+    KeyExpired,
     /// `422`: the key was used for a different request.
     KeyReused,
     /// `400`: the key is invalid.
@@ -67,6 +69,7 @@ impl Outcome {
             Self::Joined => "joined",
             Self::InFlight => "in_flight",
             Self::ResponseNotRetained => "response_not_retained",
+            Self::KeyExpired => "key_expired",
             Self::KeyReused => "key_reused",
             Self::InvalidKey => "invalid_key",
             Self::MissingKey => "missing_key",

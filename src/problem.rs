@@ -44,6 +44,16 @@
 //! larger than the record limit and was not kept. Retrying will not help; the handler will not
 //! run twice for one key.
 //!
+//! # key-expired
+//! `410` without `Retry-After`, on a route with a grace for expired keys
+//! ([`IdempotencyLayer::with_expired_grace`](crate::IdempotencyLayer::with_expired_grace)): a
+//! request with this key ran, its record was kept for the TTL and has expired since, so its
+//! response is gone; within the grace the layer answers this instead of running the request
+//! again. Retrying will not help; a new operation needs a new key. The answer carries
+//! `Idempotency-Key-Retention` (how long keys are kept), as the route's recorded responses
+//! do. `410 Gone`: what the key names is no longer available, for good (not `409`, which
+//! clients retry as a conflict that may pass).
+//!
 //! # request-body-too-large
 //! `413`: the request body is larger than the limit the layer buffers to fingerprint it
 //! ([`IdempotencyLayer::with_max_request_body`](crate::IdempotencyLayer::with_max_request_body));
@@ -180,6 +190,10 @@ problems! {
     RESPONSE_NOT_RETAINED, /// `409`, final: the request ran, but its response was too large to keep.
     ResponseNotRetained = "response-not-retained", 409, "Response not retained",
         "The request with this idempotency key was processed, but its response was too large to keep for replay.";
+    /// `type` of the `410` for a key past its TTL, within its grace.
+    KEY_EXPIRED, /// `410`, final: the key's request ran and its record expired; it does not run again.
+    KeyExpired = "key-expired", 410, "Idempotency key expired",
+        "A request with this idempotency key was processed, and its record has expired since, so the request is not run again. Use a new key for a new request.";
     /// `type` of the `413` for a request body over the buffering limit.
     REQUEST_BODY_TOO_LARGE, /// `413`: the request body is over the limit the layer buffers.
     RequestBodyTooLarge = "request-body-too-large", 413, "Request body too large",
@@ -227,6 +241,7 @@ impl ProblemKind {
             Self::RequestBodyNotJson => Outcome::RequestBodyNotJson,
             Self::InFlight => Outcome::InFlight,
             Self::ResponseNotRetained => Outcome::ResponseNotRetained,
+            Self::KeyExpired => Outcome::KeyExpired,
             Self::RequestBodyTooLarge => Outcome::RequestBodyTooLarge,
             Self::KeyReused => Outcome::KeyReused,
             Self::StoreUnavailable => Outcome::StoreUnavailable,
@@ -482,7 +497,7 @@ fn rfc9457_body(problem: &Problem) -> String {
 /// params) for a missing or invalid key, and from `-32001` down the server errors: `-32001`
 /// in flight, `-32002` key reused, `-32003` response not retained, `-32004` store unavailable,
 /// `-32005` transaction failed, `-32006` response too large, `-32007` transaction rejected,
-/// `-32008` transaction ended; `-32000` for a problem without a code of its own.
+/// `-32008` transaction ended; `-32009` key expired; `-32000` for a problem without a code of its own.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JsonRpc;
 
@@ -503,6 +518,7 @@ impl ProblemKind {
             Self::ResponseTooLarge => -32006,
             Self::TransactionRejected => -32007,
             Self::TransactionEnded => -32008,
+            Self::KeyExpired => -32009,
             _ => -32000,
         }
     }

@@ -217,6 +217,8 @@ impl Digests {
             // Another replica is writing the same check record, or wrote it: the same secret.
             Begin::Locked | Begin::Completed(_) => true,
             Begin::Mismatch => return Err(Refused::OtherSecret),
+            // The check record is written without a grace, so this is not it: nothing checked.
+            Begin::Expired => false,
         };
         // A completion that lost its lease checked nothing: the next request checks again.
         check.done.store(agreed, Ordering::Release);

@@ -31,6 +31,7 @@ pub(crate) fn request(outcome: Outcome) {
             Joined => "joined",
             InFlight => "in_flight",
             ResponseNotRetained => "response_not_retained",
+            KeyExpired => "key_expired",
             KeyReused => "key_reused",
             InvalidKey => "invalid_key",
             MissingKey => "missing_key",

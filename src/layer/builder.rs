@@ -82,6 +82,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             max_record: DEFAULT_MAX_RECORD,
             predicate: Arc::new(SuccessOnly),
             ttl: DEFAULT_TTL,
+            expired_grace: Duration::ZERO,
+            retention: None,
             lease: DEFAULT_LEASE,
             duplicates: Duplicates::default(),
             store_failure: StoreFailure::default(),
@@ -366,7 +368,37 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// # let _ = layer;
     /// ```
     pub fn with_ttl(self, ttl: Duration) -> Self {
-        self.config(|c| c.ttl = ttl.clamp(Duration::from_millis(1), MAX_DURATION))
+        self.config(|c| {
+            c.ttl = ttl.clamp(Duration::from_millis(1), MAX_DURATION);
+            c.set_retention();
+        })
+    }
+
+    /// Opt-in: for `grace` after a record's TTL, a retry of its key gets a final answer of its
+    /// own, `410` [`key-expired`](crate::problem::KEY_EXPIRED) (with `x-should-retry: false`),
+    /// instead of running again as a new request. Past the grace the key is free. Default:
+    /// none (zero): a key past its TTL runs again. At most a century.
+    ///
+    /// Clients learn the retention from [`IDEMPOTENCY_KEY_RETENTION`](crate::IDEMPOTENCY_KEY_RETENTION)
+    /// (`ttl=86400, grace=604800`, in seconds), on the route's recorded responses (so on their
+    /// replays) and on its `key-expired` answers; add it to the API's docs too.
+    ///
+    /// The store keeps a mark of the key through the grace
+    /// ([`IdempotencyStore::complete_with_grace`]); what that costs, per store:
+    ///
+    /// | store | what it keeps through the grace | cost |
+    /// | --- | --- | --- |
+    /// | [`MemoryStore`] | the entry, record included | its bytes, within the store's bounds (eviction may drop it first) |
+    /// | `RedisStore` | a second key of its own, a few bytes (`1`), no record | one `SET` with `PX` more per completion; the record key expires at the TTL as before |
+    /// | `PostgresStore` | the row, record included, and its `grace_until` | the row's bytes until the reaper deletes it at the grace's end |
+    /// | `DynamoDbStore` | the item, record included, and its `grace` attribute | the item's storage until DynamoDB's TTL deletes it after the grace |
+    ///
+    /// Transactional mode keeps no mark: a key past its TTL runs again there.
+    pub fn with_expired_grace(self, grace: Duration) -> Self {
+        self.config(|c| {
+            c.expired_grace = grace.min(MAX_DURATION);
+            c.set_retention();
+        })
     }
 
     /// The lease of an in-flight lock: renewed every third of it while the handler runs, so a

@@ -147,6 +147,10 @@ pub(crate) struct Config {
     pub(crate) max_record: usize,
     pub(crate) predicate: Arc<dyn CachePredicate>,
     pub(crate) ttl: Duration,
+    /// How long past its TTL a key gets `key-expired` (zero: no grace).
+    pub(crate) expired_grace: Duration,
+    /// `Idempotency-Key-Retention`, with a grace: recorded responses and `key-expired` carry it.
+    pub(crate) retention: Option<HeaderValue>,
     pub(crate) lease: Duration,
     pub(crate) duplicates: Duplicates,
     pub(crate) store_failure: StoreFailure,
@@ -194,6 +198,15 @@ impl Config {
         }
     }
 
+    /// Sets `retention` from the TTL and the grace (none without a grace).
+    pub(crate) fn set_retention(&mut self) {
+        let secs = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        self.retention = (!self.expired_grace.is_zero()).then(|| {
+            let value = format!("ttl={}, grace={}", secs(self.ttl), secs(self.expired_grace));
+            HeaderValue::try_from(value).expect("digits, commas and spaces")
+        });
+    }
+
     pub(crate) fn covers(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
     }
@@ -214,6 +227,7 @@ impl fmt::Debug for Config {
             .field("max_request_body", &self.max_request_body)
             .field("max_record", &self.max_record)
             .field("ttl", &self.ttl)
+            .field("expired_grace", &self.expired_grace)
             .field("lease", &self.lease)
             .field("duplicates", &self.duplicates)
             .field("store_failure", &self.store_failure)

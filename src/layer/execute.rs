@@ -106,9 +106,13 @@ where
     B::Data: Buf,
     B::Error: Send,
 {
-    let (head, body) = response.into_parts();
+    let (mut head, body) = response.into_parts();
     if !config.predicate.should_record(&head) {
         return (head, Answer::Passed(body, guard.release()));
+    }
+    if let Some(retention) = &config.retention {
+        // Recorded with the response, so its replays say it too.
+        head.headers.insert(crate::headers::IDEMPOTENCY_KEY_RETENTION, retention.clone());
     }
     let headers = stored_headers(&head.headers, &config.unstored_headers);
     let expected = content_length(&head.headers);

@@ -12,7 +12,7 @@ use tower::Service;
 
 use crate::{
     IdempotencyKey, Outcome,
-    headers::LAST_EVENT_ID,
+    headers::{IDEMPOTENCY_KEY_RETENTION, LAST_EVENT_ID},
     layer::{
         answer::{problem_answer, problem_response, refused_response},
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
@@ -146,6 +146,13 @@ pub(crate) fn answer<ResBody: Body>(
         }
         Begin::Completed(Record::NotRetained) => problem(ProblemKind::ResponseNotRetained, None),
         Begin::Mismatch => problem(ProblemKind::KeyReused, None),
+        Begin::Expired => {
+            let mut answer = problem(ProblemKind::KeyExpired, None);
+            if let Some(retention) = &config.retention {
+                answer.headers_mut().insert(IDEMPOTENCY_KEY_RETENTION, retention.clone());
+            }
+            answer
+        }
         // A lock (its owner still running), or a store answer this layer does not know: the
         // same request may still be running, so try again later.
         _ => problem(ProblemKind::InFlight, Some(config.in_flight_retry_after())),

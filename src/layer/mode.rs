@@ -171,7 +171,16 @@ where
         request: Request<RequestBody<ReqBody>>,
         config: Arc<Config>,
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error> {
-        let locked = Locked { store: this, key, token, ttl: config.ttl, lease: config.lease, began, live };
+        let locked = Locked {
+            store: this,
+            key,
+            token,
+            ttl: config.ttl,
+            grace: config.expired_grace,
+            lease: config.lease,
+            began,
+            live,
+        };
         // The guard first: if readying the service fails, or the request is dropped while it
         // waits for readiness, the lock is released.
         let guard = LockGuard::new(locked, &config.keeper);

@@ -685,8 +685,16 @@ mod tests {
             panic!("the key is free")
         };
         let lease = Duration::from_secs(30);
-        let locked =
-            Locked { store: Arc::new(store.clone()), key: key.clone(), token, ttl: lease, lease, began, live: None };
+        let locked = Locked {
+            store: Arc::new(store.clone()),
+            key: key.clone(),
+            token,
+            ttl: lease,
+            grace: Duration::ZERO,
+            lease,
+            began,
+            live: None,
+        };
         let guard = LockGuard::new(locked, &Keeper::new(lease));
         let recording = Recording::new(
             body,
@@ -707,6 +715,7 @@ mod tests {
             Begin::Completed(Record::NotRetained) => "not-retained",
             Begin::Execute(_) => "free",
             Begin::Mismatch => "mismatch",
+            Begin::Expired => "expired",
         }
     }
 
@@ -742,6 +751,7 @@ mod tests {
             key: key.clone(),
             token,
             ttl: lease,
+            grace: Duration::ZERO,
             lease,
             began: Instant::now(),
             live: None,

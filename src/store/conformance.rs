@@ -3,8 +3,10 @@
 //!
 //! [`run`] runs every check of the core ([`IdempotencyStore`]), each against a fresh store from
 //! `make`, and names the check that failed; [`run_live`] does the same for the live log
-//! ([`LiveLog`]), for a store that has one, and [`run_inspect`] for the operator's look at one
-//! key ([`Inspect`]). Time-based checks move the store's clock with `advance`: `tokio::time::advance` on
+//! ([`LiveLog`]), for a store that has one, [`run_inspect`] for the operator's look at one
+//! key ([`Inspect`]), and [`run_expired`] for the grace of expired keys
+//! ([`complete_with_grace`](IdempotencyStore::complete_with_grace)), for a store that keeps
+//! marks. Time-based checks move the store's clock with `advance`: `tokio::time::advance` on
 //! paused time for a store that reads `tokio::time::Instant` (like [`MemoryStore`]), a real
 //! `tokio::time::sleep` for a store whose clock is a server's (leases and TTLs here are short,
 //! so that stays quick). Keys are fresh UUIDs, so parallel tests against one server never
@@ -283,6 +285,33 @@ where
     assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Completed(_)));
     advance(TTL).await;
     // Expired: the key is free, for any payload.
+    lock(&store, &key, fp(2)).await;
+}
+
+/// A record completed with a grace is replayed for its TTL, then told apart as expired
+/// ([`Begin::Expired`], for any fingerprint, locking nothing) for the grace, then the key is
+/// free; a record completed without one is free at its TTL.
+pub async fn expired_key_is_told_apart_for_its_grace<F, Fut, S>(store: S, advance: &F)
+where
+    S: IdempotencyStore,
+    F: Fn(Duration) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let key = fresh_key(None);
+    let token = lock(&store, &key, fp(1)).await;
+    let stale = lock(&store, &fresh_key(None), fp(1)).await;
+    assert!(!store.complete_with_grace(&key, &stale, record(b"y"), TTL, TTL).await.unwrap(), "fenced as complete");
+    assert!(store.complete_with_grace(&key, &token, record(b"x"), TTL, TTL * 2).await.unwrap());
+    advance(TTL / 2).await;
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Completed(_)));
+    advance(TTL).await;
+    // 1.5 TTL: past the TTL, within the grace (until 3 TTL).
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Expired));
+    assert!(matches!(begin(&store, &key, fp(2)).await, Begin::Expired), "whatever the fingerprint");
+    advance(TTL).await;
+    assert!(matches!(begin(&store, &key, fp(1)).await, Begin::Expired), "a begin locked nothing");
+    advance(TTL).await;
+    // 3.5 TTL: past the grace, the key is free.
     lock(&store, &key, fp(2)).await;
 }
 
@@ -711,6 +740,20 @@ where
         record_expires_after_ttl(advance),
         concurrent_begins_lock_once,
     );
+}
+
+/// Runs the checks of the grace for expired keys
+/// ([`complete_with_grace`](IdempotencyStore::complete_with_grace)), for a store that keeps
+/// marks, as [`run`] does for the core.
+pub async fn run_expired<S, M, MakeFut, A, AdvanceFut>(make: M, advance: A)
+where
+    S: IdempotencyStore,
+    M: Fn() -> MakeFut,
+    MakeFut: Future<Output = S>,
+    A: Fn(Duration) -> AdvanceFut,
+    AdvanceFut: Future<Output = ()>,
+{
+    checks!(make, advance, expired_key_is_told_apart_for_its_grace(advance),);
 }
 
 /// Runs every check of the operator's look at one key ([`Inspect`]), for a store that has it,

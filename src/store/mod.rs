@@ -134,6 +134,7 @@
 //! | locked, lease not expired | [`Begin::Locked`] | [`Begin::Mismatch`] |
 //! | locked, lease expired | take it over: [`Begin::Execute`] with a new token | take it over |
 //! | completed | [`Begin::Completed`] | [`Begin::Mismatch`] |
+//! | completed with a grace, past its TTL, within the grace | [`Begin::Expired`] | [`Begin::Expired`] |
 //!
 //! # Responses in flight
 //!
@@ -235,6 +236,27 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// [`complete`](Self::complete), and then, for `grace` after the record's `ttl` ran out,
+    /// a mark of the key: [`begin`](Self::begin) answers [`Begin::Expired`] for it, whatever
+    /// the fingerprint, and locks nothing, until the grace ends and the key is free. The layer
+    /// calls it instead of `complete` when a grace is set
+    /// ([`with_expired_grace`](crate::IdempotencyLayer::with_expired_grace)).
+    ///
+    /// The same fencing as `complete`. What the mark costs is the store's to say: each store
+    /// of this crate states it. The default keeps no mark (it calls `complete`): over a store
+    /// that does not implement it, a key past its TTL is free again, as without a grace.
+    fn complete_with_grace(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+        grace: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = grace;
+        self.complete(key, lock, record, ttl)
+    }
+
     /// Extends the caller's lock to `lease` from now. `Ok(false)` when it is no longer held.
     fn renew(
         &self,
@@ -273,6 +295,10 @@ pub enum Begin {
     Locked,
     /// The key is locked or completed for a different request.
     Mismatch,
+    /// The key's record ran past its TTL less than its grace ago
+    /// ([`complete_with_grace`](IdempotencyStore::complete_with_grace)): the request ran, and
+    /// its response is gone. The key is not locked.
+    Expired,
 }
 
 /// The store key: the pair (scope, idempotency key).

@@ -43,6 +43,7 @@ async fn conforms_live() {
     let table = builder();
     table.clone().build(client(addr)).create_table().await.unwrap();
     conformance::run_live(|| async { table.clone().build(client(addr)) }, sleep).await;
+    conformance::run_expired(|| async { table.clone().build(client(addr)) }, sleep).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ mod common;
 mod completion;
 mod concurrency;
 mod cors;
+mod expired;
 mod faults;
 mod flood;
 mod grpc;

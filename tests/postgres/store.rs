@@ -23,6 +23,7 @@ async fn postgres_store_passes_the_conformance_suite() {
     let store = db.store().await;
     conformance::run(|| async { store.clone() }, tokio::time::sleep).await;
     conformance::run_live(|| async { store.clone() }, tokio::time::sleep).await;
+    conformance::run_expired(|| async { store.clone() }, tokio::time::sleep).await;
     conformance::run_inspect(|| async { store.clone() }, tokio::time::sleep).await;
     db.drop().await;
 }

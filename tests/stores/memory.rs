@@ -10,6 +10,7 @@ use tower_idempotency::store::MemoryStore;
 async fn memory_store_passes_the_conformance_suite() {
     common::conformance::run(|| async { MemoryStore::new() }, tokio::time::advance).await;
     common::conformance::run_live(|| async { MemoryStore::new() }, tokio::time::advance).await;
+    common::conformance::run_expired(|| async { MemoryStore::new() }, tokio::time::advance).await;
     common::conformance::run_inspect(|| async { MemoryStore::new() }, tokio::time::advance).await;
 }
 

@@ -138,6 +138,7 @@ async fn redis_store_on_redis_cluster() {
     // The shared suite, unchanged.
     conformance::run(|| store(&urls), tokio::time::sleep).await;
     conformance::run_live(|| store(&urls), tokio::time::sleep).await;
+    conformance::run_expired(|| store(&urls), tokio::time::sleep).await;
     conformance::run_inspect(|| store(&urls), tokio::time::sleep).await;
 
     // Keys spread over every node, with no hash tag and no CROSSSLOT error: each operation

@@ -35,6 +35,7 @@ async fn redis_store_passes_the_conformance_suite() {
     let Some(url) = redis_url().await else { return };
     conformance::run(|| store(&url), tokio::time::sleep).await;
     conformance::run_live(|| store(&url), tokio::time::sleep).await;
+    conformance::run_expired(|| store(&url), tokio::time::sleep).await;
     conformance::run_inspect(|| store(&url), tokio::time::sleep).await;
 }
 

@@ -109,6 +109,8 @@ fn follow<St: LiveLog>(
 pub(super) struct Holding {
     pub(super) token: LockToken,
     pub(super) ttl: Duration,
+    /// How long past `ttl` the key stays marked expired (zero: not at all).
+    pub(super) grace: Duration,
     pub(super) lease: Lease,
 }
 
@@ -178,7 +180,7 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
 
     fn complete(self: Arc<Self>, record: Record) -> BoxFuture<()> {
         Box::pin(async move {
-            let Some(Holding { token, ttl, lease }) = &self.holding else { return };
+            let Some(Holding { token, ttl, grace, lease }) = &self.holding else { return };
             // A failed write is retried with backoff while the lock surely holds the key (the
             // keeper renews it meanwhile, extending that), and for one lease at most: giving
             // up frees the key once the lease expires, and a retry of the request would then
@@ -187,7 +189,11 @@ impl<St: IdempotencyStore> StoreHandle for Handle<St> {
             let mut pause = COMPLETE_FIRST_PAUSE;
             for attempt in 1u32.. {
                 let attempted = Instant::now();
-                let completed = self.store.complete(&self.key, token, record.clone(), *ttl).await;
+                let completed = if grace.is_zero() {
+                    self.store.complete(&self.key, token, record.clone(), *ttl).await
+                } else {
+                    self.store.complete_with_grace(&self.key, token, record.clone(), *ttl, *grace).await
+                };
                 telemetry::store_operation(Operation::Complete, attempted);
                 let error = match completed {
                     Ok(true) => {

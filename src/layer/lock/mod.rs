@@ -127,6 +127,8 @@ pub(crate) struct Locked<St> {
     pub(crate) key: StoreKey,
     pub(crate) token: LockToken,
     pub(crate) ttl: Duration,
+    /// How long past `ttl` the key stays marked expired (zero: not at all).
+    pub(crate) grace: Duration,
     pub(crate) lease: Duration,
     /// When the `begin` that took the lock was sent: the lease counts from then.
     pub(crate) began: Instant,
@@ -136,7 +138,7 @@ pub(crate) struct Locked<St> {
 
 impl LockGuard {
     pub(crate) fn new<St: IdempotencyStore>(locked: Locked<St>, keeper: &Keeper) -> Self {
-        let Locked { store, key, token, ttl, lease, began, live } = locked;
+        let Locked { store, key, token, ttl, grace, lease, began, live } = locked;
         let times = LeaseTimes { renewed_at: began, renewing: false, finished: false };
         let lease = Lease {
             length: lease,
@@ -148,7 +150,7 @@ impl LockGuard {
             began,
             _tracked: Tracked::new(Held::Lock),
         };
-        let held = handle::Handle::held(store, key, live, handle::Holding { token, ttl, lease });
+        let held = handle::Handle::held(store, key, live, handle::Holding { token, ttl, grace, lease });
         if let Some(lease) = held.lease() {
             let _ = lease.id.set(keeper.register(&held));
         }

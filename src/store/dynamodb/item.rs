@@ -23,6 +23,8 @@ pub(super) const TOKEN: &str = "tok";
 pub(super) const EXPIRES: &str = "exp";
 /// The same instant in whole seconds, rounded up: DynamoDB's TTL attribute.
 pub(super) const TTL: &str = "ttl";
+/// With a grace for expired keys: its end, in milliseconds since the Unix epoch (absent: none).
+pub(super) const GRACE: &str = "gr";
 /// The encoded response (binary), once completed; absent when not retained.
 pub(super) const RESPONSE: &str = "rec";
 /// The token of the lock that completed the key (16 bytes), then a number drawn for that one
@@ -150,6 +152,11 @@ impl Item<'_> {
     /// Whether the item's lease or TTL has run out at `now`.
     pub(super) fn expired(&self, now: u64) -> Result<bool, StoreError> {
         Ok(self.u64(EXPIRES)?.ok_or_else(|| Self::corrupt("no expiry"))? <= now)
+    }
+
+    /// Whether it is a record past its TTL, within its grace.
+    pub(super) fn in_grace(&self, now: u64) -> Result<bool, StoreError> {
+        Ok(self.expired(now)? && self.u64(GRACE)?.is_some_and(|end| now < end))
     }
 
     /// When the item's lease or TTL runs out.

@@ -28,8 +28,8 @@ mod table;
 
 pub use builder::DynamoDbStoreBuilder;
 use item::{
-    COMPLETED_BY, EXPIRES, FINGERPRINT, ITEM_LIMIT, ITEM_OVERHEAD, Item, LOG, LOG_BYTES, LOG_LEN, PK, RESPONSE, TOKEN,
-    TTL, after, binary, now_ms, number, partition_key, token_bytes, ttl_seconds,
+    COMPLETED_BY, EXPIRES, FINGERPRINT, GRACE, ITEM_LIMIT, ITEM_OVERHEAD, Item, LOG, LOG_BYTES, LOG_LEN, PK, RESPONSE,
+    TOKEN, TTL, after, binary, now_ms, number, partition_key, token_bytes, ttl_seconds,
 };
 
 /// An [`IdempotencyStore`] in one DynamoDB table, on the application's
@@ -73,6 +73,7 @@ use item::{
 /// | `exp` | N | the end of the lease (locked) or of the TTL (completed), in milliseconds since the Unix epoch: what every operation judges expiry by |
 /// | `ttl` | N | the same instant in seconds, rounded up: the table's TTL attribute, so DynamoDB deletes the item some time later |
 /// | `rec` | B | once completed, the response as [`StoredResponse::encode_into`](crate::store::StoredResponse::encode_into) writes it; absent when not retained |
+/// | `gr` | N | with a grace for expired keys (`IdempotencyLayer::with_expired_grace`), its end in milliseconds since the Unix epoch: from `exp` to then, `begin` answers that the key expired (and `ttl` is this instant) |
 /// | `by` | B | once completed, the token of the lock that completed it (16 bytes) and a number drawn for that `complete` call (16 bytes) |
 /// | `n`, `lb`, `log` | N, N, L | while locked, the live log of join and wait modes: its events, their count and bytes (see [Responses in flight](#responses-in-flight)) |
 ///
@@ -82,7 +83,7 @@ use item::{
 ///
 /// | operation | request |
 /// | --- | --- |
-/// | `begin` | `PutItem` of a new lock, on condition `attribute_not_exists(pk) OR exp <= :now`, with `ReturnValuesOnConditionCheckFailure=ALL_OLD`: a free key is locked; a taken one fails the condition and the same answer carries the item found (a record to replay, a lock in flight, a mismatch) |
+/// | `begin` | `PutItem` of a new lock, on condition `attribute_not_exists(pk) OR (exp <= :now AND (attribute_not_exists(gr) OR gr <= :now))`, with `ReturnValuesOnConditionCheckFailure=ALL_OLD`: a free key is locked; a taken one fails the condition and the same answer carries the item found (a record to replay, a lock in flight, a mismatch) |
 /// | `renew` | `UpdateItem SET exp, ttl` on condition `tok = :token AND exp > :now` |
 /// | `complete` | `UpdateItem SET rec, by, exp, ttl REMOVE tok, log, n, lb`, on the same condition |
 /// | `release` | `DeleteItem` on the same condition |
@@ -354,6 +355,9 @@ fn found(item: &HashMap<String, AttributeValue>, token: &LockToken, now: u64) ->
         // The SDK retried this `begin` after its lock was written.
         return Ok(Begin::Execute(*token));
     }
+    if item.in_grace(now)? {
+        return Ok(Begin::Expired);
+    }
     if item.expired(now)? {
         // Expired by this clock but not by the condition's (the same `now`): cannot happen;
         // answered as in flight rather than executing without a lock.
@@ -365,6 +369,60 @@ fn found(item: &HashMap<String, AttributeValue>, token: &LockToken, now: u64) ->
         (Some(_), true) => Begin::Locked,
         (None, true) => Begin::Completed(item.record()?),
     })
+}
+
+impl DynamoDbStore {
+    /// `complete`, with a grace for expired keys or without.
+    async fn complete_for(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+        grace: Option<Duration>,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let expires = after(now, ttl);
+        // The lock's token, and a number of this call's own: a request the SDK sends again
+        // after its answer was lost finds it, and a second call does not.
+        let mut by = lock.id().to_be_bytes().to_vec();
+        by.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        // With a grace, the item is kept (and DynamoDB's TTL waits) until the grace ends.
+        let kept = grace.map_or(expires, |grace| after(expires, grace));
+        let mut values =
+            vec![(":by", binary(by.clone())), (":expires", number(expires)), (":ttl", number(ttl_seconds(kept)))];
+        let mut update = match self.encode(&record) {
+            Some(encoded) => {
+                values.push((":rec", binary(encoded)));
+                "SET #rec = :rec, #by = :by, #exp = :expires, #ttl = :ttl".to_owned()
+            }
+            None => "SET #by = :by, #exp = :expires, #ttl = :ttl".to_owned(),
+        };
+        if grace.is_some() {
+            values.push((":grace", number(kept)));
+            update.push_str(", #gr = :grace");
+        }
+        update.push_str(" REMOVE #tok, #log, #n, #lb");
+        if values.iter().all(|(name, _)| *name != ":rec") {
+            update.push_str(", #rec");
+        }
+        let mut names = vec![
+            ("#rec", RESPONSE),
+            ("#by", COMPLETED_BY),
+            ("#ttl", TTL),
+            ("#log", LOG),
+            ("#n", LOG_LEN),
+            ("#lb", LOG_BYTES),
+        ];
+        if grace.is_some() {
+            names.push(("#gr", GRACE));
+        }
+        match self.owner_update(key, lock, now, &update, values, &names).await? {
+            None => Ok(true),
+            // The SDK sent this call again after it was written.
+            Some(found) => Ok(Item(&found).completion()? == Some(&by[..])),
+        }
+    }
 }
 
 impl IdempotencyStore for DynamoDbStore {
@@ -384,9 +442,12 @@ impl IdempotencyStore for DynamoDbStore {
             .item(TTL, number(ttl_seconds(expires)))
             .item(LOG_LEN, number(0))
             .item(LOG_BYTES, number(0))
-            .condition_expression("attribute_not_exists(#pk) OR #exp <= :now")
+            .condition_expression(
+                "attribute_not_exists(#pk) OR (#exp <= :now AND (attribute_not_exists(#gr) OR #gr <= :now))",
+            )
             .expression_attribute_names("#pk", PK)
             .expression_attribute_names("#exp", EXPIRES)
+            .expression_attribute_names("#gr", GRACE)
             .expression_attribute_values(":now", number(now))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         self.run(async {
@@ -411,34 +472,20 @@ impl IdempotencyStore for DynamoDbStore {
         record: Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let now = now_ms();
-        let expires = after(now, ttl);
-        // The lock's token, and a number of this call's own: a request the SDK sends again
-        // after its answer was lost finds it, and a second call does not.
-        let mut by = lock.id().to_be_bytes().to_vec();
-        by.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
-        let mut values =
-            vec![(":by", binary(by.clone())), (":expires", number(expires)), (":ttl", number(ttl_seconds(expires)))];
-        let update = match self.encode(&record) {
-            Some(encoded) => {
-                values.push((":rec", binary(encoded)));
-                "SET #rec = :rec, #by = :by, #exp = :expires, #ttl = :ttl REMOVE #tok, #log, #n, #lb"
-            }
-            None => "SET #by = :by, #exp = :expires, #ttl = :ttl REMOVE #tok, #log, #n, #lb, #rec",
-        };
-        let names = [
-            ("#rec", RESPONSE),
-            ("#by", COMPLETED_BY),
-            ("#ttl", TTL),
-            ("#log", LOG),
-            ("#n", LOG_LEN),
-            ("#lb", LOG_BYTES),
-        ];
-        match self.owner_update(key, lock, now, update, values, &names).await? {
-            None => Ok(true),
-            // The SDK sent this call again after it was written.
-            Some(found) => Ok(Item(&found).completion()? == Some(&by[..])),
-        }
+        self.complete_for(key, lock, record, ttl, None).await
+    }
+
+    /// The item is kept, record included, until the grace ends (its `gr`), and its `ttl`
+    /// attribute moves there: the item's storage for the grace, one number more.
+    async fn complete_with_grace(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        self.complete_for(key, lock, record, ttl, Some(grace)).await
     }
 
     async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {

@@ -221,6 +221,11 @@ impl Inner {
         lease: Duration,
         now: Instant,
     ) -> Result<Begin, StoreError> {
+        if let Slot::Completed { expires_at, grace_until, .. } = slot {
+            if *expires_at <= now && now < *grace_until {
+                return Ok(Begin::Expired);
+            }
+        }
         if !slot.expired(now) {
             let (held_for, completed) = match slot {
                 Slot::Locked { token, .. } => (token.fingerprint(), None),
@@ -279,7 +284,7 @@ impl Inner {
         true
     }
 
-    fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration) -> bool {
+    fn complete(&self, key: &StoreKey, lock: &LockToken, record: Record, ttl: Duration, grace: Duration) -> bool {
         let record_weight = record.weight();
         // Encoded outside the shard lock. A record over the whole budget, or one the encoding
         // cannot hold, is kept as a not-retained record, which counts no bytes.
@@ -298,7 +303,9 @@ impl Inner {
                 return false;
             }
             let fingerprint = *lock.fingerprint();
-            let completed = Slot::Completed { fingerprint, record: stored, expires_at: later(now, ttl), seq, weight };
+            let expires_at = later(now, ttl);
+            let grace_until = later(expires_at, grace);
+            let completed = Slot::Completed { fingerprint, record: stored, expires_at, grace_until, seq, weight };
             std::mem::replace(&mut *slot, completed).end_live(true, &self.counts.0.bytes);
             held = self.counts.0.bytes.fetch_add(weight, Ordering::AcqRel) + weight;
         }
@@ -397,6 +404,8 @@ impl Inner {
         }
         Ok(match &*slot {
             Slot::Locked { token, lease_until, .. } => KeyState::Locked(Locked::new(token, wall(*lease_until, now))),
+            // Past its TTL, within a grace: its record is no longer the key's.
+            Slot::Completed { expires_at, .. } if *expires_at <= now => KeyState::Unknown,
             Slot::Completed { record, expires_at, .. } => {
                 KeyState::Completed(Completed::new(record.to_record()?, wall(*expires_at, now)))
             }
@@ -462,7 +471,20 @@ impl IdempotencyStore for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        Ok(self.inner.complete(key, lock, record, ttl))
+        Ok(self.inner.complete(key, lock, record, ttl, Duration::ZERO))
+    }
+
+    /// Keeps the whole slot, record included, until the grace ends (no second entry): its
+    /// bytes count against the store's bound until then, and eviction may drop it first.
+    async fn complete_with_grace(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(self.inner.complete(key, lock, record, ttl, grace))
     }
 
     async fn renew(&self, key: &StoreKey, lock: &LockToken, lease: Duration) -> Result<bool, StoreError> {
@@ -548,7 +570,7 @@ mod tests {
         let fingerprint = Fingerprint::from_bytes([1; 32]);
         let complete = |n: usize, ttl: Duration| {
             let Ok(Begin::Execute(token)) = store.inner.begin(&key(n), &fingerprint, ttl) else { panic!() };
-            assert!(store.inner.complete(&key(n), &token, record.clone(), ttl));
+            assert!(store.inner.complete(&key(n), &token, record.clone(), ttl, Duration::ZERO));
         };
         let expire_and_sweep = || async {
             tokio::time::advance(SHORT * 2).await;

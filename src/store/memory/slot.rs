@@ -47,15 +47,14 @@ impl Hasher for KeyIdHasher {
 
 pub(super) enum Slot {
     /// `live`: the lock's live log, made by its first publish or follower only.
-    Locked {
-        token: LockToken,
-        lease_until: Instant,
-        live: Option<Arc<Live>>,
-    },
+    Locked { token: LockToken, lease_until: Instant, live: Option<Arc<Live>> },
     Completed {
         fingerprint: Fingerprint,
         record: Stored,
         expires_at: Instant,
+        /// The end of its grace ([`IdempotencyStore::complete_with_grace`]): `expires_at`
+        /// without one. The slot is kept, record and all, until then.
+        grace_until: Instant,
         seq: u64,
         weight: usize,
     },
@@ -108,7 +107,7 @@ impl Slot {
     pub(super) fn expired(&self, now: Instant) -> bool {
         match self {
             Self::Locked { lease_until, .. } => *lease_until <= now,
-            Self::Completed { expires_at, .. } => *expires_at <= now,
+            Self::Completed { grace_until, .. } => *grace_until <= now,
         }
     }
 

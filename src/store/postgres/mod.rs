@@ -43,8 +43,8 @@ pub(crate) const BEGIN_ATTEMPTS: usize = 8;
 /// # async fn run() -> Result<(), tower_idempotency::store::sqlx::Error> {
 /// let pool = PgPool::connect("postgres://postgres@127.0.0.1:5432/app").await?;
 /// let store = PostgresStore::new(pool);
-/// // Or run `migrations/0001_idempotency.sql` and `0002_idempotency_live.sql` with the
-/// // application's own migrations.
+/// // Or run `migrations/0001_idempotency.sql`, `0002_idempotency_live.sql` and
+/// // `0003_idempotency_grace.sql` with the application's own migrations.
 /// store.migrate().await?;
 /// let layer = IdempotencyLayer::from_store(store);
 /// # let _ = layer;
@@ -61,8 +61,10 @@ pub(crate) const BEGIN_ATTEMPTS: usize = 8;
 /// `migrations/0001_idempotency.sql` and `migrations/0002_idempotency_live.sql`, for the
 /// application's own migrations (`sqlx migrate`, refinery, ...); [`migrate`](PostgresStore::migrate)
 /// runs the same DDL (`CREATE ... IF NOT EXISTS`, `ADD COLUMN IF NOT EXISTS`) for the
-/// configured table. A table made by 0001 alone needs 0002 before this version of the store
-/// runs on it (its statements name the `followed` column).
+/// configured table. A table made by 0001 alone needs 0002 and 0003 before this version of
+/// the store runs on it (its statements name the `followed` and `grace_until` columns);
+/// `migrations/0003_idempotency_grace.sql` adds `grace_until`, the end of a record's grace
+/// for expired keys (`IdempotencyLayer::with_expired_grace`).
 ///
 /// | column | type | holds |
 /// | --- | --- | --- |
@@ -247,9 +249,9 @@ impl PostgresStore {
     }
 
     /// Creates the table, its index and the live log table if they do not exist, and adds the
-    /// `followed` column to a table made before it (the DDL of
-    /// `migrations/0001_idempotency.sql` then `0002_idempotency_live.sql`, for the configured
-    /// table).
+    /// `followed` and `grace_until` columns to a table made before them (the DDL of
+    /// `migrations/0001_idempotency.sql`, `0002_idempotency_live.sql` then
+    /// `0003_idempotency_grace.sql`, for the configured table).
     pub async fn migrate(&self) -> Result<(), sqlx::Error> {
         sqlx::raw_sql(AssertSqlSafe(self.inner.statements.create.clone())).execute(&self.inner.pool).await?;
         Ok(())
@@ -348,6 +350,7 @@ pub(crate) fn decode_begin(row: &PgRow, token: LockToken) -> Result<Begin, Store
         state::EXECUTE => Ok(Begin::Execute(token)),
         state::MISMATCH => Ok(Begin::Mismatch),
         state::IN_FLIGHT => Ok(Begin::Locked),
+        state::EXPIRED => Ok(Begin::Expired),
         state::COMPLETED => decode_record(row.try_get(1).map_err(corrupt)?).map(Begin::Completed),
         _ => Err(StoreError::corrupt("PostgreSQL row: unknown state")),
     }
@@ -402,7 +405,29 @@ impl IdempotencyStore for PostgresStore {
             .bind(&lock.id().to_be_bytes()[..])
             .bind(encode(&record))
             .bind(micros(ttl))
-            .bind(&live::key_id(key)[..]);
+            .bind(&live::key_id(key)[..])
+            .bind(0i64);
+        self.owner_end(query).await
+    }
+
+    /// The row is kept, record included, until the grace ends (its `grace_until`), when the
+    /// reaper deletes it: the record's bytes for the grace, and one `timestamptz` per row.
+    async fn complete_with_grace(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.inner.statements.complete.clone()))
+            .bind(scope_bytes(key))
+            .bind(key.key().as_str())
+            .bind(&lock.id().to_be_bytes()[..])
+            .bind(encode(&record))
+            .bind(micros(ttl))
+            .bind(&live::key_id(key)[..])
+            .bind(micros(grace));
         self.owner_end(query).await
     }
 

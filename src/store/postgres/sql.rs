@@ -28,6 +28,8 @@ pub(crate) mod state {
     /// Transactional mode: no live row, and the key's advisory lock is held by another
     /// transaction (a request in flight, its row not committed yet).
     pub(crate) const BUSY: i32 = 4;
+    /// Completed with a grace, past its TTL, within the grace: answered, the key left as it is.
+    pub(crate) const EXPIRED: i32 = 5;
 }
 
 /// The state column `follow`'s read answers with.
@@ -126,17 +128,24 @@ impl Statements {
                SELECT h.fingerprint, h.token, h.response FROM {t} AS h, now \
                WHERE h.scope = $1 AND h.key = $2 AND h.expires_at > now.t \
              ), \
+             marked AS ( \
+               SELECT 1 FROM {t} AS m, now \
+               WHERE m.scope = $1 AND m.key = $2 AND m.expires_at <= now.t AND m.grace_until > now.t \
+             ), \
              taken AS ( \
                INSERT INTO {t} AS r (scope, key, fingerprint, token, response, expires_at) \
                SELECT $1, $2, $3, $4, NULL, now.t + $5::float8 * interval '1 microsecond' FROM now \
-               WHERE NOT EXISTS (SELECT 1 FROM held) \
+               WHERE NOT EXISTS (SELECT 1 FROM held) AND NOT EXISTS (SELECT 1 FROM marked) \
                ON CONFLICT (scope, key) DO UPDATE \
                  SET fingerprint = excluded.fingerprint, token = excluded.token, response = NULL, \
-                     expires_at = excluded.expires_at, followed = false \
+                     expires_at = excluded.expires_at, followed = false, grace_until = NULL \
                  WHERE r.expires_at <= (SELECT t FROM now) \
+                   AND (r.grace_until IS NULL OR r.grace_until <= (SELECT t FROM now)) \
                RETURNING 1 \
              ) \
              SELECT {execute}::int4 AS state, NULL::bytea AS response FROM taken \
+             UNION ALL \
+             SELECT {expired}::int4, NULL::bytea FROM marked \
              UNION ALL \
              SELECT CASE WHEN held.fingerprint <> $3 THEN {mismatch} \
                          WHEN held.token IS NOT NULL THEN {in_flight} ELSE {completed} END::int4, \
@@ -146,15 +155,19 @@ impl Statements {
             mismatch = state::MISMATCH,
             in_flight = state::IN_FLIGHT,
             completed = state::COMPLETED,
+            expired = state::EXPIRED,
         );
         // $1 scope, $2 key, $3 token, $4 record (NULL: not retained), $5 TTL in microseconds,
-        // $6 key id. A row when it completed. The lock's log goes with it, and its followers
+        // $6 key id, $7 grace in microseconds (0: none; with one, the row is kept, and
+        // answered as expired, until `grace_until`). A row when it completed. The lock's log goes with it, and its followers
         // (if any) are told, at the commit.
         let notify_completed = payload(notice::COMPLETED, "$6", "$3");
         let complete = format!(
             "WITH done AS ( \
                UPDATE {t} SET token = NULL, response = $4, \
-                 expires_at = clock_timestamp() + $5::float8 * interval '1 microsecond' \
+                 expires_at = clock_timestamp() + $5::float8 * interval '1 microsecond', \
+                 grace_until = CASE WHEN $7::float8 > 0 \
+                   THEN clock_timestamp() + ($5::float8 + $7::float8) * interval '1 microsecond' END \
                WHERE scope = $1 AND key = $2 AND token = $3 AND expires_at > clock_timestamp() \
                RETURNING followed \
              ), \
@@ -194,7 +207,7 @@ impl Statements {
                WHERE locked.ok \
                ON CONFLICT (scope, key) DO UPDATE \
                  SET fingerprint = excluded.fingerprint, token = excluded.token, response = NULL, \
-                     expires_at = excluded.expires_at, followed = false \
+                     expires_at = excluded.expires_at, followed = false, grace_until = NULL \
                  WHERE r.expires_at <= (SELECT t FROM now) \
                RETURNING 1 \
              ) \
@@ -367,6 +380,7 @@ impl Statements {
              gone AS ( \
                DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
                  SELECT ctid FROM {t} WHERE expires_at <= (SELECT t FROM now) \
+                   AND (grace_until IS NULL OR grace_until <= (SELECT t FROM now)) \
                  LIMIT $1 FOR UPDATE SKIP LOCKED)) \
                RETURNING scope, key \
              ), \
@@ -403,7 +417,8 @@ impl Statements {
              SELECT coalesce((SELECT bool_or(live) FROM gone), false) AS removed, \
                     EXISTS (SELECT 1 FROM held) AS in_flight"
         );
-        let create = format!("{}{}", create_table(schema, table), create_live(schema, table));
+        let create =
+            format!("{}{}{}", create_table(schema, table), create_live(schema, table), create_grace(schema, table));
         Self {
             table: qualified.into(),
             live: live_table.into(),
@@ -486,6 +501,21 @@ pub(super) fn create_live(schema: Option<&str>, table: &str) -> String {
     )
 }
 
+/// The DDL of the grace for expired keys in `table`: the `grace_until` column; for the default
+/// table it is `migrations/0003_idempotency_grace.sql` (a test holds them equal).
+pub(super) fn create_grace(schema: Option<&str>, table: &str) -> String {
+    let qualified = match (schema, table) {
+        (None, "idempotency") => table.to_owned(),
+        (Some(schema), table) => format!("{}.{}", quote(schema), quote(table)),
+        (None, table) => quote(table),
+    };
+    format!(
+        "-- tower-idempotency: the grace for expired keys (`with_expired_grace`), after 0001.\n\
+         -- With a grace: the row is kept, and `begin` answers that the key expired, until then.\n\
+         ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS grace_until timestamptz;\n"
+    )
+}
+
 /// The channel of `table`'s notifications: a digest of the qualified name, so that stores on
 /// different tables of one database do not wake each other.
 fn channel(qualified: &str) -> String {
@@ -504,6 +534,8 @@ mod tests {
         assert_eq!(shipped, create_table(None, "idempotency"));
         let shipped = include_str!("../../../migrations/0002_idempotency_live.sql");
         assert_eq!(shipped, create_live(None, "idempotency"));
+        let shipped = include_str!("../../../migrations/0003_idempotency_grace.sql");
+        assert_eq!(shipped, create_grace(None, "idempotency"));
     }
 
     #[test]

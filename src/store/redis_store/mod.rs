@@ -104,7 +104,15 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// ```text
 /// {prefix}{scope}:{key}          a lock or record   e.g. idem:-:3f2a1c9e-order-77
 /// {prefix}{TAG}live:{lock id}    a lock's live log  e.g. idem:{27921}live:5f0e…0001 (a lock on it)
+/// {prefix}{TAG}expired:{scope}:{key}   an expired mark   e.g. idem:{4113}expired:-:3f2a1c9e-order-77
 /// ```
+///
+/// The expired mark (`1`) exists only with a grace for expired keys
+/// ([`IdempotencyLayer::with_expired_grace`](crate::IdempotencyLayer::with_expired_grace)):
+/// `complete` writes it with the record, for the TTL and the grace, in the record key's slot
+/// (the same `TAG` rule), and a `begin` that finds no record but the mark answers that the key
+/// expired. Its cost: a key of a few bytes per record, for the grace; every `begin` of a free
+/// key looks for it (one `EXISTS` inside the script).
 ///
 /// - `prefix`: [`RedisStoreBuilder::with_prefix`], default `idem:`;
 /// - `scope`: the [`ScopeId`](crate::ScopeId) as 64 lowercase hex digits, or `-` for the
@@ -338,7 +346,8 @@ impl IdempotencyStore for RedisStore {
         let mut transaction = Pipeline::new();
         // Errors come back as values, so that `NOSCRIPT` can be told apart.
         transaction.atomic().ignore_errors();
-        transaction.cmd("EVALSHA").arg(BEGIN.get_hash()).arg(1).arg(&key).arg(&lock[..]).arg(millis(lease));
+        let mark = slot::mark_key(&self.inner.prefix, &key);
+        transaction.cmd("EVALSHA").arg(BEGIN.get_hash()).arg(2).arg(&key).arg(&mark).arg(&lock[..]).arg(millis(lease));
         transaction.cmd("GET").arg(&key);
         let replies = match self.run(Command::Begin(&transaction)).await? {
             Value::Array(replies) => replies,
@@ -350,6 +359,7 @@ impl IdempotencyStore for RedisStore {
             Ok([Value::Int(2), _]) => Ok(Begin::Locked),
             Ok([Value::Int(3), Value::BulkString(value)]) => codec::decode_record(value).map(Begin::Completed),
             Ok([Value::Int(4), _]) => Err(StoreError::corrupt("the key holds a value this crate did not write")),
+            Ok([Value::Int(5), _]) => Ok(Begin::Expired),
             Ok([Value::ServerError(error), _]) => Err(StoreError::unavailable(RedisError::from(error))),
             _ => Err(StoreError::corrupt("unexpected reply to the begin transaction")),
         }
@@ -366,6 +376,25 @@ impl IdempotencyStore for RedisStore {
         let (key, stream) = self.keys(key, lock);
         let mut invocation = COMPLETE.key(key);
         invocation.key(stream).arg(&codec::lock_value(lock)[..]).arg(value).arg(millis(ttl)).arg(millis(ENDED_TTL));
+        written(self.run(Command::Script(&invocation)).await?)
+    }
+
+    /// The record key expires at the TTL as without a grace; a second key of a few bytes, the
+    /// mark (`1`, in the record key's Cluster slot), is kept for the TTL and the grace.
+    async fn complete_with_grace(
+        &self,
+        key: &StoreKey,
+        lock: &LockToken,
+        record: Record,
+        ttl: Duration,
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        let value = codec::encode_record(lock.fingerprint(), &record);
+        let (key, stream) = self.keys(key, lock);
+        let mark = slot::mark_key(&self.inner.prefix, &key);
+        let mut invocation = COMPLETE.key(key);
+        invocation.key(stream).key(mark).arg(&codec::lock_value(lock)[..]).arg(value).arg(millis(ttl));
+        invocation.arg(millis(ENDED_TTL)).arg(millis(grace));
         written(self.run(Command::Script(&invocation)).await?)
     }
 

@@ -8,15 +8,20 @@ use ::redis::Script;
 
 /// `begin`: look the key up and lock it when free, in one step.
 ///
-/// `KEYS[1]`: the key. `ARGV[1]`: the new lock value (`L`, fingerprint, token). `ARGV[2]`: the
+/// `KEYS[1]`: the key. `KEYS[2]`: its expired mark (written by `complete` with a grace, in the
+/// key's slot). `ARGV[1]`: the new lock value (`L`, fingerprint, token). `ARGV[2]`: the
 /// lease in ms. Returns 0 (locked: execute), 1 (mismatch), 2 (in flight), 3 (completed for
-/// this fingerprint) or 4 (a value this crate did not write). It reads the first 33 bytes of
+/// this fingerprint), 4 (a value this crate did not write) or 5 (expired, within its grace:
+/// the key is left as it is). It reads the first 33 bytes of
 /// a held value only: the record itself comes from the `GET` that follows the script in the
 /// same `MULTI`, because a large string through Lua costs Redis several times a plain `GET`.
 /// An expired lock or record no longer exists (Redis expired it), so it counts as free.
 const BEGIN_LUA: &str = r"
 local head = redis.call('GETRANGE', KEYS[1], 0, 32)
 if head == '' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    return 5
+  end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 0
 end
@@ -39,12 +44,17 @@ return 3
 /// `KEYS[2]`: the lock's stream. `ARGV[1]`: the caller's lock value. `ARGV[2]`: the record.
 /// `ARGV[3]`: the TTL in ms. `ARGV[4]`: how long an ended log is kept, in ms. The end marker
 /// (`2-0`, `c` = 1) wakes the followers blocked on the stream; a lock nobody published to or
-/// followed has no stream, and none is made for it.
+/// followed has no stream, and none is made for it. With a grace (`complete_with_grace`),
+/// `KEYS[3]` is the key's expired mark and `ARGV[5]` the grace in ms: the mark (`1`, no
+/// record) is kept for the TTL and the grace, so `begin` finds it once the record is gone.
 const COMPLETE_LUA: &str = r"
 if redis.call('GETRANGE', KEYS[1], 0, 48) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if ARGV[5] then
+  redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[3]) + tonumber(ARGV[5]))
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.pcall('XADD', KEYS[2], '2-0', 'c', '1')
   redis.call('PEXPIRE', KEYS[2], ARGV[4])

@@ -102,6 +102,20 @@ pub(super) fn stream_key(prefix: &[u8], record_key: &[u8], lock: u128) -> Vec<u8
     [b"{", tag, b"}", prefix, lock.as_bytes()].concat()
 }
 
+/// The key of `record_key`'s expired mark (written by `complete_with_grace`), in the same slot
+/// as `record_key`, as [`stream_key`] places a stream.
+pub(super) fn mark_key(prefix: &[u8], record_key: &[u8]) -> Vec<u8> {
+    let slot = slot(record_key);
+    let mut digits = [0; 10];
+    let tag = decimal(tag(slot), &mut digits);
+    let name = [b"expired:".as_slice(), &record_key[prefix.len()..]].concat();
+    let key = [prefix, b"{", tag, b"}", &name].concat();
+    if self::slot(&key) == slot {
+        return key;
+    }
+    [b"{", tag, b"}", prefix, &name].concat()
+}
+
 /// Forces the tag table now (a few ms), so that no request pays for it.
 pub(super) fn prepare() {
     LazyLock::force(&TAGS);
