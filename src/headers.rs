@@ -13,7 +13,8 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// The response headers a browser page needs to read from the layer's answers, for
 /// tower-http's `CorsLayer::expose_headers` (or any CORS layer's `Access-Control-Expose-Headers`):
 /// `Idempotent-Replayed` (on a replay), and the retry hints `Retry-After`, `retry-after-ms`,
-/// `x-should-retry` and `Stripe-Should-Retry` (on the layer's own answers). CORS safelists
+/// `x-should-retry` and `Stripe-Should-Retry` (on the layer's own answers), and
+/// `Idempotency-Key-Retention` (how long keys are kept, when an expired grace is set). CORS safelists
 /// none of them: without this setting, a page calling the API from another origin reads none.
 ///
 /// ```
@@ -22,8 +23,14 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// let cors = CorsLayer::new().expose_headers(tower_idempotency::EXPOSE_HEADERS);
 /// # let _ = cors;
 /// ```
-pub const EXPOSE_HEADERS: [HeaderName; 5] =
-    [IDEMPOTENT_REPLAYED, http::header::RETRY_AFTER, RETRY_AFTER_MS, X_SHOULD_RETRY, STRIPE_SHOULD_RETRY];
+pub const EXPOSE_HEADERS: [HeaderName; 6] = [
+    IDEMPOTENT_REPLAYED,
+    http::header::RETRY_AFTER,
+    RETRY_AFTER_MS,
+    X_SHOULD_RETRY,
+    STRIPE_SHOULD_RETRY,
+    IDEMPOTENCY_KEY_RETENTION,
+];
 
 /// `retry-after-ms`: how long to wait before retrying, in milliseconds. Not standard; sent and
 /// read by the Stainless-generated SDKs (OpenAI's, Anthropic's), which prefer it to

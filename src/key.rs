@@ -171,7 +171,7 @@ impl KeySource {
     /// ```
     #[cfg(feature = "json")]
     pub fn json_pointer(pointer: &str) -> Result<Self, ConfigError> {
-        check_pointer(pointer)?;
+        crate::json::JsonPointer::parse(pointer)?;
         Ok(Self(Source::Json(pointer.into())))
     }
 
@@ -208,17 +208,6 @@ impl KeySource {
     /// Whether the key is in the request body.
     pub(crate) fn in_body(&self) -> bool {
         !matches!(self.0, Source::Header)
-    }
-}
-
-/// Checks an RFC 6901 JSON Pointer: empty, or `/` then tokens where `~` escapes `0` or `1`.
-#[cfg(feature = "json")]
-fn check_pointer(pointer: &str) -> Result<(), ConfigError> {
-    let escapes_ok = pointer.split('~').skip(1).all(|rest| rest.starts_with(['0', '1']));
-    if (pointer.is_empty() || pointer.starts_with('/')) && escapes_ok {
-        Ok(())
-    } else {
-        Err(ConfigError::InvalidJsonPointer(pointer.to_owned()))
     }
 }
 

@@ -25,7 +25,8 @@ fn app(runs: Arc<AtomicUsize>) -> Router {
         let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
         async move { (StatusCode::CREATED, format!(r#"{{"id":"ord_{n}"}}"#)) }
     };
-    Router::new().route("/orders", post(handler)).layer(IdempotencyLayer::new()).layer(cors)
+    let layer = IdempotencyLayer::new().with_expired_grace(std::time::Duration::from_secs(3600));
+    Router::new().route("/orders", post(handler)).layer(layer).layer(cors)
 }
 
 fn order(key: &str, body: &'static str) -> Request<Body> {
@@ -75,6 +76,13 @@ async fn a_cross_origin_page_can_read_the_replay_marker_and_the_retry_hints() {
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(retry.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], ORIGIN);
     assert!(exposed(retry.headers()).contains(&"idempotent-replayed".to_owned()), "{:?}", exposed(retry.headers()));
+    // How long the key is kept (an expired grace is set): readable by the page too.
+    assert!(retry.headers().contains_key("idempotency-key-retention"));
+    assert!(
+        exposed(retry.headers()).contains(&"idempotency-key-retention".to_owned()),
+        "{:?}",
+        exposed(retry.headers())
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 
     // The layer's own answer: its retry hint is exposed too.
