@@ -1093,10 +1093,11 @@ fn a_refused_duplicate_and_a_join_timeout_without_a_limit() {
 // at a time (a chunk leaves once its last byte's event is produced), and completes. Duplicates
 // arrive at either of two replicas (two `IdempotencyLayer`s over one `MemoryStore`), each
 // with `Last-Event-ID: k` for a `k` anywhere in the stream (the first and the last included)
-// or none, arriving once event `k` is produced, up to 950 ms before it is (within the resume
-// wait), or after the end (a replay). The model: each gets exactly the events after `k`, byte
-// for byte, once each and in order (all of them without an id); the first gets the whole
-// stream; the handler runs once.
+// or none, arriving once event `k` is produced, up to 950 ms before it is, or after the end (a
+// replay). The model: each gets exactly the events after `k`, byte for byte, once each and in
+// order — or, when the end of event `k` reaches the log only past the resume wait (1 s) after
+// the arrival, the whole stream, as for no id; the first gets the whole stream; the handler
+// runs once.
 
 /// A line ending of `text/event-stream`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1190,8 +1191,34 @@ impl ResumeProgram {
         let k = self.id(reconnect).unwrap_or(self.events - 1);
         match reconnect.when {
             When::Produced(j) => self.event_at(k) + j * GAP_MS + GAP_MS / 2,
-            When::Before(j) => self.event_at(k).saturating_sub(j * GAP_MS + GAP_MS / 2).max(GAP_MS / 2),
+            When::Before(j) => self.event_at(k).saturating_sub(j * GAP_MS + GAP_MS / 2).max(GAP_MS * 3 / 2),
             When::AfterEnd(j) => self.end() + j * GAP_MS + GAP_MS / 2,
+        }
+    }
+
+    /// When the end of event `k` reaches the shared log: the instant the chunk with its last
+    /// byte leaves (its final CR with CRLF, where the layer marks it).
+    fn marked_at(&self, k: u64) -> u64 {
+        let end: usize = (0..=k).map(|i| sse_event(i, self.ending).len()).sum();
+        let byte = end - 1 - usize::from(self.ending == LineEnding::CrLf);
+        let mut start = 0;
+        for (at, chunk) in self.chunks() {
+            if byte < start + chunk.len() {
+                return at;
+            }
+            start += chunk.len();
+        }
+        unreachable!("model: a byte past the body")
+    }
+
+    /// The first event a reconnect must get (the layer's resume rule): after event `k` if its
+    /// end reaches the log within the resume wait of the arrival (the joiner joins at once:
+    /// it arrives after the head), else the whole stream.
+    fn resumes_from(&self, reconnect: &Reconnect) -> u64 {
+        match self.id(reconnect) {
+            None => 0,
+            Some(k) if self.marked_at(k) < self.arrives(reconnect) + RESUME_WAIT_MS => k + 1,
+            Some(_) => 0,
         }
     }
 
@@ -1330,7 +1357,7 @@ async fn run_resume(program: &ResumeProgram) -> Result<(), String> {
     for (r, at, task) in tasks {
         let reconnect = program.reconnects[r];
         let (outcome, body) = task.await.map_err(|e| e.to_string())?.map_err(|e| format!("reconnect {r}: {e}"))?;
-        let from = program.id(&reconnect).map_or(0, |k| k + 1);
+        let from = program.resumes_from(&reconnect);
         let expected = if at > program.end() { Outcome::Replayed } else { Outcome::Joined };
         if outcome != expected {
             return Err(format!("reconnect {r} ({reconnect:?}, at {at} ms): {outcome:?}, expected {expected:?}"));
