@@ -1379,7 +1379,7 @@ async fn run_resume(program: &ResumeProgram) -> Result<(), String> {
 }
 
 proptest! {
-    #![proptest_config(config(64, "tests/model/proptest-regressions/join_model_resume.txt"))]
+    #![proptest_config(config(256, "tests/model/proptest-regressions/join_model_resume.txt"))]
 
     #[test]
     fn reconnects_resume_exactly_on_either_replica(program in resume_program()) {
