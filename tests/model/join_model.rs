@@ -40,8 +40,14 @@
 //! service's, so every request waits for a permit before the layer sees it — a known issue left
 //! open; the limited runs are not part of this suite until it is fixed.
 //!
+//! A third property (`reconnects_resume_exactly_on_either_replica`) checks the resume rule
+//! where it is hardest: streams of up to 2,000 events, LF, CRLF or CR line endings, the body
+//! cut into chunks anywhere (one byte at a time included), reconnects with `Last-Event-ID` at
+//! any event, in flight or after the end, on either of two replicas over one store; each gets
+//! exactly the events after its id, once each, in order, and the handler runs once.
+//!
 //! `PROPTEST_CASES=N cargo nextest run --all-features --test model join` runs more cases
-//! (default 256).
+//! (default 256 of each property).
 
 use std::{
     sync::{Arc, Mutex},
