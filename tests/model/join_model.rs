@@ -40,7 +40,7 @@
 //! service's, so every request waits for a permit before the layer sees it — a known issue left
 //! open; the limited runs are not part of this suite until it is fixed.
 //!
-//! A third property (`reconnects_resume_exactly_on_either_replica`) checks the resume rule
+//! A second property (`reconnects_resume_exactly_on_either_replica`) checks the resume rule
 //! where it is hardest: streams of up to 2,000 events, LF, CRLF or CR line endings, the body
 //! cut into chunks anywhere (one byte at a time included), reconnects with `Last-Event-ID` at
 //! any event, in flight or after the end, on either of two replicas over one store; each gets
@@ -1290,11 +1290,10 @@ fn resume_program() -> impl Strategy<Value = ResumeProgram> {
         2 => (0..10u64).prop_map(When::Before),
         2 => (0..4u64).prop_map(When::AfterEnd),
     ];
-    let reconnect = (last, when, any::<bool>())
-        .prop_map(|(last, when, other_replica)| Reconnect { last, when, other_replica });
-    (events, ending, chunking, proptest::collection::vec(reconnect, 1..=6)).prop_map(
-        |(events, ending, chunking, reconnects)| ResumeProgram { events, ending, chunking, reconnects },
-    )
+    let reconnect =
+        (last, when, any::<bool>()).prop_map(|(last, when, other_replica)| Reconnect { last, when, other_replica });
+    (events, ending, chunking, proptest::collection::vec(reconnect, 1..=6))
+        .prop_map(|(events, ending, chunking, reconnects)| ResumeProgram { events, ending, chunking, reconnects })
 }
 
 /// Replica A or B of the resume programs: one layer over `memory`.
@@ -1370,7 +1369,9 @@ async fn run_resume(program: &ResumeProgram) -> Result<(), String> {
         }
         if body != program.body_from(from).as_bytes() {
             let got = String::from_utf8_lossy(&body);
-            let first_id = got.split_once("id: ").map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect::<String>());
+            let first_id = got
+                .split_once("id: ")
+                .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect::<String>());
             return Err(format!(
                 "reconnect {r} ({reconnect:?}, at {at} ms, {} bytes): not exactly the events from {from} on (its first id {first_id:?})",
                 body.len()
