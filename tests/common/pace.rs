@@ -1,7 +1,7 @@
 //! Keys do not starve each other: [`DUPLICATES`] duplicates waiting on a slow key do not delay a
 //! joined stream on another key of the same store. One check, run over every store: the memory
-//! store (`tests/layer`), Redis and Redis Cluster (`tests/stores`), PostgreSQL
-//! (`tests/postgres`). Real time on a multi-threaded runtime: the duplicates really wait, each
+//! store, Redis and PostgreSQL (`tests/pace`, a binary of its own), Redis Cluster (in its test in
+//! `tests/stores`). Real time on a multi-threaded runtime: the duplicates really wait, each
 //! on its own task, while the stream runs.
 #![allow(dead_code, unreachable_pub)]
 

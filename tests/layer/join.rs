@@ -489,11 +489,3 @@ async fn waiters_are_bounded_too() {
     assert_eq!(Outcome::of(&waiter.await.unwrap()), Outcome::Replayed, "the waiter within the bound replays");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
-
-/// Keys do not starve each other: 64 duplicates waiting on a slow key leave a joined stream on
-/// another key its pace (real time, many tasks).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_key_does_not_delay_a_joined_stream_on_another() {
-    let layer = join_layer(MemoryStore::new());
-    crate::common::pace::a_slow_key_does_not_delay_a_joined_stream_on_another(vec![layer]).await;
-}

@@ -558,17 +558,3 @@ async fn following_without_a_database_fails_within_the_operation_timeout() {
     assert!(error.is_timeout() || error.is_unavailable(), "{error:?}");
     assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
 }
-
-/// Keys do not starve each other: 64 duplicates waiting on a slow key (over two replicas,
-/// each with its own store on the same table) leave a joined stream on another key its pace.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_key_does_not_delay_a_joined_stream_on_another() {
-    let db = Db::new().await;
-    let secret = || tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap();
-    let layers = vec![
-        tower_idempotency::IdempotencyLayer::from_store(db.store().await).with_secret(secret()),
-        tower_idempotency::IdempotencyLayer::from_store(db.store().await).with_secret(secret()),
-    ];
-    super::pace::a_slow_key_does_not_delay_a_joined_stream_on_another(layers).await;
-    db.drop().await;
-}

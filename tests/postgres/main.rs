@@ -8,8 +8,6 @@
 //! Each test works in a schema of its own, so tests running in parallel never collide.
 
 mod live;
-#[path = "../common/pace.rs"]
-mod pace;
 mod processes;
 mod secret;
 mod store;

@@ -306,13 +306,3 @@ fn a_body_dropped_outside_any_runtime_is_still_recorded_in_redis() {
     });
     assert_eq!(runs.get(), 1);
 }
-
-/// Keys do not starve each other: 64 duplicates waiting on a slow key (over two replicas)
-/// leave a joined stream on another key its pace, though they outnumber the store's
-/// connections for blocking reads (32).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_key_does_not_delay_a_joined_stream_on_another() {
-    let url = redis_or_skip!();
-    let layers = vec![layer(store(&url).await), layer(store(&url).await)];
-    common::pace::a_slow_key_does_not_delay_a_joined_stream_on_another(layers).await;
-}
