@@ -399,15 +399,8 @@ impl IdempotencyStore for PostgresStore {
         record: Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let query = sqlx::query(AssertSqlSafe(self.inner.statements.complete.clone()))
-            .bind(scope_bytes(key))
-            .bind(key.key().as_str())
-            .bind(&lock.id().to_be_bytes()[..])
-            .bind(encode(&record))
-            .bind(micros(ttl))
-            .bind(&live::key_id(key)[..])
-            .bind(0i64);
-        self.owner_end(query).await
+        // No grace: the same statement, the row's grace ending with its TTL.
+        self.complete_with_grace(key, lock, record, ttl, Duration::ZERO).await
     }
 
     /// The row is kept, record included, until the grace ends (its `grace_until`), when the
