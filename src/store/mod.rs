@@ -423,7 +423,8 @@ impl StoreError {
         Self { kind: ErrorKind::Timeout, source: None }
     }
 
-    /// The store is full of in-flight locks and cannot take a new key.
+    /// The store is full: of in-flight locks (it cannot take a new key), or, for a publish, the
+    /// lock's live log is at the store's bound for one log (see [`LiveLog`]).
     pub fn capacity() -> Self {
         Self { kind: ErrorKind::Capacity, source: None }
     }
@@ -443,7 +444,7 @@ impl StoreError {
         self.kind == ErrorKind::Timeout
     }
 
-    /// Whether the store was full of in-flight locks.
+    /// Whether the store was full: of in-flight locks, or a live log at its bound.
     pub fn is_capacity(&self) -> bool {
         self.kind == ErrorKind::Capacity
     }

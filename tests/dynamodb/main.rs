@@ -6,6 +6,8 @@
 //! loopback port) with an in-memory database: nothing to start beforehand, nothing shared
 //! between tests.
 
+#[path = "../common/live_bound.rs"]
+mod live_bound;
 mod processes;
 mod store;
 mod units;

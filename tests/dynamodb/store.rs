@@ -302,19 +302,33 @@ async fn a_complete_sent_again_after_a_lost_answer_reports_success() {
     }
 }
 
-/// The live log lives in the lock's item, so it has a byte bound: a publish past it appends
-/// nothing (nor does any later one, which would leave a gap), the log keeps what came before,
-/// and its followers learn of the end as usual and read the rest from the record.
+/// The live log lives in the lock's item, so it has a byte bound, and follows the store
+/// contract past it: a publish that would pass it fails with a capacity error and appends
+/// nothing (so does one sent again), a later one would leave a gap and appends nothing either,
+/// the log keeps what came before, and its followers learn of the end as usual.
 #[tokio::test]
-async fn the_live_log_stops_at_its_bound() {
+async fn a_publish_past_the_live_log_bound_fails_with_a_capacity_error_and_appends_nothing() {
     let store = builder().with_live_log_limit(1024).build(client(dynamodb().await));
     store.create_table().await.unwrap();
     let key = conformance::fresh_key(None);
     let token = lock_long(&store, &key).await;
     let data = |len: usize| LiveEvent::Data(Bytes::from(vec![b'x'; len]));
     store.publish(&key, &token, 0, vec![conformance::live_head(), data(600)]).await.unwrap();
-    store.publish(&key, &token, 2, vec![data(600)]).await.unwrap();
+    for _ in 0..2 {
+        let refused = store.publish(&key, &token, 2, vec![data(600)]).await.unwrap_err();
+        assert!(refused.is_capacity(), "past the bound: {refused:?}");
+    }
+    // One event past the log's end: a gap, never written.
     store.publish(&key, &token, 3, vec![data(10)]).await.unwrap();
+    // Too large for the bound on its own, in an empty log's place.
+    let key2 = conformance::fresh_key(None);
+    let token2 = lock_long(&store, &key2).await;
+    let refused = store.publish(&key2, &token2, 0, vec![conformance::live_head(), data(2000)]).await.unwrap_err();
+    assert!(refused.is_capacity(), "larger than the bound: {refused:?}");
+    let Followed::Live { events, .. } = conformance::follow(&store, &key2, fp(1), None, Duration::ZERO).await else {
+        panic!("the lock is live");
+    };
+    assert!(events.is_empty(), "nothing appended: {events:?}");
     let Followed::Live { events, cursor } =
         conformance::follow(&store, &key, fp(1), None, Duration::from_millis(50)).await
     else {
@@ -326,6 +340,17 @@ async fn the_live_log_stops_at_its_bound() {
         conformance::follow(&store, &key, fp(1), Some(cursor), conformance::LEASE).await,
         Followed::Ended { completed: true }
     );
+}
+
+/// Through the layer, the live log's bound is the store contract's: a joined response whose
+/// log passes it is kept as not retained (the joiner's body ends with an error, a later
+/// duplicate gets `409` `response-not-retained`), the first client gets it all, the handler
+/// runs once: the same check as `MemoryStore`'s bound (`tests/common/live_bound.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_response_past_the_live_log_bound_is_not_retained() {
+    let store = builder().with_live_log_limit(4096).build(client(dynamodb().await));
+    store.create_table().await.unwrap();
+    crate::live_bound::a_live_log_past_its_bound_cannot_be_joined(store, 600, || {}).await;
 }
 
 /// The key locked for `fp(1)` with a lease no loaded machine outlives: these tests check what

@@ -328,43 +328,21 @@ async fn a_response_over_the_record_limit_cannot_be_joined() {
 
 /// `MemoryStore`'s live log has a bound per response: a stream whose log would pass it is kept
 /// as not retained, as past the record limit (joiners end with an error, later duplicates get
-/// `409` `response-not-retained`), the first client gets it all, and the store's bytes never
-/// pass the bound: they fall back to none once the log ends.
+/// `409` `response-not-retained`), the first client gets it all (the check every store with a
+/// bound runs, `tests/common/live_bound.rs`), and the store's bytes never pass the bound: they
+/// fall back to none once the log ends.
 #[tokio::test(start_paused = true)]
 async fn a_live_log_past_its_bound_cannot_be_joined_and_holds_no_more() {
     const BOUND: usize = 16 * 1024;
     let store = MemoryStore::builder().with_max_live_log(BOUND).build();
-    let (svc, runs) = app(join_layer(store.clone()));
-    let mut first = call(&svc, request("k10", &[("x-events", "600")])).await.into_body();
-    let mut got = next_data(&mut first).await.unwrap().unwrap().to_vec();
-    let mut joined = call(&svc, request("k10", &[])).await.into_body();
-    let joining = tokio::spawn(async move {
-        let mut text = String::new();
-        while let Some(data) = next_data(&mut joined).await {
-            match data {
-                Ok(data) => text.push_str(std::str::from_utf8(&data).unwrap()),
-                Err(_) => return (text, true),
-            }
-        }
-        (text, false)
-    });
     let mut most = 0;
-    while let Some(data) = next_data(&mut first).await {
-        got.extend_from_slice(&data.unwrap());
+    crate::live_bound::a_live_log_past_its_bound_cannot_be_joined(store.clone(), 600, || {
         most = most.max(store.bytes());
-    }
-    assert_eq!(String::from_utf8(got).unwrap(), events(0, 600), "the first client gets it all");
+    })
+    .await;
     assert!(most <= BOUND, "the store held {most} bytes for a log bounded at {BOUND}");
     assert!(most > BOUND / 2, "the log was counted: {most} bytes at most");
-    let (text, failed) = joining.await.unwrap();
-    assert!(failed, "a joiner of a response past the bound ends with an error");
-    assert!(events(0, 600).starts_with(&text) && text.len() < events(0, 600).len() / 2, "{} bytes", text.len());
-    let late = call(&svc, request("k10", &[])).await;
-    assert_eq!(late.status(), StatusCode::CONFLICT);
-    let problem = String::from_utf8(late.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
-    assert!(problem.contains("response-not-retained"), "{problem}");
     assert_eq!(store.bytes(), 0, "the log ended: nothing held (a not-retained record counts none)");
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 /// A memory store that counts the calls made to it.

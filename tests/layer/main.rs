@@ -19,6 +19,8 @@ mod grpc;
 mod inputs;
 mod join;
 mod json_rpc;
+#[path = "../common/live_bound.rs"]
+mod live_bound;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod one_write;

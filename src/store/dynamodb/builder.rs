@@ -128,9 +128,16 @@ impl DynamoDbStoreBuilder {
         self
     }
 
-    /// The most bytes of events one lock's live log holds (join mode): past it nothing more is
-    /// published, and followers get the rest from the record. Default: 64 KB; at most what the
-    /// 400 KB item leaves.
+    /// The most bytes of events one lock's live log holds (join mode; an event costs its bytes
+    /// and 2 more). Default: 64 KB; at most what the 400 KB item leaves.
+    ///
+    /// Past it the store refuses the response's next publish
+    /// ([`StoreError::is_capacity`](crate::store::StoreError::is_capacity)) and appends nothing
+    /// of it; the layer then keeps the response as not retained, as past its record limit: its
+    /// joined bodies end with an error and later duplicates get `409` `response-not-retained`,
+    /// while the response itself goes on to its client. Raise it for the longest stream that
+    /// must be joinable (each publish rewrites the item, so the log's size is paid in write
+    /// units per publish).
     ///
     /// ```
     /// use tower_idempotency::store::DynamoDbStore;

@@ -99,7 +99,8 @@ fn read(
 
 impl DynamoDbStore {
     /// [`LiveLog::publish`](crate::store::LiveLog::publish): appends the events past the log's
-    /// end, while the lock is live and the log within its bound.
+    /// end, while the lock is live. Events that would take the log past its byte bound are
+    /// refused ([`StoreError::capacity`]), and nothing of them is appended.
     pub(super) async fn publish_events(
         &self,
         key: &StoreKey,
@@ -117,7 +118,7 @@ impl DynamoDbStore {
             // A list element costs its bytes and one more.
             let bytes: u64 = encoded.iter().map(|event| event.len() as u64 + 1).sum();
             let Some(room) = self.inner.live_log_limit.checked_sub(bytes) else {
-                return Ok(());
+                return Err(StoreError::capacity());
             };
             let count = encoded.len() as u64;
             let values = [
@@ -142,8 +143,12 @@ impl DynamoDbStore {
                 return Ok(());
             }
             let len = found.log_len()?;
-            // At `from` the byte bound failed; before it, a gap: append nothing either way.
-            if len <= from || len >= from + count {
+            if len == from {
+                // The lock is the caller's and the log ends at `from`: the byte bound failed.
+                return Err(StoreError::capacity());
+            }
+            // Before `from`, a gap; past the events, all of them were there already.
+            if len < from || len >= from + count {
                 return Ok(());
             }
             encoded.drain(..usize::try_from(len - from).unwrap_or(usize::MAX).min(encoded.len()));

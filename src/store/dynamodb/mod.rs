@@ -195,10 +195,12 @@ use item::{
 ///
 /// The log lives in the lock's item, as a list of events (`log`), with its count (`n`) and
 /// size (`lb`). A publish appends the events past the log's end, only while the caller's lock
-/// is live (one sent again adds nothing; one leaving a gap adds nothing), and only while the
-/// log stays under its [byte bound](DynamoDbStoreBuilder::with_live_log_limit) (default
-/// 64 KB, at most what the item limit leaves): past it, nothing more is published, and
-/// duplicates following the response get the rest from the record once it completes. Every
+/// is live (one sent again adds nothing; one leaving a gap adds nothing). The log has a
+/// [byte bound](DynamoDbStoreBuilder::with_live_log_limit) (default 64 KB, at most what the
+/// item limit leaves): a publish that would pass it is refused
+/// ([`StoreError::is_capacity`]) and appends nothing, and the layer then keeps the response as
+/// not retained, as past its record limit (joined bodies end with an error, later duplicates
+/// get `409` `response-not-retained`, the response itself goes on to its client). Every
 /// publish rewrites the item, so it costs the item's size in write units: join mode is for
 /// short streams on this store. `complete` and `release` remove the log with the lock; a lock
 /// taken over starts an empty one.
