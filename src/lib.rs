@@ -229,6 +229,10 @@
 //!   with `serde_json`.
 //! - `conformance`: `store::conformance`, the suite every store passes, for a store crate of
 //!   your own to run against its store in its tests.
+//! - `metrics`: counters, gauges and histograms of what the layer does, through the `metrics`
+//!   facade (any exporter: Prometheus, StatsD, OpenTelemetry); off, nothing is recorded. With
+//!   Prometheus' recorder, a first request costs 1.07× the instructions it costs without the
+//!   feature and a replay 1.11× (docs/performance.md).
 //!
 //! No feature is on by default: the layer, the client half and `MemoryStore` need none.
 //!

@@ -94,6 +94,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
             answers: Answers::default(),
             keeper: Keeper::new(DEFAULT_LEASE),
             trace: None,
+            bounds_shown: Default::default(),
         };
         Self { store: Arc::new(store), config: Arc::new(config), live: None }
     }
@@ -150,7 +151,10 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     }
 
     fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        f(Arc::make_mut(&mut self.config));
+        let config = Arc::make_mut(&mut self.config);
+        f(config);
+        // Settings changed: shown again by the next service made.
+        config.bounds_shown = Default::default();
         self
     }
 
@@ -588,9 +592,7 @@ impl<S, St> Layer<S> for IdempotencyLayer<St> {
 
     fn layer(&self, inner: S) -> Self::Service {
         let config = &self.config;
-        crate::telemetry::bounds(config.lease, config.waiting.max, config.max_detached);
-        let config = &self.config;
-        crate::telemetry::bounds(config.lease, config.waiting.max, config.max_detached);
+        crate::telemetry::bounds(&config.bounds_shown, config.lease, config.waiting.max, config.max_detached);
         Idempotency::new(inner, self.store.clone(), self.config.clone(), self.live)
     }
 }

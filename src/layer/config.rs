@@ -165,6 +165,8 @@ pub(crate) struct Config {
     pub(crate) keeper: Keeper,
     /// Names the executing span in a record, and links a replay's span to it.
     pub(crate) trace: Option<Arc<dyn crate::TraceHook>>,
+    /// Whether these settings' bounds were set in the metrics' gauges (feature `metrics`).
+    pub(crate) bounds_shown: crate::telemetry::BoundsShown,
 }
 
 impl Config {

@@ -123,3 +123,64 @@ fn a_record_that_cannot_be_written_within_the_lease_is_a_write_failure() {
     assert!(value(&text, "idempotency_record_write_retries_total") >= 1.0, "{text}");
     assert_eq!(value(&text, "idempotency_locks_held"), 0.0, "{text}");
 }
+
+/// A recorder that counts how often each series is registered (each registration is a lookup
+/// in a real recorder's registry: what the layer's metrics cost per request), and records
+/// nothing.
+#[derive(Default)]
+struct Registrations(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl Registrations {
+    fn count(&self, key: &::metrics::Key) {
+        *self.0.lock().unwrap().entry(key.name().to_owned()).or_default() += 1;
+    }
+
+    fn of(&self, name: &str) -> usize {
+        self.0.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}
+
+impl ::metrics::Recorder for Registrations {
+    fn describe_counter(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+    fn describe_gauge(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+    fn describe_histogram(&self, _: ::metrics::KeyName, _: Option<::metrics::Unit>, _: ::metrics::SharedString) {}
+
+    fn register_counter(&self, key: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Counter {
+        self.count(key);
+        ::metrics::Counter::noop()
+    }
+
+    fn register_gauge(&self, key: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Gauge {
+        self.count(key);
+        ::metrics::Gauge::noop()
+    }
+
+    fn register_histogram(&self, key: &::metrics::Key, _: &::metrics::Metadata<'_>) -> ::metrics::Histogram {
+        self.count(key);
+        ::metrics::Histogram::noop()
+    }
+}
+
+/// A layer sets the gauges of its bounds once, not at every service it makes (axum makes one
+/// per request for a router called without `with_state`), and again once its settings change;
+/// a lock's gauge is registered once per lock (its drop decrements through the same handle).
+#[test]
+fn a_layer_shows_its_bounds_once_and_a_locks_gauge_is_registered_once() {
+    let registrations = Registrations::default();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    ::metrics::with_local_recorder(&registrations, || {
+        runtime.block_on(async {
+            let (layer, runs) = (IdempotencyLayer::new(), Runs::default());
+            for key in ["a", "b", "c"] {
+                let svc = service(layer.clone(), runs.clone());
+                assert_eq!(send(&svc, post("/orders", key, "{}")).await.status, StatusCode::CREATED);
+            }
+            let _changed = service(layer.with_lease(Duration::from_secs(60)), runs.clone());
+            assert_eq!(runs.get(), 3);
+        })
+    });
+    assert_eq!(registrations.of("idempotency_lease_seconds"), 2, "the first layer once, the changed one once");
+    assert_eq!(registrations.of("idempotency_detached_handlers_limit"), 2);
+    assert_eq!(registrations.of("idempotency_locks_held"), 3, "one registration per lock");
+    assert_eq!(registrations.of("idempotency_requests_total"), 3);
+}
