@@ -1,5 +1,6 @@
 //! Trace contexts: the W3C `traceparent` a request arrived with, and the ids of the span it ran
-//! in, kept in its record so that a replay points at the work it replays.
+//! in, kept in its record so that a replay points at the work it replays, and in the head it
+//! publishes while in flight so that a joined request points at the work it follows.
 
 use std::{
     fmt,
@@ -103,7 +104,8 @@ impl TraceContext {
 
 /// How the layer meets the application's tracing system, which it does not depend on: it
 /// names the span a request executes in (kept in its record, with the caller's
-/// `traceparent`), and links a replayed request's span to that span. Set with
+/// `traceparent`, and in the head it publishes for joiners while in flight), and links a
+/// replayed or joined request's span to that span. Set with
 /// [`IdempotencyLayer::with_trace_hook`](crate::IdempotencyLayer::with_trace_hook).
 ///
 /// Both methods are called inside the layer's `idempotency` span, the current span then. With
@@ -139,15 +141,18 @@ pub trait TraceHook: Send + Sync + 'static {
     /// The context of the span the handler is about to run in; `None` if there is none.
     fn current(&self) -> Option<TraceContext>;
 
-    /// A replayed request's span is current: link it to `origin`, the request that executed.
-    /// The default does nothing (the span's fields carry the original's ids anyway).
+    /// A replayed or joined request's span is current: link it to `origin`, the request that
+    /// executed (a replay's record) or is executing (a joined response's head; its
+    /// `completed_at` is `None`). The default does nothing (the span's fields carry the
+    /// original's ids anyway).
     fn link(&self, origin: &Origin) {
         let _ = origin;
     }
 }
 
-/// Marks the current span (a replay's `idempotency` span) with the trace of the request that
-/// executed, and hands it to the hook to link.
+/// Marks the current span (a replay's or a joiner's `idempotency` span) with the trace of the
+/// request that executed or is executing, and hands it to the hook to link. The one place both
+/// paths link, so that they cannot differ.
 pub(crate) fn link(hook: Option<&dyn TraceHook>, origin: &Origin) {
     let Some(original) = origin.span.or(origin.caller) else { return };
     let span = tracing::Span::current();
@@ -194,12 +199,13 @@ fn to_hex(bytes: &[u8]) -> String {
 }
 
 /// Where a record came from: when it was completed, and the trace contexts of the request
-/// that executed. A replay (or a joined request) carries them on its span, so that a trace
-/// viewer goes from the retry to the work it replays; an operator reads them when looking at a
-/// key.
+/// that executed. A replay carries them on its span, so that a trace viewer goes from the retry
+/// to the work it replays; an operator reads them when looking at a key. A response in flight
+/// publishes them in its head ([`LiveEvent::Head`](crate::store::LiveEvent::Head), without
+/// `completed_at`), so that a joined request's span points at the work it follows.
 ///
-/// The layer fills it for every response it records. A record written before this existed,
-/// or by a store's own code, has the default: nothing known.
+/// The layer fills it for every response it records or publishes. A record (or head) written
+/// before this existed, or by a store's own code, has the default: nothing known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Origin {

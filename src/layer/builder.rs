@@ -464,9 +464,10 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
 
     /// How the layer meets the application's tracing system (OpenTelemetry, say): the hook
     /// names the span a request executes in, which its record keeps (with the caller's
-    /// `traceparent`, kept without a hook), and links a replayed request's span to it. Without
-    /// one, a replay's `idempotency` span still carries the original's ids as the fields
-    /// `original_trace_id` and `original_traceparent`. Default: none. See [`TraceHook`].
+    /// `traceparent`, kept without a hook), as does the head it publishes for joiners, and
+    /// links a replayed or joined request's span to it. Without one, a replay's or a joiner's
+    /// `idempotency` span still carries the original's ids as the fields `original_trace_id`
+    /// and `original_traceparent`. Default: none. See [`TraceHook`].
     pub fn with_trace_hook(self, hook: impl TraceHook) -> Self {
         let hook: Arc<dyn TraceHook> = Arc::new(hook);
         self.config(|c| c.trace = Some(hook))

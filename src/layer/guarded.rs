@@ -244,9 +244,11 @@ where
             let waited = M::wait(&mode, live, &key, fingerprint, &config, until, join).await;
             telemetry::waited(join, waiting_since);
             match waited {
-                Ok(Waited::Head { status, headers, events, cursor, following }) => {
+                Ok(Waited::Head { status, headers, origin, events, cursor, following }) => {
                     let Some(mut slot) = slot.take() else { unreachable!("entered above") };
                     slot.join();
+                    // As a replay's: the joiner's span points at the request it follows.
+                    trace::link(config.trace.as_deref(), &origin);
                     let last_event_id = head.headers.get(LAST_EVENT_ID).filter(|_| is_event_stream(&headers));
                     let last_event_id = last_event_id.map(|id| Bytes::copy_from_slice(id.as_bytes()));
                     let parts = joined_head(status, headers);

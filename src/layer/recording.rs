@@ -345,7 +345,8 @@ where
             streaming.publisher = streaming.guard.held().map(|held| Publisher::new(held, tape.chunks.iter(), marks));
         }
         if let Some(publisher) = &mut streaming.publisher {
-            publisher.flush(cx, streaming.tape.status, &streaming.tape.headers);
+            let tape = &streaming.tape;
+            publisher.flush(cx, tape.status, &tape.headers, tape.origin);
             if publisher.full() {
                 // The store keeps no more of its live log: as past the record limit, the
                 // response is not retained (joiners end, duplicates get the answer for it).

@@ -105,7 +105,7 @@ where
             "idempotency",
             method = %request.method(),
             path = request.uri().path(),
-            // A replay's: the request that executed (see `TraceHook`).
+            // A replay's or a joiner's: the request it follows (see `TraceHook`).
             original_trace_id = tracing::field::Empty,
             original_traceparent = tracing::field::Empty,
         );

@@ -355,10 +355,22 @@ pub async fn concurrent_begins_lock_once<S: IdempotencyStore>(store: S) {
     }
 }
 
-/// A head event like [`response`]'s.
+/// A head event like [`response`]'s, of a request that came without a trace context.
 pub fn live_head() -> LiveEvent {
     let response = response(b"");
-    LiveEvent::Head { status: response.status(), headers: response.headers().clone() }
+    LiveEvent::Head { status: response.status(), headers: response.headers().clone(), origin: Origin::default() }
+}
+
+/// [`live_head`] with the origin of the request in flight: its caller's `traceparent` and the
+/// span it runs in (no completion time yet).
+pub fn live_head_with_origin() -> LiveEvent {
+    let response = response(b"");
+    let origin = Origin {
+        completed_at: None,
+        caller: TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        span: TraceContext::new([0xab; 16], [0xcd; 8], 1),
+    };
+    LiveEvent::Head { status: response.status(), headers: response.headers().clone(), origin }
 }
 
 /// `follow` unwrapped, with a timeout of `timeout`.
@@ -433,6 +445,20 @@ pub async fn published_events_are_followed<S: LiveLog>(store: S) {
     assert_eq!(same, after);
     // Another fingerprint has no log here.
     assert_eq!(follow(&store, &key, fp(2), None, LEASE).await, Followed::Ended { completed: false });
+}
+
+/// A head comes back with the origin of the request in flight (the trace a joined request
+/// links to), and one without it as it was published.
+pub async fn a_head_keeps_the_origin_of_the_request_in_flight<S: LiveLog>(store: S) {
+    for head in [live_head_with_origin(), live_head()] {
+        let key = fresh_key(None);
+        let token = lock(&store, &key, fp(1)).await;
+        store.publish(&key, &token, 0, vec![head.clone()]).await.unwrap();
+        let Followed::Live { events, .. } = follow(&store, &key, fp(1), None, LEASE).await else {
+            panic!("the lock is live");
+        };
+        assert_eq!(events, vec![head]);
+    }
 }
 
 /// A follower waiting at the end of the log is woken by a publish, well before its timeout.
@@ -792,6 +818,7 @@ where
         make,
         advance,
         published_events_are_followed,
+        a_head_keeps_the_origin_of_the_request_in_flight,
         publish_wakes_a_follower(advance),
         complete_ends_the_log(advance),
         release_ends_the_log(advance),

@@ -6,7 +6,8 @@ use std::{future::Future, time::Duration};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use super::{Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey};
+use super::{DecodeError, Fingerprint, IdempotencyStore, LockToken, StoreError, StoreKey, StoredResponse};
+use crate::Origin;
 
 /// The live log of each lock: what a store needs so that duplicates of a request in flight can
 /// wait for it or join its response as it is produced. An optional capability: a store that
@@ -81,12 +82,18 @@ pub trait LiveLog: IdempotencyStore {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum LiveEvent {
-    /// The status and the headers a replay would send. Always the first event, and only once.
+    /// The status and the headers a replay would send, and where the response comes from.
+    /// Always the first event, and only once.
     Head {
         /// The response status.
         status: StatusCode,
         /// The headers kept for a replay (hop-by-hop, `Content-Length`, `Date` removed).
         headers: HeaderMap,
+        /// The trace contexts of the request in flight (its caller's `traceparent`, its span
+        /// as the layer's [`TraceHook`](crate::TraceHook) named it; no completion time yet): a
+        /// joined request's span links to it, as a replay's links to its record's. Empty in a
+        /// head published before heads carried it.
+        origin: Origin,
     },
     /// The next bytes of the body.
     Data(Bytes),
@@ -140,4 +147,90 @@ pub enum Followed {
         /// Whether a record replaced the lock.
         completed: bool,
     },
+}
+
+/// Appends a [`LiveEvent::Head`] as a store keeps it: a record ([`StoredResponse::encode_into`])
+/// with the head's status, headers and origin, and an empty body. Every store that encodes its
+/// log writes heads with this and reads them with [`decode_head`], so that their layouts
+/// cannot drift apart. `None` for a head too large for the layout (more than 65 535 header
+/// fields, a value over 4 GiB): like its record, which is then not retained, it cannot be
+/// published.
+#[cfg_attr(not(any(feature = "redis", feature = "postgres", feature = "dynamodb")), allow(dead_code))]
+pub(crate) fn encode_head(status: StatusCode, headers: HeaderMap, origin: Origin, out: &mut Vec<u8>) -> Option<()> {
+    let head = StoredResponse::new(status, headers, Bytes::new()).with_origin(origin);
+    out.reserve(head.encoded_len());
+    head.encode_into(out)
+}
+
+/// Reads back a head [`encode_head`] wrote. A head written before heads carried an origin (the
+/// same layout without it) reads with an empty one.
+#[cfg_attr(not(any(feature = "redis", feature = "postgres", feature = "dynamodb")), allow(dead_code))]
+pub(crate) fn decode_head(encoded: Bytes) -> Result<LiveEvent, DecodeError> {
+    let head = StoredResponse::decode(encoded)?;
+    if !head.body.is_empty() || head.trailers.is_some() || !head.marks.is_empty() {
+        return Err(DecodeError("a live head with a body"));
+    }
+    Ok(LiveEvent::Head { status: head.status, headers: head.headers, origin: head.origin })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::TraceContext;
+
+    fn headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/event-stream"));
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("x-multi", HeaderValue::from_static("two"));
+        headers
+    }
+
+    fn encoded(status: StatusCode, headers: HeaderMap, origin: Origin) -> Bytes {
+        let mut out = Vec::new();
+        encode_head(status, headers, origin, &mut out).unwrap();
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn a_head_round_trips_with_its_origin() {
+        let caller = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let span = TraceContext::new([0xab; 16], [0xcd; 8], 1);
+        for origin in [
+            Origin { caller, span, completed_at: None },
+            Origin { caller: None, span, completed_at: None },
+            Origin { caller, span: None, completed_at: Some(UNIX_EPOCH + Duration::from_millis(5)) },
+            Origin::default(),
+        ] {
+            let head = decode_head(encoded(StatusCode::OK, headers(), origin)).unwrap();
+            assert_eq!(head, LiveEvent::Head { status: StatusCode::OK, headers: headers(), origin });
+        }
+    }
+
+    #[test]
+    fn a_head_without_an_origin_is_written_and_read_as_before() {
+        // The layout of a head from before heads carried an origin: status, no headers, flags.
+        let old = Bytes::from_static(&[0, 200, 0, 0, 0]);
+        assert_eq!(encoded(StatusCode::OK, HeaderMap::new(), Origin::default()), old);
+        let head = decode_head(old).unwrap();
+        assert_eq!(
+            head,
+            LiveEvent::Head { status: StatusCode::OK, headers: HeaderMap::new(), origin: Origin::default() }
+        );
+    }
+
+    #[test]
+    fn a_head_with_a_body_or_damaged_is_an_error() {
+        let mut with_body = Vec::new();
+        StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"body"))
+            .encode_into(&mut with_body)
+            .unwrap();
+        for damaged in [&with_body[..], b"", b"\x00", b"\x00\xc8\x00\x00\x04"] {
+            assert!(decode_head(Bytes::copy_from_slice(damaged)).is_err(), "{damaged:?}");
+        }
+    }
 }

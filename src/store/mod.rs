@@ -198,6 +198,8 @@ pub use dynamodb::{DynamoDbStore, DynamoDbStoreBuilder};
 pub use fingerprint::Fingerprint;
 pub use inspect::{Completed, Inspect, KeyState, Locked, Purged};
 pub use live::{Followed, LiveCursor, LiveEvent, LiveLog};
+#[cfg(any(feature = "redis", feature = "postgres", feature = "dynamodb"))]
+pub(crate) use live::{decode_head, encode_head};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -20,6 +20,7 @@ use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
 
 use crate::{
+    Origin,
     layer::lock::StoreHandle,
     store::StoreKey,
     store::{Followed, LiveCursor, LiveEvent, StoreError},
@@ -28,11 +29,12 @@ use crate::{
 
 /// What a duplicate that waited for the request in flight found.
 pub(crate) enum Waited {
-    /// Join mode: the first request's head is there, with what followed it so far, and the
-    /// handle to follow the rest with.
+    /// Join mode: the first request's head is there (with its origin, for the joiner's span to
+    /// link to), with what followed it so far, and the handle to follow the rest with.
     Head {
         status: StatusCode,
         headers: HeaderMap,
+        origin: Origin,
         events: Vec<LiveEvent>,
         cursor: LiveCursor,
         following: Arc<dyn StoreHandle>,
@@ -65,9 +67,9 @@ pub(crate) async fn wait_in_flight(
                 // A log read from its start begins with its head.
                 if join && cursor.is_none_or(|c: LiveCursor| c.read() == 0) {
                     let mut events = events.into_iter();
-                    if let Some(LiveEvent::Head { status, headers }) = events.next() {
+                    if let Some(LiveEvent::Head { status, headers, origin }) = events.next() {
                         let (events, following) = (events.collect(), following.clone());
-                        return Ok(Waited::Head { status, headers, events, cursor: next, following });
+                        return Ok(Waited::Head { status, headers, origin, events, cursor: next, following });
                     }
                 }
                 cursor = Some(next);

@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode};
 
 use crate::{
+    Origin,
     layer::lock::{Published, StoreHandle},
     rt::BoxFuture,
     store::EventMark,
@@ -121,14 +122,17 @@ impl Publisher {
     }
 
     /// Moves publishing on: finishes the publish under way if it is done, and starts the next
-    /// with everything queued since, the response head (`status`, `headers`) first. Never
-    /// waits (`cx` is woken when a publish finishes).
-    pub(crate) fn flush(&mut self, cx: &mut Context<'_>, status: StatusCode, headers: &HeaderMap) {
+    /// with everything queued since, the response head (`status`, `headers`, and the `origin`
+    /// of the request, which a joiner's span links to) first. Never waits (`cx` is woken when
+    /// a publish finishes).
+    pub(crate) fn flush(&mut self, cx: &mut Context<'_>, status: StatusCode, headers: &HeaderMap, origin: Origin) {
         if self.full {
             return;
         }
         if !self.head_queued {
-            self.queue.insert(0, LiveEvent::Head { status, headers: headers.clone() });
+            // In flight: not completed yet.
+            let origin = Origin { completed_at: None, ..origin };
+            self.queue.insert(0, LiveEvent::Head { status, headers: headers.clone(), origin });
             self.head_queued = true;
         }
         loop {

@@ -5,25 +5,26 @@ use std::{collections::HashMap, time::Duration};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use bytes::{Bytes, BytesMut};
-use http::HeaderMap;
 use tokio::time::Instant;
 
 use super::{DynamoDbStore, item::*, sdk_error};
-use crate::store::{Fingerprint, Followed, LiveCursor, LiveEvent, LockToken, StoreError, StoreKey, StoredResponse};
+use crate::store::{
+    Fingerprint, Followed, LiveCursor, LiveEvent, LockToken, StoreError, StoreKey, decode_head, encode_head,
+};
 
 /// Tags of an encoded event (its first byte).
 const HEAD: u8 = 0;
 const DATA: u8 = 1;
 const EVENT_END: u8 = 2;
 
-/// One event as one binary list element: its tag, then the head as a record with an empty
-/// body, the data, or the event id.
+/// One event as one binary list element: its tag, then the head (as every store writes it:
+/// [`encode_head`], a record with its origin and without a body), the data, or the event id.
 fn encode(event: &LiveEvent) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     match event {
-        LiveEvent::Head { status, headers } => {
+        LiveEvent::Head { status, headers, origin } => {
             out.push(HEAD);
-            StoredResponse::new(*status, headers.clone(), Bytes::new()).encode_into(&mut out)?;
+            encode_head(*status, headers.clone(), *origin, &mut out)?;
         }
         LiveEvent::Data(data) => {
             out.push(DATA);
@@ -43,10 +44,7 @@ fn decode(value: &AttributeValue) -> Result<LiveEvent, StoreError> {
     let (&tag, rest) = blob.as_ref().split_first().ok_or_else(|| corrupt("empty event"))?;
     let rest = Bytes::from(BytesMut::from(rest));
     match tag {
-        HEAD => {
-            let head = StoredResponse::decode(rest).map_err(|error| corrupt(error.0))?;
-            Ok(LiveEvent::Head { status: head.status(), headers: HeaderMap::clone(head.headers()) })
-        }
+        HEAD => decode_head(rest).map_err(|error| corrupt(error.0)),
         DATA => Ok(LiveEvent::Data(rest)),
         EVENT_END => Ok(LiveEvent::EventEnd(rest)),
         _ => Err(corrupt("unknown tag")),

@@ -19,7 +19,10 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use tokio::sync::Notify;
 
-use crate::store::{Followed, LiveCursor, LiveEvent};
+use crate::{
+    Origin,
+    store::{Followed, LiveCursor, LiveEvent},
+};
 
 pub(super) struct Live {
     log: Mutex<Log>,
@@ -41,10 +44,13 @@ struct Log {
 /// One event as the log keeps it: 40 bytes (`LiveEvent` is over 100, for its head's header
 /// map inline).
 enum Piece {
-    Head(Box<(StatusCode, HeaderMap)>),
+    Head(Box<Head>),
     Data(Bytes),
     EventEnd(Bytes),
 }
+
+/// A head as a piece keeps it: status, headers, and the origin of the request in flight.
+type Head = (StatusCode, HeaderMap, Origin);
 
 /// A publish that would take the log past its bound: refused.
 pub(super) struct Full;
@@ -55,7 +61,7 @@ pub(super) const EMPTY_WEIGHT: usize = size_of::<Live>() + 2 * size_of::<usize>(
 impl Piece {
     fn new(event: LiveEvent) -> Self {
         match event {
-            LiveEvent::Head { status, headers } => Self::Head(Box::new((status, headers))),
+            LiveEvent::Head { status, headers, origin } => Self::Head(Box::new((status, headers, origin))),
             LiveEvent::Data(data) => Self::Data(data),
             LiveEvent::EventEnd(id) => Self::EventEnd(id),
         }
@@ -63,7 +69,7 @@ impl Piece {
 
     fn to_event(&self) -> LiveEvent {
         match self {
-            Self::Head(head) => LiveEvent::Head { status: head.0, headers: head.1.clone() },
+            Self::Head(head) => LiveEvent::Head { status: head.0, headers: head.1.clone(), origin: head.2 },
             Self::Data(data) => LiveEvent::Data(data.clone()),
             Self::EventEnd(id) => LiveEvent::EventEnd(id.clone()),
         }
@@ -71,12 +77,12 @@ impl Piece {
 }
 
 /// The bytes an event carries beyond its piece: the body bytes, the event id, or the head
-/// (its box, and each header field's name and value plus a field's own 64 bytes or so in the
+/// (its box with the origin, and each header field's name and value plus a field's own 64 bytes or so in the
 /// map).
 fn carried(event: &LiveEvent) -> usize {
     match event {
         LiveEvent::Head { headers, .. } => {
-            size_of::<(StatusCode, HeaderMap)>()
+            size_of::<Head>()
                 + headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 64).sum::<usize>()
         }
         LiveEvent::Data(data) => data.len(),

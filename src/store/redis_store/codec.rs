@@ -25,7 +25,7 @@
 //! ```text
 //! id       field  value
 //! 0-1      o      empty: the log was opened by a follower before anything was published
-//! 1-(i+1)  h      event i is the head: status and headers, as a response's (no body)
+//! 1-(i+1)  h      event i is the head: status, headers and origin, as a record's (no body)
 //! 1-(i+1)  d      event i is body data: the bytes, raw
 //! 1-(i+1)  e      event i ends a text/event-stream event: its id, raw
 //! 2-0      c      the end: 1 a record replaced the lock, 0 it was released
@@ -36,7 +36,7 @@ use std::sync::Arc;
 use ::redis::Value;
 use bytes::Bytes;
 
-use crate::store::{Fingerprint, LiveEvent, LockToken, Record, StoreError, StoredResponse};
+use crate::store::{Fingerprint, LiveEvent, LockToken, Record, StoreError, StoredResponse, decode_head, encode_head};
 
 /// Tag of an in-flight lock.
 pub(super) const LOCK: u8 = b'L';
@@ -117,10 +117,9 @@ pub(super) fn decode_record(value: Vec<u8>) -> Result<Record, StoreError> {
 /// 4 GiB): like its record, which is then not retained, it cannot be published.
 pub(super) fn encode_event(event: LiveEvent) -> Option<(&'static [u8], Bytes)> {
     Some(match event {
-        LiveEvent::Head { status, headers } => {
-            let head = StoredResponse::new(status, headers, Bytes::new());
-            let mut out = Vec::with_capacity(head.encoded_len());
-            head.encode_into(&mut out)?;
+        LiveEvent::Head { status, headers, origin } => {
+            let mut out = Vec::new();
+            encode_head(status, headers, origin, &mut out)?;
             (b"h", Bytes::from(out))
         }
         LiveEvent::Data(data) => (b"d", data),
@@ -164,10 +163,7 @@ pub(super) fn decode_entry(entry: Value) -> Result<Entry, StoreError> {
     };
     let value = Bytes::from(value);
     let event = match field.as_slice() {
-        b"h" => {
-            let head = StoredResponse::decode(value).map_err(|error| corrupt(error.0))?;
-            LiveEvent::Head { status: head.status, headers: head.headers }
-        }
+        b"h" => decode_head(value).map_err(|error| corrupt(error.0))?,
         b"d" => LiveEvent::Data(value),
         b"e" => LiveEvent::EventEnd(value),
         _ => return Err(corrupt("live log entry field")),
@@ -184,6 +180,7 @@ mod tests {
     use http::{HeaderMap, HeaderValue, StatusCode};
 
     use super::*;
+    use crate::{Origin, TraceContext};
 
     fn fp() -> Fingerprint {
         Fingerprint::from_bytes([7; 32])
@@ -256,7 +253,16 @@ mod tests {
     fn live_events_round_trip_with_the_documented_layout() {
         let head = response();
         let events = [
-            LiveEvent::Head { status: head.status, headers: head.headers.clone() },
+            LiveEvent::Head { status: head.status, headers: head.headers.clone(), origin: Origin::default() },
+            LiveEvent::Head {
+                status: head.status,
+                headers: head.headers.clone(),
+                origin: Origin {
+                    caller: TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                    span: TraceContext::new([0xab; 16], [0xcd; 8], 1),
+                    completed_at: None,
+                },
+            },
             LiveEvent::Data(Bytes::from_static(b"\x00\xff\r\n")),
             LiveEvent::EventEnd(Bytes::from_static(b"evt-7")),
         ];
@@ -266,8 +272,12 @@ mod tests {
             let decoded = decode_entry(entry(&id, std::str::from_utf8(field).unwrap(), &value)).unwrap();
             assert_eq!(decoded, Entry::Event(index as u64, event));
         }
-        let (field, value) =
-            encode_event(LiveEvent::Head { status: StatusCode::OK, headers: HeaderMap::new() }).unwrap();
+        let (field, value) = encode_event(LiveEvent::Head {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            origin: Origin::default(),
+        })
+        .unwrap();
         assert_eq!((field, &value[..]), (&b"h"[..], &[0, 200, 0, 0, 0][..]), "status, no headers, flags");
         assert_eq!(decode_entry(entry("0-1", "o", b"")).unwrap(), Entry::Open);
         assert_eq!(decode_entry(entry("2-0", "c", b"1")).unwrap(), Entry::End(true));

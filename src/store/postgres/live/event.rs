@@ -1,12 +1,12 @@
 //! [`LiveEvent`]s as the `events` column of the live log holds them: each one its length (4
-//! bytes, big-endian), then a tag byte and the head (as [`StoredResponse::encode_into`]
-//! writes a record without a body), the data, or the event id. `publish` hands PostgreSQL each
+//! bytes, big-endian), then a tag byte and the head (as every store writes it:
+//! [`encode_head`], a record with its origin and without a body), the data, or the event id. `publish` hands PostgreSQL each
 //! event [`encode`]d, and the statement prefixes the lengths (so that it can leave out the
 //! events the log already holds); a read [`decode_row`]s each row.
 
 use bytes::Bytes;
 
-use crate::store::{LiveEvent, StoredResponse};
+use crate::store::{LiveEvent, decode_head, encode_head};
 
 const HEAD: u8 = b'H';
 const DATA: u8 = b'D';
@@ -16,11 +16,9 @@ const EVENT_END: u8 = b'E';
 /// value over 4 GiB), as a record with such a head cannot be kept either.
 pub(super) fn encode(event: &LiveEvent) -> Option<Vec<u8>> {
     match event {
-        LiveEvent::Head { status, headers } => {
-            let head = StoredResponse::new(*status, headers.clone(), Bytes::new());
-            let mut out = Vec::with_capacity(1 + head.encoded_len());
-            out.push(HEAD);
-            head.encode_into(&mut out)?;
+        LiveEvent::Head { status, headers, origin } => {
+            let mut out = vec![HEAD];
+            encode_head(*status, headers.clone(), *origin, &mut out)?;
             Some(out)
         }
         LiveEvent::Data(data) => Some(tagged(DATA, data)),
@@ -58,13 +56,7 @@ fn decode(mut encoded: Bytes) -> Result<LiveEvent, &'static str> {
     }
     let tag = encoded.split_to(1)[0];
     match tag {
-        HEAD => {
-            let head = StoredResponse::decode(encoded).map_err(|error| error.0)?;
-            if !head.body.is_empty() || head.trailers.is_some() {
-                return Err("a live head with a body");
-            }
-            Ok(LiveEvent::Head { status: head.status, headers: head.headers })
-        }
+        HEAD => decode_head(encoded).map_err(|error| error.0),
         DATA => Ok(LiveEvent::Data(encoded)),
         EVENT_END => Ok(LiveEvent::EventEnd(encoded)),
         _ => Err("unknown live event tag"),
@@ -76,6 +68,7 @@ mod tests {
     use http::{HeaderMap, HeaderValue, StatusCode};
 
     use super::*;
+    use crate::{Origin, TraceContext};
 
     #[test]
     fn events_round_trip() {
@@ -84,8 +77,12 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("one"));
         headers.append("x-multi", HeaderValue::from_static("two"));
         for event in [
-            LiveEvent::Head { status: StatusCode::OK, headers },
-            LiveEvent::Head { status: StatusCode::NO_CONTENT, headers: HeaderMap::new() },
+            LiveEvent::Head { status: StatusCode::OK, headers, origin: Origin::default() },
+            LiveEvent::Head {
+                status: StatusCode::NO_CONTENT,
+                headers: HeaderMap::new(),
+                origin: Origin { span: TraceContext::new([0xab; 16], [0xcd; 8], 1), ..Origin::default() },
+            },
             LiveEvent::Data(Bytes::from_static(b"\x00\xffdata: 1\n\n")),
             LiveEvent::Data(Bytes::new()),
             LiveEvent::EventEnd(Bytes::from_static(b"evt-7")),
