@@ -120,9 +120,19 @@ pub async fn a_slow_key_does_not_delay_a_joined_stream_on_another<St: LiveLog>(l
     let paced_key = uuid::Uuid::new_v4().to_string();
 
     // The slow request holds its key; its duplicates wait for its head, each on its own task.
+    // Its handler started, or the request was answered without it (a store error: then this
+    // fails at once instead of waiting for a handler that never runs).
     let first = tokio::spawn(services[0].clone().oneshot(request(&slow_key, "slow")));
+    let waiting = Instant::now();
     while runs[0].load(Ordering::SeqCst) == 0 {
-        tokio::task::yield_now().await;
+        if first.is_finished() {
+            let answered = first.await.unwrap().unwrap();
+            let status = answered.status();
+            let body = answered.into_body().collect().await.unwrap().to_bytes();
+            panic!("the slow request was answered {status} without running its handler: {body:?}");
+        }
+        assert!(waiting.elapsed() < Duration::from_secs(10), "the slow request's handler never started");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let duplicates: Vec<_> = (0..DUPLICATES)
         .map(|i| {

@@ -3,7 +3,8 @@
 //! length, line endings and chunks, joining the stream in flight or replaying it after its end,
 //! on the replica that runs it or another (two layers over one store), over real hyper
 //! HTTP/1.1 and HTTP/2 on loopback. Shared by the test binaries of every store
-//! (`tests/http/resume.rs`: memory, Redis, PostgreSQL; `tests/stores/redis_cluster.rs`).
+//! (`tests/http/resume_exactly.rs`: memory, Redis, PostgreSQL; `tests/stores/redis_cluster.rs`:
+//! Redis Cluster).
 //!
 //! One stream per [`Shape`], many reconnects through it: the handler's body is released chunk
 //! by chunk by the test, and for each `k` (every 50th event, the first and the last) the test

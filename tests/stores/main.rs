@@ -13,4 +13,7 @@ mod redis_live;
 mod redis_processes;
 mod redis_restart;
 mod redis_store;
+#[cfg(feature = "redis-cluster")]
+#[path = "../common/resume.rs"]
+mod resume;
 mod secret_redis;

@@ -1,11 +1,17 @@
 //! `RedisStore` on Redis Cluster: the shared conformance suite, keys spread over the nodes
 //! without hash tags, live logs in their lock key's slot, replicas racing, lazy connection,
-//! scripts lost by the nodes.
+//! scripts lost by the nodes, keys not starving each other; and, in a test of its own, resume
+//! exactly (`Last-Event-ID`) over real hyper, the matrix every store runs
+//! (`tests/common/resume.rs`).
 //!
 //! The cluster: `REDIS_CLUSTER_URLS` (comma-separated node URLs) when set, and then a cluster
-//! that does not answer fails the test. Otherwise the test starts a three-node cluster of its
-//! own with `redis-server` (stopped when the test ends) and is skipped, saying so, when
-//! `redis-server` is not installed. Everything runs in one test so the cluster is made once.
+//! that does not answer fails the tests. Otherwise the first test that needs one starts a
+//! three-node cluster with `redis-server`, shared by the tests running meanwhile and stopped
+//! when the last of them ends; the tests are skipped, saying so, when `redis-server` is not
+//! installed. The two tests take turns on it (one flushes every node's scripts and measures
+//! real-time pace; the other loads the machine and runs thousands of scripts), and each has its
+//! own key prefix, so that their layers' secrets never meet (a store refuses a layer whose
+//! secret is not the one its prefix was first used with).
 #![cfg(feature = "redis-cluster")]
 
 use crate::common;
@@ -15,7 +21,7 @@ use std::{
     net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{Arc, Weak},
     time::{Duration, Instant},
 };
 
@@ -107,24 +113,48 @@ async fn start_local_cluster() -> (LocalCluster, Vec<String>) {
     (cluster, urls)
 }
 
+/// The cluster the tests run against: its nodes' URLs, and the nodes themselves when the tests
+/// started them (stopped when the last test holding this ends).
+struct Cluster {
+    urls: Vec<String>,
+    _local: Option<LocalCluster>,
+}
+
+/// The cluster of the tests running now, if any: the next test to need one shares it.
+static SHARED: tokio::sync::Mutex<Weak<Cluster>> = tokio::sync::Mutex::const_new(Weak::new());
+
+/// The tests' turns on the cluster: each holds it throughout. One flushes every node's scripts
+/// (a failover's loss: a script of the other test, loaded again between two flushes, would be
+/// lost twice and fail) and measures a joined stream's pace in real time (the other one's load
+/// would be measured instead).
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The cluster to test against, or `None` (having said so) when there is none.
-async fn cluster() -> Option<(Option<LocalCluster>, Vec<String>)> {
-    if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
+async fn cluster() -> Option<Arc<Cluster>> {
+    let mut shared = SHARED.lock().await;
+    if let Some(cluster) = shared.upgrade() {
+        return Some(cluster);
+    }
+    let cluster = if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
         let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
         if let Err(error) = ClusterClient::new(urls.clone()).unwrap().get_async_connection().await {
             panic!("REDIS_CLUSTER_URLS is set to {urls:?} but the cluster does not answer: {error}");
         }
-        return Some((None, urls));
-    }
-    if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipping Redis Cluster tests: redis-server is not installed and REDIS_CLUSTER_URLS is not set"
-        );
-        return None;
-    }
-    let (local, urls) = start_local_cluster().await;
-    Some((Some(local), urls))
+        Cluster { urls, _local: None }
+    } else {
+        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipping Redis Cluster tests: redis-server is not installed and REDIS_CLUSTER_URLS is not set"
+            );
+            return None;
+        }
+        let (local, urls) = start_local_cluster().await;
+        Cluster { urls, _local: Some(local) }
+    };
+    let cluster = Arc::new(cluster);
+    *shared = Arc::downgrade(&cluster);
+    Some(cluster)
 }
 
 async fn store(urls: &[String]) -> RedisStore {
@@ -133,17 +163,19 @@ async fn store(urls: &[String]) -> RedisStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_store_on_redis_cluster() {
-    let Some((_local, urls)) = cluster().await else { return };
+    let Some(cluster) = cluster().await else { return };
+    let _turn = TURN.lock().await;
+    let urls = &cluster.urls;
 
     // The shared suite, unchanged.
-    conformance::run(|| store(&urls), tokio::time::sleep).await;
-    conformance::run_live(|| store(&urls), tokio::time::sleep).await;
-    conformance::run_expired(|| store(&urls), tokio::time::sleep).await;
-    conformance::run_inspect(|| store(&urls), tokio::time::sleep).await;
+    conformance::run(|| store(urls), tokio::time::sleep).await;
+    conformance::run_live(|| store(urls), tokio::time::sleep).await;
+    conformance::run_expired(|| store(urls), tokio::time::sleep).await;
+    conformance::run_inspect(|| store(urls), tokio::time::sleep).await;
 
     // Keys spread over every node, with no hash tag and no CROSSSLOT error: each operation
     // touches one key.
-    let store = store(&urls).await;
+    let store = store(urls).await;
     let mut spread = Vec::new();
     for i in 0..60 {
         let key = fresh_key(if i % 2 == 0 { None } else { Some(ScopeId::digest("tenant")) });
@@ -152,7 +184,7 @@ async fn redis_store_on_redis_cluster() {
         spread.push(key);
     }
     let mut nodes_holding_keys = 0;
-    for url in &urls {
+    for url in urls {
         let mut node = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
         let pattern = format!("{}*", run_prefix());
         let keys: Vec<String> = node.keys(pattern).await.unwrap();
@@ -166,7 +198,7 @@ async fn redis_store_on_redis_cluster() {
     // Live logs: a lock's stream is in its key's slot (the scripts touching both would fail
     // with CROSSSLOT otherwise), whatever braces the client key has; a follower on another
     // store, blocked on its own connection to the node, is woken by the publish.
-    let follower = Arc::new(self::store(&urls).await);
+    let follower = Arc::new(self::store(urls).await);
     for (i, text) in ["plain", "with{brace}s", "{", "}{", "a{}b", "{x"].into_iter().enumerate() {
         let scope = (i % 2 == 1).then(|| ScopeId::digest("tenant"));
         let key =
@@ -182,7 +214,7 @@ async fn redis_store_on_redis_cluster() {
         assert!(matches!(&followed, Followed::Live { events, .. } if *events == [live_head()]), "{followed:?}");
         let pattern = format!("{}*live:{:032x}", run_prefix(), token.id());
         let mut streams = Vec::new();
-        for url in &urls {
+        for url in urls {
             let mut node = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
             streams.extend(node.keys::<_, Vec<String>>(&pattern).await.unwrap());
         }
@@ -196,16 +228,16 @@ async fn redis_store_on_redis_cluster() {
     }
 
     // Two replicas, 200 concurrent begins on one key: one executes.
-    let replicas = [Arc::new(store.clone()), Arc::new(self::store(&urls).await)];
+    let replicas = [Arc::new(store.clone()), Arc::new(self::store(urls).await)];
     race_begins(&replicas, &fresh_key(None), 200, Duration::from_secs(5)).await;
 
     // Every node forgets its scripts (a restart, a failover): loaded again where needed.
-    for url in &urls {
+    for url in urls {
         let _: () = query(url, &["SCRIPT", "FLUSH"]).await.unwrap();
     }
     let key = fresh_key(Some(ScopeId::digest("tenant")));
     let token = lock(&store, &key, fp(1)).await;
-    for url in &urls {
+    for url in urls {
         let _: () = query(url, &["SCRIPT", "FLUSH"]).await.unwrap();
     }
     assert!(store.renew(&key, &token, LEASE).await.unwrap());
@@ -238,8 +270,35 @@ async fn redis_store_on_redis_cluster() {
     // leave a joined stream on another key its pace.
     let secret = || tower_idempotency::Secret::new("a test secret, the same on every replica").unwrap();
     let layers = vec![
-        tower_idempotency::IdempotencyLayer::from_store(self::store(&urls).await).with_secret(secret()),
-        tower_idempotency::IdempotencyLayer::from_store(self::store(&urls).await).with_secret(secret()),
+        tower_idempotency::IdempotencyLayer::from_store(self::store(urls).await).with_secret(secret()),
+        tower_idempotency::IdempotencyLayer::from_store(self::store(urls).await).with_secret(secret()),
     ];
     common::pace::a_slow_key_does_not_delay_a_joined_stream_on_another(layers).await;
+}
+
+/// Resume exactly on Redis Cluster, as on the other stores (`tests/http/resume_exactly.rs`):
+/// streams of 1,000 and 5,000 events, LF, CRLF and CR, whole events, arbitrary cuts and single
+/// bytes; a client cut after every 50th event (the first and the last) resumes with
+/// `Last-Event-ID` on the replica that runs the stream and on another, over HTTP/1.1 and
+/// HTTP/2, joining and replaying, and gets exactly the events after it. Its own key prefix:
+/// its layers' secret is not the other test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_resumes_exactly() {
+    let Some(cluster) = cluster().await else { return };
+    let prefix = format!("idem-resume-{}:", uuid::Uuid::new_v4().simple());
+    // A replica's store: its own connections (enough blocking readers for every joiner), and an
+    // operation timeout a loaded test machine does not reach, as on one Redis node.
+    let replica = async || {
+        RedisStore::builder()
+            .with_prefix(&prefix)
+            .with_operation_timeout(Duration::from_secs(30))
+            .with_max_blocking_connections(128)
+            .connect_cluster(cluster.urls.iter().map(String::as_str))
+            .await
+            .unwrap()
+    };
+    let _turn = TURN.lock().await;
+    for shape in crate::resume::SHAPES {
+        crate::resume::resume_exactly([replica().await, replica().await], shape).await;
+    }
 }
