@@ -11,6 +11,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -23,6 +24,17 @@ use tower_idempotency::{Duplicates, IdempotencyLayer, Outcome, RequestBody, Resp
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 type Svc = BoxCloneService<Request<Full<Bytes>>, Response<ResponseBody<Body>>, Infallible>;
+
+/// How long the handler holds its last event for the joined body to end.
+const LAST_EVENT_WAIT: Duration = Duration::from_secs(10);
+
+/// Where the joining client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Joiner {
+    Coming,
+    Joined,
+    Ended,
+}
 
 /// Event `i` of the stream: `id: i\ndata: i\n\n`.
 pub fn event(i: usize) -> String {
@@ -46,20 +58,27 @@ pub async fn a_live_log_past_its_bound_cannot_be_joined<St: LiveLog + Clone>(
     mut each_frame: impl FnMut(),
 ) {
     let runs = Arc::new(AtomicUsize::new(0));
-    // The handler sends event 0, then the rest once a client has joined.
-    let joined = Arc::new(watch::channel(false).0);
+    // The handler sends event 0, the next ones once a client has joined, and the last once the
+    // joined body ended (or after [`LAST_EVENT_WAIT`]): the refusal of a publish reaches the
+    // layer a round trip after the bytes it carried went to the first client, and a response
+    // already complete by then is kept whole (its joiners read the rest from the record).
+    let joiner = Arc::new(watch::channel(Joiner::Coming).0);
     let handler = {
-        let (runs, joined) = (runs.clone(), joined.clone());
+        let (runs, joiner) = (runs.clone(), joiner.clone());
         tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
             runs.fetch_add(1, Ordering::SeqCst);
-            let stream = futures_util::stream::unfold((0, joined.subscribe()), move |(i, mut joined)| async move {
+            let stream = futures_util::stream::unfold((0, joiner.subscribe()), move |(i, mut joiner)| async move {
                 if i == n {
                     return None;
                 }
                 if i == 1 {
-                    joined.wait_for(|joined| *joined).await.expect("the test holds the sender");
+                    joiner.wait_for(|joiner| *joiner != Joiner::Coming).await.expect("the test holds the sender");
                 }
-                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(event(i)))), (i + 1, joined)))
+                if i == n - 1 {
+                    let ended = joiner.wait_for(|joiner| *joiner == Joiner::Ended);
+                    let _ = tokio::time::timeout(LAST_EVENT_WAIT, ended).await;
+                }
+                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(event(i)))), (i + 1, joiner)))
             });
             let body: Body = BodyExt::boxed_unsync(StreamBody::new(stream));
             let response = Response::builder().header("content-type", "text/event-stream").body(body).unwrap();
@@ -85,20 +104,28 @@ pub async fn a_live_log_past_its_bound_cannot_be_joined<St: LiveLog + Clone>(
     assert_eq!((first.status(), Outcome::of(&first)), (StatusCode::OK, Outcome::Executed));
     let mut first = first.into_body();
     let mut got = next_data(&mut first).await.expect("event 0").expect("no error").to_vec();
-    let joiner = call(&svc).await;
-    assert_eq!((joiner.status(), Outcome::of(&joiner)), (StatusCode::OK, Outcome::Joined));
-    let mut joiner = joiner.into_body();
-    let joining = tokio::spawn(async move {
-        let mut text = String::new();
-        while let Some(data) = next_data(&mut joiner).await {
-            match data {
-                Ok(data) => text.push_str(std::str::from_utf8(&data).unwrap()),
-                Err(_) => return (text, true),
+    let joined = call(&svc).await;
+    assert_eq!((joined.status(), Outcome::of(&joined)), (StatusCode::OK, Outcome::Joined));
+    let mut joined = joined.into_body();
+    let joining = tokio::spawn({
+        let joiner = joiner.clone();
+        async move {
+            let mut text = String::new();
+            let mut failed = false;
+            while let Some(data) = next_data(&mut joined).await {
+                match data {
+                    Ok(data) => text.push_str(std::str::from_utf8(&data).unwrap()),
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
+                }
             }
+            joiner.send_replace(Joiner::Ended);
+            (text, failed)
         }
-        (text, false)
     });
-    joined.send_replace(true);
+    joiner.send_replace(Joiner::Joined);
     while let Some(data) = next_data(&mut first).await {
         got.extend_from_slice(&data.expect("the first client's body has no error"));
         each_frame();
