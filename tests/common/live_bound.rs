@@ -142,7 +142,7 @@ pub async fn a_live_log_past_its_bound_cannot_be_joined<St: LiveLog + Clone>(
 }
 
 /// The next data frame of a body (`None` at its end), or its error.
-async fn next_data<B: http_body::Body<Data = Bytes> + Unpin>(body: &mut B) -> Option<Result<Bytes, String>>
+pub(crate) async fn next_data<B: http_body::Body<Data = Bytes> + Unpin>(body: &mut B) -> Option<Result<Bytes, String>>
 where
     B::Error: std::fmt::Display,
 {

@@ -17,6 +17,8 @@ use http::{Request, Response, StatusCode};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use tower::{BoxError, Service, ServiceExt};
+
+use crate::live_bound::next_data;
 use tower_idempotency::{
     Duplicates, IdempotencyLayer, Outcome, RequestBody, ResponseBody,
     store::{
@@ -101,19 +103,6 @@ fn request(key: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
 fn call(svc: &Svc, request: Request<Full<Bytes>>) -> impl Future<Output = Response<ResponseBody<Body>>> + Send + use<> {
     let svc = svc.clone();
     async move { svc.oneshot(request).await.unwrap() }
-}
-
-/// The next data frame of a body (`None` at its end), or its error.
-async fn next_data(body: &mut ResponseBody<Body>) -> Option<Result<Bytes, String>> {
-    loop {
-        match body.frame().await? {
-            Ok(frame) => match frame.into_data() {
-                Ok(data) => return Some(Ok(data)),
-                Err(_) => continue,
-            },
-            Err(error) => return Some(Err(error.to_string())),
-        }
-    }
 }
 
 async fn read_all(body: &mut ResponseBody<Body>) -> Result<String, String> {
