@@ -232,7 +232,7 @@
 //! - `metrics`: counters, gauges and histograms of what the layer does, through the `metrics`
 //!   facade (any exporter: Prometheus, StatsD, OpenTelemetry); off, nothing is recorded. With
 //!   Prometheus' recorder, a first request costs 1.07× the instructions it costs without the
-//!   feature and a replay 1.11× (docs/performance.md).
+//!   feature and a replay 1.11× (instructions counted with callgrind).
 //!
 //! No feature is on by default: the layer, the client half and `MemoryStore` need none.
 //!

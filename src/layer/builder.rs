@@ -139,9 +139,8 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         mode: impl FnOnce(Arc<St>) -> M,
         settings: impl FnOnce(&mut Config),
     ) -> IdempotencyLayer<M> {
-        let mut config = self.config;
-        settings(Arc::make_mut(&mut config));
-        IdempotencyLayer { store: Arc::new(mode(self.store)), config, live: None }
+        let Self { store, config, .. } = self.config(settings);
+        IdempotencyLayer { store: Arc::new(mode(store)), config, live: None }
     }
 
     /// The settings its services share.

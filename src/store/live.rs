@@ -37,8 +37,8 @@ use crate::Origin;
 ///   bytes into one log (a response past the limit stops being published, and is not
 ///   retained). A store may bound a log more tightly (by what it costs the store): a publish
 ///   past its bound fails with [`StoreError::capacity`], and the layer then keeps the response
-///   as not retained, as past the record limit. A log lives no longer than its lock, plus whatever short grace a store needs
-///   to tell late followers it ended.
+///   as not retained, as past the record limit. A log lives no longer than its lock, plus
+///   whatever short grace a store needs to tell late followers it ended.
 ///
 /// The conformance suite checks all of it: `conformance::run_live`
 /// (feature `conformance`).

@@ -1,8 +1,9 @@
 //! [`LiveEvent`]s as the `events` column of the live log holds them: each one its length (4
 //! bytes, big-endian), then a tag byte and the head (as every store writes it:
-//! [`encode_head`], a record with its origin and without a body), the data, or the event id. `publish` hands PostgreSQL each
-//! event [`encode`]d, and the statement prefixes the lengths (so that it can leave out the
-//! events the log already holds); a read [`decode_row`]s each row.
+//! [`encode_head`], a record with its origin and without a body), the data, or the event id.
+//! `publish` hands PostgreSQL each event [`encode`]d, and the statement prefixes the lengths
+//! (so that it can leave out the events the log already holds); a read [`decode_row`]s each
+//! row.
 
 use bytes::Bytes;
 
