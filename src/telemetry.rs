@@ -160,8 +160,8 @@ pub(crate) fn replayed(origin: &crate::Origin) {
 /// Whether a layer's settings were shown in the gauges of its bounds: once per layer (and again
 /// after a change of its settings), not at every service it makes. (axum makes one per request
 /// for a router called without `with_state`, as tests and benchmarks call it: the three
-/// bounds' gauges set twice a service, ~2,900 instructions a request with Prometheus' recorder.) A copy of the
-/// settings starts unshown. Zero-sized without the feature.
+/// bounds' gauges were set twice a service, ~2,900 instructions a request with Prometheus'
+/// recorder.) A copy of the settings starts unshown. Zero-sized without the feature.
 #[derive(Default)]
 pub(crate) struct BoundsShown {
     #[cfg(feature = "metrics")]
