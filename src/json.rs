@@ -125,7 +125,14 @@ pub(crate) fn canonical(body: &[u8], excluded: &[JsonPointer]) -> Result<Vec<u8>
     for pointer in excluded {
         pointer.remove(&mut value);
     }
-    serde_json_canonicalizer::to_vec(&value).map_err(|_| NotJson)
+    Ok(canonical_form(&value))
+}
+
+/// The canonical form (RFC 8785) of a parsed `value`: member names sorted, no insignificant
+/// space, numbers as ECMAScript writes them.
+pub(crate) fn canonical_form(value: &Value) -> Vec<u8> {
+    // A `Value` always serializes (its map keys are strings, its numbers finite).
+    serde_json_canonicalizer::to_vec(value).unwrap_or_default()
 }
 
 /// `serde_json::Value`'s own deserialization, but a member name given twice is an error

@@ -110,7 +110,9 @@ where
                     return Err(problem(ProblemKind::MissingKey));
                 }
                 BodyKey::Missing | BodyKey::Through => return Err(Unprepared::Pass(head, body)),
-                BodyKey::Refuse(kind) => return Err(problem(kind)),
+                BodyKey::Refuse(refused) => {
+                    return Err(Unprepared::Answer(problem_answer(&config.answers, &head.headers, refused)));
+                }
             }
         }
         #[cfg(not(feature = "json"))]

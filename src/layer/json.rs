@@ -15,13 +15,13 @@ use http_body::Body;
 use serde_json::Value;
 
 use crate::{
-    IdempotencyKey, KeySource, Outcome,
+    IdempotencyKey, InvalidKey, KeySource, Outcome,
     key::Source,
     layer::{
         body::{ResponseBody, Rewrite},
         sse::is_event_stream,
     },
-    problem::ProblemKind,
+    problem::{Problem, ProblemKind},
 };
 
 /// What a request body says about its key.
@@ -35,8 +35,8 @@ pub(crate) enum BodyKey {
     /// Not a call the layer guards: a JSON-RPC notification or response, or a batch without
     /// keys where keys are optional. It runs through.
     Through,
-    /// Refused at once.
-    Refuse(ProblemKind),
+    /// Refused at once, with this answer.
+    Refuse(Problem),
 }
 
 /// What a JSON-RPC request is answered with: its `id`, and the progress token of its
@@ -50,8 +50,10 @@ pub(crate) struct Reply {
 /// Reads the key of a request whose key `source` says is in its `body`; `required`: the route
 /// requires keys. Also gives what a JSON-RPC request is answered with.
 pub(crate) fn read(source: &KeySource, body: &[u8], required: bool) -> (BodyKey, Option<Reply>) {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        return (BodyKey::Refuse(ProblemKind::RequestBodyNotJson), None);
+    // Strictly: a member name given twice is not JSON here either (serde_json would keep the
+    // last, and two bodies differing there would share a fingerprint).
+    let Ok(value) = crate::json::parse(body) else {
+        return (BodyKey::Refuse(Problem::new(ProblemKind::RequestBodyNotJson, None)), None);
     };
     match &source.0 {
         Source::Header => (BodyKey::Missing, None),
@@ -69,10 +71,10 @@ fn key_at(value: &Value, pointer: &str) -> BodyKey {
             Ok(key) => BodyKey::Key(key, None),
             Err(invalid) => {
                 tracing::debug!(reason = %invalid, "idempotency: invalid key in the body");
-                BodyKey::Refuse(ProblemKind::InvalidKey)
+                BodyKey::Refuse(Problem::invalid_key(invalid))
             }
         },
-        Some(_) => BodyKey::Refuse(ProblemKind::InvalidKey),
+        Some(_) => BodyKey::Refuse(Problem::invalid_key(InvalidKey::NotAString)),
     }
 }
 
@@ -82,7 +84,7 @@ fn json_rpc(mut value: Value, pointer: &str, required: bool) -> (BodyKey, Option
             let keyed = calls.iter().any(|call| !matches!(key_at(call, pointer), BodyKey::Missing));
             if keyed || required {
                 tracing::debug!(keyed, "idempotency: a JSON-RPC batch on a route with keys: refused");
-                return (BodyKey::Refuse(ProblemKind::InvalidKey), None);
+                return (BodyKey::Refuse(Problem::invalid_key(InvalidKey::NotAString)), None);
             }
             return (BodyKey::Through, None);
         }
@@ -100,27 +102,13 @@ fn json_rpc(mut value: Value, pointer: &str, required: bool) -> (BodyKey, Option
     }
 }
 
-/// A JSON-RPC request's fingerprinted form: without `id` and `params._meta`, compact, with
-/// sorted member names.
+/// A JSON-RPC request's fingerprinted form: without `id` and `params._meta`, in the canonical
+/// form canonical-JSON fingerprints use (RFC 8785).
 fn fingerprinted(mut request: Value) -> Vec<u8> {
     if let Some(Value::Object(params)) = request.get_mut("params") {
         params.remove("_meta");
     }
-    serde_json::to_vec(&sorted(request)).unwrap_or_default()
-}
-
-/// `value` with the members of every object in name order (whatever order `serde_json`'s map
-/// keeps).
-fn sorted(value: Value) -> Value {
-    match value {
-        Value::Object(members) => {
-            let mut members: Vec<(String, Value)> = members.into_iter().map(|(k, v)| (k, sorted(v))).collect();
-            members.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(members.into_iter().collect())
-        }
-        Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
-        other => other,
-    }
+    crate::json::canonical_form(&request)
 }
 
 /// `response`, answering a JSON-RPC request: a replay, a joined response or one of the layer's
@@ -193,7 +181,9 @@ impl Rewrite for IdRewrite {
 }
 
 /// The end of the first whole event in `buf` (after the empty line that ends it), if there is
-/// one. Lines end with CRLF, LF or CR; a CR at the very end waits for the next byte.
+/// one. Lines end with CRLF, LF or CR; a CR at the very end ends its line at once (the LF that
+/// may follow is a line of its own here, passed on as it is: the bytes do not change), as the
+/// layer marks the end of such an event for a resume.
 fn event_end(buf: &[u8]) -> Option<usize> {
     let (mut at, mut line_start) = (0, 0);
     while at < buf.len() {
@@ -202,12 +192,8 @@ fn event_end(buf: &[u8]) -> Option<usize> {
             continue;
         }
         let mut next = at + 1;
-        if buf[at] == b'\r' {
-            match buf.get(next) {
-                None => return None,
-                Some(b'\n') => next += 1,
-                Some(_) => {}
-            }
+        if buf[at] == b'\r' && buf.get(next) == Some(&b'\n') {
+            next += 1;
         }
         if at == line_start {
             return Some(next);
@@ -369,6 +355,47 @@ mod tests {
     }
 
     #[test]
+    fn an_event_whose_final_cr_ends_a_chunk_goes_out_at_once() {
+        // CR-only line endings: the blank line that ends the event is its last byte, and a
+        // joiner gets the event then, not when the generator's next chunk comes.
+        let event = "id: 4\rdata: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{}}\r\r";
+        let mut rewrite = rewrite("text/event-stream", Value::from(2));
+        let mut out = VecDeque::new();
+        for chunk in [&event[..5], &event[5..]] {
+            rewrite.feed(Bytes::copy_from_slice(chunk.as_bytes()), &mut out);
+        }
+        let got: String = out.iter().map(|b| String::from_utf8(b.to_vec()).unwrap()).collect();
+        assert_eq!(got, "id: 4\rdata: {\"id\":2,\"jsonrpc\":\"2.0\",\"result\":{}}\r\r");
+    }
+
+    #[test]
+    fn a_member_name_given_twice_is_not_json_on_every_body_key_route() {
+        // serde_json keeps the last of two: `amount` 5 then 6 would fingerprint as 6 alone.
+        let call =
+            r#"{"jsonrpc":"2.0","id":1,"method":"m","params":{"amount":5,"amount":6,"_meta":{"idempotencyKey":"k"}}}"#;
+        let (key, _) = read(&json_rpc_source(), call.as_bytes(), false);
+        assert!(matches!(key, BodyKey::Refuse(p) if p.kind() == ProblemKind::RequestBodyNotJson), "{key:?}");
+        let source = KeySource::json_pointer("/key").unwrap();
+        let (key, _) = read(&source, br#"{"key":"k","amount":5,"amount":6}"#, false);
+        assert!(matches!(key, BodyKey::Refuse(p) if p.kind() == ProblemKind::RequestBodyNotJson), "{key:?}");
+    }
+
+    #[test]
+    fn an_invalid_body_key_is_refused_naming_the_rule_it_broke() {
+        let rule = |body: &str| match read(&json_rpc_source(), body.as_bytes(), true).0 {
+            BodyKey::Refuse(problem) => problem.key_rule(),
+            other => panic!("{other:?}"),
+        };
+        let call = |key: &str| {
+            format!(r#"{{"jsonrpc":"2.0","id":1,"method":"m","params":{{"_meta":{{"idempotencyKey":{key}}}}}}}"#)
+        };
+        assert_eq!(rule(&call(r#""a b""#)), Some(InvalidKey::InvalidByte));
+        assert_eq!(rule(&call(r#""""#)), Some(InvalidKey::Empty));
+        assert_eq!(rule(&call("5")), Some(InvalidKey::NotAString));
+        assert_eq!(rule(&format!("[{}]", call(r#""k""#))), Some(InvalidKey::NotAString));
+    }
+
+    #[test]
     fn progress_notifications_get_the_retrys_progress_token() {
         let call = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"_meta":{"idempotencyKey":"k","progressToken":"p-2"}}}"#;
         let (_, reply) = read(&json_rpc_source(), call.as_bytes(), false);
@@ -406,7 +433,7 @@ mod tests {
         for bad in [r#""""#, r#""a b""#, "5", "{}"] {
             let body =
                 format!(r#"{{"jsonrpc":"2.0","id":1,"method":"m","params":{{"_meta":{{"idempotencyKey":{bad}}}}}}}"#);
-            assert!(matches!(read(&body, false).0, BodyKey::Refuse(ProblemKind::InvalidKey)), "{bad}");
+            assert!(matches!(read(&body, false).0, BodyKey::Refuse(p) if p.kind() == ProblemKind::InvalidKey), "{bad}");
         }
         // A notification, even keyed, and a client's response run through.
         let notification = r#"{"jsonrpc":"2.0","method":"m","params":{"_meta":{"idempotencyKey":"k"}}}"#;
@@ -415,10 +442,12 @@ mod tests {
         // A batch: through without keys where they are optional, refused otherwise.
         let unkeyed = r#"[{"jsonrpc":"2.0","id":1,"method":"m"},{"jsonrpc":"2.0","method":"n"}]"#;
         assert!(matches!(read(unkeyed, false), (BodyKey::Through, None)));
-        assert!(matches!(read(unkeyed, true), (BodyKey::Refuse(ProblemKind::InvalidKey), None)));
+        assert!(matches!(read(unkeyed, true), (BodyKey::Refuse(p), None) if p.kind() == ProblemKind::InvalidKey));
         let keyed = format!("[{call}]");
-        assert!(matches!(read(&keyed, false), (BodyKey::Refuse(ProblemKind::InvalidKey), None)));
-        assert!(matches!(read("{nope", false), (BodyKey::Refuse(ProblemKind::RequestBodyNotJson), None)));
+        assert!(matches!(read(&keyed, false), (BodyKey::Refuse(p), None) if p.kind() == ProblemKind::InvalidKey));
+        assert!(
+            matches!(read("{nope", false), (BodyKey::Refuse(p), None) if p.kind() == ProblemKind::RequestBodyNotJson)
+        );
     }
 
     #[test]
@@ -446,7 +475,7 @@ mod tests {
         assert!(matches!(read(r#"{"meta":{"key":"k"}}"#), BodyKey::Key(ref key, None) if key.as_str() == "k"));
         assert!(matches!(read(r#"{"meta":{"key":null}}"#), BodyKey::Missing));
         assert!(matches!(read(r#"{"meta":{}}"#), BodyKey::Missing));
-        assert!(matches!(read(r#"{"meta":{"key":1}}"#), BodyKey::Refuse(ProblemKind::InvalidKey)));
-        assert!(matches!(read(""), BodyKey::Refuse(ProblemKind::RequestBodyNotJson)));
+        assert!(matches!(read(r#"{"meta":{"key":1}}"#), BodyKey::Refuse(p) if p.kind() == ProblemKind::InvalidKey));
+        assert!(matches!(read(""), BodyKey::Refuse(p) if p.kind() == ProblemKind::RequestBodyNotJson));
     }
 }
