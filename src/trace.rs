@@ -156,8 +156,11 @@ pub trait TraceHook: Send + Sync + 'static {
 pub(crate) fn link(hook: Option<&dyn TraceHook>, origin: &Origin) {
     let Some(original) = origin.span.or(origin.caller) else { return };
     let span = tracing::Span::current();
-    span.record("original_trace_id", tracing::field::display(original.trace_id_hex()));
-    span.record("original_traceparent", tracing::field::display(original));
+    // The id written out only for a span someone records (no hex string per replay otherwise).
+    if !span.is_disabled() {
+        span.record("original_trace_id", tracing::field::display(original.trace_id_hex()));
+        span.record("original_traceparent", tracing::field::display(original));
+    }
     if let Some(hook) = hook {
         hook.link(origin);
     }
