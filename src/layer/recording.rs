@@ -679,6 +679,20 @@ mod tests {
     where
         B: Body<Data = Bytes, Error = Infallible> + Send + 'static,
     {
+        recording_from(store, body, expected, layer, Origin::default()).await
+    }
+
+    /// [`recording_with`], for a request that came from `origin`.
+    async fn recording_from<B>(
+        store: &MemoryStore,
+        body: B,
+        expected: Option<u64>,
+        layer: crate::IdempotencyLayer,
+        origin: Origin,
+    ) -> (Recording<B>, StoreKey)
+    where
+        B: Body<Data = Bytes, Error = Infallible> + Send + 'static,
+    {
         let key = StoreKey::new(None, IdempotencyKey::parse(b"k").unwrap());
         let fingerprint = Fingerprint::from_bytes([1; 32]);
         let began = Instant::now();
@@ -697,15 +711,8 @@ mod tests {
             live: None,
         };
         let guard = LockGuard::new(locked, &Keeper::new(lease));
-        let recording = Recording::new(
-            body,
-            guard,
-            StatusCode::OK,
-            HeaderMap::new(),
-            expected,
-            Origin::default(),
-            layer.settings(),
-        );
+        let recording =
+            Recording::new(body, guard, StatusCode::OK, HeaderMap::new(), expected, origin, layer.settings());
         (recording, key)
     }
 
@@ -743,30 +750,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_record_keeps_its_origin_and_when_it_was_completed() {
         let store = MemoryStore::new();
-        let key = StoreKey::new(None, IdempotencyKey::parse(b"k").unwrap());
         let fingerprint = Fingerprint::from_bytes([1; 32]);
-        let lease = Duration::from_secs(30);
-        let Ok(Begin::Execute(token)) = store.begin(&key, &fingerprint, lease).await else { panic!("the key is free") };
-        let locked = Locked {
-            store: Arc::new(store.clone()),
-            key: key.clone(),
-            token,
-            ttl: lease,
-            grace: Duration::ZERO,
-            lease,
-            began: Instant::now(),
-            live: None,
-        };
-        let guard = LockGuard::new(locked, &Keeper::new(lease));
         let caller = crate::TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         let origin = Origin { caller, ..Origin::default() };
         let body = http_body_util::Full::new(Bytes::from_static(b"ok"));
-        let layer = crate::IdempotencyLayer::new();
         let before = std::time::SystemTime::now() - Duration::from_millis(1);
-        let mut recording =
-            Recording::new(body, guard, StatusCode::OK, HeaderMap::new(), Some(2), origin, layer.settings());
+        let (mut recording, key) = recording_from(&store, body, Some(2), crate::IdempotencyLayer::new(), origin).await;
         assert_eq!(next(&mut recording).await.unwrap().into_data().unwrap(), "ok");
-        let Begin::Completed(Record::Response(record)) = store.begin(&key, &fingerprint, lease).await.unwrap() else {
+        let Begin::Completed(Record::Response(record)) =
+            store.begin(&key, &fingerprint, Duration::from_secs(30)).await.unwrap()
+        else {
             panic!("recorded")
         };
         assert_eq!(record.origin().caller, caller);

@@ -22,7 +22,8 @@ use tokio::sync::watch;
 use tower::{ServiceExt, util::BoxCloneService};
 use tower_idempotency::{Duplicates, IdempotencyLayer, Outcome, RequestBody, ResponseBody, Secret, store::LiveLog};
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+/// The handler's body.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 type Svc = BoxCloneService<Request<Full<Bytes>>, Response<ResponseBody<Body>>, Infallible>;
 
 /// How long the handler holds its last event for the joined body to end.
@@ -30,9 +31,12 @@ const LAST_EVENT_WAIT: Duration = Duration::from_secs(10);
 
 /// Where the joining client is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Joiner {
+pub enum Joiner {
+    /// Not joined yet.
     Coming,
+    /// Its head came.
     Joined,
+    /// Its body ended.
     Ended,
 }
 
@@ -44,6 +48,29 @@ pub fn event(i: usize) -> String {
 /// Events `0..n`, as the stream's body holds them.
 pub fn events(n: usize) -> String {
     (0..n).map(event).collect()
+}
+
+/// The handler's answer: a `text/event-stream` of `n` events that sends event 0, the next ones
+/// once a client has joined (`joiner` past [`Joiner::Coming`]), and the last once the joined
+/// body ended (or after [`LAST_EVENT_WAIT`]): the refusal of a publish reaches the layer a round
+/// trip after the bytes it carried went to the first client, and a response already complete by
+/// then is kept whole (its joiners read the rest from the record).
+pub fn response(n: usize, joiner: &watch::Sender<Joiner>) -> Response<Body> {
+    let stream = futures_util::stream::unfold((0, joiner.subscribe()), move |(i, mut joiner)| async move {
+        if i == n {
+            return None;
+        }
+        if i == 1 {
+            joiner.wait_for(|joiner| *joiner != Joiner::Coming).await.expect("the test holds the sender");
+        }
+        if i == n - 1 {
+            let ended = joiner.wait_for(|joiner| *joiner == Joiner::Ended);
+            let _ = tokio::time::timeout(LAST_EVENT_WAIT, ended).await;
+        }
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(event(i)))), (i + 1, joiner)))
+    });
+    let body: Body = BodyExt::boxed_unsync(StreamBody::new(stream));
+    Response::builder().header("content-type", "text/event-stream").body(body).unwrap()
 }
 
 /// A stream of `n` events over `store`, whose live log passes the store's bound on the way
@@ -58,30 +85,12 @@ pub async fn a_live_log_past_its_bound_cannot_be_joined<St: LiveLog + Clone>(
     mut each_frame: impl FnMut(),
 ) {
     let runs = Arc::new(AtomicUsize::new(0));
-    // The handler sends event 0, the next ones once a client has joined, and the last once the
-    // joined body ended (or after [`LAST_EVENT_WAIT`]): the refusal of a publish reaches the
-    // layer a round trip after the bytes it carried went to the first client, and a response
-    // already complete by then is kept whole (its joiners read the rest from the record).
     let joiner = Arc::new(watch::channel(Joiner::Coming).0);
     let handler = {
         let (runs, joiner) = (runs.clone(), joiner.clone());
         tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
             runs.fetch_add(1, Ordering::SeqCst);
-            let stream = futures_util::stream::unfold((0, joiner.subscribe()), move |(i, mut joiner)| async move {
-                if i == n {
-                    return None;
-                }
-                if i == 1 {
-                    joiner.wait_for(|joiner| *joiner != Joiner::Coming).await.expect("the test holds the sender");
-                }
-                if i == n - 1 {
-                    let ended = joiner.wait_for(|joiner| *joiner == Joiner::Ended);
-                    let _ = tokio::time::timeout(LAST_EVENT_WAIT, ended).await;
-                }
-                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(event(i)))), (i + 1, joiner)))
-            });
-            let body: Body = BodyExt::boxed_unsync(StreamBody::new(stream));
-            let response = Response::builder().header("content-type", "text/event-stream").body(body).unwrap();
+            let response = response(n, &joiner);
             async move { Ok::<_, Infallible>(response) }
         })
     };

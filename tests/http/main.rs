@@ -9,6 +9,9 @@ mod example_quotes;
 mod example_rpc;
 mod example_server;
 mod example_stream;
+mod joined_past_bound;
+#[path = "../common/live_bound.rs"]
+mod live_bound;
 mod readme;
 mod real_servers;
 #[path = "../common/resume.rs"]
