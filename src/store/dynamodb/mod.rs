@@ -12,7 +12,11 @@ use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
 use aws_sdk_dynamodb::{
     Client,
     error::{ProvideErrorMetadata, SdkError},
-    operation::{delete_item::DeleteItemError, put_item::PutItemError, update_item::UpdateItemError},
+    operation::{
+        delete_item::{DeleteItemError, DeleteItemOutput, builders::DeleteItemFluentBuilder},
+        put_item::PutItemError,
+        update_item::UpdateItemError,
+    },
     types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure},
 };
 
@@ -244,6 +248,33 @@ impl DynamoDbStore {
 
     fn pk(&self, key: &StoreKey) -> AttributeValue {
         AttributeValue::S(partition_key(&self.inner.key_prefix, key))
+    }
+
+    /// A `DeleteItem` of the key's item, with the names its conditions use (`#tok`, `#exp`).
+    fn delete(&self, key: &StoreKey) -> DeleteItemFluentBuilder {
+        self.inner
+            .client
+            .delete_item()
+            .table_name(&self.inner.table)
+            .key(PK, self.pk(key))
+            .expression_attribute_names("#tok", TOKEN)
+            .expression_attribute_names("#exp", EXPIRES)
+    }
+
+    /// Sends a conditional `DeleteItem`: what it answered, or `None` when its condition did not
+    /// hold (nothing was deleted).
+    async fn delete_if(&self, request: DeleteItemFluentBuilder) -> Result<Option<DeleteItemOutput>, StoreError> {
+        self.run(async {
+            match request.send().await {
+                Ok(deleted) => Ok(Some(deleted)),
+                Err(SdkError::ServiceError(failed)) => match failed.into_err() {
+                    DeleteItemError::ConditionalCheckFailedException(_) => Ok(None),
+                    error => Err(service_error(error)),
+                },
+                Err(error) => Err(sdk_error(error)),
+            }
+        })
+        .await
     }
 
     /// Runs `operation` within the operation timeout.
@@ -500,29 +531,12 @@ impl IdempotencyStore for DynamoDbStore {
     }
 
     async fn release(&self, key: &StoreKey, lock: &LockToken) -> Result<bool, StoreError> {
-        let now = now_ms();
         let request = self
-            .inner
-            .client
-            .delete_item()
-            .table_name(&self.inner.table)
-            .key(PK, self.pk(key))
+            .delete(key)
             .condition_expression("#tok = :token AND #exp > :now")
-            .expression_attribute_names("#tok", TOKEN)
-            .expression_attribute_names("#exp", EXPIRES)
             .expression_attribute_values(":token", token_bytes(lock.id()))
-            .expression_attribute_values(":now", number(now));
-        self.run(async {
-            match request.send().await {
-                Ok(_) => Ok(true),
-                Err(SdkError::ServiceError(failed)) => match failed.into_err() {
-                    DeleteItemError::ConditionalCheckFailedException(_) => Ok(false),
-                    error => Err(service_error(error)),
-                },
-                Err(error) => Err(sdk_error(error)),
-            }
-        })
-        .await
+            .expression_attribute_values(":now", number(now_ms()));
+        Ok(self.delete_if(request).await?.is_some())
     }
 }
 
@@ -549,30 +563,15 @@ impl Inspect for DynamoDbStore {
     async fn purge(&self, key: &StoreKey) -> Result<Purged, StoreError> {
         let now = now_ms();
         let request = self
-            .inner
-            .client
-            .delete_item()
-            .table_name(&self.inner.table)
-            .key(PK, self.pk(key))
+            .delete(key)
             .condition_expression("attribute_not_exists(#tok) OR #exp <= :now")
-            .expression_attribute_names("#tok", TOKEN)
-            .expression_attribute_names("#exp", EXPIRES)
             .expression_attribute_values(":now", number(now))
             .return_values(ReturnValue::AllOld);
-        self.run(async {
-            match request.send().await {
-                Ok(deleted) => match deleted.attributes {
-                    Some(old) if !old.is_empty() && !Item(&old).expired(now)? => Ok(Purged::Removed),
-                    _ => Ok(Purged::Unknown),
-                },
-                Err(SdkError::ServiceError(failed)) => match failed.into_err() {
-                    DeleteItemError::ConditionalCheckFailedException(_) => Ok(Purged::Locked),
-                    error => Err(service_error(error)),
-                },
-                Err(error) => Err(sdk_error(error)),
-            }
+        Ok(match self.delete_if(request).await?.map(|deleted| deleted.attributes) {
+            None => Purged::Locked,
+            Some(Some(old)) if !old.is_empty() && !Item(&old).expired(now)? => Purged::Removed,
+            Some(_) => Purged::Unknown,
         })
-        .await
     }
 }
 
