@@ -334,13 +334,19 @@ async fn a_silent_redis_times_out_at_the_operation_timeout() {
     let manager = ConnectionManager::new_lazy_with_config(redis::Client::open(url).unwrap(), patient).unwrap();
     let theirs = RedisStore::builder().with_operation_timeout(timeout).build(manager);
     let key = fresh_key(None);
-    for store in [ours, theirs] {
-        for _ in 0..2 {
+    for (store, patient) in [(ours, false), (theirs, true)] {
+        for _ in 0..3 {
             let started = Instant::now();
             let error = store.begin(&key, &fp(1), LEASE).await.unwrap_err();
             let took = started.elapsed();
             assert!(error.is_timeout(), "{error:?}");
-            assert!(took >= timeout && took < timeout * 3, "took {took:?}");
+            assert!(took < timeout * 3, "took {took:?}");
+            // The patient manager never ends an attempt: the command timeout ends each
+            // operation. Ours ends each attempt a tenth before it, and starts the next at once,
+            // so an operation joins one under way: never a failure left from an attempt that
+            // ended unobserved, handed over at once.
+            let least = if patient { timeout } else { timeout / 4 };
+            assert!(took >= least, "took {took:?}");
         }
     }
     silent.abort();

@@ -286,11 +286,14 @@ impl RedisStoreBuilder {
 
     /// The settings of the managers this builder makes: one attempt per connection (the
     /// store makes a fresh one per operation while Redis is down, so a request fails fast
-    /// instead of waiting out a backoff) bounded by the command timeout.
+    /// instead of waiting out a backoff), ending a tenth before the command timeout. The
+    /// operation that starts an attempt so always sees it end, and the manager begins the next
+    /// at once; an attempt outlived by its operation would end unobserved, and hand its failure
+    /// to the next operation without trying again.
     fn manager_config(&self) -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
             .set_number_of_retries(0)
-            .set_connection_timeout(Some(self.operation_timeout))
+            .set_connection_timeout(Some(self.operation_timeout - self.operation_timeout / 10))
             .set_response_timeout(Some(self.operation_timeout))
     }
 

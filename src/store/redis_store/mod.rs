@@ -91,8 +91,11 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// fails with [`StoreError::is_timeout`]; a refused or broken connection or an error reply
 /// fails with [`StoreError::is_unavailable`]; a value this crate cannot read fails with
 /// [`StoreError::is_corrupt`]. The layer answers all three as configured by its store failure
-/// mode (by default `503` with `Retry-After`). While Redis is down each operation makes one
-/// fresh connection attempt, so the first request after Redis is back succeeds.
+/// mode (by default `503` with `Retry-After`). While Redis refuses connections each operation
+/// makes one fresh connection attempt, so the first request after Redis is back succeeds.
+/// While Redis accepts connections and never answers, a connection attempt ends a tenth before
+/// the command timeout (failing as a timeout), and the next one starts at once: an operation
+/// that joins an attempt under way fails when it does, before its own timeout.
 ///
 /// A timed-out operation may still have run in Redis. A `begin` that locked the key leaves it
 /// in flight until its lease ends (retries get `409`, the handler never runs twice); a
