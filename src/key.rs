@@ -209,6 +209,19 @@ impl KeySource {
     pub(crate) fn in_body(&self) -> bool {
         !matches!(self.0, Source::Header)
     }
+
+    /// Where a client puts the key, for a header source named `header`.
+    pub(crate) fn place(&self, header: &http::HeaderName) -> crate::problem::KeyPlace {
+        use crate::problem::KeyPlace;
+        match self.0 {
+            Source::Header if header == crate::headers::IDEMPOTENCY_KEY => KeyPlace::Header,
+            Source::Header => KeyPlace::OtherHeader,
+            #[cfg(feature = "json")]
+            Source::Json(_) => KeyPlace::Body,
+            #[cfg(feature = "json")]
+            Source::JsonRpc(_) => KeyPlace::JsonRpc,
+        }
+    }
 }
 
 /// Checks the unquoted form: 1..=255 bytes of `0x21..=0x7E`.

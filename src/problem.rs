@@ -268,6 +268,23 @@ enum Cause {
     Key(InvalidKey),
     /// The limit a request body passed, in bytes.
     Limit(usize),
+    /// Where the route reads the key a request lacked.
+    Missing(KeyPlace),
+}
+
+/// Where a route reads its idempotency key: what its `missing-key` answer asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyPlace {
+    /// The `Idempotency-Key` header.
+    Header,
+    /// A header of another name.
+    OtherHeader,
+    /// A JSON request body.
+    #[cfg(feature = "json")]
+    Body,
+    /// A JSON-RPC request's `params._meta.idempotencyKey`.
+    #[cfg(feature = "json")]
+    JsonRpc,
 }
 
 impl Problem {
@@ -283,6 +300,12 @@ impl Problem {
     #[must_use]
     pub const fn invalid_key(rule: InvalidKey) -> Self {
         Self { kind: ProblemKind::InvalidKey, retry_after: None, cause: Some(Cause::Key(rule)) }
+    }
+
+    /// The `missing-key` problem of a route that reads its key at `place`: its detail asks for
+    /// the key there.
+    pub(crate) const fn missing_key(place: KeyPlace) -> Self {
+        Self { kind: ProblemKind::MissingKey, retry_after: None, cause: Some(Cause::Missing(place)) }
     }
 
     /// The `request-body-too-large` problem of a body over `limit` bytes: its
@@ -337,11 +360,13 @@ impl Problem {
 
     /// The `detail`: what went wrong and what the client can do. The kind's own
     /// ([`ProblemKind::detail`]), or, where the problem knows more, one that says it: the rule
-    /// an invalid key broke, the limit a request body passed. Never request content.
+    /// an invalid key broke, the limit a request body passed, where the route reads the key a
+    /// request lacked. Never request content.
     #[must_use]
     pub fn detail(&self) -> Cow<'static, str> {
         match self.cause {
-            None => Cow::Borrowed(self.kind.detail()),
+            None | Some(Cause::Missing(KeyPlace::Header)) => Cow::Borrowed(self.kind.detail()),
+            Some(Cause::Missing(place)) => Cow::Borrowed(missing_key_detail(place)),
             Some(Cause::Key(rule)) => Cow::Borrowed(key_rule_detail(rule)),
             Some(Cause::Limit(limit)) => {
                 Cow::Owned(format!("The request body is larger than {limit} bytes, the most this endpoint accepts."))
@@ -443,6 +468,20 @@ impl ProblemRenderer for Rfc9457 {
 }
 
 /// The `detail` of an invalid key, per rule: which one it broke, and what a key is.
+/// The detail of a `missing-key` answer of a route that reads its key at `place`.
+const fn missing_key_detail(place: KeyPlace) -> &'static str {
+    match place {
+        KeyPlace::Header => ProblemKind::MissingKey.detail(),
+        KeyPlace::OtherHeader => "This endpoint requires an idempotency key header.",
+        #[cfg(feature = "json")]
+        KeyPlace::Body => "This endpoint requires an idempotency key in the JSON request body.",
+        #[cfg(feature = "json")]
+        KeyPlace::JsonRpc => {
+            "This method requires an idempotency key in params._meta.idempotencyKey (a call without an id, a notification, needs none)."
+        }
+    }
+}
+
 const fn key_rule_detail(rule: InvalidKey) -> &'static str {
     match rule {
         InvalidKey::Empty => "The idempotency key is empty. A key holds 1 to 255 visible ASCII characters.",
@@ -528,13 +567,7 @@ impl ProblemRenderer for JsonRpc {
     fn render(&self, problem: &Problem) -> Response<Bytes> {
         let kind = problem.kind;
         let retry = problem.retry_after_ms().map(|ms| format!(r#","retryAfterMs":{ms}"#)).unwrap_or_default();
-        // A JSON-RPC call carries its key in `params._meta`, not in a header.
-        let detail = match kind {
-            ProblemKind::MissingKey => Cow::Borrowed(
-                "This method requires an idempotency key in params._meta.idempotencyKey (a call without an id, a notification, needs none).",
-            ),
-            _ => problem.detail(),
-        };
+        let detail = problem.detail();
         // The title and type URI are static JSON-safe text (the RFC 9457 bodies embed them too).
         let body = format!(
             r#"{{"jsonrpc":"2.0","id":null,"error":{{"code":{},"message":"{}","data":{{"type":"{}","status":{},"detail":"{}"{}}}}}}}"#,
@@ -626,10 +659,33 @@ mod tests {
             detail(Problem::invalid_key(crate::InvalidKey::TooLong)),
             "The idempotency key is longer than 255 bytes."
         );
-        assert!(detail(Problem::new(ProblemKind::MissingKey, None)).contains("params._meta.idempotencyKey"));
+        #[cfg(feature = "json")]
+        assert!(detail(Problem::missing_key(KeyPlace::JsonRpc)).contains("params._meta.idempotencyKey"));
         assert_eq!(json_escaped(r#"a "b" \c"#), r#"a \"b\" \\c"#);
         let codes: std::collections::HashSet<_> = ProblemKind::ALL.iter().map(|kind| kind.json_rpc_code()).collect();
         assert!(codes.contains(&-32700) && codes.contains(&-32602) && codes.contains(&-32001));
+    }
+
+    #[test]
+    fn a_missing_key_is_asked_for_where_the_route_reads_it() {
+        let detail = |place| Problem::missing_key(place).detail();
+        assert_eq!(detail(KeyPlace::Header), Problem::new(ProblemKind::MissingKey, None).detail());
+        assert!(detail(KeyPlace::Header).contains("Idempotency-Key header"));
+        let elsewhere = [
+            (KeyPlace::OtherHeader, "idempotency key header"),
+            #[cfg(feature = "json")]
+            (KeyPlace::Body, "idempotency key in the JSON request body"),
+            #[cfg(feature = "json")]
+            (KeyPlace::JsonRpc, "idempotency key in params._meta.idempotencyKey"),
+        ];
+        for (place, asks) in elsewhere {
+            assert!(detail(place).contains(asks), "{place:?}: {}", detail(place));
+            assert!(!detail(place).contains("Idempotency-Key"), "{place:?}: {}", detail(place));
+            // The RFC 9457 body carries the same detail.
+            let json: serde_json::Value =
+                serde_json::from_slice(Rfc9457.render(&Problem::missing_key(place)).body()).unwrap();
+            assert_eq!(json["detail"], *detail(place));
+        }
     }
 
     #[test]

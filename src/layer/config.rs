@@ -209,6 +209,16 @@ impl Config {
         });
     }
 
+    /// What a covered request without a key gets: `None`, to run through unguarded (keys are
+    /// optional), or the `missing-key` problem asking for the key where this route reads it.
+    /// The one decision of the header path and of the body path.
+    pub(crate) fn missing_key(&self) -> Option<crate::problem::Problem> {
+        if self.key_policy == KeyPolicy::Optional {
+            return None;
+        }
+        Some(crate::problem::Problem::missing_key(self.key_source.place(&self.header)))
+    }
+
     pub(crate) fn covers(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
     }

@@ -106,10 +106,13 @@ where
             *reply = id;
             match found {
                 BodyKey::Key(key, fingerprinted) => (key, fingerprinted),
-                BodyKey::Missing if config.key_policy == KeyPolicy::Required => {
-                    return Err(problem(ProblemKind::MissingKey));
+                BodyKey::Missing => {
+                    return Err(match config.missing_key() {
+                        Some(missing) => Unprepared::Answer(problem_answer(&config.answers, &head.headers, missing)),
+                        None => Unprepared::Pass(head, body),
+                    });
                 }
-                BodyKey::Missing | BodyKey::Through => return Err(Unprepared::Pass(head, body)),
+                BodyKey::Through => return Err(Unprepared::Pass(head, body)),
                 BodyKey::Refuse(refused) => {
                     return Err(Unprepared::Answer(problem_answer(&config.answers, &head.headers, refused)));
                 }

@@ -18,12 +18,12 @@ use crate::{
     IdempotencyKey, Outcome,
     layer::answer::problem_answer,
     layer::body::{RequestBody, ResponseBody},
-    layer::config::{Config, KeyPolicy},
+    layer::config::Config,
     layer::future::ResponseFuture,
     layer::guarded::Guarded,
     layer::lock::LiveOps,
     layer::mode::Mode,
-    problem::{Problem, ProblemKind},
+    problem::Problem,
     telemetry,
 };
 
@@ -148,11 +148,13 @@ pub(crate) fn admit<B>(config: &Config, request: &Request<B>) -> Admission {
     }
     match IdempotencyKey::from_headers(request.headers(), &config.header) {
         Ok(Some(key)) => Admission::Guard(Some(key)),
-        Ok(None) if config.key_policy == KeyPolicy::Optional => {
-            tracing::trace!(outcome = "bypassed", "idempotency: no key");
-            Admission::Pass
-        }
-        Ok(None) => Admission::Refuse(Problem::new(ProblemKind::MissingKey, None)),
+        Ok(None) => match config.missing_key() {
+            Some(missing) => Admission::Refuse(missing),
+            None => {
+                tracing::trace!(outcome = "bypassed", "idempotency: no key");
+                Admission::Pass
+            }
+        },
         Err(invalid) => {
             tracing::debug!(reason = %invalid, "idempotency: invalid key");
             Admission::Refuse(Problem::invalid_key(invalid))

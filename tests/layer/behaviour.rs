@@ -68,6 +68,7 @@ async fn required_key_answers_400_without_running_the_handler() {
     let reply = send(&svc, request(Method::POST, "/payments", None, "{}")).await;
     reply.assert_problem(400, "missing-key");
     assert_eq!(reply.outcome, Outcome::MissingKey);
+    assert_eq!(reply.problem()["detail"], "This endpoint requires an Idempotency-Key header.");
     assert_eq!(runs.get(), 0);
     // Uncovered methods still pass without a key.
     assert_eq!(send(&svc, request(Method::GET, "/payments", None, "")).await.status, StatusCode::CREATED);
@@ -132,6 +133,17 @@ async fn header_name_is_configurable() {
     send(&svc, req()).await;
     assert!(send(&svc, req()).await.replayed());
     assert!(IdempotencyLayer::new().try_with_header_name("bad header").is_err());
+    // Required there, a request without it is asked for an idempotency key header, never for
+    // an `Idempotency-Key` it would not read.
+    let layer =
+        IdempotencyLayer::new().try_with_header_name("x-request-key").unwrap().with_key_policy(KeyPolicy::Required);
+    let svc = service(layer, runs.clone());
+    let mut req = request(Method::POST, "/a", None, "{}");
+    req.headers_mut().insert("idempotency-key", "k".parse().unwrap());
+    let reply = send(&svc, req).await;
+    reply.assert_problem(400, "missing-key");
+    assert_eq!(reply.problem()["detail"], "This endpoint requires an idempotency key header.");
+    assert_eq!(runs.get(), 1);
 }
 
 fn with_auth(mut req: Request<Full<Bytes>>, auth: &'static str) -> Request<Full<Bytes>> {

@@ -175,6 +175,8 @@ async fn refusals_are_json_rpc_errors_with_the_requests_id() {
     assert_eq!(Outcome::of(&missing), Outcome::MissingKey);
     let error = json_of(&body);
     assert_eq!((error["id"].clone(), error["error"]["code"].clone()), (json!(9), json!(-32602)));
+    let detail = error["error"]["data"]["detail"].as_str().unwrap();
+    assert!(detail.starts_with("This method requires an idempotency key in params._meta.idempotencyKey"), "{detail}");
     let (large, body) = send(&svc, post(&call(json!(9), "charge", Some("k"), json!({"pad": "x".repeat(300)})))).await;
     assert_eq!(large.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(json_of(&body)["id"], Value::Null);
@@ -300,4 +302,19 @@ async fn a_key_at_a_json_pointer_of_a_plain_json_body() {
     with_header.headers_mut().insert("idempotency-key", "k-h".parse().unwrap());
     send(&svc, with_header).await;
     assert_eq!(runs.load(Ordering::SeqCst), 3);
+    // Required there, a body without the key is asked for one in the body, never for a header
+    // the route does not read.
+    let required = IdempotencyLayer::new()
+        .with_key_source(KeySource::json_pointer("/idempotency_key").unwrap())
+        .with_key_policy(KeyPolicy::Required);
+    let (svc, runs) = app(required);
+    let mut with_header = post(&json!({"amount": 7}));
+    with_header.headers_mut().insert("idempotency-key", "k-h".parse().unwrap());
+    let (missing, body) = send(&svc, with_header).await;
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(Outcome::of(&missing), Outcome::MissingKey);
+    let problem = json_of(&body);
+    assert_eq!(problem["type"], problem::MISSING_KEY);
+    assert_eq!(problem["detail"], "This endpoint requires an idempotency key in the JSON request body.");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
