@@ -12,7 +12,7 @@ use tower::Service;
 
 use crate::{
     IdempotencyKey, Outcome,
-    headers::{IDEMPOTENCY_KEY_RETENTION, LAST_EVENT_ID},
+    headers::IDEMPOTENCY_KEY_RETENTION,
     layer::{
         answer::{problem_answer, problem_response, refused_response},
         body::{BufferError, Buffered, RequestBody, ResponseBody, buffer},
@@ -21,7 +21,7 @@ use crate::{
         lock::LiveOps,
         mode::{Began, Inner, Mode, wait_until},
         replay::replay,
-        sse::is_event_stream,
+        sse::resumes_after,
     },
     problem::{Problem, ProblemKind},
     secret::Refused,
@@ -147,7 +147,7 @@ pub(crate) fn answer<ResBody: Body>(
         Begin::Completed(Record::Response(record)) => {
             telemetry::replayed(record.origin());
             trace::link(config.trace.as_deref(), record.origin());
-            replay(record, head.headers.get(LAST_EVENT_ID))
+            replay(record, &head.headers)
         }
         Begin::Completed(Record::NotRetained) => problem(ProblemKind::ResponseNotRetained, None),
         Begin::Mismatch => problem(ProblemKind::KeyReused, None),
@@ -254,8 +254,8 @@ where
                     slot.join();
                     // As a replay's: the joiner's span points at the request it follows.
                     trace::link(config.trace.as_deref(), &origin);
-                    let last_event_id = head.headers.get(LAST_EVENT_ID).filter(|_| is_event_stream(&headers));
-                    let last_event_id = last_event_id.map(|id| Bytes::copy_from_slice(id.as_bytes()));
+                    let last_event_id =
+                        resumes_after(&head.headers, &headers).map(|id| Bytes::copy_from_slice(id.as_bytes()));
                     let parts = joined_head(status, headers);
                     let joined = Joined::new(following, status, events, cursor, last_event_id, slot);
                     return Ok(Response::from_parts(parts, ResponseBody::joined(joined)));

@@ -8,19 +8,16 @@ use http_body::Body;
 
 use crate::{
     IDEMPOTENT_REPLAYED, Outcome, ResponseBody,
-    layer::sse::{is_event_stream, resume_in_body},
+    layer::sse::{resume_in_body, resumes_after},
     store::StoredResponse,
 };
 
-/// The recorded response, replayed: the inner service is not called. An event stream replayed
-/// to a request with `Last-Event-ID` (`last_event_id`) starts after the event with that id,
-/// found in the record's event marks; an id it does not know gives the whole stream.
-pub(crate) fn replay<B: Body>(
-    record: Arc<StoredResponse>,
-    last_event_id: Option<&HeaderValue>,
-) -> Response<ResponseBody<B>> {
-    let resumed = last_event_id
-        .filter(|_| is_event_stream(&record.headers))
+/// The recorded response, replayed to a request whose headers are `request`: the inner
+/// service is not called. An event stream replayed to a request with `Last-Event-ID` starts
+/// after the event with that id, found in the record's event marks; an id it does not know
+/// gives the whole stream.
+pub(crate) fn replay<B: Body>(record: Arc<StoredResponse>, request: &HeaderMap) -> Response<ResponseBody<B>> {
+    let resumed = resumes_after(request, &record.headers)
         .and_then(|id| resume_in_body(&record.body, &record.marks, id.as_bytes()));
     let record = match resumed {
         Some(body) => {

@@ -12,12 +12,19 @@
 //! second half of that same CRLF ([`skips_lf`]).
 
 use bytes::Bytes;
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderValue, header};
 
-use crate::store::EventMark;
+use crate::{headers::LAST_EVENT_ID, store::EventMark};
 
 /// The longest `id:` line kept (longer ids are not resumable; their events still pass).
 const MAX_ID_LINE: usize = 3 + 1024;
+
+/// Where a duplicate resumes the response whose headers are `response`: after the event its
+/// request names in `Last-Event-ID`, if the response is an event stream (the one rule of a
+/// replay and of a joined response).
+pub(crate) fn resumes_after<'a>(request: &'a HeaderMap, response: &HeaderMap) -> Option<&'a HeaderValue> {
+    request.get(LAST_EVENT_ID).filter(|_| is_event_stream(response))
+}
 
 /// Whether the headers announce an event stream.
 pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
