@@ -365,7 +365,7 @@ impl Problem {
     #[must_use]
     pub fn detail(&self) -> Cow<'static, str> {
         match self.cause {
-            None | Some(Cause::Missing(KeyPlace::Header)) => Cow::Borrowed(self.kind.detail()),
+            None => Cow::Borrowed(self.kind.detail()),
             Some(Cause::Missing(place)) => Cow::Borrowed(missing_key_detail(place)),
             Some(Cause::Key(rule)) => Cow::Borrowed(key_rule_detail(rule)),
             Some(Cause::Limit(limit)) => {
@@ -467,8 +467,7 @@ impl ProblemRenderer for Rfc9457 {
     }
 }
 
-/// The `detail` of an invalid key, per rule: which one it broke, and what a key is.
-/// The detail of a `missing-key` answer of a route that reads its key at `place`.
+/// The `detail` of a `missing-key` answer of a route that reads its key at `place`.
 const fn missing_key_detail(place: KeyPlace) -> &'static str {
     match place {
         KeyPlace::Header => ProblemKind::MissingKey.detail(),
@@ -482,6 +481,7 @@ const fn missing_key_detail(place: KeyPlace) -> &'static str {
     }
 }
 
+/// The `detail` of an invalid key, per rule: which one it broke, and what a key is.
 const fn key_rule_detail(rule: InvalidKey) -> &'static str {
     match rule {
         InvalidKey::Empty => "The idempotency key is empty. A key holds 1 to 255 visible ASCII characters.",
