@@ -152,15 +152,17 @@ async fn a_handler_blocking_its_thread_for_several_leases_keeps_its_lock() {
             let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
             async move {
                 // Not polled for four leases: nothing on this task can renew anything.
-                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(1200)));
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_secs(4)));
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}")))))
             }
         }
     });
-    let svc = IdempotencyLayer::new().with_lease(Duration::from_millis(300)).layer(handler);
+    // A lease of 1 s: a renewal late by a few hundred milliseconds on a loaded machine still
+    // lands within it, and the duplicates come 800 ms apart, the last 800 ms before the end.
+    let svc = IdempotencyLayer::new().with_lease(Duration::from_secs(1)).layer(handler);
     let first = tokio::spawn(svc.clone().oneshot(post("/blocking", "k", "{}")));
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
         let duplicate = svc.clone().oneshot(post("/blocking", "k", "{}")).await.unwrap();
         assert_eq!(Outcome::of(&duplicate), Outcome::InFlight, "the lock lapsed while the handler blocked");
     }
