@@ -19,7 +19,7 @@ use crate::{
     key::Source,
     layer::{
         body::{ResponseBody, Rewrite},
-        sse::is_event_stream,
+        sse::{EventScanner, is_event_stream},
     },
     problem::{Problem, ProblemKind},
 };
@@ -130,7 +130,12 @@ pub(crate) fn with_reply_id<B: Body>(response: Response<ResponseBody<B>>, id: &R
 /// Sets an `id` on the JSON-RPC responses of a body: one JSON message, or events.
 struct IdRewrite {
     id: Reply,
-    events: bool,
+    /// For an event stream, what finds its event ends: the scanner that marks them for a
+    /// resume, so both read the same grammar.
+    events: Option<EventScanner>,
+    /// Bytes fed so far.
+    fed: u64,
+    /// The message, or the event, not yet ended.
     pending: BytesMut,
 }
 
@@ -138,12 +143,12 @@ impl IdRewrite {
     /// For a body of type `application/json` (or `+json`) or `text/event-stream`; `None` for
     /// any other.
     fn new(headers: &HeaderMap, id: &Reply) -> Option<Self> {
-        let events = is_event_stream(headers);
-        if !events && !is_json(headers) {
+        let events = is_event_stream(headers).then(EventScanner::default);
+        if events.is_none() && !is_json(headers) {
             return None;
         }
         let id = Reply { id: id.id.clone(), progress_token: id.progress_token.clone() };
-        Some(Self { id, events, pending: BytesMut::new() })
+        Some(Self { id, events, fed: 0, pending: BytesMut::new() })
     }
 }
 
@@ -155,17 +160,26 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 impl Rewrite for IdRewrite {
     fn feed(&mut self, chunk: Bytes, out: &mut VecDeque<Bytes>) {
-        if self.events && self.pending.is_empty() && event_end(&chunk) == Some(chunk.len()) {
-            // One whole event, as streams are usually written: no copy into `pending`.
-            out.push_back(rewrite_event(chunk, &self.id));
+        let Some(scanner) = &mut self.events else {
+            self.pending.extend_from_slice(&chunk);
             return;
-        }
-        self.pending.extend_from_slice(&chunk);
-        while self.events {
-            let Some(end) = event_end(&self.pending) else { break };
-            let event = self.pending.split_to(end).freeze();
-            out.push_back(rewrite_event(event, &self.id));
-        }
+        };
+        // Each event goes out as it ends; one that lies whole in the chunk is a slice of it.
+        let (base, mut taken) = (self.fed, 0);
+        self.fed += chunk.len() as u64;
+        let (pending, id) = (&mut self.pending, &self.id);
+        scanner.scan(&chunk, |end, _| {
+            let end = usize::try_from(end - base).map_or(chunk.len(), |end| end.min(chunk.len()));
+            let event = if pending.is_empty() {
+                chunk.slice(taken..end)
+            } else {
+                pending.extend_from_slice(&chunk[taken..end]);
+                pending.split().freeze()
+            };
+            out.push_back(rewrite_event(event, id));
+            taken = end;
+        });
+        self.pending.extend_from_slice(&chunk[taken..]);
     }
 
     fn finish(&mut self, out: &mut VecDeque<Bytes>) {
@@ -174,33 +188,10 @@ impl Rewrite for IdRewrite {
             return;
         }
         out.push_back(match self.events {
-            true => rewrite_event(rest, &self.id),
-            false => rewrite_message(&rest, &self.id).map_or(rest, Bytes::from),
+            Some(_) => rewrite_event(rest, &self.id),
+            None => rewrite_message(&rest, &self.id).map_or(rest, Bytes::from),
         });
     }
-}
-
-/// The end of the first whole event in `buf` (after the empty line that ends it), if there is
-/// one. Lines end with CRLF, LF or CR; a CR at the very end ends its line at once (the LF that
-/// may follow is a line of its own here, passed on as it is: the bytes do not change), as the
-/// layer marks the end of such an event for a resume.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let (mut at, mut line_start) = (0, 0);
-    while at < buf.len() {
-        if buf[at] != b'\n' && buf[at] != b'\r' {
-            at += 1;
-            continue;
-        }
-        let mut next = at + 1;
-        if buf[at] == b'\r' && buf.get(next) == Some(&b'\n') {
-            next += 1;
-        }
-        if at == line_start {
-            return Some(next);
-        }
-        (at, line_start) = (next, next);
-    }
-    None
 }
 
 /// One event: if its data is a JSON-RPC response, the same event with `id` in it (its data in
@@ -352,6 +343,20 @@ mod tests {
         }
         let bytes: Vec<&[u8]> = stream.as_bytes().chunks(1).collect();
         assert_eq!(all(&mut rewrite("text/event-stream", id), &bytes), expected);
+    }
+
+    #[test]
+    fn events_whole_in_a_chunk_go_out_as_slices_of_it() {
+        let chunk = Bytes::from_static(b": one\n\n: two\r\n\r\n: th");
+        let mut rewrite = rewrite("text/event-stream", Value::from(1));
+        let mut out = VecDeque::new();
+        rewrite.feed(chunk.clone(), &mut out);
+        // An event ends at the CR of its empty line (the LF after it goes with the next one).
+        assert_eq!(out, [": one\n\n", ": two\r\n\r"]);
+        let within = chunk.as_ptr_range();
+        assert!(out.iter().all(|event| within.contains(&event.as_ptr())), "copied");
+        rewrite.feed(Bytes::from_static(b"ree\n\n"), &mut out);
+        assert_eq!(out[2], "\n: three\n\n");
     }
 
     #[test]

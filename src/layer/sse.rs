@@ -51,15 +51,26 @@ pub(crate) struct EventScanner {
 }
 
 impl EventScanner {
-    /// Feeds the next chunk; calls `found` with each event end it completes.
+    /// Feeds the next chunk; calls `found` with each end it completes of an event with an id.
     pub(crate) fn feed(&mut self, chunk: &[u8], mut found: impl FnMut(EventMark)) {
+        self.scan(chunk, |end, id| {
+            if let Some(id) = id {
+                found(EventMark { id, end });
+            }
+        });
+    }
+
+    /// Feeds the next chunk; calls `ended` with each event end it completes: the offset just
+    /// past the line ending of the empty line that ends the event (counted from the first byte
+    /// ever fed), and the event's id if it has one.
+    pub(crate) fn scan(&mut self, chunk: &[u8], mut ended: impl FnMut(u64, Option<Bytes>)) {
         for &byte in chunk {
             self.offset += 1;
             match byte {
                 b'\n' if self.after_cr => self.after_cr = false,
                 b'\r' | b'\n' => {
                     self.after_cr = byte == b'\r';
-                    self.end_line(&mut found);
+                    self.end_line(&mut ended);
                 }
                 _ => {
                     self.after_cr = false;
@@ -77,12 +88,10 @@ impl EventScanner {
         }
     }
 
-    fn end_line(&mut self, found: &mut impl FnMut(EventMark)) {
+    fn end_line(&mut self, ended: &mut impl FnMut(u64, Option<Bytes>)) {
         if !self.line_started {
             // An empty line: the event ends here.
-            if let Some(id) = self.id.take() {
-                found(EventMark { id, end: self.offset });
-            }
+            ended(self.offset, self.id.take());
         } else if !self.line_ignored && self.line.len() >= 3 {
             let value = &self.line[3..];
             let value = value.strip_prefix(b" ").unwrap_or(value);
