@@ -193,7 +193,7 @@ where
         let response = self.guard(request, key, &mut reply).await?;
         #[cfg(feature = "json")]
         if let Some(id) = reply {
-            return Ok(crate::layer::json::with_reply_id(response, &id));
+            return Ok(crate::layer::json::with_reply_id(response, id));
         }
         Ok(response)
     }

@@ -114,7 +114,7 @@ fn fingerprinted(mut request: Value) -> Vec<u8> {
 /// `response`, answering a JSON-RPC request: a replay, a joined response or one of the layer's
 /// own answers gets the request's `id` in its JSON-RPC responses (and its progress token in
 /// its progress notifications); the handler's own response is left alone.
-pub(crate) fn with_reply_id<B: Body>(response: Response<ResponseBody<B>>, id: &Reply) -> Response<ResponseBody<B>> {
+pub(crate) fn with_reply_id<B: Body>(response: Response<ResponseBody<B>>, id: Reply) -> Response<ResponseBody<B>> {
     if matches!(Outcome::of(&response), Outcome::Executed | Outcome::Bypassed | Outcome::Unprotected) {
         return response;
     }
@@ -142,20 +142,24 @@ struct IdRewrite {
 impl IdRewrite {
     /// For a body of type `application/json` (or `+json`) or `text/event-stream`; `None` for
     /// any other.
-    fn new(headers: &HeaderMap, id: &Reply) -> Option<Self> {
+    fn new(headers: &HeaderMap, id: Reply) -> Option<Self> {
         let events = is_event_stream(headers).then(EventScanner::default);
         if events.is_none() && !is_json(headers) {
             return None;
         }
-        let id = Reply { id: id.id.clone(), progress_token: id.progress_token.clone() };
         Some(Self { id, events, fed: 0, pending: BytesMut::new() })
     }
 }
 
+/// Whether the headers announce JSON: `application/json` or `application/*+json`.
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
-    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let Some(value) = headers.get(header::CONTENT_TYPE) else { return false };
+    let essence = value.as_bytes().split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    let (application, json) = (b"application/".as_slice(), b"+json".as_slice());
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() >= application.len() + json.len()
+            && essence[..application.len()].eq_ignore_ascii_case(application)
+            && essence[essence.len() - json.len()..].eq_ignore_ascii_case(json))
 }
 
 impl Rewrite for IdRewrite {
@@ -300,7 +304,7 @@ mod tests {
     fn rewrite(content_type: &str, id: Value) -> IdRewrite {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
-        IdRewrite::new(&headers, &Reply { id, progress_token: None }).unwrap()
+        IdRewrite::new(&headers, Reply { id, progress_token: None }).unwrap()
     }
 
     #[test]
@@ -318,7 +322,24 @@ mod tests {
         }
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
-        assert!(IdRewrite::new(&headers, &Reply { id: Value::Null, progress_token: None }).is_none());
+        assert!(IdRewrite::new(&headers, Reply { id: Value::Null, progress_token: None }).is_none());
+    }
+
+    #[test]
+    fn json_is_application_json_or_a_json_suffix_in_any_case() {
+        let json = |content_type: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+            is_json(&headers)
+        };
+        for yes in
+            ["application/json", "Application/JSON; charset=utf-8", " application/vnd.api+JSON ", "application/+json"]
+        {
+            assert!(json(yes), "{yes}");
+        }
+        for no in ["text/json", "application/jsonx", "application/json-seq", "application/x+jso", "json", ""] {
+            assert!(!json(no), "{no}");
+        }
     }
 
     #[test]
@@ -408,7 +429,7 @@ mod tests {
         assert_eq!(reply.progress_token, Some(Value::from("p-2")));
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, "text/event-stream".parse().unwrap());
-        let mut rewrite = IdRewrite::new(&headers, &reply).unwrap();
+        let mut rewrite = IdRewrite::new(&headers, reply).unwrap();
         let stream = concat!(
             "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\",\"params\":{\"progress\":1,\"progressToken\":\"p-1\"}}\n\n",
             "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"progressToken\":\"p-1\"}}\n\n",
