@@ -60,6 +60,15 @@ impl JsonPointer {
         &self.text
     }
 
+    /// The value it points at in `document`, if there is one.
+    pub(crate) fn get<'v>(&self, document: &'v Value) -> Option<&'v Value> {
+        self.tokens.iter().try_fold(document, |value, token| match value {
+            Value::Object(members) => members.get(token),
+            Value::Array(items) => items.get(index(token)?),
+            _ => None,
+        })
+    }
+
     /// Removes the object member it points at in `document`, if there is one. A pointer whose
     /// last token indexes an array removes nothing: leaving an element out would move the
     /// ones after it.
@@ -316,5 +325,29 @@ mod tests {
             assert_eq!(JsonPointer::parse(invalid), Err(ConfigError::InvalidJsonPointer(invalid.to_owned())));
         }
         assert_eq!(JsonPointer::parse("/a~1b").unwrap().to_string(), "/a~1b");
+    }
+
+    #[test]
+    fn pointers_find_what_rfc6901_says_they_point_at() {
+        // RFC 6901, section 5: the document and what each pointer evaluates to.
+        let doc: Value = serde_json::from_str(
+            r#"{"foo":["bar","baz"],"":0,"a/b":1,"c%d":2,"e^f":3,"g|h":4,"i\\j":5,"k\"l":6," ":7,"m~n":8}"#,
+        )
+        .unwrap();
+        let get = |p: &str| JsonPointer::parse(p).unwrap().get(&doc).cloned();
+        assert_eq!(get(""), Some(doc.clone()));
+        assert_eq!(get("/foo"), Some(serde_json::json!(["bar", "baz"])));
+        assert_eq!(get("/foo/0"), Some(Value::from("bar")));
+        let numbered = ["/", "/a~1b", "/c%d", "/e^f", "/g|h", "/i\\j", "/k\"l", "/ ", "/m~0n"];
+        for (n, pointer) in numbered.into_iter().enumerate() {
+            assert_eq!(get(pointer), Some(Value::from(n)), "{pointer}");
+        }
+        for absent in ["/foo/01", "/foo/2", "/foo/-", "/foo/0/x", "/bar", "/a~1b/c"] {
+            assert_eq!(get(absent), None, "{absent}");
+        }
+        // serde_json's own evaluation agrees on every one.
+        for pointer in ["", "/foo", "/foo/0", "/foo/01", "/foo/2", "/a~1b", "/m~0n", "/ ", "/bar"] {
+            assert_eq!(get(pointer).as_ref(), doc.pointer(pointer), "{pointer}");
+        }
     }
 }

@@ -138,12 +138,12 @@ pub struct KeySource(pub(crate) Source);
 pub(crate) enum Source {
     #[default]
     Header,
-    /// The string at this JSON Pointer in a JSON body.
+    /// The string at this JSON Pointer in a JSON body, parsed once.
     #[cfg(feature = "json")]
-    Json(Box<str>),
-    /// A JSON-RPC 2.0 request's key, at this JSON Pointer (under `/params`).
+    Json(crate::json::JsonPointer),
+    /// A JSON-RPC 2.0 request's key, at [`JSON_RPC_KEY_POINTER`].
     #[cfg(feature = "json")]
-    JsonRpc(Box<str>),
+    JsonRpc,
 }
 
 /// Where MCP carries an idempotency key in a JSON-RPC request: `params._meta.idempotencyKey`.
@@ -171,8 +171,7 @@ impl KeySource {
     /// ```
     #[cfg(feature = "json")]
     pub fn json_pointer(pointer: &str) -> Result<Self, ConfigError> {
-        crate::json::JsonPointer::parse(pointer)?;
-        Ok(Self(Source::Json(pointer.into())))
+        Ok(Self(Source::Json(crate::json::JsonPointer::parse(pointer)?)))
     }
 
     /// A JSON-RPC 2.0 request's `params._meta.idempotencyKey`, where MCP tool calls carry it
@@ -202,7 +201,7 @@ impl KeySource {
     ///   status and retry hints of the problem.
     #[cfg(feature = "json")]
     pub fn json_rpc() -> Self {
-        Self(Source::JsonRpc(JSON_RPC_KEY_POINTER.into()))
+        Self(Source::JsonRpc)
     }
 
     /// Whether the key is in the request body.
@@ -219,7 +218,7 @@ impl KeySource {
             #[cfg(feature = "json")]
             Source::Json(_) => KeyPlace::Body,
             #[cfg(feature = "json")]
-            Source::JsonRpc(_) => KeyPlace::JsonRpc,
+            Source::JsonRpc => KeyPlace::JsonRpc,
         }
     }
 }

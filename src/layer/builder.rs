@@ -201,7 +201,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
     /// ```
     pub fn with_key_source(self, source: KeySource) -> Self {
         #[cfg(feature = "json")]
-        let json_rpc = matches!(source.0, crate::key::Source::JsonRpc(_));
+        let json_rpc = matches!(source.0, crate::key::Source::JsonRpc);
         self.config(|c| {
             #[cfg(feature = "json")]
             if json_rpc {

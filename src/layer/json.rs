@@ -57,15 +57,15 @@ pub(crate) fn read(source: &KeySource, body: &[u8], required: bool) -> (BodyKey,
     };
     match &source.0 {
         Source::Header => (BodyKey::Missing, None),
-        Source::Json(pointer) => (key_at(&value, pointer), None),
-        Source::JsonRpc(pointer) => json_rpc(value, pointer, required),
+        Source::Json(pointer) => (key_in(pointer.get(&value)), None),
+        Source::JsonRpc => json_rpc(value, required),
     }
 }
 
-/// The key at `pointer`: absent or `null` is none, a string is checked, anything else is
+/// What a key field holds: absent or `null` is no key, a string is checked, anything else is
 /// invalid.
-fn key_at(value: &Value, pointer: &str) -> BodyKey {
-    match value.pointer(pointer) {
+fn key_in(field: Option<&Value>) -> BodyKey {
+    match field {
         None | Some(Value::Null) => BodyKey::Missing,
         Some(Value::String(key)) => match IdempotencyKey::from_body(key) {
             Ok(key) => BodyKey::Key(key, None),
@@ -78,10 +78,16 @@ fn key_at(value: &Value, pointer: &str) -> BodyKey {
     }
 }
 
-fn json_rpc(mut value: Value, pointer: &str, required: bool) -> (BodyKey, Option<Reply>) {
+/// A member of a JSON-RPC call's `params._meta`: `idempotencyKey` (at
+/// [`JSON_RPC_KEY_POINTER`](crate::JSON_RPC_KEY_POINTER)) or `progressToken`.
+fn meta<'v>(call: &'v Value, member: &str) -> Option<&'v Value> {
+    call.get("params")?.get("_meta")?.get(member)
+}
+
+fn json_rpc(mut value: Value, required: bool) -> (BodyKey, Option<Reply>) {
     let request = match &mut value {
         Value::Array(calls) => {
-            let keyed = calls.iter().any(|call| !matches!(key_at(call, pointer), BodyKey::Missing));
+            let keyed = calls.iter().any(|call| !matches!(key_in(meta(call, "idempotencyKey")), BodyKey::Missing));
             if keyed || required {
                 tracing::debug!(keyed, "idempotency: a JSON-RPC batch on a route with keys: refused");
                 return (BodyKey::Refuse(Problem::invalid_key(InvalidKey::NotAString)), None);
@@ -95,8 +101,8 @@ fn json_rpc(mut value: Value, pointer: &str, required: bool) -> (BodyKey, Option
     // A notification has no `id` and gets no answer: nothing to replay or to refuse with.
     let Some(id) = request.remove("id") else { return (BodyKey::Through, None) };
     let request = Value::Object(std::mem::take(request));
-    let reply = Reply { id, progress_token: request.pointer("/params/_meta/progressToken").cloned() };
-    match key_at(&request, pointer) {
+    let reply = Reply { id, progress_token: meta(&request, "progressToken").cloned() };
+    match key_in(meta(&request, "idempotencyKey")) {
         BodyKey::Key(key, _) => (BodyKey::Key(key, Some(fingerprinted(request))), Some(reply)),
         other => (other, Some(reply)),
     }
