@@ -353,6 +353,36 @@ async fn a_silent_redis_times_out_at_the_operation_timeout() {
 }
 
 #[tokio::test]
+async fn after_an_idle_gap_an_operation_still_tries_a_silent_redis() {
+    // The manager starts its next connection attempt when an operation sees one fail; idle
+    // past that attempt's end, nobody sees it fail, and the manager hands that failure to the
+    // next operation at once. The operation tries again instead of failing in microseconds.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let timeout = Duration::from_millis(300);
+    let store = RedisStore::builder()
+        .with_operation_timeout(timeout)
+        .build(tower_idempotency::store::redis::Client::open(url.as_str()).unwrap());
+    let key = fresh_key(None);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let error = store.begin(&key, &fp(1), LEASE).await.unwrap_err();
+        let took = started.elapsed();
+        assert!(error.is_timeout(), "{error:?}");
+        assert!(took >= timeout / 4 && took < timeout * 3, "took {took:?}");
+        // Idle for longer than the attempt the manager has just started.
+        tokio::time::sleep(timeout * 2).await;
+    }
+    silent.abort();
+}
+
+#[tokio::test]
 async fn a_lazy_store_starts_while_redis_is_down_and_recovers_by_itself() {
     let url = redis_or_skip!();
     let mut proxy = Proxy::down(tcp_addr(&url)).await;

@@ -187,7 +187,8 @@ impl RedisStoreBuilder {
     /// Connects to the Redis at `url` (`redis://[user:password@]host:port[/db]`, `rediss://`
     /// needs a TLS feature of the `redis` crate) and builds the store.
     ///
-    /// Fails when the URL is invalid or Redis does not answer within the command timeout.
+    /// Fails when the URL is invalid or Redis does not answer within nine tenths of the
+    /// command timeout (the connection attempts of the manager it makes end then).
     ///
     /// ```
     /// use tower_idempotency::store::{RedisStore, redis::RedisError};
@@ -201,8 +202,10 @@ impl RedisStoreBuilder {
     /// ```
     pub async fn connect(self, url: impl IntoConnectionInfo) -> Result<RedisStore, RedisError> {
         let client = Client::open(url)?;
-        let manager = ConnectionManager::new_with_config(client.clone(), self.manager_config()).await?;
-        Ok(self.finish(Connection::Given(manager), Some(Source::Single(client))))
+        let config = self.manager_config();
+        let manager = ConnectionManager::new_with_config(client.clone(), config.clone()).await?;
+        let made = Deferred { client: client.clone(), config, manager: OnceLock::from(manager) };
+        Ok(self.finish(Connection::Deferred(Box::new(made)), Some(Source::Single(client))))
     }
 
     /// Builds the store on `connection` without waiting for Redis: a [`Client`](https://docs.rs/redis/1/redis/struct.Client.html) or a Redis
@@ -286,10 +289,10 @@ impl RedisStoreBuilder {
 
     /// The settings of the managers this builder makes: one attempt per connection (the
     /// store makes a fresh one per operation while Redis is down, so a request fails fast
-    /// instead of waiting out a backoff), ending a tenth before the command timeout. The
-    /// operation that starts an attempt so always sees it end, and the manager begins the next
-    /// at once; an attempt outlived by its operation would end unobserved, and hand its failure
-    /// to the next operation without trying again.
+    /// instead of waiting out a backoff), ending a tenth before the command timeout: the
+    /// operation that starts an attempt sees it end, and the manager begins the next at once.
+    /// (An attempt the manager began with no operation waiting can still end unobserved; the
+    /// next operation, handed its failure, tries again (`Inner::unsent`).)
     fn manager_config(&self) -> ConnectionManagerConfig {
         ConnectionManagerConfig::new()
             .set_number_of_retries(0)

@@ -1,7 +1,7 @@
 //! The connection one operation goes out on, and how a command is sent on it: one round trip,
 //! once more after a refused connection, and with the script loaded when Redis lacks it.
 
-use std::sync::OnceLock;
+use std::{sync::OnceLock, time::Duration};
 
 use ::redis::{
     Client, Pipeline, RedisError, RedisResult, ScriptInvocation, ServerErrorKind, Value,
@@ -28,7 +28,8 @@ pub(super) enum Connection {
     DeferredCluster(Box<DeferredCluster>),
 }
 
-/// A `ConnectionManager` made on first use (itself connecting lazily).
+/// A `ConnectionManager` this store made, with its settings: on first use (itself connecting
+/// lazily), or by [`RedisStoreBuilder::connect`](super::RedisStoreBuilder::connect).
 pub(super) struct Deferred {
     pub(super) client: Client,
     pub(super) config: ConnectionManagerConfig,
@@ -60,12 +61,17 @@ pub(super) enum Command<'a> {
 }
 
 impl Command<'_> {
-    /// Sends the command, and once more after a refused connection: that sent nothing, and a
-    /// `ConnectionManager` has started a fresh attempt meanwhile, so the first request after
-    /// Redis is back works.
-    pub(super) async fn send_retrying<C: ConnectionLike + Send>(self, connection: &mut C) -> RedisResult<Value> {
+    /// Sends the command, and once more after an error that shows it was not sent (`unsent`,
+    /// `Inner::unsent`): a `ConnectionManager` hands the failure of its last connection
+    /// attempt to the next command, however old, and starts a fresh attempt meanwhile, so the
+    /// first request after Redis is back works.
+    pub(super) async fn send_retrying<C: ConnectionLike + Send>(
+        self,
+        connection: &mut C,
+        unsent: impl Fn(&RedisError) -> bool,
+    ) -> RedisResult<Value> {
         match self.send(connection).await {
-            Err(error) if error.is_connection_refusal() => self.send(connection).await,
+            Err(error) if unsent(&error) => self.send(connection).await,
             reply => reply,
         }
     }
@@ -89,6 +95,18 @@ impl Command<'_> {
 }
 
 impl Inner {
+    /// Whether `error`, `elapsed` into an operation, shows that its command was not sent: a
+    /// refused connection; or, on a manager this store made, a timeout within half the command
+    /// timeout. Such a manager's response timeout is the whole command timeout, so an earlier
+    /// timeout is a connection attempt's: one under way that failed, or one that ended while
+    /// no operation waited and was handed over at once.
+    pub(super) fn unsent(&self, error: &RedisError, elapsed: Duration) -> bool {
+        error.is_connection_refusal()
+            || (matches!(self.connection, Connection::Deferred(_))
+                && error.is_timeout()
+                && elapsed < self.operation_timeout / 2)
+    }
+
     pub(super) async fn handle(&self) -> Result<Handle, StoreError> {
         let deferred = match &self.connection {
             Connection::Given(manager) => return Ok(Handle::Single(manager.clone())),

@@ -93,9 +93,10 @@ const MAX_EXPIRY_MS: u64 = 1_000_000_000_000_000;
 /// [`StoreError::is_corrupt`]. The layer answers all three as configured by its store failure
 /// mode (by default `503` with `Retry-After`). While Redis refuses connections each operation
 /// makes one fresh connection attempt, so the first request after Redis is back succeeds.
-/// While Redis accepts connections and never answers, a connection attempt ends a tenth before
-/// the command timeout (failing as a timeout), and the next one starts at once: an operation
-/// that joins an attempt under way fails when it does, before its own timeout.
+/// While Redis accepts connections and never answers, a connection this store made ends each
+/// attempt a tenth before the command timeout (failing as a timeout), and each operation
+/// waits for an attempt: the one under way, which may fail before the operation's own timeout,
+/// or a fresh one, never only the failure of one that ended before it began.
 ///
 /// A timed-out operation may still have run in Redis. A `begin` that locked the key leaves it
 /// in flight until its lease ends (retries get `409`, the handler never runs twice); a
@@ -315,11 +316,13 @@ impl RedisStore {
 
     /// Sends `command` within the command timeout.
     async fn run(&self, command: Command<'_>) -> Result<Value, StoreError> {
+        let started = tokio::time::Instant::now();
+        let unsent = |error: &RedisError| self.inner.unsent(error, started.elapsed());
         let attempt = async {
             let reply = match self.inner.handle().await? {
-                Handle::Single(mut connection) => command.send_retrying(&mut connection).await,
+                Handle::Single(mut connection) => command.send_retrying(&mut connection, unsent).await,
                 #[cfg(feature = "redis-cluster")]
-                Handle::Cluster(mut connection) => command.send_retrying(&mut connection).await,
+                Handle::Cluster(mut connection) => command.send_retrying(&mut connection, unsent).await,
             };
             reply.map_err(store_error)
         };
