@@ -232,7 +232,19 @@ mod tests {
             InvalidKey::Repeated,
             InvalidKey::NotAString,
         ];
-        let problems = rules.map(Problem::invalid_key).into_iter().chain([Problem::body_too_large(2 * 1024 * 1024)]);
+        let places = [
+            crate::problem::KeyPlace::Header,
+            crate::problem::KeyPlace::OtherHeader,
+            #[cfg(feature = "json")]
+            crate::problem::KeyPlace::Body,
+            #[cfg(feature = "json")]
+            crate::problem::KeyPlace::JsonRpc,
+        ];
+        let problems = rules
+            .map(Problem::invalid_key)
+            .into_iter()
+            .chain(places.map(Problem::missing_key))
+            .chain([Problem::body_too_large(2 * 1024 * 1024)]);
         for problem in problems {
             let response = render(&problem);
             let message = response.headers()[GRPC_MESSAGE].to_str().unwrap();

@@ -2,9 +2,9 @@
 //!
 //! Every error the layer answers is, by default ([`Rfc9457`]), `application/problem+json` with
 //! a stable `type` URI (one per problem, listed below), a `title`, the `status` and a `detail`
-//! that says what went wrong: for `invalid-key`, the rule the key broke; for
-//! `request-body-too-large`, the limit. None of them echoes the key, the body or any other part
-//! of the request.
+//! that says what went wrong: for `missing-key`, where the route reads the key; for
+//! `invalid-key`, the rule the key broke; for `request-body-too-large`, the limit. None of them
+//! echoes the key, the body or any other part of the request.
 //!
 //! An API with an error envelope of its own answers in it through a [`ProblemRenderer`]
 //! ([`IdempotencyLayer::with_problem_renderer`](crate::IdempotencyLayer::with_problem_renderer)).
@@ -16,7 +16,9 @@
 //! [`grpc`](crate::grpc).
 //!
 //! # missing-key
-//! `400`: the route requires an `Idempotency-Key` and the request has none.
+//! `400`: the route requires a key and the request has none. The `detail` asks for it where the
+//! route reads it: the `Idempotency-Key` header, a header of another name, the JSON request
+//! body, or a JSON-RPC call's `params._meta.idempotencyKey`.
 //!
 //! # invalid-key
 //! `400`: the key is empty, longer than 255 bytes, holds a byte that is not visible ASCII, is a
@@ -305,7 +307,12 @@ impl Problem {
     /// The `missing-key` problem of a route that reads its key at `place`: its detail asks for
     /// the key there.
     pub(crate) const fn missing_key(place: KeyPlace) -> Self {
-        Self { kind: ProblemKind::MissingKey, retry_after: None, cause: Some(Cause::Missing(place)) }
+        // The `Idempotency-Key` header is what the kind's own detail asks for.
+        let cause = match place {
+            KeyPlace::Header => None,
+            place => Some(Cause::Missing(place)),
+        };
+        Self { kind: ProblemKind::MissingKey, retry_after: None, cause }
     }
 
     /// The `request-body-too-large` problem of a body over `limit` bytes: its
@@ -669,7 +676,7 @@ mod tests {
     #[test]
     fn a_missing_key_is_asked_for_where_the_route_reads_it() {
         let detail = |place| Problem::missing_key(place).detail();
-        assert_eq!(detail(KeyPlace::Header), Problem::new(ProblemKind::MissingKey, None).detail());
+        assert_eq!(Problem::missing_key(KeyPlace::Header), Problem::new(ProblemKind::MissingKey, None));
         assert!(detail(KeyPlace::Header).contains("Idempotency-Key header"));
         let elsewhere = [
             (KeyPlace::OtherHeader, "idempotency key header"),

@@ -1,7 +1,7 @@
 //! Metrics through the `metrics` facade (feature `metrics`): every name and label the layer
 //! records, in one place. Without the feature each function here is empty and each gauge guard
 //! zero-sized, so nothing is recorded and nothing is computed here (a caller still reads the
-//! clock to time a store operation: one read per operation).
+//! clock to time a store operation, a wait or a join: one read each).
 //!
 //! Labels are bounded: an outcome, a store operation, a duplicates mode. Never a key, a scope
 //! or a tenant. Every label value is a literal, so each series' key is a `static` (no

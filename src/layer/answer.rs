@@ -28,7 +28,8 @@ pub(crate) fn problem_response<B: Body>(
 }
 
 /// The layer's own answer `problem` to a request with headers `request` (one that says more
-/// than its kind: the rule an invalid key broke, the limit a body passed).
+/// than its kind: where the route reads a missing key, the rule an invalid key broke, the
+/// limit a body passed).
 pub(crate) fn problem_answer<B: Body>(
     answers: &Answers,
     request: &HeaderMap,

@@ -139,8 +139,6 @@ struct IdRewrite {
     /// For an event stream, what finds its event ends: the scanner that marks them for a
     /// resume, so both read the same grammar.
     events: Option<EventScanner>,
-    /// Bytes fed so far.
-    fed: u64,
     /// The message, or the event, not yet ended.
     pending: BytesMut,
 }
@@ -153,7 +151,7 @@ impl IdRewrite {
         if events.is_none() && !is_json(headers) {
             return None;
         }
-        Some(Self { id, events, fed: 0, pending: BytesMut::new() })
+        Some(Self { id, events, pending: BytesMut::new() })
     }
 }
 
@@ -175,11 +173,14 @@ impl Rewrite for IdRewrite {
             return;
         };
         // Each event goes out as it ends; one that lies whole in the chunk is a slice of it.
-        let (base, mut taken) = (self.fed, 0);
-        self.fed += chunk.len() as u64;
+        let (base, mut taken) = (scanner.offset(), 0);
         let (pending, id) = (&mut self.pending, &self.id);
         scanner.scan(&chunk, |end, _| {
-            let end = usize::try_from(end - base).map_or(chunk.len(), |end| end.min(chunk.len()));
+            let mut end = usize::try_from(end - base).map_or(chunk.len(), |end| end.min(chunk.len()));
+            // The event ended at the CR of a CRLF: its LF, here too, goes with it.
+            if chunk[end - 1] == b'\r' && chunk.get(end) == Some(&b'\n') {
+                end += 1;
+            }
             let event = if pending.is_empty() {
                 chunk.slice(taken..end)
             } else {
@@ -373,17 +374,44 @@ mod tests {
     }
 
     #[test]
+    fn the_json_rpc_key_is_where_its_pointer_says() {
+        let call: Value = serde_json::from_str(
+            r#"{"jsonrpc":"2.0","id":1,"method":"m","params":{"_meta":{"idempotencyKey":"k","progressToken":"p"}}}"#,
+        )
+        .unwrap();
+        let pointer = crate::json::JsonPointer::parse(crate::JSON_RPC_KEY_POINTER).unwrap();
+        assert_eq!(meta(&call, "idempotencyKey"), pointer.get(&call));
+        assert_eq!(meta(&call, "idempotencyKey"), Some(&Value::from("k")));
+    }
+
+    #[test]
     fn events_whole_in_a_chunk_go_out_as_slices_of_it() {
         let chunk = Bytes::from_static(b": one\n\n: two\r\n\r\n: th");
         let mut rewrite = rewrite("text/event-stream", Value::from(1));
         let mut out = VecDeque::new();
         rewrite.feed(chunk.clone(), &mut out);
-        // An event ends at the CR of its empty line (the LF after it goes with the next one).
-        assert_eq!(out, [": one\n\n", ": two\r\n\r"]);
+        assert_eq!(out, [": one\n\n", ": two\r\n\r\n"]);
         let within = chunk.as_ptr_range();
         assert!(out.iter().all(|event| within.contains(&event.as_ptr())), "copied");
         rewrite.feed(Bytes::from_static(b"ree\n\n"), &mut out);
-        assert_eq!(out[2], "\n: three\n\n");
+        assert_eq!(out[2], ": three\n\n");
+        // A CRLF stream written an event per chunk: each goes out as its own chunk.
+        let mut out = VecDeque::new();
+        let chunks = [": a\r\n\r\n", "id: 1\r\n: b\r\n\r\n"].map(Bytes::from);
+        for chunk in &chunks {
+            rewrite.feed(chunk.clone(), &mut out);
+        }
+        assert_eq!(out.len(), 2);
+        for (event, chunk) in out.iter().zip(&chunks) {
+            assert_eq!(event.as_ptr(), chunk.as_ptr(), "copied");
+            assert_eq!(event, chunk);
+        }
+        // An event whose CR ends a chunk goes out at once; the LF opens the next chunk's.
+        let mut out = VecDeque::new();
+        for chunk in [": c\r\n\r", "\n: d\r\n\r\n"].map(Bytes::from) {
+            rewrite.feed(chunk, &mut out);
+        }
+        assert_eq!(out, [": c\r\n\r", "\n: d\r\n\r\n"]);
     }
 
     #[test]

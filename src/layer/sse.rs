@@ -60,9 +60,15 @@ impl EventScanner {
         });
     }
 
+    /// How many bytes it was fed.
+    #[cfg(feature = "json")]
+    pub(crate) const fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Feeds the next chunk; calls `ended` with each event end it completes: the offset just
-    /// past the line ending of the empty line that ends the event (counted from the first byte
-    /// ever fed), and the event's id if it has one.
+    /// past the CR or LF that ends the event's empty line (for a CRLF, its CR: see the module
+    /// docs), counted from the first byte ever fed, and the event's id if it has one.
     pub(crate) fn scan(&mut self, chunk: &[u8], mut ended: impl FnMut(u64, Option<Bytes>)) {
         for &byte in chunk {
             self.offset += 1;
