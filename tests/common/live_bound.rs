@@ -127,20 +127,9 @@ pub async fn a_live_log_past_its_bound_cannot_be_joined<St: LiveLog + Clone>(
         let joined = call(&svc).await;
         assert_eq!((joined.status(), Outcome::of(&joined)), (StatusCode::OK, Outcome::Joined));
         joiner.send_replace(Joiner::Joined);
-        let mut joined = joined.into_body();
-        let mut text = String::new();
-        let mut failed = false;
-        while let Some(data) = next_data(&mut joined).await {
-            match data {
-                Ok(data) => text.push_str(std::str::from_utf8(&data).unwrap()),
-                Err(_) => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
+        let read = text_until_error(&mut joined.into_body()).await;
         joiner.send_replace(Joiner::Ended);
-        (text, failed)
+        read
     };
     let (got, (text, failed)) = tokio::join!(reading, joining);
     assert!(String::from_utf8(got).unwrap() == events(n), "the first client gets it all");
@@ -154,6 +143,21 @@ pub async fn a_live_log_past_its_bound_cannot_be_joined<St: LiveLog + Clone>(
 }
 
 /// The next data frame of a body (`None` at its end), or its error.
+/// The text of `body` up to its end or its first error, and whether it ended with an error.
+pub(crate) async fn text_until_error<B: http_body::Body<Data = Bytes> + Unpin>(body: &mut B) -> (String, bool)
+where
+    B::Error: std::fmt::Display,
+{
+    let mut text = String::new();
+    while let Some(data) = next_data(body).await {
+        match data {
+            Ok(data) => text.push_str(std::str::from_utf8(&data).unwrap()),
+            Err(_) => return (text, true),
+        }
+    }
+    (text, false)
+}
+
 pub(crate) async fn next_data<B: http_body::Body<Data = Bytes> + Unpin>(body: &mut B) -> Option<Result<Bytes, String>>
 where
     B::Error: std::fmt::Display,

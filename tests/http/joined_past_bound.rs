@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tower_idempotency::store::MemoryStore;
 
 use crate::{
-    live_bound::{Joiner, events, next_data, response},
+    live_bound::{Joiner, events, response, text_until_error},
     resume::{Handler, Proto, join_layer, post, serve},
 };
 
@@ -46,18 +46,9 @@ async fn a_joined_body_past_the_live_log_bound_ends_with_an_error_on_the_wire() 
             let mut joined = post(proto, addr, &key, None).await;
             assert_eq!((joined.status, joined.replayed), (StatusCode::OK, true), "{proto:?}: joined");
             joiner.send_replace(Joiner::Joined);
-            let (mut text, mut failed) = (String::new(), false);
-            while let Some(data) = next_data(&mut joined.body).await {
-                match data {
-                    Ok(data) => text.push_str(std::str::from_utf8(&data).unwrap()),
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
-                }
-            }
+            let read = text_until_error(&mut joined.body).await;
             joiner.send_replace(Joiner::Ended);
-            (text, failed)
+            read
         };
         let (got, (text, failed)) = tokio::join!(reading, joining);
         assert!(got == events(EVENTS).as_bytes(), "{proto:?}: the first client gets it all");
